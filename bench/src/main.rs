@@ -1,0 +1,418 @@
+//! qsbench: drives one bdev from pinned reactors at a fixed queue depth, like SPDK's bdevperf,
+//! and prints IOPS, MiB/s and latency percentiles.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use drivers::{Bdev, IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
+use engine::reactor::{IdlePolicy, PollStatus, Poller, ReactorContext, ReactorOptions, Reactors};
+use hdrhistogram::Histogram;
+use hugepages::{BufferPool, DmaBuf};
+use rand::{Rng, SeedableRng};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    Randread,
+    Randwrite,
+    Randrw,
+    Read,
+    Write,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Block device benchmark on quicksplit's reactors (like SPDK's bdevperf)")]
+struct Args {
+    /// malloc:SIZE | uring:PATH[:SIZE]
+    #[arg(long)]
+    bdev: String,
+    /// Access pattern.
+    #[arg(long, value_enum)]
+    workload: Workload,
+    /// Block size of each I/O in bytes.
+    #[arg(long, default_value = "4096", value_parser = engine::units::parse_size)]
+    bs: u64,
+    /// I/Os in flight per core.
+    #[arg(long, default_value_t = 32)]
+    qd: u32,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 5)]
+    time: u64,
+    /// Cores to run on, e.g. 0 or 0-1.
+    #[arg(long, default_value = "0")]
+    cores: String,
+    /// Reactor idle policy.
+    #[arg(long, default_value = "spin")]
+    idle: IdlePolicy,
+    /// Percentage of reads in randrw.
+    #[arg(long, default_value_t = 50)]
+    rwmixread: u32,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Why a run failed: bad usage (exit 2) or a failure while running (exit 1).
+#[derive(Debug, thiserror::Error)]
+enum Fail {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => {}
+        Err(Fail::Usage(m)) => {
+            eprintln!("qsbench: {m}");
+            std::process::exit(2);
+        }
+        Err(Fail::Run(m)) => {
+            eprintln!("qsbench: {m}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn open_bdev(spec: &str) -> Result<Arc<dyn Bdev>, Fail> {
+    let (kind, rest) = spec
+        .split_once(':')
+        .ok_or_else(|| Fail::Usage(format!("bad --bdev '{spec}'")))?;
+    let run = |e: drivers::BdevError| Fail::Run(e.to_string());
+    match kind {
+        "malloc" => {
+            let size = engine::units::parse_size(rest).map_err(Fail::Usage)?;
+            Ok(Arc::new(
+                drivers::malloc::MallocBdev::create("bench", size, 4096).map_err(run)?,
+            ))
+        }
+        "uring" => {
+            let (path, size) = match rest.rsplit_once(':') {
+                Some((p, s)) if engine::units::parse_size(s).is_ok() => {
+                    (p, Some(engine::units::parse_size(s).map_err(Fail::Usage)?))
+                }
+                _ => (rest, None),
+            };
+            Ok(Arc::new(
+                drivers::uring::UringBdev::open("bench", &PathBuf::from(path), 4096, size)
+                    .map_err(run)?,
+            ))
+        }
+        "nvme" | "nvmf" => Err(Fail::Usage(format!(
+            "the {kind} driver is not part of this build yet"
+        ))),
+        other => Err(Fail::Usage(format!("unknown bdev kind '{other}'"))),
+    }
+}
+
+/// One core's share of the run.
+struct Job {
+    name: String,
+    workload: Workload,
+    bs: u64,
+    qd: u32,
+    rwmixread: u32,
+    blocks: u64,
+    seq_next: u64,
+    channel: Option<Box<dyn IoChannel>>,
+    bdev: Arc<dyn Bdev>,
+    pool: BufferPool,
+    rng: rand::rngs::SmallRng,
+    /// Submission time per slot (the tag is the slot index).
+    started: Vec<Instant>,
+    idle_bufs: Vec<(usize, DmaBuf)>,
+    done: Vec<IoCompletion>,
+    hist: Histogram<u64>,
+    ios: u64,
+    errors: u64,
+    stop: bool,
+}
+
+impl Job {
+    fn next_request(&mut self, slot: usize, buf: DmaBuf) -> IoRequest {
+        let block = match self.workload {
+            Workload::Read | Workload::Write => {
+                let b = self.seq_next;
+                self.seq_next = (self.seq_next + 1) % self.blocks;
+                b
+            }
+            _ => self.rng.gen_range(0..self.blocks),
+        };
+        let is_read = match self.workload {
+            Workload::Randread | Workload::Read => true,
+            Workload::Randwrite | Workload::Write => false,
+            Workload::Randrw => self.rng.gen_range(0..100) < self.rwmixread,
+        };
+        let mut bufs = IoBufs::new();
+        bufs.push(buf);
+        if is_read {
+            IoRequest::read(block * self.bs, bufs, slot as u64)
+        } else {
+            IoRequest::write(block * self.bs, bufs, slot as u64)
+        }
+    }
+
+    fn submit(&mut self, slot: usize, buf: DmaBuf) -> Result<(), DmaBuf> {
+        let req = self.next_request(slot, buf);
+        self.started[slot] = Instant::now();
+        let Some(ch) = self.channel.as_mut() else {
+            return Err(req.bufs.into_iter().next().expect("one buffer"));
+        };
+        match ch.submit(req) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                if e.error != SubmitErrorKind::QueueFull {
+                    self.errors += 1;
+                }
+                let mut bufs = e.req.bufs;
+                Err(bufs.pop().expect("the request had one buffer"))
+            }
+        }
+    }
+}
+
+impl Poller for Job {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if self.channel.is_none() {
+            match self.bdev.open_channel(&cx.channel_context(self.qd)) {
+                Ok(ch) => self.channel = Some(ch),
+                Err(e) => {
+                    eprintln!("qsbench: open channel: {e}");
+                    self.stop = true;
+                    return PollStatus::Done;
+                }
+            }
+            for slot in 0..self.qd as usize {
+                match self.pool.get() {
+                    Some(mut b) => {
+                        let _ = b.set_len(self.bs as usize);
+                        b.as_mut_slice().fill(slot as u8);
+                        self.idle_bufs.push((slot, b));
+                    }
+                    None => break,
+                }
+            }
+        }
+        let mut busy = false;
+        if !self.stop {
+            let idle = std::mem::take(&mut self.idle_bufs);
+            for (slot, buf) in idle {
+                if let Err(buf) = self.submit(slot, buf) {
+                    self.idle_bufs.push((slot, buf));
+                }
+            }
+        }
+        let Some(ch) = self.channel.as_mut() else {
+            return PollStatus::Done;
+        };
+        let mut done = std::mem::take(&mut self.done);
+        if ch.poll(&mut done) > 0 {
+            busy = true;
+            let now = Instant::now();
+            for c in done.drain(..) {
+                let slot = c.tag as usize;
+                let ns = now.duration_since(self.started[slot]).as_nanos() as u64;
+                let _ = self.hist.record(ns.max(1));
+                if c.result.is_ok() {
+                    self.ios += 1;
+                } else {
+                    self.errors += 1;
+                }
+                let buf = c.bufs.into_iter().next().expect("one buffer per request");
+                if self.stop {
+                    self.idle_bufs.push((slot, buf));
+                } else if let Err(buf) = self.submit(slot, buf) {
+                    self.idle_bufs.push((slot, buf));
+                }
+            }
+        }
+        self.done = done;
+        if busy {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+struct JobResult {
+    ios: u64,
+    errors: u64,
+    hist: Histogram<u64>,
+}
+
+fn run(args: &Args) -> Result<(), Fail> {
+    let cores = engine::topology::parse_cpu_list(&args.cores).map_err(Fail::Usage)?;
+    if args.qd == 0 || args.qd > 4096 {
+        return Err(Fail::Usage("--qd must be between 1 and 4096".into()));
+    }
+    if args.bs == 0 || !args.bs.is_multiple_of(4096) {
+        return Err(Fail::Usage("--bs must be a multiple of 4096".into()));
+    }
+    let bdev = open_bdev(&args.bdev)?;
+    let geo = bdev.geometry();
+    let blocks = geo.size() / args.bs;
+    if blocks == 0 {
+        return Err(Fail::Usage("the bdev is smaller than one I/O".into()));
+    }
+    let reactors = Reactors::start(&ReactorOptions {
+        cores: cores.clone(),
+        idle: args.idle,
+        inbox_size: 256,
+    })
+    .map_err(|e| Fail::Run(e.to_string()))?;
+    // One pool per core so no buffer is shared between reactors.
+    let mut slots = Vec::new();
+    for (i, r) in reactors.handles().iter().enumerate() {
+        let pool = BufferPool::new(args.bs as usize, args.qd as usize)
+            .map_err(|e| Fail::Run(e.to_string()))?;
+        let hist = Histogram::new_with_bounds(1, 60_000_000_000, 3)
+            .map_err(|e| Fail::Run(e.to_string()))?;
+        let (workload, bs, qd, rwmixread) = (args.workload, args.bs, args.qd, args.rwmixread);
+        let seq_next = blocks / cores.len() as u64 * i as u64;
+        let bdev = Arc::clone(&bdev);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<JobResult>(1);
+        slots.push(rx);
+        r.send_blocking(Box::new(move |cx| {
+            let job = Job {
+                name: format!("qsbench_{i}"),
+                workload,
+                bs,
+                qd,
+                rwmixread,
+                blocks,
+                seq_next,
+                channel: None,
+                bdev,
+                pool,
+                rng: rand::rngs::SmallRng::seed_from_u64(i as u64 + 1),
+                started: vec![Instant::now(); qd as usize],
+                idle_bufs: Vec::new(),
+                done: Vec::with_capacity(qd as usize),
+                hist,
+                ios: 0,
+                errors: 0,
+                stop: false,
+            };
+            cx.add_poller(Box::new(Collector { job, tx: Some(tx) }));
+        }))
+        .map_err(|e| Fail::Run(e.to_string()))?;
+    }
+    let start = Instant::now();
+    std::thread::sleep(Duration::from_secs(args.time));
+    STOP.store(true, std::sync::atomic::Ordering::Release);
+    // An empty message wakes a parked reactor so it sees the stop flag at once.
+    for r in reactors.handles() {
+        r.send_blocking(Box::new(|_| {}))
+            .map_err(|e| Fail::Run(e.to_string()))?;
+    }
+    let mut total = JobResult {
+        ios: 0,
+        errors: 0,
+        hist: Histogram::new_with_bounds(1, 60_000_000_000, 3)
+            .map_err(|e| Fail::Run(e.to_string()))?,
+    };
+    for rx in slots {
+        let r = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| Fail::Run("a job did not finish".into()))?;
+        total.ios += r.ios;
+        total.errors += r.errors;
+        let _ = total.hist.add(&r.hist);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    reactors.shutdown();
+    report(args, &cores, &total, elapsed);
+    if total.errors > 0 {
+        return Err(Fail::Run(format!("{} I/O errors", total.errors)));
+    }
+    Ok(())
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs a job until the stop flag, drains it, then sends its figures.
+struct Collector {
+    job: Job,
+    tx: Option<std::sync::mpsc::SyncSender<JobResult>>,
+}
+
+impl Poller for Collector {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if STOP.load(std::sync::atomic::Ordering::Acquire) {
+            self.job.stop = true;
+        }
+        let status = self.job.poll(cx);
+        let drained = self.job.channel.as_ref().is_none_or(|c| c.in_flight() == 0);
+        if self.job.stop && drained {
+            if let Some(tx) = self.tx.take() {
+                let hist = std::mem::replace(
+                    &mut self.job.hist,
+                    Histogram::new(3).expect("3 significant digits is valid"),
+                );
+                let _ = tx.send(JobResult {
+                    ios: self.job.ios,
+                    errors: self.job.errors,
+                    hist,
+                });
+            }
+            return PollStatus::Done;
+        }
+        status
+    }
+
+    fn name(&self) -> &str {
+        self.job.name()
+    }
+}
+
+fn report(args: &Args, cores: &[usize], r: &JobResult, elapsed: f64) {
+    let iops = r.ios as f64 / elapsed;
+    let mibps = iops * args.bs as f64 / (1 << 20) as f64;
+    let us = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
+    let (p50, p99, p999, max) = (us(0.5), us(0.99), us(0.999), r.hist.max() as f64 / 1000.0);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bdev": args.bdev,
+                "workload": format!("{:?}", args.workload).to_lowercase(),
+                "bs": args.bs,
+                "qd": args.qd,
+                "cores": cores,
+                "seconds": elapsed,
+                "ios": r.ios,
+                "errors": r.errors,
+                "iops": iops,
+                "mibps": mibps,
+                "lat_us": { "p50": p50, "p99": p99, "p99_9": p999, "max": max },
+            })
+        );
+    } else {
+        println!(
+            "qsbench {} {:?} bs={} qd={} cores={:?} time={:.1}s",
+            args.bdev, args.workload, args.bs, args.qd, cores, elapsed
+        );
+        println!(
+            "  IOPS {:>12.0}   MiB/s {:>9.1}   errors {}",
+            iops, mibps, r.errors
+        );
+        println!(
+            "  latency us: p50 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
+            p50, p99, p999, max
+        );
+    }
+}

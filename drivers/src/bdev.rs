@@ -1,0 +1,336 @@
+//! The bdev interface: a block device, and the per-reactor I/O channel through which requests are
+//! submitted and, by polling, completed.
+
+use std::os::fd::RawFd;
+
+use hugepages::DmaBuf;
+use smallvec::SmallVec;
+
+/// The buffers of one request, in order (a vectored request has several).
+pub type IoBufs = SmallVec<[DmaBuf; 2]>;
+
+/// What a request does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoOp {
+    /// Read `len` bytes at `offset` into the buffers.
+    Read,
+    /// Write the buffers' `len` bytes at `offset`; `fua` makes them durable before completion.
+    Write {
+        /// Force unit access.
+        fua: bool,
+    },
+    /// Make every completed write durable.
+    Flush,
+    /// Make `len` bytes at `offset` read back as zeroes.
+    WriteZeroes,
+    /// Discard `len` bytes at `offset`; they read back as unspecified data.
+    Unmap,
+}
+
+impl IoOp {
+    /// True for the operations that carry data buffers.
+    pub fn has_data(self) -> bool {
+        matches!(self, IoOp::Read | IoOp::Write { .. })
+    }
+
+    /// True for operations that change the medium.
+    pub fn is_write(self) -> bool {
+        matches!(self, IoOp::Write { .. } | IoOp::WriteZeroes | IoOp::Unmap)
+    }
+}
+
+/// One I/O request. `tag` is the submitter's key (a slab index), returned in the completion.
+#[derive(Debug)]
+pub struct IoRequest {
+    /// The operation.
+    pub op: IoOp,
+    /// Byte offset on the device; a multiple of the block size.
+    pub offset: u64,
+    /// Byte length; a multiple of the block size. For reads and writes the buffers' lengths
+    /// add up to it.
+    pub len: u64,
+    /// Data buffers (reads and writes only).
+    pub bufs: IoBufs,
+    /// The submitter's key.
+    pub tag: u64,
+}
+
+impl IoRequest {
+    /// A read of `bufs`' total length at `offset`.
+    pub fn read(offset: u64, bufs: IoBufs, tag: u64) -> Self {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        Self {
+            op: IoOp::Read,
+            offset,
+            len,
+            bufs,
+            tag,
+        }
+    }
+
+    /// A write of `bufs` at `offset`.
+    pub fn write(offset: u64, bufs: IoBufs, tag: u64) -> Self {
+        let len = bufs.iter().map(|b| b.len() as u64).sum();
+        Self {
+            op: IoOp::Write { fua: false },
+            offset,
+            len,
+            bufs,
+            tag,
+        }
+    }
+
+    /// A request without data (flush, write-zeroes, unmap).
+    pub fn without_data(op: IoOp, offset: u64, len: u64, tag: u64) -> Self {
+        Self {
+            op,
+            offset,
+            len,
+            bufs: IoBufs::new(),
+            tag,
+        }
+    }
+}
+
+/// A finished request: its tag, its outcome and its buffers back.
+#[derive(Debug)]
+pub struct IoCompletion {
+    /// The request's tag.
+    pub tag: u64,
+    /// Success, or why it failed.
+    pub result: Result<(), IoError>,
+    /// The request's buffers (for a read, now holding the data).
+    pub bufs: IoBufs,
+}
+
+/// Why one request failed. Failing one request never affects another.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    /// The range reaches past the end of the device.
+    #[error("range {offset}+{len} is beyond the end of the device ({size} bytes)")]
+    OutOfRange {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Device size in bytes.
+        size: u64,
+    },
+    /// Offset or length is not a multiple of the block size.
+    #[error("range {offset}+{len} is not aligned to the block size {block_size}")]
+    Unaligned {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len: u64,
+        /// Device block size.
+        block_size: u32,
+    },
+    /// The buffers do not add up to the request's length, or a buffer is misaligned.
+    #[error("the buffers ({buffers} bytes) do not match the request length {len}")]
+    BufferMismatch {
+        /// Bytes the buffers hold.
+        buffers: u64,
+        /// Bytes the request names.
+        len: u64,
+    },
+    /// The device or view does not accept writes.
+    #[error("the device is read-only")]
+    ReadOnly,
+    /// The driver cannot perform this operation.
+    #[error("operation not supported by this device")]
+    NotSupported,
+    /// The device reported an error (an errno).
+    #[error("device I/O error: {}", std::io::Error::from_raw_os_error(*.0))]
+    Device(i32),
+    /// The request was cancelled before it ran (device removed, reset).
+    #[error("request aborted: {0}")]
+    Aborted(String),
+    /// A layer above the device refused the request (a pair state, for example).
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl IoError {
+    /// The errno a protocol server reports for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            IoError::OutOfRange { .. } | IoError::Unaligned { .. } => libc::EINVAL,
+            IoError::BufferMismatch { .. } => libc::EINVAL,
+            IoError::ReadOnly => libc::EPERM,
+            IoError::NotSupported => libc::EOPNOTSUPP,
+            IoError::Device(e) => *e,
+            IoError::Aborted(_) => libc::EIO,
+            IoError::Refused(_) => libc::EPERM,
+        }
+    }
+}
+
+/// Why a submission was not accepted. The request comes back so nothing is lost.
+#[derive(Debug)]
+pub struct SubmitError {
+    /// `QueueFull` is retryable once completions have been polled; anything else is final.
+    pub error: SubmitErrorKind,
+    /// The request, untouched.
+    pub req: IoRequest,
+}
+
+/// The two kinds of submission failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SubmitErrorKind {
+    /// No room in the queue now: poll completions and submit again.
+    QueueFull,
+    /// The request itself is invalid for this device.
+    Invalid(IoError),
+}
+
+/// Result of `submit`.
+pub type SubmitResult = Result<(), Box<SubmitError>>;
+
+/// Rejects `req` as invalid.
+pub fn invalid(req: IoRequest, error: IoError) -> SubmitResult {
+    Err(Box::new(SubmitError {
+        error: SubmitErrorKind::Invalid(error),
+        req,
+    }))
+}
+
+/// Says the queue is full.
+pub fn queue_full(req: IoRequest) -> SubmitResult {
+    Err(Box::new(SubmitError {
+        error: SubmitErrorKind::QueueFull,
+        req,
+    }))
+}
+
+/// A bdev's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Geometry {
+    /// Bytes per block (a power of two, at least 512).
+    pub block_size: u32,
+    /// Number of blocks.
+    pub num_blocks: u64,
+}
+
+impl Geometry {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.num_blocks * self.block_size as u64
+    }
+
+    /// Checks alignment, range and buffer lengths of a request against this geometry.
+    pub fn validate(&self, req: &IoRequest) -> Result<(), IoError> {
+        if req.op == IoOp::Flush {
+            return Ok(());
+        }
+        let bs = self.block_size as u64;
+        if !req.offset.is_multiple_of(bs) || !req.len.is_multiple_of(bs) {
+            return Err(IoError::Unaligned {
+                offset: req.offset,
+                len: req.len,
+                block_size: self.block_size,
+            });
+        }
+        let size = self.size();
+        match req.offset.checked_add(req.len) {
+            Some(end) if end <= size => {}
+            _ => {
+                return Err(IoError::OutOfRange {
+                    offset: req.offset,
+                    len: req.len,
+                    size,
+                })
+            }
+        }
+        if req.op.has_data() {
+            let buffers: u64 = req.bufs.iter().map(|b| b.len() as u64).sum();
+            if buffers != req.len || req.len == 0 {
+                return Err(IoError::BufferMismatch {
+                    buffers,
+                    len: req.len,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a reactor gives a channel it opens.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ChannelContext {
+    /// The reactor's eventfd: drivers whose completions arrive asynchronously signal it so a
+    /// parked reactor wakes up.
+    pub wake_fd: Option<RawFd>,
+    /// Queue depth the channel should support.
+    pub queue_depth: u32,
+}
+
+/// A reactor's private queue to a bdev. Not shared between threads: no lock on the data path.
+pub trait IoChannel {
+    /// Queues a request. It runs once the channel is polled (or sooner).
+    fn submit(&mut self, req: IoRequest) -> SubmitResult;
+    /// Moves finished requests into `out`; returns how many it added.
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize;
+    /// Requests submitted and not yet returned by `poll`.
+    fn in_flight(&self) -> usize;
+}
+
+/// A block device.
+pub trait Bdev: Send + Sync {
+    /// Unique name.
+    fn name(&self) -> &str;
+    /// Driver name as `bdev_get_bdevs` reports it.
+    fn driver(&self) -> &'static str;
+    /// Block size and count.
+    fn geometry(&self) -> Geometry;
+    /// Opens the calling reactor's channel.
+    fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError>;
+    /// Driver-specific parameters `save_config` records to create it again.
+    fn config(&self) -> serde_json::Value;
+}
+
+/// Errors creating, opening or deleting bdevs.
+#[derive(Debug, thiserror::Error)]
+pub enum BdevError {
+    /// A name is used twice.
+    #[error("a bdev named '{0}' already exists")]
+    Exists(String),
+    /// No bdev has that name.
+    #[error("no bdev named '{0}'")]
+    NotFound(String),
+    /// The bdev is in use.
+    #[error("bdev '{name}' is claimed by {by}")]
+    Claimed {
+        /// The bdev.
+        name: String,
+        /// Who holds it.
+        by: String,
+    },
+    /// A parameter is unusable.
+    #[error("invalid parameter: {0}")]
+    Invalid(String),
+    /// The OS refused something.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// DMA memory could not be had.
+    #[error(transparent)]
+    Dma(#[from] hugepages::DmaError),
+    /// The driver is not available on this machine or build.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl BdevError {
+    /// An I/O error with context.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        BdevError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! The uring bdev: a file or block device driven through io_uring, one ring per reactor.
+//!
+//! Files are opened with O_DIRECT where the file system allows it (tmpfs does not), DMA regions
+//! are registered as fixed buffers so single-buffer requests skip the kernel's page pinning, and
+//! the ring signals the reactor's eventfd so an idle reactor can park.
+
+pub mod rpc;
+mod sys;
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::bdev::{
+    invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError,
+    IoRequest, SubmitResult,
+};
+
+/// A bdev over a file or block device.
+#[derive(Debug)]
+pub struct UringBdev {
+    name: String,
+    path: PathBuf,
+    file: Arc<File>,
+    geometry: Geometry,
+    direct: bool,
+}
+
+impl UringBdev {
+    /// Opens `path` (creating a regular file if it does not exist). With `size`, a regular file
+    /// is extended to at least that size; the bdev spans the whole file or device.
+    pub fn open(
+        name: &str,
+        path: &Path,
+        block_size: u32,
+        size: Option<u64>,
+    ) -> Result<Self, BdevError> {
+        let (file, direct) = open_file(path)?;
+        let meta = file
+            .metadata()
+            .map_err(|e| BdevError::io(format!("stat {}", path.display()), e))?;
+        let mut len = device_len(&file, path)?;
+        if let Some(size) = size {
+            if size > len {
+                if meta.file_type().is_block_device() {
+                    return Err(BdevError::Invalid(format!(
+                        "size {size} is larger than the block device {} ({len} bytes)",
+                        path.display()
+                    )));
+                }
+                file.set_len(size)
+                    .map_err(|e| BdevError::io(format!("extend {}", path.display()), e))?;
+                len = size;
+            }
+        }
+        let usable = len - len % block_size.max(1) as u64;
+        let geometry = crate::check_geometry(usable, block_size)?;
+        if !direct {
+            tracing::info!(path = %path.display(), "O_DIRECT not supported here: using the page cache");
+        }
+        Ok(Self {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            file: Arc::new(file),
+            geometry,
+            direct,
+        })
+    }
+
+    /// True when the file was opened with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+}
+
+fn open_file(path: &Path) -> Result<(File, bool), BdevError> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).create(true).truncate(false);
+    let direct = opts.clone().custom_flags(libc::O_DIRECT).open(path);
+    match direct {
+        Ok(f) => Ok((f, true)),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => opts
+            .open(path)
+            .map(|f| (f, false))
+            .map_err(|e| BdevError::io(format!("open {}", path.display()), e)),
+        Err(e) => Err(BdevError::io(format!("open {}", path.display()), e)),
+    }
+}
+
+fn device_len(file: &File, path: &Path) -> Result<u64, BdevError> {
+    // Seeking to the end gives the size of block devices as well as of regular files.
+    let mut f = file;
+    f.seek(SeekFrom::End(0))
+        .map_err(|e| BdevError::io(format!("size of {}", path.display()), e))
+}
+
+impl Bdev for UringBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn driver(&self) -> &'static str {
+        "uring"
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
+        let ring = sys::Ring::new(Arc::clone(&self.file), ctx)
+            .map_err(|e| BdevError::io(format!("io_uring for {}", self.name), e))?;
+        Ok(Box::new(UringChannel {
+            geometry: self.geometry,
+            ring,
+        }))
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "method": "bdev_uring_create",
+            "params": {
+                "name": self.name,
+                "filename": self.path,
+                "block_size": self.geometry.block_size,
+                "size": self.geometry.size(),
+            }
+        })
+    }
+}
+
+struct UringChannel {
+    geometry: Geometry,
+    ring: sys::Ring,
+}
+
+impl IoChannel for UringChannel {
+    fn submit(&mut self, req: IoRequest) -> SubmitResult {
+        if let Err(e) = self.geometry.validate(&req) {
+            return invalid(req, e);
+        }
+        self.ring.push(req)
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        self.ring.reap(out)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.ring.in_flight()
+    }
+}
+
+/// Maps a negative io_uring result to the request's error.
+fn errno_error(res: i32) -> IoError {
+    IoError::Device(-res)
+}

@@ -1,0 +1,10 @@
+//! The quicksplit engine.
+//!
+//! This crate owns everything that runs: the [`reactor`]s (pinned poller threads and the
+//! lock-free rings between them), CPU [`topology`], pairs with their split, copy and backup
+//! jobs, the JSON-RPC control plane, the NBD server, and the `quicksplit` binary.
+
+pub mod app;
+pub mod reactor;
+pub mod topology;
+pub mod units;

@@ -1,0 +1,525 @@
+//! Reactors: one pinned thread per core, running its pollers in a loop that never blocks.
+//!
+//! Work reaches a reactor as messages on its bounded lock-free inbox (a crossbeam `ArrayQueue`);
+//! a full inbox refuses the message and the sender retries, so nothing grows without bound.
+//! With `--idle adaptive` a reactor that has found nothing to do for a while parks on an epoll
+//! set holding its eventfd (written by message senders and by io_uring completions) and any
+//! sockets its pollers watch; with `--idle spin` it never sleeps.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use rustix::event::{epoll, eventfd, EventfdFlags};
+
+/// What one poll of a poller found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollStatus {
+    /// It did work.
+    Busy,
+    /// Nothing to do.
+    Idle,
+    /// It is finished: remove it.
+    Done,
+}
+
+/// A unit of work a reactor runs on every turn of its loop.
+pub trait Poller {
+    /// Does what can be done now without blocking.
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus;
+    /// Name for `framework_get_reactors`.
+    fn name(&self) -> &str;
+}
+
+/// A message: a closure run once on the reactor.
+pub type Message = Box<dyn FnOnce(&mut ReactorContext) + Send>;
+
+/// How an idle reactor waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IdlePolicy {
+    /// Never sleep (an appliance's dedicated cores).
+    Spin,
+    /// Spin briefly, then park until a message, a completion or a watched socket wakes it.
+    #[default]
+    Adaptive,
+}
+
+impl std::str::FromStr for IdlePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "spin" => Ok(IdlePolicy::Spin),
+            "adaptive" => Ok(IdlePolicy::Adaptive),
+            other => Err(format!("unknown idle policy '{other}' (spin or adaptive)")),
+        }
+    }
+}
+
+/// How long a reactor must have been idle before adaptive parking.
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
+/// Longest park: pollers with timers ask for earlier wake-ups.
+const MAX_PARK: Duration = Duration::from_millis(100);
+/// Messages run per loop turn at most, so pollers keep running under a message flood.
+const MESSAGES_PER_TURN: usize = 64;
+
+/// Errors starting or talking to reactors.
+#[derive(Debug, thiserror::Error)]
+pub enum ReactorError {
+    /// No cores were given.
+    #[error("no cores given for reactors")]
+    NoCores,
+    /// The OS refused a resource.
+    #[error("{what}: {source}")]
+    Os {
+        /// What was being done.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The reactor stopped before answering.
+    #[error("reactor {0} is not running")]
+    Stopped(usize),
+}
+
+fn os(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> ReactorError {
+    move |e| ReactorError::Os {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Counters a reactor publishes.
+#[derive(Debug, Default)]
+pub struct ReactorStats {
+    /// Nanoseconds spent in loop turns that did work.
+    pub busy_ns: AtomicU64,
+    /// Nanoseconds spent idle (spinning or parked).
+    pub idle_ns: AtomicU64,
+    /// Pollers registered.
+    pub pollers: AtomicUsize,
+}
+
+struct Shared {
+    index: usize,
+    core: usize,
+    numa_node: usize,
+    inbox: ArrayQueue<Message>,
+    wake: OwnedFd,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    stats: ReactorStats,
+    poller_names: std::sync::Mutex<Vec<String>>,
+}
+
+/// A handle to a reactor, usable from any thread.
+#[derive(Clone)]
+pub struct ReactorHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ReactorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Reactor({} on core {})",
+            self.shared.index, self.shared.core
+        )
+    }
+}
+
+impl ReactorHandle {
+    /// Index among the reactors (0-based).
+    pub fn index(&self) -> usize {
+        self.shared.index
+    }
+
+    /// The core it is pinned to.
+    pub fn core(&self) -> usize {
+        self.shared.core
+    }
+
+    /// The NUMA node of its core.
+    pub fn numa_node(&self) -> usize {
+        self.shared.numa_node
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &ReactorStats {
+        &self.shared.stats
+    }
+
+    /// Names of its pollers.
+    pub fn poller_names(&self) -> Vec<String> {
+        self.shared
+            .poller_names
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_default()
+    }
+
+    /// Queues a message; a full inbox gives it back (push back, retry later).
+    pub fn send(&self, msg: Message) -> Result<(), Message> {
+        self.shared.inbox.push(msg)?;
+        self.wake_if_parked();
+        Ok(())
+    }
+
+    /// Queues a message, yielding the calling (non-reactor) thread while the inbox is full.
+    pub fn send_blocking(&self, mut msg: Message) -> Result<(), ReactorError> {
+        loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Err(ReactorError::Stopped(self.shared.index));
+            }
+            match self.send(msg) {
+                Ok(()) => return Ok(()),
+                Err(m) => {
+                    msg = m;
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// Runs `f` on the reactor and waits for its result. For control-plane threads only: a
+    /// reactor calling this on itself would deadlock.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut ReactorContext) -> R + Send + 'static,
+    ) -> Result<R, ReactorError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.send_blocking(Box::new(move |cx| {
+            let _ = tx.send(f(cx));
+        }))?;
+        rx.recv()
+            .map_err(|_| ReactorError::Stopped(self.shared.index))
+    }
+
+    /// Wakes the reactor if it is parked.
+    pub fn wake_if_parked(&self) {
+        if self.shared.parked.load(Ordering::SeqCst) {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        let _ = rustix::io::write(&self.shared.wake, &1u64.to_ne_bytes());
+    }
+}
+
+/// What a poller or message sees of its reactor.
+pub struct ReactorContext {
+    handle: ReactorHandle,
+    epoll: OwnedFd,
+    new_pollers: Vec<Box<dyn Poller>>,
+    wake_at: Option<Instant>,
+    idle: IdlePolicy,
+}
+
+impl ReactorContext {
+    /// This reactor's handle.
+    pub fn handle(&self) -> &ReactorHandle {
+        &self.handle
+    }
+
+    /// Index of this reactor.
+    pub fn index(&self) -> usize {
+        self.handle.shared.index
+    }
+
+    /// Adds a poller; it runs from the next turn of the loop.
+    pub fn add_poller(&mut self, poller: Box<dyn Poller>) {
+        self.new_pollers.push(poller);
+    }
+
+    /// The context drivers need to open an I/O channel on this reactor.
+    pub fn channel_context(&self, queue_depth: u32) -> drivers::ChannelContext {
+        use std::os::fd::AsRawFd;
+        drivers::ChannelContext {
+            wake_fd: match self.idle {
+                IdlePolicy::Adaptive => Some(self.handle.shared.wake.as_raw_fd()),
+                IdlePolicy::Spin => None,
+            },
+            queue_depth,
+        }
+    }
+
+    /// Wakes a parked reactor when `fd` becomes readable (sockets of pollers).
+    pub fn watch_fd(&self, fd: BorrowedFd<'_>) -> Result<(), ReactorError> {
+        use std::os::fd::AsRawFd;
+        epoll::add(
+            &self.epoll,
+            fd,
+            epoll::EventData::new_u64(fd.as_raw_fd() as u64),
+            epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+        )
+        .map_err(os("epoll add"))
+    }
+
+    /// Stops watching `fd` (before closing it).
+    pub fn unwatch_fd(&self, fd: BorrowedFd<'_>) {
+        let _ = epoll::delete(&self.epoll, fd);
+    }
+
+    /// Asks to be polled again no later than `at` even if nothing wakes the reactor.
+    pub fn wake_at(&mut self, at: Instant) {
+        self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+    }
+
+    /// True once shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.handle.shared.stop.load(Ordering::Acquire)
+    }
+}
+
+/// How to start the reactors.
+#[derive(Debug, Clone)]
+pub struct ReactorOptions {
+    /// One reactor per core, in this order.
+    pub cores: Vec<usize>,
+    /// Idle policy.
+    pub idle: IdlePolicy,
+    /// Inbox capacity per reactor.
+    pub inbox_size: usize,
+}
+
+/// The running reactors.
+pub struct Reactors {
+    handles: Vec<ReactorHandle>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Reactors {
+    /// Starts one pinned reactor thread per core.
+    pub fn start(opts: &ReactorOptions) -> Result<Self, ReactorError> {
+        if opts.cores.is_empty() {
+            return Err(ReactorError::NoCores);
+        }
+        let topo = crate::topology::Topology::detect();
+        let mut handles = Vec::new();
+        let mut threads = Vec::new();
+        for (index, &core) in opts.cores.iter().enumerate() {
+            let wake = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
+                .map_err(os("eventfd"))?;
+            let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os("epoll"))?;
+            epoll::add(
+                &epoll,
+                &wake,
+                epoll::EventData::new_u64(u64::MAX),
+                epoll::EventFlags::IN,
+            )
+            .map_err(os("epoll add eventfd"))?;
+            let shared = Arc::new(Shared {
+                index,
+                core,
+                numa_node: topo.numa_node_of(core),
+                inbox: ArrayQueue::new(opts.inbox_size.max(16)),
+                wake,
+                parked: AtomicBool::new(false),
+                stop: AtomicBool::new(false),
+                stats: ReactorStats::default(),
+                poller_names: std::sync::Mutex::new(Vec::new()),
+            });
+            let handle = ReactorHandle { shared };
+            let (h, idle) = (handle.clone(), opts.idle);
+            let thread = std::thread::Builder::new()
+                .name(format!("reactor_{index}"))
+                .spawn(move || {
+                    run(ReactorContext {
+                        handle: h,
+                        epoll,
+                        new_pollers: Vec::new(),
+                        wake_at: None,
+                        idle,
+                    })
+                })
+                .map_err(|source| ReactorError::Os {
+                    what: "spawn reactor thread",
+                    source,
+                })?;
+            handles.push(handle);
+            threads.push(thread);
+        }
+        Ok(Self { handles, threads })
+    }
+
+    /// Handles of all reactors, by index.
+    pub fn handles(&self) -> &[ReactorHandle] {
+        &self.handles
+    }
+
+    /// Reactor `i`, wrapping around (so placement code can ask for "the next one").
+    pub fn get(&self, i: usize) -> &ReactorHandle {
+        &self.handles[i % self.handles.len()]
+    }
+
+    /// Number of reactors.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Never true: there is always at least one reactor.
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Stops every reactor (pollers are dropped on their own thread) and joins the threads.
+    pub fn shutdown(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        for h in &self.handles {
+            h.shared.stop.store(true, Ordering::Release);
+            h.wake();
+        }
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                tracing::error!("a reactor thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Reactors {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+fn run(mut cx: ReactorContext) {
+    let shared = Arc::clone(&cx.handle.shared);
+    if !core_affinity::set_for_current(core_affinity::CoreId { id: shared.core }) {
+        tracing::warn!(
+            core = shared.core,
+            "could not pin reactor thread to its core"
+        );
+    }
+    tracing::debug!(index = shared.index, core = shared.core, "reactor started");
+    let mut pollers: Vec<Box<dyn Poller>> = Vec::new();
+    let mut idle_since: Option<Instant> = None;
+    let mut turn_start = Instant::now();
+    while !shared.stop.load(Ordering::Acquire) {
+        let busy = turn(&mut cx, &mut pollers);
+        let now = Instant::now();
+        let spent = now.duration_since(turn_start).as_nanos() as u64;
+        turn_start = now;
+        if busy {
+            shared.stats.busy_ns.fetch_add(spent, Ordering::Relaxed);
+            idle_since = None;
+            continue;
+        }
+        shared.stats.idle_ns.fetch_add(spent, Ordering::Relaxed);
+        if cx.idle == IdlePolicy::Spin {
+            continue;
+        }
+        let since = *idle_since.get_or_insert(now);
+        if now.duration_since(since) >= SPIN_BEFORE_PARK {
+            park(&mut cx, &mut pollers);
+            idle_since = None;
+            let after = Instant::now();
+            shared.stats.idle_ns.fetch_add(
+                after.duration_since(turn_start).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
+            turn_start = after;
+        }
+    }
+    // Drain messages so their senders are answered (with a dropped reply) and drop the pollers
+    // here, on their own thread, where their channels live.
+    while shared.inbox.pop().is_some() {}
+    drop(pollers);
+    tracing::debug!(index = shared.index, "reactor stopped");
+}
+
+/// One turn: messages, then every poller. True if anything did work.
+fn turn(cx: &mut ReactorContext, pollers: &mut Vec<Box<dyn Poller>>) -> bool {
+    let mut busy = false;
+    for _ in 0..MESSAGES_PER_TURN {
+        match cx.handle.shared.inbox.pop() {
+            Some(msg) => {
+                msg(cx);
+                busy = true;
+            }
+            None => break,
+        }
+    }
+    if !cx.new_pollers.is_empty() {
+        pollers.append(&mut cx.new_pollers);
+        publish_pollers(cx, pollers);
+    }
+    let mut removed = false;
+    let mut i = 0;
+    while i < pollers.len() {
+        match pollers[i].poll(cx) {
+            PollStatus::Busy => busy = true,
+            PollStatus::Idle => {}
+            PollStatus::Done => {
+                pollers.swap_remove(i);
+                removed = true;
+                busy = true;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if !cx.new_pollers.is_empty() {
+        busy = true;
+    }
+    if removed {
+        publish_pollers(cx, pollers);
+    }
+    busy
+}
+
+fn publish_pollers(cx: &ReactorContext, pollers: &[Box<dyn Poller>]) {
+    let shared = &cx.handle.shared;
+    shared.stats.pollers.store(pollers.len(), Ordering::Relaxed);
+    if let Ok(mut names) = shared.poller_names.lock() {
+        *names = pollers.iter().map(|p| p.name().to_string()).collect();
+    }
+}
+
+fn park(cx: &mut ReactorContext, pollers: &mut Vec<Box<dyn Poller>>) {
+    let shared = Arc::clone(&cx.handle.shared);
+    shared.parked.store(true, Ordering::SeqCst);
+    drain_eventfd(shared.wake.as_fd());
+    // A completion or message that arrived before the drain would not wake us: look once more.
+    cx.wake_at = None;
+    if !shared.inbox.is_empty() || turn(cx, pollers) {
+        shared.parked.store(false, Ordering::SeqCst);
+        return;
+    }
+    let timeout = cx
+        .wake_at
+        .map(|at| at.saturating_duration_since(Instant::now()))
+        .unwrap_or(MAX_PARK)
+        .min(MAX_PARK);
+    let mut events: Vec<epoll::Event> = Vec::with_capacity(16);
+    let ts = rustix::event::Timespec {
+        tv_sec: timeout.as_secs() as i64,
+        tv_nsec: timeout.subsec_nanos() as i64,
+    };
+    let _ = epoll::wait(
+        &cx.epoll,
+        rustix::buffer::spare_capacity(&mut events),
+        Some(&ts),
+    );
+    shared.parked.store(false, Ordering::SeqCst);
+    drain_eventfd(shared.wake.as_fd());
+}
+
+fn drain_eventfd(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 8];
+    let _ = rustix::io::read(fd, &mut buf);
+}
+
+/// Raw fd of a reactor's eventfd, for tests.
+#[doc(hidden)]
+pub fn wake_fd_of(h: &ReactorHandle) -> RawFd {
+    use std::os::fd::AsRawFd;
+    h.shared.wake.as_raw_fd()
+}

@@ -1,0 +1,77 @@
+//! The staging pool never hands out one buffer twice, also under two threads at once.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use hugepages::{BufferPool, DmaRegion};
+
+#[test]
+fn every_buffer_is_distinct_aligned_and_returned() {
+    let pool = BufferPool::new(8192, 300).unwrap();
+    let bufs: Vec<_> = (0..300).map(|_| pool.get().unwrap()).collect();
+    assert!(pool.get().is_none(), "a 301st buffer from a pool of 300");
+    let addrs: HashSet<usize> = bufs.iter().map(|b| b.as_ptr() as usize).collect();
+    assert_eq!(addrs.len(), 300);
+    for b in &bufs {
+        assert_eq!(b.as_ptr() as usize % 4096, 0);
+        assert!(hugepages::translate(b.as_ptr() as usize, b.capacity()).is_some());
+    }
+    // Buffers never overlap.
+    let mut sorted: Vec<usize> = addrs.into_iter().collect();
+    sorted.sort();
+    assert!(sorted.windows(2).all(|w| w[1] - w[0] >= 8192));
+    drop(bufs);
+    assert_eq!(pool.available(), 300);
+}
+
+#[test]
+fn two_threads_never_share_a_buffer() {
+    let pool = BufferPool::new(4096, 64).unwrap();
+    // One owner flag per buffer slot, indexed by address.
+    let base = pool.regions().map(|r| r.as_ptr() as usize).min().unwrap();
+    let owners: Arc<Vec<AtomicU8>> = Arc::new((0..64 * 2).map(|_| AtomicU8::new(0)).collect());
+    let threads: Vec<_> = (1..=2u8)
+        .map(|me| {
+            let (pool, owners) = (pool.clone(), Arc::clone(&owners));
+            std::thread::spawn(move || {
+                for round in 0..20_000 {
+                    let mut held = Vec::new();
+                    for _ in 0..(round % 7 + 1) {
+                        if let Some(mut b) = pool.get() {
+                            let slot = (b.as_ptr() as usize - base) / 4096;
+                            let prev = owners[slot].swap(me, Ordering::SeqCst);
+                            assert_eq!(prev, 0, "buffer {slot} handed to two owners");
+                            b.as_mut_slice()[0] = me;
+                            held.push((slot, b));
+                        }
+                    }
+                    for (slot, b) in held {
+                        assert_eq!(b.as_slice()[0], me);
+                        owners[slot].store(0, Ordering::SeqCst);
+                        drop(b);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(pool.available(), 64);
+}
+
+#[test]
+fn regions_round_to_hugepages_and_bounds_are_checked() {
+    let r = DmaRegion::allocate(5000).unwrap();
+    assert_eq!(r.len(), hugepages::HUGEPAGE_SIZE);
+    r.write_at(0, &[1, 2, 3]).unwrap();
+    let mut out = [0u8; 3];
+    r.read_at(0, &mut out).unwrap();
+    assert_eq!(out, [1, 2, 3]);
+    assert!(r.write_at(r.len() - 1, &[1, 2]).is_err());
+    assert!(r.read_at(usize::MAX, &mut out).is_err());
+    assert!(DmaRegion::allocate(0).is_err());
+    assert!(BufferPool::new(1000, 4).is_err());
+    assert!(BufferPool::new(4096, 0).is_err());
+}
