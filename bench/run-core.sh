@@ -23,11 +23,19 @@ if [ ! -f "$file" ] || [ "$(stat -c %s "$file")" -lt $((2<<30)) ]; then
   fio --name=fill --filename="$file" --size=2g --rw=write --bs=1m --direct=1 --ioengine=io_uring \
       --iodepth=8 >/dev/null
 fi
+# The disk's rate drifts by 10-20% within a minute: alternate fio and qsbench for ROUNDS rounds
+# and compare medians.
+rounds=${ROUNDS:-3}
+median() { python3 -c "import statistics,sys; print(statistics.median(float(x) for x in sys.argv[1:]))" "$@"; }
 for w in randread randwrite; do
-  fio_iops=$(fio --name=t --filename="$file" --size=2g --rw=$w --bs=4k --direct=1 --ioengine=io_uring \
-      --iodepth=32 --time_based --runtime="$secs" --cpus_allowed="$core" --output-format=json 2>/dev/null \
-      | grep -v '^fio:' | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(j['read']['iops']+j['write']['iops'])")
-  out=$($bin/qsbench --bdev "uring:$file" --workload $w --bs 4096 --qd 32 --time "$secs" --cores "$core" --json 2>/dev/null)
-  iops=$(echo "$out" | json "['iops']"); p99=$(echo "$out" | json "['lat_us']['p99']")
-  python3 -c "print('uring  %-9s qd32:  %9.0f IOPS  p99 %6.1f us;  fio io_uring direct %9.0f IOPS;  ratio %.2f' % ('$w', $iops, $p99, $fio_iops, $iops/$fio_iops))"
+  f=(); q=(); p=()
+  for _ in $(seq "$rounds"); do
+    f+=("$(fio --name=t --filename="$file" --size=2g --rw=$w --bs=4k --direct=1 --ioengine=io_uring \
+        --iodepth=32 --time_based --runtime="$secs" --cpus_allowed="$core" --output-format=json 2>/dev/null \
+        | grep -v '^fio:' | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(j['read']['iops']+j['write']['iops'])")")
+    out=$($bin/qsbench --bdev "uring:$file" --workload $w --bs 4096 --qd 32 --time "$secs" --cores "$core" --json 2>/dev/null)
+    q+=("$(echo "$out" | json "['iops']")"); p+=("$(echo "$out" | json "['lat_us']['p99']")")
+  done
+  fio_iops=$(median "${f[@]}"); iops=$(median "${q[@]}"); p99=$(median "${p[@]}")
+  python3 -c "print('uring  %-9s qd32:  %9.0f IOPS  p99 %6.1f us;  fio io_uring direct %9.0f IOPS;  ratio %.2f  (medians of $rounds alternating runs)' % ('$w', $iops, $p99, $fio_iops, $iops/$fio_iops))"
 done
