@@ -287,6 +287,11 @@ pub trait Bdev: Send + Sync {
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError>;
     /// Driver-specific parameters `save_config` records to create it again.
     fn config(&self) -> serde_json::Value;
+    /// A byte boundary requests should not cross with one buffer (a pair's track size): users
+    /// split their buffers on it so no data has to be staged and copied.
+    fn io_boundary(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Errors creating, opening or deleting bdevs.

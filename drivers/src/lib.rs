@@ -5,6 +5,7 @@
 //! driver's RPC glue. Drivers register their create methods explicitly with [`register`].
 
 pub mod bdev;
+pub mod fault;
 pub mod malloc;
 pub mod table;
 pub mod uring;

@@ -6,6 +6,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use drivers::{BdevError, BdevTable, DriverRegistry};
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::pair::channel::{PairView, View};
+use crate::pair::control::{Action, ControlPoller, ControlQueue, ControlRequest, Outcome};
+use crate::pair::copier::Copier;
+use crate::pair::{Pair, PairConfig, PairError, PairInfo};
 use crate::reactor::{ReactorError, ReactorOptions, Reactors};
 
 /// Size of each volume of the embedded default.
@@ -20,6 +27,9 @@ pub enum AppError {
     /// A bdev could not be created.
     #[error(transparent)]
     Bdev(#[from] BdevError),
+    /// The embedded default could not be set up.
+    #[error("embedded default: {0}")]
+    Default(String),
     /// The state directory is unusable.
     #[error("state directory {path}: {source}")]
     StateDir {
@@ -36,6 +46,8 @@ pub struct State {
     pub bdevs: BdevTable,
     /// Drivers' create methods.
     pub drivers: DriverRegistry,
+    /// Pairs by name.
+    pub pairs: BTreeMap<String, Arc<Pair>>,
 }
 
 /// The engine: reactors plus control-plane state.
@@ -43,6 +55,21 @@ pub struct Engine {
     reactors: Reactors,
     state: Mutex<State>,
     state_dir: PathBuf,
+    control: Arc<ControlQueue>,
+}
+
+/// Errors of engine operations (what RPC methods report).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A bdev operation failed.
+    #[error(transparent)]
+    Bdev(#[from] BdevError),
+    /// A pair operation failed.
+    #[error(transparent)]
+    Pair(#[from] PairError),
+    /// The reactors are gone.
+    #[error(transparent)]
+    Reactor(#[from] ReactorError),
 }
 
 impl Engine {
@@ -55,14 +82,150 @@ impl Engine {
         let reactors = Reactors::start(opts)?;
         let mut drivers = DriverRegistry::default();
         drivers::register(&mut drivers);
+        // The split acceptor lives on the first reactor; copiers go to the others when there
+        // are others, so splitting and copying run on different cores.
+        let control = ControlQueue::new(reactors.get(0).clone());
+        let poller_queue = Arc::clone(&control);
+        reactors.get(0).send_blocking(Box::new(move |cx| {
+            cx.add_poller(Box::new(ControlPoller::new(poller_queue)))
+        }))?;
         Ok(Arc::new(Self {
             reactors,
             state: Mutex::new(State {
                 bdevs: BdevTable::new(),
                 drivers,
+                pairs: BTreeMap::new(),
             }),
             state_dir: state_dir.to_path_buf(),
+            control,
         }))
+    }
+
+    /// Creates a pair over two unclaimed bdevs and starts its initial copy.
+    pub fn pair_create(
+        &self,
+        cfg: &PairConfig,
+        primary: &str,
+        secondary: &str,
+    ) -> Result<Arc<Pair>, EngineError> {
+        let mut st = self.state();
+        if st.pairs.contains_key(&cfg.name) {
+            return Err(
+                PairError::Invalid(format!("a pair named '{}' already exists", cfg.name)).into(),
+            );
+        }
+        if primary == secondary {
+            return Err(PairError::Invalid("primary and secondary must differ".into()).into());
+        }
+        let p = st.bdevs.get(primary)?;
+        let s = st.bdevs.get(secondary)?;
+        let copier_reactor = self.reactors.get(st.pairs.len() + 1).clone();
+        let pair = Pair::new(
+            cfg,
+            p,
+            s,
+            self.reactors.handles().to_vec(),
+            Some(copier_reactor.clone()),
+        )?;
+        st.bdevs.claim(primary, &cfg.name)?;
+        if let Err(e) = st.bdevs.claim(secondary, &cfg.name) {
+            st.bdevs.release(primary, &cfg.name);
+            return Err(e.into());
+        }
+        let for_copier = Arc::clone(&pair);
+        let started = copier_reactor.send_blocking(Box::new(move |cx| {
+            cx.add_poller(Box::new(Copier::new(for_copier)))
+        }));
+        if let Err(e) = started {
+            st.bdevs.release(primary, &cfg.name);
+            st.bdevs.release(secondary, &cfg.name);
+            return Err(e.into());
+        }
+        st.pairs.insert(cfg.name.clone(), Arc::clone(&pair));
+        tracing::info!(pair = %cfg.name, primary, secondary, tracks = pair.tracks(), "pair created: COPY");
+        Ok(pair)
+    }
+
+    /// A pair by name.
+    pub fn pair(&self, name: &str) -> Result<Arc<Pair>, EngineError> {
+        self.state()
+            .pairs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| PairError::NotFound(name.to_string()).into())
+    }
+
+    /// Runs a transition on the control poller and waits for its outcome.
+    fn transition(&self, names: &[String], action: Action) -> Result<Outcome, EngineError> {
+        if names.is_empty() {
+            return Err(PairError::Invalid("no pair named".into()).into());
+        }
+        let pairs = names
+            .iter()
+            .map(|n| self.pair(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let mut req = ControlRequest {
+            pairs,
+            action,
+            reply: tx,
+        };
+        loop {
+            match self.control.push(req) {
+                Ok(()) => break,
+                Err(r) => {
+                    req = r;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        match rx.recv() {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(PairError::Stopping.into()),
+        }
+    }
+
+    /// Splits one pair or several at one common instant.
+    pub fn pair_split(&self, names: &[String]) -> Result<Outcome, EngineError> {
+        self.transition(names, Action::Split)
+    }
+
+    /// Resyncs a pair forward (P to S) or in reverse (restore S onto P).
+    pub fn pair_resync(&self, name: &str, reverse: bool) -> Result<(), EngineError> {
+        self.transition(&[name.to_string()], Action::Resync { reverse })
+            .map(|_| ())
+    }
+
+    /// Deletes a pair (its bdevs stay, unclaimed).
+    pub fn pair_delete(&self, name: &str) -> Result<(), EngineError> {
+        let mut st = self.state();
+        let pair = st
+            .pairs
+            .remove(name)
+            .ok_or_else(|| PairError::NotFound(name.to_string()))?;
+        pair.mark_deleted();
+        st.bdevs.release(pair.primary().name(), name);
+        st.bdevs.release(pair.secondary().name(), name);
+        tracing::info!(pair = %name, "pair deleted");
+        Ok(())
+    }
+
+    /// `pair_get`: every pair, or one.
+    pub fn pair_get(&self, name: Option<&str>) -> Result<Vec<PairInfo>, EngineError> {
+        let st = self.state();
+        match name {
+            Some(n) => Ok(vec![st
+                .pairs
+                .get(n)
+                .ok_or_else(|| PairError::NotFound(n.to_string()))?
+                .info()]),
+            None => Ok(st.pairs.values().map(|p| p.info()).collect()),
+        }
+    }
+
+    /// A bdev hosts use to reach a pair: P through the pair, or the image.
+    pub fn pair_view(&self, name: &str, view: View) -> Result<Arc<dyn drivers::Bdev>, EngineError> {
+        Ok(Arc::new(PairView::new(self.pair(name)?, view)))
     }
 
     /// The reactors.
@@ -81,7 +244,7 @@ impl Engine {
     }
 
     /// Creates the embedded default: sparse 1 GiB files `p0.img` and `s0.img` in the state
-    /// directory as uring bdevs `p0` and `s0`.
+    /// directory as uring bdevs `p0` and `s0`, paired as `pair0`.
     pub fn create_default(&self) -> Result<(), AppError> {
         let mut st = self.state();
         for name in ["p0", "s0"] {
@@ -90,6 +253,20 @@ impl Engine {
                 drivers::uring::UringBdev::open(name, &path, 4096, Some(DEFAULT_VOLUME_SIZE))?;
             st.bdevs.add(Arc::new(bdev))?;
         }
+        drop(st);
+        self.pair_create(
+            &PairConfig {
+                name: "pair0".into(),
+                track_size: crate::pair::DEFAULT_TRACK_SIZE,
+                copy_rate: 0,
+            },
+            "p0",
+            "s0",
+        )
+        .map_err(|e| match e {
+            EngineError::Bdev(b) => AppError::Bdev(b),
+            other => AppError::Default(other.to_string()),
+        })?;
         Ok(())
     }
 }

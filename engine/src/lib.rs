@@ -5,6 +5,7 @@
 //! jobs, the JSON-RPC control plane, the NBD server, and the `quicksplit` binary.
 
 pub mod app;
+pub mod pair;
 pub mod reactor;
 pub mod topology;
 pub mod units;

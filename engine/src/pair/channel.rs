@@ -1,0 +1,774 @@
+//! Host access to a pair, one channel per reactor: the primary view (P, with the mirror and the
+//! copy before write) and the image view (S standing for P at the split point).
+//!
+//! Each host request is a small state machine in a slab: it may wait (gate closed by a
+//! transition, a track locked by a copy, no staging buffer), copy tracks before it writes, and
+//! fan out into sub-requests on the P and S channels of this reactor. Nothing here blocks.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use drivers::{
+    Bdev, BdevError, ChannelContext, Geometry, IoBufs, IoChannel, IoCompletion, IoError, IoOp,
+    IoRequest, SubmitErrorKind, SubmitResult,
+};
+use hugepages::{BufferPool, DmaBuf};
+use slab::Slab;
+
+use super::{Pair, PairState};
+
+/// Which side of the pair a view shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// P, as hosts write it.
+    Primary,
+    /// The image: P at the split point (S where copied, P where pending), plus S's own writes.
+    Image,
+}
+
+/// A pair seen as a bdev (what exports and benchmarks open).
+pub struct PairView {
+    pair: Arc<Pair>,
+    view: View,
+    name: String,
+}
+
+impl PairView {
+    /// The view `view` of `pair`.
+    pub fn new(pair: Arc<Pair>, view: View) -> Self {
+        let name = match view {
+            View::Primary => pair.primary().name().to_string(),
+            View::Image => format!("{}-image", pair.name()),
+        };
+        Self { pair, view, name }
+    }
+}
+
+impl Bdev for PairView {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn driver(&self) -> &'static str {
+        "pair"
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.pair.geometry()
+    }
+
+    fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(PairChannel::new(
+            Arc::clone(&self.pair),
+            self.view,
+            ctx,
+        )?))
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn io_boundary(&self) -> Option<u64> {
+        Some(self.pair.track_size())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    P,
+    S,
+}
+
+/// What a finished write records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Post {
+    /// PAIR/COPY: the tracks become pending for the copier.
+    Mirror,
+    /// PSUS/PSUE: P changed since the split.
+    ChangedP,
+    /// PSUS: S changed since the split.
+    ChangedS,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Not started or waiting to retry.
+    Start,
+    /// Sub-reads in flight; `bounce` when data lands in staging buffers first.
+    Reading {
+        bounce: bool,
+    },
+    /// Copying track `cow[cow_next]` P to S before the write: reading P, then writing S.
+    CowRead,
+    CowWrite,
+    /// The host's own operation on its target.
+    TargetIo,
+    /// Flushing P and S.
+    Flushing,
+}
+
+/// Sub-request ids: low bits of the inner tag.
+const SUB_BITS: u32 = 20;
+const SUB_MASK: u64 = (1 << SUB_BITS) - 1;
+const SUB_ALL: u64 = SUB_MASK;
+const SUB_COW: u64 = SUB_MASK - 1;
+const SUB_NODATA: u64 = SUB_MASK - 2;
+const SUB_BOUNCE: u64 = 1 << 19;
+/// Staging buffers per channel (copy before write, bounce reads).
+const STAGING_BUFFERS: usize = 16;
+
+struct Parent {
+    tag: u64,
+    op: IoOp,
+    offset: u64,
+    len: u64,
+    bufs: Vec<Option<DmaBuf>>,
+    phase: Phase,
+    locked: Vec<u64>,
+    gated: bool,
+    outstanding: u32,
+    error: Option<IoError>,
+    bounce: Vec<(Option<DmaBuf>, u64)>,
+    cow: Vec<u64>,
+    cow_next: usize,
+    cow_buf: Option<DmaBuf>,
+    target: Target,
+    post: Option<Post>,
+}
+
+enum Step {
+    /// Issued or completed; nothing to do until completions arrive.
+    Running,
+    /// Could not proceed now; retry on a later poll.
+    Wait,
+}
+
+/// One reactor's channel to a pair view.
+pub struct PairChannel {
+    pair: Arc<Pair>,
+    view: View,
+    p: Box<dyn IoChannel>,
+    s: Box<dyn IoChannel>,
+    staging: Option<BufferPool>,
+    parents: Slab<Parent>,
+    deferred: VecDeque<usize>,
+    retry: VecDeque<(Target, IoRequest)>,
+    done: Vec<IoCompletion>,
+    scratch: Vec<IoCompletion>,
+}
+
+impl PairChannel {
+    /// Opens channels to P and S on the calling reactor.
+    pub fn new(pair: Arc<Pair>, view: View, ctx: &ChannelContext) -> Result<Self, BdevError> {
+        let p = pair.primary().open_channel(ctx)?;
+        let s = pair.secondary().open_channel(ctx)?;
+        Ok(Self {
+            pair,
+            view,
+            p,
+            s,
+            staging: None,
+            parents: Slab::new(),
+            deferred: VecDeque::new(),
+            retry: VecDeque::new(),
+            done: Vec::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    fn staging(&mut self) -> Option<DmaBuf> {
+        if self.staging.is_none() {
+            match BufferPool::new(self.pair.track_size() as usize, STAGING_BUFFERS) {
+                Ok(p) => self.staging = Some(p),
+                Err(e) => {
+                    tracing::error!(%e, "no staging memory for a pair channel");
+                    return None;
+                }
+            }
+        }
+        self.staging.as_ref().and_then(BufferPool::get)
+    }
+
+    fn inner(&mut self, t: Target) -> &mut Box<dyn IoChannel> {
+        match t {
+            Target::P => &mut self.p,
+            Target::S => &mut self.s,
+        }
+    }
+
+    fn issue(&mut self, key: usize, t: Target, mut req: IoRequest, sub: u64) {
+        req.tag = (key as u64) << SUB_BITS | sub;
+        if let Some(p) = self.parents.get_mut(key) {
+            p.outstanding += 1;
+        }
+        if !self.retry.is_empty() {
+            self.retry.push_back((t, req));
+            return;
+        }
+        if let Err(e) = self.inner(t).submit(req) {
+            let e = *e;
+            match e.error {
+                SubmitErrorKind::QueueFull => self.retry.push_back((t, e.req)),
+                SubmitErrorKind::Invalid(err) => self.inner_done(
+                    t,
+                    IoCompletion {
+                        tag: e.req.tag,
+                        result: Err(err),
+                        bufs: e.req.bufs,
+                    },
+                ),
+            }
+        }
+    }
+
+    fn take_all_bufs(p: &mut Parent) -> IoBufs {
+        p.bufs.iter_mut().filter_map(Option::take).collect()
+    }
+
+    /// Starts (or retries) a request.
+    fn start(&mut self, key: usize) -> Step {
+        let (op, view) = (self.parents[key].op, self.view);
+        match (view, op) {
+            (_, IoOp::Flush) => {
+                self.parents[key].phase = Phase::Flushing;
+                for t in [Target::P, Target::S] {
+                    self.issue(
+                        key,
+                        t,
+                        IoRequest::without_data(IoOp::Flush, 0, 0, 0),
+                        SUB_NODATA,
+                    );
+                }
+                Step::Running
+            }
+            (View::Primary, IoOp::Read) => {
+                if self.pair.reversing() {
+                    let pair = Arc::clone(&self.pair);
+                    self.read_routed(key, &|t| {
+                        if pair.restore.contains(t) {
+                            Target::S
+                        } else {
+                            Target::P
+                        }
+                    })
+                } else {
+                    let p = &mut self.parents[key];
+                    p.phase = Phase::Reading { bounce: false };
+                    let bufs = Self::take_all_bufs(p);
+                    let req = IoRequest::read(p.offset, bufs, 0);
+                    self.issue(key, Target::P, req, SUB_ALL);
+                    Step::Running
+                }
+            }
+            (View::Image, IoOp::Read) => self.image_read(key),
+            (View::Primary, _) => self.host_write(key, Target::P),
+            (View::Image, _) => self.host_write(key, Target::S),
+        }
+    }
+
+    fn refuse(&mut self, key: usize, msg: String) -> Step {
+        self.parents[key].error = Some(IoError::Refused(msg));
+        self.finish(key);
+        Step::Running
+    }
+
+    /// A host write to P (primary view) or S (image view).
+    fn host_write(&mut self, key: usize, target: Target) -> Step {
+        if !self.pair.enter_gate() {
+            return Step::Wait;
+        }
+        self.parents[key].gated = true;
+        let state = self.pair.state();
+        let post = match (target, state) {
+            (Target::P, PairState::Copy) if self.pair.reversing() => {
+                return self.refuse(
+                    key,
+                    format!(
+                        "pair '{}' is restoring P from S: P is read-only until the pair is in PAIR",
+                        self.pair.name()
+                    ),
+                );
+            }
+            (Target::P, PairState::Copy | PairState::Pair) => Post::Mirror,
+            (Target::P, PairState::Psus | PairState::Psue) => Post::ChangedP,
+            (Target::S, PairState::Psus) => Post::ChangedS,
+            (Target::S, _) => {
+                return self.refuse(
+                    key,
+                    format!(
+                        "the image of pair '{}' is writable only while the pair is split (PSUS), \
+                         not in {}",
+                        self.pair.name(),
+                        state.as_str()
+                    ),
+                );
+            }
+        };
+        let p = &mut self.parents[key];
+        p.target = target;
+        p.post = Some(post);
+        if state != PairState::Psus {
+            return self.target_io(key);
+        }
+        // Copy before write: every pending track the write touches is copied P to S first,
+        // under its lock, so the image keeps P's data of the split point.
+        let tracks = self.pair.tracks_of(p.offset, p.len);
+        if !self.lock_pending(key, tracks) {
+            self.pair.leave_gate();
+            self.parents[key].gated = false;
+            return Step::Wait;
+        }
+        let p = &mut self.parents[key];
+        p.cow = p.locked.clone();
+        p.cow_next = 0;
+        if p.cow.is_empty() {
+            return self.target_io(key);
+        }
+        match self.staging() {
+            Some(buf) => self.parents[key].cow_buf = Some(buf),
+            None => {
+                self.release_locks(key);
+                self.pair.leave_gate();
+                self.parents[key].gated = false;
+                return Step::Wait;
+            }
+        }
+        self.cow_read(key);
+        Step::Running
+    }
+
+    /// Locks the pending tracks among `tracks`; keeps only those still pending once locked.
+    /// False (nothing held) if one is locked by someone else.
+    fn lock_pending(&mut self, key: usize, tracks: std::ops::Range<u64>) -> bool {
+        let pair = Arc::clone(&self.pair);
+        let p = &mut self.parents[key];
+        for t in tracks {
+            if !pair.pending.is_pending(t) {
+                continue;
+            }
+            if !pair.locks.try_lock(t) {
+                for &l in &p.locked {
+                    pair.unlock_track(l);
+                }
+                p.locked.clear();
+                return false;
+            }
+            if pair.pending.is_pending(t) {
+                p.locked.push(t);
+            } else {
+                pair.unlock_track(t);
+            }
+        }
+        true
+    }
+
+    fn release_locks(&mut self, key: usize) {
+        let p = &mut self.parents[key];
+        for t in p.locked.drain(..) {
+            self.pair.unlock_track(t);
+        }
+    }
+
+    fn cow_read(&mut self, key: usize) {
+        let p = &mut self.parents[key];
+        let track = p.cow[p.cow_next];
+        let (off, len) = self.pair.track_range(track);
+        let Some(mut buf) = p.cow_buf.take() else {
+            return;
+        };
+        // The staging buffer is one track long; the last track may be shorter.
+        let _ = buf.set_len(len as usize);
+        p.phase = Phase::CowRead;
+        let mut bufs = IoBufs::new();
+        bufs.push(buf);
+        self.issue(key, Target::P, IoRequest::read(off, bufs, 0), SUB_COW);
+    }
+
+    fn cow_write(&mut self, key: usize) {
+        let p = &mut self.parents[key];
+        let track = p.cow[p.cow_next];
+        let (off, _) = self.pair.track_range(track);
+        let Some(buf) = p.cow_buf.take() else {
+            return;
+        };
+        p.phase = Phase::CowWrite;
+        let mut bufs = IoBufs::new();
+        bufs.push(buf);
+        self.issue(key, Target::S, IoRequest::write(off, bufs, 0), SUB_COW);
+    }
+
+    /// S holds the track: it is no longer pending; unlock it and copy the next one, or write.
+    fn cow_track_done(&mut self, key: usize) {
+        let pair = Arc::clone(&self.pair);
+        let p = &mut self.parents[key];
+        let track = p.cow[p.cow_next];
+        let (_, len) = pair.track_range(track);
+        pair.pending.clear(track);
+        pair.stats.tracks_copied.fetch_add(1, Ordering::Relaxed);
+        pair.stats.cow_copies.fetch_add(1, Ordering::Relaxed);
+        pair.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+        pair.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
+        p.locked.retain(|&t| t != track);
+        pair.unlock_track(track);
+        p.cow_next += 1;
+        if p.cow_next < p.cow.len() {
+            self.cow_read(key);
+        } else {
+            self.parents[key].cow_buf = None;
+            self.target_io(key);
+        }
+    }
+
+    fn target_io(&mut self, key: usize) -> Step {
+        let p = &mut self.parents[key];
+        p.phase = Phase::TargetIo;
+        let (op, offset, len, target) = (p.op, p.offset, p.len, p.target);
+        let req = if op.has_data() {
+            let bufs = Self::take_all_bufs(p);
+            let mut r = IoRequest::write(offset, bufs, 0);
+            r.op = op;
+            r
+        } else {
+            IoRequest::without_data(op, offset, len, 0)
+        };
+        let sub = if op.has_data() { SUB_ALL } else { SUB_NODATA };
+        self.issue(key, target, req, sub);
+        Step::Running
+    }
+
+    /// A read of the image: S for tracks copied, P (under the track's lock) for tracks pending.
+    fn image_read(&mut self, key: usize) -> Step {
+        if self.pair.state() == PairState::Psue {
+            return self.refuse(
+                key,
+                format!(
+                    "pair '{}' is suspended on an error (PSUE): its image is not valid",
+                    self.pair.name()
+                ),
+            );
+        }
+        let (off, len) = (self.parents[key].offset, self.parents[key].len);
+        let tracks = self.pair.tracks_of(off, len);
+        if !self.lock_pending(key, tracks) {
+            return Step::Wait;
+        }
+        let locked = self.parents[key].locked.clone();
+        let step = self.read_routed(key, &|t| {
+            if locked.contains(&t) {
+                Target::P
+            } else {
+                Target::S
+            }
+        });
+        if matches!(step, Step::Wait) {
+            self.release_locks(key);
+        }
+        step
+    }
+
+    /// Reads each part of the request from the side `source` names for its track. Buffers that
+    /// lie within one source go straight to that side; otherwise the data lands in staging
+    /// buffers first and is copied (counted) into the host's buffers.
+    fn read_routed(&mut self, key: usize, source: &dyn Fn(u64) -> Target) -> Step {
+        let ts = self.pair.track_size();
+        let p = &self.parents[key];
+        let mut off = p.offset;
+        let mut direct = true;
+        let mut plan = Vec::with_capacity(p.bufs.len());
+        for b in p.bufs.iter().flatten() {
+            let (first, last) = (off / ts, (off + b.len() as u64 - 1) / ts);
+            let src = source(first);
+            if (first + 1..=last).any(|t| source(t) != src) {
+                direct = false;
+                break;
+            }
+            plan.push((off, src));
+            off += b.len() as u64;
+        }
+        if direct {
+            self.parents[key].phase = Phase::Reading { bounce: false };
+            for (i, (off, src)) in plan.into_iter().enumerate() {
+                let Some(buf) = self.parents[key].bufs[i].take() else {
+                    continue;
+                };
+                let mut bufs = IoBufs::new();
+                bufs.push(buf);
+                self.issue(key, src, IoRequest::read(off, bufs, 0), i as u64);
+            }
+            return Step::Running;
+        }
+        // Bounce: one staging buffer per track piece.
+        let (start, end) = (p.offset, p.offset + p.len);
+        let pieces = self.pair.tracks_of(start, p.len);
+        if pieces.end - pieces.start > STAGING_BUFFERS as u64 {
+            return self.refuse(
+                key,
+                format!(
+                    "a read crossing {} track boundaries must split its buffers on the {} byte \
+                     tracks",
+                    pieces.end - pieces.start - 1,
+                    ts
+                ),
+            );
+        }
+        let mut staged = Vec::new();
+        for t in pieces {
+            let (lo, hi) = ((t * ts).max(start), ((t + 1) * ts).min(end));
+            match self.staging() {
+                Some(mut buf) => {
+                    let _ = buf.set_len((hi - lo) as usize);
+                    staged.push((buf, lo, source(t)));
+                }
+                None => return Step::Wait,
+            }
+        }
+        self.parents[key].phase = Phase::Reading { bounce: true };
+        for (i, (buf, lo, src)) in staged.into_iter().enumerate() {
+            self.parents[key].bounce.push((None, lo));
+            let mut bufs = IoBufs::new();
+            bufs.push(buf);
+            self.issue(
+                key,
+                src,
+                IoRequest::read(lo, bufs, 0),
+                SUB_BOUNCE + i as u64,
+            );
+        }
+        Step::Running
+    }
+
+    /// Copies staged pieces into the host's buffers.
+    fn unbounce(&mut self, key: usize) {
+        let p = &mut self.parents[key];
+        let mut copied = 0u64;
+        for (piece, lo) in &p.bounce {
+            let Some(piece) = piece else { continue };
+            let mut src = piece.as_slice();
+            let mut pos = *lo - p.offset;
+            let mut buf_start = 0u64;
+            for b in p.bufs.iter_mut().flatten() {
+                let blen = b.len() as u64;
+                if src.is_empty() {
+                    break;
+                }
+                if pos < buf_start + blen && pos >= buf_start {
+                    let at = (pos - buf_start) as usize;
+                    let n = (b.len() - at).min(src.len());
+                    b.as_mut_slice()[at..at + n].copy_from_slice(&src[..n]);
+                    src = &src[n..];
+                    pos += n as u64;
+                    copied += n as u64;
+                }
+                buf_start += blen;
+            }
+        }
+        p.bounce.clear();
+        self.pair
+            .stats
+            .cpu_copied_bytes
+            .fetch_add(copied, Ordering::Relaxed);
+    }
+
+    fn inner_done(&mut self, t: Target, c: IoCompletion) {
+        let key = (c.tag >> SUB_BITS) as usize;
+        let sub = c.tag & SUB_MASK;
+        let Some(p) = self.parents.get_mut(key) else {
+            tracing::error!(
+                tag = c.tag,
+                "pair channel: completion for an unknown request"
+            );
+            return;
+        };
+        p.outstanding = p.outstanding.saturating_sub(1);
+        let mut bufs = c.bufs.into_iter();
+        match sub {
+            SUB_ALL => {
+                for slot in p.bufs.iter_mut() {
+                    *slot = bufs.next();
+                }
+            }
+            SUB_COW => p.cow_buf = bufs.next(),
+            SUB_NODATA => {}
+            s if s >= SUB_BOUNCE => {
+                if let Some(piece) = p.bounce.get_mut((s - SUB_BOUNCE) as usize) {
+                    piece.0 = bufs.next();
+                }
+            }
+            i => {
+                if let Some(slot) = p.bufs.get_mut(i as usize) {
+                    *slot = bufs.next();
+                }
+            }
+        }
+        if let Err(e) = c.result {
+            if matches!(e, IoError::Device(_) | IoError::Aborted(_)) {
+                let side = if t == Target::P {
+                    "primary"
+                } else {
+                    "secondary"
+                };
+                self.pair.fail(format!("I/O error on the {side}: {e}"));
+            }
+            p.error.get_or_insert(e);
+        }
+        if p.outstanding > 0 {
+            return;
+        }
+        if p.error.is_some() {
+            self.finish(key);
+            return;
+        }
+        match p.phase {
+            Phase::CowRead => self.cow_write(key),
+            Phase::CowWrite => self.cow_track_done(key),
+            Phase::Reading { bounce } => {
+                if bounce {
+                    self.unbounce(key);
+                }
+                self.finish(key);
+            }
+            Phase::TargetIo => {
+                self.record_write(key);
+                self.finish(key);
+            }
+            Phase::Flushing | Phase::Start => self.finish(key),
+        }
+    }
+
+    /// Records a finished write in the pair's track sets.
+    fn record_write(&mut self, key: usize) {
+        let p = &self.parents[key];
+        let tracks = self.pair.tracks_of(p.offset, p.len);
+        match p.post {
+            Some(Post::Mirror) => {
+                let mut newly = false;
+                for t in tracks {
+                    newly |= self.pair.pending.mark_written(t);
+                }
+                if newly {
+                    self.pair.wake_copier();
+                }
+            }
+            Some(Post::ChangedP) => tracks.for_each(|t| {
+                self.pair.changed_p.insert(t);
+            }),
+            Some(Post::ChangedS) => tracks.for_each(|t| {
+                self.pair.changed_s.insert(t);
+            }),
+            None => {}
+        }
+    }
+
+    fn finish(&mut self, key: usize) {
+        self.release_locks(key);
+        let mut p = self.parents.remove(key);
+        if p.gated {
+            self.pair.leave_gate();
+        }
+        let result = match p.error.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        self.done.push(IoCompletion {
+            tag: p.tag,
+            result,
+            bufs: p.bufs.into_iter().flatten().collect(),
+        });
+    }
+}
+
+impl IoChannel for PairChannel {
+    fn submit(&mut self, req: IoRequest) -> SubmitResult {
+        if let Err(e) = self.pair.geometry().validate(&req) {
+            return drivers::bdev::invalid(req, e);
+        }
+        if self.pair.is_deleted() {
+            return drivers::bdev::invalid(req, IoError::Aborted("the pair was deleted".into()));
+        }
+        if req.bufs.len() as u64 >= SUB_BOUNCE {
+            let n = req.bufs.len();
+            return drivers::bdev::invalid(
+                req,
+                IoError::BufferMismatch {
+                    buffers: n as u64,
+                    len: SUB_BOUNCE,
+                },
+            );
+        }
+        let key = self.parents.insert(Parent {
+            tag: req.tag,
+            op: req.op,
+            offset: req.offset,
+            len: req.len,
+            bufs: req.bufs.into_iter().map(Some).collect(),
+            phase: Phase::Start,
+            locked: Vec::new(),
+            gated: false,
+            outstanding: 0,
+            error: None,
+            bounce: Vec::new(),
+            cow: Vec::new(),
+            cow_next: 0,
+            cow_buf: None,
+            target: Target::P,
+            post: None,
+        });
+        if let Step::Wait = self.start(key) {
+            self.deferred.push_back(key);
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        // Inner submissions that found a full queue go first, in order.
+        while let Some((t, req)) = self.retry.pop_front() {
+            if let Err(e) = self.inner(t).submit(req) {
+                let e = *e;
+                match e.error {
+                    SubmitErrorKind::QueueFull => {
+                        self.retry.push_front((t, e.req));
+                        break;
+                    }
+                    SubmitErrorKind::Invalid(err) => self.inner_done(
+                        t,
+                        IoCompletion {
+                            tag: e.req.tag,
+                            result: Err(err),
+                            bufs: e.req.bufs,
+                        },
+                    ),
+                }
+            }
+        }
+        for _ in 0..self.deferred.len() {
+            let Some(key) = self.deferred.pop_front() else {
+                break;
+            };
+            if self.pair.is_deleted() {
+                self.parents[key].error = Some(IoError::Aborted("the pair was deleted".into()));
+                self.finish(key);
+                continue;
+            }
+            if let Step::Wait = self.start(key) {
+                self.deferred.push_back(key);
+            }
+        }
+        for t in [Target::P, Target::S] {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            self.inner(t).poll(&mut scratch);
+            for c in scratch.drain(..) {
+                self.inner_done(t, c);
+            }
+            self.scratch = scratch;
+        }
+        let n = self.done.len();
+        out.append(&mut self.done);
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.parents.len() + self.done.len()
+    }
+}

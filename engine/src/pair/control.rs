@@ -1,0 +1,186 @@
+//! The control poller (the split acceptor): applies split and resync to one or several pairs at
+//! one instant. It closes their gates, waits until no host write is in flight on any of them,
+//! applies the transition to all, and reopens the gates. The wait is bounded by the host writes
+//! already in flight: no data is copied and no bitmap is scanned on this path.
+
+use std::sync::mpsc::SyncSender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crossbeam_queue::ArrayQueue;
+use std::sync::atomic::Ordering;
+
+use super::{now_ns, Pair, PairError};
+use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
+
+/// A transition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Split: S stands for P as of now.
+    Split,
+    /// Resync: copy the changed tracks forward (P to S) or in reverse (restore S to P).
+    Resync {
+        /// Restore S onto P.
+        reverse: bool,
+    },
+}
+
+/// What a transition reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The common split instant (nanoseconds since the epoch); 0 for a resync.
+    pub split_at_ns: u64,
+    /// Pending tracks of each pair right after the transition.
+    pub pending_tracks: Vec<u64>,
+    /// Nanoseconds from taking the request to reopening the gates.
+    pub engine_ns: u64,
+}
+
+/// A request for the control poller.
+pub struct ControlRequest {
+    /// Pairs involved (one common instant).
+    pub pairs: Vec<Arc<Pair>>,
+    /// What to do.
+    pub action: Action,
+    /// Where the outcome goes.
+    pub reply: SyncSender<Result<Outcome, PairError>>,
+}
+
+/// The ring through which control-plane threads hand transitions to the control poller.
+pub struct ControlQueue {
+    ring: ArrayQueue<ControlRequest>,
+    reactor: ReactorHandle,
+}
+
+impl ControlQueue {
+    /// A queue served by a poller on `reactor`.
+    pub fn new(reactor: ReactorHandle) -> Arc<Self> {
+        Arc::new(Self {
+            ring: ArrayQueue::new(256),
+            reactor,
+        })
+    }
+
+    /// Hands a request over; gives it back when the ring is full.
+    pub fn push(&self, req: ControlRequest) -> Result<(), ControlRequest> {
+        self.ring.push(req)?;
+        self.reactor.wake_if_parked();
+        Ok(())
+    }
+
+    /// The reactor serving it.
+    pub fn reactor(&self) -> &ReactorHandle {
+        &self.reactor
+    }
+}
+
+struct Running {
+    req: ControlRequest,
+    started: Instant,
+}
+
+/// The control poller.
+pub struct ControlPoller {
+    queue: Arc<ControlQueue>,
+    running: Option<Running>,
+}
+
+impl ControlPoller {
+    /// A poller serving `queue`.
+    pub fn new(queue: Arc<ControlQueue>) -> Self {
+        Self {
+            queue,
+            running: None,
+        }
+    }
+
+    fn check(req: &ControlRequest) -> Result<(), PairError> {
+        for (i, p) in req.pairs.iter().enumerate() {
+            if req.pairs[..i].iter().any(|q| q.name() == p.name()) {
+                return Err(PairError::Invalid(format!(
+                    "pair '{}' named twice",
+                    p.name()
+                )));
+            }
+            if p.is_deleted() {
+                return Err(PairError::NotFound(p.name().to_string()));
+            }
+            match req.action {
+                Action::Split => p.check_split()?,
+                Action::Resync { reverse } => p.check_resync(reverse)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) {
+        let Some(Running { req, started }) = self.running.take() else {
+            return;
+        };
+        let checked = Self::check(&req);
+        let outcome = checked.map(|()| match req.action {
+            Action::Split => {
+                let at = now_ns();
+                for p in &req.pairs {
+                    p.apply_split(at);
+                }
+                at
+            }
+            Action::Resync { reverse } => {
+                for p in &req.pairs {
+                    p.apply_resync(reverse);
+                }
+                0
+            }
+        });
+        for p in &req.pairs {
+            p.open_gate();
+        }
+        let engine_ns = started.elapsed().as_nanos() as u64;
+        let result = outcome.map(|split_at_ns| {
+            if req.action == Action::Split {
+                for p in &req.pairs {
+                    p.stats.splits.fetch_add(1, Ordering::Relaxed);
+                    p.stats.last_split_ns.store(engine_ns, Ordering::Relaxed);
+                }
+            }
+            Outcome {
+                split_at_ns,
+                pending_tracks: req.pairs.iter().map(|p| p.pending.count()).collect(),
+                engine_ns,
+            }
+        });
+        let _ = req.reply.send(result);
+    }
+}
+
+impl Poller for ControlPoller {
+    fn poll(&mut self, _cx: &mut ReactorContext) -> PollStatus {
+        if self.running.is_none() {
+            let Some(req) = self.queue.ring.pop() else {
+                return PollStatus::Idle;
+            };
+            let started = Instant::now();
+            if let Err(e) = Self::check(&req) {
+                let _ = req.reply.send(Err(e));
+                return PollStatus::Busy;
+            }
+            for p in &req.pairs {
+                p.close_gate();
+            }
+            self.running = Some(Running { req, started });
+        }
+        let drained = self
+            .running
+            .as_ref()
+            .is_some_and(|r| r.req.pairs.iter().all(|p| p.drained()));
+        if drained {
+            self.finish();
+        }
+        PollStatus::Busy
+    }
+
+    fn name(&self) -> &str {
+        "pair_control"
+    }
+}

@@ -1,0 +1,329 @@
+//! The copier: a poller that copies pending tracks P to S (and, during a restore, S to P) in the
+//! background, at most `copy_rate` bytes per second unless a backup waits for it, with tracks a
+//! backup asks for first.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
+use hugepages::{BufferPool, DmaBuf};
+use slab::Slab;
+
+use super::{Pair, PairState};
+use crate::reactor::{PollStatus, Poller, ReactorContext};
+
+/// Copies in flight at once.
+const COPY_DEPTH: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// P to S (pending tracks).
+    Forward,
+    /// S to P (restore tracks).
+    Reverse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Reading,
+    Writing,
+}
+
+struct Copy {
+    track: u64,
+    dir: Direction,
+    stage: Stage,
+}
+
+/// The copier poller of one pair.
+pub struct Copier {
+    pair: Arc<Pair>,
+    name: String,
+    p: Option<Box<dyn IoChannel>>,
+    s: Option<Box<dyn IoChannel>>,
+    pool: Option<BufferPool>,
+    copies: Slab<Copy>,
+    cursor: u64,
+    restore_cursor: u64,
+    tokens: f64,
+    refilled: Instant,
+    /// Urgent tracks that were locked when asked for: tried again on the next poll.
+    urgent_later: Vec<u64>,
+    scratch: Vec<IoCompletion>,
+}
+
+impl Copier {
+    /// A copier for `pair`; channels open on the reactor that polls it.
+    pub fn new(pair: Arc<Pair>) -> Self {
+        let name = format!("copier:{}", pair.name());
+        Self {
+            pair,
+            name,
+            p: None,
+            s: None,
+            pool: None,
+            copies: Slab::new(),
+            cursor: 0,
+            restore_cursor: 0,
+            tokens: 0.0,
+            refilled: Instant::now(),
+            urgent_later: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    fn open(&mut self, cx: &ReactorContext) -> bool {
+        if self.p.is_some() {
+            return true;
+        }
+        let ctx = cx.channel_context(COPY_DEPTH as u32 * 2);
+        let opened = (|| {
+            let p = self.pair.primary().open_channel(&ctx)?;
+            let s = self.pair.secondary().open_channel(&ctx)?;
+            let pool = BufferPool::new(self.pair.track_size() as usize, COPY_DEPTH)?;
+            Ok::<_, drivers::BdevError>((p, s, pool))
+        })();
+        match opened {
+            Ok((p, s, pool)) => {
+                self.p = Some(p);
+                self.s = Some(s);
+                self.pool = Some(pool);
+                true
+            }
+            Err(e) => {
+                self.pair
+                    .fail(format!("copier cannot open its channels: {e}"));
+                false
+            }
+        }
+    }
+
+    /// Tokens for the rate limit; true if a track may be copied now.
+    fn may_copy(&mut self, cx: &mut ReactorContext, bytes: u64) -> bool {
+        let rate = self.pair.copy_rate();
+        if rate == 0 || self.pair.full_speed.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = Instant::now();
+        let dt = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        let cap = (rate as f64).max(bytes as f64);
+        self.tokens = (self.tokens + dt * rate as f64).min(cap);
+        if self.tokens >= bytes as f64 {
+            self.tokens -= bytes as f64;
+            return true;
+        }
+        let wait = (bytes as f64 - self.tokens) / rate as f64;
+        cx.wake_at(now + Duration::from_secs_f64(wait.min(0.1)));
+        false
+    }
+
+    /// Picks the next track to copy, locked; `None` when nothing can start now.
+    fn next_track(&mut self, cx: &mut ReactorContext) -> Option<(u64, Direction)> {
+        let pair = Arc::clone(&self.pair);
+        // Tracks a backup is waiting for come first, and ignore the rate limit.
+        let mut asked: Vec<u64> = std::mem::take(&mut self.urgent_later);
+        while let Some(t) = pair.urgent.pop() {
+            asked.push(t);
+        }
+        let mut found = None;
+        for t in asked {
+            if found.is_some() || !pair.pending.is_pending(t) {
+                if found.is_some() {
+                    self.urgent_later.push(t);
+                }
+                continue;
+            }
+            if pair.locks.try_lock(t) {
+                if pair.pending.is_pending(t) {
+                    found = Some((t, Direction::Forward));
+                } else {
+                    pair.unlock_track(t);
+                }
+            } else {
+                self.urgent_later.push(t);
+            }
+        }
+        if found.is_some() {
+            return found;
+        }
+        if !self.may_copy(cx, pair.track_size()) {
+            return None;
+        }
+        let tracks = pair.tracks();
+        if let Some(t) = pair.restore.next_member(self.restore_cursor, tracks) {
+            self.restore_cursor = t + 1;
+            if pair.locks.try_lock(t) {
+                if pair.restore.contains(t) {
+                    return Some((t, Direction::Reverse));
+                }
+                pair.unlock_track(t);
+            }
+        }
+        let (t, scanned) = pair.pending.next_pending(self.cursor);
+        pair.stats
+            .words_scanned
+            .fetch_add(scanned, Ordering::Relaxed);
+        let t = t?;
+        self.cursor = t + 1;
+        if pair.locks.try_lock(t) {
+            if pair.pending.is_pending(t) {
+                return Some((t, Direction::Forward));
+            }
+            pair.unlock_track(t);
+        }
+        None
+    }
+
+    fn start_copy(&mut self, track: u64, dir: Direction, buf: DmaBuf) {
+        let (off, len) = self.pair.track_range(track);
+        let mut buf = buf;
+        let _ = buf.set_len(len as usize);
+        if dir == Direction::Forward {
+            self.pair.pending.begin_copy(track);
+        }
+        let key = self.copies.insert(Copy {
+            track,
+            dir,
+            stage: Stage::Reading,
+        });
+        let mut bufs = IoBufs::new();
+        bufs.push(buf);
+        let req = IoRequest::read(off, bufs, key as u64);
+        let ch = match dir {
+            Direction::Forward => self.p.as_mut(),
+            Direction::Reverse => self.s.as_mut(),
+        };
+        if let Some(ch) = ch {
+            if let Err(e) = ch.submit(req) {
+                self.copies.remove(key);
+                self.pair.unlock_track(track);
+                if let SubmitErrorKind::Invalid(err) = e.error {
+                    self.pair
+                        .fail(format!("copy of track {track} refused: {err}"));
+                }
+            }
+        }
+    }
+
+    fn complete(&mut self, c: IoCompletion, from_p: bool) {
+        let key = c.tag as usize;
+        let Some(copy) = self.copies.get_mut(key) else {
+            return;
+        };
+        let (track, dir, stage) = (copy.track, copy.dir, copy.stage);
+        if let Err(e) = c.result {
+            self.copies.remove(key);
+            self.pair.unlock_track(track);
+            let side = if from_p { "primary" } else { "secondary" };
+            self.pair.fail(format!(
+                "copy of track {track}: I/O error on the {side}: {e}"
+            ));
+            return;
+        }
+        let (off, len) = self.pair.track_range(track);
+        match stage {
+            Stage::Reading => {
+                copy.stage = Stage::Writing;
+                let req = IoRequest::write(off, c.bufs, key as u64);
+                let ch = match dir {
+                    Direction::Forward => self.s.as_mut(),
+                    Direction::Reverse => self.p.as_mut(),
+                };
+                if let Some(ch) = ch {
+                    if let Err(e) = ch.submit(req) {
+                        self.copies.remove(key);
+                        self.pair.unlock_track(track);
+                        self.pair.fail(format!(
+                            "copy of track {track}: write refused: {:?}",
+                            e.error
+                        ));
+                    }
+                }
+            }
+            Stage::Writing => {
+                self.copies.remove(key);
+                let stats = &self.pair.stats;
+                stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+                stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
+                match dir {
+                    Direction::Forward => {
+                        if self.pair.pending.finish_copy(track) {
+                            stats.tracks_copied.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Direction::Reverse => {
+                        if self.pair.restore.remove(track) {
+                            stats.tracks_restored.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                self.pair.unlock_track(track);
+            }
+        }
+    }
+}
+
+impl Poller for Copier {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if self.pair.is_deleted() && self.copies.is_empty() {
+            return PollStatus::Done;
+        }
+        if !self.open(cx) {
+            return PollStatus::Done;
+        }
+        let mut busy = false;
+        for from_p in [true, false] {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let ch = if from_p {
+                self.p.as_mut()
+            } else {
+                self.s.as_mut()
+            };
+            if let Some(ch) = ch {
+                ch.poll(&mut scratch);
+            }
+            for c in scratch.drain(..) {
+                busy = true;
+                self.complete(c, from_p);
+            }
+            self.scratch = scratch;
+        }
+        let state = self.pair.state();
+        if state == PairState::Psue || self.pair.is_deleted() {
+            return if busy {
+                PollStatus::Busy
+            } else {
+                PollStatus::Idle
+            };
+        }
+        while self.copies.len() < COPY_DEPTH {
+            let Some(buf) = self.pool.as_ref().and_then(BufferPool::get) else {
+                break;
+            };
+            match self.next_track(cx) {
+                Some((t, dir)) => {
+                    self.start_copy(t, dir, buf);
+                    busy = true;
+                }
+                None => break,
+            }
+        }
+        if self.copies.is_empty() && state == PairState::Copy {
+            self.pair.copy_finished();
+        }
+        if !self.urgent_later.is_empty() {
+            busy = true;
+        }
+        if busy {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}

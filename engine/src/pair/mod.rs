@@ -1,0 +1,552 @@
+//! Pairs: a primary volume P mirrored to a secondary S, split at an instant, resynced after.
+//!
+//! A [`Pair`] holds everything about one pair in one place (configuration, state, split point,
+//! error, the pending, changed and restore track sets, per-track locks, counters), shaped so
+//! that it can be persisted and restored as a whole.
+//!
+//! Who does what:
+//! - hosts reach P and the image through [`channel::PairChannel`]s (the bdevs returned by
+//!   [`Pair::primary_view`] and [`Pair::image_view`]), one per reactor;
+//! - the copier poller ([`copier`]) copies pending tracks P to S (and, in a restore, S to P);
+//! - the control poller ([`control`]) applies transitions that must not interleave with host
+//!   writes (split, resync): it closes the gate of the pairs involved, waits for the writes in
+//!   flight to finish, applies the transition and reopens the gate. That wait is bounded by one
+//!   host write, not by the volume size or the pending set.
+
+pub mod bitmap;
+pub mod channel;
+pub mod control;
+pub mod copier;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crossbeam_queue::ArrayQueue;
+use drivers::{Bdev, Geometry};
+use serde::Serialize;
+
+use crate::reactor::ReactorHandle;
+use bitmap::{PendingMap, TrackLocks, TrackSet};
+
+/// Default track size.
+pub const DEFAULT_TRACK_SIZE: u64 = 64 << 10;
+
+/// A pair's state (design section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum PairState {
+    /// Copying: the initial copy or a resync (forward P to S, or reverse S to P).
+    #[serde(rename = "COPY")]
+    Copy,
+    /// Mirroring: writes to P are reflected to S in the background.
+    #[serde(rename = "PAIR")]
+    Pair,
+    /// Split: S stands for P at the split point.
+    #[serde(rename = "PSUS")]
+    Psus,
+    /// Suspended on an I/O error.
+    #[serde(rename = "PSUE")]
+    Psue,
+}
+
+impl PairState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => PairState::Copy,
+            1 => PairState::Pair,
+            2 => PairState::Psus,
+            _ => PairState::Psue,
+        }
+    }
+
+    /// The name `pair_get` reports.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairState::Copy => "COPY",
+            PairState::Pair => "PAIR",
+            PairState::Psus => "PSUS",
+            PairState::Psue => "PSUE",
+        }
+    }
+}
+
+/// Errors of pair operations.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum PairError {
+    /// Parameters are unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The operation does not apply in the pair's state.
+    #[error("pair '{name}' is in {state}: {what}")]
+    WrongState {
+        /// The pair.
+        name: String,
+        /// Its state.
+        state: &'static str,
+        /// What was refused.
+        what: String,
+    },
+    /// No such pair.
+    #[error("no pair named '{0}'")]
+    NotFound(String),
+    /// The engine is stopping.
+    #[error("the engine is stopping")]
+    Stopping,
+}
+
+/// Counters of the work a pair's machinery did.
+#[derive(Debug, Default)]
+pub struct PairStats {
+    /// Tracks copied P to S (background copy and copy before write).
+    pub tracks_copied: AtomicU64,
+    /// Of those, copies made before a host write (or an S write) on a pending track.
+    pub cow_copies: AtomicU64,
+    /// Tracks copied S to P by a restore.
+    pub tracks_restored: AtomicU64,
+    /// Bytes the pair machinery read from P or S (copies and image reads).
+    pub bytes_read: AtomicU64,
+    /// Bytes the pair machinery wrote to P or S on its own behalf (copies).
+    pub bytes_copied: AtomicU64,
+    /// Payload bytes copied by the CPU (bounce buffers of reads mixing P and S).
+    pub cpu_copied_bytes: AtomicU64,
+    /// Bitmap words the copier scanned looking for work.
+    pub words_scanned: AtomicU64,
+    /// Splits applied, and the nanoseconds the last one took inside the engine.
+    pub splits: AtomicU64,
+    /// Nanoseconds of the last split, from request to gates reopened.
+    pub last_split_ns: AtomicU64,
+}
+
+/// What `pair_get` reports.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PairInfo {
+    /// Name.
+    pub name: String,
+    /// State.
+    pub state: PairState,
+    /// `forward` or `reverse` while copying.
+    pub direction: &'static str,
+    /// Primary bdev.
+    pub primary: String,
+    /// Secondary bdev.
+    pub secondary: String,
+    /// Track size in bytes.
+    pub track_size: u64,
+    /// Number of tracks.
+    pub tracks: u64,
+    /// Tracks S still lacks (plus tracks P still lacks in a restore).
+    pub pending_tracks: u64,
+    /// Tracks written on P or S since the split (what a resync copies).
+    pub changed_tracks: u64,
+    /// Split instant, nanoseconds since the Unix epoch (0 before the first split).
+    pub split_at_ns: u64,
+    /// The error that suspended the pair.
+    pub error: Option<String>,
+    /// Copy rate limit in bytes per second (0 = unlimited).
+    pub copy_rate: u64,
+    /// Tracks copied P to S so far.
+    pub copied_tracks: u64,
+    /// Of those, copies before write.
+    pub cow_copies: u64,
+    /// Tracks copied S to P by restores.
+    pub restored_tracks: u64,
+}
+
+const DIR_FORWARD: u8 = 0;
+const DIR_REVERSE: u8 = 1;
+
+/// One pair.
+pub struct Pair {
+    name: String,
+    primary: Arc<dyn Bdev>,
+    secondary: Arc<dyn Bdev>,
+    geometry: Geometry,
+    track_size: u64,
+    tracks: u64,
+    state: AtomicU8,
+    direction: AtomicU8,
+    /// Tracks S lacks (P to S copy outstanding).
+    pub(crate) pending: PendingMap,
+    /// Tracks P lacks during a restore (S to P copy outstanding).
+    pub(crate) restore: TrackSet,
+    /// Tracks written on P since the split.
+    pub(crate) changed_p: TrackSet,
+    /// Tracks written on S since the split.
+    pub(crate) changed_s: TrackSet,
+    pub(crate) locks: TrackLocks,
+    /// Closed while a transition waits for host writes in flight to drain.
+    gate: AtomicBool,
+    /// Host writes (to P or S) past the gate and not yet finished.
+    inflight: AtomicU64,
+    split_at_ns: AtomicU64,
+    error: Mutex<Option<String>>,
+    copy_rate: AtomicU64,
+    /// Set when deleted: pollers and channels of the pair wind down.
+    deleted: AtomicBool,
+    /// Tracks a backup needs copied ahead of the background copy.
+    pub(crate) urgent: ArrayQueue<u64>,
+    /// Copy at full speed, ignoring `copy_rate` (a backup in `wait` mode is waiting).
+    pub(crate) full_speed: AtomicBool,
+    /// Counters.
+    pub stats: PairStats,
+    /// Reactors to wake when a lock or the gate opens.
+    reactors: Vec<ReactorHandle>,
+    /// Reactor of the copier, woken when new tracks become pending.
+    copier_reactor: Option<ReactorHandle>,
+}
+
+/// Parameters of a new pair.
+#[derive(Debug, Clone)]
+pub struct PairConfig {
+    /// Name.
+    pub name: String,
+    /// Track size in bytes.
+    pub track_size: u64,
+    /// Copy rate limit, bytes per second, 0 for none.
+    pub copy_rate: u64,
+}
+
+impl Pair {
+    /// Creates a pair in COPY with every track pending. P and S must have the same block size
+    /// and S must be at least as large as P.
+    pub fn new(
+        cfg: &PairConfig,
+        primary: Arc<dyn Bdev>,
+        secondary: Arc<dyn Bdev>,
+        reactors: Vec<ReactorHandle>,
+        copier_reactor: Option<ReactorHandle>,
+    ) -> Result<Arc<Self>, PairError> {
+        let geometry = primary.geometry();
+        let sg = secondary.geometry();
+        if sg.block_size != geometry.block_size {
+            return Err(PairError::Invalid(format!(
+                "block sizes differ: primary {} bytes, secondary {} bytes",
+                geometry.block_size, sg.block_size
+            )));
+        }
+        if sg.size() < geometry.size() {
+            return Err(PairError::Invalid(format!(
+                "secondary ({} bytes) is smaller than primary ({} bytes)",
+                sg.size(),
+                geometry.size()
+            )));
+        }
+        let ts = cfg.track_size;
+        if !ts.is_power_of_two() || ts < geometry.block_size as u64 || ts > 16 << 20 {
+            return Err(PairError::Invalid(format!(
+                "track_size {ts} must be a power of two between the block size ({}) and 16 MiB",
+                geometry.block_size
+            )));
+        }
+        let tracks = geometry.size().div_ceil(ts);
+        let pair = Arc::new(Self {
+            name: cfg.name.clone(),
+            primary,
+            secondary,
+            geometry,
+            track_size: ts,
+            tracks,
+            state: AtomicU8::new(PairState::Copy as u8),
+            direction: AtomicU8::new(DIR_FORWARD),
+            pending: PendingMap::new(tracks),
+            restore: TrackSet::new(tracks),
+            changed_p: TrackSet::new(tracks),
+            changed_s: TrackSet::new(tracks),
+            locks: TrackLocks::new(tracks),
+            gate: AtomicBool::new(false),
+            inflight: AtomicU64::new(0),
+            split_at_ns: AtomicU64::new(0),
+            error: Mutex::new(None),
+            copy_rate: AtomicU64::new(cfg.copy_rate),
+            deleted: AtomicBool::new(false),
+            urgent: ArrayQueue::new(1024),
+            full_speed: AtomicBool::new(false),
+            stats: PairStats::default(),
+            reactors,
+            copier_reactor,
+        });
+        pair.pending.mark_all();
+        Ok(pair)
+    }
+
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The primary bdev.
+    pub fn primary(&self) -> &Arc<dyn Bdev> {
+        &self.primary
+    }
+
+    /// The secondary bdev.
+    pub fn secondary(&self) -> &Arc<dyn Bdev> {
+        &self.secondary
+    }
+
+    /// Geometry of P (and of the image).
+    pub fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    /// Track size in bytes.
+    pub fn track_size(&self) -> u64 {
+        self.track_size
+    }
+
+    /// Number of tracks.
+    pub fn tracks(&self) -> u64 {
+        self.tracks
+    }
+
+    /// Current state.
+    pub fn state(&self) -> PairState {
+        PairState::from_u8(self.state.load(Ordering::SeqCst))
+    }
+
+    fn set_state(&self, s: PairState) {
+        self.state.store(s as u8, Ordering::SeqCst);
+    }
+
+    /// True while a restore (reverse resync) is copying S to P.
+    pub fn reversing(&self) -> bool {
+        self.state() == PairState::Copy && self.direction.load(Ordering::SeqCst) == DIR_REVERSE
+    }
+
+    /// Split instant in nanoseconds since the epoch.
+    pub fn split_at_ns(&self) -> u64 {
+        self.split_at_ns.load(Ordering::SeqCst)
+    }
+
+    /// Copy rate limit in bytes per second (0 = none).
+    pub fn copy_rate(&self) -> u64 {
+        self.copy_rate.load(Ordering::Relaxed)
+    }
+
+    /// Changes the copy rate limit.
+    pub fn set_copy_rate(&self, rate: u64) {
+        self.copy_rate.store(rate, Ordering::Relaxed);
+    }
+
+    /// The error that suspended the pair.
+    pub fn error(&self) -> Option<String> {
+        self.error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Byte range of a track (the last one may be short).
+    pub fn track_range(&self, track: u64) -> (u64, u64) {
+        let start = track * self.track_size;
+        (start, self.track_size.min(self.geometry.size() - start))
+    }
+
+    /// Tracks covered by a byte range.
+    pub fn tracks_of(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        offset / self.track_size..(offset + len - 1) / self.track_size + 1
+    }
+
+    /// Moves the pair to PSUE with `error` (the first error is kept).
+    pub fn fail(&self, error: String) {
+        let mut e = self.error.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.state() != PairState::Psue {
+            tracing::error!(pair = %self.name, %error, "pair suspended on error (PSUE)");
+            *e = Some(error);
+            self.set_state(PairState::Psue);
+        }
+        drop(e);
+        self.wake_all();
+    }
+
+    /// True once deleted.
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn mark_deleted(&self) {
+        self.deleted.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// What `pair_get` reports.
+    pub fn info(&self) -> PairInfo {
+        let reverse = self.direction.load(Ordering::SeqCst) == DIR_REVERSE;
+        PairInfo {
+            name: self.name.clone(),
+            state: self.state(),
+            direction: if reverse { "reverse" } else { "forward" },
+            primary: self.primary.name().to_string(),
+            secondary: self.secondary.name().to_string(),
+            track_size: self.track_size,
+            tracks: self.tracks,
+            pending_tracks: self.pending.count() + self.restore.count(),
+            changed_tracks: self.changed_tracks(),
+            split_at_ns: self.split_at_ns(),
+            error: self.error(),
+            copy_rate: self.copy_rate(),
+            copied_tracks: self.stats.tracks_copied.load(Ordering::Relaxed),
+            cow_copies: self.stats.cow_copies.load(Ordering::Relaxed),
+            restored_tracks: self.stats.tracks_restored.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Tracks in the union of the changed sets. Exact without a scan when one set is empty
+    /// (the usual case); otherwise counted over the smaller set.
+    fn changed_tracks(&self) -> u64 {
+        let (p, s) = (self.changed_p.count(), self.changed_s.count());
+        if p == 0 || s == 0 {
+            return p + s;
+        }
+        let (small, other) = if p <= s {
+            (&self.changed_p, &self.changed_s)
+        } else {
+            (&self.changed_s, &self.changed_p)
+        };
+        let both = small
+            .members()
+            .into_iter()
+            .filter(|&t| other.contains(t))
+            .count() as u64;
+        p + s - both
+    }
+
+    /// Wakes every parked reactor (a lock or the gate opened; deferred requests can go on).
+    pub(crate) fn wake_all(&self) {
+        for r in &self.reactors {
+            r.wake_if_parked();
+        }
+    }
+
+    /// Wakes the copier's reactor (new pending tracks).
+    pub(crate) fn wake_copier(&self) {
+        if let Some(r) = &self.copier_reactor {
+            r.wake_if_parked();
+        }
+    }
+
+    /// Enters the gate for a host write: false if a transition holds it closed (retry later).
+    pub(crate) fn enter_gate(&self) -> bool {
+        if self.gate.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        if self.gate.load(Ordering::SeqCst) {
+            self.leave_gate();
+            return false;
+        }
+        true
+    }
+
+    /// A host write that entered the gate has finished (or given up).
+    pub(crate) fn leave_gate(&self) {
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub(crate) fn close_gate(&self) {
+        self.gate.store(true, Ordering::SeqCst);
+    }
+
+    pub(crate) fn open_gate(&self) {
+        self.gate.store(false, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    pub(crate) fn drained(&self) -> bool {
+        self.inflight.load(Ordering::SeqCst) == 0
+    }
+
+    /// Releases a track lock and lets waiting requests retry.
+    pub(crate) fn unlock_track(&self, track: u64) {
+        self.locks.unlock(track);
+        self.wake_all();
+    }
+
+    /// Called by the copier when nothing is left to copy: COPY becomes PAIR.
+    pub(crate) fn copy_finished(&self) {
+        if self.pending.count() == 0
+            && self.restore.count() == 0
+            && self
+                .state
+                .compare_exchange(
+                    PairState::Copy as u8,
+                    PairState::Pair as u8,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
+                )
+                .is_ok()
+        {
+            self.direction.store(DIR_FORWARD, Ordering::SeqCst);
+            tracing::info!(pair = %self.name, "copy complete: PAIR");
+        }
+    }
+
+    fn wrong_state(&self, what: &str) -> PairError {
+        PairError::WrongState {
+            name: self.name.clone(),
+            state: self.state().as_str(),
+            what: what.to_string(),
+        }
+    }
+
+    /// Checks that a split applies now (gate closed, writes drained).
+    pub(crate) fn check_split(&self) -> Result<(), PairError> {
+        match self.state() {
+            PairState::Pair | PairState::Copy if !self.reversing() => Ok(()),
+            _ => Err(self.wrong_state("only a pair in PAIR or COPY can be split")),
+        }
+    }
+
+    /// Applies the split (gate closed, writes drained): S now stands for P as it is.
+    pub(crate) fn apply_split(&self, at_ns: u64) {
+        self.changed_p.clear();
+        self.changed_s.clear();
+        self.split_at_ns.store(at_ns, Ordering::SeqCst);
+        self.set_state(PairState::Psus);
+    }
+
+    /// Checks that a resync applies now.
+    pub(crate) fn check_resync(&self, reverse: bool) -> Result<(), PairError> {
+        match (self.state(), reverse) {
+            (PairState::Psus, _) => Ok(()),
+            (PairState::Psue, false) => Ok(()),
+            (PairState::Psue, true) => {
+                Err(self.wrong_state("a suspended pair can only be resynced forward"))
+            }
+            _ => Err(self.wrong_state("only a split or suspended pair can be resynced")),
+        }
+    }
+
+    /// Applies a resync (gate closed, writes drained). Forward: the changed tracks become
+    /// pending (P to S). Reverse: they are restored S to P; tracks still pending keep being
+    /// copied P to S (P holds their image data).
+    pub(crate) fn apply_resync(&self, reverse: bool) {
+        if reverse {
+            self.restore.absorb(&self.changed_p);
+            self.restore.absorb(&self.changed_s);
+            self.direction.store(DIR_REVERSE, Ordering::SeqCst);
+        } else {
+            self.pending.absorb(&self.changed_p);
+            self.pending.absorb(&self.changed_s);
+            // A restore cut short by an error leaves tracks whose P and S differ: with the
+            // forward direction chosen, P's content wins and they are copied to S.
+            self.pending.absorb(&self.restore);
+            self.restore.clear();
+            self.direction.store(DIR_FORWARD, Ordering::SeqCst);
+        }
+        self.changed_p.clear();
+        self.changed_s.clear();
+        *self.error.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        self.set_state(PairState::Copy);
+        self.wake_copier();
+    }
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
