@@ -19,6 +19,7 @@ pub struct PendingMap {
     bits: Bits,
     tracks: u64,
     count: AtomicU64,
+    visited: AtomicU64,
 }
 
 const PENDING: u64 = 0b01;
@@ -33,6 +34,7 @@ impl PendingMap {
             bits: Bits::repeat(false, (tracks * 2) as usize),
             tracks,
             count: AtomicU64::new(0),
+            visited: AtomicU64::new(0),
         }
     }
 
@@ -47,6 +49,11 @@ impl PendingMap {
     /// Number of tracks.
     pub fn tracks(&self) -> u64 {
         self.tracks
+    }
+
+    /// Words visited by scans and bulk operations so far.
+    pub fn words_visited(&self) -> u64 {
+        self.visited.load(Ordering::Relaxed)
     }
 
     /// Tracks pending now.
@@ -130,6 +137,8 @@ impl PendingMap {
     /// Marks every track pending (pair creation: the initial copy).
     pub fn mark_all(&self) {
         let words = self.bits.as_raw_slice();
+        self.visited
+            .fetch_add(words.len() as u64, Ordering::Relaxed);
         for (i, w) in words.iter().enumerate() {
             let first = i as u64 * TRACKS_PER_WORD;
             let n = self.tracks.saturating_sub(first).min(TRACKS_PER_WORD);
@@ -164,15 +173,18 @@ impl PendingMap {
             if bits != 0 {
                 let t = wi * TRACKS_PER_WORD + bits.trailing_zeros() as u64 / 2;
                 if t < self.tracks {
+                    self.visited.fetch_add(i + 1, Ordering::Relaxed);
                     return (Some(t), i + 1);
                 }
             }
         }
+        self.visited.fetch_add(n + 1, Ordering::Relaxed);
         (None, n + 1)
     }
 
     /// Marks pending every track set in `other` (resync: the changed tracks).
     pub fn absorb(&self, other: &TrackSet) {
+        other.visit_all();
         for t in other.bits.iter_ones() {
             self.mark_pending(t as u64);
         }
@@ -180,6 +192,8 @@ impl PendingMap {
 
     /// Pending tracks, in order (for persistence and tests).
     pub fn pending_tracks(&self) -> Vec<u64> {
+        self.visited
+            .fetch_add(self.bits.as_raw_slice().len() as u64, Ordering::Relaxed);
         (0..self.tracks).filter(|&t| self.is_pending(t)).collect()
     }
 }
@@ -188,6 +202,7 @@ impl PendingMap {
 pub struct TrackSet {
     bits: Bits,
     count: AtomicU64,
+    visited: AtomicU64,
 }
 
 impl TrackSet {
@@ -196,7 +211,18 @@ impl TrackSet {
         Self {
             bits: Bits::repeat(false, tracks as usize),
             count: AtomicU64::new(0),
+            visited: AtomicU64::new(0),
         }
+    }
+
+    /// Words visited by scans and bulk operations so far.
+    pub fn words_visited(&self) -> u64 {
+        self.visited.load(Ordering::Relaxed)
+    }
+
+    fn visit_all(&self) {
+        self.visited
+            .fetch_add(self.bits.as_raw_slice().len() as u64, Ordering::Relaxed);
     }
 
     fn word(&self, track: u64) -> (&AtomicU64, u32) {
@@ -239,6 +265,7 @@ impl TrackSet {
 
     /// Adds every member of `other`.
     pub fn absorb(&self, other: &TrackSet) {
+        other.visit_all();
         for t in other.bits.iter_ones() {
             self.insert(t as u64);
         }
@@ -246,6 +273,7 @@ impl TrackSet {
 
     /// Empties the set.
     pub fn clear(&self) {
+        self.visit_all();
         for w in self.bits.as_raw_slice() {
             w.store(0, Ordering::SeqCst);
         }
@@ -257,6 +285,7 @@ impl TrackSet {
         if self.count() == 0 || tracks == 0 {
             return None;
         }
+        self.visit_all();
         let from = from % tracks;
         self.bits[from as usize..]
             .first_one()
@@ -266,6 +295,7 @@ impl TrackSet {
 
     /// Members in order.
     pub fn members(&self) -> Vec<u64> {
+        self.visit_all();
         self.bits.iter_ones().map(|t| t as u64).collect()
     }
 }

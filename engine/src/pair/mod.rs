@@ -413,6 +413,15 @@ impl Pair {
         p + s - both
     }
 
+    /// Bitmap words visited by scans and bulk operations of any of the pair's bitmaps (the
+    /// split path must add nothing here).
+    pub fn bitmap_words_visited(&self) -> u64 {
+        self.pending.words_visited()
+            + self.restore.words_visited()
+            + self.changed_p.words_visited()
+            + self.changed_s.words_visited()
+    }
+
     /// Wakes every parked reactor (a lock or the gate opened; deferred requests can go on).
     pub(crate) fn wake_all(&self) {
         for r in &self.reactors {
@@ -501,8 +510,9 @@ impl Pair {
 
     /// Applies the split (gate closed, writes drained): S now stands for P as it is.
     pub(crate) fn apply_split(&self, at_ns: u64) {
-        self.changed_p.clear();
-        self.changed_s.clear();
+        // The changed sets are empty outside PSUS/PSUE (a resync empties them), so nothing is
+        // cleared here: the split touches no bitmap.
+        debug_assert_eq!(self.changed_p.count() + self.changed_s.count(), 0);
         self.split_at_ns.store(at_ns, Ordering::SeqCst);
         self.set_state(PairState::Psus);
     }
