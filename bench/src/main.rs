@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use drivers::{Bdev, IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
-use engine::reactor::{IdlePolicy, PollStatus, Poller, ReactorContext, ReactorOptions, Reactors};
+use engine::app::Engine;
+use engine::pair::channel::View;
+use engine::pair::{PairConfig, PairState};
+use engine::reactor::{IdlePolicy, PollStatus, Poller, ReactorContext, ReactorOptions};
 use hdrhistogram::Histogram;
 use hugepages::{BufferPool, DmaBuf};
 use rand::{Rng, SeedableRng};
@@ -51,6 +54,34 @@ struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    /// Pair the bdev (as P) with this one (S, same syntax as --bdev) and drive P through the
+    /// pair, as hosts do.
+    #[arg(long)]
+    secondary: Option<String>,
+    /// Track size of the pair.
+    #[arg(long, default_value = "64K", value_parser = engine::units::parse_size)]
+    track_size: u64,
+    /// Copy rate limit of the pair in bytes per second (0 = none).
+    #[arg(long, default_value = "0", value_parser = engine::units::parse_size)]
+    copy_rate: u64,
+    /// When to measure a pair: `pair` (after the initial copy), `copy` (during it), `split`
+    /// (right after a split with every track pending: copy before write).
+    #[arg(long, value_enum, default_value = "pair")]
+    phase: Phase,
+    /// Core for the pair's copier (an extra reactor); default: the first job core.
+    #[arg(long)]
+    copier_core: Option<usize>,
+    /// Split the pair this many times while the workload runs (each split followed by a resync
+    /// that leaves every track pending) and report the split acknowledgement latency.
+    #[arg(long, default_value_t = 0)]
+    splits: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    Pair,
+    Copy,
+    Split,
 }
 
 /// Why a run failed: bad usage (exit 2) or a failure while running (exit 1).
@@ -83,7 +114,7 @@ fn main() {
     }
 }
 
-fn open_bdev(spec: &str) -> Result<Arc<dyn Bdev>, Fail> {
+fn open_bdev(spec: &str, name: &str) -> Result<Arc<dyn Bdev>, Fail> {
     let (kind, rest) = spec
         .split_once(':')
         .ok_or_else(|| Fail::Usage(format!("bad --bdev '{spec}'")))?;
@@ -92,7 +123,7 @@ fn open_bdev(spec: &str) -> Result<Arc<dyn Bdev>, Fail> {
         "malloc" => {
             let size = engine::units::parse_size(rest).map_err(Fail::Usage)?;
             Ok(Arc::new(
-                drivers::malloc::MallocBdev::create("bench", size, 4096).map_err(run)?,
+                drivers::malloc::MallocBdev::create(name, size, 4096).map_err(run)?,
             ))
         }
         "uring" => {
@@ -103,7 +134,7 @@ fn open_bdev(spec: &str) -> Result<Arc<dyn Bdev>, Fail> {
                 _ => (rest, None),
             };
             Ok(Arc::new(
-                drivers::uring::UringBdev::open("bench", &PathBuf::from(path), 4096, size)
+                drivers::uring::UringBdev::open(name, &PathBuf::from(path), 4096, size)
                     .map_err(run)?,
             ))
         }
@@ -262,21 +293,36 @@ fn run(args: &Args) -> Result<(), Fail> {
     if args.bs == 0 || !args.bs.is_multiple_of(4096) {
         return Err(Fail::Usage("--bs must be a multiple of 4096".into()));
     }
-    let bdev = open_bdev(&args.bdev)?;
+    let mut reactor_cores = cores.clone();
+    if let Some(c) = args.copier_core {
+        if !reactor_cores.contains(&c) {
+            reactor_cores.push(c);
+        }
+    }
+    let state_dir = std::env::temp_dir().join(format!("qsbench-{}", std::process::id()));
+    let engine = Engine::start(
+        &ReactorOptions {
+            cores: reactor_cores,
+            idle: args.idle,
+            inbox_size: 256,
+        },
+        &state_dir,
+    )
+    .map_err(|e| Fail::Run(e.to_string()))?;
+    let bdev = open_bdev(&args.bdev, "bench")?;
+    let bdev = match &args.secondary {
+        None => bdev,
+        Some(spec) => pair_target(&engine, args, bdev, open_bdev(spec, "bench-s")?)?,
+    };
     let geo = bdev.geometry();
     let blocks = geo.size() / args.bs;
     if blocks == 0 {
         return Err(Fail::Usage("the bdev is smaller than one I/O".into()));
     }
-    let reactors = Reactors::start(&ReactorOptions {
-        cores: cores.clone(),
-        idle: args.idle,
-        inbox_size: 256,
-    })
-    .map_err(|e| Fail::Run(e.to_string()))?;
+    let reactors = engine.reactors();
     // One pool per core so no buffer is shared between reactors.
     let mut slots = Vec::new();
-    for (i, r) in reactors.handles().iter().enumerate() {
+    for (i, r) in reactors.handles().iter().take(cores.len()).enumerate() {
         let pool = BufferPool::new(args.bs as usize, args.qd as usize)
             .map_err(|e| Fail::Run(e.to_string()))?;
         let hist = Histogram::new_with_bounds(1, 60_000_000_000, 3)
@@ -312,7 +358,12 @@ fn run(args: &Args) -> Result<(), Fail> {
         .map_err(|e| Fail::Run(e.to_string()))?;
     }
     let start = Instant::now();
-    std::thread::sleep(Duration::from_secs(args.time));
+    let split_lat = if args.splits > 0 {
+        Some(split_cycles(&engine, args)?)
+    } else {
+        std::thread::sleep(Duration::from_secs(args.time));
+        None
+    };
     STOP.store(true, std::sync::atomic::Ordering::Release);
     // An empty message wakes a parked reactor so it sees the stop flag at once.
     for r in reactors.handles() {
@@ -334,12 +385,124 @@ fn run(args: &Args) -> Result<(), Fail> {
         let _ = total.hist.add(&r.hist);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    reactors.shutdown();
+    let pair = engine.pair_get(None).ok().and_then(|mut v| v.pop());
+    drop(engine);
+    let _ = std::fs::remove_dir_all(&state_dir);
+    if let Some(p) = &pair {
+        if !args.json {
+            println!(
+                "  pair {}: state {} pending {} copied {} (copy before write {})",
+                p.name,
+                p.state.as_str(),
+                p.pending_tracks,
+                p.copied_tracks,
+                p.cow_copies
+            );
+        }
+    }
     report(args, &cores, &total, elapsed);
+    if let Some((engine_ns, call_ns)) = split_lat {
+        let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "splits": engine_ns.len(),
+                    "split_engine_us": { "p50": us(&engine_ns, 0.5), "p99": us(&engine_ns, 0.99), "max": engine_ns.max() as f64 / 1000.0 },
+                    "split_call_us": { "p50": us(&call_ns, 0.5), "p99": us(&call_ns, 0.99), "max": call_ns.max() as f64 / 1000.0 },
+                })
+            );
+        } else {
+            println!(
+                "  {} splits, every track pending: inside the engine p50 {:.1} us p99 {:.1} us max {:.1} us; caller round trip p50 {:.1} us p99 {:.1} us",
+                engine_ns.len(),
+                us(&engine_ns, 0.5),
+                us(&engine_ns, 0.99),
+                engine_ns.max() as f64 / 1000.0,
+                us(&call_ns, 0.5),
+                us(&call_ns, 0.99)
+            );
+        }
+    }
     if total.errors > 0 {
         return Err(Fail::Run(format!("{} I/O errors", total.errors)));
     }
     Ok(())
+}
+
+/// Pairs `p` and `s` and returns the primary view to drive, once the pair is in the phase asked.
+fn pair_target(
+    engine: &Engine,
+    args: &Args,
+    p: Arc<dyn Bdev>,
+    s: Arc<dyn Bdev>,
+) -> Result<Arc<dyn Bdev>, Fail> {
+    let run = |e: String| Fail::Run(e);
+    {
+        let mut st = engine.state();
+        st.bdevs.add(p).map_err(|e| run(e.to_string()))?;
+        st.bdevs.add(s).map_err(|e| run(e.to_string()))?;
+    }
+    // For the split phase nothing may be copied before the split: every track stays pending.
+    let copy_rate = match args.phase {
+        _ if args.splits > 0 => 1,
+        Phase::Split => 1,
+        _ => args.copy_rate,
+    };
+    let pair = engine
+        .pair_create(
+            &PairConfig {
+                name: "bench".into(),
+                track_size: args.track_size,
+                copy_rate,
+            },
+            "bench",
+            "bench-s",
+        )
+        .map_err(|e| run(e.to_string()))?;
+    match args.phase {
+        _ if args.splits > 0 => {}
+        Phase::Copy => {}
+        Phase::Pair => {
+            while pair.state() != PairState::Pair {
+                if pair.state() == PairState::Psue {
+                    return Err(run(format!("pair failed: {:?}", pair.error())));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Phase::Split => {
+            engine
+                .pair_split(&["bench".to_string()])
+                .map_err(|e| run(e.to_string()))?;
+        }
+    }
+    engine
+        .pair_view("bench", View::Primary)
+        .map_err(|e| run(e.to_string()))
+}
+
+/// Splits and resyncs the pair `args.splits` times while the jobs run; returns histograms of
+/// the split's time inside the engine and of the caller's round trip, in nanoseconds.
+fn split_cycles(engine: &Engine, args: &Args) -> Result<(Histogram<u64>, Histogram<u64>), Fail> {
+    let mut inside = Histogram::new(3).map_err(|e| Fail::Run(e.to_string()))?;
+    let mut call = Histogram::new(3).map_err(|e| Fail::Run(e.to_string()))?;
+    let names = ["bench".to_string()];
+    let pause = Duration::from_secs(args.time) / args.splits.max(1) / 2;
+    for _ in 0..args.splits {
+        std::thread::sleep(pause);
+        let t = Instant::now();
+        let out = engine
+            .pair_split(&names)
+            .map_err(|e| Fail::Run(e.to_string()))?;
+        let _ = call.record(t.elapsed().as_nanos() as u64);
+        let _ = inside.record(out.engine_ns.max(1));
+        std::thread::sleep(pause);
+        engine
+            .pair_resync("bench", false)
+            .map_err(|e| Fail::Run(e.to_string()))?;
+    }
+    Ok((inside, call))
 }
 
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);

@@ -136,6 +136,8 @@ struct Parent {
     cow_buf: Option<DmaBuf>,
     target: Target,
     post: Option<Post>,
+    /// Counted as a mirrored write in flight on its tracks.
+    counted: bool,
 }
 
 enum Step {
@@ -280,7 +282,26 @@ impl PairChannel {
             return Step::Wait;
         }
         self.parents[key].gated = true;
-        let state = self.pair.state();
+        let tracks = {
+            let p = &self.parents[key];
+            self.pair.tracks_of(p.offset, p.len)
+        };
+        let mut state = self.pair.state();
+        if target == Target::P
+            && matches!(state, PairState::Copy | PairState::Pair)
+            && !self.pair.reversing()
+        {
+            // A mirrored write counts itself on its tracks before it trusts the state, so a
+            // split that lands meanwhile sees it and post-split users of those tracks wait for
+            // it (it is then wholly in the image).
+            self.pair.begin_mirrored_write(tracks.clone());
+            state = self.pair.state();
+            if matches!(state, PairState::Copy | PairState::Pair) {
+                self.parents[key].counted = true;
+            } else {
+                self.pair.end_mirrored_write(tracks.clone());
+            }
+        }
         let post = match (target, state) {
             (Target::P, PairState::Copy) if self.pair.reversing() => {
                 return self.refuse(
@@ -312,9 +333,15 @@ impl PairChannel {
         if state != PairState::Psus {
             return self.target_io(key);
         }
+        // Writes mirrored before the split and still in flight belong to the image: wait for
+        // them before looking at the tracks.
+        if self.pair.mirrored_writes_in_flight(tracks.clone()) {
+            self.pair.leave_gate();
+            self.parents[key].gated = false;
+            return Step::Wait;
+        }
         // Copy before write: every pending track the write touches is copied P to S first,
         // under its lock, so the image keeps P's data of the split point.
-        let tracks = self.pair.tracks_of(p.offset, p.len);
         if !self.lock_pending(key, tracks) {
             self.pair.leave_gate();
             self.parents[key].gated = false;
@@ -451,6 +478,9 @@ impl PairChannel {
         }
         let (off, len) = (self.parents[key].offset, self.parents[key].len);
         let tracks = self.pair.tracks_of(off, len);
+        if self.pair.mirrored_writes_in_flight(tracks.clone()) {
+            return Step::Wait;
+        }
         if !self.lock_pending(key, tracks) {
             return Step::Wait;
         }
@@ -664,6 +694,12 @@ impl PairChannel {
     fn finish(&mut self, key: usize) {
         self.release_locks(key);
         let mut p = self.parents.remove(key);
+        if p.counted {
+            // After the tracks were marked pending (record_write): from now on a post-split
+            // user sees them pending.
+            self.pair
+                .end_mirrored_write(self.pair.tracks_of(p.offset, p.len));
+        }
         if p.gated {
             self.pair.leave_gate();
         }
@@ -714,6 +750,7 @@ impl IoChannel for PairChannel {
             cow_buf: None,
             target: Target::P,
             post: None,
+            counted: false,
         });
         if let Step::Wait = self.start(key) {
             self.deferred.push_back(key);

@@ -1,7 +1,7 @@
 //! The control poller (the split acceptor): applies split and resync to one or several pairs at
-//! one instant. It closes their gates, waits until no host write is in flight on any of them,
-//! applies the transition to all, and reopens the gates. The wait is bounded by the host writes
-//! already in flight: no data is copied and no bitmap is scanned on this path.
+//! one instant. It closes their gates (host writes arriving meanwhile wait), applies the
+//! transition to all, and reopens the gates. A split does not wait for the writes in flight and
+//! copies and scans nothing; a resync waits for the writes in flight first.
 
 use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
@@ -170,10 +170,13 @@ impl Poller for ControlPoller {
             }
             self.running = Some(Running { req, started });
         }
-        let drained = self
-            .running
-            .as_ref()
-            .is_some_and(|r| r.req.pairs.iter().all(|p| p.drained()));
+        // A split does not wait for writes in flight: those mirrored before it are counted on
+        // their tracks, and post-split users of those tracks wait for them. The gates are only
+        // closed so that every pair of the group flips between the same two instants. A resync
+        // waits for the writes in flight, whose bookkeeping it changes.
+        let drained = self.running.as_ref().is_some_and(|r| {
+            r.req.action == Action::Split || r.req.pairs.iter().all(|p| p.drained())
+        });
         if drained {
             self.finish();
         }

@@ -136,10 +136,14 @@ impl Copier {
                 continue;
             }
             if pair.locks.try_lock(t) {
-                if pair.pending.is_pending(t) {
+                let pending = pair.pending.is_pending(t);
+                if pending && !self.mirrored_write_on(t) {
                     found = Some((t, Direction::Forward));
                 } else {
                     pair.unlock_track(t);
+                    if pending {
+                        self.urgent_later.push(t);
+                    }
                 }
             } else {
                 self.urgent_later.push(t);
@@ -168,12 +172,18 @@ impl Copier {
         let t = t?;
         self.cursor = t + 1;
         if pair.locks.try_lock(t) {
-            if pair.pending.is_pending(t) {
+            if pair.pending.is_pending(t) && !self.mirrored_write_on(t) {
                 return Some((t, Direction::Forward));
             }
             pair.unlock_track(t);
         }
         None
+    }
+
+    /// After a split, a track with a pre-split write still in flight is copied once that write
+    /// is done (copying it earlier would only be undone).
+    fn mirrored_write_on(&self, t: u64) -> bool {
+        self.pair.state() == PairState::Psus && self.pair.mirrored_writes_in_flight(t..t + 1)
     }
 
     fn start_copy(&mut self, track: u64, dir: Direction, buf: DmaBuf) {

@@ -18,7 +18,7 @@ pub mod channel;
 pub mod control;
 pub mod copier;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crossbeam_queue::ArrayQueue;
@@ -27,6 +27,9 @@ use serde::Serialize;
 
 use crate::reactor::ReactorHandle;
 use bitmap::{PendingMap, TrackLocks, TrackSet};
+
+/// Hash slots counting mirrored writes in flight.
+const MIRRORED_SLOTS: u64 = 4096;
 
 /// Default track size.
 pub const DEFAULT_TRACK_SIZE: u64 = 64 << 10;
@@ -177,6 +180,10 @@ pub struct Pair {
     gate: AtomicBool,
     /// Host writes (to P or S) past the gate and not yet finished.
     inflight: AtomicU64,
+    /// Mirrored writes (PAIR/COPY) in flight, counted per track hash slot: after a split, users
+    /// of a track wait until the writes mirrored before the split on it are done. A shared slot
+    /// only makes someone wait a little longer, never skip a write.
+    mirrored: Box<[AtomicU32]>,
     split_at_ns: AtomicU64,
     error: Mutex<Option<String>>,
     copy_rate: AtomicU64,
@@ -254,6 +261,7 @@ impl Pair {
             locks: TrackLocks::new(tracks),
             gate: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
+            mirrored: (0..MIRRORED_SLOTS).map(|_| AtomicU32::new(0)).collect(),
             split_at_ns: AtomicU64::new(0),
             error: Mutex::new(None),
             copy_rate: AtomicU64::new(cfg.copy_rate),
@@ -434,6 +442,27 @@ impl Pair {
         if let Some(r) = &self.copier_reactor {
             r.wake_if_parked();
         }
+    }
+
+    /// A mirrored write is about to touch `tracks`.
+    pub(crate) fn begin_mirrored_write(&self, tracks: std::ops::Range<u64>) {
+        for t in tracks.take(MIRRORED_SLOTS as usize) {
+            self.mirrored[(t % MIRRORED_SLOTS) as usize].fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A mirrored write on `tracks` finished (its tracks are marked pending).
+    pub(crate) fn end_mirrored_write(&self, tracks: std::ops::Range<u64>) {
+        for t in tracks.take(MIRRORED_SLOTS as usize) {
+            self.mirrored[(t % MIRRORED_SLOTS) as usize].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// True while a write mirrored before the split may still be in flight on `tracks`.
+    pub(crate) fn mirrored_writes_in_flight(&self, tracks: std::ops::Range<u64>) -> bool {
+        tracks
+            .take(MIRRORED_SLOTS as usize)
+            .any(|t| self.mirrored[(t % MIRRORED_SLOTS) as usize].load(Ordering::SeqCst) != 0)
     }
 
     /// Enters the gate for a host write: false if a transition holds it closed (retry later).
