@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
+use drivers::{IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitErrorKind};
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
@@ -236,7 +236,15 @@ impl Copier {
         match stage {
             Stage::Reading => {
                 copy.stage = Stage::Writing;
-                let req = IoRequest::write(off, c.bufs, key as u64);
+                // A track of zeroes (a hole of a sparse volume, most of a new one) is written as
+                // write-zeroes: no data moves and a sparse target stays sparse.
+                let zero = c.bufs.iter().all(|b| is_zero(b.as_slice()));
+                let req = if zero {
+                    drop(c.bufs);
+                    IoRequest::without_data(IoOp::WriteZeroes, off, len, key as u64)
+                } else {
+                    IoRequest::write(off, c.bufs, key as u64)
+                };
                 let ch = match dir {
                     Direction::Forward => self.s.as_mut(),
                     Direction::Reverse => self.p.as_mut(),
@@ -273,6 +281,13 @@ impl Copier {
             }
         }
     }
+}
+
+/// True when every byte is zero (compared eight bytes at a time).
+fn is_zero(buf: &[u8]) -> bool {
+    let mut words = buf.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
 }
 
 impl Poller for Copier {
