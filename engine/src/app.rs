@@ -79,6 +79,12 @@ impl Engine {
             path: state_dir.to_path_buf(),
             source,
         })?;
+        // Absolute, so the configuration names files that outlive the working directory.
+        let state_dir = std::fs::canonicalize(state_dir).map_err(|source| AppError::StateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let state_dir = state_dir.as_path();
         let reactors = Reactors::start(opts)?;
         let mut drivers = DriverRegistry::default();
         drivers::register(&mut drivers);
@@ -144,6 +150,42 @@ impl Engine {
         st.pairs.insert(cfg.name.clone(), Arc::clone(&pair));
         tracing::info!(pair = %cfg.name, primary, secondary, tracks = pair.tracks(), "pair created: COPY");
         Ok(pair)
+    }
+
+    /// Adds a bdev to the table.
+    pub fn bdev_add(&self, bdev: Arc<dyn drivers::Bdev>) -> Result<(), EngineError> {
+        self.state().bdevs.add(bdev)?;
+        Ok(())
+    }
+
+    /// Deletes an unclaimed bdev.
+    pub fn bdev_delete(&self, name: &str) -> Result<(), EngineError> {
+        self.state().bdevs.delete(name)?;
+        Ok(())
+    }
+
+    /// The running configuration: the calls that rebuild every bdev and pair, in order.
+    pub fn save_config(&self) -> serde_json::Value {
+        let st = self.state();
+        let mut calls: Vec<serde_json::Value> = st
+            .bdevs
+            .config()
+            .into_iter()
+            .filter(|c| !c.is_null())
+            .collect();
+        for p in st.pairs.values() {
+            calls.push(serde_json::json!({
+                "method": "pair_create",
+                "params": {
+                    "name": p.name(),
+                    "primary": p.primary().name(),
+                    "secondary": p.secondary().name(),
+                    "track_size": p.track_size(),
+                    "copy_rate": p.copy_rate(),
+                }
+            }));
+        }
+        serde_json::json!({ "config": calls })
     }
 
     /// A pair by name.

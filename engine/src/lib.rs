@@ -7,5 +7,6 @@
 pub mod app;
 pub mod pair;
 pub mod reactor;
+pub mod rpc;
 pub mod topology;
 pub mod units;

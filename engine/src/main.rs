@@ -25,6 +25,31 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Call one JSON-RPC method and print its result.
+    Rpc {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Method name, e.g. pair_get.
+        method: String,
+        /// Parameters as a JSON object.
+        params: Option<String>,
+    },
+    /// Split one or more pairs at one common instant.
+    Split {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Pairs to split.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Show pairs and backups.
+    Status {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Run the engine.
     Serve {
         /// Configuration to start from (what save_config returns).
@@ -46,6 +71,28 @@ enum Command {
     },
 }
 
+mod cli;
+
+fn read_config(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| format!("--config {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("--config {}: not JSON: {e}", path.display()))
+}
+
+fn print_welcome(socket: &std::path::Path) {
+    let s = socket.display();
+    println!("quicksplit is serving its embedded default:");
+    println!("  bdevs p0 and s0 (sparse 1 GiB files), paired as pair0 (initial copy running)");
+    println!("  JSON-RPC on {s}");
+    println!();
+    println!("Try:");
+    println!("  quicksplit status --socket {s}");
+    println!("  quicksplit split pair0 --socket {s}");
+    println!("  quicksplit rpc --socket {s} pair_get");
+    println!("  quicksplit rpc --socket {s} pair_resync '{{\"name\": \"pair0\"}}'");
+    println!("Stop with Ctrl-C.");
+}
+
 fn init_logging() {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -60,18 +107,31 @@ fn main() {
     let cli = Cli::parse();
     init_logging();
     let code = match cli.command {
+        Command::Rpc {
+            socket,
+            method,
+            params,
+        } => cli::rpc(socket, &method, params.as_deref()),
+        Command::Split { socket, pairs } => cli::split(socket, &pairs),
+        Command::Status { socket } => cli::status(socket),
         Command::Serve {
             config,
-            rpc_socket: _,
+            rpc_socket,
             state_dir,
             cores,
             idle,
-        } => serve(config, state_dir, &cores, idle),
+        } => serve(config, rpc_socket, state_dir, &cores, idle),
     };
     std::process::exit(code);
 }
 
-fn serve(config: Option<PathBuf>, state_dir: PathBuf, cores: &str, idle: IdlePolicy) -> i32 {
+fn serve(
+    config: Option<PathBuf>,
+    rpc_socket: Option<PathBuf>,
+    state_dir: PathBuf,
+    cores: &str,
+    idle: IdlePolicy,
+) -> i32 {
     let cores = match engine::topology::parse_cpu_list(cores) {
         Ok(c) => c,
         Err(e) => {
@@ -84,10 +144,13 @@ fn serve(config: Option<PathBuf>, state_dir: PathBuf, cores: &str, idle: IdlePol
         eprintln!("quicksplit: --cores: core {c} does not exist on this machine");
         return EXIT_USAGE;
     }
-    if config.is_some() {
-        eprintln!("quicksplit: --config is not supported by this build yet");
-        return EXIT_USAGE;
-    }
+    let config = match config.map(|p| read_config(&p)).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("quicksplit: {e}");
+            return EXIT_USAGE;
+        }
+    };
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
@@ -107,19 +170,47 @@ fn serve(config: Option<PathBuf>, state_dir: PathBuf, cores: &str, idle: IdlePol
             return 1;
         }
     };
-    if let Err(e) = engine.create_default() {
-        eprintln!("quicksplit: embedded default: {e}");
-        return 1;
+    let socket = match (&rpc_socket, &config) {
+        (Some(s), _) => s.clone(),
+        (None, None) => state_dir.join("rpc.sock"),
+        (None, Some(_)) => PathBuf::from("/var/tmp/quicksplit.sock"),
+    };
+    let embedded = config.is_none();
+    match config {
+        Some(c) => {
+            if let Err(e) = engine::rpc::methods::apply_config(&engine, c) {
+                eprintln!("quicksplit: --config: {}", e.message);
+                return 1;
+            }
+        }
+        None => {
+            if let Err(e) = engine.create_default() {
+                eprintln!("quicksplit: embedded default: {e}");
+                return 1;
+            }
+        }
     }
+    let server = match engine::rpc::RpcServer::start(Arc::clone(&engine), &socket) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("quicksplit: RPC socket {}: {e}", socket.display());
+            return 1;
+        }
+    };
     tracing::info!(
         state_dir = %state_dir.display(),
+        rpc = %socket.display(),
         reactors = engine.reactors().len(),
-        "quicksplit serving the embedded default: bdevs p0 and s0"
+        "quicksplit serving"
     );
+    if embedded {
+        print_welcome(&socket);
+    }
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stopping");
+    drop(server);
     match Arc::try_unwrap(engine) {
         Ok(engine) => drop(engine),
         Err(_) => tracing::warn!("engine still referenced at exit"),

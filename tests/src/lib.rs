@@ -57,6 +57,10 @@ impl Server {
         let child = Command::new(binary("quicksplit"))
             .arg("serve")
             .args(args)
+            .env(
+                "QUICKSPLIT_LOG",
+                std::env::var("QUICKSPLIT_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -110,4 +114,126 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// A raw JSON-RPC connection to the engine's socket.
+pub struct RpcConn {
+    stream: std::os::unix::net::UnixStream,
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    next_id: u64,
+}
+
+impl RpcConn {
+    /// Connects (retrying for up to 10 s while the server starts).
+    pub fn connect(path: &Path) -> Self {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(stream) => {
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(30)))
+                        .expect("timeout");
+                    let reader = std::io::BufReader::new(stream.try_clone().expect("clone"));
+                    return RpcConn {
+                        stream,
+                        reader,
+                        next_id: 1,
+                    };
+                }
+                Err(e) if Instant::now() > end => panic!("connect {}: {e}", path.display()),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+
+    /// Sends raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        self.stream.write_all(bytes)
+    }
+
+    /// Shuts down the sending side (the server sees end of file).
+    pub fn finish_sending(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+
+    /// Reads one reply line, JSON or not; `None` at end of file or after 5 s of silence.
+    pub fn reply_raw(&mut self) -> Option<String> {
+        use std::io::BufRead;
+        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(line),
+        }
+    }
+
+    /// Reads one reply line as JSON; `None` when the server closed the connection.
+    pub fn reply(&mut self) -> Option<serde_json::Value> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) | Err(_) => None,
+            Ok(_) => Some(serde_json::from_str(&line).expect("reply is JSON")),
+        }
+    }
+
+    /// Calls a method and returns the whole reply object.
+    pub fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req =
+            serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        self.send(format!("{req}\n").as_bytes()).expect("send");
+        let r = self.reply().expect("a reply");
+        assert_eq!(r["id"], id, "reply out of order: {r}");
+        r
+    }
+
+    /// Calls and returns the result, panicking on an error reply.
+    pub fn ok(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let r = self.call(method, params);
+        assert!(r.get("error").is_none(), "{method} failed: {r}");
+        r["result"].clone()
+    }
+
+    /// Calls and returns the error code and message, panicking on success.
+    pub fn err(&mut self, method: &str, params: serde_json::Value) -> (i64, String) {
+        let r = self.call(method, params);
+        let e = r
+            .get("error")
+            .unwrap_or_else(|| panic!("{method} succeeded: {r}"));
+        (
+            e["code"].as_i64().expect("code"),
+            e["message"].as_str().expect("message").to_string(),
+        )
+    }
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Starts `quicksplit serve` with an empty configuration in `dir`, its socket at `dir/rpc.sock`.
+pub fn start_empty(dir: &Path) -> (Server, PathBuf) {
+    let cfg = dir.join("empty.json");
+    std::fs::write(&cfg, r#"{"config": []}"#).expect("write config");
+    let sock = dir.join("rpc.sock");
+    let state = dir.join("state");
+    let server = Server::start(&[
+        "--config",
+        cfg.to_str().expect("utf-8"),
+        "--rpc-socket",
+        sock.to_str().expect("utf-8"),
+        "--state-dir",
+        state.to_str().expect("utf-8"),
+        "--cores",
+        "0-1",
+        "--idle",
+        "adaptive",
+    ]);
+    (server, sock)
 }

@@ -1,0 +1,161 @@
+//! The friendly commands of the `quicksplit` binary: thin wrappers over the JSON-RPC methods.
+//! Exit codes: 0 success, 1 error reply, 2 usage, 3 cannot connect.
+
+use std::path::PathBuf;
+
+use engine::rpc::client::{Client, ClientError};
+use serde_json::{json, Value};
+
+const EXIT_ERROR: i32 = 1;
+const EXIT_USAGE: i32 = 2;
+const EXIT_CONNECT: i32 = 3;
+
+/// The socket to use: `--socket`, `$QUICKSPLIT_SOCKET`, `./quicksplit-state/rpc.sock` when it
+/// exists (the embedded default), else `/var/tmp/quicksplit.sock`.
+fn socket_path(socket: Option<PathBuf>) -> PathBuf {
+    if let Some(s) = socket {
+        return s;
+    }
+    if let Some(s) = std::env::var_os("QUICKSPLIT_SOCKET") {
+        return PathBuf::from(s);
+    }
+    let local = PathBuf::from("quicksplit-state/rpc.sock");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("/var/tmp/quicksplit.sock")
+}
+
+fn connect(socket: Option<PathBuf>) -> Result<Client, i32> {
+    Client::connect(&socket_path(socket)).map_err(|e| {
+        eprintln!("quicksplit: {e}");
+        EXIT_CONNECT
+    })
+}
+
+fn fail(e: ClientError) -> i32 {
+    eprintln!("quicksplit: {e}");
+    match e {
+        ClientError::Connect { .. } => EXIT_CONNECT,
+        _ => EXIT_ERROR,
+    }
+}
+
+fn print_json(v: &Value) {
+    match serde_json::to_string_pretty(v) {
+        Ok(s) => println!("{s}"),
+        Err(_) => println!("{v}"),
+    }
+}
+
+/// `quicksplit rpc METHOD [PARAMS]`.
+pub fn rpc(socket: Option<PathBuf>, method: &str, params: Option<&str>) -> i32 {
+    let params: Value = match params {
+        None => json!({}),
+        Some(text) => match serde_json::from_str(text) {
+            Ok(v @ Value::Object(_)) => v,
+            Ok(_) => {
+                eprintln!("quicksplit: parameters must be a JSON object");
+                return EXIT_USAGE;
+            }
+            Err(e) => {
+                eprintln!("quicksplit: parameters are not JSON: {e}");
+                return EXIT_USAGE;
+            }
+        },
+    };
+    let mut c = match connect(socket) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match c.call(method, params) {
+        Ok(v) => {
+            print_json(&v);
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `quicksplit split PAIR...`.
+pub fn split(socket: Option<PathBuf>, pairs: &[String]) -> i32 {
+    let mut c = match connect(socket) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    match c.call("pair_split", json!({ "names": pairs })) {
+        Ok(v) => {
+            let pending = v.get("pending_tracks").and_then(Value::as_u64).unwrap_or(0);
+            let at = v.get("split_at_ns").and_then(Value::as_u64).unwrap_or(0);
+            println!(
+                "split {} at {} ns since the epoch; {} tracks still to copy in the background",
+                pairs.join(", "),
+                at,
+                pending
+            );
+            0
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `quicksplit status`: a table of pairs and backups.
+pub fn status(socket: Option<PathBuf>) -> i32 {
+    let mut c = match connect(socket) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let pairs = match c.call("pair_get", json!({})) {
+        Ok(v) => v,
+        Err(e) => return fail(e),
+    };
+    println!(
+        "{:<16} {:<6} {:<12} {:<12} {:>10} {:>10} {:>10}  error",
+        "PAIR", "STATE", "PRIMARY", "SECONDARY", "TRACKS", "PENDING", "CHANGED"
+    );
+    for p in pairs.as_array().into_iter().flatten() {
+        let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let n = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+        println!(
+            "{:<16} {:<6} {:<12} {:<12} {:>10} {:>10} {:>10}  {}",
+            s("name"),
+            s("state"),
+            s("primary"),
+            s("secondary"),
+            n("tracks"),
+            n("pending_tracks"),
+            n("changed_tracks"),
+            p.get("error").and_then(Value::as_str).unwrap_or("")
+        );
+    }
+    match c.call("backup_get", json!({})) {
+        Ok(v) => {
+            println!();
+            println!(
+                "{:<6} {:<16} {:<7} {:<10} {:>8}  sha256",
+                "BACKUP", "PAIR", "MODE", "STATE", "DONE"
+            );
+            for b in v.as_array().into_iter().flatten() {
+                let s = |k: &str| b.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+                let n = |k: &str| b.get(k).and_then(Value::as_u64).unwrap_or(0);
+                let pct = if n("bytes_total") > 0 {
+                    100.0 * n("bytes_done") as f64 / n("bytes_total") as f64
+                } else {
+                    0.0
+                };
+                println!(
+                    "{:<6} {:<16} {:<7} {:<10} {:>7.1}%  {}",
+                    n("id"),
+                    s("pair"),
+                    s("mode"),
+                    s("state"),
+                    pct,
+                    b.get("sha256").and_then(Value::as_str).unwrap_or("")
+                );
+            }
+            0
+        }
+        Err(ClientError::Reply { code: -32004, .. }) => 0,
+        Err(e) => fail(e),
+    }
+}

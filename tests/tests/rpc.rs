@@ -1,0 +1,439 @@
+//! Every RPC method through the real binary's socket, errors included; the CLI's exit codes; the
+//! configuration round trip.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use quicksplit_tests::{binary, start_empty, wait_for, RpcConn, Server, TempDir};
+use serde_json::{json, Value};
+
+const PARSE: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const NO_METHOD: i64 = -32601;
+const PARAMS: i64 = -32602;
+const NOT_FOUND: i64 = -32001;
+const CONFLICT: i64 = -32002;
+const WRONG_STATE: i64 = -32003;
+const UNAVAILABLE: i64 = -32004;
+
+fn pair_state(c: &mut RpcConn, name: &str) -> Value {
+    c.ok("pair_get", json!({"name": name}))[0].clone()
+}
+
+#[test]
+fn every_method_through_the_socket() {
+    let dir = TempDir::new("rpc");
+    let (_server, sock) = start_empty(dir.path());
+    let mut c = RpcConn::connect(&sock);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the RPC socket must be private");
+
+    let methods = c.ok("rpc_get_methods", json!({}));
+    for m in [
+        "bdev_malloc_create",
+        "bdev_uring_create",
+        "bdev_nvme_attach_controller",
+        "bdev_delete",
+        "bdev_get_bdevs",
+        "pair_create",
+        "pair_split",
+        "pair_resync",
+        "pair_delete",
+        "pair_get",
+        "backup_start",
+        "backup_get",
+        "backup_cancel",
+        "nbd_export_start",
+        "nbd_export_stop",
+        "nbd_get_exports",
+        "nvmf_export_start",
+        "nvmf_export_stop",
+        "nvmf_get_exports",
+        "framework_get_reactors",
+        "save_config",
+        "load_config",
+        "rpc_get_methods",
+    ] {
+        assert!(
+            methods.as_array().unwrap().contains(&json!(m)),
+            "{m} missing"
+        );
+    }
+
+    // bdevs
+    assert_eq!(
+        c.ok("bdev_malloc_create", json!({"name": "m0", "size": 4 << 20})),
+        json!("m0")
+    );
+    assert_eq!(
+        c.err("bdev_malloc_create", json!({"name": "m0", "size": 4 << 20}))
+            .0,
+        CONFLICT
+    );
+    let (code, msg) = c.err("bdev_malloc_create", json!({"name": "m1", "size": 1000}));
+    assert_eq!(code, PARAMS, "{msg}");
+    let file = dir.path().join("u0.img");
+    assert_eq!(
+        c.ok(
+            "bdev_uring_create",
+            json!({"name": "u0", "filename": file, "size": 4 << 20})
+        ),
+        json!("u0")
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 4 << 20);
+    let list = c.ok("bdev_get_bdevs", json!({}));
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let u0 = c.ok("bdev_get_bdevs", json!({"name": "u0"}));
+    assert_eq!(u0[0]["driver"], "uring");
+    assert_eq!(u0[0]["num_blocks"], 1024);
+    assert_eq!(u0[0]["block_size"], 4096);
+    assert_eq!(c.err("bdev_get_bdevs", json!({"name": "zz"})).0, NOT_FOUND);
+    assert_eq!(c.err("bdev_delete", json!({"name": "zz"})).0, NOT_FOUND);
+    let (code, msg) = c.err("bdev_nvme_attach_controller", json!({"name": "n"}));
+    assert_eq!(code, UNAVAILABLE, "{msg}");
+
+    // pairs
+    assert_eq!(
+        c.ok(
+            "pair_create",
+            json!({"name": "pr", "primary": "m0", "secondary": "u0", "track_size": 65536})
+        ),
+        json!("pr")
+    );
+    assert_eq!(c.err("bdev_delete", json!({"name": "m0"})).0, CONFLICT);
+    let claimed = c.ok("bdev_get_bdevs", json!({"name": "m0"}));
+    assert_eq!(claimed[0]["claimed_by"], "pr");
+    assert!(wait_for(Duration::from_secs(20), || pair_state(
+        &mut c, "pr"
+    )["state"]
+        == "PAIR"));
+    let info = pair_state(&mut c, "pr");
+    for k in [
+        "name",
+        "state",
+        "primary",
+        "secondary",
+        "track_size",
+        "tracks",
+        "pending_tracks",
+        "changed_tracks",
+        "split_at_ns",
+        "error",
+    ] {
+        assert!(info.get(k).is_some(), "pair_get lacks {k}: {info}");
+    }
+    assert_eq!(info["tracks"], 64);
+    let split = c.ok("pair_split", json!({"name": "pr"}));
+    assert!(split["split_at_ns"].as_u64().unwrap() > 0);
+    assert!(split["pending_tracks"].is_u64());
+    assert_eq!(pair_state(&mut c, "pr")["state"], "PSUS");
+    let (code, msg) = c.err("pair_split", json!({"names": ["pr"]}));
+    assert_eq!(code, WRONG_STATE, "{msg}");
+    assert_eq!(c.err("pair_split", json!({})).0, PARAMS);
+    assert_eq!(c.err("pair_split", json!({"names": ["nope"]})).0, NOT_FOUND);
+    let (code, msg) = c.err("pair_resync", json!({"name": "pr", "direction": "up"}));
+    assert_eq!(code, PARAMS);
+    assert!(msg.contains("direction"), "{msg}");
+    assert_eq!(c.ok("pair_resync", json!({"name": "pr"})), json!(true));
+    assert!(wait_for(Duration::from_secs(20), || pair_state(
+        &mut c, "pr"
+    )["state"]
+        == "PAIR"));
+    c.ok("pair_split", json!({"names": ["pr"]}));
+    assert_eq!(
+        c.ok("pair_resync", json!({"name": "pr", "direction": "reverse"})),
+        json!(true)
+    );
+    assert!(wait_for(Duration::from_secs(20), || pair_state(
+        &mut c, "pr"
+    )["state"]
+        == "PAIR"));
+    assert_eq!(c.err("pair_get", json!({"name": "zz"})).0, NOT_FOUND);
+    assert_eq!(c.err("pair_delete", json!({"name": "zz"})).0, NOT_FOUND);
+    assert_eq!(
+        c.err(
+            "pair_create",
+            json!({"name": "pr", "primary": "m0", "secondary": "u0"})
+        )
+        .0,
+        PARAMS
+    );
+    assert_eq!(c.ok("pair_delete", json!({"name": "pr"})), json!(true));
+    assert_eq!(c.ok("bdev_delete", json!({"name": "m0"})), json!(true));
+
+    // Wrong types and unknown parameters name the parameter.
+    let (code, msg) = c.err(
+        "pair_create",
+        json!({"name": "x", "primary": "u0", "secondary": "u0", "track_size": "big"}),
+    );
+    assert_eq!(code, PARAMS);
+    assert!(msg.contains("track_size"), "{msg}");
+    let (code, msg) = c.err("pair_get", json!({"nmae": "x"}));
+    assert_eq!(code, PARAMS);
+    assert!(msg.contains("nmae"), "{msg}");
+    let (code, msg) = c.err("bdev_malloc_create", json!({"name": 5, "size": 4096}));
+    assert_eq!(code, PARAMS);
+    assert!(msg.contains("name"), "{msg}");
+
+    // Not built yet: a clear application error, never a fake success.
+    for m in [
+        "backup_start",
+        "backup_get",
+        "backup_cancel",
+        "nbd_export_start",
+        "nbd_export_stop",
+        "nbd_get_exports",
+        "nvmf_export_start",
+        "nvmf_export_stop",
+        "nvmf_get_exports",
+    ] {
+        let (code, msg) = c.err(m, json!({}));
+        assert_eq!(code, UNAVAILABLE, "{m}: {msg}");
+    }
+
+    let reactors = c.ok("framework_get_reactors", json!({}));
+    let reactors = reactors.as_array().unwrap();
+    assert_eq!(reactors.len(), 2);
+    assert_eq!(reactors[0]["core"], 0);
+    assert!(reactors[0]["pollers"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("pair_control")));
+    assert!(reactors[1]["idle_ns"].as_u64().unwrap() > 0);
+
+    assert_eq!(c.err("no_such_method", json!({})).0, NO_METHOD);
+    let r = c.call("rpc_get_methods", json!([1, 2]));
+    assert_eq!(r["error"]["code"], PARAMS);
+
+    // load_config applies a configuration; a bad entry says which.
+    let cfg = json!({"config": [{"method": "bdev_malloc_create", "params": {"name": "m9", "size": 1 << 20}}]});
+    assert_eq!(c.ok("load_config", cfg), json!(true));
+    let (code, msg) = c.err(
+        "load_config",
+        json!({"config": [{"method": "bdev_delete", "params": {"name": "none"}}]}),
+    );
+    assert_eq!(code, NOT_FOUND);
+    assert!(msg.contains("entry 0"), "{msg}");
+}
+
+#[test]
+fn protocol_errors_notifications_batches_and_framing() {
+    let dir = TempDir::new("rpc-proto");
+    let (_server, sock) = start_empty(dir.path());
+
+    // Back to back without separators, then newline-separated: replies in order.
+    let mut c = RpcConn::connect(&sock);
+    let a = json!({"jsonrpc": "2.0", "id": "a", "method": "rpc_get_methods"});
+    let b = json!({"jsonrpc": "2.0", "id": 7, "method": "bdev_get_bdevs"});
+    c.send(format!("{a}{b}\n{a}").as_bytes()).unwrap();
+    assert_eq!(c.reply().unwrap()["id"], "a");
+    assert_eq!(c.reply().unwrap()["id"], 7);
+    assert_eq!(c.reply().unwrap()["id"], "a");
+
+    // A notification gets no reply: the next reply is for the next request.
+    let note = json!({"jsonrpc": "2.0", "method": "bdev_get_bdevs"});
+    c.send(format!("{note}\n{b}\n").as_bytes()).unwrap();
+    assert_eq!(c.reply().unwrap()["id"], 7);
+
+    // A batch gets an array of replies.
+    c.send(format!("[{a}, {b}]\n").as_bytes()).unwrap();
+    let r = c.reply().unwrap();
+    assert_eq!(r.as_array().unwrap().len(), 2);
+
+    // Invalid requests: -32600 with the id when it could be read; the connection stays open.
+    for bad in [
+        json!({"id": 1, "method": "rpc_get_methods"}),
+        json!({"jsonrpc": "1.0", "id": 1, "method": "rpc_get_methods"}),
+        json!({"jsonrpc": "2.0", "id": 1, "method": 5}),
+        json!({"jsonrpc": "2.0", "id": {"x": 1}, "method": "rpc_get_methods"}),
+        json!({"jsonrpc": "2.0", "id": 1, "method": "rpc_get_methods", "extra": 1}),
+        json!([]),
+        json!(42),
+    ] {
+        c.send(format!("{bad}\n").as_bytes()).unwrap();
+        let r = c.reply().unwrap();
+        assert_eq!(r["error"]["code"], INVALID_REQUEST, "{bad} -> {r}");
+    }
+    assert_eq!(
+        c.ok("rpc_get_methods", json!({})).as_array().unwrap().len(),
+        23
+    );
+
+    // Not JSON: -32700, then the connection is closed.
+    c.send(b"{\"jsonrpc\": 2.0, oops}\n").unwrap();
+    let r = c.reply().unwrap();
+    assert_eq!(r["error"]["code"], PARSE);
+    assert!(c.reply().is_none());
+
+    // Over 1 MiB: -32600, closed.
+    let mut c = RpcConn::connect(&sock);
+    let big = format!(
+        "{{\"jsonrpc\": \"2.0\", \"id\": 1, \"method\": \"pair_get\", \"params\": {{\"name\": \"{}\"}}}}",
+        "x".repeat(2 << 20)
+    );
+    let _ = c.send(big.as_bytes());
+    let r = c.reply().expect("an error reply before closing");
+    assert_eq!(r["error"]["code"], INVALID_REQUEST);
+    assert!(r["error"]["message"].as_str().unwrap().contains("larger"));
+}
+
+#[test]
+fn a_silent_or_half_open_client_does_not_stall_others() {
+    let dir = TempDir::new("rpc-slow");
+    let (_server, sock) = start_empty(dir.path());
+    // Silent: half a request, then nothing.
+    let mut silent = RpcConn::connect(&sock);
+    silent
+        .send(b"{\"jsonrpc\": \"2.0\", \"id\": 1, \"meth")
+        .unwrap();
+    // Half-open: many requests, never reading a reply.
+    let mut deaf = RpcConn::connect(&sock);
+    let req = json!({"jsonrpc": "2.0", "id": 1, "method": "rpc_get_methods"}).to_string();
+    std::thread::spawn(move || {
+        for _ in 0..100_000 {
+            if deaf.send(req.as_bytes()).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let mut other = RpcConn::connect(&sock);
+    for _ in 0..20 {
+        other.ok("bdev_get_bdevs", json!({}));
+    }
+    drop(silent);
+}
+
+#[test]
+fn cli_commands_and_exit_codes() {
+    let dir = TempDir::new("rpc-cli");
+    let (_server, sock) = start_empty(dir.path());
+    let _ = RpcConn::connect(&sock);
+    let q = |args: &[&str]| {
+        Command::new(binary("quicksplit"))
+            .args(args)
+            .output()
+            .expect("run quicksplit")
+    };
+    let s = sock.to_str().unwrap();
+    let out = q(&[
+        "rpc",
+        "--socket",
+        s,
+        "bdev_malloc_create",
+        r#"{"name": "a", "size": 1048576}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "\"a\"");
+    q(&[
+        "rpc",
+        "--socket",
+        s,
+        "bdev_malloc_create",
+        r#"{"name": "b", "size": 1048576}"#,
+    ]);
+    let out = q(&[
+        "rpc",
+        "--socket",
+        s,
+        "pair_create",
+        r#"{"name": "ab", "primary": "a", "secondary": "b"}"#,
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = q(&["split", "--socket", s, "ab"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("split ab"));
+    let out = q(&["status", "--socket", s]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ab") && text.contains("PSUS"), "{text}");
+    // An error reply: 1, with the message.
+    let out = q(&["split", "--socket", s, "ab"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("PSUS"));
+    // Usage: 2.
+    assert_eq!(
+        q(&["rpc", "--socket", s, "pair_get", "{oops"])
+            .status
+            .code(),
+        Some(2)
+    );
+    assert_eq!(q(&["frobnicate"]).status.code(), Some(2));
+    // Cannot connect: 3.
+    let nowhere = dir.path().join("nowhere.sock");
+    assert_eq!(
+        q(&["status", "--socket", nowhere.to_str().unwrap()])
+            .status
+            .code(),
+        Some(3)
+    );
+}
+
+#[test]
+fn save_config_then_restart_with_it_gives_the_same_bdevs_and_pairs() {
+    let dir = TempDir::new("rpc-config");
+    let (server, sock) = start_empty(dir.path());
+    let mut c = RpcConn::connect(&sock);
+    let f = dir.path().join("v.img");
+    c.ok(
+        "bdev_malloc_create",
+        json!({"name": "m", "size": 8 << 20, "block_size": 512}),
+    );
+    c.ok(
+        "bdev_uring_create",
+        json!({"name": "u", "filename": f, "size": 8 << 20, "block_size": 512}),
+    );
+    c.ok(
+        "pair_create",
+        json!({"name": "mu", "primary": "m", "secondary": "u", "track_size": 131072, "copy_rate": 1048576}),
+    );
+    let config = c.ok("save_config", json!({}));
+    let bdevs = c.ok("bdev_get_bdevs", json!({}));
+    let pair = c.ok("pair_get", json!({}))[0].clone();
+    drop(c);
+    drop(server);
+
+    let cfg_file = dir.path().join("saved.json");
+    std::fs::write(&cfg_file, config.to_string()).unwrap();
+    let sock2 = dir.path().join("rpc2.sock");
+    let state2 = dir.path().join("state2");
+    let _server2 = Server::start(&[
+        "--config",
+        cfg_file.to_str().unwrap(),
+        "--rpc-socket",
+        sock2.to_str().unwrap(),
+        "--state-dir",
+        state2.to_str().unwrap(),
+        "--cores",
+        "0-1",
+    ]);
+    let mut c2 = RpcConn::connect(&sock2);
+    assert_eq!(c2.ok("bdev_get_bdevs", json!({})), bdevs);
+    let pair2 = c2.ok("pair_get", json!({}))[0].clone();
+    for k in [
+        "name",
+        "primary",
+        "secondary",
+        "track_size",
+        "tracks",
+        "copy_rate",
+    ] {
+        assert_eq!(pair2[k], pair[k], "{k}");
+    }
+    assert_eq!(c2.ok("save_config", json!({})), config);
+
+    // A broken config file is a usage error, and the server does not start.
+    let bad = dir.path().join("bad.json");
+    std::fs::write(&bad, "{not json").unwrap();
+    let mut s3 = Server::start(&[
+        "--config",
+        bad.to_str().unwrap(),
+        "--state-dir",
+        state2.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        s3.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()),
+        Some(2)
+    );
+}
