@@ -7,7 +7,10 @@
 pub mod bdev;
 pub mod fault;
 pub mod malloc;
+pub mod nbd;
+pub mod sink;
 pub mod table;
+pub mod tape;
 pub mod uring;
 
 pub use bdev::{

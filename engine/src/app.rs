@@ -9,6 +9,9 @@ use drivers::{BdevError, BdevTable, DriverRegistry};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::backup::job::BackupJob;
+use crate::backup::{BackupInfo, Backups, Mode, Target};
+use crate::nbd::{Address, NbdError, NbdService, Source};
 use crate::pair::channel::{PairView, View};
 use crate::pair::control::{Action, ControlPoller, ControlQueue, ControlRequest, Outcome};
 use crate::pair::copier::Copier;
@@ -56,6 +59,8 @@ pub struct Engine {
     state: Mutex<State>,
     state_dir: PathBuf,
     control: Arc<ControlQueue>,
+    nbd: Arc<NbdService>,
+    backups: Backups,
 }
 
 /// Errors of engine operations (what RPC methods report).
@@ -70,6 +75,15 @@ pub enum EngineError {
     /// The reactors are gone.
     #[error(transparent)]
     Reactor(#[from] ReactorError),
+    /// No such object.
+    #[error("{0}")]
+    NotFound(String),
+    /// An NBD export operation failed.
+    #[error(transparent)]
+    Nbd(#[from] NbdError),
+    /// The object is in use.
+    #[error("{0}")]
+    InUse(String),
 }
 
 impl Engine {
@@ -95,7 +109,10 @@ impl Engine {
         reactors.get(0).send_blocking(Box::new(move |cx| {
             cx.add_poller(Box::new(ControlPoller::new(poller_queue)))
         }))?;
+        let nbd = NbdService::new(reactors.handles().to_vec());
         Ok(Arc::new(Self {
+            backups: Backups::default(),
+            nbd,
             reactors,
             state: Mutex::new(State {
                 bdevs: BdevTable::new(),
@@ -158,9 +175,75 @@ impl Engine {
         Ok(())
     }
 
-    /// Deletes an unclaimed bdev.
+    /// Deletes an unclaimed, unexported bdev.
     pub fn bdev_delete(&self, name: &str) -> Result<(), EngineError> {
+        if let Some(e) = self
+            .nbd
+            .uses(|e| matches!(&e.source, Source::Bdev(b) if b == name))
+        {
+            return Err(EngineError::InUse(format!(
+                "bdev '{name}' is exported over NBD as '{e}'"
+            )));
+        }
         self.state().bdevs.delete(name)?;
+        Ok(())
+    }
+
+    /// The NBD service.
+    pub fn nbd(&self) -> &Arc<NbdService> {
+        &self.nbd
+    }
+
+    /// Starts an NBD export of a bdev (through its pair when it is a pair's primary) or of a
+    /// pair's image. `writable` defaults to true for a bdev and false for an image; the address
+    /// defaults to `<state-dir>/nbd.sock`.
+    pub fn nbd_export_start(
+        &self,
+        name: &str,
+        bdev: Option<&str>,
+        pair: Option<&str>,
+        writable: Option<bool>,
+        address: Option<Address>,
+    ) -> Result<(), EngineError> {
+        let (source, target, writable): (Source, Arc<dyn drivers::Bdev>, bool) = match (bdev, pair)
+        {
+            (Some(b), None) => {
+                let st = self.state();
+                let raw = st.bdevs.get(b)?;
+                let owner = st
+                    .pairs
+                    .values()
+                    .find(|p| p.primary().name() == b || p.secondary().name() == b);
+                let target: Arc<dyn drivers::Bdev> = match owner {
+                    Some(p) if p.secondary().name() == b => {
+                        return Err(EngineError::InUse(format!(
+                            "bdev '{b}' is the secondary of pair '{}': export the pair's image \
+                             instead",
+                            p.name()
+                        )))
+                    }
+                    Some(p) => Arc::new(PairView::new(Arc::clone(p), View::Primary)),
+                    None => raw,
+                };
+                (
+                    Source::Bdev(b.to_string()),
+                    target,
+                    writable.unwrap_or(true),
+                )
+            }
+            (None, Some(p)) => (
+                Source::Pair(p.to_string()),
+                self.pair_view(p, View::Image)?,
+                writable.unwrap_or(false),
+            ),
+            _ => {
+                return Err(
+                    NbdError::Invalid("give exactly one of 'bdev' and 'pair'".into()).into(),
+                )
+            }
+        };
+        let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
+        self.nbd.start(name, source, target, writable, address)?;
         Ok(())
     }
 
@@ -185,6 +268,8 @@ impl Engine {
                 }
             }));
         }
+        drop(st);
+        calls.extend(self.nbd.config());
         serde_json::json!({ "config": calls })
     }
 
@@ -232,14 +317,103 @@ impl Engine {
         self.transition(names, Action::Split)
     }
 
+    /// Starts a backup of a split pair's image; returns its id. The job runs on a reactor other
+    /// than the copier's when there are two or more.
+    pub fn backup_start(&self, pair: &str, mode: Mode, target: Target) -> Result<u64, EngineError> {
+        let p = self.pair(pair)?;
+        if let Target::Tape { record_size, .. } = &target {
+            if *record_size == 0 || record_size % 512 != 0 || *record_size > 64 << 20 {
+                return Err(PairError::Invalid(format!(
+                    "record_size {record_size} must be a multiple of 512 up to 64 MiB"
+                ))
+                .into());
+            }
+        }
+        let split_at_ns = self.pair_begin_backup(pair)?;
+        let backup = self
+            .backups
+            .add(pair, mode, target, p.geometry().size(), split_at_ns);
+        let copier = self.state().pairs.len(); // copiers are spread from reactor 1 on
+        let reactor = self.reactors.get(copier + 1).clone();
+        let job = (Arc::clone(&backup), Arc::clone(&p));
+        let sent = reactor.send_blocking(Box::new(move |cx| {
+            cx.add_poller(Box::new(BackupJob::new(job.0, job.1)))
+        }));
+        if let Err(e) = sent {
+            p.end_backup();
+            backup.end(
+                crate::backup::BackupState::Failed,
+                None,
+                Some(e.to_string()),
+                0,
+            );
+            return Err(e.into());
+        }
+        tracing::info!(
+            backup = backup.id,
+            pair,
+            mode = mode.as_str(),
+            "backup started"
+        );
+        Ok(backup.id)
+    }
+
+    /// `backup_get`.
+    pub fn backup_get(&self, id: Option<u64>) -> Result<Vec<BackupInfo>, EngineError> {
+        self.backups
+            .infos(id)
+            .ok_or_else(|| EngineError::NotFound(format!("no backup with id {}", id.unwrap_or(0))))
+    }
+
+    /// `backup_cancel`: asks a running backup to stop (it ends `cancelled`).
+    pub fn backup_cancel(&self, id: u64) -> Result<(), EngineError> {
+        let b = self
+            .backups
+            .get(id)
+            .ok_or_else(|| EngineError::NotFound(format!("no backup with id {id}")))?;
+        if b.state() != crate::backup::BackupState::Running {
+            return Err(EngineError::InUse(format!(
+                "backup {id} is not running ({:?})",
+                b.state()
+            )));
+        }
+        b.cancel();
+        for r in self.reactors.handles() {
+            r.wake_if_parked();
+        }
+        Ok(())
+    }
+
+    /// Starts a backup of a pair's image: through the gate, so writes to S in flight drain
+    /// first. Returns the split instant the image stands for.
+    pub(crate) fn pair_begin_backup(&self, name: &str) -> Result<u64, EngineError> {
+        self.transition(&[name.to_string()], Action::StartBackup)
+            .map(|o| o.split_at_ns)
+    }
+
     /// Resyncs a pair forward (P to S) or in reverse (restore S onto P).
     pub fn pair_resync(&self, name: &str, reverse: bool) -> Result<(), EngineError> {
         self.transition(&[name.to_string()], Action::Resync { reverse })
             .map(|_| ())
     }
 
-    /// Deletes a pair (its bdevs stay, unclaimed).
+    /// Deletes a pair (its bdevs stay, unclaimed). Refused while it is exported.
     pub fn pair_delete(&self, name: &str) -> Result<(), EngineError> {
+        let primary = self.pair(name)?.primary().name().to_string();
+        let exported = self.nbd.uses(|e| match &e.source {
+            Source::Pair(p) => p == name,
+            Source::Bdev(b) => *b == primary,
+        });
+        if let Some(e) = exported {
+            return Err(EngineError::InUse(format!(
+                "pair '{name}' is exported over NBD as '{e}': stop the export first"
+            )));
+        }
+        if let Some(id) = self.backups.running_for(name) {
+            return Err(EngineError::InUse(format!(
+                "backup {id} of pair '{name}' is running: cancel it first"
+            )));
+        }
         let mut st = self.state();
         let pair = st
             .pairs
@@ -286,7 +460,8 @@ impl Engine {
     }
 
     /// Creates the embedded default: sparse 1 GiB files `p0.img` and `s0.img` in the state
-    /// directory as uring bdevs `p0` and `s0`, paired as `pair0`.
+    /// directory as uring bdevs `p0` and `s0`, paired as `pair0`; NBD exports `p0` (read-write,
+    /// through the pair) and `pair0-image` (read-only) on `<state-dir>/nbd.sock`.
     pub fn create_default(&self) -> Result<(), AppError> {
         let mut st = self.state();
         for name in ["p0", "s0"] {
@@ -309,6 +484,13 @@ impl Engine {
             EngineError::Bdev(b) => AppError::Bdev(b),
             other => AppError::Default(other.to_string()),
         })?;
+        for (export, bdev, pair) in [
+            ("p0", Some("p0"), None),
+            ("pair0-image", None, Some("pair0")),
+        ] {
+            self.nbd_export_start(export, bdev, pair, None, None)
+                .map_err(|e| AppError::Default(e.to_string()))?;
+        }
         Ok(())
     }
 }

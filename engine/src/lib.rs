@@ -5,6 +5,8 @@
 //! jobs, the JSON-RPC control plane, the NBD server, and the `quicksplit` binary.
 
 pub mod app;
+pub mod backup;
+pub mod nbd;
 pub mod pair;
 pub mod reactor;
 pub mod rpc;

@@ -44,6 +44,35 @@ enum Command {
         #[arg(required = true)]
         pairs: Vec<String>,
     },
+    /// Back up a split pair's image to a target: file:PATH, tape:PATH[:RECORD_SIZE],
+    /// nbd:URI, or a JSON target object.
+    Backup {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The pair.
+        pair: String,
+        /// Where to.
+        #[arg(long)]
+        to: String,
+        /// wait, reflect or merge.
+        #[arg(long, default_value = "merge")]
+        mode: String,
+        /// Wait for the end, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Restore a tape archive to a file or block device, verifying every checksum.
+    Restore {
+        /// The archive (a file or tape device).
+        archive: PathBuf,
+        /// Where the image goes.
+        #[arg(long)]
+        to: PathBuf,
+        /// Record size the archive was written with.
+        #[arg(long, default_value_t = 262_144)]
+        record_size: usize,
+    },
     /// Show pairs and backups.
     Status {
         /// RPC socket.
@@ -114,6 +143,18 @@ fn main() {
         } => cli::rpc(socket, &method, params.as_deref()),
         Command::Split { socket, pairs } => cli::split(socket, &pairs),
         Command::Status { socket } => cli::status(socket),
+        Command::Backup {
+            socket,
+            pair,
+            to,
+            mode,
+            wait,
+        } => cli::backup(socket, &pair, &to, &mode, wait),
+        Command::Restore {
+            archive,
+            to,
+            record_size,
+        } => cli::restore(&archive, &to, record_size),
         Command::Serve {
             config,
             rpc_socket,

@@ -1,5 +1,8 @@
 //! Helpers for quicksplit's integration tests: locating the built binaries, temporary state
-//! directories, and a running `quicksplit serve` that is stopped when dropped.
+//! directories, a running `quicksplit serve` that is stopped when dropped, an RPC connection and
+//! a small NBD client.
+
+pub mod nbd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -37,7 +37,29 @@ impl UringBdev {
         block_size: u32,
         size: Option<u64>,
     ) -> Result<Self, BdevError> {
-        let (file, direct) = open_file(path)?;
+        Self::open_with(name, path, block_size, size, true, false)
+    }
+
+    /// Like [`UringBdev::open`], choosing whether to try O_DIRECT and whether to empty an
+    /// existing regular file first (backup targets start from nothing).
+    pub fn open_with(
+        name: &str,
+        path: &Path,
+        block_size: u32,
+        size: Option<u64>,
+        try_direct: bool,
+        truncate: bool,
+    ) -> Result<Self, BdevError> {
+        let (file, direct) = open_file(path, try_direct)?;
+        if truncate
+            && file
+                .metadata()
+                .map(|m| m.file_type().is_file())
+                .unwrap_or(false)
+        {
+            file.set_len(0)
+                .map_err(|e| BdevError::io(format!("truncate {}", path.display()), e))?;
+        }
         let meta = file
             .metadata()
             .map_err(|e| BdevError::io(format!("stat {}", path.display()), e))?;
@@ -75,9 +97,15 @@ impl UringBdev {
     }
 }
 
-fn open_file(path: &Path) -> Result<(File, bool), BdevError> {
+fn open_file(path: &Path, try_direct: bool) -> Result<(File, bool), BdevError> {
     let mut opts = OpenOptions::new();
     opts.read(true).write(true).create(true).truncate(false);
+    if !try_direct {
+        return opts
+            .open(path)
+            .map(|f| (f, false))
+            .map_err(|e| BdevError::io(format!("open {}", path.display()), e));
+    }
     let direct = opts.clone().custom_flags(libc::O_DIRECT).open(path);
     match direct {
         Ok(f) => Ok((f, true)),

@@ -159,9 +159,15 @@ pub struct PairChannel {
     retry: VecDeque<(Target, IoRequest)>,
     done: Vec<IoCompletion>,
     scratch: Vec<IoCompletion>,
+    cpu_copied: u64,
 }
 
 impl PairChannel {
+    /// Payload bytes this channel copied with the CPU (reads whose buffers mixed P and S).
+    pub fn cpu_copied_bytes(&self) -> u64 {
+        self.cpu_copied
+    }
+
     /// Opens channels to P and S on the calling reactor.
     pub fn new(pair: Arc<Pair>, view: View, ctx: &ChannelContext) -> Result<Self, BdevError> {
         let p = pair.primary().open_channel(ctx)?;
@@ -177,6 +183,7 @@ impl PairChannel {
             retry: VecDeque::new(),
             done: Vec::new(),
             scratch: Vec::new(),
+            cpu_copied: 0,
         })
     }
 
@@ -280,6 +287,15 @@ impl PairChannel {
     fn host_write(&mut self, key: usize, target: Target) -> Step {
         if !self.pair.enter_gate() {
             return Step::Wait;
+        }
+        if target == Target::S {
+            // A backup running on the image reads these tracks first. (Checked inside the gate:
+            // a backup starts through the gate, after the S writes in flight have drained.)
+            let p = &self.parents[key];
+            if self.pair.backup_holds(self.pair.tracks_of(p.offset, p.len)) {
+                self.pair.leave_gate();
+                return Step::Wait;
+            }
         }
         self.parents[key].gated = true;
         let tracks = {
@@ -595,6 +611,7 @@ impl PairChannel {
             }
         }
         p.bounce.clear();
+        self.cpu_copied += copied;
         self.pair
             .stats
             .cpu_copied_bytes

@@ -23,6 +23,9 @@ pub enum Action {
         /// Restore S onto P.
         reverse: bool,
     },
+    /// A backup of the image starts: from now on, writes to S wait for it on tracks it has not
+    /// read yet. Applied after the writes in flight have drained.
+    StartBackup,
 }
 
 /// What a transition reports.
@@ -108,6 +111,7 @@ impl ControlPoller {
             match req.action {
                 Action::Split => p.check_split()?,
                 Action::Resync { reverse } => p.check_resync(reverse)?,
+                Action::StartBackup => p.check_backup()?,
             }
         }
         Ok(())
@@ -131,6 +135,12 @@ impl ControlPoller {
                     p.apply_resync(reverse);
                 }
                 0
+            }
+            Action::StartBackup => {
+                for p in &req.pairs {
+                    p.begin_backup();
+                }
+                req.pairs.first().map_or(0, |p| p.split_at_ns())
             }
         });
         for p in &req.pairs {

@@ -195,6 +195,9 @@ pub struct Pair {
     pub(crate) full_speed: AtomicBool,
     /// Counters.
     pub stats: PairStats,
+    /// While a backup runs: the first track it has not read yet (host writes to S at or past it
+    /// wait). `u64::MAX` when no backup runs.
+    backup_frontier: AtomicU64,
     /// Reactors to wake when a lock or the gate opens.
     reactors: Vec<ReactorHandle>,
     /// Reactor of the copier, woken when new tracks become pending.
@@ -269,6 +272,7 @@ impl Pair {
             urgent: ArrayQueue::new(1024),
             full_speed: AtomicBool::new(false),
             stats: PairStats::default(),
+            backup_frontier: AtomicU64::new(u64::MAX),
             reactors,
             copier_reactor,
         });
@@ -546,8 +550,55 @@ impl Pair {
         self.set_state(PairState::Psus);
     }
 
+    /// Checks that a backup may start: the pair is split and no backup runs.
+    pub(crate) fn check_backup(&self) -> Result<(), PairError> {
+        if self.state() != PairState::Psus {
+            return Err(self.wrong_state("only a split pair (PSUS) can be backed up"));
+        }
+        if self.backup_running() {
+            return Err(self.wrong_state("a backup of its image is already running"));
+        }
+        Ok(())
+    }
+
+    /// Marks a backup as running (one at a time); false if one already is.
+    pub(crate) fn begin_backup(&self) -> bool {
+        self.backup_frontier
+            .compare_exchange(u64::MAX, 0, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+    }
+
+    /// The backup has read every track before `track`.
+    pub(crate) fn set_backup_frontier(&self, track: u64) {
+        let old = self.backup_frontier.swap(track, Ordering::SeqCst);
+        if old != track {
+            self.wake_all();
+        }
+    }
+
+    /// The backup ended.
+    pub(crate) fn end_backup(&self) {
+        self.backup_frontier.store(u64::MAX, Ordering::SeqCst);
+        self.full_speed.store(false, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// True while a backup runs.
+    pub fn backup_running(&self) -> bool {
+        self.backup_frontier.load(Ordering::SeqCst) != u64::MAX
+    }
+
+    /// True when a write to S on `tracks` must wait for the running backup to read them first.
+    pub(crate) fn backup_holds(&self, tracks: std::ops::Range<u64>) -> bool {
+        let f = self.backup_frontier.load(Ordering::SeqCst);
+        f != u64::MAX && tracks.end > f
+    }
+
     /// Checks that a resync applies now.
     pub(crate) fn check_resync(&self, reverse: bool) -> Result<(), PairError> {
+        if self.backup_running() {
+            return Err(self.wrong_state("a backup of its image is running"));
+        }
         match (self.state(), reverse) {
             (PairState::Psus, _) => Ok(()),
             (PairState::Psue, false) => Ok(()),

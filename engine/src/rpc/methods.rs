@@ -6,6 +6,8 @@ use serde_json::{json, Value};
 
 use super::{codes, RpcError};
 use crate::app::{Engine, EngineError};
+use crate::backup::{Mode, Target};
+use crate::nbd::{Address, NbdError};
 use crate::pair::{PairConfig, PairError, DEFAULT_TRACK_SIZE};
 use drivers::{BdevError, CreateError};
 
@@ -68,6 +70,17 @@ impl From<EngineError> for RpcError {
             EngineError::Bdev(b) => b.into(),
             EngineError::Pair(p) => p.into(),
             EngineError::Reactor(r) => RpcError::new(codes::FAILED, r.to_string()),
+            EngineError::InUse(m) => RpcError::new(codes::CONFLICT, m),
+            EngineError::NotFound(m) => RpcError::new(codes::NOT_FOUND, m),
+            EngineError::Nbd(n) => {
+                let code = match &n {
+                    NbdError::Exists(_) => codes::CONFLICT,
+                    NbdError::NotFound(_) => codes::NOT_FOUND,
+                    NbdError::Invalid(_) => codes::INVALID_PARAMS,
+                    NbdError::Listen { .. } => codes::IO_ERROR,
+                };
+                RpcError::new(code, n.to_string())
+            }
         }
     }
 }
@@ -246,9 +259,50 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
             let p: OptionalName = params(p)?;
             Ok(json!(engine.pair_get(p.name.as_deref())?))
         }
-        "backup_start" | "backup_get" | "backup_cancel" => Err(unavailable("backups")),
-        "nbd_export_start" | "nbd_export_stop" | "nbd_get_exports" => {
-            Err(unavailable("the NBD server"))
+        "backup_start" => {
+            let p: BackupStartParams = params(p)?;
+            let id = engine.backup_start(&p.pair, p.mode, p.target)?;
+            Ok(json!({ "id": id }))
+        }
+        "backup_get" => {
+            let p: OptionalId = params(p)?;
+            Ok(json!(engine.backup_get(p.id)?))
+        }
+        "backup_cancel" => {
+            let p: IdParam = params(p)?;
+            engine.backup_cancel(p.id)?;
+            Ok(json!(true))
+        }
+        "nbd_export_start" => {
+            let p: NbdExportParams = params(p)?;
+            let address = match (p.socket, p.listen) {
+                (Some(s), None) => Some(Address::Unix(s)),
+                (None, Some(l)) => Some(Address::Tcp(l)),
+                (None, None) => None,
+                (Some(_), Some(_)) => {
+                    return Err(RpcError::new(
+                        codes::INVALID_PARAMS,
+                        "give at most one of 'socket' and 'listen'",
+                    ))
+                }
+            };
+            engine.nbd_export_start(
+                &p.name,
+                p.bdev.as_deref(),
+                p.pair.as_deref(),
+                p.writable,
+                address,
+            )?;
+            Ok(json!(p.name))
+        }
+        "nbd_export_stop" => {
+            let p: NameParam = params(p)?;
+            engine.nbd().stop(&p.name).map_err(EngineError::from)?;
+            Ok(json!(true))
+        }
+        "nbd_get_exports" => {
+            let _: OptionalNothing = params(p)?;
+            Ok(json!(engine.nbd().list()))
         }
         "nvmf_export_start" | "nvmf_export_stop" | "nvmf_get_exports" => {
             Err(unavailable("the NVMe/TCP target"))
@@ -295,6 +349,48 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OptionalNothing {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackupStartParams {
+    pair: String,
+    #[serde(default = "merge")]
+    mode: Mode,
+    target: Target,
+}
+
+fn merge() -> Mode {
+    Mode::Merge
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptionalId {
+    #[serde(default)]
+    id: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IdParam {
+    id: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NbdExportParams {
+    name: String,
+    #[serde(default)]
+    bdev: Option<String>,
+    #[serde(default)]
+    pair: Option<String>,
+    #[serde(default)]
+    writable: Option<bool>,
+    #[serde(default)]
+    socket: Option<std::path::PathBuf>,
+    #[serde(default)]
+    listen: Option<String>,
+}
 
 fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<(), RpcError> {
     for (i, c) in p.config.into_iter().enumerate() {

@@ -1,0 +1,139 @@
+//! The file target: the image as a raw file (or onto a block device), written with io_uring
+//! straight from the backup's DMA buffers. A regular file is written as `<path>.partial` and
+//! renamed once complete and durable, so a cancelled or failed backup never leaves a file that
+//! could pass for a complete image.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use super::{Sink, SinkDone, SinkFull};
+use crate::bdev::{Bdev, ChannelContext, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
+use crate::tape::Manifest;
+use crate::uring::UringBdev;
+use crate::{IoBufs, SubmitErrorKind};
+
+const FLUSH_TAG: u64 = u64::MAX;
+
+/// A raw-image target.
+pub struct FileSink {
+    path: PathBuf,
+    partial: Option<PathBuf>,
+    channel: Box<dyn IoChannel>,
+    scratch: Vec<IoCompletion>,
+    finishing: bool,
+    finished: Option<Result<(), IoError>>,
+    failed: Option<IoError>,
+}
+
+impl FileSink {
+    /// Opens the target for an image of `size` bytes on the calling reactor.
+    pub fn open(
+        path: &Path,
+        size: u64,
+        block_size: u32,
+        ctx: &ChannelContext,
+    ) -> Result<Self, String> {
+        let is_block = std::fs::metadata(path)
+            .map(|m| m.file_type().is_block_device())
+            .unwrap_or(false);
+        let partial = (!is_block).then(|| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(".partial");
+            PathBuf::from(p)
+        });
+        let target = partial.as_deref().unwrap_or(path);
+        let bdev = UringBdev::open_with("backup-file", target, block_size, Some(size), true, true)
+            .map_err(|e| e.to_string())?;
+        if bdev.geometry().size() < size {
+            return Err(format!(
+                "{} holds {} bytes, the image needs {size}",
+                path.display(),
+                bdev.geometry().size()
+            ));
+        }
+        let channel = bdev.open_channel(ctx).map_err(|e| e.to_string())?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            partial,
+            channel,
+            scratch: Vec::new(),
+            finishing: false,
+            finished: None,
+            failed: None,
+        })
+    }
+}
+
+impl Sink for FileSink {
+    fn submit(&mut self, offset: u64, bufs: IoBufs) -> Result<(), SinkFull> {
+        if let Some(e) = &self.failed {
+            return Err(SinkFull::Failed(e.clone(), bufs));
+        }
+        match self.channel.submit(IoRequest::write(offset, bufs, offset)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let e = *e;
+                match e.error {
+                    SubmitErrorKind::QueueFull => Err(SinkFull::Busy(e.req.bufs)),
+                    SubmitErrorKind::Invalid(err) => Err(SinkFull::Failed(err, e.req.bufs)),
+                }
+            }
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<SinkDone>) {
+        self.channel.poll(&mut self.scratch);
+        for c in self.scratch.drain(..) {
+            if c.tag == FLUSH_TAG {
+                let result = c.result.and_then(|()| match &self.partial {
+                    Some(p) => std::fs::rename(p, &self.path)
+                        .map_err(|e| IoError::Device(e.raw_os_error().unwrap_or(libc::EIO))),
+                    None => Ok(()),
+                });
+                self.finished = Some(result);
+                continue;
+            }
+            if let Err(e) = &c.result {
+                self.failed.get_or_insert(e.clone());
+            }
+            let len = c.bufs.iter().map(|b| b.len() as u64).sum();
+            out.push(SinkDone {
+                offset: c.tag,
+                len,
+                bufs: c.bufs,
+                result: c.result,
+            });
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.channel.in_flight()
+    }
+
+    fn finish(&mut self, _manifest: &Manifest) -> Result<(), IoError> {
+        if self.finishing {
+            return Ok(());
+        }
+        self.finishing = true;
+        self.channel
+            .submit(IoRequest::without_data(IoOp::Flush, 0, 0, FLUSH_TAG))
+            .map_err(|e| match e.error {
+                SubmitErrorKind::Invalid(err) => err,
+                SubmitErrorKind::QueueFull => IoError::Device(libc::EAGAIN),
+            })
+    }
+
+    fn finished(&mut self) -> Option<Result<(), IoError>> {
+        self.finished.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!("file {}", self.path.display())
+    }
+
+    fn abandon(&mut self) {
+        if let Some(p) = &self.partial {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

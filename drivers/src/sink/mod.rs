@@ -1,0 +1,54 @@
+//! Backup targets ("sinks"): where a backup job streams the image. Each is polled on a reactor
+//! like an I/O channel: the job submits the image's bytes in order, straight from its DMA
+//! buffers, and gets the buffers back with the outcome.
+//!
+//! - [`file::FileSink`]: a raw image in a file or block device, through io_uring;
+//! - [`tape::TapeSink`]: a pax archive in fixed records (see [`crate::tape`]) on a file standing
+//!   for a tape.
+
+pub mod file;
+pub mod tape;
+
+use crate::tape::Manifest;
+use crate::{IoBufs, IoError};
+
+/// One submission finished.
+#[derive(Debug)]
+pub struct SinkDone {
+    /// Image offset of the submission.
+    pub offset: u64,
+    /// Its bytes.
+    pub len: u64,
+    /// The buffers, back.
+    pub bufs: IoBufs,
+    /// Written, or why not.
+    pub result: Result<(), IoError>,
+}
+
+/// Why a sink could not take a submission now.
+#[derive(Debug)]
+pub enum SinkFull {
+    /// Poll and submit again (the buffers come back).
+    Busy(IoBufs),
+    /// The sink failed; it will take nothing more.
+    Failed(IoError, IoBufs),
+}
+
+/// A backup target.
+pub trait Sink {
+    /// Writes the next `bufs` of the image at `offset` (offsets arrive in increasing order).
+    fn submit(&mut self, offset: u64, bufs: IoBufs) -> Result<(), SinkFull>;
+    /// Moves finished submissions into `out`.
+    fn poll(&mut self, out: &mut Vec<SinkDone>);
+    /// Submissions not yet returned.
+    fn in_flight(&self) -> usize;
+    /// Every byte of the image was written: close the backup (the tape's final manifest and
+    /// end marks) and make it durable. `finished` reports when that is done.
+    fn finish(&mut self, manifest: &Manifest) -> Result<(), IoError>;
+    /// `Some` once `finish` completed (or failed).
+    fn finished(&mut self) -> Option<Result<(), IoError>>;
+    /// Where the backup went (for logs and `backup_get`).
+    fn describe(&self) -> String;
+    /// The job was cancelled or failed: leave nothing that could pass for a complete backup.
+    fn abandon(&mut self);
+}

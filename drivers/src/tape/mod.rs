@@ -1,0 +1,421 @@
+//! The on-tape format of quicksplit's backups.
+//!
+//! A backup is a POSIX pax (tar) archive written in fixed-size records (by default
+//! [`DEFAULT_RECORD_SIZE`], 256 KiB = 512 tar blocks), so GNU tar reads it with
+//! `tar -x -b 512 -f ARCHIVE`. It holds, in this order:
+//!
+//! 1. `manifest.json`: the *initial* manifest, describing the backup, with `"sha256": null` and
+//!    `"chunks_crc32c": null` (the checksums are not known before the image is written);
+//! 2. a pax extended header (typeflag `x`) for `volume.img`, carrying `size=` (the image may
+//!    exceed the 8 GiB limit of the ustar size field), `path=` and a `comment=` used as padding;
+//! 3. `volume.img`: the image, `volume_size` bytes, padded with zeros to a 512-byte block;
+//! 4. `manifest.json` again: the *final* manifest, with the SHA-256 of the image and the CRC-32C
+//!    of each [`CHUNK_SIZE`] chunk filled in;
+//! 5. the end-of-archive marker (two zero blocks) and zeros up to a whole record.
+//!
+//! The `comment=` record of the pax header is sized so that everything before the image data
+//! (the [`prologue`]) is an exact multiple of the record size: the image data starts on a record
+//! boundary, and the engine writes it to the tape straight from its DMA buffers, record by record,
+//! with no copy to shift it into place. Only the last record of the image is shared with the
+//! [`epilogue`], which completes it.
+//!
+//! The manifest appears twice because a tape is written once, front to back: the checksums are
+//! only known after the image has streamed by, so they go into a second copy written after it.
+//! The first copy tells a reader what it is about to restore before the image starts; GNU tar,
+//! extracting the members in order, overwrites it with the second, so the extracted
+//! `manifest.json` is the final one. [`restore`] checks that both copies agree on everything but
+//! the checksums.
+
+mod format;
+mod reader;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use format::{epilogue, prologue};
+pub use reader::{restore, RestoreReport};
+
+/// The default tape record size: 256 KiB, i.e. 512 tar blocks (`tar -b 512`).
+pub const DEFAULT_RECORD_SIZE: usize = 262_144;
+
+/// The CRC-32C granularity of the image: one checksum per chunk of this many bytes.
+pub const CHUNK_SIZE: u64 = 1 << 20;
+
+/// The size of a tar block; every record size must be a multiple of it.
+pub const BLOCK_SIZE: usize = 512;
+
+/// The value of [`Manifest::format`] for this version of the format.
+pub const FORMAT: &str = "quicksplit-backup-1";
+
+/// The archive member name of the manifests.
+pub const MANIFEST_NAME: &str = "manifest.json";
+
+/// The archive member name of the image.
+pub const VOLUME_NAME: &str = "volume.img";
+
+/// What a backup holds, stored as JSON in the archive's `manifest.json` members.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Manifest {
+    /// The format of the archive: [`FORMAT`].
+    pub format: String,
+    /// The name of the pair the image was split from.
+    pub pair: String,
+    /// The size of the image in bytes (not zero).
+    pub volume_size: u64,
+    /// The block size of the volume.
+    pub block_size: u32,
+    /// The track size of the pair.
+    pub track_size: u64,
+    /// When the split happened (nanoseconds since the Unix epoch).
+    pub split_at_ns: u64,
+    /// The split mode: "wait", "reflect" or "merge".
+    pub mode: String,
+    /// When the backup was started (nanoseconds since the Unix epoch).
+    pub created_at_ns: u64,
+    /// The CRC-32C granularity of [`Manifest::chunks_crc32c`]: [`CHUNK_SIZE`].
+    pub chunk_size: u64,
+    /// The SHA-256 of the image, lowercase hex; `None` in the initial manifest.
+    pub sha256: Option<String>,
+    /// The CRC-32C of each `chunk_size` chunk of the image (the last may be short); `None` in the
+    /// initial manifest.
+    pub chunks_crc32c: Option<Vec<u32>>,
+}
+
+impl Manifest {
+    /// The number of `chunk_size` chunks of the image (the last may be short); 0 if `chunk_size`
+    /// is 0.
+    pub fn chunk_count(&self) -> u64 {
+        if self.chunk_size == 0 {
+            0
+        } else {
+            self.volume_size.div_ceil(self.chunk_size)
+        }
+    }
+
+    /// This manifest with the checksums filled in: the final manifest, from the initial one and
+    /// the results of [`ImageDigest::finish`].
+    pub fn finalized(&self, sha256: String, chunks_crc32c: Vec<u32>) -> Manifest {
+        Manifest {
+            sha256: Some(sha256),
+            chunks_crc32c: Some(chunks_crc32c),
+            ..self.clone()
+        }
+    }
+
+    /// This manifest with the checksums cleared: what the initial manifest must be.
+    pub(crate) fn without_checksums(&self) -> Manifest {
+        Manifest {
+            sha256: None,
+            chunks_crc32c: None,
+            ..self.clone()
+        }
+    }
+
+    /// Checks the fields both manifests must satisfy.
+    fn check_common(&self) -> Result<(), String> {
+        if self.format != FORMAT {
+            return Err(format!("format is {:?}, expected {FORMAT:?}", self.format));
+        }
+        if self.volume_size == 0 {
+            return Err("volume_size is 0".into());
+        }
+        if self.chunk_size == 0 {
+            return Err("chunk_size is 0".into());
+        }
+        Ok(())
+    }
+
+    /// Checks that this is a valid initial manifest: no checksums yet.
+    pub(crate) fn check_initial(&self) -> Result<(), String> {
+        self.check_common()?;
+        if self.sha256.is_some() {
+            return Err("sha256 is set in the initial manifest".into());
+        }
+        if self.chunks_crc32c.is_some() {
+            return Err("chunks_crc32c is set in the initial manifest".into());
+        }
+        Ok(())
+    }
+
+    /// Checks that this is a valid final manifest: a well-formed SHA-256 and one CRC per chunk.
+    pub(crate) fn check_final(&self) -> Result<(), String> {
+        self.check_common()?;
+        match &self.sha256 {
+            None => return Err("sha256 is missing from the final manifest".into()),
+            Some(h) => {
+                if h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                    return Err(format!(
+                        "sha256 {h:?} is not 64 lowercase hexadecimal digits"
+                    ));
+                }
+            }
+        }
+        match &self.chunks_crc32c {
+            None => return Err("chunks_crc32c is missing from the final manifest".into()),
+            Some(c) => {
+                if c.len() as u64 != self.chunk_count() {
+                    return Err(format!(
+                        "chunks_crc32c has {} entries, but {} bytes in chunks of {} make {}",
+                        c.len(),
+                        self.volume_size,
+                        self.chunk_size,
+                        self.chunk_count()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Serializes the manifest as the content of a `manifest.json` member.
+    pub(crate) fn to_json(&self) -> Result<Vec<u8>, TapeError> {
+        let mut json = serde_json::to_vec(self).map_err(TapeError::Serialize)?;
+        json.push(b'\n');
+        Ok(json)
+    }
+}
+
+/// Errors of writing and reading backup archives.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TapeError {
+    /// The record size is not a positive multiple of 512.
+    #[error("record size {0} is not a positive multiple of 512")]
+    InvalidRecordSize(usize),
+    /// A chunk size of 0 was given.
+    #[error("chunk size must not be 0")]
+    InvalidChunkSize,
+    /// A manifest given to the writer is not valid for its place in the archive.
+    #[error("invalid manifest: {0}")]
+    InvalidManifest(String),
+    /// A value does not fit its ustar header field.
+    #[error("{field} {value} does not fit in its tar header field")]
+    FieldOverflow {
+        /// Which field.
+        field: &'static str,
+        /// The value.
+        value: u64,
+    },
+    /// The manifest could not be serialized.
+    #[error("serializing the manifest: {0}")]
+    Serialize(#[source] serde_json::Error),
+    /// Reading the archive or writing the restored image failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The archive ended early.
+    #[error("archive truncated: input ends at offset {offset} while reading {what}")]
+    Truncated {
+        /// What was being read.
+        what: String,
+        /// The archive offset where the input ended.
+        offset: u64,
+    },
+    /// A header (ustar or pax) is malformed.
+    #[error("malformed header at offset {offset}: {reason}")]
+    MalformedHeader {
+        /// The archive offset of the header.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The archive ended (end-of-archive marker) before an expected member.
+    #[error("missing member: the archive ends at offset {offset} before {expected}")]
+    MissingMember {
+        /// The member that was expected.
+        expected: String,
+        /// The offset of the end-of-archive marker.
+        offset: u64,
+    },
+    /// A member is not the one expected at its place.
+    #[error("unexpected member {found:?} at offset {offset}: expected {expected}")]
+    UnexpectedMember {
+        /// The member that was expected.
+        expected: String,
+        /// The member found.
+        found: String,
+        /// The archive offset of its header.
+        offset: u64,
+    },
+    /// A manifest in the archive cannot be parsed or is not valid.
+    #[error("{which} manifest at offset {offset}: {reason}")]
+    BadManifest {
+        /// "initial" or "final".
+        which: &'static str,
+        /// The archive offset of its header.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `volume.img` does not have the size the initial manifest gives.
+    #[error("volume.img is {found} bytes but the manifest says {expected}")]
+    VolumeSizeMismatch {
+        /// The manifest's `volume_size`.
+        expected: u64,
+        /// The member's size.
+        found: u64,
+    },
+    /// The initial and final manifests differ in more than the checksums.
+    #[error("the initial and final manifests disagree on {fields}")]
+    ManifestMismatch {
+        /// The fields that differ, comma-separated.
+        fields: String,
+    },
+    /// A chunk of the image does not have the CRC-32C of the final manifest.
+    #[error(
+        "chunk {index} (offset {offset}): CRC-32C mismatch (manifest {expected:#010x}, data {actual:#010x})"
+    )]
+    ChunkCrcMismatch {
+        /// The chunk number.
+        index: u64,
+        /// Its offset in the image.
+        offset: u64,
+        /// The CRC-32C in the final manifest.
+        expected: u32,
+        /// The CRC-32C of the data read.
+        actual: u32,
+    },
+    /// The image does not have the SHA-256 of the final manifest.
+    #[error("SHA-256 mismatch: manifest {expected}, data {actual}")]
+    Sha256Mismatch {
+        /// The SHA-256 in the final manifest.
+        expected: String,
+        /// The SHA-256 of the data read.
+        actual: String,
+    },
+}
+
+/// Incremental checksums of an image as it streams: its SHA-256 and the CRC-32C of each chunk.
+///
+/// Feed the bytes in order with [`ImageDigest::update`], in pieces of any size.
+#[derive(Clone)]
+pub struct ImageDigest {
+    sha: Sha256,
+    chunk_size: u64,
+    /// Bytes of the current (incomplete) chunk seen so far.
+    in_chunk: u64,
+    /// CRC-32C of the current chunk so far.
+    crc: u32,
+    crcs: Vec<u32>,
+    bytes: u64,
+}
+
+impl ImageDigest {
+    /// A digest with one CRC-32C per `chunk_size` bytes ([`CHUNK_SIZE`] for backups).
+    ///
+    /// Fails with [`TapeError::InvalidChunkSize`] if `chunk_size` is 0.
+    pub fn new(chunk_size: u64) -> Result<Self, TapeError> {
+        if chunk_size == 0 {
+            return Err(TapeError::InvalidChunkSize);
+        }
+        Ok(Self {
+            sha: Sha256::new(),
+            chunk_size,
+            in_chunk: 0,
+            crc: 0,
+            crcs: Vec::new(),
+            bytes: 0,
+        })
+    }
+
+    /// Adds the next bytes of the image.
+    pub fn update(&mut self, mut data: &[u8]) {
+        self.sha.update(data);
+        self.bytes += data.len() as u64;
+        while !data.is_empty() {
+            let room = self.chunk_size - self.in_chunk;
+            let take = room.min(data.len() as u64) as usize;
+            let (head, rest) = data.split_at(take);
+            self.crc = crc32c::crc32c_append(self.crc, head);
+            self.in_chunk += take as u64;
+            data = rest;
+            if self.in_chunk == self.chunk_size {
+                self.crcs.push(self.crc);
+                self.crc = 0;
+                self.in_chunk = 0;
+            }
+        }
+    }
+
+    /// The number of bytes fed so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The SHA-256 (lowercase hex) and the CRC-32C of each chunk, the last one possibly short.
+    pub fn finish(mut self) -> (String, Vec<u32>) {
+        if self.in_chunk > 0 {
+            self.crcs.push(self.crc);
+        }
+        (to_hex(&self.sha.finalize()), self.crcs)
+    }
+}
+
+impl std::fmt::Debug for ImageDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageDigest")
+            .field("chunk_size", &self.chunk_size)
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lowercase hex of `bytes`.
+fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_chunks_match_whole_computation() {
+        let data: Vec<u8> = (0..(3 * 1024 + 100)).map(|i| (i * 7 + 3) as u8).collect();
+        for piece in [1usize, 7, 512, 1024, 5000] {
+            let mut d = ImageDigest::new(1024).unwrap();
+            for p in data.chunks(piece) {
+                d.update(p);
+            }
+            assert_eq!(d.bytes(), data.len() as u64);
+            let (sha, crcs) = d.finish();
+            let want: Vec<u32> = data.chunks(1024).map(crc32c::crc32c).collect();
+            assert_eq!(crcs, want, "piece {piece}");
+            assert_eq!(sha, to_hex(&Sha256::digest(&data)));
+        }
+    }
+
+    #[test]
+    fn digest_rejects_zero_chunk_size() {
+        assert!(matches!(
+            ImageDigest::new(0),
+            Err(TapeError::InvalidChunkSize)
+        ));
+    }
+
+    #[test]
+    fn digest_of_nothing() {
+        let (sha, crcs) = ImageDigest::new(CHUNK_SIZE).unwrap().finish();
+        assert!(crcs.is_empty());
+        assert_eq!(
+            sha,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+
+    #[test]
+    fn hex() {
+        assert_eq!(to_hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+    }
+}

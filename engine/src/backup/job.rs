@@ -1,0 +1,422 @@
+//! The backup job: a poller that reads the image piece by piece and streams it, in order, to the
+//! target, computing the SHA-256 and per-chunk CRC-32C on the way.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drivers::sink::{file::FileSink, tape::TapeSink, Sink, SinkDone, SinkFull};
+use drivers::tape::{ImageDigest, Manifest, CHUNK_SIZE, FORMAT};
+use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
+use hugepages::BufferPool;
+
+use super::{Backup, BackupState, Mode, Target};
+use crate::pair::channel::{PairChannel, View};
+use crate::pair::{now_ns, Pair, PairState};
+use crate::reactor::{PollStatus, Poller, ReactorContext};
+
+/// Largest staging buffer (a piece of the image read and written as one).
+const MAX_PIECE: u64 = 1 << 20;
+/// Bytes of the image between reading and the target's acknowledgement.
+const WINDOW: u64 = 16 << 20;
+
+enum Source {
+    /// The image through the pair (merge).
+    Image(PairChannel),
+    /// S itself (wait, reflect).
+    Secondary(Box<dyn IoChannel>),
+}
+
+impl Source {
+    fn channel(&mut self) -> &mut dyn IoChannel {
+        match self {
+            Source::Image(c) => c,
+            Source::Secondary(c) => c.as_mut(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// `wait`: the copier runs at full speed until nothing is pending.
+    Waiting,
+    Streaming,
+    Finishing,
+    /// Letting reads and writes in flight finish before ending in this state.
+    Draining(BackupState),
+}
+
+/// The job.
+pub struct BackupJob {
+    backup: Arc<Backup>,
+    pair: Arc<Pair>,
+    name: String,
+    phase: Phase,
+    src: Option<Source>,
+    sink: Option<Box<dyn Sink>>,
+    pool: Option<BufferPool>,
+    piece: u64,
+    size: u64,
+    next_read: u64,
+    reading: BTreeMap<u64, ()>,
+    ready: BTreeMap<u64, IoBufs>,
+    next_sink: u64,
+    acked: u64,
+    digest: Option<ImageDigest>,
+    manifest: Manifest,
+    /// Reflect: image offset up to which on-demand copies have been asked for.
+    asked: u64,
+    started: Instant,
+    error: Option<String>,
+    src_done: Vec<IoCompletion>,
+    sink_done: Vec<SinkDone>,
+}
+
+impl BackupJob {
+    /// A job for `backup` of `pair`'s image split at `split_at_ns`.
+    pub fn new(backup: Arc<Backup>, pair: Arc<Pair>) -> Self {
+        let g = pair.geometry();
+        let manifest = Manifest {
+            format: FORMAT.to_string(),
+            pair: pair.name().to_string(),
+            volume_size: g.size(),
+            block_size: g.block_size,
+            track_size: pair.track_size(),
+            split_at_ns: backup.split_at_ns,
+            mode: backup.mode.as_str().to_string(),
+            created_at_ns: now_ns(),
+            chunk_size: CHUNK_SIZE,
+            sha256: None,
+            chunks_crc32c: None,
+        };
+        Self {
+            name: format!("backup:{}", backup.id),
+            piece: pair.track_size().min(MAX_PIECE),
+            size: g.size(),
+            backup,
+            pair,
+            phase: Phase::Open,
+            src: None,
+            sink: None,
+            pool: None,
+            next_read: 0,
+            reading: BTreeMap::new(),
+            ready: BTreeMap::new(),
+            next_sink: 0,
+            acked: 0,
+            digest: None,
+            manifest,
+            asked: 0,
+            started: Instant::now(),
+            error: None,
+            src_done: Vec::new(),
+            sink_done: Vec::new(),
+        }
+    }
+
+    fn open(&mut self, cx: &ReactorContext) -> Result<(), String> {
+        let ctx = cx.channel_context(64);
+        let src = match self.backup.mode {
+            Mode::Merge => Source::Image(
+                PairChannel::new(Arc::clone(&self.pair), View::Image, &ctx)
+                    .map_err(|e| e.to_string())?,
+            ),
+            Mode::Wait | Mode::Reflect => Source::Secondary(
+                self.pair
+                    .secondary()
+                    .open_channel(&ctx)
+                    .map_err(|e| e.to_string())?,
+            ),
+        };
+        let block_size = self.pair.geometry().block_size;
+        let sink: Box<dyn Sink> = match &self.backup.target {
+            Target::File { path } => Box::new(FileSink::open(path, self.size, block_size, &ctx)?),
+            Target::Tape { path, record_size } => {
+                Box::new(TapeSink::open(path, &self.manifest, *record_size, &ctx)?)
+            }
+            Target::Nbd { .. } => {
+                return Err("the nbd backup target is not part of this build yet".into())
+            }
+            Target::Nvmf { .. } => {
+                return Err("the nvmf backup target is not part of this build yet".into())
+            }
+        };
+        let count = (WINDOW / self.piece).max(8) as usize;
+        self.pool = Some(BufferPool::new(self.piece as usize, count).map_err(|e| e.to_string())?);
+        self.digest = Some(ImageDigest::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
+        self.src = Some(src);
+        self.sink = Some(sink);
+        Ok(())
+    }
+
+    fn fail(&mut self, msg: String) {
+        if self.error.is_none() {
+            tracing::warn!(backup = self.backup.id, error = %msg, "backup failed");
+            self.error = Some(msg);
+        }
+        if !matches!(self.phase, Phase::Draining(_)) {
+            self.phase = Phase::Draining(BackupState::Failed);
+        }
+    }
+
+    /// True when the piece at `offset` can be read from S now (reflect asks the copier for the
+    /// tracks still pending, looking ahead over the window).
+    fn reflected(&mut self, offset: u64) -> bool {
+        let ts = self.pair.track_size();
+        let horizon = (offset + WINDOW).min(self.size);
+        while self.asked < horizon {
+            let t = self.asked / ts;
+            if self.pair.pending.is_pending(t) && self.pair.urgent.push(t).is_err() {
+                break;
+            }
+            self.asked = (t + 1) * ts;
+        }
+        let tracks = self
+            .pair
+            .tracks_of(offset, self.piece.min(self.size - offset));
+        let ready = tracks.clone().all(|t| !self.pair.pending.is_pending(t));
+        if !ready {
+            self.pair.wake_copier();
+            // Ask again for these: the ring may have been full.
+            for t in tracks {
+                if self.pair.pending.is_pending(t) {
+                    let _ = self.pair.urgent.push(t);
+                }
+            }
+        }
+        ready
+    }
+
+    fn issue_reads(&mut self) -> bool {
+        let mut issued = false;
+        while self.next_read < self.size {
+            if self.backup.mode == Mode::Reflect && !self.reflected(self.next_read) {
+                break;
+            }
+            let Some(mut buf) = self.pool.as_ref().and_then(BufferPool::get) else {
+                break;
+            };
+            let len = self.piece.min(self.size - self.next_read);
+            if buf.set_len(len as usize).is_err() {
+                break;
+            }
+            let mut bufs = IoBufs::new();
+            bufs.push(buf);
+            let offset = self.next_read;
+            let Some(src) = self.src.as_mut() else { break };
+            match src.channel().submit(IoRequest::read(offset, bufs, offset)) {
+                Ok(()) => {
+                    self.reading.insert(offset, ());
+                    self.next_read += len;
+                    issued = true;
+                }
+                Err(e) => match e.error {
+                    SubmitErrorKind::QueueFull => break,
+                    SubmitErrorKind::Invalid(err) => {
+                        self.fail(format!("reading the image at {offset}: {err}"));
+                        break;
+                    }
+                },
+            }
+        }
+        issued
+    }
+
+    /// Tracks before the lowest piece not yet read are captured: S may be written there.
+    fn advance_frontier(&self) {
+        let lowest = self
+            .reading
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.next_read);
+        let frontier = if lowest >= self.size {
+            self.pair.tracks()
+        } else {
+            lowest / self.pair.track_size()
+        };
+        self.pair.set_backup_frontier(frontier);
+    }
+
+    fn feed_sink(&mut self) -> bool {
+        let mut fed = false;
+        while let Some(bufs) = self.ready.remove(&self.next_sink) {
+            let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+            let Some(sink) = self.sink.as_mut() else {
+                break;
+            };
+            // Hash each piece once, in image order, before handing its buffers over: the target
+            // reads them, nothing copies them.
+            if let Some(d) = self.digest.as_mut() {
+                if d.bytes() == self.next_sink {
+                    for b in &bufs {
+                        d.update(b.as_slice());
+                    }
+                }
+            }
+            match sink.submit(self.next_sink, bufs) {
+                Ok(()) => {}
+                Err(SinkFull::Busy(bufs)) => {
+                    self.ready.insert(self.next_sink, bufs);
+                    break;
+                }
+                Err(SinkFull::Failed(e, _)) => {
+                    let what = sink.describe();
+                    self.fail(format!("{what}: {e}"));
+                    break;
+                }
+            }
+            fed = true;
+            self.next_sink += len;
+        }
+        fed
+    }
+
+    fn end(&mut self, state: BackupState) -> PollStatus {
+        if state != BackupState::Done {
+            if let Some(s) = self.sink.as_mut() {
+                s.abandon();
+            }
+        }
+        if let Some(Source::Image(c)) = &self.src {
+            self.backup
+                .cpu_copied
+                .store(c.cpu_copied_bytes(), Ordering::Relaxed);
+        }
+        let sha = self
+            .manifest
+            .sha256
+            .clone()
+            .filter(|_| state == BackupState::Done);
+        let error = match state {
+            BackupState::Cancelled => Some("cancelled".to_string()),
+            _ => self.error.clone(),
+        };
+        self.backup
+            .end(state, sha, error, self.started.elapsed().as_nanos() as u64);
+        self.pair.end_backup();
+        tracing::info!(backup = self.backup.id, state = ?state, "backup ended");
+        PollStatus::Done
+    }
+}
+
+impl Poller for BackupJob {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if self.phase == Phase::Open {
+            if let Err(e) = self.open(cx) {
+                self.error = Some(e);
+                return self.end(BackupState::Failed);
+            }
+            self.phase = if self.backup.mode == Mode::Wait {
+                self.pair.full_speed.store(true, Ordering::SeqCst);
+                self.pair.wake_copier();
+                Phase::Waiting
+            } else {
+                Phase::Streaming
+            };
+            self.advance_frontier();
+        }
+        if self.backup.cancel.load(Ordering::SeqCst) && !matches!(self.phase, Phase::Draining(_)) {
+            self.phase = Phase::Draining(BackupState::Cancelled);
+        }
+        if self.pair.state() == PairState::Psue && !matches!(self.phase, Phase::Draining(_)) {
+            self.fail(format!(
+                "pair {} was suspended: {}",
+                self.pair.name(),
+                self.pair.error().unwrap_or_default()
+            ));
+        }
+        let mut busy = false;
+        if self.phase == Phase::Waiting {
+            if self.pair.pending.count() == 0 {
+                self.phase = Phase::Streaming;
+                busy = true;
+            } else {
+                cx.wake_at(Instant::now() + Duration::from_millis(1));
+                return PollStatus::Idle;
+            }
+        }
+        if self.phase == Phase::Streaming {
+            busy |= self.issue_reads();
+        }
+        // Reads that finished become ready, in order of the image.
+        if let Some(src) = self.src.as_mut() {
+            src.channel().poll(&mut self.src_done);
+        }
+        let done = std::mem::take(&mut self.src_done);
+        for c in done {
+            busy = true;
+            self.reading.remove(&c.tag);
+            match c.result {
+                Ok(()) => {
+                    self.ready.insert(c.tag, c.bufs);
+                }
+                Err(e) => self.fail(format!("reading the image at {}: {e}", c.tag)),
+            }
+        }
+        if !matches!(self.phase, Phase::Draining(_)) {
+            self.advance_frontier();
+            busy |= self.feed_sink();
+        }
+        if let Some(sink) = self.sink.as_mut() {
+            sink.poll(&mut self.sink_done);
+        }
+        let done = std::mem::take(&mut self.sink_done);
+        for d in done {
+            busy = true;
+            match d.result {
+                Ok(()) => {
+                    self.acked += d.len;
+                    self.backup.bytes_done.store(self.acked, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    let what = self.sink.as_ref().map(|s| s.describe()).unwrap_or_default();
+                    self.fail(format!("{what}: {e}"));
+                }
+            }
+        }
+        match self.phase {
+            Phase::Streaming if self.acked == self.size => {
+                let Some(digest) = self.digest.take() else {
+                    self.fail("digest lost".into());
+                    return PollStatus::Busy;
+                };
+                let (sha, crcs) = digest.finish();
+                let final_manifest = self.manifest.finalized(sha.clone(), crcs);
+                self.manifest.sha256 = Some(sha);
+                if let Some(sink) = self.sink.as_mut() {
+                    if let Err(e) = sink.finish(&final_manifest) {
+                        self.fail(format!("closing the backup: {e}"));
+                        return PollStatus::Busy;
+                    }
+                }
+                self.phase = Phase::Finishing;
+                busy = true;
+            }
+            Phase::Finishing => match self.sink.as_mut().and_then(|s| s.finished()) {
+                Some(Ok(())) => return self.end(BackupState::Done),
+                Some(Err(e)) => self.fail(format!("closing the backup: {e}")),
+                None => {}
+            },
+            Phase::Draining(state) => {
+                let sink_idle = self.sink.as_ref().is_none_or(|s| s.in_flight() == 0);
+                if self.reading.is_empty() && sink_idle {
+                    self.ready.clear();
+                    return self.end(state);
+                }
+            }
+            _ => {}
+        }
+        if busy || !self.reading.is_empty() {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}

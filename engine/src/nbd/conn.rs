@@ -1,0 +1,525 @@
+//! The transmission phase of one NBD connection: a poller on a reactor with a non-blocking
+//! socket. It reads requests in bulk, submits them to the export's channel, and sends replies
+//! with vectored writes straight from the DMA buffers the data was read into. It never blocks:
+//! when buffers or queue slots run out it stops reading until completions free them.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use drivers::nbd::proto::{self, chunk, cmd, err, Request, REQUEST_LEN};
+use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
+use hugepages::{BufferPool, DmaBuf};
+use slab::Slab;
+
+use super::{Export, Stream};
+use crate::reactor::{PollStatus, Poller, ReactorContext};
+
+/// Bytes of socket input buffered at once.
+const RX_BUF: usize = 256 << 10;
+/// Requests in flight per connection.
+const MAX_INFLIGHT: usize = 256;
+/// Vectors per writev.
+const MAX_IOV: usize = 128;
+
+/// A reply waiting to be sent: header bytes, then optional data buffers.
+struct Out {
+    head: [u8; 32],
+    head_len: usize,
+    data: IoBufs,
+    data_len: usize,
+    tail: Vec<u8>,
+}
+
+impl Out {
+    fn total(&self) -> usize {
+        self.head_len + self.data_len + self.tail.len()
+    }
+}
+
+/// A write request whose payload is still arriving.
+struct Incoming {
+    req: Request,
+    bufs: IoBufs,
+    filled: usize,
+    /// Discard the payload and answer this error instead (read-only export, bad range).
+    reject: Option<u32>,
+}
+
+struct Inflight {
+    req: Request,
+}
+
+/// One connection's poller.
+pub struct NbdConn {
+    name: String,
+    sock: Stream,
+    export: Arc<Export>,
+    structured: bool,
+    pool: BufferPool,
+    channel: Option<Box<dyn IoChannel>>,
+    watched: bool,
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    incoming: Option<Incoming>,
+    inflight: Slab<Inflight>,
+    tx: VecDeque<Out>,
+    tx_sent: usize,
+    done: Vec<IoCompletion>,
+    closing: bool,
+    eof: bool,
+}
+
+impl NbdConn {
+    /// A poller for a connection that finished its handshake.
+    pub fn new(sock: Stream, export: Arc<Export>, structured: bool, pool: BufferPool) -> Self {
+        export.connections.fetch_add(1, Ordering::SeqCst);
+        Self {
+            name: format!("nbd:{}", export.name),
+            sock,
+            export,
+            structured,
+            pool,
+            channel: None,
+            watched: false,
+            rx: vec![0u8; RX_BUF],
+            rx_start: 0,
+            rx_end: 0,
+            incoming: None,
+            inflight: Slab::new(),
+            tx: VecDeque::new(),
+            tx_sent: 0,
+            done: Vec::new(),
+            closing: false,
+            eof: false,
+        }
+    }
+
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.sock.as_fd()
+    }
+
+    /// Buffers for `len` bytes at `offset`, split at the export's boundary (a pair's tracks) and
+    /// at the pool's buffer size; `None` when the pool cannot give them all now.
+    fn buffers(&self, offset: u64, len: u64) -> Option<IoBufs> {
+        let piece = self.export.piece_size(self.pool.buf_size() as u64);
+        if (len / piece + 2) as usize > self.pool.available() {
+            return None;
+        }
+        let mut bufs = IoBufs::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let next = ((pos / piece + 1) * piece).min(end);
+            let mut b = self.pool.get()?;
+            b.set_len((next - pos) as usize).ok()?;
+            bufs.push(b);
+            pos = next;
+        }
+        Some(bufs)
+    }
+
+    fn reply(&mut self, req: &Request, error: u32, data: IoBufs, msg: &str) {
+        let data_len: usize = data.iter().map(DmaBuf::len).sum();
+        let mut head = [0u8; 32];
+        let mut tail = Vec::new();
+        let head_len;
+        if self.structured && req.kind == cmd::READ {
+            if error == 0 {
+                let h = proto::structured_header(
+                    chunk::FLAG_DONE,
+                    chunk::OFFSET_DATA,
+                    req.cookie,
+                    8 + data_len as u32,
+                );
+                head[..20].copy_from_slice(&h);
+                head[20..28].copy_from_slice(&req.offset.to_be_bytes());
+                head_len = 28;
+            } else {
+                let msg = &msg.as_bytes()[..msg.len().min(4096)];
+                let h = proto::structured_header(
+                    chunk::FLAG_DONE,
+                    chunk::ERROR,
+                    req.cookie,
+                    6 + msg.len() as u32,
+                );
+                head[..20].copy_from_slice(&h);
+                head[20..24].copy_from_slice(&error.to_be_bytes());
+                head[24..26].copy_from_slice(&(msg.len() as u16).to_be_bytes());
+                head_len = 26;
+                tail.extend_from_slice(msg);
+            }
+        } else {
+            head[..16].copy_from_slice(&proto::simple_reply(error, req.cookie));
+            head_len = 16;
+        }
+        let (data, data_len) = if error == 0 && req.kind == cmd::READ {
+            (data, data_len)
+        } else {
+            (IoBufs::new(), 0)
+        };
+        self.tx.push_back(Out {
+            head,
+            head_len,
+            data,
+            data_len,
+            tail,
+        });
+    }
+
+    fn submit(&mut self, req: Request, op: IoOp, bufs: IoBufs) {
+        let key = self.inflight.insert(Inflight { req });
+        let io = IoRequest {
+            op,
+            offset: req.offset,
+            len: req.length as u64,
+            bufs,
+            tag: key as u64,
+        };
+        let Some(ch) = self.channel.as_mut() else {
+            return;
+        };
+        if let Err(e) = ch.submit(io) {
+            let e = *e;
+            let error = match e.error {
+                SubmitErrorKind::QueueFull => IoError::Device(libc::EAGAIN),
+                SubmitErrorKind::Invalid(err) => err,
+            };
+            self.done.push(IoCompletion {
+                tag: e.req.tag,
+                result: Err(error),
+                bufs: e.req.bufs,
+            });
+        }
+    }
+
+    /// Checks a request's range; the NBD errno if it is bad.
+    fn range_error(&self, req: &Request) -> Option<u32> {
+        let bs = self.export.block_size() as u64;
+        let size = self.export.size();
+        let writes = matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
+        if req.length > proto::MAX_PAYLOAD && req.kind != cmd::TRIM && req.kind != cmd::WRITE_ZEROES
+        {
+            return Some(err::EINVAL);
+        }
+        match req.offset.checked_add(req.length as u64) {
+            Some(end) if end <= size => {}
+            _ => return Some(if writes { err::ENOSPC } else { err::EINVAL }),
+        }
+        if !req.offset.is_multiple_of(bs) || !(req.length as u64).is_multiple_of(bs) {
+            return Some(err::EINVAL);
+        }
+        if req.length == 0 && req.kind != cmd::FLUSH {
+            return Some(err::EINVAL);
+        }
+        None
+    }
+
+    /// Parses and starts requests from the input buffer. False when it must wait for buffers.
+    fn handle_input(&mut self) -> bool {
+        loop {
+            if let Some(mut inc) = self.incoming.take() {
+                let avail = self.rx_end - self.rx_start;
+                let want = inc.req.length as usize - inc.filled;
+                let n = avail.min(want);
+                if inc.reject.is_none() {
+                    // Copy the payload into the request's DMA buffers.
+                    let mut src = &self.rx[self.rx_start..self.rx_start + n];
+                    let mut pos = 0usize;
+                    for b in inc.bufs.iter_mut() {
+                        let blen = b.len();
+                        if src.is_empty() {
+                            break;
+                        }
+                        if inc.filled < pos + blen && inc.filled >= pos {
+                            let at = inc.filled - pos;
+                            let k = (blen - at).min(src.len());
+                            b.as_mut_slice()[at..at + k].copy_from_slice(&src[..k]);
+                            src = &src[k..];
+                            inc.filled += k;
+                        }
+                        pos += blen;
+                    }
+                } else {
+                    inc.filled += n;
+                }
+                self.rx_start += n;
+                if inc.filled < inc.req.length as usize {
+                    self.incoming = Some(inc);
+                    return true;
+                }
+                let req = inc.req;
+                match inc.reject {
+                    Some(e) => self.reply(&req, e, IoBufs::new(), "write refused"),
+                    None => {
+                        let fua = req.flags & cmd::FLAG_FUA != 0;
+                        self.submit(req, IoOp::Write { fua }, inc.bufs);
+                    }
+                }
+                continue;
+            }
+            if self.closing || self.inflight.len() >= MAX_INFLIGHT {
+                return true;
+            }
+            if self.rx_end - self.rx_start < REQUEST_LEN {
+                return true;
+            }
+            let mut h = [0u8; REQUEST_LEN];
+            h.copy_from_slice(&self.rx[self.rx_start..self.rx_start + REQUEST_LEN]);
+            let Some(req) = Request::parse(&h) else {
+                tracing::warn!(export = %self.export.name, "NBD request with a bad magic: closing");
+                self.closing = true;
+                self.eof = true;
+                return true;
+            };
+            let bad_range = self.range_error(&req);
+            match req.kind {
+                cmd::READ => {
+                    if let Some(e) = bad_range {
+                        self.rx_start += REQUEST_LEN;
+                        self.reply(&req, e, IoBufs::new(), "bad range");
+                        continue;
+                    }
+                    let Some(bufs) = self.buffers(req.offset, req.length as u64) else {
+                        return false;
+                    };
+                    self.rx_start += REQUEST_LEN;
+                    self.submit(req, IoOp::Read, bufs);
+                }
+                cmd::WRITE => {
+                    if req.length > proto::MAX_PAYLOAD {
+                        // The payload cannot be skipped safely: answer and close.
+                        self.rx_start += REQUEST_LEN;
+                        self.reply(&req, err::EINVAL, IoBufs::new(), "write too large");
+                        self.closing = true;
+                        self.eof = true;
+                        return true;
+                    }
+                    let reject = if !self.export.writable {
+                        Some(err::EPERM)
+                    } else {
+                        bad_range
+                    };
+                    let bufs = if reject.is_some() {
+                        IoBufs::new()
+                    } else {
+                        match self.buffers(req.offset, req.length as u64) {
+                            Some(b) => b,
+                            None => return false,
+                        }
+                    };
+                    self.rx_start += REQUEST_LEN;
+                    self.incoming = Some(Incoming {
+                        req,
+                        bufs,
+                        filled: 0,
+                        reject,
+                    });
+                }
+                cmd::DISC => {
+                    self.rx_start += REQUEST_LEN;
+                    self.closing = true;
+                    return true;
+                }
+                cmd::FLUSH => {
+                    self.rx_start += REQUEST_LEN;
+                    self.submit(req, IoOp::Flush, IoBufs::new());
+                }
+                cmd::TRIM | cmd::WRITE_ZEROES => {
+                    self.rx_start += REQUEST_LEN;
+                    let e = if !self.export.writable {
+                        Some(err::EPERM)
+                    } else {
+                        bad_range
+                    };
+                    if let Some(e) = e {
+                        self.reply(&req, e, IoBufs::new(), "refused");
+                        continue;
+                    }
+                    let op = if req.kind == cmd::TRIM {
+                        IoOp::Unmap
+                    } else {
+                        IoOp::WriteZeroes
+                    };
+                    self.submit(req, op, IoBufs::new());
+                }
+                _ => {
+                    self.rx_start += REQUEST_LEN;
+                    self.reply(&req, err::EINVAL, IoBufs::new(), "unsupported command");
+                }
+            }
+        }
+    }
+
+    fn receive(&mut self) -> bool {
+        if self.eof {
+            return false;
+        }
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        } else if self.rx_start > RX_BUF / 2 {
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
+            self.rx_start = 0;
+        }
+        if self.rx_end == RX_BUF {
+            return false;
+        }
+        match rustix::io::read(&self.sock, &mut self.rx[self.rx_end..]) {
+            Ok(0) => {
+                self.eof = true;
+                self.closing = true;
+                true
+            }
+            Ok(n) => {
+                self.rx_end += n;
+                true
+            }
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => false,
+            Err(_) => {
+                self.eof = true;
+                self.closing = true;
+                true
+            }
+        }
+    }
+
+    fn transmit(&mut self) -> bool {
+        let mut progress = false;
+        while !self.tx.is_empty() {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV);
+            let mut skip = self.tx_sent;
+            'outer: for out in &self.tx {
+                let parts = std::iter::once(&out.head[..out.head_len])
+                    .chain(out.data.iter().map(DmaBuf::as_slice))
+                    .chain(std::iter::once(out.tail.as_slice()));
+                for part in parts {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    iov.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                    if iov.len() == MAX_IOV {
+                        break 'outer;
+                    }
+                }
+            }
+            let sent = match rustix::io::writev(&self.sock, &iov) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
+                Err(_) => {
+                    // The client is gone: nothing more can be sent.
+                    self.tx.clear();
+                    self.eof = true;
+                    self.closing = true;
+                    return true;
+                }
+            };
+            drop(iov);
+            progress = true;
+            self.tx_sent += sent;
+            while let Some(front) = self.tx.front() {
+                if self.tx_sent < front.total() {
+                    break;
+                }
+                self.tx_sent -= front.total();
+                self.tx.pop_front();
+            }
+        }
+        progress
+    }
+}
+
+impl Poller for NbdConn {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if self.channel.is_none() {
+            match self
+                .export
+                .bdev
+                .open_channel(&cx.channel_context(MAX_INFLIGHT as u32))
+            {
+                Ok(c) => self.channel = Some(c),
+                Err(e) => {
+                    tracing::error!(%e, export = %self.export.name, "NBD connection cannot open its channel");
+                    return PollStatus::Done;
+                }
+            }
+        }
+        if !self.watched {
+            self.watched = cx.watch_fd(self.fd()).is_ok();
+        }
+        if self.export.is_closed() && !self.closing {
+            self.closing = true;
+            self.eof = true;
+        }
+        let mut busy = false;
+        for _ in 0..4 {
+            if !self.closing && self.receive() {
+                busy = true;
+            }
+            if self.rx_end > self.rx_start || self.incoming.is_some() {
+                self.handle_input();
+            }
+            if self.rx_end < RX_BUF || self.closing {
+                break;
+            }
+        }
+        if let Some(ch) = self.channel.as_mut() {
+            ch.poll(&mut self.done);
+        }
+        let done = std::mem::take(&mut self.done);
+        for c in done {
+            busy = true;
+            let Some(f) = self.inflight.try_remove(c.tag as usize) else {
+                continue;
+            };
+            match c.result {
+                Ok(()) => self.reply(&f.req, 0, c.bufs, ""),
+                Err(e) => {
+                    let msg = e.to_string();
+                    let errno = proto::errno_of(&e);
+                    self.reply(&f.req, errno, IoBufs::new(), &msg);
+                }
+            }
+        }
+        // Input held back for lack of buffers can go on now that completions freed some.
+        if !self.closing && (self.rx_end > self.rx_start) {
+            self.handle_input();
+        }
+        if self.transmit() {
+            busy = true;
+        }
+        if self.closing
+            && self.inflight.is_empty()
+            && (self.tx.is_empty() || self.eof && self.tx.is_empty())
+        {
+            // Requests in flight are done and every reply is sent: close.
+            if self.watched {
+                cx.unwatch_fd(self.fd());
+            }
+            return PollStatus::Done;
+        }
+        if busy || !self.tx.is_empty() || !self.done.is_empty() {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for NbdConn {
+    fn drop(&mut self) {
+        self.export.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,373 @@
+//! Backups in each mode to each local target, started right after a split with at least half the
+//! tracks pending while writers keep writing P and S: the backup equals P at the split point and
+//! its SHA-256 matches. Faults end a backup `failed` or `cancelled` while the pair keeps serving.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{read, run, wait_until, Op};
+use drivers::fault::{FaultBdev, FaultConfig};
+use drivers::Bdev;
+use engine::app::Engine;
+use engine::backup::{BackupInfo, BackupState, Mode, Target};
+use engine::pair::channel::View;
+use engine::pair::{PairConfig, PairState};
+use rand::{Rng, SeedableRng};
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+const TRACK: u64 = 64 << 10;
+const SIZE: u64 = 8 * MIB;
+
+struct Fixture {
+    engine: Arc<Engine>,
+    faults_s: Arc<FaultConfig>,
+    expected: Vec<u8>,
+}
+
+/// A pair of delayed RAM disks, split with more than half its tracks pending; returns the image
+/// the backup must reproduce (P at the split).
+fn split_pair(tag: &str, seed: u64) -> Fixture {
+    let engine = common::engine(tag);
+    let faults_p = Arc::new(FaultConfig::default());
+    let faults_s = Arc::new(FaultConfig::default());
+    faults_p.max_delay_polls.store(3, Ordering::Relaxed);
+    faults_s.max_delay_polls.store(3, Ordering::Relaxed);
+    for (n, f) in [("p", &faults_p), ("s", &faults_s)] {
+        let ram =
+            Arc::new(drivers::malloc::MallocBdev::create(&format!("{n}-ram"), SIZE, 4096).unwrap());
+        engine
+            .bdev_add(Arc::new(FaultBdev::new(n, ram, Arc::clone(f))))
+            .unwrap();
+    }
+    let pair = engine
+        .pair_create(
+            &PairConfig {
+                name: "pr".into(),
+                track_size: TRACK,
+                copy_rate: 0,
+            },
+            "p",
+            "s",
+        )
+        .unwrap();
+    let pv = engine.pair_view("pr", View::Primary).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut model = vec![0u8; SIZE as usize];
+    let mut writes = Vec::new();
+    // Writes in one batch run concurrently: give each its own 32 KiB slot so the model's
+    // order does not matter.
+    let mut slots: Vec<u64> = (0..SIZE / 32768).collect();
+    for _ in 0..64 {
+        let slot = slots.swap_remove(rng.gen_range(0..slots.len()));
+        let off = slot * 32768 + rng.gen_range(0..4u64) * 4096;
+        let len = rng.gen_range(1..=4u64) * 4096;
+        let data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        writes.push(Op::Write(off, data));
+    }
+    assert!(run(&engine, 0, Arc::clone(&pv), writes)
+        .iter()
+        .all(Result::is_ok));
+    wait_until("PAIR", || pair.state() == PairState::Pair);
+    // Slow the copy down, then dirty most tracks: they stay pending across the split.
+    pair.set_copy_rate(TRACK);
+    let mut writes = Vec::new();
+    for t in 0..SIZE / TRACK {
+        if t % 8 == 7 {
+            continue;
+        }
+        let off = t * TRACK + rng.gen_range(0..TRACK / 4096) * 4096;
+        let data: Vec<u8> = (0..4096).map(|_| rng.gen()).collect();
+        model[off as usize..off as usize + 4096].copy_from_slice(&data);
+        writes.push(Op::Write(off, data));
+    }
+    assert!(run(&engine, 1, Arc::clone(&pv), writes)
+        .iter()
+        .all(Result::is_ok));
+    let out = engine.pair_split(&["pr".to_string()]).unwrap();
+    assert!(
+        out.pending_tracks[0] * 2 >= SIZE / TRACK,
+        "only {} of {} tracks pending at the split",
+        out.pending_tracks[0],
+        SIZE / TRACK
+    );
+    Fixture {
+        engine,
+        faults_s,
+        expected: model,
+    }
+}
+
+/// Writes random data to P and to the image until stopped.
+fn writers(
+    engine: &Arc<Engine>,
+    stop: &Arc<AtomicBool>,
+    seed: u64,
+) -> Vec<std::thread::JoinHandle<()>> {
+    [View::Primary, View::Image]
+        .into_iter()
+        .enumerate()
+        .map(|(i, view)| {
+            let (engine, stop) = (Arc::clone(engine), Arc::clone(stop));
+            std::thread::spawn(move || {
+                let bdev = engine.pair_view("pr", view).unwrap();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed + i as u64);
+                while !stop.load(Ordering::SeqCst) {
+                    let ops: Vec<Op> = (0..8)
+                        .map(|_| {
+                            let off = rng.gen_range(0..SIZE / 4096) * 4096;
+                            Op::Write(off, vec![rng.gen(); 4096])
+                        })
+                        .collect();
+                    for r in run(&engine, i % 2, Arc::clone(&bdev), ops) {
+                        r.expect("host write during the backup");
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+fn wait_backup(engine: &Engine, id: u64) -> BackupInfo {
+    let mut info = engine.backup_get(Some(id)).unwrap().remove(0);
+    let end = std::time::Instant::now() + Duration::from_secs(120);
+    while info.state == BackupState::Running {
+        assert!(
+            std::time::Instant::now() < end,
+            "backup did not end: {info:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        info = engine.backup_get(Some(id)).unwrap().remove(0);
+    }
+    info
+}
+
+fn sha(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn backup_equals_the_split_image(mode: Mode, tape: bool, seed: u64) {
+    let tag = format!(
+        "backup-{}-{}",
+        mode.as_str(),
+        if tape { "tape" } else { "file" }
+    );
+    let f = split_pair(&tag, seed);
+    let dir = f.engine.state_dir().to_path_buf();
+    let path = dir.join(if tape { "backup.tar" } else { "backup.img" });
+    let target = if tape {
+        Target::Tape {
+            path: path.clone(),
+            record_size: drivers::tape::DEFAULT_RECORD_SIZE,
+        }
+    } else {
+        Target::File { path: path.clone() }
+    };
+    let id = f.engine.backup_start("pr", mode, target).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&f.engine, &stop, seed * 10);
+    let info = wait_backup(&f.engine, id);
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(info.state, BackupState::Done, "{info:?}");
+    assert_eq!(info.bytes_done, SIZE);
+    assert_eq!(info.bytes_total, SIZE);
+    let want = sha(&f.expected);
+    if !tape {
+        let got = std::fs::read(&path).unwrap();
+        if let Some(i) = (0..got.len()).find(|&i| got[i] != f.expected[i]) {
+            panic!(
+                "{mode:?} file backup differs from P at the split from byte {i} (track {}); sha of the file {}",
+                i as u64 / TRACK,
+                sha(&got)
+            );
+        }
+    }
+    assert_eq!(info.sha256.as_deref(), Some(want.as_str()), "{mode:?}");
+    let got = if tape {
+        let mut out = Vec::new();
+        let report = drivers::tape::restore(
+            std::fs::File::open(&path).unwrap(),
+            &mut out,
+            drivers::tape::DEFAULT_RECORD_SIZE,
+        )
+        .unwrap();
+        assert_eq!(report.sha256, want);
+        assert_eq!(report.manifest.mode, mode.as_str());
+        assert_eq!(report.manifest.pair, "pr");
+        out
+    } else {
+        std::fs::read(&path).unwrap()
+    };
+    assert!(
+        got == f.expected,
+        "{mode:?} backup differs from P at the split"
+    );
+    if mode == Mode::Merge {
+        assert_eq!(
+            info.cpu_copied_bytes, 0,
+            "merge copied payload with the CPU"
+        );
+    }
+    let pair = f.engine.pair("pr").unwrap();
+    assert_eq!(pair.state(), PairState::Psus);
+    assert!(!pair.backup_running());
+}
+
+#[test]
+fn merge_to_file_and_tape() {
+    backup_equals_the_split_image(Mode::Merge, false, 1);
+    backup_equals_the_split_image(Mode::Merge, true, 2);
+}
+
+#[test]
+fn reflect_to_file_and_tape() {
+    backup_equals_the_split_image(Mode::Reflect, false, 3);
+    backup_equals_the_split_image(Mode::Reflect, true, 4);
+}
+
+#[test]
+fn wait_to_file_and_tape() {
+    backup_equals_the_split_image(Mode::Wait, false, 5);
+    backup_equals_the_split_image(Mode::Wait, true, 6);
+}
+
+#[test]
+fn a_source_read_error_fails_the_backup_and_the_pair_keeps_serving() {
+    let f = split_pair("backup-src-error", 7);
+    let path = f.engine.state_dir().join("b.img");
+    f.faults_s.fail_reads.store(true, Ordering::SeqCst);
+    let id = f
+        .engine
+        .backup_start("pr", Mode::Reflect, Target::File { path: path.clone() })
+        .unwrap();
+    let info = wait_backup(&f.engine, id);
+    assert_eq!(info.state, BackupState::Failed);
+    assert!(
+        info.error.as_deref().unwrap_or("").contains("I/O error"),
+        "{info:?}"
+    );
+    assert_eq!(info.sha256, None);
+    assert!(
+        !path.exists(),
+        "a failed file backup leaves no image behind"
+    );
+    // Hosts keep writing and reading P.
+    let pv = f.engine.pair_view("pr", View::Primary).unwrap();
+    assert!(run(
+        &f.engine,
+        0,
+        Arc::clone(&pv),
+        vec![Op::Write(0, vec![5; 4096])]
+    )[0]
+    .is_ok());
+    assert_eq!(read(&f.engine, &pv, 0, 4096), vec![5; 4096]);
+}
+
+#[test]
+fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
+    let f = split_pair("backup-cancel", 8);
+    let path = f.engine.state_dir().join("c.tar");
+    // A slow target: every request of S and P waits many polls.
+    f.faults_s.max_delay_polls.store(2000, Ordering::Relaxed);
+    let id = f
+        .engine
+        .backup_start(
+            "pr",
+            Mode::Merge,
+            Target::Tape {
+                path: path.clone(),
+                record_size: 262_144,
+            },
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    f.engine.backup_cancel(id).unwrap();
+    let info = wait_backup(&f.engine, id);
+    assert_eq!(info.state, BackupState::Cancelled);
+    assert_eq!(info.sha256, None);
+    assert!(info.bytes_done < SIZE);
+    let mut out = Vec::new();
+    let restored = drivers::tape::restore(std::fs::File::open(&path).unwrap(), &mut out, 262_144);
+    assert!(restored.is_err(), "a cancelled archive must not restore");
+    // A second backup can start; a cancel of a finished backup is refused.
+    assert!(f.engine.backup_cancel(id).is_err());
+    f.faults_s.max_delay_polls.store(0, Ordering::Relaxed);
+    let id2 = f
+        .engine
+        .backup_start(
+            "pr",
+            Mode::Merge,
+            Target::File {
+                path: f.engine.state_dir().join("d.img"),
+            },
+        )
+        .unwrap();
+    assert_eq!(wait_backup(&f.engine, id2).state, BackupState::Done);
+}
+
+#[test]
+fn backups_need_a_split_pair_and_block_resync_while_running() {
+    let f = split_pair("backup-rules", 9);
+    f.faults_s.max_delay_polls.store(500, Ordering::Relaxed);
+    let id = f
+        .engine
+        .backup_start(
+            "pr",
+            Mode::Merge,
+            Target::File {
+                path: f.engine.state_dir().join("e.img"),
+            },
+        )
+        .unwrap();
+    assert!(
+        f.engine.pair_resync("pr", false).is_err(),
+        "resync during a backup"
+    );
+    assert!(
+        f.engine.pair_delete("pr").is_err(),
+        "delete during a backup"
+    );
+    assert!(
+        f.engine
+            .backup_start(
+                "pr",
+                Mode::Merge,
+                Target::File {
+                    path: f.engine.state_dir().join("f.img")
+                }
+            )
+            .is_err(),
+        "two backups of one pair at once"
+    );
+    f.faults_s.max_delay_polls.store(0, Ordering::Relaxed);
+    assert_eq!(wait_backup(&f.engine, id).state, BackupState::Done);
+    f.engine.pair_resync("pr", false).unwrap();
+    assert!(
+        f.engine
+            .backup_start(
+                "pr",
+                Mode::Merge,
+                Target::File {
+                    path: f.engine.state_dir().join("g.img")
+                }
+            )
+            .is_err(),
+        "a backup of a pair that is not split"
+    );
+    let _ = read(
+        &f.engine,
+        &(Arc::clone(f.engine.pair("pr").unwrap().primary()) as Arc<dyn Bdev>),
+        0,
+        4096,
+    );
+}
