@@ -78,6 +78,12 @@ pub enum EngineError {
     /// No such object.
     #[error("{0}")]
     NotFound(String),
+    /// The feature is not part of this build.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A backup target cannot be used.
+    #[error("backup target: {0}")]
+    Target(String),
     /// An NBD export operation failed.
     #[error(transparent)]
     Nbd(#[from] NbdError),
@@ -329,15 +335,31 @@ impl Engine {
                 .into());
             }
         }
+        if let Target::Nvmf { .. } = &target {
+            return Err(EngineError::Unavailable(
+                "the nvmf backup target is not part of this build yet".into(),
+            ));
+        }
+        // An NBD target is connected here, on the control thread: the handshake blocks.
+        let nbd = match &target {
+            Target::Nbd { uri } => {
+                let conn =
+                    drivers::sink::nbd::NbdConnection::connect(uri).map_err(EngineError::Target)?;
+                conn.check(p.geometry().size())
+                    .map_err(EngineError::Target)?;
+                Some(conn)
+            }
+            _ => None,
+        };
         let split_at_ns = self.pair_begin_backup(pair)?;
         let backup = self
             .backups
             .add(pair, mode, target, p.geometry().size(), split_at_ns);
         let copier = self.state().pairs.len(); // copiers are spread from reactor 1 on
         let reactor = self.reactors.get(copier + 1).clone();
-        let job = (Arc::clone(&backup), Arc::clone(&p));
+        let (b, pr) = (Arc::clone(&backup), Arc::clone(&p));
         let sent = reactor.send_blocking(Box::new(move |cx| {
-            cx.add_poller(Box::new(BackupJob::new(job.0, job.1)))
+            cx.add_poller(Box::new(BackupJob::new(b, pr, nbd)))
         }));
         if let Err(e) = sent {
             p.end_backup();

@@ -280,7 +280,15 @@ pub fn restore(archive: &std::path::Path, to: &std::path::Path, record_size: usi
     ) {
         Ok(report) => {
             use std::io::Write;
-            if let Err(e) = out.flush().and_then(|()| out.get_ref().sync_all()) {
+            // A regular file ends where the image ends (an older, longer file is cut).
+            let finished = out.flush().and_then(|()| {
+                let f = out.get_ref();
+                if f.metadata()?.file_type().is_file() {
+                    f.set_len(report.bytes)?;
+                }
+                f.sync_all()
+            });
+            if let Err(e) = finished {
                 eprintln!("quicksplit: {}: {e}", to.display());
                 return EXIT_ERROR;
             }

@@ -108,15 +108,28 @@ fn read_config(path: &std::path::Path) -> Result<serde_json::Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("--config {}: not JSON: {e}", path.display()))
 }
 
-fn print_welcome(socket: &std::path::Path) {
+fn print_welcome(socket: &std::path::Path, nbd: &std::path::Path) {
     let s = socket.display();
+    let n = nbd.display();
     println!("quicksplit is serving its embedded default:");
     println!("  bdevs p0 and s0 (sparse 1 GiB files), paired as pair0 (initial copy running)");
+    println!("  NBD exports p0 (read-write, mirrored to s0) and pair0-image (read-only) on {n}");
     println!("  JSON-RPC on {s}");
     println!();
-    println!("Try:");
-    println!("  quicksplit status --socket {s}");
+    println!("Measure it with fio:");
+    println!(
+        "  fio --name=t --ioengine=nbd --uri='nbd+unix:///p0?socket={n}' --rw=randwrite --bs=4k \\"
+    );
+    println!("      --iodepth=32 --size=1g --time_based --runtime=10");
+    println!("Copy data in and out with qemu-img or nbdcopy:");
+    println!("  qemu-img convert -n -O raw disk.raw 'nbd+unix:///p0?socket={n}'");
+    println!("  nbdcopy 'nbd+unix:///pair0-image?socket={n}' image.raw");
+    println!();
+    println!("Split, back up, resync:");
     println!("  quicksplit split pair0 --socket {s}");
+    println!("  quicksplit backup pair0 --to tape:/var/tmp/pair0.tar --wait --socket {s}");
+    println!("  quicksplit restore /var/tmp/pair0.tar --to restored.img");
+    println!("  quicksplit status --socket {s}");
     println!("  quicksplit rpc --socket {s} pair_get");
     println!("  quicksplit rpc --socket {s} pair_resync '{{\"name\": \"pair0\"}}'");
     println!("Stop with Ctrl-C.");
@@ -245,7 +258,7 @@ fn serve(
         "quicksplit serving"
     );
     if embedded {
-        print_welcome(&socket);
+        print_welcome(&socket, &engine.state_dir().join("nbd.sock"));
     }
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(50));

@@ -4,9 +4,11 @@
 //!
 //! - [`file::FileSink`]: a raw image in a file or block device, through io_uring;
 //! - [`tape::TapeSink`]: a pax archive in fixed records (see [`crate::tape`]) on a file standing
-//!   for a tape.
+//!   for a tape;
+//! - [`nbd::NbdSink`]: an NBD server's export.
 
 pub mod file;
+pub mod nbd;
 pub mod tape;
 
 use crate::tape::Manifest;

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use drivers::sink::nbd::{NbdConnection, NbdSink};
 use drivers::sink::{file::FileSink, tape::TapeSink, Sink, SinkDone, SinkFull};
 use drivers::tape::{ImageDigest, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
@@ -72,11 +73,13 @@ pub struct BackupJob {
     error: Option<String>,
     src_done: Vec<IoCompletion>,
     sink_done: Vec<SinkDone>,
+    /// An NBD target's connection, made by the control thread.
+    nbd: Option<NbdConnection>,
 }
 
 impl BackupJob {
-    /// A job for `backup` of `pair`'s image split at `split_at_ns`.
-    pub fn new(backup: Arc<Backup>, pair: Arc<Pair>) -> Self {
+    /// A job for `backup` of `pair`'s image; `nbd` is the connection of an NBD target.
+    pub fn new(backup: Arc<Backup>, pair: Arc<Pair>, nbd: Option<NbdConnection>) -> Self {
         let g = pair.geometry();
         let manifest = Manifest {
             format: FORMAT.to_string(),
@@ -113,6 +116,7 @@ impl BackupJob {
             error: None,
             src_done: Vec::new(),
             sink_done: Vec::new(),
+            nbd,
         }
     }
 
@@ -136,8 +140,12 @@ impl BackupJob {
             Target::Tape { path, record_size } => {
                 Box::new(TapeSink::open(path, &self.manifest, *record_size, &ctx)?)
             }
-            Target::Nbd { .. } => {
-                return Err("the nbd backup target is not part of this build yet".into())
+            Target::Nbd { uri } => {
+                let conn = self
+                    .nbd
+                    .take()
+                    .ok_or_else(|| format!("{uri}: not connected"))?;
+                Box::new(NbdSink::new(conn, self.size)?)
             }
             Target::Nvmf { .. } => {
                 return Err("the nvmf backup target is not part of this build yet".into())

@@ -72,6 +72,8 @@ impl From<EngineError> for RpcError {
             EngineError::Reactor(r) => RpcError::new(codes::FAILED, r.to_string()),
             EngineError::InUse(m) => RpcError::new(codes::CONFLICT, m),
             EngineError::NotFound(m) => RpcError::new(codes::NOT_FOUND, m),
+            EngineError::Unavailable(m) => RpcError::new(codes::UNAVAILABLE, m),
+            e @ EngineError::Target(_) => RpcError::new(codes::IO_ERROR, e.to_string()),
             EngineError::Nbd(n) => {
                 let code = match &n {
                     NbdError::Exists(_) => codes::CONFLICT,

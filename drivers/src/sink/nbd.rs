@@ -1,0 +1,470 @@
+//! The NBD target: the image written to an NBD server's export. The handshake (fixed newstyle,
+//! NBD_OPT_GO) runs with blocking I/O on the control thread that starts the backup; the
+//! transmission then runs on the reactor over the non-blocking socket, each write sent with
+//! one vectored send from the backup's DMA buffers (no copy), replies matched by cookie.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{IoSlice, Read, Write};
+use std::net::TcpStream;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use hugepages::DmaBuf;
+
+use super::{Sink, SinkDone, SinkFull};
+use crate::nbd::proto::{self, cmd, opt, rep, Request};
+use crate::tape::Manifest;
+use crate::{IoBufs, IoError};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+const FLUSH_COOKIE: u64 = u64::MAX;
+const MAX_INFLIGHT: usize = 64;
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(b),
+            Stream::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(b),
+            Stream::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A parsed NBD URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdUri {
+    /// `nbd://host[:port]/export`.
+    Tcp {
+        /// host:port.
+        addr: String,
+        /// Export name.
+        export: String,
+    },
+    /// `nbd+unix:///export?socket=PATH`.
+    Unix {
+        /// Socket path.
+        socket: String,
+        /// Export name.
+        export: String,
+    },
+}
+
+impl NbdUri {
+    /// Parses the two URI forms NBD tools use.
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        if let Some(rest) = uri.strip_prefix("nbd+unix://") {
+            let (path, query) = rest
+                .split_once('?')
+                .ok_or_else(|| format!("{uri}: nbd+unix needs ?socket=PATH"))?;
+            let export = path.trim_start_matches('/').to_string();
+            let socket = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .ok_or_else(|| format!("{uri}: nbd+unix needs ?socket=PATH"))?
+                .to_string();
+            return Ok(NbdUri::Unix { socket, export });
+        }
+        if let Some(rest) = uri.strip_prefix("nbd://") {
+            let (host, export) = rest.split_once('/').unwrap_or((rest, ""));
+            if host.is_empty() {
+                return Err(format!("{uri}: no host"));
+            }
+            let addr = if host.contains(':') && !host.ends_with(']') {
+                host.to_string()
+            } else {
+                format!("{host}:10809")
+            };
+            return Ok(NbdUri::Tcp {
+                addr,
+                export: export.to_string(),
+            });
+        }
+        Err(format!(
+            "{uri}: expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH"
+        ))
+    }
+}
+
+/// A connection in the transmission phase, made on a control thread.
+pub struct NbdConnection {
+    stream: Stream,
+    size: u64,
+    flags: u16,
+    uri: String,
+}
+
+impl NbdConnection {
+    /// Connects and selects the export with NBD_OPT_GO (blocking, with a timeout).
+    pub fn connect(uri: &str) -> Result<Self, String> {
+        let parsed = NbdUri::parse(uri)?;
+        let (mut stream, export) = match parsed {
+            NbdUri::Tcp { addr, export } => {
+                let s = TcpStream::connect(&addr).map_err(|e| format!("{uri}: {e}"))?;
+                let _ = s.set_nodelay(true);
+                s.set_read_timeout(Some(TIMEOUT))
+                    .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
+                    .map_err(|e| e.to_string())?;
+                (Stream::Tcp(s), export)
+            }
+            NbdUri::Unix { socket, export } => {
+                let s = UnixStream::connect(&socket).map_err(|e| format!("{uri}: {e}"))?;
+                s.set_read_timeout(Some(TIMEOUT))
+                    .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
+                    .map_err(|e| e.to_string())?;
+                (Stream::Unix(s), export)
+            }
+        };
+        let (size, flags) = handshake(&mut stream, &export).map_err(|e| format!("{uri}: {e}"))?;
+        Ok(Self {
+            stream,
+            size,
+            flags,
+            uri: uri.to_string(),
+        })
+    }
+
+    /// Export size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// True when the server refuses writes.
+    pub fn read_only(&self) -> bool {
+        self.flags & proto::tflag::READ_ONLY != 0
+    }
+
+    /// Checks that the export can take an image of `size` bytes.
+    pub fn check(&self, size: u64) -> Result<(), String> {
+        if self.size < size {
+            return Err(format!(
+                "{}: the export holds {} bytes, the image needs {size}",
+                self.uri, self.size
+            ));
+        }
+        if self.read_only() {
+            return Err(format!("{}: the export is read-only", self.uri));
+        }
+        Ok(())
+    }
+}
+
+fn handshake(s: &mut Stream, export: &str) -> Result<(u64, u16), String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).map_err(io)?;
+    if u64::from_be_bytes(hello[..8].try_into().map_err(|_| "short")?) != proto::NBDMAGIC
+        || u64::from_be_bytes(hello[8..16].try_into().map_err(|_| "short")?) != proto::IHAVEOPT
+    {
+        return Err("not an NBD newstyle server".into());
+    }
+    let server_flags = u16::from_be_bytes([hello[16], hello[17]]);
+    if server_flags & proto::FLAG_FIXED_NEWSTYLE == 0 {
+        return Err("the server does not speak fixed newstyle".into());
+    }
+    let mut cflags = proto::FLAG_C_FIXED_NEWSTYLE;
+    if server_flags & proto::FLAG_NO_ZEROES != 0 {
+        cflags |= proto::FLAG_C_NO_ZEROES;
+    }
+    s.write_all(&cflags.to_be_bytes()).map_err(io)?;
+    let mut data = Vec::new();
+    data.extend_from_slice(&(export.len() as u32).to_be_bytes());
+    data.extend_from_slice(export.as_bytes());
+    data.extend_from_slice(&0u16.to_be_bytes());
+    let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
+    o.extend_from_slice(&opt::GO.to_be_bytes());
+    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    o.extend_from_slice(&data);
+    s.write_all(&o).map_err(io)?;
+    let (mut size, mut flags) = (None, 0);
+    loop {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).map_err(io)?;
+        let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+        let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+        if len > 1 << 20 {
+            return Err(format!("option reply of {len} bytes"));
+        }
+        let mut payload = vec![0u8; len as usize];
+        s.read_exact(&mut payload).map_err(io)?;
+        match kind {
+            rep::ACK => break,
+            rep::INFO if payload.len() >= 12 && payload[..2] == [0, 0] => {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&payload[2..10]);
+                size = Some(u64::from_be_bytes(b));
+                flags = u16::from_be_bytes([payload[10], payload[11]]);
+            }
+            k if k & (1 << 31) != 0 => {
+                return Err(format!(
+                    "the server refused export '{export}': {}",
+                    String::from_utf8_lossy(&payload)
+                ))
+            }
+            _ => {}
+        }
+    }
+    let size = size.ok_or("the server sent no export size")?;
+    Ok((size, flags))
+}
+
+struct Out {
+    head: [u8; proto::REQUEST_LEN],
+    bufs: IoBufs,
+    len: usize,
+}
+
+/// The NBD backup target.
+pub struct NbdSink {
+    stream: Stream,
+    uri: String,
+    tx: VecDeque<Out>,
+    tx_sent: usize,
+    waiting: HashMap<u64, (u64, IoBufs)>,
+    rx: Vec<u8>,
+    rx_len: usize,
+    failed: Option<IoError>,
+    flushing: bool,
+    finished: Option<Result<(), IoError>>,
+}
+
+impl NbdSink {
+    /// Takes a connection for an image of `size` bytes.
+    pub fn new(conn: NbdConnection, size: u64) -> Result<Self, String> {
+        conn.check(size)?;
+        let nb = match &conn.stream {
+            Stream::Unix(s) => s.set_nonblocking(true),
+            Stream::Tcp(s) => s.set_nonblocking(true),
+        };
+        nb.map_err(|e| e.to_string())?;
+        Ok(Self {
+            stream: conn.stream,
+            uri: conn.uri,
+            tx: VecDeque::new(),
+            tx_sent: 0,
+            waiting: HashMap::new(),
+            rx: vec![0u8; 4096],
+            rx_len: 0,
+            failed: None,
+            flushing: false,
+            finished: None,
+        })
+    }
+
+    fn queue(&mut self, kind: u16, cookie: u64, offset: u64, bufs: IoBufs) {
+        let len: usize = bufs.iter().map(DmaBuf::len).sum();
+        let head = Request {
+            flags: 0,
+            kind,
+            cookie,
+            offset,
+            length: len as u32,
+        }
+        .encode();
+        self.tx.push_back(Out { head, bufs, len });
+    }
+
+    fn transmit(&mut self) {
+        while !self.tx.is_empty() && self.failed.is_none() {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(64);
+            let mut skip = self.tx_sent;
+            'all: for out in &self.tx {
+                for part in
+                    std::iter::once(&out.head[..]).chain(out.bufs.iter().map(DmaBuf::as_slice))
+                {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    iov.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                    if iov.len() == 64 {
+                        break 'all;
+                    }
+                }
+            }
+            match rustix::io::writev(&self.stream, &iov) {
+                Ok(n) => {
+                    drop(iov);
+                    self.tx_sent += n;
+                    while let Some(front) = self.tx.front() {
+                        let total = front.head.len() + front.len;
+                        if self.tx_sent < total {
+                            break;
+                        }
+                        self.tx_sent -= total;
+                        self.tx.pop_front();
+                    }
+                }
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
+                Err(e) => {
+                    self.failed = Some(IoError::Device(e.raw_os_error()));
+                }
+            }
+        }
+    }
+
+    fn receive(&mut self, out: &mut Vec<SinkDone>) {
+        loop {
+            match rustix::io::read(&self.stream, &mut self.rx[self.rx_len..]) {
+                Ok(0) => {
+                    self.failed.get_or_insert(IoError::Aborted(
+                        "the NBD server closed the connection".into(),
+                    ));
+                    break;
+                }
+                Ok(n) => self.rx_len += n,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
+                Err(e) => {
+                    self.failed = Some(IoError::Device(e.raw_os_error()));
+                    break;
+                }
+            }
+            let mut at = 0;
+            while self.rx_len - at >= proto::SIMPLE_REPLY_LEN {
+                let h = &self.rx[at..at + proto::SIMPLE_REPLY_LEN];
+                at += proto::SIMPLE_REPLY_LEN;
+                let magic = u32::from_be_bytes([h[0], h[1], h[2], h[3]]);
+                let error = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+                let mut c = [0u8; 8];
+                c.copy_from_slice(&h[8..16]);
+                let cookie = u64::from_be_bytes(c);
+                if magic != proto::SIMPLE_REPLY_MAGIC {
+                    self.failed = Some(IoError::Aborted("bad NBD reply magic".into()));
+                    break;
+                }
+                let result = if error == 0 {
+                    Ok(())
+                } else {
+                    Err(IoError::Refused(format!("NBD server error {error}")))
+                };
+                if cookie == FLUSH_COOKIE {
+                    let _ = self.stream_disconnect();
+                    self.finished = Some(result);
+                    continue;
+                }
+                if let Some((len, bufs)) = self.waiting.remove(&cookie) {
+                    if let Err(e) = &result {
+                        self.failed.get_or_insert(e.clone());
+                    }
+                    out.push(SinkDone {
+                        offset: cookie,
+                        len,
+                        bufs,
+                        result,
+                    });
+                }
+            }
+            self.rx.copy_within(at..self.rx_len, 0);
+            self.rx_len -= at;
+        }
+    }
+
+    fn stream_disconnect(&mut self) -> std::io::Result<()> {
+        let head = Request {
+            flags: 0,
+            kind: cmd::DISC,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        }
+        .encode();
+        rustix::io::write(&self.stream, &head)
+            .map(|_| ())
+            .map_err(Into::into)
+    }
+}
+
+impl Sink for NbdSink {
+    fn submit(&mut self, offset: u64, bufs: IoBufs) -> Result<(), SinkFull> {
+        if let Some(e) = &self.failed {
+            return Err(SinkFull::Failed(e.clone(), bufs));
+        }
+        if self.waiting.len() >= MAX_INFLIGHT {
+            return Err(SinkFull::Busy(bufs));
+        }
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        // The buffers go back to their pool as soon as the socket has taken their bytes; the
+        // server's reply then confirms the write.
+        self.queue(cmd::WRITE, offset, offset, bufs);
+        self.waiting.insert(offset, (len, IoBufs::new()));
+        self.transmit();
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<SinkDone>) {
+        self.transmit();
+        self.receive(out);
+        if let Some(e) = self.failed.clone() {
+            // Fail what is still waiting so the job can end.
+            let waiting: Vec<u64> = self.waiting.keys().copied().collect();
+            for cookie in waiting {
+                if let Some((len, bufs)) = self.waiting.remove(&cookie) {
+                    out.push(SinkDone {
+                        offset: cookie,
+                        len,
+                        bufs,
+                        result: Err(e.clone()),
+                    });
+                }
+            }
+            self.tx.clear();
+            if self.flushing && self.finished.is_none() {
+                self.finished = Some(Err(e));
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.waiting.len()
+    }
+
+    fn finish(&mut self, _manifest: &Manifest) -> Result<(), IoError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        if !self.flushing {
+            self.flushing = true;
+            self.queue(cmd::FLUSH, FLUSH_COOKIE, 0, IoBufs::new());
+            self.transmit();
+        }
+        Ok(())
+    }
+
+    fn finished(&mut self) -> Option<Result<(), IoError>> {
+        self.finished.clone()
+    }
+
+    fn describe(&self) -> String {
+        format!("NBD export {}", self.uri)
+    }
+
+    fn abandon(&mut self) {
+        let _ = self.stream_disconnect();
+    }
+}
