@@ -177,20 +177,120 @@ fn every_method_through_the_socket() {
     assert!(msg.contains("name"), "{msg}");
 
     // Not built yet: a clear application error, never a fake success.
-    for m in [
-        "backup_start",
-        "backup_get",
-        "backup_cancel",
-        "nbd_export_start",
-        "nbd_export_stop",
-        "nbd_get_exports",
-        "nvmf_export_start",
-        "nvmf_export_stop",
-        "nvmf_get_exports",
-    ] {
+    for m in ["nvmf_export_start", "nvmf_export_stop", "nvmf_get_exports"] {
         let (code, msg) = c.err(m, json!({}));
         assert_eq!(code, UNAVAILABLE, "{m}: {msg}");
     }
+
+    // Backups and NBD exports: errors of each kind.
+    assert_eq!(c.ok("backup_get", json!({})), json!([]));
+    assert_eq!(c.err("backup_get", json!({"id": 99})).0, NOT_FOUND);
+    assert_eq!(c.err("backup_cancel", json!({"id": 99})).0, NOT_FOUND);
+    assert_eq!(c.err("backup_cancel", json!({})).0, PARAMS);
+    c.ok("bdev_malloc_create", json!({"name": "bp", "size": 1 << 20}));
+    c.ok("bdev_malloc_create", json!({"name": "bs", "size": 1 << 20}));
+    c.ok(
+        "pair_create",
+        json!({"name": "bk", "primary": "bp", "secondary": "bs"}),
+    );
+    let file = dir.path().join("b.img");
+    let (code, msg) = c.err(
+        "backup_start",
+        json!({"pair": "bk", "target": {"type": "file", "path": file}}),
+    );
+    assert_eq!(code, WRONG_STATE, "{msg}");
+    let (code, msg) = c.err(
+        "backup_start",
+        json!({"pair": "bk", "target": {"type": "floppy", "path": file}}),
+    );
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(msg.contains("target"), "{msg}");
+    assert_eq!(
+        c.err(
+            "backup_start",
+            json!({"pair": "bk", "mode": "eager", "target": {"type": "file", "path": file}})
+        )
+        .0,
+        PARAMS
+    );
+    assert!(wait_for(Duration::from_secs(20), || pair_state(
+        &mut c, "bk"
+    )["state"]
+        == "PAIR"));
+    c.ok("pair_split", json!({"name": "bk"}));
+    let id = c.ok(
+        "backup_start",
+        json!({"pair": "bk", "mode": "wait", "target": {"type": "file", "path": file}}),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || c
+        .ok("backup_get", json!({"id": id}))[0]["state"]
+        == "done"));
+    let b = c.ok("backup_get", json!({"id": id}))[0].clone();
+    for k in [
+        "id",
+        "pair",
+        "mode",
+        "state",
+        "bytes_done",
+        "bytes_total",
+        "sha256",
+        "error",
+    ] {
+        assert!(b.get(k).is_some(), "backup_get lacks {k}: {b}");
+    }
+    assert_eq!(b["bytes_done"], 1 << 20);
+    assert_eq!(c.err("backup_cancel", json!({"id": id})).0, CONFLICT);
+    let (code, msg) = c.err(
+        "backup_start",
+        json!({"pair": "bk", "target": {"type": "nvmf", "traddr": "127.0.0.1", "subnqn": "x"}}),
+    );
+    assert_eq!(code, UNAVAILABLE, "{msg}");
+    assert_eq!(c.ok("nbd_get_exports", json!({})), json!([]));
+    let nbd = dir.path().join("n.sock");
+    c.ok(
+        "nbd_export_start",
+        json!({"name": "e", "pair": "bk", "socket": nbd}),
+    );
+    assert_eq!(
+        c.err(
+            "nbd_export_start",
+            json!({"name": "e", "bdev": "u0", "socket": nbd})
+        )
+        .0,
+        CONFLICT
+    );
+    assert_eq!(
+        c.err(
+            "nbd_export_start",
+            json!({"name": "e2", "bdev": "bs", "socket": nbd})
+        )
+        .0,
+        CONFLICT,
+        "the secondary of a pair cannot be exported as a bdev"
+    );
+    assert_eq!(
+        c.err("nbd_export_start", json!({"name": "e3", "bdev": "nope"}))
+            .0,
+        NOT_FOUND
+    );
+    assert_eq!(
+        c.err(
+            "nbd_export_start",
+            json!({"name": "e4", "bdev": "u0", "pair": "bk"})
+        )
+        .0,
+        PARAMS
+    );
+    let exports = c.ok("nbd_get_exports", json!({}));
+    assert_eq!(exports[0]["name"], "e");
+    assert_eq!(exports[0]["pair"], "bk");
+    assert_eq!(exports[0]["writable"], false);
+    assert_eq!(c.err("pair_delete", json!({"name": "bk"})).0, CONFLICT);
+    assert_eq!(c.ok("nbd_export_stop", json!({"name": "e"})), json!(true));
+    assert_eq!(c.err("nbd_export_stop", json!({"name": "e"})).0, NOT_FOUND);
+    assert_eq!(c.ok("pair_delete", json!({"name": "bk"})), json!(true));
 
     let reactors = c.ok("framework_get_reactors", json!({}));
     let reactors = reactors.as_array().unwrap();
@@ -388,7 +488,17 @@ fn save_config_then_restart_with_it_gives_the_same_bdevs_and_pairs() {
         "pair_create",
         json!({"name": "mu", "primary": "m", "secondary": "u", "track_size": 131072, "copy_rate": 1048576}),
     );
+    let nbd = dir.path().join("cfg-nbd.sock");
+    c.ok(
+        "nbd_export_start",
+        json!({"name": "img", "pair": "mu", "socket": nbd}),
+    );
+    c.ok(
+        "nbd_export_start",
+        json!({"name": "prim", "bdev": "m", "socket": nbd, "writable": true}),
+    );
     let config = c.ok("save_config", json!({}));
+    let exports = c.ok("nbd_get_exports", json!({}));
     let bdevs = c.ok("bdev_get_bdevs", json!({}));
     let pair = c.ok("pair_get", json!({}))[0].clone();
     drop(c);
@@ -422,6 +532,8 @@ fn save_config_then_restart_with_it_gives_the_same_bdevs_and_pairs() {
         assert_eq!(pair2[k], pair[k], "{k}");
     }
     assert_eq!(c2.ok("save_config", json!({})), config);
+    assert_eq!(c2.ok("nbd_get_exports", json!({})), exports);
+    assert!(nbd.exists(), "the restored exports listen again");
 
     // A broken config file is a usage error, and the server does not start.
     let bad = dir.path().join("bad.json");
