@@ -60,7 +60,7 @@ impl std::str::FromStr for IdlePolicy {
 }
 
 /// How long a reactor must have been idle before adaptive parking.
-const SPIN_BEFORE_PARK: Duration = Duration::from_micros(200);
+const SPIN_BEFORE_PARK: Duration = Duration::from_micros(1000);
 /// Longest park: pollers with timers ask for earlier wake-ups.
 const MAX_PARK: Duration = Duration::from_millis(100);
 /// Messages run per loop turn at most, so pollers keep running under a message flood.

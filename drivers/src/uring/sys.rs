@@ -225,7 +225,7 @@ impl Ring {
 
     /// Submits what is queued and moves finished requests into `out`.
     pub(super) fn reap(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        if self.unsubmitted {
+        if self.unsubmitted || (!self.inflight.is_empty() && self.ring.submission().taskrun()) {
             match self.ring.submit() {
                 Ok(_) => self.unsubmitted = false,
                 Err(err) => tracing::debug!(%err, "io_uring submit deferred"),
