@@ -17,10 +17,13 @@ use crate::pair::channel::{PairChannel, View};
 use crate::pair::{now_ns, Pair, PairState};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
-/// Largest staging buffer (a piece of the image read and written as one).
-const MAX_PIECE: u64 = 1 << 20;
+/// A piece of the image read and written as one vectored request: staging buffers of one track
+/// each (at most 1 MiB), so a buffer never holds parts of two tracks.
+const PIECE: u64 = 1 << 20;
+/// Largest staging buffer.
+const MAX_BUF: u64 = 1 << 20;
 /// Bytes of the image between reading and the target's acknowledgement.
-const WINDOW: u64 = 16 << 20;
+const WINDOW: u64 = 32 << 20;
 
 enum Source {
     /// The image through the pair (merge).
@@ -58,6 +61,7 @@ pub struct BackupJob {
     src: Option<Source>,
     sink: Option<Box<dyn Sink>>,
     pool: Option<BufferPool>,
+    buf_size: u64,
     piece: u64,
     size: u64,
     next_read: u64,
@@ -96,7 +100,8 @@ impl BackupJob {
         };
         Self {
             name: format!("backup:{}", backup.id),
-            piece: pair.track_size().min(MAX_PIECE),
+            buf_size: pair.track_size().min(MAX_BUF),
+            piece: PIECE.max(pair.track_size().min(MAX_BUF)),
             size: g.size(),
             backup,
             pair,
@@ -151,8 +156,9 @@ impl BackupJob {
                 return Err("the nvmf backup target is not part of this build yet".into())
             }
         };
-        let count = (WINDOW / self.piece).max(8) as usize;
-        self.pool = Some(BufferPool::new(self.piece as usize, count).map_err(|e| e.to_string())?);
+        let count = (WINDOW / self.buf_size).max(2 * self.piece / self.buf_size) as usize;
+        self.pool =
+            Some(BufferPool::new(self.buf_size as usize, count).map_err(|e| e.to_string())?);
         self.digest = Some(ImageDigest::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
         self.src = Some(src);
         self.sink = Some(sink);
@@ -197,21 +203,34 @@ impl BackupJob {
         ready
     }
 
+    /// Staging buffers for `len` bytes, one per track; `None` when the pool is short.
+    fn piece_buffers(&self, len: u64) -> Option<IoBufs> {
+        let pool = self.pool.as_ref()?;
+        let n = len.div_ceil(self.buf_size) as usize;
+        if pool.available() < n {
+            return None;
+        }
+        let mut bufs = IoBufs::new();
+        let mut left = len;
+        for _ in 0..n {
+            let mut b = pool.get()?;
+            b.set_len(left.min(self.buf_size) as usize).ok()?;
+            left -= b.len() as u64;
+            bufs.push(b);
+        }
+        Some(bufs)
+    }
+
     fn issue_reads(&mut self) -> bool {
         let mut issued = false;
         while self.next_read < self.size {
             if self.backup.mode == Mode::Reflect && !self.reflected(self.next_read) {
                 break;
             }
-            let Some(mut buf) = self.pool.as_ref().and_then(BufferPool::get) else {
+            let len = self.piece.min(self.size - self.next_read);
+            let Some(bufs) = self.piece_buffers(len) else {
                 break;
             };
-            let len = self.piece.min(self.size - self.next_read);
-            if buf.set_len(len as usize).is_err() {
-                break;
-            }
-            let mut bufs = IoBufs::new();
-            bufs.push(buf);
             let offset = self.next_read;
             let Some(src) = self.src.as_mut() else { break };
             match src.channel().submit(IoRequest::read(offset, bufs, offset)) {

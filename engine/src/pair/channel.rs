@@ -534,14 +534,22 @@ impl PairChannel {
             off += b.len() as u64;
         }
         if direct {
+            // Consecutive buffers from one side go as one vectored read; its sub id is the index
+            // of its first buffer, and the buffers come back in order from there.
             self.parents[key].phase = Phase::Reading { bounce: false };
-            for (i, (off, src)) in plan.into_iter().enumerate() {
-                let Some(buf) = self.parents[key].bufs[i].take() else {
-                    continue;
-                };
-                let mut bufs = IoBufs::new();
-                bufs.push(buf);
+            let mut i = 0;
+            while i < plan.len() {
+                let (off, src) = plan[i];
+                let mut j = i + 1;
+                while j < plan.len() && plan[j].1 == src {
+                    j += 1;
+                }
+                let bufs: IoBufs = self.parents[key].bufs[i..j]
+                    .iter_mut()
+                    .filter_map(Option::take)
+                    .collect();
                 self.issue(key, src, IoRequest::read(off, bufs, 0), i as u64);
+                i = j;
             }
             return Step::Running;
         }
@@ -643,9 +651,9 @@ impl PairChannel {
                     piece.0 = bufs.next();
                 }
             }
-            i => {
-                if let Some(slot) = p.bufs.get_mut(i as usize) {
-                    *slot = bufs.next();
+            first => {
+                for (slot, buf) in p.bufs.iter_mut().skip(first as usize).zip(bufs) {
+                    *slot = Some(buf);
                 }
             }
         }

@@ -13,8 +13,11 @@ use slab::Slab;
 use super::{Pair, PairState};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
-/// Copies in flight at once.
+/// Copies in flight at once in the background (a gentle load next to hosts' I/O).
 const COPY_DEPTH: usize = 4;
+/// Copies in flight at once while a backup waits for them (`wait` at full speed, `reflect`
+/// asking for tracks).
+const URGENT_DEPTH: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -77,11 +80,11 @@ impl Copier {
         if self.p.is_some() {
             return true;
         }
-        let ctx = cx.channel_context(COPY_DEPTH as u32 * 2);
+        let ctx = cx.channel_context(URGENT_DEPTH as u32 * 2);
         let opened = (|| {
             let p = self.pair.primary().open_channel(&ctx)?;
             let s = self.pair.secondary().open_channel(&ctx)?;
-            let pool = BufferPool::new(self.pair.track_size() as usize, COPY_DEPTH)?;
+            let pool = BufferPool::new(self.pair.track_size() as usize, URGENT_DEPTH)?;
             Ok::<_, drivers::BdevError>((p, s, pool))
         })();
         match opened {
@@ -323,7 +326,11 @@ impl Poller for Copier {
                 PollStatus::Idle
             };
         }
-        while self.copies.len() < COPY_DEPTH {
+        let urgent = self.pair.full_speed.load(Ordering::Relaxed)
+            || !self.urgent_later.is_empty()
+            || !self.pair.urgent.is_empty();
+        let depth = if urgent { URGENT_DEPTH } else { COPY_DEPTH };
+        while self.copies.len() < depth {
             let Some(buf) = self.pool.as_ref().and_then(BufferPool::get) else {
                 break;
             };

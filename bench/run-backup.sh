@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Backup figures in one run, on uring files: each mode's throughput to a file target next to
+# fio's sequential read of the source and sequential write of the target; host 4 KiB randwrite
+# (fio through NBD on P) during each mode against idle; the CPU-copied payload bytes of each.
+# Usage: bench/run-backup.sh [DIR (default /var/tmp/qs-bench)] [SIZE_GIB (default 1)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-/var/tmp/qs-bench}
+gib=${2:-1}
+mkdir -p "$dir"
+cargo build --release --locked --bin quicksplit >/dev/null 2>&1
+qs=$PWD/target/release/quicksplit
+work=$(mktemp -d /tmp/qs-backup-bench.XXXXXX)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+P=$dir/bk-p.img; S=$dir/bk-s.img; T=$dir/bk-target.img
+for f in "$P" "$S" "$T"; do
+  fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct=1 --ioengine=io_uring \
+      --iodepth=8 >/dev/null
+done
+seq_mibs() { # rw file -> MiB/s
+  fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct=1 --ioengine=io_uring \
+      --iodepth=8 --output-format=json 2>/dev/null | python3 -c \
+      "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
+}
+read_s=$(seq_mibs read "$S"); write_t=$(seq_mibs write "$T")
+slower=$(( read_s < write_t ? read_s : write_t ))
+echo "fio sequential 1 MiB QD8: read of the source $read_s MiB/s, write of the target $write_t MiB/s"
+
+cat > "$work/c.json" <<JSON
+{"config": [
+ {"method": "bdev_uring_create", "params": {"name": "p", "filename": "$P"}},
+ {"method": "bdev_uring_create", "params": {"name": "s", "filename": "$S"}},
+ {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}},
+ {"method": "nbd_export_start", "params": {"name": "p", "bdev": "p", "socket": "$work/nbd.sock"}}
+]}
+JSON
+QUICKSPLIT_LOG=warn $qs serve --config "$work/c.json" --rpc-socket "$work/rpc.sock" \
+  --state-dir "$work/state" --cores 0-1 --idle adaptive >/dev/null 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$work/rpc.sock" ] && break; sleep 0.1; done
+rpc() { $qs rpc --socket "$work/rpc.sock" "$@"; }
+wait_pair() { while [ "$(rpc pair_get '{"name":"pr"}' | python3 -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do sleep 0.2; done; }
+host() { # seconds -> "IOPS p99.9us"
+  fio --name=h --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite --bs=4k \
+      --iodepth=32 --size=${gib}g --time_based --runtime=$1 --output-format=json 2>/dev/null \
+      | grep -v '^fio:' | python3 -c \
+      "import json,sys; w=json.load(sys.stdin)['jobs'][0]['write']; print(round(w['iops']), round(w['clat_ns']['percentile']['99.900000']/1000))"
+}
+backup() { # mode -> id
+  rm -f "$T.partial"
+  rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\", \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
+    | python3 -c "import json,sys; print(json.load(sys.stdin)['id'])"
+}
+wait_backup() { # id -> "MiB/s cpu_copied state"
+  while :; do
+    out=$(rpc backup_get "{\"id\": $1}" | python3 -c \
+      "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9), b['cpu_copied_bytes'])")
+    set -- $1 $out
+    [ "$2" != running ] && { echo "$3 $4 $2"; return; }
+    sleep 0.1
+  done
+}
+wait_pair
+set -- $(host 4); idle_iops=$1; idle_p999=$2
+echo "host randwrite through NBD, idle (PAIR): $idle_iops IOPS, p99.9 $idle_p999 us"
+printf '%-8s %12s %9s %14s %12s %8s %10s\n' mode "MiB/s alone" "vs fio" "MiB/s w/ host" "host IOPS" "p99.9us" "cpu copied"
+for mode in merge reflect wait; do
+  wait_pair
+  # Dirty every track, then split with the copy still behind: modes differ on pending tracks.
+  host 1 >/dev/null
+  rpc pair_split '{"name": "pr"}' >/dev/null
+  id=$(backup $mode); set -- $(wait_backup $id); alone=$1; copied=$2
+  rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair
+  host 1 >/dev/null
+  rpc pair_split '{"name": "pr"}' >/dev/null
+  id=$(backup $mode)
+  set -- $(host 2); h_iops=$1; h_p999=$2
+  set -- $(wait_backup $id); loaded=$1
+  rpc pair_resync '{"name": "pr"}' >/dev/null
+  python3 -c "print('%-8s %12d %9.2f %14d %12d %8d %10d' % ('$mode', $alone, $alone/$slower, $loaded, $h_iops, $h_p999, $copied))"
+done
+echo "vs fio: backup throughput alone / the slower of fio's source read and target write"
