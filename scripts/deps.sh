@@ -4,7 +4,7 @@
 set -euo pipefail
 what=${1:-test}
 build_pkgs=(pkg-config libhwloc-dev libudev-dev gcc)
-test_pkgs=(fio libnbd-bin nbdkit)
+test_pkgs=(fio libnbd-bin nbdkit qemu-utils tar coreutils)
 pkgs=("${build_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 missing=()
