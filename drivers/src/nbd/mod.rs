@@ -2,3 +2,4 @@
 //! server (in the engine) and its NBD backup target (a client).
 
 pub mod proto;
+pub mod stream;

@@ -69,16 +69,7 @@ impl Sink for FileSink {
         if let Some(e) = &self.failed {
             return Err(SinkFull::Failed(e.clone(), bufs));
         }
-        match self.channel.submit(IoRequest::write(offset, bufs, offset)) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = *e;
-                match e.error {
-                    SubmitErrorKind::QueueFull => Err(SinkFull::Busy(e.req.bufs)),
-                    SubmitErrorKind::Invalid(err) => Err(SinkFull::Failed(err, e.req.bufs)),
-                }
-            }
-        }
+        super::submit_write(self.channel.as_mut(), offset, bufs, offset)
     }
 
     fn poll(&mut self, out: &mut Vec<SinkDone>) {

@@ -12,7 +12,7 @@ pub mod nbd;
 pub mod tape;
 
 use crate::tape::Manifest;
-use crate::{IoBufs, IoError};
+use crate::{IoBufs, IoChannel, IoError, IoRequest, SubmitErrorKind};
 
 /// One submission finished.
 #[derive(Debug)]
@@ -53,4 +53,23 @@ pub trait Sink {
     fn describe(&self) -> String;
     /// The job was cancelled or failed: leave nothing that could pass for a complete backup.
     fn abandon(&mut self);
+}
+
+/// Submits a write of `bufs` at `at` on a channel, tagged `tag`, in the sinks' terms: a full
+/// queue gives the buffers back to retry, an invalid request fails the sink.
+pub(crate) fn submit_write(
+    channel: &mut dyn IoChannel,
+    at: u64,
+    bufs: IoBufs,
+    tag: u64,
+) -> Result<(), SinkFull> {
+    channel
+        .submit(IoRequest::write(at, bufs, tag))
+        .map_err(|e| {
+            let e = *e;
+            match e.error {
+                SubmitErrorKind::QueueFull => SinkFull::Busy(e.req.bufs),
+                SubmitErrorKind::Invalid(err) => SinkFull::Failed(err, e.req.bufs),
+            }
+        })
 }

@@ -6,7 +6,6 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -14,47 +13,13 @@ use hugepages::DmaBuf;
 
 use super::{Sink, SinkDone, SinkFull};
 use crate::nbd::proto::{self, cmd, opt, rep, Request};
+use crate::nbd::stream::Stream;
 use crate::tape::Manifest;
 use crate::{IoBufs, IoError};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 const FLUSH_COOKIE: u64 = u64::MAX;
 const MAX_INFLIGHT: usize = 64;
-
-enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl AsFd for Stream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Unix(s) => s.as_fd(),
-            Stream::Tcp(s) => s.as_fd(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(b),
-            Stream::Tcp(s) => s.read(b),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(b),
-            Stream::Tcp(s) => s.write(b),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
 
 /// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,22 +89,18 @@ impl NbdConnection {
     pub fn connect(uri: &str) -> Result<Self, String> {
         let parsed = NbdUri::parse(uri)?;
         let (mut stream, export) = match parsed {
-            NbdUri::Tcp { addr, export } => {
-                let s = TcpStream::connect(&addr).map_err(|e| format!("{uri}: {e}"))?;
-                let _ = s.set_nodelay(true);
-                s.set_read_timeout(Some(TIMEOUT))
-                    .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
-                    .map_err(|e| e.to_string())?;
-                (Stream::Tcp(s), export)
-            }
-            NbdUri::Unix { socket, export } => {
-                let s = UnixStream::connect(&socket).map_err(|e| format!("{uri}: {e}"))?;
-                s.set_read_timeout(Some(TIMEOUT))
-                    .and_then(|()| s.set_write_timeout(Some(TIMEOUT)))
-                    .map_err(|e| e.to_string())?;
-                (Stream::Unix(s), export)
-            }
+            NbdUri::Tcp { addr, export } => (
+                Stream::Tcp(TcpStream::connect(&addr).map_err(|e| format!("{uri}: {e}"))?),
+                export,
+            ),
+            NbdUri::Unix { socket, export } => (
+                Stream::Unix(UnixStream::connect(&socket).map_err(|e| format!("{uri}: {e}"))?),
+                export,
+            ),
         };
+        stream
+            .set_mode(Some(TIMEOUT))
+            .map_err(|e| format!("{uri}: {e}"))?;
         let (size, flags) = handshake(&mut stream, &export).map_err(|e| format!("{uri}: {e}"))?;
         Ok(Self {
             stream,
@@ -257,11 +218,7 @@ impl NbdSink {
     /// Takes a connection for an image of `size` bytes.
     pub fn new(conn: NbdConnection, size: u64) -> Result<Self, String> {
         conn.check(size)?;
-        let nb = match &conn.stream {
-            Stream::Unix(s) => s.set_nonblocking(true),
-            Stream::Tcp(s) => s.set_nonblocking(true),
-        };
-        nb.map_err(|e| e.to_string())?;
+        conn.stream.set_mode(None).map_err(|e| e.to_string())?;
         Ok(Self {
             stream: conn.stream,
             uri: conn.uri,

@@ -128,16 +128,7 @@ impl Sink for TapeSink {
             return Err(SinkFull::Failed(e.clone(), bufs));
         }
         let at = self.prologue_len + offset;
-        match self.channel.submit(IoRequest::write(at, bufs, offset)) {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                let e = *e;
-                match e.error {
-                    SubmitErrorKind::QueueFull => Err(SinkFull::Busy(e.req.bufs)),
-                    SubmitErrorKind::Invalid(err) => Err(SinkFull::Failed(err, e.req.bufs)),
-                }
-            }
-        }
+        super::submit_write(self.channel.as_mut(), at, bufs, offset)
     }
 
     fn poll(&mut self, out: &mut Vec<SinkDone>) {

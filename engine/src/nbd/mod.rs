@@ -9,9 +9,7 @@ pub mod conn;
 pub mod handshake;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::net::TcpListener;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -19,6 +17,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+pub use drivers::nbd::stream::Stream;
 use drivers::Bdev;
 use hugepages::BufferPool;
 use serde::Serialize;
@@ -130,62 +129,6 @@ pub struct ExportInfo {
     pub address: Address,
     /// Open connections.
     pub connections: usize,
-}
-
-/// A socket in the transmission phase.
-pub enum Stream {
-    /// Unix socket.
-    Unix(UnixStream),
-    /// TCP socket.
-    Tcp(TcpStream),
-}
-
-impl AsFd for Stream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Unix(s) => s.as_fd(),
-            Stream::Tcp(s) => s.as_fd(),
-        }
-    }
-}
-
-impl Read for Stream {
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(b),
-            Stream::Tcp(s) => s.read(b),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(b),
-            Stream::Tcp(s) => s.write(b),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Stream {
-    fn prepare(&self, blocking: bool) -> std::io::Result<()> {
-        match self {
-            Stream::Unix(s) => {
-                s.set_nonblocking(!blocking)?;
-                s.set_read_timeout(blocking.then_some(HANDSHAKE_TIMEOUT))?;
-                s.set_write_timeout(blocking.then_some(HANDSHAKE_TIMEOUT))
-            }
-            Stream::Tcp(s) => {
-                s.set_nodelay(true)?;
-                s.set_nonblocking(!blocking)?;
-                s.set_read_timeout(blocking.then_some(HANDSHAKE_TIMEOUT))?;
-                s.set_write_timeout(blocking.then_some(HANDSHAKE_TIMEOUT))
-            }
-        }
-    }
 }
 
 enum Listener {
@@ -486,7 +429,7 @@ impl NbdService {
     }
 
     fn handshake(&self, mut stream: Stream, key: &str) {
-        if stream.prepare(true).is_err() {
+        if stream.set_mode(Some(HANDSHAKE_TIMEOUT)).is_err() {
             return;
         }
         let agreed = match handshake::negotiate(&mut stream, self, key) {
@@ -496,7 +439,7 @@ impl NbdService {
                 return;
             }
         };
-        if stream.prepare(false).is_err() {
+        if stream.set_mode(None).is_err() {
             return;
         }
         let pool = match self.pool() {
