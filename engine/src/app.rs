@@ -323,9 +323,16 @@ impl Engine {
         self.transition(names, Action::Split)
     }
 
-    /// Starts a backup of a split pair's image; returns its id. The job runs on a reactor other
-    /// than the copier's when there are two or more.
-    pub fn backup_start(&self, pair: &str, mode: Mode, target: Target) -> Result<u64, EngineError> {
+    /// Starts a backup of a split pair's image, at most `rate` bytes per second (0 = no limit);
+    /// returns its id. The job runs on a reactor other than the copier's when there are two or
+    /// more.
+    pub fn backup_start(
+        &self,
+        pair: &str,
+        mode: Mode,
+        target: Target,
+        rate: u64,
+    ) -> Result<u64, EngineError> {
         let p = self.pair(pair)?;
         if let Target::Tape { record_size, .. } = &target {
             if *record_size == 0 || record_size % 512 != 0 || *record_size > 64 << 20 {
@@ -354,7 +361,7 @@ impl Engine {
         let split_at_ns = self.pair_begin_backup(pair)?;
         let backup = self
             .backups
-            .add(pair, mode, target, p.geometry().size(), split_at_ns);
+            .add(pair, mode, target, p.geometry().size(), split_at_ns, rate);
         let copier = self.state().pairs.len(); // copiers are spread from reactor 1 on
         let reactor = self.reactors.get(copier + 1).clone();
         let (b, pr) = (Arc::clone(&backup), Arc::clone(&p));

@@ -170,7 +170,7 @@ fn backup_equals_the_split_image(mode: Mode, tape: bool, seed: u64) {
     } else {
         Target::File { path: path.clone() }
     };
-    let id = f.engine.backup_start("pr", mode, target).unwrap();
+    let id = f.engine.backup_start("pr", mode, target, 0).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers(&f.engine, &stop, seed * 10);
     let info = wait_backup(&f.engine, id);
@@ -248,7 +248,7 @@ fn a_source_read_error_fails_the_backup_and_the_pair_keeps_serving() {
     f.faults_s.fail_reads.store(true, Ordering::SeqCst);
     let id = f
         .engine
-        .backup_start("pr", Mode::Reflect, Target::File { path: path.clone() })
+        .backup_start("pr", Mode::Reflect, Target::File { path: path.clone() }, 0)
         .unwrap();
     let info = wait_backup(&f.engine, id);
     assert_eq!(info.state, BackupState::Failed);
@@ -288,6 +288,7 @@ fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
                 path: path.clone(),
                 record_size: 262_144,
             },
+            0,
         )
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -310,6 +311,7 @@ fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
             Target::File {
                 path: f.engine.state_dir().join("d.img"),
             },
+            0,
         )
         .unwrap();
     assert_eq!(wait_backup(&f.engine, id2).state, BackupState::Done);
@@ -327,6 +329,7 @@ fn backups_need_a_split_pair_and_block_resync_while_running() {
             Target::File {
                 path: f.engine.state_dir().join("e.img"),
             },
+            0,
         )
         .unwrap();
     assert!(
@@ -344,7 +347,8 @@ fn backups_need_a_split_pair_and_block_resync_while_running() {
                 Mode::Merge,
                 Target::File {
                     path: f.engine.state_dir().join("f.img")
-                }
+                },
+                0
             )
             .is_err(),
         "two backups of one pair at once"
@@ -359,7 +363,8 @@ fn backups_need_a_split_pair_and_block_resync_while_running() {
                 Mode::Merge,
                 Target::File {
                     path: f.engine.state_dir().join("g.img")
-                }
+                },
+                0
             )
             .is_err(),
         "a backup of a pair that is not split"
@@ -369,5 +374,34 @@ fn backups_need_a_split_pair_and_block_resync_while_running() {
         &(Arc::clone(f.engine.pair("pr").unwrap().primary()) as Arc<dyn Bdev>),
         0,
         4096,
+    );
+}
+
+#[test]
+fn a_rate_limited_backup_takes_at_least_size_over_rate() {
+    let f = split_pair("backup-rate", 10);
+    let rate = 32 * MIB;
+    let id = f
+        .engine
+        .backup_start(
+            "pr",
+            Mode::Merge,
+            Target::File {
+                path: f.engine.state_dir().join("r.img"),
+            },
+            rate,
+        )
+        .unwrap();
+    let info = wait_backup(&f.engine, id);
+    assert_eq!(info.state, BackupState::Done);
+    assert_eq!(info.rate, rate);
+    assert_eq!(info.sha256.as_deref(), Some(sha(&f.expected).as_str()));
+    // The limiter starts empty: every byte waits for its share of the rate.
+    let floor = SIZE * 1_000_000_000 / rate;
+    assert!(
+        info.elapsed_ns >= floor,
+        "{} bytes at {rate} B/s took {} ns, under {floor}",
+        SIZE,
+        info.elapsed_ns
     );
 }

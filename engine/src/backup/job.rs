@@ -79,6 +79,9 @@ pub struct BackupJob {
     sink_done: Vec<SinkDone>,
     /// An NBD target's connection, made by the control thread.
     nbd: Option<NbdConnection>,
+    /// Rate limit: bytes that may be read now, and when they were last topped up.
+    tokens: f64,
+    refilled: Instant,
 }
 
 impl BackupJob {
@@ -122,6 +125,8 @@ impl BackupJob {
             src_done: Vec::new(),
             sink_done: Vec::new(),
             nbd,
+            tokens: 0.0,
+            refilled: Instant::now(),
         }
     }
 
@@ -221,13 +226,38 @@ impl BackupJob {
         Some(bufs)
     }
 
-    fn issue_reads(&mut self) -> bool {
+    /// True when `len` bytes may be read now under the backup's rate limit.
+    fn within_rate(&mut self, cx: &mut ReactorContext, len: u64) -> bool {
+        let rate = self.backup.rate;
+        if rate == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        let add = now.duration_since(self.refilled).as_secs_f64() * rate as f64;
+        self.refilled = now;
+        self.tokens = (self.tokens + add).min((rate as f64).max(len as f64));
+        if self.tokens >= len as f64 {
+            self.tokens -= len as f64;
+            return true;
+        }
+        let wait = (len as f64 - self.tokens) / rate as f64;
+        cx.wake_at(now + Duration::from_secs_f64(wait.min(0.1)));
+        false
+    }
+
+    fn issue_reads(&mut self, cx: &mut ReactorContext) -> bool {
         let mut issued = false;
         while self.next_read < self.size {
             if self.backup.mode == Mode::Reflect && !self.reflected(self.next_read) {
                 break;
             }
             let len = self.piece.min(self.size - self.next_read);
+            if self.pool.as_ref().map_or(0, BufferPool::available) * (self.buf_size as usize)
+                < len as usize
+                || !self.within_rate(cx, len)
+            {
+                break;
+            }
             let Some(bufs) = self.piece_buffers(len) else {
                 break;
             };
@@ -366,7 +396,7 @@ impl Poller for BackupJob {
             }
         }
         if self.phase == Phase::Streaming {
-            busy |= self.issue_reads();
+            busy |= self.issue_reads(cx);
         }
         // Reads that finished become ready, in order of the image.
         if let Some(src) = self.src.as_mut() {

@@ -127,6 +127,8 @@ pub struct BackupInfo {
     pub cpu_copied_bytes: u64,
     /// The split instant the image stands for.
     pub split_at_ns: u64,
+    /// Throughput limit in bytes per second (0 = none).
+    pub rate: u64,
     /// Nanoseconds from start to end (0 while running).
     pub elapsed_ns: u64,
 }
@@ -152,6 +154,8 @@ pub struct Backup {
     pub bytes_total: u64,
     /// Split instant.
     pub split_at_ns: u64,
+    /// Throughput limit in bytes per second (0 = none), so hosts keep the disk's attention.
+    pub rate: u64,
     bytes_done: AtomicU64,
     cpu_copied: AtomicU64,
     cancel: AtomicBool,
@@ -188,6 +192,7 @@ impl Backup {
             target: self.target.clone(),
             cpu_copied_bytes: self.cpu_copied.load(Ordering::Relaxed),
             split_at_ns: self.split_at_ns,
+            rate: self.rate,
             elapsed_ns: st.elapsed_ns,
         }
     }
@@ -227,6 +232,7 @@ impl Backups {
         target: Target,
         bytes_total: u64,
         split_at_ns: u64,
+        rate: u64,
     ) -> Arc<Backup> {
         let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
         let b = Arc::new(Backup {
@@ -236,6 +242,7 @@ impl Backups {
             target,
             bytes_total,
             split_at_ns,
+            rate,
             bytes_done: AtomicU64::new(0),
             cpu_copied: AtomicU64::new(0),
             cancel: AtomicBool::new(false),

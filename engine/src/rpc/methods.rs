@@ -263,7 +263,7 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
         }
         "backup_start" => {
             let p: BackupStartParams = params(p)?;
-            let id = engine.backup_start(&p.pair, p.mode, p.target)?;
+            let id = engine.backup_start(&p.pair, p.mode, p.target, p.rate)?;
             Ok(json!({ "id": id }))
         }
         "backup_get" => {
@@ -359,6 +359,8 @@ struct BackupStartParams {
     #[serde(default = "merge")]
     mode: Mode,
     target: Target,
+    #[serde(default)]
+    rate: u64,
 }
 
 fn merge() -> Mode {
