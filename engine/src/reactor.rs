@@ -6,7 +6,7 @@
 //! set holding its eventfd (written by message senders and by io_uring completions) and any
 //! sockets its pollers watch; with `--idle spin` it never sleeps.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -515,11 +515,4 @@ fn park(cx: &mut ReactorContext, pollers: &mut Vec<Box<dyn Poller>>) {
 fn drain_eventfd(fd: BorrowedFd<'_>) {
     let mut buf = [0u8; 8];
     let _ = rustix::io::read(fd, &mut buf);
-}
-
-/// Raw fd of a reactor's eventfd, for tests.
-#[doc(hidden)]
-pub fn wake_fd_of(h: &ReactorHandle) -> RawFd {
-    use std::os::fd::AsRawFd;
-    h.shared.wake.as_raw_fd()
 }

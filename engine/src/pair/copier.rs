@@ -33,7 +33,7 @@ enum Stage {
     Writing,
 }
 
-struct Copy {
+struct TrackCopy {
     track: u64,
     dir: Direction,
     stage: Stage,
@@ -46,7 +46,7 @@ pub struct Copier {
     p: Option<Box<dyn IoChannel>>,
     s: Option<Box<dyn IoChannel>>,
     pool: Option<BufferPool>,
-    copies: Slab<Copy>,
+    copies: Slab<TrackCopy>,
     cursor: u64,
     restore_cursor: u64,
     tokens: f64,
@@ -196,7 +196,7 @@ impl Copier {
         if dir == Direction::Forward {
             self.pair.pending.begin_copy(track);
         }
-        let key = self.copies.insert(Copy {
+        let key = self.copies.insert(TrackCopy {
             track,
             dir,
             stage: Stage::Reading,
