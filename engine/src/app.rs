@@ -18,6 +18,9 @@ use crate::pair::copier::Copier;
 use crate::pair::{Pair, PairConfig, PairError, PairInfo};
 use crate::reactor::{ReactorError, ReactorOptions, Reactors};
 
+/// The running configuration's file in the state directory.
+pub const CONFIG_FILE: &str = "config.json";
+
 /// Size of each volume of the embedded default.
 pub const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
 
@@ -251,6 +254,27 @@ impl Engine {
         let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
         self.nbd.start(name, source, target, writable, address)?;
         Ok(())
+    }
+
+    /// Where the running configuration is kept.
+    pub fn config_path(&self) -> PathBuf {
+        self.state_dir.join(CONFIG_FILE)
+    }
+
+    /// Writes the running configuration to the state directory, atomically (a new file, made
+    /// durable, renamed over the old one, directory synced), so a restart finds it whole.
+    pub fn persist_config(&self) -> std::io::Result<()> {
+        let text = serde_json::to_vec_pretty(&self.save_config()).map_err(std::io::Error::other)?;
+        let path = self.config_path();
+        let tmp = self.state_dir.join(format!("{CONFIG_FILE}.new"));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.state_dir)?.sync_all()
     }
 
     /// The running configuration: the calls that rebuild every bdev and pair, in order.

@@ -230,16 +230,35 @@ fn serve(
         (None, Some(_)) => PathBuf::from("/var/tmp/quicksplit.sock"),
     };
     let embedded = config.is_none();
+    // A state directory that holds a configuration brings it back (the embedded default's
+    // included); `--config` replaces it.
+    let kept = engine.config_path();
+    let (config, origin) = match config {
+        Some(c) => (Some(c), "--config"),
+        None if kept.exists() => match read_config(&kept) {
+            Ok(c) => (Some(c), "the state directory's configuration"),
+            Err(e) => {
+                eprintln!("quicksplit: {e}");
+                return 1;
+            }
+        },
+        None => (None, "the embedded default"),
+    };
     match config {
         Some(c) => {
             if let Err(e) = engine::rpc::methods::apply_config(&engine, c) {
-                eprintln!("quicksplit: --config: {}", e.message);
+                eprintln!("quicksplit: {origin}: {}", e.message);
                 return 1;
             }
+            tracing::info!("configuration restored from {origin}");
         }
         None => {
             if let Err(e) = engine.create_default() {
                 eprintln!("quicksplit: embedded default: {e}");
+                return 1;
+            }
+            if let Err(e) = engine.persist_config() {
+                eprintln!("quicksplit: saving the configuration: {e}");
                 return 1;
             }
         }
@@ -257,7 +276,7 @@ fn serve(
         reactors = engine.reactors().len(),
         "quicksplit serving"
     );
-    if embedded {
+    if embedded && engine.pair("pair0").is_ok() {
         print_welcome(&socket, &engine.state_dir().join("nbd.sock"));
     }
     while !stop.load(Ordering::Relaxed) {

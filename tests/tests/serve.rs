@@ -58,3 +58,70 @@ fn bad_cores_are_a_usage_error() {
         .expect("did not exit");
     assert_eq!(status.code(), Some(2));
 }
+
+fn restart_keeps_the_configuration(sig: i32) {
+    use quicksplit_tests::RpcConn;
+    use serde_json::json;
+    let dir = TempDir::new("serve-restart");
+    let state = dir.path().join("state");
+    let s = state.to_str().unwrap();
+    let args = ["--state-dir", s, "--cores", "0-1", "--idle", "adaptive"];
+    let mut server = Server::start(&args);
+    let sock = state.join("rpc.sock");
+    let mut rpc = RpcConn::connect(&sock);
+    rpc.ok(
+        "bdev_malloc_create",
+        json!({"name": "extra", "size": 1 << 20}),
+    );
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": "extra", "bdev": "extra"}),
+    );
+    rpc.ok("nbd_export_stop", json!({"name": "pair0-image"}));
+    let before = rpc.ok("save_config", json!({}));
+    drop(rpc);
+    server.signal(sig);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    let _server = Server::start(&args);
+    let mut rpc = RpcConn::connect(&sock);
+    assert!(wait_for(Duration::from_secs(10), || {
+        rpc.ok("nbd_get_exports", json!({}))
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    }));
+    assert_eq!(rpc.ok("save_config", json!({})), before);
+    let names: Vec<String> = rpc
+        .ok("bdev_get_bdevs", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["extra", "p0", "s0"]);
+    assert_eq!(rpc.ok("pair_get", json!({}))[0]["name"], "pair0");
+}
+
+#[test]
+fn a_restart_after_sigterm_brings_the_configuration_back() {
+    restart_keeps_the_configuration(libc::SIGTERM);
+}
+
+#[test]
+fn a_restart_after_sigkill_brings_the_configuration_back() {
+    restart_keeps_the_configuration(libc::SIGKILL);
+}
+
+#[test]
+fn a_damaged_configuration_in_the_state_dir_stops_the_start() {
+    let dir = TempDir::new("serve-damaged");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("config.json"), "{\"config\": [tru").unwrap();
+    let mut server = Server::start(&["--state-dir", state.to_str().unwrap(), "--cores", "0"]);
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit");
+    assert_eq!(status.code(), Some(1));
+    // Nothing was created in its place.
+    assert!(!state.join("p0.img").exists());
+}

@@ -184,8 +184,35 @@ struct ConfigCall {
     params: Value,
 }
 
-/// Runs `method` with `params`.
+/// Methods that change the running configuration: after each success it is written to the
+/// state directory.
+const CHANGES_CONFIG: &[&str] = &[
+    "bdev_malloc_create",
+    "bdev_uring_create",
+    "bdev_delete",
+    "pair_create",
+    "pair_delete",
+    "nbd_export_start",
+    "nbd_export_stop",
+    "load_config",
+];
+
+/// Runs `method` with `params`; keeps the configuration in the state directory up to date.
 pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
+    let result = dispatch(engine, method, p)?;
+    if CHANGES_CONFIG.contains(&method) {
+        if let Err(e) = engine.persist_config() {
+            tracing::error!(%e, "the configuration could not be saved in the state directory");
+            return Err(RpcError::new(
+                codes::IO_ERROR,
+                format!("{method} succeeded but the configuration could not be saved: {e}"),
+            ));
+        }
+    }
+    Ok(result)
+}
+
+fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
     match method {
         "bdev_malloc_create" | "bdev_uring_create" => {
             let create = engine
@@ -409,7 +436,7 @@ fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<(), RpcError> {
         } else {
             c.params
         };
-        call(engine, &c.method, params).map_err(|e| RpcError {
+        dispatch(engine, &c.method, params).map_err(|e| RpcError {
             code: e.code,
             message: format!("config entry {i} ({}): {}", c.method, e.message),
         })?;
@@ -417,8 +444,7 @@ fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<(), RpcError> {
     Ok(())
 }
 
-/// Applies a configuration file's content (what `save_config` returns).
+/// Applies a configuration (what `save_config` returns) and keeps it in the state directory.
 pub fn apply_config(engine: &Engine, config: Value) -> Result<(), RpcError> {
-    let p: LoadConfigParams = params(config)?;
-    load_config(engine, p)
+    call(engine, "load_config", config).map(|_| ())
 }
