@@ -8,6 +8,7 @@ pub mod app;
 pub mod backup;
 pub mod nbd;
 pub mod pair;
+pub mod rate;
 pub mod reactor;
 pub mod rpc;
 pub mod topology;

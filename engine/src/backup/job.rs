@@ -15,6 +15,7 @@ use hugepages::BufferPool;
 use super::{Backup, BackupState, Mode, Target};
 use crate::pair::channel::{PairChannel, View};
 use crate::pair::{now_ns, Pair, PairState};
+use crate::rate::TokenBucket;
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// A piece of the image read and written as one vectored request: staging buffers of one track
@@ -79,9 +80,8 @@ pub struct BackupJob {
     sink_done: Vec<SinkDone>,
     /// An NBD target's connection, made by the control thread.
     nbd: Option<NbdConnection>,
-    /// Rate limit: bytes that may be read now, and when they were last topped up.
-    tokens: f64,
-    refilled: Instant,
+    /// The backup's rate limit.
+    bucket: TokenBucket,
 }
 
 impl BackupJob {
@@ -125,8 +125,7 @@ impl BackupJob {
             src_done: Vec::new(),
             sink_done: Vec::new(),
             nbd,
-            tokens: 0.0,
-            refilled: Instant::now(),
+            bucket: TokenBucket::default(),
         }
     }
 
@@ -228,21 +227,7 @@ impl BackupJob {
 
     /// True when `len` bytes may be read now under the backup's rate limit.
     fn within_rate(&mut self, cx: &mut ReactorContext, len: u64) -> bool {
-        let rate = self.backup.rate;
-        if rate == 0 {
-            return true;
-        }
-        let now = Instant::now();
-        let add = now.duration_since(self.refilled).as_secs_f64() * rate as f64;
-        self.refilled = now;
-        self.tokens = (self.tokens + add).min((rate as f64).max(len as f64));
-        if self.tokens >= len as f64 {
-            self.tokens -= len as f64;
-            return true;
-        }
-        let wait = (len as f64 - self.tokens) / rate as f64;
-        cx.wake_at(now + Duration::from_secs_f64(wait.min(0.1)));
-        false
+        self.bucket.take(cx, self.backup.rate, len)
     }
 
     fn issue_reads(&mut self, cx: &mut ReactorContext) -> bool {

@@ -4,13 +4,13 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use drivers::{IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitErrorKind};
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
 use super::{Pair, PairState};
+use crate::rate::TokenBucket;
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// Copies in flight at once in the background (a gentle load next to hosts' I/O).
@@ -49,8 +49,7 @@ pub struct Copier {
     copies: Slab<TrackCopy>,
     cursor: u64,
     restore_cursor: u64,
-    tokens: f64,
-    refilled: Instant,
+    bucket: TokenBucket,
     /// Urgent tracks that were locked when asked for: tried again on the next poll.
     urgent_later: Vec<u64>,
     scratch: Vec<IoCompletion>,
@@ -69,8 +68,7 @@ impl Copier {
             copies: Slab::new(),
             cursor: 0,
             restore_cursor: 0,
-            tokens: 0.0,
-            refilled: Instant::now(),
+            bucket: TokenBucket::default(),
             urgent_later: Vec::new(),
             scratch: Vec::new(),
         }
@@ -104,22 +102,8 @@ impl Copier {
 
     /// Tokens for the rate limit; true if a track may be copied now.
     fn may_copy(&mut self, cx: &mut ReactorContext, bytes: u64) -> bool {
-        let rate = self.pair.copy_rate();
-        if rate == 0 || self.pair.full_speed.load(Ordering::Relaxed) {
-            return true;
-        }
-        let now = Instant::now();
-        let dt = now.duration_since(self.refilled).as_secs_f64();
-        self.refilled = now;
-        let cap = (rate as f64).max(bytes as f64);
-        self.tokens = (self.tokens + dt * rate as f64).min(cap);
-        if self.tokens >= bytes as f64 {
-            self.tokens -= bytes as f64;
-            return true;
-        }
-        let wait = (bytes as f64 - self.tokens) / rate as f64;
-        cx.wake_at(now + Duration::from_secs_f64(wait.min(0.1)));
-        false
+        self.pair.full_speed.load(Ordering::Relaxed)
+            || self.bucket.take(cx, self.pair.copy_rate(), bytes)
     }
 
     /// Picks the next track to copy, locked; `None` when nothing can start now.
