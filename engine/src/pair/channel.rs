@@ -494,7 +494,12 @@ impl PairChannel {
         }
         let (off, len) = (self.parents[key].offset, self.parents[key].len);
         let tracks = self.pair.tracks_of(off, len);
-        if self.pair.mirrored_writes_in_flight(tracks.clone()) {
+        // After a split, writes mirrored before it and still in flight belong to the image: wait
+        // for them. (Before a split the image is not defined and a read does not wait, so busy
+        // tracks cannot starve it.)
+        if self.pair.state() == PairState::Psus
+            && self.pair.mirrored_writes_in_flight(tracks.clone())
+        {
             return Step::Wait;
         }
         if !self.lock_pending(key, tracks) {
