@@ -388,9 +388,12 @@ impl Engine {
             .add(pair, mode, target, p.geometry().size(), split_at_ns, rate);
         let copier = self.state().pairs.len(); // copiers are spread from reactor 1 on
         let reactor = self.reactors.get(copier + 1).clone();
+        // Checksums on another reactor than the transferrer's, when there is one.
+        let hash_reactor =
+            (self.reactors.len() > 1).then(|| self.reactors.get(reactor.index() + 1).clone());
         let (b, pr) = (Arc::clone(&backup), Arc::clone(&p));
         let sent = reactor.send_blocking(Box::new(move |cx| {
-            cx.add_poller(Box::new(BackupJob::new(b, pr, nbd)))
+            cx.add_poller(Box::new(BackupJob::new(b, pr, nbd, hash_reactor)))
         }));
         if let Err(e) = sent {
             p.end_backup();

@@ -196,6 +196,7 @@ fn handshake(s: &mut Stream, export: &str) -> Result<(u64, u16), String> {
 
 struct Out {
     head: [u8; proto::REQUEST_LEN],
+    cookie: u64,
     bufs: IoBufs,
     len: usize,
 }
@@ -243,7 +244,12 @@ impl NbdSink {
             length: len as u32,
         }
         .encode();
-        self.tx.push_back(Out { head, bufs, len });
+        self.tx.push_back(Out {
+            head,
+            cookie,
+            bufs,
+            len,
+        });
     }
 
     fn transmit(&mut self) {
@@ -275,7 +281,12 @@ impl NbdSink {
                             break;
                         }
                         self.tx_sent -= total;
-                        self.tx.pop_front();
+                        // Sent: the buffers wait with the request for its reply.
+                        if let Some(out) = self.tx.pop_front() {
+                            if let Some(w) = self.waiting.get_mut(&out.cookie) {
+                                w.1 = out.bufs;
+                            }
+                        }
                     }
                 }
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
@@ -366,8 +377,8 @@ impl Sink for NbdSink {
             return Err(SinkFull::Busy(bufs));
         }
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
-        // The buffers go back to their pool as soon as the socket has taken their bytes; the
-        // server's reply then confirms the write.
+        // Once the socket has taken their bytes the buffers wait for the server's reply, and go
+        // back with it.
         self.queue(cmd::WRITE, offset, offset, bufs);
         self.waiting.insert(offset, (len, IoBufs::new()));
         self.transmit();

@@ -1,7 +1,7 @@
 //! The backup job: a poller that reads the image piece by piece and streams it, in order, to the
 //! target, computing the SHA-256 and per-chunk CRC-32C on the way.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -12,11 +12,12 @@ use drivers::tape::{ImageDigest, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
 use hugepages::BufferPool;
 
+use super::hasher::HashQueue;
 use super::{Backup, BackupState, Mode, Target};
 use crate::pair::channel::{PairChannel, View};
 use crate::pair::{now_ns, Pair, PairState};
 use crate::rate::TokenBucket;
-use crate::reactor::{PollStatus, Poller, ReactorContext};
+use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
 /// A piece of the image read and written as one vectored request: staging buffers of one track
 /// each (at most 1 MiB), so a buffer never holds parts of two tracks.
@@ -80,13 +81,25 @@ pub struct BackupJob {
     sink_done: Vec<SinkDone>,
     /// An NBD target's connection, made by the control thread.
     nbd: Option<NbdConnection>,
+    /// Where the checksums are computed when another reactor can do it (else inline, on the
+    /// way to the target).
+    hash_reactor: Option<ReactorHandle>,
+    hasher: Option<Arc<HashQueue>>,
+    /// Written pieces waiting for room in the hasher's ring.
+    to_hash: VecDeque<(u64, IoBufs)>,
     /// The backup's rate limit.
     bucket: TokenBucket,
 }
 
 impl BackupJob {
-    /// A job for `backup` of `pair`'s image; `nbd` is the connection of an NBD target.
-    pub fn new(backup: Arc<Backup>, pair: Arc<Pair>, nbd: Option<NbdConnection>) -> Self {
+    /// A job for `backup` of `pair`'s image; `nbd` is the connection of an NBD target;
+    /// `hash_reactor`, if given, computes the checksums.
+    pub fn new(
+        backup: Arc<Backup>,
+        pair: Arc<Pair>,
+        nbd: Option<NbdConnection>,
+        hash_reactor: Option<ReactorHandle>,
+    ) -> Self {
         let g = pair.geometry();
         let manifest = Manifest {
             format: FORMAT.to_string(),
@@ -125,6 +138,9 @@ impl BackupJob {
             src_done: Vec::new(),
             sink_done: Vec::new(),
             nbd,
+            hash_reactor,
+            hasher: None,
+            to_hash: VecDeque::new(),
             bucket: TokenBucket::default(),
         }
     }
@@ -163,7 +179,10 @@ impl BackupJob {
         let count = (WINDOW / self.buf_size).max(2 * self.piece / self.buf_size) as usize;
         self.pool =
             Some(BufferPool::new(self.buf_size as usize, count).map_err(|e| e.to_string())?);
-        self.digest = Some(ImageDigest::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
+        match self.hash_reactor.take() {
+            Some(r) => self.hasher = Some(HashQueue::start(r, self.size)?),
+            None => self.digest = Some(ImageDigest::new(CHUNK_SIZE).map_err(|e| e.to_string())?),
+        }
         self.src = Some(src);
         self.sink = Some(sink);
         Ok(())
@@ -317,6 +336,9 @@ impl BackupJob {
     }
 
     fn end(&mut self, state: BackupState) -> PollStatus {
+        if let Some(h) = &self.hasher {
+            h.stop();
+        }
         if state != BackupState::Done {
             if let Some(s) = self.sink.as_mut() {
                 s.abandon();
@@ -412,6 +434,9 @@ impl Poller for BackupJob {
                 Ok(()) => {
                     self.acked += d.len;
                     self.backup.bytes_done.store(self.acked, Ordering::Relaxed);
+                    if self.hasher.is_some() {
+                        self.to_hash.push_back((d.offset, d.bufs));
+                    }
                 }
                 Err(e) => {
                     let what = self.sink.as_ref().map(|s| s.describe()).unwrap_or_default();
@@ -419,13 +444,30 @@ impl Poller for BackupJob {
                 }
             }
         }
+        if let Some(h) = &self.hasher {
+            while let Some((offset, bufs)) = self.to_hash.pop_front() {
+                if let Err(back) = h.push(offset, bufs) {
+                    self.to_hash.push_front(back);
+                    break;
+                }
+                busy = true;
+            }
+        }
         match self.phase {
             Phase::Streaming if self.acked == self.size => {
-                let Some(digest) = self.digest.take() else {
-                    self.fail("digest lost".into());
-                    return PollStatus::Busy;
+                let digest = match (&self.hasher, self.digest.take()) {
+                    (Some(h), _) => match h.take_result() {
+                        Some(d) => d,
+                        // The last pieces are still being hashed on the other reactor.
+                        None => return PollStatus::Busy,
+                    },
+                    (None, Some(d)) => d.finish(),
+                    (None, None) => {
+                        self.fail("digest lost".into());
+                        return PollStatus::Busy;
+                    }
                 };
-                let (sha, crcs) = digest.finish();
+                let (sha, crcs) = digest;
                 let final_manifest = self.manifest.finalized(sha.clone(), crcs);
                 self.manifest.sha256 = Some(sha);
                 if let Some(sink) = self.sink.as_mut() {

@@ -12,6 +12,7 @@
 //! buffer. Writes to S by hosts on tracks the backup has not read yet wait until it has (the
 //! backup holds the image as it was at the split).
 
+pub mod hasher;
 pub mod job;
 
 use std::collections::BTreeMap;

@@ -1,0 +1,125 @@
+//! The backup's checksums, computed off the transferrer's reactor: once the target has written
+//! a piece, its buffers travel over a lock-free ring to a poller on another reactor, which feeds
+//! them to the SHA-256 and CRC-32C in image order and lets them go back to their pool. The
+//! transferrer keeps streaming meanwhile; the backup closes once both are done.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crossbeam_queue::ArrayQueue;
+use drivers::tape::{ImageDigest, CHUNK_SIZE};
+use drivers::IoBufs;
+
+use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
+
+/// The SHA-256 (hex) and the CRC-32C of each chunk.
+pub type Digest = (String, Vec<u32>);
+
+/// What the transferrer and the hashing poller share.
+pub struct HashQueue {
+    ring: ArrayQueue<(u64, IoBufs)>,
+    hashed: AtomicU64,
+    result: Mutex<Option<Digest>>,
+    stop: AtomicBool,
+    reactor: ReactorHandle,
+}
+
+impl HashQueue {
+    /// Starts a hashing poller for an image of `size` bytes on `reactor`.
+    pub fn start(reactor: ReactorHandle, size: u64) -> Result<Arc<Self>, String> {
+        let q = Arc::new(Self {
+            ring: ArrayQueue::new(4096),
+            hashed: AtomicU64::new(0),
+            result: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            reactor: reactor.clone(),
+        });
+        let digest = ImageDigest::new(CHUNK_SIZE).map_err(|e| e.to_string())?;
+        let poller_q = Arc::clone(&q);
+        reactor
+            .send_blocking(Box::new(move |cx| {
+                cx.add_poller(Box::new(HashPoller {
+                    q: poller_q,
+                    digest: Some(digest),
+                    next: 0,
+                    size,
+                    waiting: BTreeMap::new(),
+                }))
+            }))
+            .map_err(|e| e.to_string())?;
+        Ok(q)
+    }
+
+    /// Hands over a written piece; gives it back when the ring is full.
+    pub fn push(&self, offset: u64, bufs: IoBufs) -> Result<(), (u64, IoBufs)> {
+        self.ring.push((offset, bufs))?;
+        self.reactor.wake_if_parked();
+        Ok(())
+    }
+
+    /// Bytes hashed so far (in order from the start).
+    pub fn hashed(&self) -> u64 {
+        self.hashed.load(Ordering::Acquire)
+    }
+
+    /// The digest once the whole image is hashed.
+    pub fn take_result(&self) -> Option<Digest> {
+        self.result
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    /// The backup ended early: the poller stops.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.reactor.wake_if_parked();
+    }
+}
+
+struct HashPoller {
+    q: Arc<HashQueue>,
+    digest: Option<ImageDigest>,
+    next: u64,
+    size: u64,
+    waiting: BTreeMap<u64, IoBufs>,
+}
+
+impl Poller for HashPoller {
+    fn poll(&mut self, _cx: &mut ReactorContext) -> PollStatus {
+        if self.q.stop.load(Ordering::SeqCst) {
+            return PollStatus::Done;
+        }
+        let mut busy = false;
+        while let Some((offset, bufs)) = self.q.ring.pop() {
+            self.waiting.insert(offset, bufs);
+            busy = true;
+        }
+        while let Some(bufs) = self.waiting.remove(&self.next) {
+            if let Some(d) = self.digest.as_mut() {
+                for b in &bufs {
+                    d.update(b.as_slice());
+                    self.next += b.len() as u64;
+                }
+            }
+            self.q.hashed.store(self.next, Ordering::Release);
+            busy = true;
+        }
+        if self.next >= self.size {
+            if let Some(d) = self.digest.take() {
+                *self.q.result.lock().unwrap_or_else(PoisonError::into_inner) = Some(d.finish());
+            }
+            return PollStatus::Done;
+        }
+        if busy {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    fn name(&self) -> &str {
+        "backup_hash"
+    }
+}
