@@ -277,8 +277,7 @@ fn a_source_read_error_fails_the_backup_and_the_pair_keeps_serving() {
 fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
     let f = split_pair("backup-cancel", 8);
     let path = f.engine.state_dir().join("c.tar");
-    // A slow target: every request of S and P waits many polls.
-    f.faults_s.max_delay_polls.store(2000, Ordering::Relaxed);
+    // At 1 MiB/s the 8 MiB backup is still running when the cancel comes.
     let id = f
         .engine
         .backup_start(
@@ -288,7 +287,7 @@ fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
                 path: path.clone(),
                 record_size: 262_144,
             },
-            0,
+            MIB,
         )
         .unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -302,7 +301,6 @@ fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
     assert!(restored.is_err(), "a cancelled archive must not restore");
     // A second backup can start; a cancel of a finished backup is refused.
     assert!(f.engine.backup_cancel(id).is_err());
-    f.faults_s.max_delay_polls.store(0, Ordering::Relaxed);
     let id2 = f
         .engine
         .backup_start(
@@ -320,7 +318,6 @@ fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
 #[test]
 fn backups_need_a_split_pair_and_block_resync_while_running() {
     let f = split_pair("backup-rules", 9);
-    f.faults_s.max_delay_polls.store(500, Ordering::Relaxed);
     let id = f
         .engine
         .backup_start(
@@ -329,7 +326,8 @@ fn backups_need_a_split_pair_and_block_resync_while_running() {
             Target::File {
                 path: f.engine.state_dir().join("e.img"),
             },
-            0,
+            // Slow enough to be running through the checks below.
+            MIB,
         )
         .unwrap();
     assert!(
@@ -353,8 +351,8 @@ fn backups_need_a_split_pair_and_block_resync_while_running() {
             .is_err(),
         "two backups of one pair at once"
     );
-    f.faults_s.max_delay_polls.store(0, Ordering::Relaxed);
-    assert_eq!(wait_backup(&f.engine, id).state, BackupState::Done);
+    f.engine.backup_cancel(id).unwrap();
+    assert_eq!(wait_backup(&f.engine, id).state, BackupState::Cancelled);
     f.engine.pair_resync("pr", false).unwrap();
     assert!(
         f.engine
