@@ -403,3 +403,61 @@ fn a_rate_limited_backup_takes_at_least_size_over_rate() {
         info.elapsed_ns
     );
 }
+
+/// A backup to a pipe, read by GNU tar as it is written: the tape-device path (records in order,
+/// exact size), with a record size that splits the pieces and with the default one.
+fn backup_to_a_pipe_read_by_tar(record_size: usize, seed: u64) {
+    let f = split_pair(&format!("backup-pipe-{record_size}"), seed);
+    let dir = f.engine.state_dir().to_path_buf();
+    let fifo = dir.join("tape.fifo");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = dir.join("x");
+    std::fs::create_dir_all(&out).unwrap();
+    let blocks = (record_size / 512).to_string();
+    let mut tar = std::process::Command::new("tar")
+        .args(["-x", "-b", &blocks, "-f"])
+        .arg(&fifo)
+        .arg("-C")
+        .arg(&out)
+        .spawn()
+        .expect("GNU tar");
+    let id = f
+        .engine
+        .backup_start(
+            "pr",
+            Mode::Merge,
+            Target::Tape {
+                path: fifo.clone(),
+                record_size,
+            },
+            0,
+        )
+        .unwrap();
+    let info = wait_backup(&f.engine, id);
+    assert_eq!(info.state, BackupState::Done, "{info:?}");
+    assert!(tar.wait().unwrap().success(), "tar failed to read the pipe");
+    let want = sha(&f.expected);
+    assert_eq!(info.sha256.as_deref(), Some(want.as_str()));
+    assert!(std::fs::read(out.join("volume.img")).unwrap() == f.expected);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["sha256"], want.as_str());
+    if (MIB as usize).is_multiple_of(record_size) {
+        assert_eq!(info.cpu_copied_bytes, 0, "pieces fill whole records");
+    } else {
+        assert!(
+            info.cpu_copied_bytes > 0,
+            "leftovers of records are copied and counted"
+        );
+    }
+}
+
+#[test]
+fn a_backup_to_a_pipe_is_a_tar_stream_in_exact_records() {
+    backup_to_a_pipe_read_by_tar(262_144, 11);
+    backup_to_a_pipe_read_by_tar(10_240, 12);
+}

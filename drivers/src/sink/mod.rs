@@ -5,11 +5,14 @@
 //! - [`file::FileSink`]: a raw image in a file or block device, through io_uring;
 //! - [`tape::TapeSink`]: a pax archive in fixed records (see [`crate::tape`]) on a file standing
 //!   for a tape;
+//! - [`tape_device::TapeDeviceSink`]: the same archive on a tape device or a pipe, in exact
+//!   records;
 //! - [`nbd::NbdSink`]: an NBD server's export.
 
 pub mod file;
 pub mod nbd;
 pub mod tape;
+pub mod tape_device;
 
 use crate::tape::Manifest;
 use crate::{IoBufs, IoChannel, IoError, IoRequest, SubmitErrorKind};
@@ -53,6 +56,10 @@ pub trait Sink {
     fn describe(&self) -> String;
     /// The job was cancelled or failed: leave nothing that could pass for a complete backup.
     fn abandon(&mut self);
+    /// Payload bytes the sink copied with the CPU (0 for sinks that write from the buffers).
+    fn cpu_copied_bytes(&self) -> u64 {
+        0
+    }
 }
 
 /// Submits a write of `bufs` at `at` on a channel, tagged `tag`, in the sinks' terms: a full

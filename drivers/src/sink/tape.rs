@@ -68,8 +68,7 @@ impl TapeSink {
             let ft = m.file_type();
             if ft.is_char_device() || ft.is_fifo() {
                 return Err(format!(
-                    "{}: writing to tape devices and pipes is not supported yet; give a file \
-                     standing for the tape",
+                    "{}: a tape device or pipe is written by the tape device target",
                     path.display()
                 ));
             }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drivers::sink::nbd::{NbdConnection, NbdSink};
-use drivers::sink::{file::FileSink, tape::TapeSink, Sink, SinkDone, SinkFull};
+use drivers::sink::{file::FileSink, tape::TapeSink, tape_device, Sink, SinkDone, SinkFull};
 use drivers::tape::{ImageDigest, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
 use hugepages::BufferPool;
@@ -162,6 +162,9 @@ impl BackupJob {
         let block_size = self.pair.geometry().block_size;
         let sink: Box<dyn Sink> = match &self.backup.target {
             Target::File { path } => Box::new(FileSink::open(path, self.size, block_size, &ctx)?),
+            Target::Tape { path, record_size } if tape_device::is_sequential(path) => Box::new(
+                tape_device::TapeDeviceSink::open(path, &self.manifest, *record_size)?,
+            ),
             Target::Tape { path, record_size } => {
                 Box::new(TapeSink::open(path, &self.manifest, *record_size, &ctx)?)
             }
@@ -344,11 +347,14 @@ impl BackupJob {
                 s.abandon();
             }
         }
-        if let Some(Source::Image(c)) = &self.src {
-            self.backup
-                .cpu_copied
-                .store(c.cpu_copied_bytes(), Ordering::Relaxed);
-        }
+        let read_copies = match &self.src {
+            Some(Source::Image(c)) => c.cpu_copied_bytes(),
+            _ => 0,
+        };
+        let sink_copies = self.sink.as_ref().map_or(0, |s| s.cpu_copied_bytes());
+        self.backup
+            .cpu_copied
+            .store(read_copies + sink_copies, Ordering::Relaxed);
         let sha = self
             .manifest
             .sha256
