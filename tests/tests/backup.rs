@@ -118,15 +118,38 @@ fn prepared(dir: &Path, rpc: &mut RpcConn) -> (PathBuf, PathBuf) {
     (src, nbd)
 }
 
+/// Writes P through its NBD export with qemu-io, at spread offsets, until stopped.
+fn keep_writing_p(
+    nbd: &Path,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
+    let uri = format!("nbd+unix:///p?socket={}", nbd.display());
+    let stop = std::sync::Arc::clone(stop);
+    std::thread::spawn(move || {
+        let mut n = 0u32;
+        loop {
+            let off = (n as u64 * 7 + 3) % (SIZE / 65536) * 65536;
+            let cmd = format!("write -P {} {off} 64k", n % 200 + 1);
+            run(Command::new("qemu-io").args(["-f", "raw", "-c", &cmd, &uri]));
+            n += 1;
+            if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                return n;
+            }
+        }
+    })
+}
+
 #[test]
 fn backups_to_nbdkit_in_every_mode_are_exact() {
     let dir = TempDir::new("backup-nbdkit");
     let (_server, sock) = start_empty(dir.path());
     let mut rpc = RpcConn::connect(&sock);
-    let (image, _) = prepared(dir.path(), &mut rpc);
+    let (image, nbd) = prepared(dir.path(), &mut rpc);
     let want = sha256_of(&image);
     for mode in ["merge", "reflect", "wait"] {
         let kit = Nbdkit::start(dir.path(), mode, &["memory", "16M"]);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = keep_writing_p(&nbd, &stop);
         let id = rpc.ok(
             "backup_start",
             json!({"pair": "pr", "mode": mode, "target": {"type": "nbd", "uri": kit.uri()}}),
@@ -134,6 +157,11 @@ fn backups_to_nbdkit_in_every_mode_are_exact() {
             .as_u64()
             .unwrap();
         let info = wait_backup(&mut rpc, id);
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(
+            writer.join().unwrap() > 0,
+            "P was written during the backup"
+        );
         assert_eq!(info["state"], "done", "{info}");
         assert_eq!(info["sha256"], want.as_str(), "{mode}");
         assert_eq!(info["bytes_done"], SIZE);
