@@ -3,6 +3,7 @@
 # fio's sequential read of the source and sequential write of the target; host 4 KiB randwrite
 # (fio through NBD on P) during each mode against idle; the CPU-copied payload bytes of each.
 # Usage: bench/run-backup.sh [DIR (default /var/tmp/qs-bench)] [SIZE_GIB (default 1)]
+#        [TARGET_DIR (default DIR; /dev/shm puts the target on another device than the source)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/var/tmp/qs-bench}
@@ -13,16 +14,21 @@ cargo build --release --locked --bin quicksplit >/dev/null 2>&1
 qs=$PWD/target/release/quicksplit
 work=$(mktemp -d /tmp/qs-backup-bench.XXXXXX)
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"
+  [ "$tdir" = "$dir" ] || rm -f "$T" "$T.partial"
+}
 trap cleanup EXIT
-P=$dir/bk-p.img; S=$dir/bk-s.img; T=$dir/bk-target.img
+tdir=${3:-$dir}
+P=$dir/bk-p.img; S=$dir/bk-s.img; T=$tdir/bk-target.img
+direct() { [ "$(stat -f -c %T "$(dirname "$1")")" = tmpfs ] && echo 0 || echo 1; }
 for f in "$P" "$S" "$T"; do
-  fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct=1 --ioengine=io_uring \
-      --iodepth=8 >/dev/null
+  fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct="$(direct "$f")" \
+      --ioengine=io_uring --iodepth=8 >/dev/null
 done
 seq_mibs() { # rw file -> MiB/s
-  fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct=1 --ioengine=io_uring \
-      --iodepth=8 --output-format=json 2>/dev/null | python3 -c \
+  fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct="$(direct "$2")" \
+      --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | python3 -c \
       "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
 }
 read_s=$(seq_mibs read "$S"); write_t=$(seq_mibs write "$T")
