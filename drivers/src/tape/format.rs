@@ -433,23 +433,11 @@ pub(crate) fn parse_pax(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{CHUNK_SIZE, DEFAULT_RECORD_SIZE, FORMAT};
+    use super::super::DEFAULT_RECORD_SIZE;
     use super::*;
 
     fn manifest(volume_size: u64) -> Manifest {
-        Manifest {
-            format: FORMAT.into(),
-            pair: "p0".into(),
-            volume_size,
-            block_size: 4096,
-            track_size: 1 << 20,
-            split_at_ns: 1,
-            mode: "wait".into(),
-            created_at_ns: 2,
-            chunk_size: CHUNK_SIZE,
-            sha256: None,
-            chunks_crc32c: None,
-        }
+        super::super::sample_manifest(volume_size, "wait")
     }
 
     fn block(bytes: &[u8], at: usize) -> &[u8; BLOCK_SIZE] {

@@ -365,6 +365,24 @@ impl std::fmt::Debug for ImageDigest {
     }
 }
 
+/// An initial manifest for unit tests of the format and the reader.
+#[cfg(test)]
+pub(crate) fn sample_manifest(volume_size: u64, mode: &str) -> Manifest {
+    Manifest {
+        format: FORMAT.into(),
+        pair: "p0".into(),
+        volume_size,
+        block_size: 4096,
+        track_size: 1 << 20,
+        split_at_ns: 1,
+        mode: mode.into(),
+        created_at_ns: 2,
+        chunk_size: CHUNK_SIZE,
+        sha256: None,
+        chunks_crc32c: None,
+    }
+}
+
 /// Lowercase hex of `bytes`.
 fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -378,23 +378,11 @@ pub fn restore(
 
 #[cfg(test)]
 mod tests {
-    use super::super::{epilogue, prologue, CHUNK_SIZE, FORMAT};
+    use super::super::{epilogue, prologue, CHUNK_SIZE};
     use super::*;
 
     fn manifest(volume_size: u64) -> Manifest {
-        Manifest {
-            format: FORMAT.into(),
-            pair: "p0".into(),
-            volume_size,
-            block_size: 4096,
-            track_size: 1 << 20,
-            split_at_ns: 1,
-            mode: "merge".into(),
-            created_at_ns: 2,
-            chunk_size: CHUNK_SIZE,
-            sha256: None,
-            chunks_crc32c: None,
-        }
+        super::super::sample_manifest(volume_size, "merge")
     }
 
     fn archive(volume: &[u8], record_size: usize) -> Vec<u8> {
