@@ -386,8 +386,8 @@ impl Engine {
         let backup = self
             .backups
             .add(pair, mode, target, p.geometry().size(), split_at_ns, rate);
-        let copier = self.state().pairs.len(); // copiers are spread from reactor 1 on
-        let reactor = self.reactors.get(copier + 1).clone();
+        // The transferrer goes next to the pair's copier, on another core when there is one.
+        let reactor = self.reactors.get(p.copier_reactor_index() + 1).clone();
         // Checksums on another reactor than the transferrer's, when there is one.
         let hash_reactor =
             (self.reactors.len() > 1).then(|| self.reactors.get(reactor.index() + 1).clone());

@@ -441,6 +441,11 @@ impl Pair {
         }
     }
 
+    /// Index of the reactor the copier runs on (0 when none was given).
+    pub fn copier_reactor_index(&self) -> usize {
+        self.copier_reactor.as_ref().map_or(0, ReactorHandle::index)
+    }
+
     /// Wakes the copier's reactor (new pending tracks).
     pub(crate) fn wake_copier(&self) {
         if let Some(r) = &self.copier_reactor {
