@@ -182,8 +182,15 @@ fn parse_target(to: &str) -> Result<Value, String> {
     }
 }
 
-/// `quicksplit backup PAIR --to TARGET [--mode M] [--wait]`.
-pub fn backup(socket: Option<PathBuf>, pair: &str, to: &str, mode: &str, wait: bool) -> i32 {
+/// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]`.
+pub fn backup(
+    socket: Option<PathBuf>,
+    pair: &str,
+    to: &str,
+    mode: &str,
+    wait: bool,
+    rate: u64,
+) -> i32 {
     let target = match parse_target(to) {
         Ok(t) => t,
         Err(e) => {
@@ -197,7 +204,7 @@ pub fn backup(socket: Option<PathBuf>, pair: &str, to: &str, mode: &str, wait: b
     };
     let id = match c.call(
         "backup_start",
-        json!({"pair": pair, "mode": mode, "target": target}),
+        json!({"pair": pair, "mode": mode, "target": target, "rate": rate}),
     ) {
         Ok(v) => v.get("id").and_then(Value::as_u64).unwrap_or(0),
         Err(e) => return fail(e),

@@ -61,6 +61,9 @@ enum Command {
         /// Wait for the end, with a progress bar.
         #[arg(long)]
         wait: bool,
+        /// Throughput limit (bytes per second, e.g. 100M), so hosts keep the disk's attention.
+        #[arg(long, default_value = "0", value_parser = engine::units::parse_size)]
+        rate: u64,
     },
     /// Restore a tape archive to a file or block device, verifying every checksum.
     Restore {
@@ -162,7 +165,8 @@ fn main() {
             to,
             mode,
             wait,
-        } => cli::backup(socket, &pair, &to, &mode, wait),
+            rate,
+        } => cli::backup(socket, &pair, &to, &mode, wait, rate),
         Command::Restore {
             archive,
             to,
