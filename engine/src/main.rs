@@ -288,6 +288,9 @@ fn serve(
     }
     tracing::info!("stopping");
     drop(server);
+    // A clean stop keeps each pair's state and bitmaps for the restart.
+    engine.nbd().stop_all();
+    engine.snapshot_pairs();
     match Arc::try_unwrap(engine) {
         Ok(engine) => drop(engine),
         Err(_) => tracing::warn!("engine still referenced at exit"),

@@ -125,3 +125,148 @@ fn a_damaged_configuration_in_the_state_dir_stops_the_start() {
     // Nothing was created in its place.
     assert!(!state.join("p0.img").exists());
 }
+
+fn sha256_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn nbd_copy(from: &str, to: &str) {
+    let st = std::process::Command::new("nbdcopy")
+        .args([from, to])
+        .status()
+        .expect("nbdcopy");
+    assert!(st.success(), "nbdcopy {from} {to}");
+}
+
+#[test]
+fn a_clean_restart_keeps_pairs_split_with_their_image_and_pending_tracks() {
+    use quicksplit_tests::RpcConn;
+    use serde_json::json;
+    let dir = TempDir::new("serve-snapshot");
+    let state = dir.path().join("state");
+    let s = state.to_str().unwrap();
+    let args = ["--state-dir", s, "--cores", "0-1", "--idle", "adaptive"];
+    let mut server = Server::start(&args);
+    let sock = state.join("rpc.sock");
+    let nbd = state.join("nbd.sock");
+    let mut rpc = RpcConn::connect(&sock);
+    // A second pair that copies 1 byte/s: its tracks stay pending across the restart.
+    for (n, f) in [("p1", "p1.img"), ("s1", "s1.img")] {
+        rpc.ok(
+            "bdev_uring_create",
+            json!({"name": n, "filename": state.join(f), "size": 16 << 20}),
+        );
+    }
+    rpc.ok(
+        "pair_create",
+        json!({"name": "slow", "primary": "p1", "secondary": "s1", "copy_rate": 1}),
+    );
+    rpc.ok("nbd_export_start", json!({"name": "p1", "bdev": "p1"}));
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": "slow-image", "pair": "slow"}),
+    );
+    let src = dir.path().join("src.img");
+    let st = std::process::Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            &format!("of={}", src.display()),
+            "bs=1M",
+            "count=8",
+            "status=none",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let uri = |e: &str| format!("nbd+unix:///{e}?socket={}", nbd.display());
+    nbd_copy(src.to_str().unwrap(), &uri("p0"));
+    nbd_copy(src.to_str().unwrap(), &uri("p1"));
+    assert!(wait_for(Duration::from_secs(30), || {
+        rpc.ok("pair_get", json!({"name": "pair0"}))[0]["state"] == "PAIR"
+    }));
+    rpc.ok("pair_split", json!({"names": ["pair0", "slow"]}));
+    // P moves on after the split (copy before write on the slow pair's pending tracks).
+    let later = dir.path().join("later.img");
+    std::fs::write(&later, vec![0x5au8; 1 << 20]).unwrap();
+    nbd_copy(later.to_str().unwrap(), &uri("p0"));
+    nbd_copy(later.to_str().unwrap(), &uri("p1"));
+    // (pair0's image is 1 GiB: its state is checked, the slow pair's 16 MiB image byte for byte.)
+    let img1 = dir.path().join("img1-before.img");
+    nbd_copy(&uri("slow-image"), img1.to_str().unwrap());
+    let before: Vec<serde_json::Value> = ["pair0", "slow"]
+        .iter()
+        .map(|n| rpc.ok("pair_get", json!({ "name": n }))[0].clone())
+        .collect();
+    assert!(before[1]["pending_tracks"].as_u64().unwrap() > 100);
+    drop(rpc);
+    server.signal(libc::SIGTERM);
+    assert!(server
+        .wait_exit(Duration::from_secs(20))
+        .is_some_and(|s| s.success()));
+    assert!(state.join("pairs/slow.snapshot").exists());
+
+    let mut server = Server::start(&args);
+    let mut rpc = RpcConn::connect(&sock);
+    assert!(wait_for(Duration::from_secs(10), || nbd.exists()));
+    for (i, n) in ["pair0", "slow"].iter().enumerate() {
+        let after = rpc.ok("pair_get", json!({ "name": n }))[0].clone();
+        assert_eq!(after["state"], "PSUS", "{n}: {after}");
+        assert_eq!(after["split_at_ns"], before[i]["split_at_ns"]);
+        assert_eq!(after["changed_tracks"], before[i]["changed_tracks"]);
+        assert!(
+            after["pending_tracks"].as_u64() <= before[i]["pending_tracks"].as_u64(),
+            "{n}: no full copy after the restart: {after}"
+        );
+    }
+    assert_eq!(
+        rpc.ok("pair_get", json!({"name": "slow"}))[0]["copied_tracks"],
+        0
+    );
+    assert!(
+        !state.join("pairs/slow.snapshot").exists(),
+        "a used snapshot is removed"
+    );
+    let img1_after = dir.path().join("img1-after.img");
+    nbd_copy(&uri("slow-image"), img1_after.to_str().unwrap());
+    assert_eq!(
+        sha256_of(&img1_after),
+        sha256_of(&img1),
+        "slow's image changed"
+    );
+    // The image is P as it was at the split: the 8 MiB written before, not the 1 MiB after.
+    let image = std::fs::read(&img1_after).unwrap();
+    assert!(
+        image[..8 << 20] == std::fs::read(&src).unwrap()[..],
+        "slow's image is not P at the split"
+    );
+
+    // A damaged snapshot is not trusted: the pair comes back suspended, saying why.
+    drop(rpc);
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(20)).is_some());
+    let snap = state.join("pairs/slow.snapshot");
+    let mut bytes = std::fs::read(&snap).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&snap, bytes).unwrap();
+    let _server = Server::start(&args);
+    let mut rpc = RpcConn::connect(&sock);
+    let slow = rpc.ok("pair_get", json!({"name": "slow"}))[0].clone();
+    assert_eq!(slow["state"], "PSUE", "{slow}");
+    assert!(
+        slow["error"].as_str().unwrap().contains("checksum"),
+        "{slow}"
+    );
+    assert_eq!(
+        rpc.ok("pair_get", json!({"name": "pair0"}))[0]["state"],
+        "PSUS"
+    );
+}

@@ -190,6 +190,37 @@ impl PendingMap {
         }
     }
 
+    /// The pending bits, one per track, 64 tracks a word (for snapshots).
+    pub fn to_words(&self) -> Vec<u64> {
+        let mut out = vec![0u64; self.tracks.div_ceil(64) as usize];
+        for t in 0..self.tracks {
+            if self.is_pending(t) {
+                out[(t / 64) as usize] |= 1 << (t % 64);
+            }
+        }
+        out
+    }
+
+    /// Makes exactly the tracks set in `words` pending (a snapshot being restored).
+    pub fn load_words(&self, words: &[u64]) {
+        let raw = self.bits.as_raw_slice();
+        for w in raw {
+            w.store(0, Ordering::SeqCst);
+        }
+        let mut count = 0;
+        for t in 0..self.tracks {
+            let set = words
+                .get((t / 64) as usize)
+                .is_some_and(|w| w >> (t % 64) & 1 == 1);
+            if set {
+                let (w, shift) = self.word(t);
+                w.fetch_or(PENDING << shift, Ordering::SeqCst);
+                count += 1;
+            }
+        }
+        self.count.store(count, Ordering::SeqCst);
+    }
+
     /// Pending tracks, in order (for persistence and tests).
     pub fn pending_tracks(&self) -> Vec<u64> {
         self.visited
@@ -291,6 +322,33 @@ impl TrackSet {
             .first_one()
             .map(|i| i as u64 + from)
             .or_else(|| self.bits[..from as usize].first_one().map(|i| i as u64))
+    }
+
+    /// The raw words (for snapshots).
+    pub fn to_words(&self) -> Vec<u64> {
+        self.bits
+            .as_raw_slice()
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect()
+    }
+
+    /// Makes the set exactly the bits of `words` (a snapshot being restored).
+    pub fn load_words(&self, words: &[u64]) {
+        let raw = self.bits.as_raw_slice();
+        let bits = self.bits.len();
+        let mut count = 0;
+        for (i, w) in raw.iter().enumerate() {
+            let mut v = words.get(i).copied().unwrap_or(0);
+            // Bits past the last track stay clear.
+            let first = i * 64;
+            if first + 64 > bits {
+                v &= (1u64 << (bits - first)) - 1;
+            }
+            count += v.count_ones() as u64;
+            w.store(v, Ordering::SeqCst);
+        }
+        self.count.store(count, Ordering::SeqCst);
     }
 
     /// Members in order.

@@ -17,6 +17,7 @@ pub mod bitmap;
 pub mod channel;
 pub mod control;
 pub mod copier;
+pub mod snapshot;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -536,6 +537,37 @@ impl Pair {
             state: self.state().as_str(),
             what: what.to_string(),
         }
+    }
+
+    /// Sets state, direction, split point and error from a snapshot (before the pair serves).
+    pub(crate) fn restore_state(
+        &self,
+        state: PairState,
+        reverse: bool,
+        split_at_ns: u64,
+        error: Option<String>,
+    ) {
+        self.direction.store(
+            if reverse { DIR_REVERSE } else { DIR_FORWARD },
+            Ordering::SeqCst,
+        );
+        self.split_at_ns.store(split_at_ns, Ordering::SeqCst);
+        *self.error.lock().unwrap_or_else(PoisonError::into_inner) = error;
+        self.set_state(state);
+    }
+
+    /// Closes the gate for good and waits (up to `limit`) for host writes in flight: the pair
+    /// can then be snapshotted for a restart.
+    pub fn quiesce(&self, limit: std::time::Duration) -> bool {
+        self.close_gate();
+        let end = std::time::Instant::now() + limit;
+        while !self.drained() {
+            if std::time::Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        true
     }
 
     /// Checks that a split applies now (gate closed, writes drained).
