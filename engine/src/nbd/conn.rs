@@ -496,17 +496,16 @@ impl Poller for NbdConn {
         if self.transmit() {
             busy = true;
         }
-        if self.closing
-            && self.inflight.is_empty()
-            && (self.tx.is_empty() || self.eof && self.tx.is_empty())
-        {
+        if self.closing && self.inflight.is_empty() && self.tx.is_empty() {
             // Requests in flight are done and every reply is sent: close.
             if self.watched {
                 cx.unwatch_fd(self.fd());
             }
             return PollStatus::Done;
         }
-        if busy || !self.tx.is_empty() || !self.done.is_empty() {
+        // Replies a client does not read (its socket full) are retried on later turns without
+        // keeping the reactor from parking: a stalled client costs nothing.
+        if busy || !self.done.is_empty() {
             PollStatus::Busy
         } else {
             PollStatus::Idle
