@@ -73,6 +73,12 @@ fn every_method_through_the_socket() {
     );
     let (code, msg) = c.err("bdev_malloc_create", json!({"name": "m1", "size": 1000}));
     assert_eq!(code, PARAMS, "{msg}");
+    let (code, msg) = c.err(
+        "bdev_malloc_create",
+        json!({"name": "m1", "size": 1u64 << 50}),
+    );
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(msg.contains("available memory"), "{msg}");
     let file = dir.path().join("u0.img");
     assert_eq!(
         c.ok(

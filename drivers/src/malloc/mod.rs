@@ -27,6 +27,15 @@ impl MallocBdev {
         let geometry = crate::check_geometry(size, block_size)?;
         let len = usize::try_from(size)
             .map_err(|_| BdevError::Invalid(format!("size {size} does not fit in memory")))?;
+        // A RAM disk larger than the memory the kernel can give would be faulted in until the
+        // OOM killer ends the engine: refuse it up front.
+        if let Some(avail) = available_memory() {
+            if size > avail {
+                return Err(BdevError::Invalid(format!(
+                    "size {size} exceeds the available memory ({avail} bytes)"
+                )));
+            }
+        }
         let mem = Arc::new(DmaRegion::allocate(len)?);
         Ok(Self {
             name: name.to_string(),
@@ -34,6 +43,14 @@ impl MallocBdev {
             mem,
         })
     }
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 impl Bdev for MallocBdev {
