@@ -32,6 +32,9 @@ use bitmap::{PendingMap, TrackLocks, TrackSet};
 /// Hash slots counting mirrored writes in flight.
 const MIRRORED_SLOTS: u64 = 4096;
 
+/// Most tracks a pair may have (its bitmaps take about 9 bits per track in memory).
+pub const MAX_TRACKS: u64 = 1 << 28;
+
 /// Default track size.
 pub const DEFAULT_TRACK_SIZE: u64 = 64 << 10;
 
@@ -249,6 +252,11 @@ impl Pair {
             )));
         }
         let tracks = geometry.size().div_ceil(ts);
+        if tracks > MAX_TRACKS {
+            return Err(PairError::Invalid(format!(
+                "{tracks} tracks of {ts} bytes is more than {MAX_TRACKS}: use a larger track_size"
+            )));
+        }
         let pair = Arc::new(Self {
             name: cfg.name.clone(),
             primary,
