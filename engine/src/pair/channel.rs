@@ -216,20 +216,30 @@ impl PairChannel {
             self.retry.push_back((t, req));
             return;
         }
-        if let Err(e) = self.inner(t).submit(req) {
-            let e = *e;
-            match e.error {
-                SubmitErrorKind::QueueFull => self.retry.push_back((t, e.req)),
-                SubmitErrorKind::Invalid(err) => self.inner_done(
-                    t,
-                    IoCompletion {
-                        tag: e.req.tag,
-                        result: Err(err),
-                        bufs: e.req.bufs,
-                    },
-                ),
-            }
+        if let Err(req) = self.submit_inner(t, req) {
+            self.retry.push_back((t, req));
         }
+    }
+
+    /// Submits to P or S. A refused request completes with its error at once; a full queue
+    /// gives the request back to be retried.
+    fn submit_inner(&mut self, t: Target, req: IoRequest) -> Result<(), IoRequest> {
+        let Err(e) = self.inner(t).submit(req) else {
+            return Ok(());
+        };
+        let e = *e;
+        match e.error {
+            SubmitErrorKind::QueueFull => return Err(e.req),
+            SubmitErrorKind::Invalid(err) => self.inner_done(
+                t,
+                IoCompletion {
+                    tag: e.req.tag,
+                    result: Err(err),
+                    bufs: e.req.bufs,
+                },
+            ),
+        }
+        Ok(())
     }
 
     fn take_all_bufs(p: &mut Parent) -> IoBufs {
@@ -791,22 +801,9 @@ impl IoChannel for PairChannel {
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
         // Inner submissions that found a full queue go first, in order.
         while let Some((t, req)) = self.retry.pop_front() {
-            if let Err(e) = self.inner(t).submit(req) {
-                let e = *e;
-                match e.error {
-                    SubmitErrorKind::QueueFull => {
-                        self.retry.push_front((t, e.req));
-                        break;
-                    }
-                    SubmitErrorKind::Invalid(err) => self.inner_done(
-                        t,
-                        IoCompletion {
-                            tag: e.req.tag,
-                            result: Err(err),
-                            bufs: e.req.bufs,
-                        },
-                    ),
-                }
+            if let Err(req) = self.submit_inner(t, req) {
+                self.retry.push_front((t, req));
+                break;
             }
         }
         for _ in 0..self.deferred.len() {
