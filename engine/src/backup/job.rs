@@ -259,15 +259,14 @@ impl BackupJob {
                 break;
             }
             let len = self.piece.min(self.size - self.next_read);
-            if self.pool.as_ref().map_or(0, BufferPool::available) * (self.buf_size as usize)
-                < len as usize
-                || !self.within_rate(cx, len)
-            {
-                break;
-            }
+            // Buffers first, so rate tokens are only taken for a piece that can be read now;
+            // buffers not used go straight back to the pool.
             let Some(bufs) = self.piece_buffers(len) else {
                 break;
             };
+            if !self.within_rate(cx, len) {
+                break;
+            }
             let offset = self.next_read;
             let Some(src) = self.src.as_mut() else { break };
             match src.channel().submit(IoRequest::read(offset, bufs, offset)) {
