@@ -103,6 +103,21 @@ impl BdevTable {
         Ok(Arc::clone(&entry.bdev))
     }
 
+    /// Fails when the bdev is missing or claimed (checked before a claim has side effects).
+    pub fn check_unclaimed(&self, name: &str) -> Result<(), BdevError> {
+        let entry = self
+            .bdevs
+            .get(name)
+            .ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+        match &entry.claimed_by {
+            Some(holder) => Err(BdevError::Claimed {
+                name: name.to_string(),
+                by: holder.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Releases a claim made by `by`.
     pub fn release(&mut self, name: &str, by: &str) {
         if let Some(e) = self.bdevs.get_mut(name) {

@@ -329,7 +329,12 @@ impl Schedule<'_> {
         let end = Instant::now() + Duration::from_secs(20);
         while self.shared.inflight.load(Ordering::SeqCst) > 0 {
             if Instant::now() > end {
-                self.fail("writes did not drain".into());
+                let report = self
+                    .engine
+                    .pair(&self.name)
+                    .map(|p| p.persistence_report())
+                    .unwrap_or_default();
+                self.fail(format!("writes did not drain: {report}"));
             }
             std::thread::sleep(Duration::from_micros(100));
         }

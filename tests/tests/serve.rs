@@ -150,7 +150,7 @@ fn nbd_copy(from: &str, to: &str) {
 fn a_clean_restart_keeps_pairs_split_with_their_image_and_pending_tracks() {
     use quicksplit_tests::RpcConn;
     use serde_json::json;
-    let dir = TempDir::new("serve-snapshot");
+    let dir = TempDir::new("serve-restart");
     let state = dir.path().join("state");
     let s = state.to_str().unwrap();
     let args = ["--state-dir", s, "--cores", "0-1", "--idle", "adaptive"];
@@ -211,7 +211,7 @@ fn a_clean_restart_keeps_pairs_split_with_their_image_and_pending_tracks() {
     assert!(server
         .wait_exit(Duration::from_secs(20))
         .is_some_and(|s| s.success()));
-    assert!(state.join("pairs/slow.snapshot").exists());
+    assert!(state.join("pairs/slow.meta").exists());
 
     let mut server = Server::start(&args);
     let mut rpc = RpcConn::connect(&sock);
@@ -230,10 +230,6 @@ fn a_clean_restart_keeps_pairs_split_with_their_image_and_pending_tracks() {
         rpc.ok("pair_get", json!({"name": "slow"}))[0]["copied_tracks"],
         0
     );
-    assert!(
-        !state.join("pairs/slow.snapshot").exists(),
-        "a used snapshot is removed"
-    );
     let img1_after = dir.path().join("img1-after.img");
     nbd_copy(&uri("slow-image"), img1_after.to_str().unwrap());
     assert_eq!(
@@ -248,15 +244,15 @@ fn a_clean_restart_keeps_pairs_split_with_their_image_and_pending_tracks() {
         "slow's image is not P at the split"
     );
 
-    // A damaged snapshot is not trusted: the pair comes back suspended, saying why.
+    // Damaged metadata is not trusted: the pair comes back suspended, saying why.
     drop(rpc);
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(20)).is_some());
-    let snap = state.join("pairs/slow.snapshot");
-    let mut bytes = std::fs::read(&snap).unwrap();
-    let mid = bytes.len() / 2;
+    let meta = state.join("pairs/slow.meta");
+    let mut bytes = std::fs::read(&meta).unwrap();
+    let mid = bytes.len() / 2 + 100;
     bytes[mid] ^= 0x10;
-    std::fs::write(&snap, bytes).unwrap();
+    std::fs::write(&meta, bytes).unwrap();
     let _server = Server::start(&args);
     let mut rpc = RpcConn::connect(&sock);
     let slow = rpc.ok("pair_get", json!({"name": "slow"}))[0].clone();

@@ -29,7 +29,7 @@ const WINDOW: u64 = 32 << 20;
 
 enum Source {
     /// The image through the pair (merge).
-    Image(PairChannel),
+    Image(Box<PairChannel>),
     /// S itself (wait, reflect).
     Secondary(Box<dyn IoChannel>),
 }
@@ -37,7 +37,7 @@ enum Source {
 impl Source {
     fn channel(&mut self) -> &mut dyn IoChannel {
         match self {
-            Source::Image(c) => c,
+            Source::Image(c) => c.as_mut(),
             Source::Secondary(c) => c.as_mut(),
         }
     }
@@ -148,10 +148,10 @@ impl BackupJob {
     fn open(&mut self, cx: &ReactorContext) -> Result<(), String> {
         let ctx = cx.channel_context(64);
         let src = match self.backup.mode {
-            Mode::Merge => Source::Image(
+            Mode::Merge => Source::Image(Box::new(
                 PairChannel::new(Arc::clone(&self.pair), View::Image, &ctx)
                     .map_err(|e| e.to_string())?,
-            ),
+            )),
             Mode::Wait | Mode::Reflect => Source::Secondary(
                 self.pair
                     .secondary()

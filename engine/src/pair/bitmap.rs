@@ -190,6 +190,14 @@ impl PendingMap {
         }
     }
 
+    /// The pending bits of tracks `64 * w .. 64 * w + 64`, one per track.
+    pub fn bits64(&self, w: usize) -> u64 {
+        let words = self.bits.as_raw_slice();
+        let lo = words.get(2 * w).map_or(0, |x| x.load(Ordering::SeqCst));
+        let hi = words.get(2 * w + 1).map_or(0, |x| x.load(Ordering::SeqCst));
+        even_bits(lo) | even_bits(hi) << 32
+    }
+
     /// The pending bits, one per track, 64 tracks a word (for snapshots).
     pub fn to_words(&self) -> Vec<u64> {
         let mut out = vec![0u64; self.tracks.div_ceil(64) as usize];
@@ -227,6 +235,16 @@ impl PendingMap {
             .fetch_add(self.bits.as_raw_slice().len() as u64, Ordering::Relaxed);
         (0..self.tracks).filter(|&t| self.is_pending(t)).collect()
     }
+}
+
+/// Packs the even bits of `x` (the PENDING bits of 32 tracks) into the low 32 bits.
+fn even_bits(x: u64) -> u64 {
+    let mut x = x & PENDING_MASK;
+    x = (x | x >> 1) & 0x3333_3333_3333_3333;
+    x = (x | x >> 2) & 0x0f0f_0f0f_0f0f_0f0f;
+    x = (x | x >> 4) & 0x00ff_00ff_00ff_00ff;
+    x = (x | x >> 8) & 0x0000_ffff_0000_ffff;
+    (x | x >> 16) & 0x0000_0000_ffff_ffff
 }
 
 /// A set of tracks (changed on P, changed on S, to restore) with an exact count.
@@ -322,6 +340,14 @@ impl TrackSet {
             .first_one()
             .map(|i| i as u64 + from)
             .or_else(|| self.bits[..from as usize].first_one().map(|i| i as u64))
+    }
+
+    /// Word `w` of the set (tracks `64 * w ..`), 0 past the end.
+    pub fn raw_word(&self, w: usize) -> u64 {
+        self.bits
+            .as_raw_slice()
+            .get(w)
+            .map_or(0, |x| x.load(Ordering::SeqCst))
     }
 
     /// The raw words (for snapshots).
@@ -432,6 +458,22 @@ mod tests {
         m.mark_all();
         assert_eq!(m.count(), 100);
         assert_eq!(m.pending_tracks().len(), 100);
+    }
+
+    #[test]
+    fn bits64_packs_the_pending_bits_of_64_tracks() {
+        let m = PendingMap::new(200);
+        for t in [0u64, 5, 31, 32, 63, 64, 130, 199] {
+            m.mark_written(t);
+        }
+        let expect = |w: u64| {
+            (0..64)
+                .filter(|b| w * 64 + b < 200 && m.is_pending(w * 64 + b))
+                .fold(0u64, |acc, b| acc | 1 << b)
+        };
+        for w in 0..4 {
+            assert_eq!(m.bits64(w as usize), expect(w), "word {w}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use drivers::{
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
-use super::{Pair, PairState};
+use super::{Durability, HostWrite, Pair, PairState};
 
 /// Which side of the pair a view shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +107,8 @@ enum Phase {
     TargetIo,
     /// Flushing P and S.
     Flushing,
+    /// Waiting for the metadata the write needs to be durable.
+    MetaWait,
 }
 
 /// Sub-request ids: low bits of the inner tag.
@@ -138,6 +140,8 @@ struct Parent {
     post: Option<Post>,
     /// Counted as a mirrored write in flight on its tracks.
     counted: bool,
+    /// What the write needs persisted before it is issued.
+    durable: Option<HostWrite>,
 }
 
 enum Step {
@@ -156,6 +160,8 @@ pub struct PairChannel {
     staging: Option<BufferPool>,
     parents: Slab<Parent>,
     deferred: VecDeque<usize>,
+    /// Writes waiting for their metadata to be durable.
+    meta_waiting: VecDeque<usize>,
     retry: VecDeque<(Target, IoRequest)>,
     done: Vec<IoCompletion>,
     scratch: Vec<IoCompletion>,
@@ -180,6 +186,7 @@ impl PairChannel {
             staging: None,
             parents: Slab::new(),
             deferred: VecDeque::new(),
+            meta_waiting: VecDeque::new(),
             retry: VecDeque::new(),
             done: Vec::new(),
             scratch: Vec::new(),
@@ -353,11 +360,28 @@ impl PairChannel {
                 );
             }
         };
+        // A write relies on the state it saw: it waits until that state is durable.
+        if !self.pair.state_durable() {
+            if self.parents[key].counted {
+                self.pair.end_mirrored_write(tracks.clone());
+                self.parents[key].counted = false;
+            }
+            self.pair.leave_gate();
+            self.parents[key].gated = false;
+            return Step::Wait;
+        }
         let p = &mut self.parents[key];
         p.target = target;
         p.post = Some(post);
+        p.durable = Some(match post {
+            Post::Mirror => HostWrite::Mirror,
+            Post::ChangedP => HostWrite::ChangedP {
+                split: state == PairState::Psus,
+            },
+            Post::ChangedS => HostWrite::ChangedS,
+        });
         if state != PairState::Psus {
-            return self.target_io(key);
+            return self.write_when_durable(key);
         }
         // Writes mirrored before the split and still in flight belong to the image: wait for
         // them before looking at the tracks.
@@ -377,7 +401,7 @@ impl PairChannel {
         p.cow = p.locked.clone();
         p.cow_next = 0;
         if p.cow.is_empty() {
-            return self.target_io(key);
+            return self.write_when_durable(key);
         }
         match self.staging() {
             Some(buf) => self.parents[key].cow_buf = Some(buf),
@@ -470,7 +494,44 @@ impl PairChannel {
             self.cow_read(key);
         } else {
             self.parents[key].cow_buf = None;
-            self.target_io(key);
+            self.write_when_durable(key);
+        }
+    }
+
+    /// Persists what the write needs (write-intent, changed and pending bits, see
+    /// [`super::metadata`]) and issues it once that is durable.
+    fn write_when_durable(&mut self, key: usize) -> Step {
+        let p = &self.parents[key];
+        let Some(kind) = p.durable else {
+            return self.target_io(key);
+        };
+        let tracks = self.pair.tracks_of(p.offset, p.len);
+        self.pair.prepare_write(kind, tracks);
+        self.meta_check(key)
+    }
+
+    /// Issues a write whose metadata is durable, fails it if the metadata cannot be written, or
+    /// keeps it waiting.
+    fn meta_check(&mut self, key: usize) -> Step {
+        let p = &self.parents[key];
+        let (kind, tracks) = match p.durable {
+            Some(k) => (k, self.pair.tracks_of(p.offset, p.len)),
+            None => return self.target_io(key),
+        };
+        match self.pair.write_durability(kind, tracks) {
+            Durability::Ready => self.target_io(key),
+            Durability::Wait => {
+                self.parents[key].phase = Phase::MetaWait;
+                self.meta_waiting.push_back(key);
+                Step::Running
+            }
+            Durability::Failed(e) => {
+                self.parents[key].error = Some(IoError::Aborted(format!(
+                    "pair metadata cannot be written: {e}"
+                )));
+                self.finish(key);
+                Step::Running
+            }
         }
     }
 
@@ -703,7 +764,7 @@ impl PairChannel {
                 self.record_write(key);
                 self.finish(key);
             }
-            Phase::Flushing | Phase::Start => self.finish(key),
+            Phase::Flushing | Phase::Start | Phase::MetaWait => self.finish(key),
         }
     }
 
@@ -791,6 +852,7 @@ impl IoChannel for PairChannel {
             target: Target::P,
             post: None,
             counted: false,
+            durable: None,
         });
         if let Step::Wait = self.start(key) {
             self.deferred.push_back(key);
@@ -818,6 +880,17 @@ impl IoChannel for PairChannel {
             if let Step::Wait = self.start(key) {
                 self.deferred.push_back(key);
             }
+        }
+        for _ in 0..self.meta_waiting.len() {
+            let Some(key) = self.meta_waiting.pop_front() else {
+                break;
+            };
+            if self.pair.is_deleted() {
+                self.parents[key].error = Some(IoError::Aborted("the pair was deleted".into()));
+                self.finish(key);
+                continue;
+            }
+            let _ = self.meta_check(key);
         }
         for t in [Target::P, Target::S] {
             let mut scratch = std::mem::take(&mut self.scratch);

@@ -77,9 +77,23 @@ impl ControlQueue {
     }
 }
 
+/// Where a running transition is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Gates closed; waiting for host writes in flight (resync, backup start).
+    Draining,
+    /// Applied; waiting for the pairs' headers to be durable (split: gates open already;
+    /// resync: gates still closed).
+    Header,
+    /// Resync: waiting for the tracks it copies to be marked durably.
+    Marks,
+}
+
 struct Running {
     req: ControlRequest,
     started: Instant,
+    stage: Stage,
+    outcome: Result<u64, PairError>,
 }
 
 /// The control poller.
@@ -117,12 +131,10 @@ impl ControlPoller {
         Ok(())
     }
 
-    fn finish(&mut self) {
-        let Some(Running { req, started }) = self.running.take() else {
-            return;
-        };
-        let checked = Self::check(&req);
-        let outcome = checked.map(|()| match req.action {
+    /// Applies the transition (gates closed, writes drained where needed).
+    fn apply(req: &ControlRequest) -> Result<u64, PairError> {
+        Self::check(req)?;
+        Ok(match req.action {
             Action::Split => {
                 let at = now_ns();
                 for p in &req.pairs {
@@ -142,10 +154,65 @@ impl ControlPoller {
                 }
                 req.pairs.first().map_or(0, |p| p.split_at_ns())
             }
-        });
-        for p in &req.pairs {
-            p.open_gate();
+        })
+    }
+
+    /// Moves the running transition on as far as it can go now; true when it replied.
+    fn step(&mut self) -> bool {
+        let Some(run) = self.running.as_mut() else {
+            return false;
+        };
+        let action = run.req.action;
+        if run.stage == Stage::Draining {
+            // A split does not wait for writes in flight: those mirrored before it are counted
+            // on their tracks, and post-split users of those tracks wait for them. The gates
+            // are only closed so that every pair of the group flips between the same two
+            // instants. A resync waits for the writes in flight, whose bookkeeping it changes.
+            if action != Action::Split && !run.req.pairs.iter().all(|p| p.drained()) {
+                return false;
+            }
+            run.outcome = Self::apply(&run.req);
+            if run.outcome.is_err() || !matches!(action, Action::Resync { .. }) {
+                for p in &run.req.pairs {
+                    p.open_gate();
+                }
+            }
+            run.stage = Stage::Header;
         }
+        if run.outcome.is_ok() && run.stage == Stage::Header {
+            // The transition is acknowledged only once it is durable.
+            if !run
+                .req
+                .pairs
+                .iter()
+                .all(|p| p.state_durable() || p.metadata_failed())
+            {
+                return false;
+            }
+            if let Action::Resync { .. } = action {
+                for p in &run.req.pairs {
+                    p.persist_resync();
+                }
+                run.stage = Stage::Marks;
+            }
+        }
+        if run.outcome.is_ok() && run.stage == Stage::Marks {
+            if !run.req.pairs.iter().all(|p| p.resync_persisted()) {
+                return false;
+            }
+            for p in &run.req.pairs {
+                p.open_gate();
+            }
+        }
+        let Some(Running {
+            req,
+            started,
+            outcome,
+            ..
+        }) = self.running.take()
+        else {
+            return false;
+        };
         let engine_ns = started.elapsed().as_nanos() as u64;
         let result = outcome.map(|split_at_ns| {
             if req.action == Action::Split {
@@ -161,6 +228,7 @@ impl ControlPoller {
             }
         });
         let _ = req.reply.send(result);
+        true
     }
 }
 
@@ -178,18 +246,14 @@ impl Poller for ControlPoller {
             for p in &req.pairs {
                 p.close_gate();
             }
-            self.running = Some(Running { req, started });
+            self.running = Some(Running {
+                req,
+                started,
+                stage: Stage::Draining,
+                outcome: Ok(0),
+            });
         }
-        // A split does not wait for writes in flight: those mirrored before it are counted on
-        // their tracks, and post-split users of those tracks wait for them. The gates are only
-        // closed so that every pair of the group flips between the same two instants. A resync
-        // waits for the writes in flight, whose bookkeeping it changes.
-        let drained = self.running.as_ref().is_some_and(|r| {
-            r.req.action == Action::Split || r.req.pairs.iter().all(|p| p.drained())
-        });
-        if drained {
-            self.finish();
-        }
+        self.step();
         PollStatus::Busy
     }
 

@@ -17,7 +17,7 @@ pub mod bitmap;
 pub mod channel;
 pub mod control;
 pub mod copier;
-pub mod snapshot;
+pub mod metadata;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -28,6 +28,7 @@ use serde::Serialize;
 
 use crate::reactor::ReactorHandle;
 use bitmap::{PendingMap, TrackLocks, TrackSet};
+use metadata::{HeaderRecord, Loaded, MapKind, Metadata};
 
 /// Hash slots counting mirrored writes in flight.
 const MIRRORED_SLOTS: u64 = 4096;
@@ -206,6 +207,35 @@ pub struct Pair {
     reactors: Vec<ReactorHandle>,
     /// Reactor of the copier, woken when new tracks become pending.
     copier_reactor: Option<ReactorHandle>,
+    /// Persisted metadata (none: the pair lives in memory only).
+    meta: Option<Arc<Metadata>>,
+    /// Header number of the last transition: host writes wait until it is durable.
+    state_seq: AtomicU64,
+}
+
+/// What a host write records, for the metadata it needs durable before it is issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HostWrite {
+    /// A write to P in COPY or PAIR: its tracks' write-intent bits.
+    Mirror,
+    /// A write to P after the split (`split`: PSUS, the image must be kept; else PSUE).
+    ChangedP {
+        /// The pair is in PSUS.
+        split: bool,
+    },
+    /// A write to S (the image) in PSUS.
+    ChangedS,
+}
+
+/// Whether the metadata a host write needs is durable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Durability {
+    /// Issue the write.
+    Ready,
+    /// Wait for the metadata writer.
+    Wait,
+    /// The metadata cannot be written: fail the write.
+    Failed(String),
 }
 
 /// Parameters of a new pair.
@@ -220,8 +250,8 @@ pub struct PairConfig {
 }
 
 impl Pair {
-    /// Creates a pair in COPY with every track pending. P and S must have the same block size
-    /// and S must be at least as large as P.
+    /// Creates a pair in COPY with every track pending, in memory only. P and S must have the
+    /// same block size and S must be at least as large as P.
     pub fn new(
         cfg: &PairConfig,
         primary: Arc<dyn Bdev>,
@@ -229,6 +259,15 @@ impl Pair {
         reactors: Vec<ReactorHandle>,
         copier_reactor: Option<ReactorHandle>,
     ) -> Result<Arc<Self>, PairError> {
+        Self::with_metadata(cfg, primary, secondary, reactors, copier_reactor, None)
+    }
+
+    /// Checks P and S against the configuration; returns the number of tracks.
+    pub fn check_geometry(
+        cfg: &PairConfig,
+        primary: &dyn Bdev,
+        secondary: &dyn Bdev,
+    ) -> Result<u64, PairError> {
         let geometry = primary.geometry();
         let sg = secondary.geometry();
         if sg.block_size != geometry.block_size {
@@ -257,6 +296,23 @@ impl Pair {
                 "{tracks} tracks of {ts} bytes is more than {MAX_TRACKS}: use a larger track_size"
             )));
         }
+        Ok(tracks)
+    }
+
+    /// Creates a pair in COPY with every track pending, persisted in `meta` when given (fresh
+    /// metadata, or loaded metadata applied afterwards with [`Pair::apply_loaded`]).
+    pub fn with_metadata(
+        cfg: &PairConfig,
+        primary: Arc<dyn Bdev>,
+        secondary: Arc<dyn Bdev>,
+        reactors: Vec<ReactorHandle>,
+        copier_reactor: Option<ReactorHandle>,
+        meta: Option<Arc<Metadata>>,
+    ) -> Result<Arc<Self>, PairError> {
+        let tracks = Self::check_geometry(cfg, primary.as_ref(), secondary.as_ref())?;
+        let geometry = primary.geometry();
+        let ts = cfg.track_size;
+        let seq = meta.as_ref().map_or(0, |m| m.header_durable());
         let pair = Arc::new(Self {
             name: cfg.name.clone(),
             primary,
@@ -284,9 +340,237 @@ impl Pair {
             backup_frontier: AtomicU64::new(u64::MAX),
             reactors,
             copier_reactor,
+            meta,
+            state_seq: AtomicU64::new(seq),
         });
         pair.pending.mark_all();
         Ok(pair)
+    }
+
+    /// The persisted metadata, if the pair has some.
+    pub fn metadata(&self) -> Option<&Arc<Metadata>> {
+        self.meta.as_ref()
+    }
+
+    /// The header the metadata writer persists as number `seq`.
+    pub fn header_record(&self, seq: u64) -> HeaderRecord {
+        HeaderRecord {
+            seq,
+            name: self.name.clone(),
+            primary: self.primary.name().to_string(),
+            secondary: self.secondary.name().to_string(),
+            track_size: self.track_size,
+            tracks: self.tracks,
+            state: self.state().as_str().to_string(),
+            reverse: self.reversing(),
+            split_at_ns: self.split_at_ns(),
+            error: self.error(),
+        }
+    }
+
+    /// A transition is about to change what host writes mean: take its header number first,
+    /// so a host that sees the new state also sees that it must wait for it.
+    fn begin_transition(&self) -> u64 {
+        match &self.meta {
+            Some(m) => {
+                let seq = m.next_seq();
+                self.state_seq.fetch_max(seq, Ordering::SeqCst);
+                seq
+            }
+            None => 0,
+        }
+    }
+
+    /// The transition is applied in memory: ask for its header (`flush_data`: P and S first).
+    fn end_transition(&self, seq: u64, flush_data: bool) {
+        if let Some(m) = &self.meta {
+            m.request_header(seq, flush_data);
+            self.wake_copier();
+        }
+    }
+
+    /// True when the header of the last transition is durable (host writes may rely on it).
+    pub fn state_durable(&self) -> bool {
+        self.meta
+            .as_ref()
+            .is_none_or(|m| m.header_durable() >= self.state_seq.load(Ordering::SeqCst))
+    }
+
+    /// A line describing the persistence state, for diagnostics: header numbers and, per
+    /// track that differs, the wanted and on-disk bits of each map.
+    pub fn persistence_report(&self) -> String {
+        let Some(m) = &self.meta else {
+            return "no metadata".into();
+        };
+        let mut out = format!(
+            "state {} seq {} durable {} idle {} failure {:?} writer polls {} stage {:#x};",
+            self.state().as_str(),
+            self.state_seq.load(Ordering::SeqCst),
+            m.header_durable(),
+            m.idle(),
+            m.failure(),
+            m.stats.writer_polls.load(Ordering::Relaxed),
+            m.stats.writer_stage.load(Ordering::Relaxed),
+        );
+        for map in metadata::MAP_KINDS {
+            let set = m.map(map);
+            for t in 0..self.tracks {
+                if set.wanted(t) != set.on_disk(t) {
+                    out.push_str(&format!(
+                        " {map:?}[{t}] want {} disk {};",
+                        set.wanted(t),
+                        set.on_disk(t)
+                    ));
+                }
+            }
+        }
+        out
+    }
+
+    /// True when the pair's metadata can no longer be written.
+    pub fn metadata_failed(&self) -> bool {
+        self.meta.as_ref().is_some_and(|m| m.failure().is_some())
+    }
+
+    /// Records in the metadata what a host write on `tracks` needs durable before it is issued.
+    pub(crate) fn prepare_write(&self, kind: HostWrite, tracks: std::ops::Range<u64>) {
+        let Some(m) = &self.meta else { return };
+        for t in tracks {
+            match kind {
+                HostWrite::Mirror => {
+                    m.touch(t);
+                    m.want_set(MapKind::Pending, t);
+                }
+                HostWrite::ChangedP { split } => {
+                    m.want_set(MapKind::ChangedP, t);
+                    if split {
+                        // P changes: the track must not read as "P holds the image" after a
+                        // crash.
+                        m.want_clear(MapKind::Pending, t);
+                    }
+                }
+                HostWrite::ChangedS => {
+                    m.want_set(MapKind::ChangedS, t);
+                    m.want_clear(MapKind::Pending, t);
+                }
+            }
+        }
+        self.wake_copier();
+    }
+
+    /// Whether what [`Pair::prepare_write`] asked for is durable.
+    pub(crate) fn write_durability(
+        &self,
+        kind: HostWrite,
+        tracks: std::ops::Range<u64>,
+    ) -> Durability {
+        let Some(m) = &self.meta else {
+            return Durability::Ready;
+        };
+        if let Some(e) = m.failure() {
+            return Durability::Failed(e);
+        }
+        let pending = m.map(MapKind::Pending);
+        let ready = match kind {
+            HostWrite::Mirror => tracks.into_iter().all(|t| pending.on_disk(t)),
+            HostWrite::ChangedP { split } => {
+                let changed = m.map(MapKind::ChangedP);
+                tracks
+                    .into_iter()
+                    .all(|t| changed.on_disk(t) && !(split && pending.on_disk(t)))
+            }
+            HostWrite::ChangedS => {
+                let changed = m.map(MapKind::ChangedS);
+                tracks
+                    .into_iter()
+                    .all(|t| changed.on_disk(t) && !pending.on_disk(t))
+            }
+        };
+        if ready {
+            Durability::Ready
+        } else {
+            Durability::Wait
+        }
+    }
+
+    /// Puts a pair just created with loaded metadata in the state the disk holds. In COPY and
+    /// PAIR, tracks marked changed are pending too (a suspension or split whose header never
+    /// became durable left them); in PSUS and PSUE the pending map is exactly what S lacks.
+    pub fn apply_loaded(&self, loaded: &Loaded) -> Result<(), String> {
+        let h = &loaded.header;
+        if h.name != self.name
+            || h.primary != self.primary.name()
+            || h.secondary != self.secondary.name()
+            || h.track_size != self.track_size
+            || h.tracks != self.tracks
+        {
+            return Err(format!(
+                "the metadata is of another pair ({} over {} and {}, {} tracks of {} bytes)",
+                h.name, h.primary, h.secondary, h.tracks, h.track_size
+            ));
+        }
+        let state = match h.state.as_str() {
+            "COPY" => PairState::Copy,
+            "PAIR" => PairState::Pair,
+            "PSUS" => PairState::Psus,
+            "PSUE" => PairState::Psue,
+            other => return Err(format!("unknown state {other}")),
+        };
+        let [pending, changed_p, changed_s, restore] = &loaded.maps;
+        let reverse = h.reverse && state == PairState::Copy;
+        match state {
+            PairState::Copy | PairState::Pair => {
+                let merged: Vec<u64> = (0..pending.len())
+                    .map(|w| {
+                        let changed = changed_p[w] | changed_s[w];
+                        if reverse {
+                            pending[w]
+                        } else {
+                            pending[w] | changed
+                        }
+                    })
+                    .collect();
+                self.pending.load_words(&merged);
+                if reverse {
+                    let r: Vec<u64> = (0..restore.len())
+                        .map(|w| restore[w] | changed_p[w] | changed_s[w])
+                        .collect();
+                    self.restore.load_words(&r);
+                } else {
+                    self.restore.load_words(&[]);
+                }
+                self.changed_p.load_words(&[]);
+                self.changed_s.load_words(&[]);
+            }
+            PairState::Psus | PairState::Psue => {
+                self.pending.load_words(pending);
+                self.changed_p.load_words(changed_p);
+                self.changed_s.load_words(changed_s);
+                self.restore.load_words(restore);
+            }
+        }
+        self.restore_state(state, reverse, h.split_at_ns, h.error.clone());
+        if let Some(m) = &self.meta {
+            // The maps on disk move to what memory now holds; none of it is on a write path.
+            m.want_exactly(MapKind::Pending, |w| {
+                pending.get(w).copied().unwrap_or(0) | self.pending.bits64(w)
+            });
+            // Changed bits stay on disk until the next resync empties them (a superset costs
+            // a few extra copies, clearing them before the pending bits are durable could lose
+            // tracks); restore bits go through the cleaner's rules (P flushed first).
+            m.want_exactly(MapKind::Restore, |w| self.restore.raw_word(w));
+        }
+        Ok(())
+    }
+
+    /// Marks every track pending and suspends the pair (untrusted metadata): a forward resync
+    /// then copies everything.
+    pub fn distrust(&self, error: String) {
+        self.pending.mark_all();
+        if let Some(m) = &self.meta {
+            m.want_exactly(MapKind::Pending, |w| self.pending.bits64(w));
+        }
+        self.fail(error);
     }
 
     /// Name.
@@ -375,10 +659,14 @@ impl Pair {
         let mut e = self.error.lock().unwrap_or_else(PoisonError::into_inner);
         if self.state() != PairState::Psue {
             tracing::error!(pair = %self.name, %error, "pair suspended on error (PSUE)");
+            let seq = self.begin_transition();
             *e = Some(error);
             self.set_state(PairState::Psue);
+            drop(e);
+            self.end_transition(seq, false);
+        } else {
+            drop(e);
         }
-        drop(e);
         self.wake_all();
     }
 
@@ -522,21 +810,26 @@ impl Pair {
 
     /// Called by the copier when nothing is left to copy: COPY becomes PAIR.
     pub(crate) fn copy_finished(&self) {
-        if self.pending.count() == 0
-            && self.restore.count() == 0
-            && self
-                .state
-                .compare_exchange(
-                    PairState::Copy as u8,
-                    PairState::Pair as u8,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
+        if self.pending.count() != 0 || self.restore.count() != 0 || self.state() != PairState::Copy
+        {
+            return;
+        }
+        let seq = self.begin_transition();
+        if self
+            .state
+            .compare_exchange(
+                PairState::Copy as u8,
+                PairState::Pair as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
         {
             self.direction.store(DIR_FORWARD, Ordering::SeqCst);
             tracing::info!(pair = %self.name, "copy complete: PAIR");
         }
+        // PAIR is durable only after the copied data is.
+        self.end_transition(seq, true);
     }
 
     fn wrong_state(&self, what: &str) -> PairError {
@@ -589,10 +882,12 @@ impl Pair {
     /// Applies the split (gate closed, writes drained): S now stands for P as it is.
     pub(crate) fn apply_split(&self, at_ns: u64) {
         // The changed sets are empty outside PSUS/PSUE (a resync empties them), so nothing is
-        // cleared here: the split touches no bitmap.
+        // cleared here: the split touches no bitmap. Persisting it is one header write.
         debug_assert_eq!(self.changed_p.count() + self.changed_s.count(), 0);
+        let seq = self.begin_transition();
         self.split_at_ns.store(at_ns, Ordering::SeqCst);
         self.set_state(PairState::Psus);
+        self.end_transition(seq, false);
     }
 
     /// Checks that a backup may start: the pair is split and no backup runs.
@@ -658,6 +953,7 @@ impl Pair {
     /// pending (P to S). Reverse: they are restored S to P; tracks still pending keep being
     /// copied P to S (P holds their image data).
     pub(crate) fn apply_resync(&self, reverse: bool) {
+        let seq = self.begin_transition();
         if reverse {
             self.restore.absorb(&self.changed_p);
             self.restore.absorb(&self.changed_s);
@@ -675,7 +971,54 @@ impl Pair {
         self.changed_s.clear();
         *self.error.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.set_state(PairState::Copy);
+        self.end_transition(seq, false);
         self.wake_copier();
+    }
+
+    /// After a resync's header is durable (gate still closed, writes drained): the tracks it
+    /// copies are marked in the persisted maps, and the changed maps emptied once those marks
+    /// are durable ([`Pair::resync_persisted`] tells when).
+    pub(crate) fn persist_resync(&self) {
+        let Some(m) = &self.meta else { return };
+        let words = self.tracks.div_ceil(64) as usize;
+        for w in 0..words {
+            let pend = self.pending.bits64(w);
+            let rest = self.restore.raw_word(w);
+            let mut bits = pend;
+            while bits != 0 {
+                let t = w as u64 * 64 + bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                m.want_set(MapKind::Pending, t);
+            }
+            let mut bits = rest;
+            while bits != 0 {
+                let t = w as u64 * 64 + bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                m.want_set(MapKind::Restore, t);
+            }
+        }
+        self.wake_copier();
+    }
+
+    /// True once the marks of [`Pair::persist_resync`] are durable; then empties the changed
+    /// maps on disk (lazily).
+    pub(crate) fn resync_persisted(&self) -> bool {
+        let Some(m) = &self.meta else { return true };
+        if m.failure().is_some() {
+            return true;
+        }
+        let words = self.tracks.div_ceil(64) as usize;
+        let (d, r) = (m.map(MapKind::Pending), m.map(MapKind::Restore));
+        let durable = (0..words).all(|w| {
+            d.disk_word(w) & self.pending.bits64(w) == self.pending.bits64(w)
+                && r.disk_word(w) & self.restore.raw_word(w) == self.restore.raw_word(w)
+        });
+        if durable {
+            m.want_exactly(MapKind::ChangedP, |_| 0);
+            m.want_exactly(MapKind::ChangedS, |_| 0);
+            self.wake_copier();
+        }
+        durable
     }
 }
 

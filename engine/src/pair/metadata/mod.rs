@@ -1,0 +1,743 @@
+//! Crash-safe pair metadata: the pair's header (state, direction, split point, error) and four
+//! track bitmaps, kept on a bdev of their own (a file in the state directory) and written
+//! through the engine's own I/O path by the [`writer::MetaWriter`] poller.
+//!
+//! On-disk layout, 4 KiB blocks:
+//! - blocks 0 and 1: two header slots. Header number `seq` goes to slot `seq % 2`, so a write
+//!   torn or lost by a power cut leaves the other slot, one state older, whole. Each slot holds
+//!   a magic, a JSON record and a CRC-32C.
+//! - then four maps, each `pages_per_map` pages: pending (the write-intent map, below),
+//!   changed on P, changed on S, to restore. A page holds the bits of 32,640 tracks, its own
+//!   map and page number, and a CRC-32C over all of it, so a stale, misplaced or damaged page is
+//!   detected at load and never trusted.
+//!
+//! What the pending map on disk means (the contract the host path and the cleaner keep):
+//! - in COPY and PAIR it is a write-intent map: a superset of the tracks where S may differ
+//!   from P. A host write to P sets its tracks' bits durably before it is issued; bits are
+//!   cleared lazily, only for tracks untouched for a whole cleaning period, and only after P and
+//!   S were flushed;
+//! - in PSUS it is the set of tracks S lacks, with P unchanged since the split on each of them:
+//!   a host write (to P or S) on a track clears its bit durably, after S's copy of the track is
+//!   durable, before it is issued. A stale bit there (the track was copied but the bit not yet
+//!   cleared) is harmless: P still holds the split-point data, and a copy rewrites the same data.
+//!
+//! The changed maps are supersets (a write sets its bit durably before it is issued); the
+//! restore map is a superset of the tracks P still lacks in a restore.
+//!
+//! Header writes are numbered: a transition that changes what host writes mean (split, resync,
+//! the end of a copy, a suspension) takes a number, and host writes wait until the header of
+//! that number is durable, so no write relies on a state the disk does not hold yet.
+
+pub mod writer;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::ArrayQueue;
+use drivers::{Bdev, ChannelContext, IoBufs, IoChannel, IoCompletion, IoOp, IoRequest};
+use hugepages::BufferPool;
+use serde::{Deserialize, Serialize};
+
+/// Bytes of a header slot and of a bitmap page.
+pub const BLOCK: u64 = 4096;
+/// Bitmap words (64 tracks each) in a page; the last 16 bytes are the page's trailer.
+pub const WORDS_PER_PAGE: u64 = 510;
+/// Tracks one page covers.
+pub const TRACKS_PER_PAGE: u64 = WORDS_PER_PAGE * 64;
+const HEADER_SLOTS: u64 = 2;
+const MAGIC: [u8; 8] = *b"QSPAIRMD";
+const FORMAT: u32 = 1;
+
+/// The four persisted maps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MapKind {
+    /// Write-intent map (COPY/PAIR), tracks S lacks (PSUS).
+    Pending = 0,
+    /// Tracks written on P since the split.
+    ChangedP = 1,
+    /// Tracks written on S since the split.
+    ChangedS = 2,
+    /// Tracks P lacks during a restore.
+    Restore = 3,
+}
+
+/// Every map, in on-disk order.
+pub const MAP_KINDS: [MapKind; 4] = [
+    MapKind::Pending,
+    MapKind::ChangedP,
+    MapKind::ChangedS,
+    MapKind::Restore,
+];
+
+/// Errors loading or initialising metadata.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum MetaError {
+    /// The metadata bdev failed an I/O.
+    #[error("pair metadata I/O error: {0}")]
+    Io(String),
+    /// A header or page fails its checks.
+    #[error("pair metadata fails its checksum: {0}")]
+    Corrupt(String),
+    /// The metadata describes another pair or geometry.
+    #[error("pair metadata is of another pair: {0}")]
+    Mismatch(String),
+    /// The metadata bdev is too small for the pair.
+    #[error("pair metadata bdev holds {have} bytes, the pair needs {need}")]
+    TooSmall {
+        /// Bytes the bdev has.
+        have: u64,
+        /// Bytes the layout needs.
+        need: u64,
+    },
+}
+
+/// The persisted header.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HeaderRecord {
+    /// Header number (higher is newer).
+    pub seq: u64,
+    /// Pair name.
+    pub name: String,
+    /// Primary bdev.
+    pub primary: String,
+    /// Secondary bdev.
+    pub secondary: String,
+    /// Track size in bytes.
+    pub track_size: u64,
+    /// Number of tracks.
+    pub tracks: u64,
+    /// `COPY`, `PAIR`, `PSUS` or `PSUE`.
+    pub state: String,
+    /// Copying S to P.
+    pub reverse: bool,
+    /// Split instant, ns since the epoch.
+    pub split_at_ns: u64,
+    /// Why the pair is suspended.
+    pub error: Option<String>,
+}
+
+/// Where things are on the metadata bdev.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    /// Tracks of the pair.
+    pub tracks: u64,
+    /// Pages each map takes.
+    pub pages_per_map: u64,
+}
+
+impl Layout {
+    /// The layout for `tracks` tracks.
+    pub fn new(tracks: u64) -> Self {
+        Self {
+            tracks,
+            pages_per_map: tracks.div_ceil(TRACKS_PER_PAGE).max(1),
+        }
+    }
+
+    /// Bytes the metadata bdev needs.
+    pub fn size(&self) -> u64 {
+        (HEADER_SLOTS + 4 * self.pages_per_map) * BLOCK
+    }
+
+    /// Byte offset of a page.
+    pub fn page_offset(&self, map: MapKind, page: u64) -> u64 {
+        (HEADER_SLOTS + map as u64 * self.pages_per_map + page) * BLOCK
+    }
+
+    /// Words a map holds (whole pages).
+    fn words(&self) -> u64 {
+        self.pages_per_map * WORDS_PER_PAGE
+    }
+}
+
+fn encode_header(rec: &HeaderRecord, out: &mut [u8]) -> Result<(), MetaError> {
+    let json = serde_json::to_vec(rec).map_err(|e| MetaError::Io(e.to_string()))?;
+    if json.len() > BLOCK as usize - 20 {
+        return Err(MetaError::Io("pair header does not fit its block".into()));
+    }
+    out.fill(0);
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+    out[12..16].copy_from_slice(&(json.len() as u32).to_le_bytes());
+    out[16..16 + json.len()].copy_from_slice(&json);
+    let crc = crc32c::crc32c(&out[..BLOCK as usize - 4]);
+    out[BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+    Ok(())
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn decode_header(buf: &[u8]) -> Result<HeaderRecord, String> {
+    if buf[..8] != MAGIC {
+        return Err("no header magic".into());
+    }
+    if crc32c::crc32c(&buf[..BLOCK as usize - 4]) != u32_at(buf, BLOCK as usize - 4) {
+        return Err("header checksum mismatch".into());
+    }
+    if u32_at(buf, 8) != FORMAT {
+        return Err(format!("unknown format {}", u32_at(buf, 8)));
+    }
+    let len = u32_at(buf, 12) as usize;
+    if len > BLOCK as usize - 20 {
+        return Err("header length out of range".into());
+    }
+    serde_json::from_slice(&buf[16..16 + len]).map_err(|e| e.to_string())
+}
+
+fn encode_page(map: MapKind, page: u64, words: &[u64], out: &mut [u8]) {
+    for (i, w) in words.iter().enumerate() {
+        out[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let t = WORDS_PER_PAGE as usize * 8;
+    out[t..t + 4].copy_from_slice(&(map as u32).to_le_bytes());
+    out[t + 4..t + 8].copy_from_slice(&(page as u32).to_le_bytes());
+    out[t + 8..t + 12].copy_from_slice(&MAGIC[..4]);
+    let crc = crc32c::crc32c(&out[..BLOCK as usize - 4]);
+    out[BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn decode_page(map: MapKind, page: u64, buf: &[u8], words: &mut [u64]) -> Result<(), String> {
+    let t = WORDS_PER_PAGE as usize * 8;
+    if crc32c::crc32c(&buf[..BLOCK as usize - 4]) != u32_at(buf, BLOCK as usize - 4)
+        || u32_at(buf, t) != map as u32
+        || u32_at(buf, t + 4) != page as u32
+        || buf[t + 8..t + 12] != MAGIC[..4]
+    {
+        return Err(format!("{map:?} page {page} is damaged or misplaced"));
+    }
+    for (i, w) in words.iter_mut().enumerate() {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&buf[i * 8..i * 8 + 8]);
+        *w = u64::from_le_bytes(a);
+    }
+    Ok(())
+}
+
+/// One persisted map: what it should hold (`want`, changed by the data path) and what the disk
+/// holds (`disk`, changed by the writer once a page is durable).
+pub struct PersistedSet {
+    want: Box<[AtomicU64]>,
+    disk: Box<[AtomicU64]>,
+    queued: Box<[AtomicBool]>,
+    /// Held by the cleaner while it clears bits and rechecks them, and by the writer while it
+    /// copies a page: a page never goes to disk with a bit the cleaner cleared by mistake.
+    lock: Box<[AtomicBool]>,
+}
+
+impl PersistedSet {
+    fn new(layout: &Layout) -> Self {
+        let words = layout.words() as usize;
+        let pages = layout.pages_per_map as usize;
+        Self {
+            want: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            disk: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            queued: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            lock: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+        }
+    }
+
+    fn bit(t: u64) -> (usize, u64) {
+        ((t / 64) as usize, 1u64 << (t % 64))
+    }
+
+    /// True when the disk holds the track's bit set.
+    pub fn on_disk(&self, t: u64) -> bool {
+        let (w, m) = Self::bit(t);
+        self.disk[w].load(Ordering::SeqCst) & m != 0
+    }
+
+    /// True when the track's bit should be set.
+    pub fn wanted(&self, t: u64) -> bool {
+        let (w, m) = Self::bit(t);
+        self.want[w].load(Ordering::SeqCst) & m != 0
+    }
+
+    /// A word of the wanted bits.
+    pub fn want_word(&self, w: usize) -> u64 {
+        self.want[w].load(Ordering::SeqCst)
+    }
+
+    /// A word of the bits on disk.
+    pub fn disk_word(&self, w: usize) -> u64 {
+        self.disk[w].load(Ordering::SeqCst)
+    }
+
+    fn lock_page(&self, page: usize) {
+        while self.lock[page]
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            std::hint::spin_loop();
+        }
+    }
+
+    fn unlock_page(&self, page: usize) {
+        self.lock[page].store(false, Ordering::Release);
+    }
+}
+
+/// Counters of the metadata writer.
+#[derive(Debug, Default)]
+pub struct MetaStats {
+    /// Pages written.
+    pub pages_written: AtomicU64,
+    /// Header blocks written.
+    pub headers_written: AtomicU64,
+    /// Flushes of the metadata bdev.
+    pub meta_flushes: AtomicU64,
+    /// Flushes of P and S made before clearing bits.
+    pub data_flushes: AtomicU64,
+    /// Bits cleared by the cleaner.
+    pub bits_cleaned: AtomicU64,
+    /// Times the writer was polled.
+    pub writer_polls: AtomicU64,
+    /// The writer's stage (high 32 bits) and requests in flight (low 32 bits).
+    pub writer_stage: AtomicU64,
+}
+
+/// What the disk held when the pair's metadata was loaded.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The newest valid header.
+    pub header: HeaderRecord,
+    /// Each map's bits, 64 tracks a word.
+    pub maps: [Vec<u64>; 4],
+}
+
+/// A pair's persisted metadata: the live maps and the requests for the writer.
+pub struct Metadata {
+    bdev: Arc<dyn Bdev>,
+    layout: Layout,
+    maps: [PersistedSet; 4],
+    /// Pages to write, as `map * pages_per_map + page`.
+    queue: ArrayQueue<u64>,
+    /// Tracks a host write touched since the cleaner last looked (64 a word).
+    touched: Box<[AtomicU64]>,
+    next_seq: AtomicU64,
+    header_wanted: AtomicU64,
+    header_durable: AtomicU64,
+    /// The next header write must flush P and S first (a copy finished: PAIR must not be
+    /// durable before the copied data is).
+    header_flush_data: AtomicBool,
+    sync_wanted: AtomicU64,
+    sync_done: AtomicU64,
+    failed: AtomicBool,
+    failure: Mutex<Option<String>>,
+    /// How long a track stays untouched before the cleaner clears its write-intent bit.
+    pub clean_interval: Duration,
+    /// Counters.
+    pub stats: MetaStats,
+}
+
+/// Default cleaning period.
+pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_millis(500);
+
+impl Metadata {
+    fn with_layout(bdev: Arc<dyn Bdev>, layout: Layout, seq: u64) -> Result<Self, MetaError> {
+        let need = layout.size();
+        let have = bdev.geometry().size();
+        if have < need {
+            return Err(MetaError::TooSmall { have, need });
+        }
+        let words = layout.words() as usize;
+        Ok(Self {
+            maps: [
+                PersistedSet::new(&layout),
+                PersistedSet::new(&layout),
+                PersistedSet::new(&layout),
+                PersistedSet::new(&layout),
+            ],
+            queue: ArrayQueue::new((4 * layout.pages_per_map) as usize),
+            touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            next_seq: AtomicU64::new(seq),
+            header_wanted: AtomicU64::new(seq),
+            header_durable: AtomicU64::new(seq),
+            header_flush_data: AtomicBool::new(false),
+            sync_wanted: AtomicU64::new(0),
+            sync_done: AtomicU64::new(0),
+            failed: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            clean_interval: DEFAULT_CLEAN_INTERVAL,
+            stats: MetaStats::default(),
+            bdev,
+            layout,
+        })
+    }
+
+    /// Writes fresh metadata for a new pair (header `rec`, every track pending) through the
+    /// bdev, flushed, before the pair serves.
+    pub fn initialize(bdev: Arc<dyn Bdev>, rec: &HeaderRecord) -> Result<Self, MetaError> {
+        let layout = Layout::new(rec.tracks);
+        let mut meta = Self::with_layout(bdev, layout, rec.seq)?;
+        let mut pending = vec![0u64; layout.words() as usize];
+        for t in 0..layout.tracks {
+            pending[(t / 64) as usize] |= 1 << (t % 64);
+        }
+        let empty = vec![0u64; layout.words() as usize];
+        let mut io = BlockingIo::open(&meta.bdev)?;
+        let mut block = vec![0u8; BLOCK as usize];
+        for slot in 0..HEADER_SLOTS {
+            // Both slots: the older one is never left from a previous pair of that name.
+            let mut r = rec.clone();
+            if rec.seq % 2 != slot {
+                r.seq = rec.seq.saturating_sub(1);
+            }
+            encode_header(&r, &mut block)?;
+            io.write(slot * BLOCK, &[block.as_slice()])?;
+        }
+        for map in MAP_KINDS {
+            let words = if map == MapKind::Pending {
+                &pending
+            } else {
+                &empty
+            };
+            io.write_map(&layout, map, words)?;
+        }
+        io.flush()?;
+        for (w, v) in pending.iter().enumerate() {
+            meta.maps[0].want[w].store(*v, Ordering::SeqCst);
+            meta.maps[0].disk[w].store(*v, Ordering::SeqCst);
+        }
+        meta.clean_interval = DEFAULT_CLEAN_INTERVAL;
+        Ok(meta)
+    }
+
+    /// Reads the metadata of an existing pair: the newest valid header and every page, each
+    /// checked. Fails on any damage: such metadata is never trusted.
+    pub fn load(bdev: Arc<dyn Bdev>, tracks: u64) -> Result<(Self, Loaded), MetaError> {
+        let layout = Layout::new(tracks);
+        let have = bdev.geometry().size();
+        if have < layout.size() {
+            return Err(MetaError::TooSmall {
+                have,
+                need: layout.size(),
+            });
+        }
+        let mut io = BlockingIo::open(&bdev)?;
+        let mut best: Option<HeaderRecord> = None;
+        let mut errors = Vec::new();
+        for slot in 0..HEADER_SLOTS {
+            let buf = io.read(slot * BLOCK, BLOCK as usize)?;
+            match decode_header(&buf) {
+                Ok(h) if best.as_ref().is_none_or(|b| h.seq > b.seq) => best = Some(h),
+                Ok(_) => {}
+                Err(e) => errors.push(format!("header slot {slot}: {e}")),
+            }
+        }
+        let header = best.ok_or_else(|| MetaError::Corrupt(errors.join("; ")))?;
+        if header.tracks != tracks {
+            return Err(MetaError::Mismatch(format!(
+                "{} tracks of {} bytes, not {tracks}",
+                header.tracks, header.track_size
+            )));
+        }
+        let meta = Self::with_layout(bdev, layout, header.seq)?;
+        let mut maps: [Vec<u64>; 4] = Default::default();
+        for map in MAP_KINDS {
+            let words = io.read_map(&layout, map)?;
+            for (w, v) in words.iter().enumerate() {
+                meta.maps[map as usize].want[w].store(*v, Ordering::SeqCst);
+                meta.maps[map as usize].disk[w].store(*v, Ordering::SeqCst);
+            }
+            maps[map as usize] = words;
+        }
+        Ok((meta, Loaded { header, maps }))
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The metadata bdev.
+    pub fn bdev(&self) -> &Arc<dyn Bdev> {
+        &self.bdev
+    }
+
+    /// A map.
+    pub fn map(&self, map: MapKind) -> &PersistedSet {
+        &self.maps[map as usize]
+    }
+
+    fn queue_page(&self, map: MapKind, page: u64) {
+        let set = &self.maps[map as usize];
+        if !set.queued[page as usize].swap(true, Ordering::SeqCst) {
+            // The queue holds every page once at most: it cannot be full here.
+            let _ = self
+                .queue
+                .push(map as u64 * self.layout.pages_per_map + page);
+        }
+    }
+
+    /// Wants the track's bit set; queues its page when that changes it.
+    pub fn want_set(&self, map: MapKind, t: u64) {
+        let (w, m) = PersistedSet::bit(t);
+        if self.maps[map as usize].want[w].fetch_or(m, Ordering::SeqCst) & m == 0 {
+            self.queue_page(map, t / TRACKS_PER_PAGE);
+        }
+    }
+
+    /// Wants the track's bit clear; queues its page when that changes it. Under the page lock:
+    /// the cleaner, which clears bits and sets back those a write shows up for, must not set
+    /// back a bit a write wants clear.
+    pub fn want_clear(&self, map: MapKind, t: u64) {
+        let (w, m) = PersistedSet::bit(t);
+        let set = &self.maps[map as usize];
+        let page = (t / TRACKS_PER_PAGE) as usize;
+        set.lock_page(page);
+        let was = set.want[w].fetch_and(!m, Ordering::SeqCst) & m != 0;
+        set.unlock_page(page);
+        if was {
+            self.queue_page(map, page as u64);
+        }
+    }
+
+    /// Wants a whole map equal to `words` (64 tracks a word); queues the pages that change.
+    /// Only for moments when no host write can run (the gate is closed and drained).
+    pub fn want_exactly(&self, map: MapKind, words: impl Fn(usize) -> u64) {
+        let set = &self.maps[map as usize];
+        for (w, slot) in set.want.iter().enumerate() {
+            let v = words(w);
+            if slot.swap(v, Ordering::SeqCst) != v || set.disk_word(w) != v {
+                self.queue_page(map, w as u64 / WORDS_PER_PAGE);
+            }
+        }
+    }
+
+    /// A host write is about to touch the track (the cleaner leaves it alone this period).
+    pub fn touch(&self, t: u64) {
+        let (w, m) = PersistedSet::bit(t);
+        if self.touched[w].load(Ordering::Relaxed) & m == 0 {
+            self.touched[w].fetch_or(m, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes the next header number (a transition is about to change the state).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// Asks for header `seq` (or newer) to be written; `flush_data` makes P and S durable
+    /// first.
+    pub fn request_header(&self, seq: u64, flush_data: bool) {
+        if flush_data {
+            self.header_flush_data.store(true, Ordering::SeqCst);
+        }
+        self.header_wanted.fetch_max(seq, Ordering::SeqCst);
+    }
+
+    /// The newest header number known durable.
+    pub fn header_durable(&self) -> u64 {
+        self.header_durable.load(Ordering::SeqCst)
+    }
+
+    /// Asks the writer to clean every bit it can and write everything out (a clean stop);
+    /// returns the number to wait for with [`Metadata::synced`].
+    pub fn request_sync(&self) -> u64 {
+        self.sync_wanted.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// True once sync request `n` is done.
+    pub fn synced(&self, n: u64) -> bool {
+        self.sync_done.load(Ordering::SeqCst) >= n
+    }
+
+    /// True when nothing is waiting to be written.
+    pub fn idle(&self) -> bool {
+        self.queue.is_empty() && self.header_wanted.load(Ordering::SeqCst) <= self.header_durable()
+    }
+
+    /// The writer could not write: every host write waiting on it fails.
+    pub fn fail(&self, error: String) {
+        let mut f = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
+        f.get_or_insert(error);
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// Why the metadata cannot be written, if it cannot.
+    pub fn failure(&self) -> Option<String> {
+        if !self.failed.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Synchronous I/O on a bdev from a control thread, through a channel of its own: used to
+/// initialise and load metadata before the pair serves.
+struct BlockingIo {
+    ch: Box<dyn IoChannel>,
+    pool: BufferPool,
+    done: Vec<IoCompletion>,
+}
+
+/// Pages moved per request when reading or writing whole maps.
+const PAGES_PER_IO: usize = 64;
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl BlockingIo {
+    fn open(bdev: &Arc<dyn Bdev>) -> Result<Self, MetaError> {
+        let ch = bdev
+            .open_channel(&ChannelContext {
+                wake_fd: None,
+                queue_depth: 8,
+            })
+            .map_err(|e| MetaError::Io(e.to_string()))?;
+        let pool = BufferPool::new(BLOCK as usize, PAGES_PER_IO)
+            .map_err(|e| MetaError::Io(e.to_string()))?;
+        Ok(Self {
+            ch,
+            pool,
+            done: Vec::new(),
+        })
+    }
+
+    fn run(&mut self, req: IoRequest) -> Result<IoBufs, MetaError> {
+        if let Err(e) = self.ch.submit(req) {
+            return Err(MetaError::Io(format!("refused: {:?}", e.error)));
+        }
+        let end = Instant::now() + IO_TIMEOUT;
+        loop {
+            self.ch.poll(&mut self.done);
+            if let Some(c) = self.done.pop() {
+                return match c.result {
+                    Ok(()) => Ok(c.bufs),
+                    Err(e) => Err(MetaError::Io(e.to_string())),
+                };
+            }
+            if Instant::now() > end {
+                return Err(MetaError::Io("no completion within 60 s".into()));
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
+    fn bufs(&self, n: usize) -> Result<IoBufs, MetaError> {
+        (0..n)
+            .map(|_| {
+                self.pool
+                    .get()
+                    .ok_or_else(|| MetaError::Io("no buffer for metadata I/O".into()))
+            })
+            .collect()
+    }
+
+    fn write(&mut self, offset: u64, blocks: &[&[u8]]) -> Result<(), MetaError> {
+        let mut bufs = self.bufs(blocks.len())?;
+        for (b, data) in bufs.iter_mut().zip(blocks) {
+            b.as_mut_slice()[..data.len()].copy_from_slice(data);
+        }
+        self.run(IoRequest::write(offset, bufs, 0)).map(|_| ())
+    }
+
+    fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MetaError> {
+        let bufs = self.bufs(len.div_ceil(BLOCK as usize))?;
+        let bufs = self.run(IoRequest::read(offset, bufs, 0))?;
+        Ok(bufs.iter().flat_map(|b| b.as_slice().to_vec()).collect())
+    }
+
+    fn flush(&mut self) -> Result<(), MetaError> {
+        self.run(IoRequest::without_data(IoOp::Flush, 0, 0, 0))
+            .map(|_| ())
+    }
+
+    fn write_map(&mut self, layout: &Layout, map: MapKind, words: &[u64]) -> Result<(), MetaError> {
+        let mut page = 0;
+        while page < layout.pages_per_map {
+            let n = (layout.pages_per_map - page).min(PAGES_PER_IO as u64);
+            let mut blocks = Vec::with_capacity(n as usize);
+            for p in page..page + n {
+                let mut b = vec![0u8; BLOCK as usize];
+                let lo = (p * WORDS_PER_PAGE) as usize;
+                encode_page(map, p, &words[lo..lo + WORDS_PER_PAGE as usize], &mut b);
+                blocks.push(b);
+            }
+            let refs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+            self.write(layout.page_offset(map, page), &refs)?;
+            page += n;
+        }
+        Ok(())
+    }
+
+    fn read_map(&mut self, layout: &Layout, map: MapKind) -> Result<Vec<u64>, MetaError> {
+        let mut words = vec![0u64; layout.words() as usize];
+        let mut page = 0;
+        while page < layout.pages_per_map {
+            let n = (layout.pages_per_map - page).min(PAGES_PER_IO as u64);
+            let bytes = self.read(layout.page_offset(map, page), (n * BLOCK) as usize)?;
+            for (i, p) in (page..page + n).enumerate() {
+                let lo = (p * WORDS_PER_PAGE) as usize;
+                decode_page(
+                    map,
+                    p,
+                    &bytes[i * BLOCK as usize..(i + 1) * BLOCK as usize],
+                    &mut words[lo..lo + WORDS_PER_PAGE as usize],
+                )
+                .map_err(MetaError::Corrupt)?;
+            }
+            page += n;
+        }
+        // Bits past the last track are never trusted.
+        let tracks = layout.tracks;
+        for (w, v) in words.iter_mut().enumerate() {
+            let first = w as u64 * 64;
+            if first >= tracks {
+                *v = 0;
+            } else if first + 64 > tracks {
+                *v &= (1u64 << (tracks - first)) - 1;
+            }
+        }
+        Ok(words)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(seq: u64) -> HeaderRecord {
+        HeaderRecord {
+            seq,
+            name: "p".into(),
+            primary: "a".into(),
+            secondary: "b".into(),
+            track_size: 65536,
+            tracks: 100_000,
+            state: "PSUS".into(),
+            reverse: false,
+            split_at_ns: 42,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn header_and_page_round_trip_and_any_flipped_bit_is_caught() {
+        let mut b = vec![0u8; BLOCK as usize];
+        encode_header(&header(7), &mut b).unwrap();
+        assert_eq!(decode_header(&b).unwrap(), header(7));
+        for i in [0usize, 20, 300, 4095] {
+            let mut c = b.clone();
+            c[i] ^= 0x10;
+            assert!(decode_header(&c).is_err(), "flip at {i} not caught");
+        }
+        let words: Vec<u64> = (0..WORDS_PER_PAGE).map(|i| i * 0x9e37_79b9).collect();
+        encode_page(MapKind::ChangedS, 3, &words, &mut b);
+        let mut back = vec![0u64; WORDS_PER_PAGE as usize];
+        decode_page(MapKind::ChangedS, 3, &b, &mut back).unwrap();
+        assert_eq!(back, words);
+        assert!(decode_page(MapKind::ChangedP, 3, &b, &mut back).is_err());
+        assert!(decode_page(MapKind::ChangedS, 4, &b, &mut back).is_err());
+        b[100] ^= 1;
+        assert!(decode_page(MapKind::ChangedS, 3, &b, &mut back).is_err());
+        // A page never written (zeroes) is not a valid empty page.
+        assert!(decode_page(MapKind::ChangedS, 3, &[0u8; 4096], &mut back).is_err());
+    }
+}

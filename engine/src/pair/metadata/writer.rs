@@ -1,0 +1,461 @@
+//! The metadata writer: one poller per persisted pair, on the copier's reactor. It writes the
+//! pages and headers the data path asks for, in batches, and clears write-intent bits lazily.
+//!
+//! A batch goes through up to three steps, each waiting for the previous one:
+//! 1. when it clears a bit of the pending or restore map, or carries the header that ends a
+//!    copy: flush P and S, so the data that made those bits unnecessary is durable first;
+//! 2. write the pages (a copy of the wanted bits taken under the page lock) and the header;
+//! 3. flush the metadata bdev; only then does the writer publish the pages as on disk and the
+//!    header number as durable, and wake the host writes waiting for them.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use drivers::{IoBufs, IoChannel, IoCompletion, IoOp, IoRequest};
+use hugepages::BufferPool;
+
+use super::{encode_header, encode_page, MapKind, Metadata, BLOCK, HEADER_SLOTS, WORDS_PER_PAGE};
+use crate::pair::Pair;
+use crate::reactor::{PollStatus, Poller, ReactorContext};
+
+/// Pages written per batch at most.
+const BATCH_PAGES: usize = 64;
+/// Bitmap words the cleaner looks at per poll (a bounded slice of work per reactor turn).
+const CLEAN_WORDS_PER_POLL: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Idle,
+    FlushingData,
+    Writing,
+    FlushingMeta,
+}
+
+struct PageWrite {
+    map: MapKind,
+    page: u64,
+    words: Vec<u64>,
+}
+
+#[derive(Default)]
+struct Batch {
+    pages: Vec<PageWrite>,
+    header: Option<u64>,
+    header_block: Option<Vec<u8>>,
+}
+
+/// The writer poller of one pair.
+pub struct MetaWriter {
+    pair: Arc<Pair>,
+    meta: Arc<Metadata>,
+    name: String,
+    ch: Option<Box<dyn IoChannel>>,
+    p: Option<Box<dyn IoChannel>>,
+    s: Option<Box<dyn IoChannel>>,
+    pool: Option<BufferPool>,
+    stage: Stage,
+    batch: Batch,
+    outstanding: u32,
+    error: Option<String>,
+    next_clean: Instant,
+    clean_cursor: usize,
+    /// A clean stop asked for everything: the cleaner's full pass for it is done.
+    sync_target: u64,
+    scratch: Vec<IoCompletion>,
+}
+
+impl MetaWriter {
+    /// A writer for `pair`, whose metadata is `meta`.
+    pub fn new(pair: Arc<Pair>, meta: Arc<Metadata>) -> Self {
+        let name = format!("metadata:{}", pair.name());
+        Self {
+            next_clean: Instant::now() + meta.clean_interval,
+            pair,
+            meta,
+            name,
+            ch: None,
+            p: None,
+            s: None,
+            pool: None,
+            stage: Stage::Idle,
+            batch: Batch::default(),
+            outstanding: 0,
+            error: None,
+            clean_cursor: 0,
+            sync_target: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    fn open(&mut self, cx: &ReactorContext) -> bool {
+        if self.ch.is_some() {
+            return true;
+        }
+        let ctx = cx.channel_context(BATCH_PAGES as u32 + 2);
+        let opened = (|| {
+            let ch = self.meta.bdev().open_channel(&ctx)?;
+            let p = self.pair.primary().open_channel(&ctx)?;
+            let s = self.pair.secondary().open_channel(&ctx)?;
+            let pool = BufferPool::new(BLOCK as usize, BATCH_PAGES + 1)?;
+            Ok::<_, drivers::BdevError>((ch, p, s, pool))
+        })();
+        match opened {
+            Ok((ch, p, s, pool)) => {
+                self.ch = Some(ch);
+                self.p = Some(p);
+                self.s = Some(s);
+                self.pool = Some(pool);
+                true
+            }
+            Err(e) => {
+                self.fail(format!("cannot open the metadata writer's channels: {e}"));
+                false
+            }
+        }
+    }
+
+    fn fail(&mut self, error: String) {
+        self.meta.fail(error.clone());
+        self.pair
+            .fail(format!("pair metadata cannot be written: {error}"));
+        self.batch = Batch::default();
+        self.stage = Stage::Idle;
+    }
+
+    /// Clears the write-intent bits of tracks that no longer need them, over a bounded slice of
+    /// the maps: pending bits of tracks S holds (not pending, no write in flight, not touched
+    /// since the last pass), restore bits of tracks P holds again. A bit is cleared under its
+    /// page lock and set back if a write shows up meanwhile, so a page copy never misses it.
+    /// `all` (a clean stop, host writes drained) passes over every word and ignores `touched`.
+    fn clean(&mut self, all: bool) -> bool {
+        let words = self.meta.layout.words() as usize;
+        let limit = if all { words } else { CLEAN_WORDS_PER_POLL };
+        let pair = Arc::clone(&self.pair);
+        let meta = Arc::clone(&self.meta);
+        let mut changed = false;
+        let start = if all { 0 } else { self.clean_cursor };
+        let end = (start + limit).min(words);
+        for w in start..end {
+            let first = w as u64 * 64;
+            if first >= pair.tracks() {
+                break;
+            }
+            let touched_word = &meta.touched[w];
+            let touched = if all || touched_word.load(Ordering::Relaxed) == 0 {
+                0
+            } else {
+                touched_word.swap(0, Ordering::SeqCst)
+            };
+            let page = w / WORDS_PER_PAGE as usize;
+            // Pending map: a bit may go when S holds the track.
+            let d = meta.map(MapKind::Pending);
+            let cand = d.want_word(w) & !pair.pending.bits64(w) & !touched;
+            if cand != 0 {
+                d.lock_page(page);
+                let had = d.want[w].fetch_and(!cand, Ordering::SeqCst) & cand;
+                let mut kept = 0u64;
+                let mut bits = had;
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    bits &= bits - 1;
+                    let t = first + b;
+                    let busy = pair.mirrored_writes_in_flight(t..t + 1)
+                        || (!all && touched_word.load(Ordering::SeqCst) & 1 << b != 0)
+                        || pair.pending.is_pending(t);
+                    if busy {
+                        kept |= 1 << b;
+                    }
+                }
+                if kept != 0 {
+                    d.want[w].fetch_or(kept, Ordering::SeqCst);
+                }
+                d.unlock_page(page);
+                let cleared = had & !kept;
+                if cleared != 0 {
+                    meta.stats
+                        .bits_cleaned
+                        .fetch_add(cleared.count_ones() as u64, Ordering::Relaxed);
+                    meta.queue_page(MapKind::Pending, page as u64);
+                    changed = true;
+                }
+            }
+            // Restore map: a bit may go when P holds the track again.
+            let r = meta.map(MapKind::Restore);
+            let cand = r.want_word(w) & !pair.restore.raw_word(w);
+            if cand != 0 {
+                r.lock_page(page);
+                let had = r.want[w].fetch_and(!cand, Ordering::SeqCst) & cand;
+                let back = had & pair.restore.raw_word(w);
+                if back != 0 {
+                    r.want[w].fetch_or(back, Ordering::SeqCst);
+                }
+                r.unlock_page(page);
+                if had & !back != 0 {
+                    meta.queue_page(MapKind::Restore, page as u64);
+                    changed = true;
+                }
+            }
+        }
+        if !all {
+            self.clean_cursor = if end >= words { 0 } else { end };
+        }
+        changed
+    }
+
+    /// Gathers the next batch: queued pages and a wanted header.
+    fn gather(&mut self) -> bool {
+        let meta = Arc::clone(&self.meta);
+        let ppm = meta.layout.pages_per_map;
+        let mut batch = Batch::default();
+        let mut clears = false;
+        while batch.pages.len() < BATCH_PAGES {
+            let Some(code) = meta.queue.pop() else { break };
+            let map = super::MAP_KINDS[(code / ppm) as usize % 4];
+            let page = code % ppm;
+            let set = meta.map(map);
+            // Unqueued before the copy: a bit changed after the copy queues the page again.
+            set.queued[page as usize].store(false, Ordering::SeqCst);
+            let lo = (page * WORDS_PER_PAGE) as usize;
+            let hi = lo + WORDS_PER_PAGE as usize;
+            set.lock_page(page as usize);
+            let words: Vec<u64> = (lo..hi).map(|w| set.want_word(w)).collect();
+            set.unlock_page(page as usize);
+            let same = (lo..hi).all(|w| set.disk_word(w) == words[w - lo]);
+            if same {
+                continue;
+            }
+            if matches!(map, MapKind::Pending | MapKind::Restore)
+                && (lo..hi).any(|w| set.disk_word(w) & !words[w - lo] != 0)
+            {
+                clears = true;
+            }
+            batch.pages.push(PageWrite { map, page, words });
+        }
+        let wanted = meta.header_wanted.load(Ordering::SeqCst);
+        if wanted > meta.header_durable() {
+            if meta.header_flush_data.swap(false, Ordering::SeqCst) {
+                clears = true;
+            }
+            // The state is read after the number: the header holds at least that state.
+            let rec = self.pair.header_record(wanted);
+            let mut block = vec![0u8; BLOCK as usize];
+            match encode_header(&rec, &mut block) {
+                Ok(()) => {
+                    batch.header = Some(wanted);
+                    batch.header_block = Some(block);
+                }
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return false;
+                }
+            }
+        }
+        if batch.pages.is_empty() && batch.header.is_none() {
+            return false;
+        }
+        self.batch = batch;
+        if clears {
+            self.stage = Stage::FlushingData;
+            for ch in [self.p.as_mut(), self.s.as_mut()].into_iter().flatten() {
+                if ch
+                    .submit(IoRequest::without_data(IoOp::Flush, 0, 0, 0))
+                    .is_ok()
+                {
+                    self.outstanding += 1;
+                } else {
+                    self.error
+                        .get_or_insert_with(|| "a data flush was refused".into());
+                }
+            }
+            self.meta.stats.data_flushes.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.write_batch();
+        }
+        true
+    }
+
+    fn write_batch(&mut self) {
+        self.stage = Stage::Writing;
+        let layout = self.meta.layout;
+        let mut reqs = Vec::new();
+        let Some(pool) = self.pool.as_ref() else {
+            return;
+        };
+        for pw in &self.batch.pages {
+            let Some(mut buf) = pool.get() else {
+                self.error
+                    .get_or_insert_with(|| "no buffer for a metadata page".into());
+                break;
+            };
+            encode_page(pw.map, pw.page, &pw.words, buf.as_mut_slice());
+            let mut bufs = IoBufs::new();
+            bufs.push(buf);
+            reqs.push(IoRequest::write(
+                layout.page_offset(pw.map, pw.page),
+                bufs,
+                0,
+            ));
+        }
+        if let (Some(seq), Some(block)) = (self.batch.header, &self.batch.header_block) {
+            match pool.get() {
+                Some(mut buf) => {
+                    buf.as_mut_slice().copy_from_slice(block);
+                    let mut bufs = IoBufs::new();
+                    bufs.push(buf);
+                    reqs.push(IoRequest::write((seq % HEADER_SLOTS) * BLOCK, bufs, 0));
+                }
+                None => {
+                    self.error
+                        .get_or_insert_with(|| "no buffer for the pair header".into());
+                }
+            }
+        }
+        let Some(ch) = self.ch.as_mut() else { return };
+        for req in reqs {
+            match ch.submit(req) {
+                Ok(()) => self.outstanding += 1,
+                Err(e) => {
+                    self.error.get_or_insert_with(|| {
+                        format!("a metadata write was refused: {:?}", e.error)
+                    });
+                }
+            }
+        }
+    }
+
+    fn flush_meta(&mut self) {
+        self.stage = Stage::FlushingMeta;
+        if let Some(ch) = self.ch.as_mut() {
+            match ch.submit(IoRequest::without_data(IoOp::Flush, 0, 0, 0)) {
+                Ok(()) => self.outstanding += 1,
+                Err(_) => {
+                    self.error
+                        .get_or_insert_with(|| "the metadata flush was refused".into());
+                }
+            }
+        }
+        self.meta.stats.meta_flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The batch is durable: publish it.
+    fn commit(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        let meta = &self.meta;
+        for pw in &batch.pages {
+            let set = meta.map(pw.map);
+            let lo = (pw.page * WORDS_PER_PAGE) as usize;
+            for (i, v) in pw.words.iter().enumerate() {
+                set.disk[lo + i].store(*v, Ordering::SeqCst);
+            }
+        }
+        meta.stats
+            .pages_written
+            .fetch_add(batch.pages.len() as u64, Ordering::Relaxed);
+        if let Some(seq) = batch.header {
+            meta.header_durable.fetch_max(seq, Ordering::SeqCst);
+            meta.stats.headers_written.fetch_add(1, Ordering::Relaxed);
+        }
+        self.stage = Stage::Idle;
+        self.pair.wake_all();
+    }
+
+    fn advance(&mut self) {
+        if self.outstanding > 0 || self.stage == Stage::Idle {
+            return;
+        }
+        if let Some(e) = self.error.take() {
+            self.fail(e);
+            return;
+        }
+        match self.stage {
+            Stage::FlushingData => self.write_batch(),
+            Stage::Writing => self.flush_meta(),
+            Stage::FlushingMeta => self.commit(),
+            Stage::Idle => {}
+        }
+        if self.outstanding == 0 && self.stage != Stage::Idle {
+            // Nothing could be issued: report it rather than wait forever.
+            let e = self
+                .error
+                .take()
+                .unwrap_or_else(|| "metadata I/O could not be issued".into());
+            self.fail(e);
+        }
+    }
+}
+
+impl Poller for MetaWriter {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if self.pair.is_deleted() && self.outstanding == 0 {
+            return PollStatus::Done;
+        }
+        if self.meta.failure().is_some() && self.outstanding == 0 {
+            return PollStatus::Done;
+        }
+        if !self.open(cx) {
+            return PollStatus::Done;
+        }
+        let mut busy = false;
+        for which in 0..3 {
+            let mut scratch = std::mem::take(&mut self.scratch);
+            let ch = match which {
+                0 => self.ch.as_mut(),
+                1 => self.p.as_mut(),
+                _ => self.s.as_mut(),
+            };
+            if let Some(ch) = ch {
+                ch.poll(&mut scratch);
+            }
+            for c in scratch.drain(..) {
+                busy = true;
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if let Err(e) = c.result {
+                    let what = ["metadata", "primary flush", "secondary flush"][which];
+                    self.error.get_or_insert_with(|| format!("{what}: {e}"));
+                }
+            }
+            self.scratch = scratch;
+        }
+        self.advance();
+        let stats = &self.meta.stats;
+        stats.writer_polls.fetch_add(1, Ordering::Relaxed);
+        stats.writer_stage.store(
+            (self.stage as u64) << 32 | self.outstanding as u64,
+            Ordering::Relaxed,
+        );
+        if self.stage != Stage::Idle {
+            return PollStatus::Busy;
+        }
+        let now = Instant::now();
+        let sync_wanted = self.meta.sync_wanted.load(Ordering::SeqCst);
+        if sync_wanted > self.sync_target {
+            self.clean(true);
+            self.sync_target = sync_wanted;
+        } else if now >= self.next_clean {
+            self.clean(false);
+            if self.clean_cursor == 0 {
+                self.next_clean = now + self.meta.clean_interval;
+            }
+            busy = true;
+        }
+        if self.gather() {
+            return PollStatus::Busy;
+        }
+        if self.sync_target > self.meta.sync_done.load(Ordering::SeqCst) && self.meta.idle() {
+            self.meta
+                .sync_done
+                .store(self.sync_target, Ordering::SeqCst);
+        }
+        cx.wake_at(self.next_clean);
+        if busy {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
