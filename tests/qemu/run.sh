@@ -53,7 +53,8 @@ build=(cargo build --locked --target "$target" --no-default-features
   -p engine --bin quicksplit -p quicksplit-tests --bin nvme-guest -p bench --bin qsbench)
 [ "$profile" = release ] && build+=(--release)
 echo "qemu guest: building static binaries ($profile)"
-(cd "$root" && RUSTFLAGS="-C target-feature=+crt-static" "${build[@]}")
+# Optimized even in the debug profile: TCG runs unoptimized code very slowly.
+(cd "$root" && CARGO_PROFILE_DEV_OPT_LEVEL=2 RUSTFLAGS="-C target-feature=+crt-static" "${build[@]}")
 bin=$root/target/$target/$profile
 
 # 3. The initramfs.
@@ -73,7 +74,7 @@ install -m 0755 "$here/init" "$rootfs/init"
 # 4. Two controllers, each with its own image (QEMU locks an image).
 for i in 0 1; do
   rm -f "$cache/nvme$i.img"
-  truncate -s 64M "$cache/nvme$i.img"
+  truncate -s 32M "$cache/nvme$i.img"
 done
 
 # 5. Boot (TCG: KVM hangs these guests early) and read the result from the serial console.
