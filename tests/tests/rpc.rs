@@ -385,7 +385,7 @@ fn protocol_errors_notifications_batches_and_framing() {
     }
     assert_eq!(
         c.ok("rpc_get_methods", json!({})).as_array().unwrap().len(),
-        23
+        24
     );
 
     // Not JSON: -32700, then the connection is closed.
