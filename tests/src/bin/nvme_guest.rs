@@ -420,6 +420,14 @@ fn pair_backup(engine: &Arc<Engine>, quicksplit: &Path) -> Outcome {
         "# backup: {} bytes, sha256 {}",
         info["bytes_done"], info["sha256"]
     );
+    // The pair's queues ask for MSI-X vectors that signal their reactors (which may park).
+    let irqs = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    for line in irqs.lines().filter(|l| l.contains("vfio-msix")) {
+        println!(
+            "# irq {}",
+            line.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+    }
     let restored = Path::new("/tmp/pp-restored.img");
     let out = std::process::Command::new(quicksplit)
         .arg("restore")
