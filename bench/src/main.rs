@@ -27,7 +27,7 @@ enum Workload {
 #[derive(Parser, Debug)]
 #[command(about = "Block device benchmark on quicksplit's reactors (like SPDK's bdevperf)")]
 struct Args {
-    /// malloc:SIZE | uring:PATH[:SIZE]
+    /// malloc:SIZE | uring:PATH[:SIZE] | nvme:PCI_ADDR (a controller bound to vfio-pci)
     #[arg(long)]
     bdev: String,
     /// Access pattern.
@@ -138,7 +138,17 @@ fn open_bdev(spec: &str, name: &str) -> Result<Arc<dyn Bdev>, Fail> {
                     .map_err(run)?,
             ))
         }
-        "nvme" | "nvmf" => Err(Fail::Usage(format!(
+        "nvme" => {
+            // The controller's first namespace; the controller goes when its last bdev does.
+            let mut namespaces = drivers::nvme::rpc::attach_pci(
+                name,
+                rest,
+                drivers::nvme::ControllerOptions::default(),
+            )
+            .map_err(run)?;
+            Ok(Arc::new(namespaces.remove(0)))
+        }
+        "nvmf" => Err(Fail::Usage(format!(
             "the {kind} driver is not part of this build yet"
         ))),
         other => Err(Fail::Usage(format!("unknown bdev kind '{other}'"))),

@@ -8,6 +8,7 @@ pub mod bdev;
 pub mod fault;
 pub mod malloc;
 pub mod nbd;
+pub mod nvme;
 pub mod sink;
 pub mod table;
 pub mod tape;

@@ -70,6 +70,8 @@ pub struct State {
     pub drivers: DriverRegistry,
     /// Pairs by name.
     pub pairs: BTreeMap<String, Arc<Pair>>,
+    /// Attached NVMe controllers and the bdevs of their namespaces.
+    pub nvme_controllers: BTreeMap<String, Vec<String>>,
 }
 
 /// The engine: reactors plus control-plane state.
@@ -143,6 +145,7 @@ impl Engine {
                 bdevs: BdevTable::new(),
                 drivers,
                 pairs: BTreeMap::new(),
+                nvme_controllers: BTreeMap::new(),
             }),
             state_dir: state_dir.to_path_buf(),
             control,
@@ -220,8 +223,97 @@ impl Engine {
         Ok(())
     }
 
+    /// Attaches an NVMe controller (`bdev_nvme_attach_controller`): every namespace becomes a
+    /// bdev, or none does. Gives the bdevs' names.
+    pub fn nvme_attach(&self, params: serde_json::Value) -> Result<Vec<String>, EngineError> {
+        let name = params
+            .get("name")
+            .and_then(|n| n.as_str())
+            .unwrap_or_default()
+            .to_string();
+        if self.state().nvme_controllers.contains_key(&name) {
+            return Err(EngineError::InUse(format!(
+                "an NVMe controller named '{name}' is already attached"
+            )));
+        }
+        let bdevs = drivers::nvme::rpc::attach(params).map_err(|e| match e {
+            drivers::CreateError::Bdev(b) => EngineError::Bdev(b),
+            drivers::CreateError::Params(m) => EngineError::Bdev(BdevError::Invalid(m)),
+        })?;
+        let mut st = self.state();
+        if st.nvme_controllers.contains_key(&name) {
+            return Err(EngineError::InUse(format!(
+                "an NVMe controller named '{name}' is already attached"
+            )));
+        }
+        let names: Vec<String> = bdevs.iter().map(|b| b.name().to_string()).collect();
+        if let Some(taken) = names.iter().find(|n| st.bdevs.contains(n)) {
+            return Err(BdevError::Exists(taken.clone()).into());
+        }
+        for b in bdevs {
+            st.bdevs.add(b)?;
+        }
+        st.nvme_controllers.insert(name, names.clone());
+        Ok(names)
+    }
+
+    /// Detaches an NVMe controller: its namespaces' bdevs go, unless one is claimed or exported.
+    pub fn nvme_detach(&self, name: &str) -> Result<(), EngineError> {
+        let names = self
+            .state()
+            .nvme_controllers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| EngineError::NotFound(format!("no NVMe controller named '{name}'")))?;
+        for n in &names {
+            if let Some(e) = self
+                .nbd
+                .uses(|e| matches!(&e.source, Source::Bdev(b) if b == n))
+            {
+                return Err(EngineError::InUse(format!(
+                    "bdev '{n}' is exported over NBD as '{e}'"
+                )));
+            }
+        }
+        let mut st = self.state();
+        for n in &names {
+            if let Some(by) = st
+                .bdevs
+                .list(Some(n))?
+                .first()
+                .and_then(|i| i.claimed_by.clone())
+            {
+                return Err(BdevError::Claimed {
+                    name: n.clone(),
+                    by,
+                }
+                .into());
+            }
+        }
+        for n in &names {
+            st.bdevs.delete(n)?;
+        }
+        st.nvme_controllers.remove(name);
+        tracing::info!(
+            controller = name,
+            "NVMe controller detached from the bdev table"
+        );
+        Ok(())
+    }
+
     /// Deletes an unclaimed, unexported bdev.
     pub fn bdev_delete(&self, name: &str) -> Result<(), EngineError> {
+        if let Some((ctrl, _)) = self
+            .state()
+            .nvme_controllers
+            .iter()
+            .find(|(_, ns)| ns.iter().any(|n| n == name))
+        {
+            return Err(EngineError::InUse(format!(
+                "bdev '{name}' is a namespace of NVMe controller '{ctrl}': use \
+                 bdev_nvme_detach_controller"
+            )));
+        }
         if let Some(e) = self
             .nbd
             .uses(|e| matches!(&e.source, Source::Bdev(b) if b == name))

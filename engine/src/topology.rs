@@ -1,7 +1,9 @@
 //! CPU topology: which cores exist and which NUMA node each belongs to, from hwloc (through the
 //! hwlocality crate), falling back to /sys when hwloc cannot load a topology.
 
+#[cfg(feature = "hwloc")]
 use hwlocality::object::types::ObjectType;
+#[cfg(feature = "hwloc")]
 use hwlocality::Topology as HwlocTopology;
 
 /// One logical CPU.
@@ -51,6 +53,12 @@ impl Topology {
     }
 }
 
+#[cfg(not(feature = "hwloc"))]
+fn from_hwloc() -> Option<Vec<Cpu>> {
+    None
+}
+
+#[cfg(feature = "hwloc")]
 fn from_hwloc() -> Option<Vec<Cpu>> {
     let topo = HwlocTopology::new().ok()?;
     let mut cpus: Vec<Cpu> = topo

@@ -34,6 +34,7 @@ fn every_method_through_the_socket() {
         "bdev_malloc_create",
         "bdev_uring_create",
         "bdev_nvme_attach_controller",
+        "bdev_nvme_detach_controller",
         "bdev_delete",
         "bdev_get_bdevs",
         "pair_create",
@@ -97,7 +98,28 @@ fn every_method_through_the_socket() {
     assert_eq!(c.err("bdev_get_bdevs", json!({"name": "zz"})).0, NOT_FOUND);
     assert_eq!(c.err("bdev_delete", json!({"name": "zz"})).0, NOT_FOUND);
     let (code, msg) = c.err("bdev_nvme_attach_controller", json!({"name": "n"}));
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(msg.contains("pci_addr"), "{msg}");
+    let (code, msg) = c.err(
+        "bdev_nvme_attach_controller",
+        json!({"name": "n", "pci_addr": "../../x"}),
+    );
+    assert_eq!(code, PARAMS, "{msg}");
+    // No such PCI function on this machine (guest tests attach real ones).
+    let (code, msg) = c.err(
+        "bdev_nvme_attach_controller",
+        json!({"name": "n", "pci_addr": "0000:7f:1f.7"}),
+    );
     assert_eq!(code, UNAVAILABLE, "{msg}");
+    assert!(msg.contains("no PCI device"), "{msg}");
+    let (code, msg) = c.err(
+        "bdev_nvme_attach_controller",
+        json!({"name": "n", "trtype": "tcp", "traddr": "127.0.0.1", "subnqn": "nqn.x"}),
+    );
+    assert_eq!(code, UNAVAILABLE, "{msg}");
+    assert!(msg.contains("NVMe/TCP"), "{msg}");
+    let (code, msg) = c.err("bdev_nvme_detach_controller", json!({"name": "n"}));
+    assert_eq!(code, NOT_FOUND, "{msg}");
 
     // pairs
     assert_eq!(
@@ -363,7 +385,7 @@ fn protocol_errors_notifications_batches_and_framing() {
     }
     assert_eq!(
         c.ok("rpc_get_methods", json!({})).as_array().unwrap().len(),
-        23
+        24
     );
 
     // Not JSON: -32700, then the connection is closed.

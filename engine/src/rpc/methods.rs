@@ -16,6 +16,7 @@ pub const METHODS: &[&str] = &[
     "bdev_malloc_create",
     "bdev_uring_create",
     "bdev_nvme_attach_controller",
+    "bdev_nvme_detach_controller",
     "bdev_delete",
     "bdev_get_bdevs",
     "pair_create",
@@ -189,6 +190,8 @@ struct ConfigCall {
 const CHANGES_CONFIG: &[&str] = &[
     "bdev_malloc_create",
     "bdev_uring_create",
+    "bdev_nvme_attach_controller",
+    "bdev_nvme_detach_controller",
     "bdev_delete",
     "pair_create",
     "pair_delete",
@@ -225,7 +228,12 @@ fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
             engine.bdev_add(bdev)?;
             Ok(json!(name))
         }
-        "bdev_nvme_attach_controller" => Err(unavailable("the nvme driver (VFIO, NVMe/TCP)")),
+        "bdev_nvme_attach_controller" => Ok(json!(engine.nvme_attach(p)?)),
+        "bdev_nvme_detach_controller" => {
+            let p: NameParam = params(p)?;
+            engine.nvme_detach(&p.name)?;
+            Ok(json!(true))
+        }
         "bdev_delete" => {
             let p: NameParam = params(p)?;
             engine.bdev_delete(&p.name)?;
