@@ -393,7 +393,9 @@ fn pair_backup(engine: &Arc<Engine>, quicksplit: &Path) -> Outcome {
     let view = engine
         .pair_view("pp", View::Primary)
         .map_err(|e| e.to_string())?;
-    on_reactor(engine, 1, view, move |ch| {
+    // On reactor 0: this closure polls until its write completes, and the write waits for the
+    // pair's metadata writer, which runs next to the copier on reactor 1.
+    on_reactor(engine, 0, view, move |ch| {
         let pool = BufferPool::new(65536, 2).map_err(|e| e.to_string())?;
         let mut b = pool.get().ok_or("pool")?;
         b.as_mut_slice().fill(0xee);
