@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::backup::job::BackupJob;
-use crate::backup::{BackupInfo, Backups, Mode, Target};
+use crate::backup::{BackupInfo, Backups, Journal, Mode, Target};
 use crate::nbd::{Address, NbdError, NbdService, Source};
 use crate::pair::channel::{PairView, View};
 use crate::pair::control::{Action, ControlPoller, ControlQueue, ControlRequest, Outcome};
@@ -29,6 +29,30 @@ fn metadata_bdev(
     size: Option<u64>,
 ) -> Result<drivers::uring::UringBdev, BdevError> {
     drivers::uring::UringBdev::open_with(name, path, 4096, size, false, false)
+}
+
+/// Where a pair's metadata lives when it is not a file of the state directory.
+pub enum MetadataDevice {
+    /// Load it (the pair existed before).
+    Existing(Arc<dyn drivers::Bdev>),
+    /// Initialise it (a new pair).
+    Fresh(Arc<dyn drivers::Bdev>),
+}
+
+/// The header of a new pair: COPY, every track pending.
+fn fresh_header(cfg: &PairConfig, primary: &str, secondary: &str, tracks: u64) -> HeaderRecord {
+    HeaderRecord {
+        seq: 1,
+        name: cfg.name.clone(),
+        primary: primary.to_string(),
+        secondary: secondary.to_string(),
+        track_size: cfg.track_size,
+        tracks,
+        state: "COPY".into(),
+        reverse: false,
+        split_at_ns: 0,
+        error: None,
+    }
 }
 
 /// What loading a pair's metadata gave.
@@ -138,7 +162,12 @@ impl Engine {
         }))?;
         let nbd = NbdService::new(reactors.handles().to_vec());
         Ok(Arc::new(Self {
-            backups: Backups::default(),
+            backups: Backups::with_journal(Journal::open(state_dir.join("backups.json")).map_err(
+                |source| AppError::StateDir {
+                    path: state_dir.to_path_buf(),
+                    source,
+                },
+            )?),
             nbd,
             reactors,
             state: Mutex::new(State {
@@ -159,6 +188,29 @@ impl Engine {
         primary: &str,
         secondary: &str,
     ) -> Result<Arc<Pair>, EngineError> {
+        self.pair_create_with(cfg, primary, secondary, None)
+    }
+
+    /// Creates a pair whose metadata lives on `meta` instead of a file in the state directory:
+    /// `Existing` is loaded (a restart), `Fresh` is initialised. For tests that cut the power
+    /// of the metadata's device too.
+    pub fn pair_create_on(
+        &self,
+        cfg: &PairConfig,
+        primary: &str,
+        secondary: &str,
+        meta: MetadataDevice,
+    ) -> Result<Arc<Pair>, EngineError> {
+        self.pair_create_with(cfg, primary, secondary, Some(meta))
+    }
+
+    fn pair_create_with(
+        &self,
+        cfg: &PairConfig,
+        primary: &str,
+        secondary: &str,
+        device: Option<MetadataDevice>,
+    ) -> Result<Arc<Pair>, EngineError> {
         let mut st = self.state();
         if st.pairs.contains_key(&cfg.name) {
             return Err(
@@ -174,7 +226,25 @@ impl Engine {
         st.bdevs.check_unclaimed(secondary)?;
         let tracks = Pair::check_geometry(cfg, p.as_ref(), s.as_ref())?;
         let copier_reactor = self.reactors.get(st.pairs.len() + 1).clone();
-        let (meta, loaded) = self.open_metadata(cfg, primary, secondary, tracks)?;
+        let (meta, loaded) = match device {
+            None => self.open_metadata(cfg, primary, secondary, tracks)?,
+            Some(MetadataDevice::Existing(bdev)) => match Metadata::load(Arc::clone(&bdev), tracks)
+            {
+                Ok((meta, l)) => (Arc::new(meta), Some(Ok(l))),
+                Err(e) => {
+                    let rec = fresh_header(cfg, primary, secondary, tracks);
+                    let meta = Metadata::initialize(bdev, &rec)
+                        .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
+                    (Arc::new(meta), Some(Err(e)))
+                }
+            },
+            Some(MetadataDevice::Fresh(bdev)) => {
+                let rec = fresh_header(cfg, primary, secondary, tracks);
+                let meta = Metadata::initialize(bdev, &rec)
+                    .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
+                (Arc::new(meta), None)
+            }
+        };
         let pair = Pair::with_metadata(
             cfg,
             p,
@@ -475,18 +545,7 @@ impl Engine {
         let _ = std::fs::remove_file(&fresh);
         let size = Layout::new(tracks).size();
         let bdev = metadata_bdev(&bdev_name, &fresh, Some(size))?;
-        let rec = HeaderRecord {
-            seq: 1,
-            name: cfg.name.clone(),
-            primary: primary.to_string(),
-            secondary: secondary.to_string(),
-            track_size: cfg.track_size,
-            tracks,
-            state: "COPY".into(),
-            reverse: false,
-            split_at_ns: 0,
-            error: None,
-        };
+        let rec = fresh_header(cfg, primary, secondary, tracks);
         let meta = Metadata::initialize(Arc::new(bdev), &rec)
             .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
         std::fs::rename(&fresh, &path).map_err(io_err)?;
@@ -604,9 +663,19 @@ impl Engine {
             _ => None,
         };
         let split_at_ns = self.pair_begin_backup(pair)?;
-        let backup = self
-            .backups
-            .add(pair, mode, target, p.geometry().size(), split_at_ns, rate);
+        let backup =
+            match self
+                .backups
+                .add(pair, mode, target, p.geometry().size(), split_at_ns, rate)
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    p.end_backup();
+                    return Err(EngineError::Target(format!(
+                        "the backup's record cannot be written: {e}"
+                    )));
+                }
+            };
         // The transferrer goes next to the pair's copier, on another core when there is one.
         let reactor = self.reactors.get(p.copier_reactor_index() + 1).clone();
         // Checksums on another reactor than the transferrer's, when there is one.

@@ -90,7 +90,7 @@ pub enum Target {
 }
 
 /// A backup's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupState {
     /// Streaming.
@@ -104,7 +104,7 @@ pub enum BackupState {
 }
 
 /// What `backup_get` reports.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupInfo {
     /// Id.
     pub id: u64,
@@ -161,6 +161,7 @@ pub struct Backup {
     cpu_copied: AtomicU64,
     cancel: AtomicBool,
     status: Mutex<Status>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Backup {
@@ -210,6 +211,112 @@ impl Backup {
         st.sha256 = sha256;
         st.error = error;
         st.elapsed_ns = elapsed_ns;
+        drop(st);
+        if let Some(j) = &self.journal {
+            // Off the reactor: the end is recorded by a thread of its own.
+            j.record_in_background(self.info());
+        }
+    }
+}
+
+/// The backups' records in the state directory (`backups.json`), so a restart reports a
+/// backup that was running as failed, never as done, and keeps the others' outcomes.
+pub struct Journal {
+    path: PathBuf,
+    records: Mutex<BTreeMap<u64, BackupInfo>>,
+    /// Serialises writers; each writes the newest records, so the last one leaves them all.
+    write: Mutex<()>,
+}
+
+/// The error of a backup a restart interrupted.
+pub const INTERRUPTED: &str = "interrupted by restart";
+
+impl Journal {
+    /// Opens the journal at `path`, turning every backup it shows running into a failed one.
+    pub fn open(path: PathBuf) -> std::io::Result<Arc<Self>> {
+        let mut records = BTreeMap::new();
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let list: Vec<BackupInfo> = serde_json::from_slice(&bytes)
+                    .map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+                for mut b in list {
+                    if b.state == BackupState::Running {
+                        b.state = BackupState::Failed;
+                        b.error = Some(INTERRUPTED.into());
+                        b.sha256 = None;
+                    }
+                    records.insert(b.id, b);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let j = Arc::new(Self {
+            path,
+            records: Mutex::new(records),
+            write: Mutex::new(()),
+        });
+        j.write_out()?;
+        Ok(j)
+    }
+
+    /// The records loaded at open (and since).
+    pub fn records(&self) -> Vec<BackupInfo> {
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Records a backup and waits until the record is durable.
+    pub fn record(&self, info: BackupInfo) -> std::io::Result<()> {
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(info.id, info);
+        self.write_out()
+    }
+
+    fn forget(&self, id: u64) {
+        self.records
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    fn record_in_background(self: &Arc<Self>, info: BackupInfo) {
+        let j = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("backup-journal".into())
+            .spawn(move || {
+                if let Err(e) = j.record(info) {
+                    tracing::error!(%e, "recording a backup's end failed");
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(%e, "no thread to record a backup's end");
+        }
+    }
+
+    /// Writes every record: a new file, made durable, renamed over the old one.
+    fn write_out(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        let _w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = self.records();
+        let text = serde_json::to_vec_pretty(&list).map_err(std::io::Error::other)?;
+        let tmp = self.path.with_extension("json.new");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -218,6 +325,7 @@ impl Backup {
 pub struct Backups {
     list: Mutex<BTreeMap<u64, Arc<Backup>>>,
     next: AtomicU64,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Backups {
@@ -226,6 +334,42 @@ impl Backups {
     }
 
     /// Registers a new running backup.
+    /// Backups recorded in `journal`: earlier ones come back with their outcome (running ones
+    /// as failed), and ids go on after theirs.
+    pub fn with_journal(journal: Arc<Journal>) -> Self {
+        let mut list = BTreeMap::new();
+        let mut last = 0;
+        for info in journal.records() {
+            last = last.max(info.id);
+            let b = Backup {
+                id: info.id,
+                pair: info.pair,
+                mode: info.mode,
+                target: info.target,
+                bytes_total: info.bytes_total,
+                split_at_ns: info.split_at_ns,
+                rate: info.rate,
+                bytes_done: AtomicU64::new(info.bytes_done),
+                cpu_copied: AtomicU64::new(info.cpu_copied_bytes),
+                cancel: AtomicBool::new(false),
+                status: Mutex::new(Status {
+                    state: info.state,
+                    sha256: info.sha256,
+                    error: info.error,
+                    elapsed_ns: info.elapsed_ns,
+                }),
+                journal: None,
+            };
+            list.insert(info.id, Arc::new(b));
+        }
+        Self {
+            list: Mutex::new(list),
+            next: AtomicU64::new(last),
+            journal: Some(journal),
+        }
+    }
+
+    /// Adds a running backup; with a journal, its record is durable before this returns.
     pub fn add(
         &self,
         pair: &str,
@@ -234,7 +378,7 @@ impl Backups {
         bytes_total: u64,
         split_at_ns: u64,
         rate: u64,
-    ) -> Arc<Backup> {
+    ) -> std::io::Result<Arc<Backup>> {
         let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
         let b = Arc::new(Backup {
             id,
@@ -253,9 +397,17 @@ impl Backups {
                 error: None,
                 elapsed_ns: 0,
             }),
+            journal: self.journal.clone(),
         });
         self.list().insert(id, Arc::clone(&b));
-        b
+        if let Some(j) = &self.journal {
+            if let Err(e) = j.record(b.info()) {
+                j.forget(id);
+                self.list().remove(&id);
+                return Err(e);
+            }
+        }
+        Ok(b)
     }
 
     /// A backup by id.

@@ -368,6 +368,13 @@ impl PairChannel {
             }
             self.pair.leave_gate();
             self.parents[key].gated = false;
+            if let Some(e) = self.pair.metadata().and_then(|m| m.failure()) {
+                self.parents[key].error = Some(IoError::Aborted(format!(
+                    "pair metadata cannot be written: {e}"
+                )));
+                self.finish(key);
+                return Step::Running;
+            }
             return Step::Wait;
         }
         let p = &mut self.parents[key];

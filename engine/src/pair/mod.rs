@@ -472,18 +472,19 @@ impl Pair {
         }
         let pending = m.map(MapKind::Pending);
         let ready = match kind {
-            HostWrite::Mirror => tracks.into_iter().all(|t| pending.on_disk(t)),
+            HostWrite::Mirror => tracks.into_iter().all(|t| pending.durable(t) == Some(true)),
             HostWrite::ChangedP { split } => {
                 let changed = m.map(MapKind::ChangedP);
-                tracks
-                    .into_iter()
-                    .all(|t| changed.on_disk(t) && !(split && pending.on_disk(t)))
+                tracks.into_iter().all(|t| {
+                    changed.durable(t) == Some(true)
+                        && (!split || pending.durable(t) == Some(false))
+                })
             }
             HostWrite::ChangedS => {
                 let changed = m.map(MapKind::ChangedS);
                 tracks
                     .into_iter()
-                    .all(|t| changed.on_disk(t) && !pending.on_disk(t))
+                    .all(|t| changed.durable(t) == Some(true) && pending.durable(t) == Some(false))
             }
         };
         if ready {
@@ -1010,7 +1011,9 @@ impl Pair {
         let words = self.tracks.div_ceil(64) as usize;
         let (d, r) = (m.map(MapKind::Pending), m.map(MapKind::Restore));
         let durable = (0..words).all(|w| {
-            d.disk_word(w) & self.pending.bits64(w) == self.pending.bits64(w)
+            !d.word_in_flight(w)
+                && !r.word_in_flight(w)
+                && d.disk_word(w) & self.pending.bits64(w) == self.pending.bits64(w)
                 && r.disk_word(w) & self.restore.raw_word(w) == self.restore.raw_word(w)
         });
         if durable {

@@ -36,6 +36,8 @@ pub enum Op {
     Read(u64, usize),
     /// Write the bytes at the offset.
     Write(u64, Vec<u8>),
+    /// Write the bytes at the offset with FUA (durable when acknowledged).
+    WriteFua(u64, Vec<u8>),
 }
 
 /// What each I/O of a batch gave: the data read (empty for writes) or the error.
@@ -61,19 +63,22 @@ impl Poller for Batch {
         while self.next < self.ops.len() {
             let (off, len, data) = match &self.ops[self.next] {
                 Op::Read(o, l) => (*o, *l, None),
-                Op::Write(o, d) => (*o, d.len(), Some(d.clone())),
+                Op::Write(o, d) => (*o, d.len(), Some((d.clone(), false))),
+                Op::WriteFua(o, d) => (*o, d.len(), Some((d.clone(), true))),
             };
             let Some(mut buf) = self.pool.get() else {
                 break;
             };
             buf.set_len(len).unwrap();
-            if let Some(d) = &data {
+            if let Some((d, _)) = &data {
                 buf.as_mut_slice().copy_from_slice(d);
             }
             let mut bufs = IoBufs::new();
             bufs.push(buf);
-            let req = if data.is_some() {
-                IoRequest::write(off, bufs, self.next as u64)
+            let req = if let Some((_, fua)) = data {
+                let mut r = IoRequest::write(off, bufs, self.next as u64);
+                r.op = drivers::IoOp::Write { fua };
+                r
             } else {
                 IoRequest::read(off, bufs, self.next as u64)
             };
@@ -93,7 +98,7 @@ impl Poller for Batch {
             let i = c.tag as usize;
             self.results[i] = Some(c.result.map(|()| match self.ops[i] {
                 Op::Read(..) => c.bufs[0].as_slice().to_vec(),
-                Op::Write(..) => Vec::new(),
+                Op::Write(..) | Op::WriteFua(..) => Vec::new(),
             }));
             self.left -= 1;
         }
@@ -112,12 +117,24 @@ impl Poller for Batch {
 
 /// Runs `ops` on `bdev` from reactor `reactor` and returns their outcomes in order.
 pub fn run(engine: &Engine, reactor: usize, bdev: Arc<dyn Bdev>, ops: Vec<Op>) -> Outcomes {
+    start(engine, reactor, bdev, ops)
+        .recv_timeout(Duration::from_secs(60))
+        .expect("I/O batch timed out")
+}
+
+/// Starts `ops` on `bdev` from reactor `reactor`; their outcomes come on the receiver.
+pub fn start(
+    engine: &Engine,
+    reactor: usize,
+    bdev: Arc<dyn Bdev>,
+    ops: Vec<Op>,
+) -> mpsc::Receiver<Outcomes> {
     let (tx, rx) = mpsc::sync_channel(1);
     let max = ops
         .iter()
         .map(|o| match o {
             Op::Read(_, l) => *l,
-            Op::Write(_, d) => d.len(),
+            Op::Write(_, d) | Op::WriteFua(_, d) => d.len(),
         })
         .max()
         .unwrap_or(4096)
@@ -140,8 +157,7 @@ pub fn run(engine: &Engine, reactor: usize, bdev: Arc<dyn Bdev>, ops: Vec<Op>) -
             }))
         }))
         .unwrap();
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("I/O batch timed out")
+    rx
 }
 
 /// Reads `len` bytes at `off`, panicking on error.

@@ -224,6 +224,9 @@ pub struct PersistedSet {
     want: Box<[AtomicU64]>,
     disk: Box<[AtomicU64]>,
     queued: Box<[AtomicBool]>,
+    /// Set while a write of the page is in flight: what the disk holds is then either the
+    /// old or the new content, so nobody may rely on it.
+    in_flight: Box<[AtomicBool]>,
     /// Held by the cleaner while it clears bits and rechecks them, and by the writer while it
     /// copies a page: a page never goes to disk with a bit the cleaner cleared by mistake.
     lock: Box<[AtomicBool]>,
@@ -237,6 +240,7 @@ impl PersistedSet {
             want: (0..words).map(|_| AtomicU64::new(0)).collect(),
             disk: (0..words).map(|_| AtomicU64::new(0)).collect(),
             queued: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            in_flight: (0..pages).map(|_| AtomicBool::new(false)).collect(),
             lock: (0..pages).map(|_| AtomicBool::new(false)).collect(),
         }
     }
@@ -245,10 +249,26 @@ impl PersistedSet {
         ((t / 64) as usize, 1u64 << (t % 64))
     }
 
-    /// True when the disk holds the track's bit set.
+    /// True when the disk holds the track's bit set (the last write of its page that
+    /// completed; see [`PersistedSet::durable`] for what may be relied on).
     pub fn on_disk(&self, t: u64) -> bool {
         let (w, m) = Self::bit(t);
         self.disk[w].load(Ordering::SeqCst) & m != 0
+    }
+
+    /// The track's bit as the disk surely holds it, or `None` while a write of its page is in
+    /// flight. Read after the caller changed what it wants: a write in flight that missed the
+    /// change was marked in flight before its copy, so the caller sees `None` and waits.
+    pub fn durable(&self, t: u64) -> Option<bool> {
+        if self.in_flight[(t / TRACKS_PER_PAGE) as usize].load(Ordering::SeqCst) {
+            return None;
+        }
+        Some(self.on_disk(t))
+    }
+
+    /// True while a write of the page holding word `w` is in flight.
+    pub fn word_in_flight(&self, w: usize) -> bool {
+        self.in_flight[w / WORDS_PER_PAGE as usize].load(Ordering::SeqCst)
     }
 
     /// True when the track's bit should be set.
@@ -328,8 +348,8 @@ pub struct Metadata {
     sync_done: AtomicU64,
     failed: AtomicBool,
     failure: Mutex<Option<String>>,
-    /// How long a track stays untouched before the cleaner clears its write-intent bit.
-    pub clean_interval: Duration,
+    /// How long a track stays untouched before the cleaner clears its write-intent bit, ns.
+    clean_interval_ns: AtomicU64,
     /// Counters.
     pub stats: MetaStats,
 }
@@ -362,7 +382,7 @@ impl Metadata {
             sync_done: AtomicU64::new(0),
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
-            clean_interval: DEFAULT_CLEAN_INTERVAL,
+            clean_interval_ns: AtomicU64::new(DEFAULT_CLEAN_INTERVAL.as_nanos() as u64),
             stats: MetaStats::default(),
             bdev,
             layout,
@@ -373,7 +393,7 @@ impl Metadata {
     /// bdev, flushed, before the pair serves.
     pub fn initialize(bdev: Arc<dyn Bdev>, rec: &HeaderRecord) -> Result<Self, MetaError> {
         let layout = Layout::new(rec.tracks);
-        let mut meta = Self::with_layout(bdev, layout, rec.seq)?;
+        let meta = Self::with_layout(bdev, layout, rec.seq)?;
         let mut pending = vec![0u64; layout.words() as usize];
         for t in 0..layout.tracks {
             pending[(t / 64) as usize] |= 1 << (t % 64);
@@ -403,7 +423,6 @@ impl Metadata {
             meta.maps[0].want[w].store(*v, Ordering::SeqCst);
             meta.maps[0].disk[w].store(*v, Ordering::SeqCst);
         }
-        meta.clean_interval = DEFAULT_CLEAN_INTERVAL;
         Ok(meta)
     }
 
@@ -447,6 +466,17 @@ impl Metadata {
             maps[map as usize] = words;
         }
         Ok((meta, Loaded { header, maps }))
+    }
+
+    /// The cleaning period.
+    pub fn clean_interval(&self) -> Duration {
+        Duration::from_nanos(self.clean_interval_ns.load(Ordering::Relaxed))
+    }
+
+    /// Changes the cleaning period (tests make it short).
+    pub fn set_clean_interval(&self, d: Duration) {
+        self.clean_interval_ns
+            .store(d.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// The layout.

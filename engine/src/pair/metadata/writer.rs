@@ -59,6 +59,7 @@ pub struct MetaWriter {
     outstanding: u32,
     error: Option<String>,
     next_clean: Instant,
+    last_pass: Instant,
     clean_cursor: usize,
     /// A clean stop asked for everything: the cleaner's full pass for it is done.
     sync_target: u64,
@@ -70,7 +71,8 @@ impl MetaWriter {
     pub fn new(pair: Arc<Pair>, meta: Arc<Metadata>) -> Self {
         let name = format!("metadata:{}", pair.name());
         Self {
-            next_clean: Instant::now() + meta.clean_interval,
+            next_clean: Instant::now() + meta.clean_interval(),
+            last_pass: Instant::now(),
             pair,
             meta,
             name,
@@ -216,6 +218,9 @@ impl MetaWriter {
             let set = meta.map(map);
             // Unqueued before the copy: a bit changed after the copy queues the page again.
             set.queued[page as usize].store(false, Ordering::SeqCst);
+            // In flight before the copy: whoever changes a bit after the copy sees it and
+            // waits for the next write instead of trusting the disk's old content.
+            set.in_flight[page as usize].store(true, Ordering::SeqCst);
             let lo = (page * WORDS_PER_PAGE) as usize;
             let hi = lo + WORDS_PER_PAGE as usize;
             set.lock_page(page as usize);
@@ -223,6 +228,7 @@ impl MetaWriter {
             set.unlock_page(page as usize);
             let same = (lo..hi).all(|w| set.disk_word(w) == words[w - lo]);
             if same {
+                set.in_flight[page as usize].store(false, Ordering::SeqCst);
                 continue;
             }
             if matches!(map, MapKind::Pending | MapKind::Restore)
@@ -348,6 +354,7 @@ impl MetaWriter {
             for (i, v) in pw.words.iter().enumerate() {
                 set.disk[lo + i].store(*v, Ordering::SeqCst);
             }
+            set.in_flight[pw.page as usize].store(false, Ordering::SeqCst);
         }
         meta.stats
             .pages_written
@@ -432,10 +439,15 @@ impl Poller for MetaWriter {
         if sync_wanted > self.sync_target {
             self.clean(true);
             self.sync_target = sync_wanted;
-        } else if now >= self.next_clean {
+        } else if now
+            >= self
+                .next_clean
+                .min(self.last_pass + self.meta.clean_interval())
+        {
             self.clean(false);
             if self.clean_cursor == 0 {
-                self.next_clean = now + self.meta.clean_interval;
+                self.last_pass = now;
+                self.next_clean = now + self.meta.clean_interval();
             }
             busy = true;
         }

@@ -1,0 +1,264 @@
+//! The power-cut bdev: a RAM disk with a volatile write cache, for crash tests. Writes are
+//! visible at once but durable only after a flush (or when written with FUA). A simulated cut
+//! keeps an arbitrary, seeded subset of the unflushed writes, applied in their order, and drops
+//! the rest, as a device losing power with a write-back cache might (and as dm-log-writes
+//! replays do). After the cut the device refuses every request, so the engine that used it can
+//! change nothing more; [`PowerCutBdev::durable_copy`] gives the surviving content as a new
+//! device to restart on.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crate::bdev::{
+    Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError, IoOp, IoRequest,
+    SubmitResult,
+};
+
+struct Media {
+    /// What reads see.
+    current: Vec<u8>,
+    /// What survives a cut.
+    durable: Vec<u8>,
+    /// Writes since the last flush, in order: (offset, data, written with FUA).
+    unflushed: Vec<(u64, Vec<u8>, bool)>,
+}
+
+/// A RAM disk whose writes are volatile until flushed.
+pub struct PowerCutBdev {
+    name: String,
+    geometry: Geometry,
+    media: Arc<Mutex<Media>>,
+    cut: Arc<AtomicBool>,
+}
+
+impl PowerCutBdev {
+    /// A zeroed device of `blocks` blocks of `block_size` bytes.
+    pub fn new(name: &str, block_size: u32, blocks: u64) -> Self {
+        Self::with_content(
+            name,
+            block_size,
+            vec![0; (blocks * block_size as u64) as usize],
+        )
+    }
+
+    fn with_content(name: &str, block_size: u32, content: Vec<u8>) -> Self {
+        let blocks = content.len() as u64 / block_size as u64;
+        Self {
+            name: name.to_string(),
+            geometry: Geometry {
+                block_size,
+                num_blocks: blocks,
+            },
+            media: Arc::new(Mutex::new(Media {
+                current: content.clone(),
+                durable: content,
+                unflushed: Vec::new(),
+            })),
+            cut: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    fn media(&self) -> std::sync::MutexGuard<'_, Media> {
+        self.media.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops the device at once: every request fails from now on. (Several devices losing
+    /// power together are all stopped before any of them is [`PowerCutBdev::cut`].)
+    pub fn power_off(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Cuts the power: each unflushed write survives when `keep(index)` says so (FUA writes
+    /// always do); from now on every request fails. Returns (unflushed, kept).
+    pub fn cut(&self, mut keep: impl FnMut(usize) -> bool) -> (usize, usize) {
+        self.cut.store(true, Ordering::SeqCst);
+        let mut m = self.media();
+        let writes = std::mem::take(&mut m.unflushed);
+        let mut kept = 0;
+        for (i, (off, data, fua)) in writes.iter().enumerate() {
+            // FUA writes are already in `durable`; replaying the kept ones in order puts any
+            // later overlapping write back on top.
+            if *fua || keep(i) {
+                let o = *off as usize;
+                m.durable[o..o + data.len()].copy_from_slice(data);
+                kept += 1;
+            }
+        }
+        let durable = m.durable.clone();
+        m.current = durable;
+        (writes.len(), kept)
+    }
+
+    /// A new device (named `name`) holding what survived the cut.
+    pub fn durable_copy(&self, name: &str) -> Self {
+        let content = self.media().durable.clone();
+        Self::with_content(name, self.geometry.block_size, content)
+    }
+
+    /// The content reads see now.
+    pub fn content(&self) -> Vec<u8> {
+        self.media().current.clone()
+    }
+
+    /// Writes not yet flushed.
+    pub fn unflushed(&self) -> usize {
+        self.media().unflushed.len()
+    }
+}
+
+impl Bdev for PowerCutBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn driver(&self) -> &'static str {
+        "powercut"
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn open_channel(&self, _ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(PowerCutChannel {
+            geometry: self.geometry,
+            media: Arc::clone(&self.media),
+            cut: Arc::clone(&self.cut),
+            done: VecDeque::new(),
+        }))
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+struct PowerCutChannel {
+    geometry: Geometry,
+    media: Arc<Mutex<Media>>,
+    cut: Arc<AtomicBool>,
+    done: VecDeque<IoCompletion>,
+}
+
+impl PowerCutChannel {
+    fn run(&self, req: &mut IoRequest) -> Result<(), IoError> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(IoError::Device(libc::EIO));
+        }
+        let mut m = self.media.lock().unwrap_or_else(PoisonError::into_inner);
+        let off = req.offset as usize;
+        match req.op {
+            IoOp::Read => {
+                let mut at = off;
+                for b in req.bufs.iter_mut() {
+                    let n = b.len();
+                    b.as_mut_slice().copy_from_slice(&m.current[at..at + n]);
+                    at += n;
+                }
+            }
+            IoOp::Write { fua } => {
+                let mut data = Vec::with_capacity(req.len as usize);
+                for b in req.bufs.iter() {
+                    data.extend_from_slice(b.as_slice());
+                }
+                m.current[off..off + data.len()].copy_from_slice(&data);
+                if fua {
+                    m.durable[off..off + data.len()].copy_from_slice(&data);
+                }
+                m.unflushed.push((req.offset, data, fua));
+            }
+            IoOp::WriteZeroes | IoOp::Unmap => {
+                let data = vec![0u8; req.len as usize];
+                m.current[off..off + data.len()].copy_from_slice(&data);
+                m.unflushed.push((req.offset, data, false));
+            }
+            IoOp::Flush => {
+                let current = std::mem::take(&mut m.current);
+                m.durable.copy_from_slice(&current);
+                m.current = current;
+                m.unflushed.clear();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl IoChannel for PowerCutChannel {
+    fn submit(&mut self, mut req: IoRequest) -> SubmitResult {
+        if let Err(e) = self.geometry.validate(&req) {
+            return crate::bdev::invalid(req, e);
+        }
+        let result = self.run(&mut req);
+        self.done.push_back(IoCompletion {
+            tag: req.tag,
+            result,
+            bufs: req.bufs,
+        });
+        Ok(())
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        let n = self.done.len();
+        out.extend(self.done.drain(..));
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::IoBufs;
+    use hugepages::BufferPool;
+
+    fn write(ch: &mut dyn IoChannel, pool: &BufferPool, off: u64, byte: u8, fua: bool) {
+        let mut b = pool.get().unwrap();
+        b.as_mut_slice().fill(byte);
+        let mut bufs = IoBufs::new();
+        bufs.push(b);
+        let mut req = IoRequest::write(off, bufs, 0);
+        req.op = IoOp::Write { fua };
+        ch.submit(req).unwrap();
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        assert!(out[0].result.is_ok());
+    }
+
+    #[test]
+    fn a_cut_keeps_flushed_and_fua_writes_and_the_chosen_unflushed_ones() {
+        let dev = PowerCutBdev::new("pc", 4096, 8);
+        let pool = BufferPool::new(4096, 4).unwrap();
+        let mut ch = dev
+            .open_channel(&ChannelContext {
+                wake_fd: None,
+                queue_depth: 4,
+            })
+            .unwrap();
+        write(ch.as_mut(), &pool, 0, 1, false);
+        ch.submit(IoRequest::without_data(IoOp::Flush, 0, 0, 0))
+            .unwrap();
+        write(ch.as_mut(), &pool, 4096, 2, false); // dropped
+        write(ch.as_mut(), &pool, 8192, 3, true); // FUA: kept
+        write(ch.as_mut(), &pool, 12288, 4, false); // kept
+        write(ch.as_mut(), &pool, 0, 5, false); // dropped
+        assert_eq!(dev.unflushed(), 4);
+        let (unflushed, kept) = dev.cut(|i| i == 2);
+        assert_eq!((unflushed, kept), (4, 2));
+        let c = dev.durable_copy("after").content();
+        assert!(c[..4096].iter().all(|&b| b == 1));
+        assert!(c[4096..8192].iter().all(|&b| b == 0));
+        assert!(c[8192..12288].iter().all(|&b| b == 3));
+        assert!(c[12288..16384].iter().all(|&b| b == 4));
+        // The cut device refuses everything.
+        let mut bufs = IoBufs::new();
+        bufs.push(pool.get().unwrap());
+        ch.submit(IoRequest::read(0, bufs, 9)).unwrap();
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        assert!(matches!(out[0].result, Err(IoError::Device(_))));
+    }
+}

@@ -1,0 +1,336 @@
+//! Power cuts against a reference model, over many seeded schedules.
+//!
+//! P, S and the pair's metadata live on power-cut bdevs: writes are volatile until flushed
+//! (host writes here use FUA, so an acknowledged write is durable). Each schedule creates a
+//! pair, writes P (and the image after a split) with random splits and resyncs, then cuts the
+//! power of all three devices while a batch of writes is in flight, keeping a random subset of
+//! their unflushed writes. The pair is brought back from what survived, and:
+//! - every acknowledged write is on P, and a block holds only its last acknowledged write or a
+//!   write in flight at the cut;
+//! - a pair split before the cut is still split, its image equal to P at the split point plus
+//!   the image's own acknowledged writes;
+//! - a pair mirroring before the cut comes back mirroring, and once its copy is done S equals
+//!   P byte for byte (the write-intent bitmap missed nothing).
+//!
+//! `QS_CUTS` sets the number of schedules (default 1000), `QS_CUT_SEED` runs one.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Op;
+use drivers::powercut::PowerCutBdev;
+use drivers::Bdev;
+use engine::app::{Engine, MetadataDevice};
+use engine::pair::channel::View;
+use engine::pair::metadata::Layout;
+use engine::pair::{PairConfig, PairState};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BS: u64 = 4096;
+const BLOCKS: u64 = 64;
+const TRACK: u64 = 16 << 10;
+
+fn block_of(id: u64, block: u64) -> Vec<u8> {
+    let mut b = vec![0u8; BS as usize];
+    for c in b.chunks_exact_mut(16) {
+        c[..8].copy_from_slice(&id.to_le_bytes());
+        c[8..].copy_from_slice(&block.to_le_bytes());
+    }
+    b
+}
+
+/// The write id a block holds (0: never written); Err when torn or misplaced.
+fn id_of(data: &[u8], block: u64) -> Result<u64, String> {
+    if data.iter().all(|&b| b == 0) {
+        return Ok(0);
+    }
+    let id = u64::from_le_bytes(data[..8].try_into().unwrap_or_default());
+    for c in data.chunks_exact(16) {
+        let (cid, cb) = (
+            u64::from_le_bytes(c[..8].try_into().unwrap_or_default()),
+            u64::from_le_bytes(c[8..].try_into().unwrap_or_default()),
+        );
+        if cid != id || cb != block {
+            return Err(format!("block {block} torn or misplaced"));
+        }
+    }
+    Ok(id)
+}
+
+fn ids(engine: &Engine, bdev: &Arc<dyn Bdev>) -> Result<Vec<u64>, String> {
+    let data = common::read(engine, bdev, 0, (BLOCKS * BS) as usize);
+    (0..BLOCKS)
+        .map(|b| id_of(&data[(b * BS) as usize..((b + 1) * BS) as usize], b))
+        .collect()
+}
+
+struct Devices {
+    p: Arc<PowerCutBdev>,
+    s: Arc<PowerCutBdev>,
+    m: Arc<PowerCutBdev>,
+}
+
+fn add(engine: &Engine, d: &Devices) {
+    engine.bdev_add(Arc::clone(&d.p) as Arc<dyn Bdev>).unwrap();
+    engine.bdev_add(Arc::clone(&d.s) as Arc<dyn Bdev>).unwrap();
+}
+
+fn run_schedule(engine: &Engine, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = format!("cut{seed}");
+    let (pn, sn) = (format!("{name}-p"), format!("{name}-s"));
+    let meta_blocks = Layout::new(BLOCKS * BS / TRACK).size() / BS;
+    let dev = Devices {
+        p: Arc::new(PowerCutBdev::new(&pn, BS as u32, BLOCKS)),
+        s: Arc::new(PowerCutBdev::new(&sn, BS as u32, BLOCKS)),
+        m: Arc::new(PowerCutBdev::new(
+            &format!("{name}-m"),
+            BS as u32,
+            meta_blocks,
+        )),
+    };
+    add(engine, &dev);
+    let cfg = PairConfig {
+        name: name.clone(),
+        track_size: TRACK,
+        copy_rate: if rng.gen_bool(0.5) { 0 } else { 1 },
+    };
+    let meta: Arc<dyn Bdev> = dev.m.clone();
+    let first = engine
+        .pair_create_on(&cfg, &pn, &sn, MetadataDevice::Fresh(meta))
+        .unwrap();
+    // The cleaner runs often here, so that cuts land at every step of its work too.
+    if let Some(m) = first.metadata() {
+        m.set_clean_interval(Duration::from_millis(rng.gen_range(1..20)));
+    }
+    let pv = engine.pair_view(&name, View::Primary).unwrap();
+    let iv = engine.pair_view(&name, View::Image).unwrap();
+    let mut history = Vec::new();
+    let fail = |history: &Vec<String>, what: String| -> ! {
+        panic!("seed {seed}: {what}\nhistory: {history:?}")
+    };
+
+    // Model: the acknowledged write of each block of P, and of the image while split.
+    let mut p_model = vec![0u64; BLOCKS as usize];
+    let mut image: Option<Vec<u64>> = None;
+    let mut next_id = seed << 20;
+    let mut batch = |rng: &mut StdRng, split: bool| -> (Vec<(bool, u64, u64)>, Vec<Op>) {
+        let n = rng.gen_range(1..=8);
+        let mut blocks: Vec<u64> = (0..BLOCKS).collect();
+        let mut plan = Vec::new();
+        let mut ops = Vec::new();
+        for _ in 0..n {
+            let b = blocks.swap_remove(rng.gen_range(0..blocks.len()));
+            next_id += 1;
+            let to_image = split && rng.gen_bool(0.3);
+            plan.push((to_image, b, next_id));
+            ops.push(Op::WriteFua(b * BS, block_of(next_id, b)));
+        }
+        (plan, ops)
+    };
+    let steps = rng.gen_range(1..6);
+    for _ in 0..steps {
+        let state = engine.pair(&name).unwrap().state();
+        match state {
+            PairState::Copy | PairState::Pair if rng.gen_bool(0.4) => {
+                engine.pair_split(std::slice::from_ref(&name)).unwrap();
+                image = Some(p_model.clone());
+                history.push("split".to_string());
+            }
+            PairState::Psus if rng.gen_bool(0.2) => {
+                engine.pair_resync(&name, false).unwrap();
+                image = None;
+                history.push("resync".to_string());
+            }
+            _ => {}
+        }
+        let (plan, ops) = batch(&mut rng, image.is_some());
+        // Image writes and P writes go as two batches on two reactors, at once.
+        let (p_ops, i_ops): (Vec<_>, Vec<_>) = plan.iter().zip(ops).partition(|(p, _)| !p.0);
+        let rp = common::start(
+            engine,
+            0,
+            Arc::clone(&pv),
+            p_ops.into_iter().map(|x| x.1).collect(),
+        );
+        let ri = common::start(
+            engine,
+            1,
+            Arc::clone(&iv),
+            i_ops.into_iter().map(|x| x.1).collect(),
+        );
+        for (to_image, rx) in [(false, rp), (true, ri)] {
+            let out = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+            let mine = plan.iter().filter(|p| p.0 == to_image);
+            for (r, &(_, b, id)) in out.iter().zip(mine) {
+                if let Err(e) = r {
+                    fail(&history, format!("write {id} to block {b} failed: {e}"));
+                }
+                match (to_image, image.as_mut()) {
+                    (true, Some(img)) => img[b as usize] = id,
+                    _ => p_model[b as usize] = id,
+                }
+            }
+        }
+        history.push(format!("{} writes", plan.len()));
+        if rng.gen_bool(0.5) {
+            std::thread::sleep(Duration::from_micros(rng.gen_range(0..3000)));
+        }
+    }
+
+    // The cut, with a batch in flight.
+    let state_before = engine.pair(&name).unwrap().state();
+    let (plan, ops) = batch(&mut rng, image.is_some());
+    let (p_ops, i_ops): (Vec<_>, Vec<_>) = plan.iter().zip(ops).partition(|(p, _)| !p.0);
+    let rp = common::start(
+        engine,
+        0,
+        Arc::clone(&pv),
+        p_ops.into_iter().map(|x| x.1).collect(),
+    );
+    let ri = common::start(
+        engine,
+        1,
+        Arc::clone(&iv),
+        i_ops.into_iter().map(|x| x.1).collect(),
+    );
+    std::thread::sleep(Duration::from_micros(rng.gen_range(0..1500)));
+    let mut cut_rng = StdRng::seed_from_u64(seed ^ 0xc0ffee);
+    let mut kept = 0;
+    for d in [&dev.p, &dev.s, &dev.m] {
+        d.power_off();
+    }
+    for d in [&dev.p, &dev.s, &dev.m] {
+        kept += d.cut(|_| cut_rng.gen_bool(0.5)).1;
+    }
+    // Allowed ids per block: the acknowledged one, or one in flight at the cut.
+    let mut p_allowed: Vec<Vec<u64>> = p_model.iter().map(|&id| vec![id]).collect();
+    let mut i_allowed: Option<Vec<Vec<u64>>> = image
+        .as_ref()
+        .map(|img| img.iter().map(|&id| vec![id]).collect());
+    for (to_image, rx) in [(false, rp), (true, ri)] {
+        let out = rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        let mine = plan.iter().filter(|p| p.0 == to_image);
+        for (r, &(_, b, id)) in out.iter().zip(mine) {
+            let allowed = match (to_image, i_allowed.as_mut()) {
+                (true, Some(a)) => &mut a[b as usize],
+                _ => &mut p_allowed[b as usize],
+            };
+            if r.is_ok() {
+                // Acknowledged before the cut, with FUA: it must be there.
+                *allowed = vec![id];
+            } else {
+                allowed.push(id);
+            }
+        }
+    }
+    history.push(format!(
+        "cut in {} with {} writes in flight, {kept} unflushed writes kept",
+        state_before.as_str(),
+        plan.len()
+    ));
+
+    // Bring the pair back from what survived.
+    engine.pair_delete(&name).unwrap();
+    engine.bdev_delete(&pn).unwrap();
+    engine.bdev_delete(&sn).unwrap();
+    let after = Devices {
+        p: Arc::new(dev.p.durable_copy(&pn)),
+        s: Arc::new(dev.s.durable_copy(&sn)),
+        m: Arc::new(dev.m.durable_copy(&format!("{name}-m"))),
+    };
+    add(engine, &after);
+    let meta: Arc<dyn Bdev> = after.m.clone();
+    let pair = engine
+        .pair_create_on(&cfg, &pn, &sn, MetadataDevice::Existing(meta))
+        .unwrap();
+    let state = pair.state();
+    let expected_ok = match state_before {
+        PairState::Copy | PairState::Pair => matches!(state, PairState::Copy | PairState::Pair),
+        s => state == s,
+    };
+    if !expected_ok {
+        fail(
+            &history,
+            format!(
+                "came back in {} ({:?}), was {}",
+                state.as_str(),
+                pair.error(),
+                state_before.as_str()
+            ),
+        );
+    }
+    let p_raw: Arc<dyn Bdev> = after.p.clone();
+    let s_raw: Arc<dyn Bdev> = after.s.clone();
+    let p_ids = ids(engine, &p_raw).unwrap_or_else(|e| fail(&history, e));
+    for b in 0..BLOCKS as usize {
+        if !p_allowed[b].contains(&p_ids[b]) {
+            fail(
+                &history,
+                format!(
+                    "P block {b} holds write {:#x}, allowed {:x?}",
+                    p_ids[b], p_allowed[b]
+                ),
+            );
+        }
+    }
+    let iv = engine.pair_view(&name, View::Image).unwrap();
+    if let Some(allowed) = &i_allowed {
+        let i_ids = ids(engine, &iv).unwrap_or_else(|e| fail(&history, e));
+        for b in 0..BLOCKS as usize {
+            if !allowed[b].contains(&i_ids[b]) {
+                fail(
+                    &history,
+                    format!(
+                        "image block {b} holds write {:#x}, allowed {:x?}",
+                        i_ids[b], allowed[b]
+                    ),
+                );
+            }
+        }
+        engine.pair_resync(&name, false).unwrap();
+    }
+    // Once mirrored again, S equals P.
+    pair.set_copy_rate(0);
+    common::wait_until("the copy after the restart", || {
+        pair.state() == PairState::Pair && pair.info().pending_tracks == 0
+    });
+    let (p_ids, s_ids) = (
+        ids(engine, &p_raw).unwrap_or_else(|e| fail(&history, e)),
+        ids(engine, &s_raw).unwrap_or_else(|e| fail(&history, e)),
+    );
+    if p_ids != s_ids {
+        let diff: Vec<usize> = (0..BLOCKS as usize)
+            .filter(|&b| p_ids[b] != s_ids[b])
+            .collect();
+        fail(
+            &history,
+            format!("S differs from P at blocks {diff:?} once mirrored"),
+        );
+    }
+    engine.pair_delete(&name).unwrap();
+    engine.bdev_delete(&pn).unwrap();
+    engine.bdev_delete(&sn).unwrap();
+}
+
+#[test]
+fn a_power_cut_loses_nothing_acknowledged_and_keeps_every_image() {
+    let engine = common::engine("power-cut");
+    if let Some(seed) = std::env::var("QS_CUT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        run_schedule(&engine, seed);
+        return;
+    }
+    let n: u64 = std::env::var("QS_CUTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    for seed in 0..n {
+        run_schedule(&engine, seed);
+    }
+}
