@@ -87,6 +87,19 @@ impl NbdClient {
 
     /// Sends a request header (and payload) without reading the reply.
     pub fn send(&mut self, kind: u16, flags: u16, offset: u64, len: u32, payload: &[u8]) -> u64 {
+        self.try_send(kind, flags, offset, len, payload)
+            .expect("send request")
+    }
+
+    /// Like [`NbdClient::send`], giving the error when the connection is gone.
+    pub fn try_send(
+        &mut self,
+        kind: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+    ) -> std::io::Result<u64> {
         let cookie = self.cookie;
         self.cookie += 1;
         let mut b = Vec::with_capacity(28 + payload.len());
@@ -97,8 +110,8 @@ impl NbdClient {
         b.extend_from_slice(&offset.to_be_bytes());
         b.extend_from_slice(&len.to_be_bytes());
         b.extend_from_slice(payload);
-        self.sock.write_all(&b).expect("send request");
-        cookie
+        self.sock.write_all(&b)?;
+        Ok(cookie)
     }
 
     /// Reads one simple reply: (cookie, error), and `data_len` bytes of data if no error.
