@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
 use drivers::{Bdev, IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
-use engine::app::Engine;
+use engine::app::{Engine, MetadataDevice};
 use engine::pair::channel::View;
 use engine::pair::{PairConfig, PairState};
 use engine::reactor::{IdlePolicy, PollStatus, Poller, ReactorContext, ReactorOptions};
@@ -75,6 +75,15 @@ struct Args {
     /// that leaves every track pending) and report the split acknowledgement latency.
     #[arg(long, default_value_t = 0)]
     splits: u32,
+    /// Persist the pair's metadata (`off`: in memory only, to measure what persistence costs).
+    #[arg(long, value_enum, default_value = "on")]
+    persist: Persist,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Persist {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -396,6 +405,20 @@ fn run(args: &Args) -> Result<(), Fail> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let pair = engine.pair_get(None).ok().and_then(|mut v| v.pop());
+    let meta_stats = engine.pair("bench").ok().and_then(|p| {
+        p.metadata().map(|m| {
+            let st = &m.stats;
+            let get =
+                |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            (
+                get(&st.pages_written),
+                get(&st.headers_written),
+                get(&st.meta_flushes),
+                get(&st.data_flushes),
+                get(&st.bits_cleaned),
+            )
+        })
+    });
     drop(engine);
     let _ = std::fs::remove_dir_all(&state_dir);
     if let Some(p) = &pair {
@@ -408,6 +431,12 @@ fn run(args: &Args) -> Result<(), Fail> {
                 p.copied_tracks,
                 p.cow_copies
             );
+            if let Some((pages, headers, mflush, dflush, cleaned)) = meta_stats {
+                println!(
+                    "  metadata: {pages} pages and {headers} headers written, {mflush} flushes, \
+                     {dflush} data flushes first, {cleaned} bits cleaned"
+                );
+            }
         }
     }
     report(args, &cores, &total, elapsed);
@@ -459,17 +488,16 @@ fn pair_target(
         Phase::Split => 1,
         _ => args.copy_rate,
     };
-    let pair = engine
-        .pair_create(
-            &PairConfig {
-                name: "bench".into(),
-                track_size: args.track_size,
-                copy_rate,
-            },
-            "bench",
-            "bench-s",
-        )
-        .map_err(|e| run(e.to_string()))?;
+    let cfg = PairConfig {
+        name: "bench".into(),
+        track_size: args.track_size,
+        copy_rate,
+    };
+    let pair = match args.persist {
+        Persist::On => engine.pair_create(&cfg, "bench", "bench-s"),
+        Persist::Off => engine.pair_create_on(&cfg, "bench", "bench-s", MetadataDevice::None),
+    }
+    .map_err(|e| run(e.to_string()))?;
     match args.phase {
         _ if args.splits > 0 => {}
         Phase::Copy => {}

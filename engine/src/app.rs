@@ -37,6 +37,9 @@ pub enum MetadataDevice {
     Existing(Arc<dyn drivers::Bdev>),
     /// Initialise it (a new pair).
     Fresh(Arc<dyn drivers::Bdev>),
+    /// None: the pair lives in memory only and a restart starts it over (for comparing the
+    /// cost of persistence).
+    None,
 }
 
 /// The header of a new pair: COPY, every track pending.
@@ -226,23 +229,27 @@ impl Engine {
         st.bdevs.check_unclaimed(secondary)?;
         let tracks = Pair::check_geometry(cfg, p.as_ref(), s.as_ref())?;
         let copier_reactor = self.reactors.get(st.pairs.len() + 1).clone();
-        let (meta, loaded) = match device {
-            None => self.open_metadata(cfg, primary, secondary, tracks)?,
+        let (meta, loaded): (Option<Arc<Metadata>>, _) = match device {
+            None => {
+                let (m, l) = self.open_metadata(cfg, primary, secondary, tracks)?;
+                (Some(m), l)
+            }
+            Some(MetadataDevice::None) => (None, None),
             Some(MetadataDevice::Existing(bdev)) => match Metadata::load(Arc::clone(&bdev), tracks)
             {
-                Ok((meta, l)) => (Arc::new(meta), Some(Ok(l))),
+                Ok((meta, l)) => (Some(Arc::new(meta)), Some(Ok(l))),
                 Err(e) => {
                     let rec = fresh_header(cfg, primary, secondary, tracks);
                     let meta = Metadata::initialize(bdev, &rec)
                         .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
-                    (Arc::new(meta), Some(Err(e)))
+                    (Some(Arc::new(meta)), Some(Err(e)))
                 }
             },
             Some(MetadataDevice::Fresh(bdev)) => {
                 let rec = fresh_header(cfg, primary, secondary, tracks);
                 let meta = Metadata::initialize(bdev, &rec)
                     .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
-                (Arc::new(meta), None)
+                (Some(Arc::new(meta)), None)
             }
         };
         let pair = Pair::with_metadata(
@@ -251,7 +258,7 @@ impl Engine {
             s,
             self.reactors.handles().to_vec(),
             Some(copier_reactor.clone()),
-            Some(Arc::clone(&meta)),
+            meta.clone(),
         )?;
         match loaded {
             None => {}
@@ -274,7 +281,9 @@ impl Engine {
         let for_copier = Arc::clone(&pair);
         let for_writer = Arc::clone(&pair);
         let started = copier_reactor.send_blocking(Box::new(move |cx| {
-            cx.add_poller(Box::new(MetaWriter::new(for_writer, meta)));
+            if let Some(meta) = meta {
+                cx.add_poller(Box::new(MetaWriter::new(for_writer, meta)));
+            }
             cx.add_poller(Box::new(Copier::new(for_copier)))
         }));
         if let Err(e) = started {

@@ -249,6 +249,9 @@ impl Copier {
             }
             Stage::Writing => {
                 self.copies.remove(key);
+                // Noted before the track is marked copied: metadata relying on the copy
+                // flushes the device first.
+                self.pair.note_write(dir == Direction::Reverse);
                 let stats = &self.pair.stats;
                 stats.bytes_read.fetch_add(len, Ordering::Relaxed);
                 stats.bytes_copied.fetch_add(len, Ordering::Relaxed);

@@ -211,6 +211,9 @@ pub struct Pair {
     meta: Option<Arc<Metadata>>,
     /// Header number of the last transition: host writes wait until it is durable.
     state_seq: AtomicU64,
+    /// P, S written since the metadata writer last flushed them.
+    p_dirty: AtomicBool,
+    s_dirty: AtomicBool,
 }
 
 /// What a host write records, for the metadata it needs durable before it is issued.
@@ -342,6 +345,8 @@ impl Pair {
             copier_reactor,
             meta,
             state_seq: AtomicU64::new(seq),
+            p_dirty: AtomicBool::new(true),
+            s_dirty: AtomicBool::new(true),
         });
         pair.pending.mark_all();
         Ok(pair)
@@ -425,6 +430,21 @@ impl Pair {
             }
         }
         out
+    }
+
+    /// A write to P (`on_p`) or S completed: the device needs a flush before the metadata
+    /// relies on it.
+    pub(crate) fn note_write(&self, on_p: bool) {
+        let flag = if on_p { &self.p_dirty } else { &self.s_dirty };
+        if !flag.load(Ordering::Relaxed) {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes the dirty mark of P (`on_p`) or S: true when it needs a flush.
+    pub(crate) fn take_dirty(&self, on_p: bool) -> bool {
+        let flag = if on_p { &self.p_dirty } else { &self.s_dirty };
+        flag.swap(false, Ordering::SeqCst)
     }
 
     /// True when the pair's metadata can no longer be written.

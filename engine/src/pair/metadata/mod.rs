@@ -224,9 +224,14 @@ pub struct PersistedSet {
     want: Box<[AtomicU64]>,
     disk: Box<[AtomicU64]>,
     queued: Box<[AtomicBool]>,
-    /// Set while a write of the page is in flight: what the disk holds is then either the
-    /// old or the new content, so nobody may rely on it.
-    in_flight: Box<[AtomicBool]>,
+    /// Per page: odd while a write of the page is in flight (the disk then holds either the
+    /// old or the new content), even otherwise; bumped when a write starts and when it is
+    /// durable.
+    flight_gen: Box<[AtomicU64]>,
+    /// Per page: the `flight_gen` whose copy `flight` holds.
+    flight_valid: Box<[AtomicU64]>,
+    /// The copy of each page being written.
+    flight: Box<[AtomicU64]>,
     /// Held by the cleaner while it clears bits and rechecks them, and by the writer while it
     /// copies a page: a page never goes to disk with a bit the cleaner cleared by mistake.
     lock: Box<[AtomicBool]>,
@@ -240,7 +245,9 @@ impl PersistedSet {
             want: (0..words).map(|_| AtomicU64::new(0)).collect(),
             disk: (0..words).map(|_| AtomicU64::new(0)).collect(),
             queued: (0..pages).map(|_| AtomicBool::new(false)).collect(),
-            in_flight: (0..pages).map(|_| AtomicBool::new(false)).collect(),
+            flight_gen: (0..pages).map(|_| AtomicU64::new(0)).collect(),
+            flight_valid: (0..pages).map(|_| AtomicU64::new(u64::MAX)).collect(),
+            flight: (0..words).map(|_| AtomicU64::new(0)).collect(),
             lock: (0..pages).map(|_| AtomicBool::new(false)).collect(),
         }
     }
@@ -256,19 +263,54 @@ impl PersistedSet {
         self.disk[w].load(Ordering::SeqCst) & m != 0
     }
 
-    /// The track's bit as the disk surely holds it, or `None` while a write of its page is in
-    /// flight. Read after the caller changed what it wants: a write in flight that missed the
-    /// change was marked in flight before its copy, so the caller sees `None` and waits.
+    /// The track's bit as the disk surely holds it, whatever becomes of a write of its page in
+    /// flight; `None` when that write may change it. Called after the caller changed what it
+    /// wants: a write that started before the change and copied the page without it is marked
+    /// in flight first, so the caller then sees `None` and waits for the next write.
     pub fn durable(&self, t: u64) -> Option<bool> {
-        if self.in_flight[(t / TRACKS_PER_PAGE) as usize].load(Ordering::SeqCst) {
-            return None;
+        let page = (t / TRACKS_PER_PAGE) as usize;
+        let (w, m) = Self::bit(t);
+        let gen = self.flight_gen[page].load(Ordering::SeqCst);
+        let on_disk = self.disk[w].load(Ordering::SeqCst) & m != 0;
+        if gen % 2 == 1 {
+            // In flight: settled only if the copy being written agrees with the disk.
+            if self.flight_valid[page].load(Ordering::SeqCst) != gen {
+                return None;
+            }
+            let written = self.flight[w].load(Ordering::SeqCst) & m != 0;
+            if written != on_disk {
+                return None;
+            }
         }
-        Some(self.on_disk(t))
+        (self.flight_gen[page].load(Ordering::SeqCst) == gen).then_some(on_disk)
     }
 
     /// True while a write of the page holding word `w` is in flight.
     pub fn word_in_flight(&self, w: usize) -> bool {
-        self.in_flight[w / WORDS_PER_PAGE as usize].load(Ordering::SeqCst)
+        self.flight_gen[w / WORDS_PER_PAGE as usize].load(Ordering::SeqCst) % 2 == 1
+    }
+
+    /// A write of `page` starts: marked in flight before the page is copied.
+    fn begin_flight(&self, page: usize) -> u64 {
+        self.flight_gen[page].fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The copy being written (after [`PersistedSet::begin_flight`]).
+    fn publish_flight(&self, page: usize, gen: u64, words: &[u64]) {
+        let lo = page * WORDS_PER_PAGE as usize;
+        for (i, v) in words.iter().enumerate() {
+            self.flight[lo + i].store(*v, Ordering::SeqCst);
+        }
+        self.flight_valid[page].store(gen, Ordering::SeqCst);
+    }
+
+    /// The write of `page` is durable (or was not needed): the disk holds `words`.
+    fn end_flight(&self, page: usize, words: &[u64]) {
+        let lo = page * WORDS_PER_PAGE as usize;
+        for (i, v) in words.iter().enumerate() {
+            self.disk[lo + i].store(*v, Ordering::SeqCst);
+        }
+        self.flight_gen[page].fetch_add(1, Ordering::SeqCst);
     }
 
     /// True when the track's bit should be set.
@@ -354,8 +396,8 @@ pub struct Metadata {
     pub stats: MetaStats,
 }
 
-/// Default cleaning period.
-pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_millis(500);
+/// Default cleaning period (a write-intent bit goes after two periods without writes).
+pub const DEFAULT_CLEAN_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Metadata {
     fn with_layout(bdev: Arc<dyn Bdev>, layout: Layout, seq: u64) -> Result<Self, MetaError> {

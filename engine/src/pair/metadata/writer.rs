@@ -63,6 +63,12 @@ pub struct MetaWriter {
     clean_cursor: usize,
     /// A clean stop asked for everything: the cleaner's full pass for it is done.
     sync_target: u64,
+    /// The cleaner cleared bits whose meaning involves P (mirrored tracks, restored tracks):
+    /// P is flushed before they are written.
+    p_flush_due: bool,
+    /// Per word, the tracks touched in the previous cleaning pass: a bit is cleared only for
+    /// a track untouched for two whole passes.
+    touched_prev: Vec<u64>,
     scratch: Vec<IoCompletion>,
 }
 
@@ -70,6 +76,7 @@ impl MetaWriter {
     /// A writer for `pair`, whose metadata is `meta`.
     pub fn new(pair: Arc<Pair>, meta: Arc<Metadata>) -> Self {
         let name = format!("metadata:{}", pair.name());
+        let words = meta.layout.words() as usize;
         Self {
             next_clean: Instant::now() + meta.clean_interval(),
             last_pass: Instant::now(),
@@ -86,6 +93,8 @@ impl MetaWriter {
             error: None,
             clean_cursor: 0,
             sync_target: 0,
+            p_flush_due: false,
+            touched_prev: vec![0; words],
             scratch: Vec::new(),
         }
     }
@@ -136,6 +145,12 @@ impl MetaWriter {
         let pair = Arc::clone(&self.pair);
         let meta = Arc::clone(&self.meta);
         let mut changed = false;
+        // After a split a cleared bit only says S holds the image (P need not be flushed). A
+        // split landing during the pass is taken as mirroring: a needless flush at worst.
+        let mirroring = !matches!(
+            pair.state(),
+            crate::pair::PairState::Psus | crate::pair::PairState::Psue
+        );
         let start = if all { 0 } else { self.clean_cursor };
         let end = (start + limit).min(words);
         for w in start..end {
@@ -144,10 +159,15 @@ impl MetaWriter {
                 break;
             }
             let touched_word = &meta.touched[w];
-            let touched = if all || touched_word.load(Ordering::Relaxed) == 0 {
+            let now = if all || touched_word.load(Ordering::Relaxed) == 0 {
                 0
             } else {
                 touched_word.swap(0, Ordering::SeqCst)
+            };
+            let touched = if all {
+                0
+            } else {
+                now | std::mem::replace(&mut self.touched_prev[w], now)
             };
             let page = w / WORDS_PER_PAGE as usize;
             // Pending map: a bit may go when S holds the track.
@@ -174,6 +194,9 @@ impl MetaWriter {
                 }
                 d.unlock_page(page);
                 let cleared = had & !kept;
+                if cleared != 0 && mirroring {
+                    self.p_flush_due = true;
+                }
                 if cleared != 0 {
                     meta.stats
                         .bits_cleaned
@@ -195,6 +218,7 @@ impl MetaWriter {
                 r.unlock_page(page);
                 if had & !back != 0 {
                     meta.queue_page(MapKind::Restore, page as u64);
+                    self.p_flush_due = true;
                     changed = true;
                 }
             }
@@ -220,7 +244,7 @@ impl MetaWriter {
             set.queued[page as usize].store(false, Ordering::SeqCst);
             // In flight before the copy: whoever changes a bit after the copy sees it and
             // waits for the next write instead of trusting the disk's old content.
-            set.in_flight[page as usize].store(true, Ordering::SeqCst);
+            let gen = set.begin_flight(page as usize);
             let lo = (page * WORDS_PER_PAGE) as usize;
             let hi = lo + WORDS_PER_PAGE as usize;
             set.lock_page(page as usize);
@@ -228,9 +252,10 @@ impl MetaWriter {
             set.unlock_page(page as usize);
             let same = (lo..hi).all(|w| set.disk_word(w) == words[w - lo]);
             if same {
-                set.in_flight[page as usize].store(false, Ordering::SeqCst);
+                set.end_flight(page as usize, &words);
                 continue;
             }
+            set.publish_flight(page as usize, gen, &words);
             if matches!(map, MapKind::Pending | MapKind::Restore)
                 && (lo..hi).any(|w| set.disk_word(w) & !words[w - lo] != 0)
             {
@@ -238,10 +263,12 @@ impl MetaWriter {
             }
             batch.pages.push(PageWrite { map, page, words });
         }
+        let mut flush_p = self.p_flush_due && clears;
         let wanted = meta.header_wanted.load(Ordering::SeqCst);
         if wanted > meta.header_durable() {
             if meta.header_flush_data.swap(false, Ordering::SeqCst) {
                 clears = true;
+                flush_p = true;
             }
             // The state is read after the number: the header holds at least that state.
             let rec = self.pair.header_record(wanted);
@@ -257,13 +284,27 @@ impl MetaWriter {
                 }
             }
         }
+        if meta.queue.is_empty() {
+            // Every page the cleaner queued is in this batch or an earlier one.
+            self.p_flush_due = false;
+        }
         if batch.pages.is_empty() && batch.header.is_none() {
             return false;
         }
         self.batch = batch;
-        if clears {
+        // Only a device written since its last flush is flushed (read after the copies: a
+        // write that made a bit unnecessary was noted before the bit was cleared). S holds the
+        // copies every cleared bit relies on; P matters for bits the cleaner cleared while
+        // mirroring (S equals P) and for restored tracks.
+        let flush_s = clears && self.pair.take_dirty(false);
+        let flush_p = flush_p && self.pair.take_dirty(true);
+        if flush_p || flush_s {
             self.stage = Stage::FlushingData;
-            for ch in [self.p.as_mut(), self.s.as_mut()].into_iter().flatten() {
+            let chans = [
+                self.p.as_mut().filter(|_| flush_p),
+                self.s.as_mut().filter(|_| flush_s),
+            ];
+            for ch in chans.into_iter().flatten() {
                 if ch
                     .submit(IoRequest::without_data(IoOp::Flush, 0, 0, 0))
                     .is_ok()
@@ -350,11 +391,7 @@ impl MetaWriter {
         let meta = &self.meta;
         for pw in &batch.pages {
             let set = meta.map(pw.map);
-            let lo = (pw.page * WORDS_PER_PAGE) as usize;
-            for (i, v) in pw.words.iter().enumerate() {
-                set.disk[lo + i].store(*v, Ordering::SeqCst);
-            }
-            set.in_flight[pw.page as usize].store(false, Ordering::SeqCst);
+            set.end_flight(pw.page as usize, &pw.words);
         }
         meta.stats
             .pages_written
