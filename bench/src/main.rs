@@ -153,7 +153,9 @@ fn open_bdev(spec: &str, name: &str) -> Result<Arc<dyn Bdev>, Fail> {
             // TRADDR:PORT:NQN (the NQN itself contains colons).
             let mut it = rest.splitn(3, ':');
             let (Some(addr), Some(port), Some(nqn)) = (it.next(), it.next(), it.next()) else {
-                return Err(Fail::Usage(format!("bad --bdev '{spec}': nvmf:TRADDR:PORT:NQN")));
+                return Err(Fail::Usage(format!(
+                    "bad --bdev '{spec}': nvmf:TRADDR:PORT:NQN"
+                )));
             };
             let port: u16 = port
                 .parse()

@@ -446,8 +446,13 @@ mod tests {
         assert_eq!((c.mdts, c.namespaces), (5, 1));
         assert!(c.supports_deallocate() && c.supports_write_zeroes() && c.supports_sgl());
         let f = FabricsIdentity::parse(&page);
-        assert_eq!((f.cntlid, f.ioccsz, f.icdoff, f.maxcmd), (5, 64 + 8192, 0, 128));
-        let ns: [u8; 4096] = identify_namespace(100, 4096, true, [1; 16]).try_into().unwrap();
+        assert_eq!(
+            (f.cntlid, f.ioccsz, f.icdoff, f.maxcmd),
+            (5, 64 + 8192, 0, 128)
+        );
+        let ns: [u8; 4096] = identify_namespace(100, 4096, true, [1; 16])
+            .try_into()
+            .unwrap();
         let n = IdentifyNamespace::parse(&ns);
         assert_eq!((n.size_blocks, n.block_size), (100, 4096));
         assert_eq!(ns[99], 1);

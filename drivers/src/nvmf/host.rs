@@ -21,9 +21,7 @@ use slab::Slab;
 
 use super::fabrics::{self, ConnectData, FabricsIdentity, CNTLID_DYNAMIC};
 use super::pdu::{self, CapsuleCmd, DataPdu, Digests, Frame, Header, HeaderBytes, IcReq, Side};
-use crate::nvme::spec::{
-    self, Command, Completion, IdentifyController, IdentifyNamespace, Status,
-};
+use crate::nvme::spec::{self, Command, Completion, IdentifyController, IdentifyNamespace, Status};
 use crate::{IoBufs, IoError, IoOp};
 
 /// Blocking operations give up after this.
@@ -200,12 +198,7 @@ impl SyncQueue {
             hostnqn: opts.hostnqn.clone(),
         }
         .encode();
-        let (cqe, _) = q.command(
-            "Connect",
-            fabrics::connect(qid, sqsize, kato_ms),
-            &data,
-            0,
-        )?;
+        let (cqe, _) = q.command("Connect", fabrics::connect(qid, sqsize, kato_ms), &data, 0)?;
         Ok((q, cqe.result as u16))
     }
 
@@ -244,7 +237,9 @@ impl SyncQueue {
         self.cid = self.cid.wrapping_add(1);
         let cid = self.cid;
         let cmd = cmd.with_cid(cid);
-        let h = CapsuleCmd::new(cmd).with_data_len(out.len()).encode(self.digests);
+        let h = CapsuleCmd::new(cmd)
+            .with_data_len(out.len())
+            .encode(self.digests);
         let dd = pdu::crc32c([out]).to_le_bytes();
         let mut wire = h.as_slice().to_vec();
         if !out.is_empty() {
@@ -344,7 +339,12 @@ pub struct HostController {
 
 impl std::fmt::Debug for HostController {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HostController({} at {})", self.opts.subnqn, self.opts.addr())
+        write!(
+            f,
+            "HostController({} at {})",
+            self.opts.subnqn,
+            self.opts.addr()
+        )
     }
 }
 
@@ -352,7 +352,8 @@ impl HostController {
     /// Connects the admin queue, enables the controller, reads its identity and namespaces,
     /// asks for I/O queues and starts the keep-alive thread.
     pub fn connect(opts: HostOptions) -> Result<Arc<Self>, NvmfError> {
-        let (mut admin, cntlid) = SyncQueue::connect(&opts, 0, ADMIN_QUEUE, CNTLID_DYNAMIC, KATO_MS)?;
+        let (mut admin, cntlid) =
+            SyncQueue::connect(&opts, 0, ADMIN_QUEUE, CNTLID_DYNAMIC, KATO_MS)?;
         let (cap, _) = admin.command("Property Get CAP", fabrics::property_get(0, true), &[], 0)?;
         let caps = spec::Capabilities::parse(cap.result as u64);
         admin.command(
@@ -370,13 +371,17 @@ impl HostController {
                 0,
             )?;
             if csts.result & spec::CSTS_CFS != 0 {
-                return Err(NvmfError::Unusable("the controller reports a fatal status".into()));
+                return Err(NvmfError::Unusable(
+                    "the controller reports a fatal status".into(),
+                ));
             }
             if csts.result & spec::CSTS_RDY != 0 {
                 break;
             }
             if Instant::now() > end {
-                return Err(NvmfError::Unusable("the controller did not become ready".into()));
+                return Err(NvmfError::Unusable(
+                    "the controller did not become ready".into(),
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -389,7 +394,9 @@ impl HostController {
         let identify = IdentifyController::parse(&ctrl_page);
         let fab = FabricsIdentity::parse(&ctrl_page);
         if fab.icdoff != 0 {
-            return Err(NvmfError::Unusable("in-capsule data offset (ICDOFF) not supported".into()));
+            return Err(NvmfError::Unusable(
+                "in-capsule data offset (ICDOFF) not supported".into(),
+            ));
         }
         let (q, _) = admin.command(
             "Set Features (number of queues)",
@@ -439,6 +446,11 @@ impl HostController {
         Ok(ctrl)
     }
 
+    /// Its controller id.
+    pub fn cntlid(&self) -> u16 {
+        self.cntlid
+    }
+
     /// The namespaces.
     pub fn namespaces(&self) -> &[Namespace] {
         &self.namespaces
@@ -468,14 +480,15 @@ impl HostController {
             .pop()
             .ok_or_else(|| NvmfError::Unusable("no I/O queue left on the controller".into()))?;
         let depth = self.opts.queue_depth.clamp(2, 1024);
-        let q = SyncQueue::connect(&self.opts, qid, depth, self.cntlid, 0)
-            .and_then(|(q, _)| {
-                let digests = q.digests;
-                let maxh2cdata = q.maxh2cdata;
-                let (stream, rx) = q.into_stream()?;
-                stream.set_nonblocking(true).map_err(io("set non-blocking"))?;
-                Ok((stream, rx, digests, maxh2cdata))
-            });
+        let q = SyncQueue::connect(&self.opts, qid, depth, self.cntlid, 0).and_then(|(q, _)| {
+            let digests = q.digests;
+            let maxh2cdata = q.maxh2cdata;
+            let (stream, rx) = q.into_stream()?;
+            stream
+                .set_nonblocking(true)
+                .map_err(io("set non-blocking"))?;
+            Ok((stream, rx, digests, maxh2cdata))
+        });
         let (stream, mut rx, digests, maxh2cdata) = match q {
             Ok(x) => x,
             Err(e) => {
@@ -687,7 +700,10 @@ impl IoQueue {
         }
         let size = self.ns.blocks * bs;
         if offset.checked_add(len).is_none_or(|e| e > size) {
-            return Err(Refused::Failed(IoError::OutOfRange { offset, len, size }, bufs));
+            return Err(Refused::Failed(
+                IoError::OutOfRange { offset, len, size },
+                bufs,
+            ));
         }
         if op.is_write() && self.ns.read_only {
             return Err(Refused::Failed(IoError::ReadOnly, bufs));
@@ -736,16 +752,23 @@ impl IoQueue {
                 }
                 IoOp::Write { fua } => {
                     let inline = n as usize <= self.in_capsule;
-                    let c = fabrics::with_sgl(Command::write(nsid, lba, blocks, fua), n as u32, inline);
+                    let c =
+                        fabrics::with_sgl(Command::write(nsid, lba, blocks, fua), n as u32, inline);
                     let cap = CapsuleCmd::new(c.with_cid(cid));
                     if inline {
-                        self.push_head(cap.with_data_len(n as usize), Some((parent, at as usize, n as usize)));
+                        self.push_head(
+                            cap.with_data_len(n as usize),
+                            Some((parent, at as usize, n as usize)),
+                        );
                     } else {
                         self.push_head(cap, None);
                     }
                 }
                 IoOp::WriteZeroes => {
-                    self.push_head(CapsuleCmd::new(Command::write_zeroes(nsid, lba, blocks).with_cid(cid)), None);
+                    self.push_head(
+                        CapsuleCmd::new(Command::write_zeroes(nsid, lba, blocks).with_cid(cid)),
+                        None,
+                    );
                 }
                 IoOp::Unmap => {
                     let mut range = vec![0u8; 16];
@@ -848,7 +871,9 @@ impl IoQueue {
 
     fn complete(&mut self, cid: u16, status: Status) {
         let Some(cmd) = self.cmds.try_remove(cid as usize) else {
-            self.fail(IoError::Aborted(format!("response for unknown command {cid}")));
+            self.fail(IoError::Aborted(format!(
+                "response for unknown command {cid}"
+            )));
             return;
         };
         let Some(p) = self.parents.get_mut(cmd.parent) else {
@@ -1015,7 +1040,11 @@ impl IoQueue {
         if now.duration_since(self.last_check) > Duration::from_millis(10) {
             self.last_check = now;
             let limit = self.ctrl.opts.io_timeout;
-            if self.cmds.iter().any(|(_, c)| now.duration_since(c.issued) > limit) {
+            if self
+                .cmds
+                .iter()
+                .any(|(_, c)| now.duration_since(c.issued) > limit)
+            {
                 self.fail(IoError::Aborted(format!(
                     "an NVMe/TCP command took longer than {} ms",
                     limit.as_millis()

@@ -76,9 +76,7 @@ pub const MAX_TERM_PLEN: usize = 152;
 
 /// CRC-32C (Castagnoli) over several pieces, as the digests are defined.
 pub fn crc32c<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> u32 {
-    parts
-        .into_iter()
-        .fold(0u32, |crc, p| crc32c::crc32c_append(crc, p))
+    parts.into_iter().fold(0u32, crc32c::crc32c_append)
 }
 
 /// The digests a connection negotiated.
@@ -262,10 +260,18 @@ impl IcReq {
     /// Decodes the PDU-specific part of a received ICReq (the whole 128 bytes).
     pub fn parse(b: &[u8]) -> Result<Self, PduError> {
         if b.len() < IC_LEN || u16::from_le_bytes([b[8], b[9]]) != 0 {
-            return Err(PduError::new(fes::UNSUPPORTED_PARAMETER, 8, "ICReq PFV is not 0"));
+            return Err(PduError::new(
+                fes::UNSUPPORTED_PARAMETER,
+                8,
+                "ICReq PFV is not 0",
+            ));
         }
         if b[10] > 31 {
-            return Err(PduError::new(fes::INVALID_HEADER_FIELD, 10, "ICReq HPDA > 31"));
+            return Err(PduError::new(
+                fes::INVALID_HEADER_FIELD,
+                10,
+                "ICReq HPDA > 31",
+            ));
         }
         Ok(Self {
             hpda: b[10],
@@ -307,10 +313,14 @@ impl IcResp {
     /// Decodes a received ICResp (the whole 128 bytes).
     pub fn parse(b: &[u8]) -> Result<Self, PduError> {
         if b.len() < IC_LEN || u16::from_le_bytes([b[8], b[9]]) != 0 {
-            return Err(PduError::new(fes::UNSUPPORTED_PARAMETER, 8, "ICResp PFV is not 0"));
+            return Err(PduError::new(
+                fes::UNSUPPORTED_PARAMETER,
+                8,
+                "ICResp PFV is not 0",
+            ));
         }
         let maxh2cdata = u32::from_le_bytes([b[12], b[13], b[14], b[15]]);
-        if maxh2cdata < MIN_MAXH2CDATA || maxh2cdata % 4 != 0 {
+        if maxh2cdata < MIN_MAXH2CDATA || !maxh2cdata.is_multiple_of(4) {
             return Err(PduError::new(
                 fes::INVALID_HEADER_FIELD,
                 12,
@@ -699,7 +709,11 @@ pub fn parse_frame(
         let want = crc32c([&buf[..hlen]]);
         let got = u32::from_le_bytes([buf[hlen], buf[hlen + 1], buf[hlen + 2], buf[hlen + 3]]);
         if want != got {
-            return Err(PduError::new(fes::HEADER_DIGEST, 0, "header digest mismatch"));
+            return Err(PduError::new(
+                fes::HEADER_DIGEST,
+                0,
+                "header digest mismatch",
+            ));
         }
     }
     let mut data_digest_ok = true;
@@ -804,9 +818,11 @@ mod tests {
             fes::HEADER_DIGEST
         );
         // Incomplete: wait for more.
-        assert!(parse_frame(&wire[..wire.len() - 1], Side::Controller, Some(d), 1 << 20)
-            .unwrap()
-            .is_none());
+        assert!(
+            parse_frame(&wire[..wire.len() - 1], Side::Controller, Some(d), 1 << 20)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

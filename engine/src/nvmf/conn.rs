@@ -448,8 +448,9 @@ impl NvmfConn {
             self.respond(cid, status::TRANSIENT_TRANSPORT, 0);
             return true;
         }
-        if self.qid.is_none() && !(cmd.opcode() == fabrics::OPC_FABRICS
-            && fabrics::fabrics_type(&cmd) == fctype::CONNECT)
+        if self.qid.is_none()
+            && !(cmd.opcode() == fabrics::OPC_FABRICS
+                && fabrics::fabrics_type(&cmd) == fctype::CONNECT)
         {
             self.respond(cid, status::SEQUENCE_ERROR, 0);
             return true;
@@ -518,7 +519,11 @@ impl NvmfConn {
                 read_bufs: IoBufs::new(),
             });
             if key > u16::MAX as usize {
-                self.fatal(PduError::new(pdu::fes::SEQUENCE_ERROR, 0, "too many commands"));
+                self.fatal(PduError::new(
+                    pdu::fes::SEQUENCE_ERROR,
+                    0,
+                    "too many commands",
+                ));
                 return true;
             }
             let h = R2t {
@@ -555,7 +560,10 @@ impl NvmfConn {
         }
         let g = e.bdev.geometry();
         let (lba, blocks) = cmd.range();
-        if lba.checked_add(blocks as u64).is_none_or(|end| end > g.num_blocks) {
+        if lba
+            .checked_add(blocks as u64)
+            .is_none_or(|end| end > g.num_blocks)
+        {
             return Some(status::LBA_OUT_OF_RANGE);
         }
         let bytes = blocks as u64 * g.block_size as u64;
@@ -578,6 +586,16 @@ impl NvmfConn {
         let cid = cmd.cid();
         if self.qid.is_none_or(|q| q == 0) {
             self.admin(cmd, payload);
+            return;
+        }
+        if cmd.opcode() == fabrics::OPC_FABRICS {
+            // A second Connect on a connected queue; Property Get/Set only go to the admin queue.
+            let st = if fabrics::fabrics_type(&cmd) == fctype::CONNECT {
+                status::SEQUENCE_ERROR
+            } else {
+                status::INVALID_OPCODE
+            };
+            self.respond(cid, st, 0);
             return;
         }
         let Some(export) = self.export.clone() else {
@@ -718,7 +736,8 @@ impl NvmfConn {
             self.respond(cid, status::SGL_LENGTH_INVALID, 0);
             return;
         };
-        let invalid = |attr_data: bool, offset: u16| -> u32 { attr_data as u32 | (offset as u32) << 16 };
+        let invalid =
+            |attr_data: bool, offset: u16| -> u32 { attr_data as u32 | (offset as u32) << 16 };
         let d = match ConnectData::parse(&data) {
             Ok(d) => d,
             Err(off) => {
@@ -744,10 +763,13 @@ impl NvmfConn {
             }
         };
         let ctrl = if c.qid == 0 {
-            match self
-                .svc
-                .new_ctrl(export.clone(), &d.subnqn, &d.hostnqn, &self.listen, c.kato_ms)
-            {
+            match self.svc.new_ctrl(
+                export.clone(),
+                &d.subnqn,
+                &d.hostnqn,
+                &self.listen,
+                c.kato_ms,
+            ) {
                 Some(ctrl) => ctrl,
                 None => {
                     self.respond(cid, status::INTERNAL, 0);
@@ -817,9 +839,9 @@ impl NvmfConn {
                 fctype::PROPERTY_GET => {
                     let eight = cmd.dw[10] & 7 == 1;
                     let value: Option<u64> = match (cmd.dw[11], eight) {
-                        (0x00, true) => Some(
-                            (QUEUE_ENTRIES as u64 - 1) | 1 << 16 | 1 << 24 | 1 << 37,
-                        ),
+                        (0x00, true) => {
+                            Some((QUEUE_ENTRIES as u64 - 1) | 1 << 16 | 1 << 24 | 1 << 37)
+                        }
                         (0x08, false) => Some(fabrics::TARGET_VERSION as u64),
                         (0x14, false) => Some(ctrl.cc.load(Ordering::SeqCst) as u64),
                         (0x1c, false) => Some(ctrl.csts.load(Ordering::SeqCst) as u64),
@@ -1105,7 +1127,10 @@ impl Poller for NvmfConn {
         }
         if self.channel.is_none() {
             if let Some(e) = self.export.clone() {
-                match e.bdev.open_channel(&cx.channel_context(QUEUE_ENTRIES as u32 * 2)) {
+                match e
+                    .bdev
+                    .open_channel(&cx.channel_context(QUEUE_ENTRIES as u32 * 2))
+                {
                     Ok(c) => self.channel = Some(c),
                     Err(err) => {
                         tracing::error!(%err, nqn = %e.nqn, "NVMe/TCP queue cannot open its channel");
@@ -1129,7 +1154,10 @@ impl Poller for NvmfConn {
                 if self.qid == Some(0) && c.kato_ms > 0 {
                     let limit = Duration::from_millis(c.kato_ms as u64) + Duration::from_secs(2);
                     if now.duration_since(self.last_keep_alive) > limit {
-                        tracing::warn!(cntlid = c.cntlid, "NVMe/TCP keep alive timeout: controller dropped");
+                        tracing::warn!(
+                            cntlid = c.cntlid,
+                            "NVMe/TCP keep alive timeout: controller dropped"
+                        );
                         self.closing = true;
                     } else {
                         cx.wake_at(self.last_keep_alive + limit);
@@ -1165,8 +1193,8 @@ impl Poller for NvmfConn {
         }
         if self.closing {
             let since = *self.closing_since.get_or_insert_with(Instant::now);
-            let io_left = self.channel.is_some()
-                && self.pending.iter().any(|(_, p)| p.stage == Stage::Io);
+            let io_left =
+                self.channel.is_some() && self.pending.iter().any(|(_, p)| p.stage == Stage::Io);
             // Replies a host does not read are given up after a while.
             let gave_up = since.elapsed() > Duration::from_secs(5);
             if !io_left && (self.tx.is_empty() || gave_up) {

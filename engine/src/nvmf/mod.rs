@@ -61,9 +61,7 @@ impl From<NvmfError> for EngineError {
         match e {
             NvmfError::Exists(_) => EngineError::InUse(e.to_string()),
             NvmfError::NotFound(_) => EngineError::NotFound(e.to_string()),
-            NvmfError::Invalid(m) => {
-                EngineError::Bdev(drivers::BdevError::Invalid(m))
-            }
+            NvmfError::Invalid(m) => EngineError::Bdev(drivers::BdevError::Invalid(m)),
             NvmfError::Listen { .. } => EngineError::Target(e.to_string()),
         }
     }
@@ -279,16 +277,7 @@ impl NvmfService {
         writable: bool,
         listen: &str,
     ) -> Result<(), NvmfError> {
-        if nqn.is_empty() || nqn.len() > 223 || !nqn.starts_with("nqn.") {
-            return Err(NvmfError::Invalid(
-                "an NQN starts with 'nqn.' and has at most 223 bytes".into(),
-            ));
-        }
-        if nqn == fabrics::DISCOVERY_NQN {
-            return Err(NvmfError::Invalid(
-                "the discovery NQN cannot be exported".into(),
-            ));
-        }
+        check_nqn(nqn)?;
         let bs = bdev.geometry().block_size;
         if bs as usize > BUF_SIZE {
             return Err(NvmfError::Invalid(format!(
@@ -470,6 +459,21 @@ impl Drop for NvmfService {
     }
 }
 
+/// Checks an NQN given to `nvmf_export_start`.
+pub fn check_nqn(nqn: &str) -> Result<(), NvmfError> {
+    if nqn.is_empty() || nqn.len() > 223 || !nqn.starts_with("nqn.") {
+        return Err(NvmfError::Invalid(
+            "an NQN starts with 'nqn.' and has at most 223 bytes".into(),
+        ));
+    }
+    if nqn == fabrics::DISCOVERY_NQN {
+        return Err(NvmfError::Invalid(
+            "the discovery NQN cannot be exported".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// For a backup to an `nvmf` target: the controller and I/O queue, connected here on the
 /// control thread (Connect and Identify block), checked against the image.
 pub(crate) fn backup_connection(
@@ -531,6 +535,7 @@ impl Engine {
         writable: Option<bool>,
         listen: Option<&str>,
     ) -> Result<(), EngineError> {
+        check_nqn(nqn)?;
         let (source, target, writable): (Source, Arc<dyn Bdev>, bool) = match (bdev, pair) {
             (Some(b), None) => {
                 let st = self.state();
@@ -550,7 +555,11 @@ impl Engine {
                     Some(p) => Arc::new(PairView::new(Arc::clone(p), View::Primary)),
                     None => raw,
                 };
-                (Source::Bdev(b.to_string()), target, writable.unwrap_or(true))
+                (
+                    Source::Bdev(b.to_string()),
+                    target,
+                    writable.unwrap_or(true),
+                )
             }
             (None, Some(p)) => (
                 Source::Pair(p.to_string()),
