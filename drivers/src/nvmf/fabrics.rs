@@ -113,6 +113,16 @@ pub fn with_sgl(cmd: Command, len: u32, in_capsule: bool) -> Command {
     cmd.with_data(DataPointer::Sgl([0, 0, len, (kind as u32) << 24]))
 }
 
+/// A command as NVMe/TCP carries it: commands without data still name their (empty) data with
+/// a transport SGL descriptor, as every command over Fabrics uses SGLs (PSDT 01b).
+pub fn sgl_command(cmd: Command) -> Command {
+    if (cmd.dw[0] >> 14) & 3 == 0 {
+        with_sgl(cmd, 0, false)
+    } else {
+        cmd
+    }
+}
+
 /// Connect: open queue `qid` of `sqsize` entries (1-based here) on controller `cntlid`'s
 /// subsystem; the Connect data goes in the capsule.
 pub fn connect(qid: u16, sqsize: u16, kato_ms: u32) -> Command {

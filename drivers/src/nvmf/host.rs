@@ -236,7 +236,7 @@ impl SyncQueue {
     ) -> Result<(Completion, Vec<u8>), NvmfError> {
         self.cid = self.cid.wrapping_add(1);
         let cid = self.cid;
-        let cmd = cmd.with_cid(cid);
+        let cmd = fabrics::sgl_command(cmd.with_cid(cid));
         let h = CapsuleCmd::new(cmd)
             .with_data_len(out.len())
             .encode(self.digests);
@@ -797,7 +797,8 @@ impl IoQueue {
         Ok(())
     }
 
-    fn push_head(&mut self, cap: CapsuleCmd, data: Option<(usize, usize, usize)>) {
+    fn push_head(&mut self, mut cap: CapsuleCmd, data: Option<(usize, usize, usize)>) {
+        cap.cmd = fabrics::sgl_command(cap.cmd);
         self.tx.push_back(Piece::Head(cap.encode(self.digests)));
         if let Some((parent, start, len)) = data {
             self.push_data(parent, start, len);
