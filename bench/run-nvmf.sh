@@ -36,7 +36,7 @@ start src 0 '{"config": [
  {"method": "bdev_malloc_create", "params": {"name": "s", "size": 1073741824}},
  {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}}]}'
 rpc() { $qs rpc --socket "$work/$1.sock" "${@:2}"; }
-while [ "$(rpc src pair_get '{"name":"pr"}' | python3 -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do sleep 0.2; done
+while [ "$(rpc src pair_get '{"name":"pr"}' | python3 -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])" 2>/dev/null)" != "PAIR 0" ]; do sleep 0.2; done
 rpc src pair_split '{"name": "pr"}' >/dev/null
 backup() { # target-json -> "MiB/s cpu_copied"
   id=$(rpc src backup_start "{\"pair\": \"pr\", \"mode\": \"merge\", \"target\": $1}" | python3 -c "import json,sys; print(json.load(sys.stdin)['id'])")
