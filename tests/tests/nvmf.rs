@@ -277,6 +277,32 @@ fn the_target_answers_bad_commands_with_the_spec_statuses() {
             .iter()
             .all(|&b| b == 0x3c));
     }
+    // The discovery subsystem on the same address lists both exports.
+    let disc_opts = HostOptions::new("127.0.0.1", port, fabrics::DISCOVERY_NQN);
+    let (mut dq, _) = SyncQueue::connect(&disc_opts, 0, 32, fabrics::CNTLID_DYNAMIC, 0).unwrap();
+    let en = fabrics::property_set(spec::REG_CC as u32, spec::cc_enable());
+    assert_eq!(status_of(dq.command("enable", en, &[], 0)), 0);
+    let (_, id) = dq
+        .command("identify", fabrics::identify(1, 0), &[], 4096)
+        .unwrap();
+    assert_eq!(id[111], 2, "a discovery controller");
+    let mut glp = NvmeCmd::new(fabrics::admin::GET_LOG_PAGE);
+    glp.dw[10] = fabrics::LOG_DISCOVERY as u32 | ((3072 / 4 - 1) << 16);
+    let glp = fabrics::with_sgl(glp, 3072, false);
+    let (_, log) = dq.command("get log page", glp, &[], 3072).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(log[8..16].try_into().unwrap()),
+        2,
+        "two records"
+    );
+    let subnqn = |i: usize| {
+        let f = &log[1024 * i + 256..1024 * i + 512];
+        String::from_utf8_lossy(&f[..f.iter().position(|&b| b == 0).unwrap()]).to_string()
+    };
+    let mut listed = vec![subnqn(1), subnqn(2)];
+    listed.sort();
+    assert_eq!(listed, [nqn, "nqn.2026-11.io.quicksplit:ro"]);
+    assert_eq!(log[1024], 3, "TRTYPE TCP");
     // A data digest that does not match: the command fails with a transient transport error.
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
