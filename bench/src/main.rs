@@ -27,7 +27,8 @@ enum Workload {
 #[derive(Parser, Debug)]
 #[command(about = "Block device benchmark on quicksplit's reactors (like SPDK's bdevperf)")]
 struct Args {
-    /// malloc:SIZE | uring:PATH[:SIZE] | nvme:PCI_ADDR (a controller bound to vfio-pci)
+    /// malloc:SIZE | uring:PATH[:SIZE] | nvme:PCI_ADDR (a controller bound to vfio-pci) |
+    /// nvmf:TRADDR:PORT:NQN (namespace 1 of an NVMe/TCP subsystem)
     #[arg(long)]
     bdev: String,
     /// Access pattern.
@@ -157,9 +158,22 @@ fn open_bdev(spec: &str, name: &str) -> Result<Arc<dyn Bdev>, Fail> {
             .map_err(run)?;
             Ok(Arc::new(namespaces.remove(0)))
         }
-        "nvmf" => Err(Fail::Usage(format!(
-            "the {kind} driver is not part of this build yet"
-        ))),
+        "nvmf" => {
+            // TRADDR:PORT:NQN (the NQN itself contains colons).
+            let mut it = rest.splitn(3, ':');
+            let (Some(addr), Some(port), Some(nqn)) = (it.next(), it.next(), it.next()) else {
+                return Err(Fail::Usage(format!(
+                    "bad --bdev '{spec}': nvmf:TRADDR:PORT:NQN"
+                )));
+            };
+            let port: u16 = port
+                .parse()
+                .map_err(|_| Fail::Usage(format!("bad port in --bdev '{spec}'")))?;
+            let opts = drivers::nvmf::host::HostOptions::new(addr, port, nqn);
+            let mut namespaces =
+                drivers::nvmf::attach(name, opts, serde_json::Value::Null).map_err(run)?;
+            Ok(Arc::new(namespaces.remove(0)))
+        }
         other => Err(Fail::Usage(format!("unknown bdev kind '{other}'"))),
     }
 }

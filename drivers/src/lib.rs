@@ -9,6 +9,7 @@ pub mod fault;
 pub mod malloc;
 pub mod nbd;
 pub mod nvme;
+pub mod nvmf;
 pub mod powercut;
 pub mod sink;
 pub mod table;

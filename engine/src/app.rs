@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::backup::job::BackupJob;
 use crate::backup::{BackupInfo, Backups, Journal, Mode, Target};
 use crate::nbd::{Address, NbdError, NbdService, Source};
+use crate::nvmf::NvmfService;
 use crate::pair::channel::{PairView, View};
 use crate::pair::control::{Action, ControlPoller, ControlQueue, ControlRequest, Outcome};
 use crate::pair::copier::Copier;
@@ -108,6 +109,7 @@ pub struct Engine {
     state_dir: PathBuf,
     control: Arc<ControlQueue>,
     nbd: Arc<NbdService>,
+    nvmf: Arc<NvmfService>,
     backups: Backups,
 }
 
@@ -164,6 +166,7 @@ impl Engine {
             cx.add_poller(Box::new(ControlPoller::new(poller_queue)))
         }))?;
         let nbd = NbdService::new(reactors.handles().to_vec());
+        let nvmf = NvmfService::new(reactors.handles().to_vec());
         Ok(Arc::new(Self {
             backups: Backups::with_journal(Journal::open(state_dir.join("backups.json")).map_err(
                 |source| AppError::StateDir {
@@ -172,6 +175,7 @@ impl Engine {
                 },
             )?),
             nbd,
+            nvmf,
             reactors,
             state: Mutex::new(State {
                 bdevs: BdevTable::new(),
@@ -353,6 +357,7 @@ impl Engine {
                     "bdev '{n}' is exported over NBD as '{e}'"
                 )));
             }
+            self.check_not_nvmf_exported(n, None)?;
         }
         let mut st = self.state();
         for n in &names {
@@ -401,6 +406,7 @@ impl Engine {
                 "bdev '{name}' is exported over NBD as '{e}'"
             )));
         }
+        self.check_not_nvmf_exported(name, None)?;
         self.state().bdevs.delete(name)?;
         Ok(())
     }
@@ -408,6 +414,11 @@ impl Engine {
     /// The NBD service.
     pub fn nbd(&self) -> &Arc<NbdService> {
         &self.nbd
+    }
+
+    /// The NVMe/TCP target.
+    pub fn nvmf(&self) -> &Arc<NvmfService> {
+        &self.nvmf
     }
 
     /// Starts an NBD export of a bdev (through its pair when it is a pair's primary) or of a
@@ -507,6 +518,7 @@ impl Engine {
         }
         drop(st);
         calls.extend(self.nbd.config());
+        calls.extend(self.nvmf.config());
         serde_json::json!({ "config": calls })
     }
 
@@ -655,11 +667,6 @@ impl Engine {
                 .into());
             }
         }
-        if let Target::Nvmf { .. } = &target {
-            return Err(EngineError::Unavailable(
-                "the nvmf backup target is not part of this build yet".into(),
-            ));
-        }
         // An NBD target is connected here, on the control thread: the handshake blocks.
         let nbd = match &target {
             Target::Nbd { uri } => {
@@ -671,6 +678,8 @@ impl Engine {
             }
             _ => None,
         };
+        // So is an NVMe/TCP target: Connect and Identify block too.
+        let nvmf = crate::nvmf::backup_connection(&target, &p)?;
         let split_at_ns = self.pair_begin_backup(pair)?;
         let backup =
             match self
@@ -692,7 +701,9 @@ impl Engine {
             (self.reactors.len() > 1).then(|| self.reactors.get(reactor.index() + 1).clone());
         let (b, pr) = (Arc::clone(&backup), Arc::clone(&p));
         let sent = reactor.send_blocking(Box::new(move |cx| {
-            cx.add_poller(Box::new(BackupJob::new(b, pr, nbd, hash_reactor)))
+            cx.add_poller(Box::new(
+                BackupJob::new(b, pr, nbd, hash_reactor).with_nvmf(nvmf),
+            ))
         }));
         if let Err(e) = sent {
             p.end_backup();
@@ -764,6 +775,7 @@ impl Engine {
                 "pair '{name}' is exported over NBD as '{e}': stop the export first"
             )));
         }
+        self.check_not_nvmf_exported(&primary, Some(name))?;
         if let Some(id) = self.backups.running_for(name) {
             return Err(EngineError::InUse(format!(
                 "backup {id} of pair '{name}' is running: cancel it first"

@@ -7,6 +7,7 @@
 pub mod app;
 pub mod backup;
 pub mod nbd;
+pub mod nvmf;
 pub mod pair;
 pub mod rate;
 pub mod reactor;

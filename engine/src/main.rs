@@ -290,6 +290,7 @@ fn serve(
     drop(server);
     // A clean stop keeps each pair's state and bitmaps for the restart.
     engine.nbd().stop_all();
+    engine.nvmf().stop_all();
     engine.persist_pairs_for_stop();
     match Arc::try_unwrap(engine) {
         Ok(engine) => drop(engine),

@@ -16,6 +16,7 @@ const NOT_FOUND: i64 = -32001;
 const CONFLICT: i64 = -32002;
 const WRONG_STATE: i64 = -32003;
 const UNAVAILABLE: i64 = -32004;
+const IO_ERROR: i64 = -32005;
 
 fn pair_state(c: &mut RpcConn, name: &str) -> Value {
     c.ok("pair_get", json!({"name": name}))[0].clone()
@@ -112,12 +113,18 @@ fn every_method_through_the_socket() {
     );
     assert_eq!(code, UNAVAILABLE, "{msg}");
     assert!(msg.contains("no PCI device"), "{msg}");
+    // Nothing listens on a port just freed: the connection is refused, nothing is attached.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
     let (code, msg) = c.err(
         "bdev_nvme_attach_controller",
-        json!({"name": "n", "trtype": "tcp", "traddr": "127.0.0.1", "subnqn": "nqn.x"}),
+        json!({"name": "n", "trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": closed,
+               "subnqn": "nqn.x"}),
     );
-    assert_eq!(code, UNAVAILABLE, "{msg}");
-    assert!(msg.contains("NVMe/TCP"), "{msg}");
+    assert_eq!(code, IO_ERROR, "{msg}");
+    assert!(msg.contains("refused"), "{msg}");
     let (code, msg) = c.err("bdev_nvme_detach_controller", json!({"name": "n"}));
     assert_eq!(code, NOT_FOUND, "{msg}");
 
@@ -204,11 +211,17 @@ fn every_method_through_the_socket() {
     assert_eq!(code, PARAMS);
     assert!(msg.contains("name"), "{msg}");
 
-    // Not built yet: a clear application error, never a fake success.
-    for m in ["nvmf_export_start", "nvmf_export_stop", "nvmf_get_exports"] {
+    // NVMe/TCP exports: parameters checked, an unknown NQN not found.
+    for m in ["nvmf_export_start", "nvmf_export_stop"] {
         let (code, msg) = c.err(m, json!({}));
-        assert_eq!(code, UNAVAILABLE, "{m}: {msg}");
+        assert_eq!(code, PARAMS, "{m}: {msg}");
+        assert!(msg.contains("nqn"), "{msg}");
     }
+    assert_eq!(c.ok("nvmf_get_exports", json!({})), json!([]));
+    let (code, msg) = c.err("nvmf_export_stop", json!({"nqn": "nqn.x"}));
+    assert_eq!(code, NOT_FOUND, "{msg}");
+    let (code, msg) = c.err("nvmf_export_start", json!({"nqn": "bad", "bdev": "m0"}));
+    assert_eq!(code, PARAMS, "{msg}");
 
     // Backups and NBD exports: errors of each kind.
     assert_eq!(c.ok("backup_get", json!({})), json!([]));
@@ -272,9 +285,10 @@ fn every_method_through_the_socket() {
     assert_eq!(c.err("backup_cancel", json!({"id": id})).0, CONFLICT);
     let (code, msg) = c.err(
         "backup_start",
-        json!({"pair": "bk", "target": {"type": "nvmf", "traddr": "127.0.0.1", "subnqn": "x"}}),
+        json!({"pair": "bk", "target": {"type": "nvmf", "traddr": "127.0.0.1",
+                                        "trsvcid": closed, "subnqn": "x"}}),
     );
-    assert_eq!(code, UNAVAILABLE, "{msg}");
+    assert_eq!(code, IO_ERROR, "{msg}");
     assert_eq!(c.ok("nbd_get_exports", json!({})), json!([]));
     let nbd = dir.path().join("n.sock");
     c.ok(

@@ -116,12 +116,11 @@ pub fn attach(params: serde_json::Value) -> Result<Vec<Arc<dyn Bdev>>, CreateErr
     }
     let pci_addr = match p.transport()? {
         Transport::Pcie { pci_addr } => pci_addr,
-        Transport::Tcp { .. } => {
-            return Err(BdevError::Unavailable(
-                "NVMe/TCP controllers (trtype \"tcp\") are not part of this build yet".into(),
-            )
-            .into())
-        }
+        Transport::Tcp {
+            traddr,
+            trsvcid,
+            subnqn,
+        } => return attach_tcp(&p, &traddr, trsvcid, &subnqn),
     };
     let mut options = ControllerOptions::default();
     if let Some(ms) = p.io_timeout_ms {
@@ -133,6 +132,34 @@ pub fn attach(params: serde_json::Value) -> Result<Vec<Arc<dyn Bdev>>, CreateErr
         options.io_timeout = Duration::from_millis(ms);
     }
     let bdevs = attach_pci(&p.name, &pci_addr, options)?;
+    Ok(bdevs
+        .into_iter()
+        .map(|b| Arc::new(b) as Arc<dyn Bdev>)
+        .collect())
+}
+
+/// Connects an NVMe/TCP controller; its namespaces become bdevs.
+fn attach_tcp(
+    p: &AttachParams,
+    traddr: &str,
+    trsvcid: u16,
+    subnqn: &str,
+) -> Result<Vec<Arc<dyn Bdev>>, CreateError> {
+    let mut opts = crate::nvmf::host::HostOptions::new(traddr, trsvcid, subnqn);
+    let mut params = serde_json::json!({
+        "name": p.name, "trtype": "tcp", "traddr": traddr, "trsvcid": trsvcid, "subnqn": subnqn,
+    });
+    if let Some(ms) = p.io_timeout_ms {
+        if ms == 0 {
+            return Err(CreateError::Params(
+                "parameter 'io_timeout_ms': must be positive".into(),
+            ));
+        }
+        opts.io_timeout = Duration::from_millis(ms);
+        params["io_timeout_ms"] = serde_json::json!(ms);
+    }
+    let config = serde_json::json!({ "method": "bdev_nvme_attach_controller", "params": params });
+    let bdevs = crate::nvmf::attach(&p.name, opts, config)?;
     Ok(bdevs
         .into_iter()
         .map(|b| Arc::new(b) as Arc<dyn Bdev>)

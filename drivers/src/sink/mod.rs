@@ -7,10 +7,12 @@
 //!   for a tape;
 //! - [`tape_device::TapeDeviceSink`]: the same archive on a tape device or a pipe, in exact
 //!   records;
-//! - [`nbd::NbdSink`]: an NBD server's export.
+//! - [`nbd::NbdSink`]: an NBD server's export;
+//! - [`nvmf::NvmfSink`]: a namespace of an NVMe/TCP subsystem.
 
 pub mod file;
 pub mod nbd;
+pub mod nvmf;
 pub mod tape;
 pub mod tape_device;
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drivers::sink::nbd::{NbdConnection, NbdSink};
+use drivers::sink::nvmf::{NvmfConnection, NvmfSink};
 use drivers::sink::{file::FileSink, tape::TapeSink, tape_device, Sink, SinkDone, SinkFull};
 use drivers::tape::{ImageDigest, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
@@ -81,6 +82,8 @@ pub struct BackupJob {
     sink_done: Vec<SinkDone>,
     /// An NBD target's connection, made by the control thread.
     nbd: Option<NbdConnection>,
+    /// The connection of an NVMe/TCP target.
+    nvmf: Option<NvmfConnection>,
     /// Where the checksums are computed when another reactor can do it (else inline, on the
     /// way to the target).
     hash_reactor: Option<ReactorHandle>,
@@ -138,11 +141,18 @@ impl BackupJob {
             src_done: Vec::new(),
             sink_done: Vec::new(),
             nbd,
+            nvmf: None,
             hash_reactor,
             hasher: None,
             to_hash: VecDeque::new(),
             bucket: TokenBucket::default(),
         }
+    }
+
+    /// With the connection of an NVMe/TCP target (made on the control thread).
+    pub fn with_nvmf(mut self, conn: Option<NvmfConnection>) -> Self {
+        self.nvmf = conn;
+        self
     }
 
     fn open(&mut self, cx: &ReactorContext) -> Result<(), String> {
@@ -175,8 +185,12 @@ impl BackupJob {
                     .ok_or_else(|| format!("{uri}: not connected"))?;
                 Box::new(NbdSink::new(conn, self.size)?)
             }
-            Target::Nvmf { .. } => {
-                return Err("the nvmf backup target is not part of this build yet".into())
+            Target::Nvmf { subnqn, .. } => {
+                let conn = self
+                    .nvmf
+                    .take()
+                    .ok_or_else(|| format!("{subnqn}: not connected"))?;
+                Box::new(NvmfSink::new(conn, self.size, block_size)?)
             }
         };
         let count = (WINDOW / self.buf_size).max(2 * self.piece / self.buf_size) as usize;

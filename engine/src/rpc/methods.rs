@@ -197,6 +197,8 @@ const CHANGES_CONFIG: &[&str] = &[
     "pair_delete",
     "nbd_export_start",
     "nbd_export_stop",
+    "nvmf_export_start",
+    "nvmf_export_stop",
     "load_config",
 ];
 
@@ -341,8 +343,25 @@ fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
             let _: OptionalNothing = params(p)?;
             Ok(json!(engine.nbd().list()))
         }
-        "nvmf_export_start" | "nvmf_export_stop" | "nvmf_get_exports" => {
-            Err(unavailable("the NVMe/TCP target"))
+        "nvmf_export_start" => {
+            let p: NvmfExportParams = params(p)?;
+            engine.nvmf_export_start(
+                &p.nqn,
+                p.bdev.as_deref(),
+                p.pair.as_deref(),
+                p.writable,
+                p.listen.as_deref(),
+            )?;
+            Ok(json!(p.nqn))
+        }
+        "nvmf_export_stop" => {
+            let p: NqnParam = params(p)?;
+            engine.nvmf().stop(&p.nqn).map_err(EngineError::from)?;
+            Ok(json!(true))
+        }
+        "nvmf_get_exports" => {
+            let _: OptionalNothing = params(p)?;
+            Ok(json!(engine.nvmf().list()))
         }
         "framework_get_reactors" => {
             let _: OptionalNothing = params(p)?;
@@ -429,6 +448,26 @@ struct NbdExportParams {
     socket: Option<std::path::PathBuf>,
     #[serde(default)]
     listen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NvmfExportParams {
+    nqn: String,
+    #[serde(default)]
+    bdev: Option<String>,
+    #[serde(default)]
+    pair: Option<String>,
+    #[serde(default)]
+    writable: Option<bool>,
+    #[serde(default)]
+    listen: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NqnParam {
+    nqn: String,
 }
 
 fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<(), RpcError> {

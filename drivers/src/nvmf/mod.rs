@@ -1,0 +1,168 @@
+//! NVMe over Fabrics on TCP: the protocol ([`pdu`], [`fabrics`]) shared by quicksplit's target
+//! (in the engine) and its initiator ([`host`]), which is both a bdev driver ([`NvmfBdev`],
+//! through `bdev_nvme_attach_controller` with `trtype: "tcp"`) and the `nvmf` backup target
+//! ([`crate::sink::nvmf`]).
+
+pub mod fabrics;
+pub mod host;
+pub mod pdu;
+mod sys;
+
+use std::sync::Arc;
+
+use crate::bdev::{
+    invalid, queue_full, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion,
+    IoRequest, SubmitResult,
+};
+use host::{Done, HostController, HostOptions, IoQueue, NvmfError, Refused};
+
+impl From<NvmfError> for BdevError {
+    fn from(e: NvmfError) -> Self {
+        match e {
+            NvmfError::Io { what, source } => BdevError::Io { what, source },
+            other => BdevError::Invalid(other.to_string()),
+        }
+    }
+}
+
+/// A namespace of a remote NVMe/TCP controller as a bdev. Each reactor's channel is an I/O
+/// queue of its own (a TCP connection), connected when the channel opens.
+pub struct NvmfBdev {
+    name: String,
+    ctrl: Arc<HostController>,
+    nsid: u32,
+    geometry: Geometry,
+    config: serde_json::Value,
+}
+
+impl NvmfBdev {
+    /// A bdev per namespace of `ctrl`, named `<name>n<nsid>`; `config` is the call that
+    /// attaches the controller again.
+    pub fn for_namespaces(
+        name: &str,
+        ctrl: &Arc<HostController>,
+        config: serde_json::Value,
+    ) -> Vec<NvmfBdev> {
+        ctrl.namespaces()
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| NvmfBdev {
+                name: format!("{name}n{}", ns.nsid),
+                ctrl: Arc::clone(ctrl),
+                nsid: ns.nsid,
+                geometry: Geometry {
+                    block_size: ns.block_size,
+                    num_blocks: ns.blocks,
+                },
+                // The first bdev carries the controller's config; the others come with it.
+                config: if i == 0 {
+                    config.clone()
+                } else {
+                    serde_json::Value::Null
+                },
+            })
+            .collect()
+    }
+}
+
+/// Connects to the controller of `opts` and gives a bdev per namespace.
+pub fn attach(
+    name: &str,
+    opts: HostOptions,
+    config: serde_json::Value,
+) -> Result<Vec<NvmfBdev>, BdevError> {
+    let ctrl = HostController::connect(opts)?;
+    if ctrl.namespaces().is_empty() {
+        return Err(BdevError::Invalid(format!(
+            "NVMe/TCP subsystem {} has no usable namespace",
+            ctrl.options().subnqn
+        )));
+    }
+    Ok(NvmfBdev::for_namespaces(name, &ctrl, config))
+}
+
+impl Bdev for NvmfBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn driver(&self) -> &'static str {
+        "nvmf"
+    }
+
+    fn geometry(&self) -> Geometry {
+        self.geometry
+    }
+
+    fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
+        let mut q = self.ctrl.open_io_queue(self.nsid)?;
+        if let Some(fd) = ctx.wake_fd {
+            q.wake_on_input(fd);
+        }
+        Ok(Box::new(NvmfChannel {
+            q,
+            geometry: self.geometry,
+            done: Vec::new(),
+        }))
+    }
+
+    fn config(&self) -> serde_json::Value {
+        self.config.clone()
+    }
+}
+
+struct NvmfChannel {
+    q: IoQueue,
+    geometry: Geometry,
+    done: Vec<Done>,
+}
+
+impl IoChannel for NvmfChannel {
+    fn submit(&mut self, req: IoRequest) -> SubmitResult {
+        if let Err(e) = self.geometry.validate(&req) {
+            return invalid(req, e);
+        }
+        let IoRequest {
+            op,
+            offset,
+            len,
+            bufs,
+            tag,
+        } = req;
+        match self.q.submit(op, offset, len, bufs, tag) {
+            Ok(()) => Ok(()),
+            Err(Refused::Full(bufs)) => queue_full(IoRequest {
+                op,
+                offset,
+                len,
+                bufs,
+                tag,
+            }),
+            Err(Refused::Failed(e, bufs)) => invalid(
+                IoRequest {
+                    op,
+                    offset,
+                    len,
+                    bufs,
+                    tag,
+                },
+                e,
+            ),
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        self.q.poll(&mut self.done);
+        let n = self.done.len();
+        out.extend(self.done.drain(..).map(|d| IoCompletion {
+            tag: d.tag,
+            result: d.result,
+            bufs: d.bufs,
+        }));
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.q.in_flight()
+    }
+}

@@ -1,0 +1,1233 @@
+//! One NVMe/TCP queue (one TCP connection) as a poller on a reactor.
+//!
+//! State machine: `AwaitIcReq` → (ICReq/ICResp) → `Ready` (the first command must be Connect,
+//! which binds the queue to a controller: a new one for the admin queue, an existing one by
+//! controller id for an I/O queue) → `Closing` (a fatal error sent as C2HTermReq, the host
+//! gone, the export stopped, the keep-alive timeout expired). Input is parsed a whole PDU at a
+//! time from the receive buffer; commands whose data the host sends by the transport get an R2T
+//! and wait for their H2CData; I/O goes to the export's channel on this reactor and the
+//! replies (C2HData straight from the DMA buffers, then the response capsule) are sent with
+//! vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
+//! completions free some.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drivers::nvme::spec::{self, cns, nvm, Command, Completion, Status};
+use drivers::nvmf::fabrics::{self, admin, fctype, status, ConnectCmd, ConnectData};
+use drivers::nvmf::pdu::{
+    self, CapsuleResp, DataPdu, Digests, Frame, Header, HeaderBytes, IcResp, PduError, R2t, Side,
+};
+use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
+use hugepages::{BufferPool, DmaBuf};
+use slab::Slab;
+
+use super::{Ctrl, NvmfExport, NvmfService};
+use crate::reactor::{PollStatus, Poller, ReactorContext};
+
+/// Most in-capsule data a command may carry.
+pub const IN_CAPSULE: usize = 8192;
+/// Most data bytes of one H2CData PDU (MAXH2CDATA).
+pub const MAXH2CDATA: usize = 128 << 10;
+/// MDTS: 2^5 pages of 4 KiB = 128 KiB per command.
+pub const MDTS: u8 = 5;
+const MAX_XFER: usize = 4096 << MDTS;
+/// Queue entries a host may ask for (MAXCMD, CAP.MQES + 1).
+pub const QUEUE_ENTRIES: u16 = 128;
+/// I/O queues a controller grants at most.
+pub const MAX_IO_QUEUES: u32 = 64;
+/// Receive buffer: the largest PDU and then some.
+const RX_BUF: usize = 2 * MAXH2CDATA + 4096;
+/// Vectors per writev.
+const MAX_IOV: usize = 64;
+/// Asynchronous event requests held at once (AERL + 1).
+const MAX_AERS: usize = 4;
+/// A connection must send its ICReq within this.
+const IC_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Head {
+    Pdu(HeaderBytes),
+    Raw(Vec<u8>),
+}
+
+enum Body {
+    None,
+    Bufs(IoBufs),
+    Bytes(Vec<u8>),
+}
+
+/// A PDU waiting to be sent.
+struct Out {
+    head: Head,
+    body: Body,
+    digest: Option<[u8; 4]>,
+}
+
+impl Out {
+    fn parts(&self) -> impl Iterator<Item = &[u8]> {
+        let head: &[u8] = match &self.head {
+            Head::Pdu(h) => h.as_slice(),
+            Head::Raw(v) => v,
+        };
+        let body: Vec<&[u8]> = match &self.body {
+            Body::None => Vec::new(),
+            Body::Bufs(b) => b.iter().map(DmaBuf::as_slice).collect(),
+            Body::Bytes(v) => vec![v.as_slice()],
+        };
+        std::iter::once(head)
+            .chain(body)
+            .chain(self.digest.as_ref().map(|d| &d[..]))
+    }
+
+    fn total(&self) -> usize {
+        self.parts().map(<[u8]>::len).sum()
+    }
+}
+
+/// Data of a command from the host.
+enum Payload {
+    None,
+    Dma(IoBufs),
+    Small(Vec<u8>),
+}
+
+impl Payload {
+    fn write_at(&mut self, at: usize, src: &[u8]) {
+        match self {
+            Payload::None => {}
+            Payload::Small(v) => v[at..at + src.len()].copy_from_slice(src),
+            Payload::Dma(bufs) => {
+                let mut pos = 0usize;
+                let mut src = src;
+                for b in bufs.iter_mut() {
+                    let (bs, be) = (pos, pos + b.len());
+                    pos = be;
+                    if src.is_empty() || be <= at {
+                        continue;
+                    }
+                    let off = at.max(bs) - bs;
+                    let k = (b.len() - off).min(src.len());
+                    b.as_mut_slice()[off..off + k].copy_from_slice(&src[..k]);
+                    src = &src[k..];
+                }
+            }
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Stage {
+    /// Waiting for H2CData.
+    Data,
+    /// Submitted to the channel.
+    Io,
+}
+
+/// A command being served.
+struct Pending {
+    cmd: Command,
+    payload: Payload,
+    expected: usize,
+    received: usize,
+    stage: Stage,
+    /// Set when a data digest failed: the rest of the data is taken and dropped.
+    failed: Option<Status>,
+    /// Channel requests outstanding (Dataset Management may issue several).
+    left: u32,
+    result: Status,
+    /// Read data to send back.
+    read_bufs: IoBufs,
+}
+
+#[derive(PartialEq, Eq)]
+enum Phase {
+    AwaitIcReq,
+    Ready,
+}
+
+/// One connection's poller.
+pub struct NvmfConn {
+    name: String,
+    sock: TcpStream,
+    svc: Arc<NvmfService>,
+    listen: String,
+    pool: BufferPool,
+    phase: Phase,
+    digests: Digests,
+    opened: Instant,
+    qid: Option<u16>,
+    sqsize: u16,
+    sqhd: u16,
+    ctrl: Option<Arc<Ctrl>>,
+    export: Option<Arc<NvmfExport>>,
+    channel: Option<Box<dyn IoChannel>>,
+    watched: bool,
+    rx: Vec<u8>,
+    rx_len: usize,
+    pending: Slab<Pending>,
+    aers: Vec<u16>,
+    tx: VecDeque<Out>,
+    tx_sent: usize,
+    done: Vec<IoCompletion>,
+    closing: bool,
+    closing_since: Option<Instant>,
+    last_keep_alive: Instant,
+}
+
+fn cqe(cid: u16, status: Status, result: u32, sqhd: u16, qid: u16) -> Completion {
+    Completion {
+        result,
+        sq_head: sqhd,
+        sq_id: qid,
+        cid,
+        phase: false,
+        status,
+    }
+}
+
+fn io_status(e: &IoError) -> Status {
+    match e {
+        IoError::OutOfRange { .. } => status::LBA_OUT_OF_RANGE,
+        IoError::Unaligned { .. } | IoError::BufferMismatch { .. } => status::INVALID_FIELD,
+        IoError::ReadOnly | IoError::Refused(_) => status::WRITE_PROTECTED,
+        IoError::NotSupported => status::INVALID_OPCODE,
+        IoError::Device(_) | IoError::Aborted(_) => status::INTERNAL,
+    }
+}
+
+/// True for commands whose data goes from host to controller.
+fn host_to_controller(cmd: &Command) -> bool {
+    if cmd.opcode() == fabrics::OPC_FABRICS {
+        return fabrics::fabrics_type(cmd) & 3 == 1;
+    }
+    cmd.opcode() & 3 == 1
+}
+
+impl NvmfConn {
+    /// A poller for an accepted connection on `listen`.
+    pub fn new(sock: TcpStream, svc: Arc<NvmfService>, listen: String, pool: BufferPool) -> Self {
+        let now = Instant::now();
+        Self {
+            name: format!("nvmf:{listen}"),
+            sock,
+            svc,
+            listen,
+            pool,
+            phase: Phase::AwaitIcReq,
+            digests: Digests::default(),
+            opened: now,
+            qid: None,
+            sqsize: 0,
+            sqhd: 0,
+            ctrl: None,
+            export: None,
+            channel: None,
+            watched: false,
+            rx: vec![0u8; RX_BUF],
+            rx_len: 0,
+            pending: Slab::new(),
+            aers: Vec::new(),
+            tx: VecDeque::new(),
+            tx_sent: 0,
+            done: Vec::new(),
+            closing: false,
+            closing_since: None,
+            last_keep_alive: now,
+        }
+    }
+
+    fn fatal(&mut self, e: PduError) {
+        tracing::warn!(listen = %self.listen, error = %e, "NVMe/TCP connection ended");
+        if !self.closing {
+            self.tx.clear();
+            self.tx_sent = 0;
+            self.tx.push_back(Out {
+                head: Head::Raw(e.term().encode_c2h().to_vec()),
+                body: Body::None,
+                digest: None,
+            });
+            self.closing = true;
+        }
+    }
+
+    fn respond(&mut self, cid: u16, st: Status, result: u32) {
+        let c = cqe(cid, st, result, self.sqhd, self.qid.unwrap_or(0));
+        self.tx.push_back(Out {
+            head: Head::Pdu(CapsuleResp::new(c).encode(self.digests)),
+            body: Body::None,
+            digest: None,
+        });
+    }
+
+    /// C2HData with `body` (one PDU, LAST), then the response capsule.
+    fn respond_data(&mut self, cid: u16, body: Body, len: usize) {
+        if len > 0 {
+            let digest = self.digests.data.then(|| {
+                let c = match &body {
+                    Body::Bufs(b) => pdu::crc32c(b.iter().map(DmaBuf::as_slice)),
+                    Body::Bytes(v) => pdu::crc32c([v.as_slice()]),
+                    Body::None => 0,
+                };
+                c.to_le_bytes()
+            });
+            let h = DataPdu {
+                cccid: cid,
+                ttag: 0,
+                offset: 0,
+                len: len as u32,
+                last: true,
+                success: false,
+            }
+            .encode_c2h(self.digests);
+            self.tx.push_back(Out {
+                head: Head::Pdu(h),
+                body,
+                digest,
+            });
+        }
+        self.respond(cid, Status::SUCCESS, 0);
+    }
+
+    fn bump_sqhd(&mut self) {
+        let entries = self.sqsize as u32 + 1;
+        self.sqhd = ((self.sqhd as u32 + 1) % entries.max(1)) as u16;
+    }
+
+    /// DMA buffers for `len` bytes at byte `offset`, split at the export's pieces; `None`
+    /// when the pool cannot give them now.
+    fn buffers(&self, offset: u64, len: u64) -> Option<IoBufs> {
+        let piece = self.export.as_ref()?.piece_size();
+        if (len / piece + 2) as usize > self.pool.available() {
+            return None;
+        }
+        let mut bufs = IoBufs::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let next = ((pos / piece + 1) * piece).min(end);
+            let mut b = self.pool.get()?;
+            b.set_len((next - pos) as usize).ok()?;
+            bufs.push(b);
+            pos = next;
+        }
+        Some(bufs)
+    }
+
+    /// Handles one whole PDU. False: not now (no buffers), leave it in the buffer.
+    fn handle(&mut self, f: Frame) -> bool {
+        match f.header {
+            Header::IcReq(req) => {
+                if req.hpda != 0 {
+                    // Alignment of the data we send is not offered: CPDA stays 0, HPDA ignored
+                    // is not allowed by the host, so refuse.
+                    self.fatal(PduError::new(
+                        pdu::fes::UNSUPPORTED_PARAMETER,
+                        10,
+                        "HPDA is not supported",
+                    ));
+                    return true;
+                }
+                self.digests = req.digests;
+                self.phase = Phase::Ready;
+                let resp = IcResp {
+                    cpda: 0,
+                    digests: req.digests,
+                    maxh2cdata: MAXH2CDATA as u32,
+                };
+                self.tx.push_back(Out {
+                    head: Head::Raw(resp.encode().to_vec()),
+                    body: Body::None,
+                    digest: None,
+                });
+                true
+            }
+            Header::Cmd(cmd) => self.command(cmd, &f),
+            Header::H2cData(d) => {
+                self.h2c_data(d, &f);
+                true
+            }
+            Header::Term(t) => {
+                tracing::debug!(fes = t.fes, "the host ended the NVMe/TCP connection");
+                self.closing = true;
+                true
+            }
+            _ => {
+                self.fatal(PduError::new(
+                    pdu::fes::INVALID_HEADER_FIELD,
+                    0,
+                    "unexpected PDU",
+                ));
+                true
+            }
+        }
+    }
+
+    fn h2c_data(&mut self, d: DataPdu, f: &Frame) {
+        let key = d.ttag as usize;
+        let ok = self
+            .pending
+            .get(key)
+            .is_some_and(|p| p.stage == Stage::Data && p.cmd.cid() == d.cccid);
+        if !ok {
+            self.fatal(PduError::new(
+                pdu::fes::INVALID_HEADER_FIELD,
+                10,
+                "H2CData for no outstanding R2T",
+            ));
+            return;
+        }
+        let Some(p) = self.pending.get_mut(key) else {
+            return;
+        };
+        let (off, len) = (d.offset as usize, d.len as usize);
+        if off != p.received || off + len > p.expected {
+            self.fatal(PduError::new(
+                pdu::fes::DATA_OUT_OF_RANGE,
+                12,
+                "H2CData outside the requested range",
+            ));
+            return;
+        }
+        if !f.data_digest_ok {
+            p.failed.get_or_insert(status::TRANSIENT_TRANSPORT);
+        } else if p.failed.is_none() {
+            p.payload
+                .write_at(off, &self.rx[f.data_at..f.data_at + len]);
+        }
+        p.received += len;
+        let complete = p.received == p.expected;
+        if complete != d.last {
+            self.fatal(PduError::new(
+                pdu::fes::SEQUENCE_ERROR,
+                1,
+                "LAST_PDU does not match the end of the data",
+            ));
+            return;
+        }
+        if complete {
+            let p = self.pending.remove(key);
+            match p.failed {
+                Some(st) => {
+                    let cid = p.cmd.cid();
+                    self.respond(cid, st, 0);
+                }
+                None => self.execute(p.cmd, p.payload),
+            }
+        }
+    }
+
+    /// A command capsule. False when it must wait for buffers.
+    fn command(&mut self, cmd: Command, f: &Frame) -> bool {
+        let cid = cmd.cid();
+        let admin_q = self.qid.is_none_or(|q| q == 0);
+        let (sgl_type, sgl_len, sgl_addr) = fabrics::sgl(&cmd);
+        let h2c = host_to_controller(&cmd);
+        let is_data_cmd = sgl_len > 0 && (cmd.dw[0] >> 14) & 3 == 1;
+        // Reserve DMA buffers for reads and writes first: nothing is consumed until they exist.
+        let io_rw = !admin_q && matches!(cmd.opcode(), nvm::READ | nvm::WRITE);
+        let mut dma = None;
+        if io_rw && is_data_cmd && (sgl_len as usize) <= MAX_XFER {
+            let (lba, _) = cmd.range();
+            let bs = self
+                .export
+                .as_ref()
+                .map_or(4096, |e| e.bdev.geometry().block_size as u64);
+            match self.buffers(lba.saturating_mul(bs), sgl_len as u64) {
+                Some(b) => dma = Some(b),
+                None => return false,
+            }
+        }
+        if self.qid.is_some() {
+            self.bump_sqhd();
+        }
+        if !f.data_digest_ok {
+            self.respond(cid, status::TRANSIENT_TRANSPORT, 0);
+            return true;
+        }
+        if self.qid.is_none()
+            && !(cmd.opcode() == fabrics::OPC_FABRICS
+                && fabrics::fabrics_type(&cmd) == fctype::CONNECT)
+        {
+            self.respond(cid, status::SEQUENCE_ERROR, 0);
+            return true;
+        }
+        if f.data_len > 0 {
+            // In-capsule data: an offset data block of exactly that length, host to controller.
+            if sgl_type != fabrics::SGL_INCAPSULE || !h2c {
+                self.respond(cid, status::SGL_TYPE_INVALID, 0);
+                return true;
+            }
+            if sgl_addr != 0 {
+                self.respond(cid, status::SGL_OFFSET_INVALID, 0);
+                return true;
+            }
+            if sgl_len as usize != f.data_len {
+                self.respond(cid, status::SGL_LENGTH_INVALID, 0);
+                return true;
+            }
+            let data = &self.rx[f.data_at..f.data_at + f.data_len];
+            let mut payload = match dma {
+                Some(bufs) => Payload::Dma(bufs),
+                None => Payload::Small(vec![0u8; data.len()]),
+            };
+            payload.write_at(0, data);
+            self.execute(cmd, payload);
+            return true;
+        }
+        if h2c && is_data_cmd {
+            if sgl_type != fabrics::SGL_TRANSPORT {
+                self.respond(cid, status::SGL_TYPE_INVALID, 0);
+                return true;
+            }
+            let limit = if io_rw { MAX_XFER } else { IN_CAPSULE };
+            if sgl_len as usize > limit {
+                self.respond(cid, status::SGL_LENGTH_INVALID, 0);
+                return true;
+            }
+            // Refuse before asking for data what cannot succeed.
+            if io_rw {
+                if let Some(st) = self.check_rw(&cmd, true) {
+                    self.respond(cid, st, 0);
+                    return true;
+                }
+            }
+            if self.pending.len() >= QUEUE_ENTRIES as usize * 2 {
+                self.fatal(PduError::new(
+                    pdu::fes::SEQUENCE_ERROR,
+                    0,
+                    "more commands than the queue holds",
+                ));
+                return true;
+            }
+            let payload = match dma {
+                Some(b) => Payload::Dma(b),
+                None => Payload::Small(vec![0u8; sgl_len as usize]),
+            };
+            let key = self.pending.insert(Pending {
+                cmd,
+                payload,
+                expected: sgl_len as usize,
+                received: 0,
+                stage: Stage::Data,
+                failed: None,
+                left: 0,
+                result: Status::SUCCESS,
+                read_bufs: IoBufs::new(),
+            });
+            if key > u16::MAX as usize {
+                self.fatal(PduError::new(
+                    pdu::fes::SEQUENCE_ERROR,
+                    0,
+                    "too many commands",
+                ));
+                return true;
+            }
+            let h = R2t {
+                cccid: cid,
+                ttag: key as u16,
+                offset: 0,
+                len: sgl_len,
+            }
+            .encode(self.digests);
+            self.tx.push_back(Out {
+                head: Head::Pdu(h),
+                body: Body::None,
+                digest: None,
+            });
+            return true;
+        }
+        if is_data_cmd && sgl_type != fabrics::SGL_TRANSPORT {
+            self.respond(cid, status::SGL_TYPE_INVALID, 0);
+            return true;
+        }
+        let payload = match dma {
+            Some(b) => Payload::Dma(b),
+            None => Payload::None,
+        };
+        self.execute(cmd, payload);
+        true
+    }
+
+    /// Checks a read or write's namespace, range, length and access; the status if bad.
+    fn check_rw(&self, cmd: &Command, write: bool) -> Option<Status> {
+        let e = self.export.as_ref()?;
+        if cmd.dw[1] != 1 {
+            return Some(status::INVALID_NAMESPACE);
+        }
+        let g = e.bdev.geometry();
+        let (lba, blocks) = cmd.range();
+        if lba
+            .checked_add(blocks as u64)
+            .is_none_or(|end| end > g.num_blocks)
+        {
+            return Some(status::LBA_OUT_OF_RANGE);
+        }
+        let bytes = blocks as u64 * g.block_size as u64;
+        if matches!(cmd.opcode(), nvm::READ | nvm::WRITE) {
+            let (_, sgl_len, _) = fabrics::sgl(cmd);
+            if bytes > MAX_XFER as u64 {
+                return Some(status::INVALID_FIELD);
+            }
+            if sgl_len as u64 != bytes {
+                return Some(status::SGL_LENGTH_INVALID);
+            }
+        }
+        if write && !e.writable {
+            return Some(status::WRITE_PROTECTED);
+        }
+        None
+    }
+
+    fn execute(&mut self, cmd: Command, payload: Payload) {
+        let cid = cmd.cid();
+        if self.qid.is_none_or(|q| q == 0) {
+            self.admin(cmd, payload);
+            return;
+        }
+        if cmd.opcode() == fabrics::OPC_FABRICS {
+            // A second Connect on a connected queue; Property Get/Set only go to the admin queue.
+            let st = if fabrics::fabrics_type(&cmd) == fctype::CONNECT {
+                status::SEQUENCE_ERROR
+            } else {
+                status::INVALID_OPCODE
+            };
+            self.respond(cid, st, 0);
+            return;
+        }
+        let Some(export) = self.export.clone() else {
+            self.respond(cid, status::SEQUENCE_ERROR, 0);
+            return;
+        };
+        let bs = export.bdev.geometry().block_size as u64;
+        let (lba, blocks) = cmd.range();
+        let (offset, len) = (lba.saturating_mul(bs), blocks as u64 * bs);
+        let mut reqs: Vec<(IoOp, u64, u64, IoBufs)> = Vec::new();
+        let read_bufs = IoBufs::new();
+        match cmd.opcode() {
+            nvm::READ | nvm::WRITE => {
+                let write = cmd.opcode() == nvm::WRITE;
+                if let Some(st) = self.check_rw(&cmd, write) {
+                    self.respond(cid, st, 0);
+                    return;
+                }
+                let Payload::Dma(bufs) = payload else {
+                    self.respond(cid, status::SGL_LENGTH_INVALID, 0);
+                    return;
+                };
+                let op = if write {
+                    IoOp::Write {
+                        fua: cmd.dw[12] & (1 << 30) != 0,
+                    }
+                } else {
+                    IoOp::Read
+                };
+                reqs.push((op, offset, len, bufs));
+            }
+            nvm::FLUSH => {
+                if cmd.dw[1] != 1 && cmd.dw[1] != u32::MAX {
+                    self.respond(cid, status::INVALID_NAMESPACE, 0);
+                    return;
+                }
+                reqs.push((IoOp::Flush, 0, 0, IoBufs::new()));
+            }
+            nvm::WRITE_ZEROES => {
+                if let Some(st) = self.check_rw(&cmd, true) {
+                    self.respond(cid, st, 0);
+                    return;
+                }
+                reqs.push((IoOp::WriteZeroes, offset, len, IoBufs::new()));
+            }
+            nvm::DATASET_MANAGEMENT => {
+                if cmd.dw[1] != 1 {
+                    self.respond(cid, status::INVALID_NAMESPACE, 0);
+                    return;
+                }
+                if cmd.dw[11] & (1 << 2) == 0 {
+                    // Only deallocate does anything; hints are accepted and ignored.
+                    self.respond(cid, Status::SUCCESS, 0);
+                    return;
+                }
+                if !export.writable {
+                    self.respond(cid, status::WRITE_PROTECTED, 0);
+                    return;
+                }
+                let ranges = (cmd.dw[10] & 0xff) as usize + 1;
+                let Payload::Small(list) = payload else {
+                    self.respond(cid, status::SGL_LENGTH_INVALID, 0);
+                    return;
+                };
+                if list.len() < ranges * 16 {
+                    self.respond(cid, status::SGL_LENGTH_INVALID, 0);
+                    return;
+                }
+                let g = export.bdev.geometry();
+                for r in list.chunks_exact(16).take(ranges) {
+                    let nlb = u32::from_le_bytes([r[4], r[5], r[6], r[7]]) as u64;
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&r[8..16]);
+                    let slba = u64::from_le_bytes(b);
+                    if slba.checked_add(nlb).is_none_or(|e| e > g.num_blocks) {
+                        self.respond(cid, status::LBA_OUT_OF_RANGE, 0);
+                        return;
+                    }
+                    if nlb > 0 {
+                        reqs.push((IoOp::Unmap, slba * bs, nlb * bs, IoBufs::new()));
+                    }
+                }
+                if reqs.is_empty() {
+                    self.respond(cid, Status::SUCCESS, 0);
+                    return;
+                }
+            }
+            _ => {
+                self.respond(cid, status::INVALID_OPCODE, 0);
+                return;
+            }
+        }
+        let key = self.pending.insert(Pending {
+            cmd,
+            payload: Payload::None,
+            expected: 0,
+            received: 0,
+            stage: Stage::Io,
+            failed: None,
+            left: reqs.len() as u32,
+            result: Status::SUCCESS,
+            read_bufs,
+        });
+        for (op, offset, len, bufs) in reqs {
+            let req = IoRequest {
+                op,
+                offset,
+                len,
+                bufs,
+                tag: key as u64,
+            };
+            let Some(ch) = self.channel.as_mut() else {
+                return;
+            };
+            if let Err(e) = ch.submit(req) {
+                let e = *e;
+                let error = match e.error {
+                    SubmitErrorKind::QueueFull => IoError::Device(libc::EAGAIN),
+                    SubmitErrorKind::Invalid(err) => err,
+                };
+                self.done.push(IoCompletion {
+                    tag: e.req.tag,
+                    result: Err(error),
+                    bufs: e.req.bufs,
+                });
+            }
+        }
+    }
+
+    fn connect(&mut self, cmd: Command, payload: Payload) {
+        let cid = cmd.cid();
+        let c = ConnectCmd::parse(&cmd);
+        if c.recfmt != 0 {
+            self.respond(cid, status::CONNECT_FORMAT, 0);
+            return;
+        }
+        let Payload::Small(data) = payload else {
+            self.respond(cid, status::SGL_LENGTH_INVALID, 0);
+            return;
+        };
+        let invalid =
+            |attr_data: bool, offset: u16| -> u32 { attr_data as u32 | (offset as u32) << 16 };
+        let d = match ConnectData::parse(&data) {
+            Ok(d) => d,
+            Err(off) => {
+                self.respond(cid, status::CONNECT_INVALID_PARAMS, invalid(true, off));
+                return;
+            }
+        };
+        if c.sqsize == 0 || c.sqsize >= QUEUE_ENTRIES {
+            // SQSIZE is at byte 44 of the command.
+            self.respond(cid, status::CONNECT_INVALID_PARAMS, invalid(false, 44));
+            return;
+        }
+        let discovery = d.subnqn == fabrics::DISCOVERY_NQN;
+        let export = if discovery {
+            None
+        } else {
+            match self.svc.lookup(&self.listen, &d.subnqn) {
+                Some(e) => Some(e),
+                None => {
+                    self.respond(cid, status::CONNECT_INVALID_PARAMS, invalid(true, 256));
+                    return;
+                }
+            }
+        };
+        let ctrl = if c.qid == 0 {
+            match self.svc.new_ctrl(
+                export.clone(),
+                &d.subnqn,
+                &d.hostnqn,
+                &self.listen,
+                c.kato_ms,
+            ) {
+                Some(ctrl) => ctrl,
+                None => {
+                    self.respond(cid, status::INTERNAL, 0);
+                    return;
+                }
+            }
+        } else {
+            let Some(ctrl) = self.svc.ctrl(d.cntlid).filter(|ctrl| {
+                ctrl.subnqn == d.subnqn && ctrl.hostnqn == d.hostnqn && ctrl.listen == self.listen
+            }) else {
+                self.respond(cid, status::CONNECT_INVALID_PARAMS, invalid(true, 16));
+                return;
+            };
+            let granted = match ctrl.io_queues.load(Ordering::SeqCst) {
+                0 => MAX_IO_QUEUES,
+                n => n,
+            };
+            let mut qids = ctrl
+                .qids
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if discovery
+                || c.qid as u32 > granted
+                || qids.contains(&c.qid)
+                || ctrl.cc.load(Ordering::SeqCst) & spec::CC_EN == 0
+            {
+                drop(qids);
+                // QID is at byte 42 of the command.
+                self.respond(cid, status::CONNECT_INVALID_PARAMS, invalid(false, 42));
+                return;
+            }
+            qids.push(c.qid);
+            drop(qids);
+            ctrl
+        };
+        self.qid = Some(c.qid);
+        self.sqsize = c.sqsize;
+        // The Connect itself was the queue's first entry.
+        self.sqhd = 1;
+        if let Some(e) = &export {
+            e.connections.fetch_add(1, Ordering::SeqCst);
+        }
+        self.export = export;
+        self.last_keep_alive = Instant::now();
+        let cntlid = ctrl.cntlid;
+        self.name = format!("nvmf:{}:{}q{}", ctrl.subnqn, cntlid, c.qid);
+        tracing::debug!(subnqn = %ctrl.subnqn, cntlid, qid = c.qid, "NVMe/TCP queue connected");
+        self.ctrl = Some(ctrl);
+        self.respond(cid, Status::SUCCESS, cntlid as u32);
+    }
+
+    fn admin(&mut self, cmd: Command, payload: Payload) {
+        let cid = cmd.cid();
+        if self.qid.is_none() {
+            self.connect(cmd, payload);
+            return;
+        }
+        let Some(ctrl) = self.ctrl.clone() else {
+            self.respond(cid, status::SEQUENCE_ERROR, 0);
+            return;
+        };
+        self.last_keep_alive = Instant::now();
+        let want = fabrics::sgl(&cmd).1 as usize;
+        let enabled = ctrl.cc.load(Ordering::SeqCst) & spec::CC_EN != 0;
+        match cmd.opcode() {
+            fabrics::OPC_FABRICS => match fabrics::fabrics_type(&cmd) {
+                fctype::PROPERTY_GET => {
+                    let eight = cmd.dw[10] & 7 == 1;
+                    let value: Option<u64> = match (cmd.dw[11], eight) {
+                        (0x00, true) => {
+                            Some((QUEUE_ENTRIES as u64 - 1) | 1 << 16 | 1 << 24 | 1 << 37)
+                        }
+                        (0x08, false) => Some(fabrics::TARGET_VERSION as u64),
+                        (0x14, false) => Some(ctrl.cc.load(Ordering::SeqCst) as u64),
+                        (0x1c, false) => Some(ctrl.csts.load(Ordering::SeqCst) as u64),
+                        _ => None,
+                    };
+                    match value {
+                        Some(v) => {
+                            let c = cqe(cid, Status::SUCCESS, v as u32, self.sqhd, 0);
+                            let h = CapsuleResp::new(c).with_result_hi((v >> 32) as u32);
+                            self.tx.push_back(Out {
+                                head: Head::Pdu(h.encode(self.digests)),
+                                body: Body::None,
+                                digest: None,
+                            });
+                        }
+                        None => self.respond(cid, status::INVALID_FIELD, 0),
+                    }
+                }
+                fctype::PROPERTY_SET => {
+                    if cmd.dw[11] != 0x14 || cmd.dw[10] & 7 != 0 {
+                        self.respond(cid, status::INVALID_FIELD, 0);
+                        return;
+                    }
+                    let cc = cmd.dw[12];
+                    ctrl.cc.store(cc, Ordering::SeqCst);
+                    let mut csts = 0;
+                    if cc & spec::CC_EN != 0 {
+                        csts |= spec::CSTS_RDY;
+                    }
+                    if cc & spec::CC_SHN_MASK != 0 {
+                        csts |= spec::CSTS_SHST_COMPLETE;
+                    }
+                    ctrl.csts.store(csts, Ordering::SeqCst);
+                    self.respond(cid, Status::SUCCESS, 0);
+                }
+                fctype::CONNECT => self.respond(cid, status::SEQUENCE_ERROR, 0),
+                _ => self.respond(cid, status::INVALID_OPCODE, 0),
+            },
+            _ if !enabled => self.respond(cid, status::SEQUENCE_ERROR, 0),
+            admin::KEEP_ALIVE => self.respond(cid, Status::SUCCESS, 0),
+            admin::IDENTIFY => {
+                let page = self.identify(&ctrl, &cmd);
+                match page {
+                    Some(mut p) => {
+                        p.truncate(want.min(4096));
+                        let n = p.len();
+                        self.respond_data(cid, Body::Bytes(p), n);
+                    }
+                    None => self.respond(cid, status::INVALID_FIELD, 0),
+                }
+            }
+            admin::GET_LOG_PAGE => {
+                let lid = cmd.dw[10] as u8;
+                let numd = ((cmd.dw[10] >> 16) | (cmd.dw[11] & 0xffff) << 16) as usize + 1;
+                let offset = cmd.dw[12] as u64 | (cmd.dw[13] as u64) << 32;
+                if lid != fabrics::LOG_DISCOVERY || ctrl.export.is_some() {
+                    self.respond(cid, status::INVALID_FIELD, 0);
+                    return;
+                }
+                let log = self.svc.discovery_log(&self.listen);
+                let len = (numd * 4).min(want);
+                let mut out = vec![0u8; len];
+                if (offset as usize) < log.len() {
+                    let avail = &log[offset as usize..];
+                    let n = avail.len().min(len);
+                    out[..n].copy_from_slice(&avail[..n]);
+                }
+                self.respond_data(cid, Body::Bytes(out), len);
+            }
+            admin::SET_FEATURES | admin::GET_FEATURES => {
+                let fid = cmd.dw[10] as u8;
+                match fid {
+                    spec::FEATURE_NUMBER_OF_QUEUES => {
+                        if cmd.opcode() == admin::SET_FEATURES
+                            && ctrl.io_queues.load(Ordering::SeqCst) == 0
+                        {
+                            let nsq = (cmd.dw[11] & 0xffff) + 1;
+                            let ncq = (cmd.dw[11] >> 16) + 1;
+                            let n = nsq.min(ncq).min(MAX_IO_QUEUES);
+                            ctrl.io_queues.store(n, Ordering::SeqCst);
+                        }
+                        let n = match ctrl.io_queues.load(Ordering::SeqCst) {
+                            0 => MAX_IO_QUEUES,
+                            n => n,
+                        } - 1;
+                        self.respond(cid, Status::SUCCESS, n | n << 16);
+                    }
+                    // Asynchronous event configuration: accepted, nothing is ever reported.
+                    0x0b => self.respond(cid, Status::SUCCESS, 0),
+                    // Keep alive timer.
+                    0x0f if cmd.opcode() == admin::GET_FEATURES => {
+                        self.respond(cid, Status::SUCCESS, ctrl.kato_ms)
+                    }
+                    _ => self.respond(cid, status::INVALID_FIELD, 0),
+                }
+            }
+            admin::ASYNC_EVENT => {
+                if self.aers.len() >= MAX_AERS {
+                    self.respond(cid, status::AER_LIMIT, 0);
+                } else {
+                    // Held until the connection ends: no event is ever reported.
+                    self.aers.push(cid);
+                }
+            }
+            _ => self.respond(cid, status::INVALID_OPCODE, 0),
+        }
+    }
+
+    fn identify(&self, ctrl: &Ctrl, cmd: &Command) -> Option<Vec<u8>> {
+        let cnsv = cmd.dw[10] as u8;
+        let nsid = cmd.dw[1];
+        match (cnsv, &ctrl.export) {
+            (cns::CONTROLLER, _) => Some(
+                fabrics::ControllerIdentity {
+                    cntlid: ctrl.cntlid,
+                    serial: format!("qs{:08x}", crc32c::crc32c(ctrl.subnqn.as_bytes())),
+                    model: "quicksplit".into(),
+                    subnqn: ctrl.subnqn.clone(),
+                    discovery: ctrl.export.is_none(),
+                    mdts: MDTS,
+                    maxcmd: QUEUE_ENTRIES,
+                    in_capsule: IN_CAPSULE as u32,
+                }
+                .encode(),
+            ),
+            (cns::NAMESPACE, Some(e)) if nsid == 1 => {
+                let g = e.bdev.geometry();
+                Some(fabrics::identify_namespace(
+                    g.num_blocks,
+                    g.block_size,
+                    !e.writable,
+                    e.ns_id,
+                ))
+            }
+            (cns::ACTIVE_NAMESPACES, Some(_)) => {
+                let mut p = vec![0u8; 4096];
+                if nsid < 1 {
+                    p[..4].copy_from_slice(&1u32.to_le_bytes());
+                }
+                Some(p)
+            }
+            (0x03, Some(e)) if nsid == 1 => Some(fabrics::namespace_descriptors(e.ns_id)),
+            _ => None,
+        }
+    }
+
+    fn on_completion(&mut self, c: IoCompletion) {
+        let key = c.tag as usize;
+        let Some(p) = self.pending.get_mut(key) else {
+            return;
+        };
+        if let Err(e) = &c.result {
+            if p.result.is_success() {
+                p.result = io_status(e);
+            }
+        } else if p.cmd.opcode() == nvm::READ {
+            p.read_bufs = c.bufs;
+        }
+        p.left = p.left.saturating_sub(1);
+        if p.left > 0 {
+            return;
+        }
+        let p = self.pending.remove(key);
+        let cid = p.cmd.cid();
+        if p.result.is_success() && p.cmd.opcode() == nvm::READ {
+            let len = p.read_bufs.iter().map(DmaBuf::len).sum();
+            self.respond_data(cid, Body::Bufs(p.read_bufs), len);
+        } else {
+            self.respond(cid, p.result, 0);
+        }
+    }
+
+    fn receive(&mut self) -> bool {
+        if self.rx_len == self.rx.len() {
+            return false;
+        }
+        match rustix::io::read(&self.sock, &mut self.rx[self.rx_len..]) {
+            Ok(0) => {
+                self.closing = true;
+                true
+            }
+            Ok(n) => {
+                self.rx_len += n;
+                true
+            }
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => false,
+            Err(_) => {
+                self.closing = true;
+                true
+            }
+        }
+    }
+
+    /// Parses and handles whole PDUs from the receive buffer.
+    fn parse(&mut self) {
+        let mut at = 0;
+        while !self.closing {
+            if self.pending.len() >= QUEUE_ENTRIES as usize * 2 {
+                break;
+            }
+            let digests = (self.phase == Phase::Ready).then_some(self.digests);
+            let max = MAXH2CDATA.max(IN_CAPSULE) + pdu::MAX_HEADER + 8;
+            match pdu::parse_frame(&self.rx[at..self.rx_len], Side::Controller, digests, max) {
+                Ok(Some(mut f)) => {
+                    f.data_at += at;
+                    let plen = f.plen;
+                    if !self.handle(f) {
+                        break;
+                    }
+                    at += plen;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.fatal(e);
+                    break;
+                }
+            }
+        }
+        if at > 0 {
+            self.rx.copy_within(at..self.rx_len, 0);
+            self.rx_len -= at;
+        }
+    }
+
+    fn transmit(&mut self) -> bool {
+        let mut progress = false;
+        while !self.tx.is_empty() {
+            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV);
+            let mut skip = self.tx_sent;
+            'outer: for out in &self.tx {
+                for part in out.parts() {
+                    if part.is_empty() {
+                        continue;
+                    }
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    iov.push(IoSlice::new(&part[skip..]));
+                    skip = 0;
+                    if iov.len() == MAX_IOV {
+                        break 'outer;
+                    }
+                }
+            }
+            let sent = match rustix::io::writev(&self.sock, &iov) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
+                Err(_) => {
+                    self.tx.clear();
+                    self.closing = true;
+                    return true;
+                }
+            };
+            drop(iov);
+            progress = true;
+            self.tx_sent += sent;
+            while let Some(front) = self.tx.front() {
+                let t = front.total();
+                if self.tx_sent < t {
+                    break;
+                }
+                self.tx_sent -= t;
+                self.tx.pop_front();
+            }
+        }
+        progress
+    }
+
+    fn close(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if self.watched {
+            cx.unwatch_fd(self.sock.as_fd());
+        }
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+        PollStatus::Done
+    }
+}
+
+impl Poller for NvmfConn {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        if !self.watched {
+            self.watched = cx.watch_fd(self.sock.as_fd()).is_ok();
+        }
+        if self.channel.is_none() {
+            if let Some(e) = self.export.clone() {
+                match e
+                    .bdev
+                    .open_channel(&cx.channel_context(QUEUE_ENTRIES as u32 * 2))
+                {
+                    Ok(c) => self.channel = Some(c),
+                    Err(err) => {
+                        tracing::error!(%err, nqn = %e.nqn, "NVMe/TCP queue cannot open its channel");
+                        self.closing = true;
+                    }
+                }
+            }
+        }
+        if !self.closing {
+            let now = Instant::now();
+            if self.phase == Phase::AwaitIcReq && now.duration_since(self.opened) > IC_TIMEOUT {
+                self.closing = true;
+            }
+            if self.export.as_ref().is_some_and(|e| e.is_closed()) {
+                self.closing = true;
+            }
+            if let Some(c) = &self.ctrl {
+                if self.qid != Some(0) && c.dead.load(Ordering::SeqCst) {
+                    self.closing = true;
+                }
+                if self.qid == Some(0) && c.kato_ms > 0 {
+                    let limit = Duration::from_millis(c.kato_ms as u64) + Duration::from_secs(2);
+                    if now.duration_since(self.last_keep_alive) > limit {
+                        tracing::warn!(
+                            cntlid = c.cntlid,
+                            "NVMe/TCP keep alive timeout: controller dropped"
+                        );
+                        self.closing = true;
+                    } else {
+                        cx.wake_at(self.last_keep_alive + limit);
+                    }
+                }
+            }
+            if self.phase == Phase::AwaitIcReq {
+                cx.wake_at(self.opened + IC_TIMEOUT);
+            }
+        }
+        let mut busy = false;
+        for _ in 0..4 {
+            if self.closing || !self.receive() {
+                break;
+            }
+            busy = true;
+            self.parse();
+        }
+        if let Some(ch) = self.channel.as_mut() {
+            ch.poll(&mut self.done);
+        }
+        let done = std::mem::take(&mut self.done);
+        for c in done {
+            busy = true;
+            self.on_completion(c);
+        }
+        // Input held back for lack of buffers or slots can go on now.
+        if !self.closing && self.rx_len > 0 {
+            self.parse();
+        }
+        if self.transmit() {
+            busy = true;
+        }
+        if self.closing {
+            let since = *self.closing_since.get_or_insert_with(Instant::now);
+            let io_left =
+                self.channel.is_some() && self.pending.iter().any(|(_, p)| p.stage == Stage::Io);
+            // Replies a host does not read are given up after a while.
+            let gave_up = since.elapsed() > Duration::from_secs(5);
+            if !io_left && (self.tx.is_empty() || gave_up) {
+                return self.close(cx);
+            }
+            cx.wake_at(since + Duration::from_secs(5));
+        }
+        if busy || !self.done.is_empty() {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for NvmfConn {
+    fn drop(&mut self) {
+        if let Some(e) = &self.export {
+            e.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+        if let (Some(c), Some(q)) = (&self.ctrl, self.qid) {
+            if q == 0 {
+                c.dead.store(true, Ordering::SeqCst);
+            } else {
+                c.qids
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|&x| x != q);
+            }
+        }
+    }
+}
