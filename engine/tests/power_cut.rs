@@ -67,6 +67,26 @@ fn ids(engine: &Engine, bdev: &Arc<dyn Bdev>) -> Result<Vec<u64>, String> {
         .collect()
 }
 
+/// A write of the plan: (to the image, block, write id).
+type Planned = (bool, u64, u64);
+
+/// Starts the planned writes: those to P from reactor 0, those to the image from reactor 1, at
+/// once. Gives each side's outcomes (P first).
+fn start_writes(
+    engine: &Engine,
+    pv: &Arc<dyn Bdev>,
+    iv: &Arc<dyn Bdev>,
+    plan: &[Planned],
+    ops: Vec<Op>,
+) -> [(bool, std::sync::mpsc::Receiver<common::Outcomes>); 2] {
+    let (p_ops, i_ops): (Vec<_>, Vec<_>) = plan.iter().zip(ops).partition(|(p, _)| !p.0);
+    let only = |v: Vec<(&Planned, Op)>| v.into_iter().map(|x| x.1).collect();
+    [
+        (false, common::start(engine, 0, Arc::clone(pv), only(p_ops))),
+        (true, common::start(engine, 1, Arc::clone(iv), only(i_ops))),
+    ]
+}
+
 struct Devices {
     p: Arc<PowerCutBdev>,
     s: Arc<PowerCutBdev>,
@@ -117,7 +137,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
     let mut p_model = vec![0u64; BLOCKS as usize];
     let mut image: Option<Vec<u64>> = None;
     let mut next_id = seed << 20;
-    let mut batch = |rng: &mut StdRng, split: bool| -> (Vec<(bool, u64, u64)>, Vec<Op>) {
+    let mut batch = |rng: &mut StdRng, split: bool| -> (Vec<Planned>, Vec<Op>) {
         let n = rng.gen_range(1..=8);
         let mut blocks: Vec<u64> = (0..BLOCKS).collect();
         let mut plan = Vec::new();
@@ -148,21 +168,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
             _ => {}
         }
         let (plan, ops) = batch(&mut rng, image.is_some());
-        // Image writes and P writes go as two batches on two reactors, at once.
-        let (p_ops, i_ops): (Vec<_>, Vec<_>) = plan.iter().zip(ops).partition(|(p, _)| !p.0);
-        let rp = common::start(
-            engine,
-            0,
-            Arc::clone(&pv),
-            p_ops.into_iter().map(|x| x.1).collect(),
-        );
-        let ri = common::start(
-            engine,
-            1,
-            Arc::clone(&iv),
-            i_ops.into_iter().map(|x| x.1).collect(),
-        );
-        for (to_image, rx) in [(false, rp), (true, ri)] {
+        for (to_image, rx) in start_writes(engine, &pv, &iv, &plan, ops) {
             let out = rx.recv_timeout(Duration::from_secs(60)).unwrap();
             let mine = plan.iter().filter(|p| p.0 == to_image);
             for (r, &(_, b, id)) in out.iter().zip(mine) {
@@ -184,19 +190,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
     // The cut, with a batch in flight.
     let state_before = engine.pair(&name).unwrap().state();
     let (plan, ops) = batch(&mut rng, image.is_some());
-    let (p_ops, i_ops): (Vec<_>, Vec<_>) = plan.iter().zip(ops).partition(|(p, _)| !p.0);
-    let rp = common::start(
-        engine,
-        0,
-        Arc::clone(&pv),
-        p_ops.into_iter().map(|x| x.1).collect(),
-    );
-    let ri = common::start(
-        engine,
-        1,
-        Arc::clone(&iv),
-        i_ops.into_iter().map(|x| x.1).collect(),
-    );
+    let running = start_writes(engine, &pv, &iv, &plan, ops);
     std::thread::sleep(Duration::from_micros(rng.gen_range(0..1500)));
     let mut cut_rng = StdRng::seed_from_u64(seed ^ 0xc0ffee);
     let mut kept = 0;
@@ -211,7 +205,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
     let mut i_allowed: Option<Vec<Vec<u64>>> = image
         .as_ref()
         .map(|img| img.iter().map(|&id| vec![id]).collect());
-    for (to_image, rx) in [(false, rp), (true, ri)] {
+    for (to_image, rx) in running {
         let out = rx.recv_timeout(Duration::from_secs(60)).unwrap();
         let mine = plan.iter().filter(|p| p.0 == to_image);
         for (r, &(_, b, id)) in out.iter().zip(mine) {
