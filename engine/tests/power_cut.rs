@@ -10,12 +10,15 @@
 //! - a pair split before the cut is still split, its image equal to P at the split point plus
 //!   the image's own acknowledged writes;
 //! - a pair mirroring before the cut comes back mirroring, and once its copy is done S equals
-//!   P byte for byte (the write-intent bitmap missed nothing).
+//!   P byte for byte (the write-intent bitmap missed nothing);
+//! - a backup done before the cut holds exactly the image as it was when it started (some
+//!   schedules back the image up after a split, in each mode, and cut during or after it).
 //!
 //! `QS_CUTS` sets the number of schedules (default 1000), `QS_CUT_SEED` runs one.
 
 mod common;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +26,7 @@ use common::Op;
 use drivers::powercut::PowerCutBdev;
 use drivers::Bdev;
 use engine::app::{Engine, MetadataDevice};
+use engine::backup::{BackupState, Mode, Target};
 use engine::pair::channel::View;
 use engine::pair::metadata::Layout;
 use engine::pair::{PairConfig, PairState};
@@ -30,6 +34,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const BS: u64 = 4096;
+
+/// Backups that ended with the cut (0) and that were done before it (1).
+static BACKUPS_ENDED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 const BLOCKS: u64 = 64;
 const TRACK: u64 = 16 << 10;
 
@@ -136,6 +143,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
     // Model: the acknowledged write of each block of P, and of the image while split.
     let mut p_model = vec![0u64; BLOCKS as usize];
     let mut image: Option<Vec<u64>> = None;
+    let mut backup: Option<(u64, std::path::PathBuf, Vec<u64>)> = None;
     let mut next_id = seed << 20;
     let mut batch = |rng: &mut StdRng, split: bool| -> (Vec<Planned>, Vec<Op>) {
         let n = rng.gen_range(1..=8);
@@ -160,7 +168,19 @@ fn run_schedule(engine: &Engine, seed: u64) {
                 image = Some(p_model.clone());
                 history.push("split".to_string());
             }
-            PairState::Psus if rng.gen_bool(0.2) => {
+            PairState::Psus if backup.is_none() && rng.gen_bool(0.3) => {
+                let mode = [Mode::Wait, Mode::Reflect, Mode::Merge][rng.gen_range(0..3)];
+                let path = engine.state_dir().join(format!("{name}-backup.img"));
+                let id = engine
+                    .backup_start(&name, mode, Target::File { path: path.clone() }, 0)
+                    .unwrap();
+                // The backup holds the image as it is now: later writes to S wait for it.
+                backup = Some((id, path, image.clone().unwrap_or_default()));
+                history.push(format!("backup {id} ({})", mode.as_str()));
+            }
+            PairState::Psus
+                if rng.gen_bool(0.2) && !engine.pair(&name).unwrap().backup_running() =>
+            {
                 engine.pair_resync(&name, false).unwrap();
                 image = None;
                 history.push("resync".to_string());
@@ -226,6 +246,29 @@ fn run_schedule(engine: &Engine, seed: u64) {
         state_before.as_str(),
         plan.len()
     ));
+
+    // A backup ends with the cut (its reads fail) unless it was done before: then it is the
+    // image as it was when it started.
+    if let Some((id, path, expected)) = backup.take() {
+        let info = || engine.backup_get(Some(id)).unwrap().remove(0);
+        common::wait_until("the backup to end", || info().state != BackupState::Running);
+        let info = info();
+        history.push(format!("backup {id} {:?}", info.state));
+        BACKUPS_ENDED[(info.state == BackupState::Done) as usize].fetch_add(1, Ordering::Relaxed);
+        if info.state == BackupState::Done {
+            let data = std::fs::read(&path).unwrap();
+            let got: Result<Vec<u64>, String> = (0..BLOCKS)
+                .map(|b| id_of(&data[(b * BS) as usize..((b + 1) * BS) as usize], b))
+                .collect();
+            if got.as_ref() != Ok(&expected) {
+                fail(
+                    &history,
+                    format!("backup {id} is done but is not the image"),
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 
     // Bring the pair back from what survived.
     engine.pair_delete(&name).unwrap();
@@ -327,4 +370,10 @@ fn a_power_cut_loses_nothing_acknowledged_and_keeps_every_image() {
     for seed in 0..n {
         run_schedule(&engine, seed);
     }
+    let [cut, done] = [0, 1].map(|i| BACKUPS_ENDED[i].load(Ordering::Relaxed));
+    println!("{n} schedules; backups: {done} done before the cut, {cut} ended by it");
+    assert!(
+        n < 100 || (done > 0 && cut > 0),
+        "the schedules must cut during backups and after finished ones"
+    );
 }
