@@ -198,18 +198,7 @@ impl PendingMap {
         even_bits(lo) | even_bits(hi) << 32
     }
 
-    /// The pending bits, one per track, 64 tracks a word (for snapshots).
-    pub fn to_words(&self) -> Vec<u64> {
-        let mut out = vec![0u64; self.tracks.div_ceil(64) as usize];
-        for t in 0..self.tracks {
-            if self.is_pending(t) {
-                out[(t / 64) as usize] |= 1 << (t % 64);
-            }
-        }
-        out
-    }
-
-    /// Makes exactly the tracks set in `words` pending (a snapshot being restored).
+    /// Makes exactly the tracks set in `words` pending (metadata being loaded).
     pub fn load_words(&self, words: &[u64]) {
         let raw = self.bits.as_raw_slice();
         for w in raw {
@@ -350,16 +339,7 @@ impl TrackSet {
             .map_or(0, |x| x.load(Ordering::SeqCst))
     }
 
-    /// The raw words (for snapshots).
-    pub fn to_words(&self) -> Vec<u64> {
-        self.bits
-            .as_raw_slice()
-            .iter()
-            .map(|w| w.load(Ordering::SeqCst))
-            .collect()
-    }
-
-    /// Makes the set exactly the bits of `words` (a snapshot being restored).
+    /// Makes the set exactly the bits of `words` (metadata being loaded).
     pub fn load_words(&self, words: &[u64]) {
         let raw = self.bits.as_raw_slice();
         let bits = self.bits.len();

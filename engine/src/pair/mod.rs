@@ -861,7 +861,8 @@ impl Pair {
         }
     }
 
-    /// Sets state, direction, split point and error from a snapshot (before the pair serves).
+    /// Sets state, direction, split point and error from loaded metadata (before the pair
+    /// serves).
     pub(crate) fn restore_state(
         &self,
         state: PairState,
@@ -878,8 +879,8 @@ impl Pair {
         self.set_state(state);
     }
 
-    /// Closes the gate for good and waits (up to `limit`) for host writes in flight: the pair
-    /// can then be snapshotted for a restart.
+    /// Closes the gate for good and waits (up to `limit`) for host writes in flight: the pair's
+    /// metadata can then be written out for a clean stop.
     pub fn quiesce(&self, limit: std::time::Duration) -> bool {
         self.close_gate();
         let end = std::time::Instant::now() + limit;
