@@ -43,9 +43,15 @@ pub enum MetadataDevice {
     None,
 }
 
-/// The header of a new pair: COPY, every track pending.
-fn fresh_header(cfg: &PairConfig, primary: &str, secondary: &str, tracks: u64) -> HeaderRecord {
-    HeaderRecord {
+/// Writes fresh metadata for a new pair on `bdev`: COPY, every track pending.
+fn initialize_metadata(
+    bdev: Arc<dyn drivers::Bdev>,
+    cfg: &PairConfig,
+    primary: &str,
+    secondary: &str,
+    tracks: u64,
+) -> Result<Arc<Metadata>, EngineError> {
+    let rec = HeaderRecord {
         seq: 1,
         name: cfg.name.clone(),
         primary: primary.to_string(),
@@ -56,7 +62,10 @@ fn fresh_header(cfg: &PairConfig, primary: &str, secondary: &str, tracks: u64) -
         reverse: false,
         split_at_ns: 0,
         error: None,
-    }
+    };
+    Metadata::initialize(bdev, &rec)
+        .map(Arc::new)
+        .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))
 }
 
 /// What loading a pair's metadata gave.
@@ -243,18 +252,14 @@ impl Engine {
             {
                 Ok((meta, l)) => (Some(Arc::new(meta)), Some(Ok(l))),
                 Err(e) => {
-                    let rec = fresh_header(cfg, primary, secondary, tracks);
-                    let meta = Metadata::initialize(bdev, &rec)
-                        .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
-                    (Some(Arc::new(meta)), Some(Err(e)))
+                    let meta = initialize_metadata(bdev, cfg, primary, secondary, tracks)?;
+                    (Some(meta), Some(Err(e)))
                 }
             },
-            Some(MetadataDevice::Fresh(bdev)) => {
-                let rec = fresh_header(cfg, primary, secondary, tracks);
-                let meta = Metadata::initialize(bdev, &rec)
-                    .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
-                (Some(Arc::new(meta)), None)
-            }
+            Some(MetadataDevice::Fresh(bdev)) => (
+                Some(initialize_metadata(bdev, cfg, primary, secondary, tracks)?),
+                None,
+            ),
         };
         let pair = Pair::with_metadata(
             cfg,
@@ -566,16 +571,14 @@ impl Engine {
         let _ = std::fs::remove_file(&fresh);
         let size = Layout::new(tracks).size();
         let bdev = metadata_bdev(&bdev_name, &fresh, Some(size))?;
-        let rec = fresh_header(cfg, primary, secondary, tracks);
-        let meta = Metadata::initialize(Arc::new(bdev), &rec)
-            .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
+        let meta = initialize_metadata(Arc::new(bdev), cfg, primary, secondary, tracks)?;
         std::fs::rename(&fresh, &path).map_err(io_err)?;
         if let Some(dir) = path.parent() {
             std::fs::File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_err)?;
         }
-        Ok((Arc::new(meta), loaded))
+        Ok((meta, loaded))
     }
 
     /// For a clean stop: closes every pair's gate, waits for host writes in flight, and has

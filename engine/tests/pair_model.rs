@@ -9,6 +9,8 @@
 //! equals the image. `QS_SCHEDULES` sets the number of schedules (default 1000), `QS_SEED` runs
 //! one seed.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -50,31 +52,6 @@ struct Shared {
     inflight: AtomicU64,
     log: Mutex<Vec<WriteRecord>>,
     failures: Mutex<Vec<String>>,
-}
-
-fn fill_block(buf: &mut [u8], id: u64, block: u64) {
-    for chunk in buf.chunks_exact_mut(16) {
-        chunk[..8].copy_from_slice(&id.to_le_bytes());
-        chunk[8..].copy_from_slice(&block.to_le_bytes());
-    }
-}
-
-/// The write id a block holds (0 = never written); Err if the block is torn or misplaced.
-fn decode_block(buf: &[u8], block: u64) -> Result<u64, String> {
-    if buf.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let id = u64::from_le_bytes(buf[..8].try_into().unwrap());
-    for chunk in buf.chunks_exact(16) {
-        let cid = u64::from_le_bytes(chunk[..8].try_into().unwrap());
-        let cb = u64::from_le_bytes(chunk[8..].try_into().unwrap());
-        if cid != id || cb != block {
-            return Err(format!(
-                "block {block} is torn or misplaced: starts with write {id:#x}, has write {cid:#x} for block {cb}"
-            ));
-        }
-    }
-    Ok(id)
 }
 
 struct Pending {
@@ -130,7 +107,7 @@ impl Writer {
                 return false;
             };
             buf.set_len(BS as usize).unwrap();
-            fill_block(buf.as_mut_slice(), wid, b);
+            common::fill_block(buf.as_mut_slice(), wid, b);
             bufs.push(buf);
         }
         let rec = WriteRecord {
@@ -248,7 +225,7 @@ impl Poller for Reader {
         for c in out {
             let b = c.tag;
             self.ids[b as usize] = Some(match c.result {
-                Ok(()) => decode_block(c.bufs[0].as_slice(), b),
+                Ok(()) => common::decode_block(c.bufs[0].as_slice(), b),
                 Err(e) => Err(format!("read of block {b} failed: {e}")),
             });
             self.left -= 1;

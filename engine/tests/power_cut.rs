@@ -42,36 +42,19 @@ const TRACK: u64 = 16 << 10;
 
 fn block_of(id: u64, block: u64) -> Vec<u8> {
     let mut b = vec![0u8; BS as usize];
-    for c in b.chunks_exact_mut(16) {
-        c[..8].copy_from_slice(&id.to_le_bytes());
-        c[8..].copy_from_slice(&block.to_le_bytes());
-    }
+    common::fill_block(&mut b, id, block);
     b
 }
 
-/// The write id a block holds (0: never written); Err when torn or misplaced.
-fn id_of(data: &[u8], block: u64) -> Result<u64, String> {
-    if data.iter().all(|&b| b == 0) {
-        return Ok(0);
-    }
-    let id = u64::from_le_bytes(data[..8].try_into().unwrap_or_default());
-    for c in data.chunks_exact(16) {
-        let (cid, cb) = (
-            u64::from_le_bytes(c[..8].try_into().unwrap_or_default()),
-            u64::from_le_bytes(c[8..].try_into().unwrap_or_default()),
-        );
-        if cid != id || cb != block {
-            return Err(format!("block {block} torn or misplaced"));
-        }
-    }
-    Ok(id)
+/// The write id each block of a volume's content holds.
+fn ids_of(data: &[u8]) -> Result<Vec<u64>, String> {
+    (0..BLOCKS)
+        .map(|b| common::decode_block(&data[(b * BS) as usize..((b + 1) * BS) as usize], b))
+        .collect()
 }
 
 fn ids(engine: &Engine, bdev: &Arc<dyn Bdev>) -> Result<Vec<u64>, String> {
-    let data = common::read(engine, bdev, 0, (BLOCKS * BS) as usize);
-    (0..BLOCKS)
-        .map(|b| id_of(&data[(b * BS) as usize..((b + 1) * BS) as usize], b))
-        .collect()
+    ids_of(&common::read(engine, bdev, 0, (BLOCKS * BS) as usize))
 }
 
 /// A write of the plan: (to the image, block, write id).
@@ -256,10 +239,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
         history.push(format!("backup {id} {:?}", info.state));
         BACKUPS_ENDED[(info.state == BackupState::Done) as usize].fetch_add(1, Ordering::Relaxed);
         if info.state == BackupState::Done {
-            let data = std::fs::read(&path).unwrap();
-            let got: Result<Vec<u64>, String> = (0..BLOCKS)
-                .map(|b| id_of(&data[(b * BS) as usize..((b + 1) * BS) as usize], b))
-                .collect();
+            let got = ids_of(&std::fs::read(&path).unwrap());
             if got.as_ref() != Ok(&expected) {
                 fail(
                     &history,

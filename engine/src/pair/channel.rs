@@ -366,14 +366,9 @@ impl PairChannel {
                 self.pair.end_mirrored_write(tracks.clone());
                 self.parents[key].counted = false;
             }
-            self.pair.leave_gate();
-            self.parents[key].gated = false;
+            self.ungate(key);
             if let Some(e) = self.pair.metadata().and_then(|m| m.failure()) {
-                self.parents[key].error = Some(IoError::Aborted(format!(
-                    "pair metadata cannot be written: {e}"
-                )));
-                self.finish(key);
-                return Step::Running;
+                return self.fail_unpersisted(key, e);
             }
             return Step::Wait;
         }
@@ -393,15 +388,13 @@ impl PairChannel {
         // Writes mirrored before the split and still in flight belong to the image: wait for
         // them before looking at the tracks.
         if self.pair.mirrored_writes_in_flight(tracks.clone()) {
-            self.pair.leave_gate();
-            self.parents[key].gated = false;
+            self.ungate(key);
             return Step::Wait;
         }
         // Copy before write: every pending track the write touches is copied P to S first,
         // under its lock, so the image keeps P's data of the split point.
         if !self.lock_pending(key, tracks) {
-            self.pair.leave_gate();
-            self.parents[key].gated = false;
+            self.ungate(key);
             return Step::Wait;
         }
         let p = &mut self.parents[key];
@@ -414,8 +407,7 @@ impl PairChannel {
             Some(buf) => self.parents[key].cow_buf = Some(buf),
             None => {
                 self.release_locks(key);
-                self.pair.leave_gate();
-                self.parents[key].gated = false;
+                self.ungate(key);
                 return Step::Wait;
             }
         }
@@ -534,14 +526,23 @@ impl PairChannel {
                 self.meta_waiting.push_back(key);
                 Step::Running
             }
-            Durability::Failed(e) => {
-                self.parents[key].error = Some(IoError::Aborted(format!(
-                    "pair metadata cannot be written: {e}"
-                )));
-                self.finish(key);
-                Step::Running
-            }
+            Durability::Failed(e) => self.fail_unpersisted(key, e),
         }
+    }
+
+    /// Fails a write whose metadata can no longer be written.
+    fn fail_unpersisted(&mut self, key: usize, error: String) -> Step {
+        self.parents[key].error = Some(IoError::Aborted(format!(
+            "pair metadata cannot be written: {error}"
+        )));
+        self.finish(key);
+        Step::Running
+    }
+
+    /// A write that entered the gate gives up for now (it starts over on a later poll).
+    fn ungate(&mut self, key: usize) {
+        self.pair.leave_gate();
+        self.parents[key].gated = false;
     }
 
     fn target_io(&mut self, key: usize) -> Step {

@@ -1004,20 +1004,8 @@ impl Pair {
         let Some(m) = &self.meta else { return };
         let words = self.tracks.div_ceil(64) as usize;
         for w in 0..words {
-            let pend = self.pending.bits64(w);
-            let rest = self.restore.raw_word(w);
-            let mut bits = pend;
-            while bits != 0 {
-                let t = w as u64 * 64 + bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                m.want_set(MapKind::Pending, t);
-            }
-            let mut bits = rest;
-            while bits != 0 {
-                let t = w as u64 * 64 + bits.trailing_zeros() as u64;
-                bits &= bits - 1;
-                m.want_set(MapKind::Restore, t);
-            }
+            m.want_set_word(MapKind::Pending, w, self.pending.bits64(w));
+            m.want_set_word(MapKind::Restore, w, self.restore.raw_word(w));
         }
         self.wake_copier();
     }

@@ -178,3 +178,29 @@ pub fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// Fills a block with the id of the write and the block's number, 16 bytes at a time.
+pub fn fill_block(buf: &mut [u8], id: u64, block: u64) {
+    for chunk in buf.chunks_exact_mut(16) {
+        chunk[..8].copy_from_slice(&id.to_le_bytes());
+        chunk[8..].copy_from_slice(&block.to_le_bytes());
+    }
+}
+
+/// The write id a block holds (0 = never written); Err if the block is torn or misplaced.
+pub fn decode_block(buf: &[u8], block: u64) -> Result<u64, String> {
+    if buf.iter().all(|&b| b == 0) {
+        return Ok(0);
+    }
+    let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+    let id = word(&buf[..8]);
+    for chunk in buf.chunks_exact(16) {
+        let (cid, cb) = (word(&chunk[..8]), word(&chunk[8..]));
+        if cid != id || cb != block {
+            return Err(format!(
+                "block {block} is torn or misplaced: starts with write {id:#x}, has write {cid:#x} for block {cb}"
+            ));
+        }
+    }
+    Ok(id)
+}

@@ -549,8 +549,16 @@ impl Metadata {
     /// Wants the track's bit set; queues its page when that changes it.
     pub fn want_set(&self, map: MapKind, t: u64) {
         let (w, m) = PersistedSet::bit(t);
-        if self.maps[map as usize].want[w].fetch_or(m, Ordering::SeqCst) & m == 0 {
-            self.queue_page(map, t / TRACKS_PER_PAGE);
+        self.want_set_word(map, w, m);
+    }
+
+    /// Wants the bits of `bits` set in word `w` (tracks `64 * w ..`); queues the page when
+    /// that changes it.
+    pub fn want_set_word(&self, map: MapKind, w: usize, bits: u64) {
+        if bits != 0
+            && self.maps[map as usize].want[w].fetch_or(bits, Ordering::SeqCst) & bits != bits
+        {
+            self.queue_page(map, w as u64 / WORDS_PER_PAGE);
         }
     }
 

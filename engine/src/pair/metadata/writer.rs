@@ -58,7 +58,8 @@ pub struct MetaWriter {
     batch: Batch,
     outstanding: u32,
     error: Option<String>,
-    next_clean: Instant,
+    /// When the last cleaning pass ended (the next starts a cleaning period later; a pass cut
+    /// into slices goes on at once until its cursor wraps).
     last_pass: Instant,
     clean_cursor: usize,
     /// A clean stop asked for everything: the cleaner's full pass for it is done.
@@ -78,7 +79,6 @@ impl MetaWriter {
         let name = format!("metadata:{}", pair.name());
         let words = meta.layout.words() as usize;
         Self {
-            next_clean: Instant::now() + meta.clean_interval(),
             last_pass: Instant::now(),
             pair,
             meta,
@@ -476,15 +476,10 @@ impl Poller for MetaWriter {
         if sync_wanted > self.sync_target {
             self.clean(true);
             self.sync_target = sync_wanted;
-        } else if now
-            >= self
-                .next_clean
-                .min(self.last_pass + self.meta.clean_interval())
-        {
+        } else if now >= self.last_pass + self.meta.clean_interval() {
             self.clean(false);
             if self.clean_cursor == 0 {
                 self.last_pass = now;
-                self.next_clean = now + self.meta.clean_interval();
             }
             busy = true;
         }
@@ -496,7 +491,7 @@ impl Poller for MetaWriter {
                 .sync_done
                 .store(self.sync_target, Ordering::SeqCst);
         }
-        cx.wake_at(self.next_clean);
+        cx.wake_at(self.last_pass + self.meta.clean_interval());
         if busy {
             PollStatus::Busy
         } else {
