@@ -430,6 +430,11 @@ fn run(args: &Args) -> Result<(), Fail> {
                 get(&st.meta_flushes),
                 get(&st.data_flushes),
                 get(&st.bits_cleaned),
+                [
+                    get(&st.data_flush_ns),
+                    get(&st.page_write_ns),
+                    get(&st.meta_flush_ns),
+                ],
             )
         })
     });
@@ -445,10 +450,18 @@ fn run(args: &Args) -> Result<(), Fail> {
                 p.copied_tracks,
                 p.cow_copies
             );
-            if let Some((pages, headers, mflush, dflush, cleaned)) = meta_stats {
+            if let Some((pages, headers, mflush, dflush, cleaned, ns)) = meta_stats {
                 println!(
                     "  metadata: {pages} pages and {headers} headers written, {mflush} flushes, \
                      {dflush} data flushes first, {cleaned} bits cleaned"
+                );
+                let avg = |ns: u64, n: u64| ns as f64 / 1000.0 / n.max(1) as f64;
+                println!(
+                    "  metadata batch, mean us: data flush {:.0}, page writes {:.0}, \
+                     metadata flush {:.0}",
+                    avg(ns[0], dflush),
+                    avg(ns[1], mflush),
+                    avg(ns[2], mflush)
                 );
             }
         }

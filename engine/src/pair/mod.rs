@@ -459,7 +459,7 @@ impl Pair {
             match kind {
                 HostWrite::Mirror => {
                     m.touch(t);
-                    m.want_set(MapKind::Pending, t);
+                    m.want_set_region(MapKind::Pending, t, self.tracks);
                 }
                 HostWrite::ChangedP { split } => {
                     m.want_set(MapKind::ChangedP, t);

@@ -13,9 +13,11 @@
 //!
 //! What the pending map on disk means (the contract the host path and the cleaner keep):
 //! - in COPY and PAIR it is a write-intent map: a superset of the tracks where S may differ
-//!   from P. A host write to P sets its tracks' bits durably before it is issued; bits are
-//!   cleared lazily, only for tracks untouched for a whole cleaning period, and only after P and
-//!   S were flushed;
+//!   from P. A host write to P sets the bits of its tracks' regions (a bitmap word, 64 tracks)
+//!   durably before it is issued, so random writes wait for a metadata write once per region,
+//!   not once per track (what md's write-intent bitmap does with its chunks); bits are cleared
+//!   lazily, only in regions untouched for two whole cleaning periods, and only after P and S
+//!   were flushed;
 //! - in PSUS it is the set of tracks S lacks, with P unchanged since the split on each of them:
 //!   a host write (to P or S) on a track clears its bit durably, after S's copy of the track is
 //!   durable, before it is issued. A stale bit there (the track was copied but the bit not yet
@@ -356,6 +358,14 @@ pub struct MetaStats {
     pub data_flushes: AtomicU64,
     /// Bits cleared by the cleaner.
     pub bits_cleaned: AtomicU64,
+    /// Time spent flushing P and S before writing, in writing pages and headers, and in
+    /// flushing the metadata bdev, ns (summed over batches: what a host write waiting for a
+    /// batch waits for).
+    pub data_flush_ns: AtomicU64,
+    /// See `data_flush_ns`.
+    pub page_write_ns: AtomicU64,
+    /// See `data_flush_ns`.
+    pub meta_flush_ns: AtomicU64,
     /// Times the writer was polled.
     pub writer_polls: AtomicU64,
     /// The writer's stage (high 32 bits) and requests in flight (low 32 bits).
@@ -589,7 +599,20 @@ impl Metadata {
         }
     }
 
-    /// A host write is about to touch the track (the cleaner leaves it alone this period).
+    /// Wants the write-intent bits of the whole region (bitmap word) of track `t` set, for the
+    /// tracks below `tracks`; queues the page when that changes it.
+    pub fn want_set_region(&self, map: MapKind, t: u64, tracks: u64) {
+        let (w, _) = PersistedSet::bit(t);
+        let first = w as u64 * 64;
+        let bits = match tracks.saturating_sub(first) {
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        };
+        self.want_set_word(map, w, bits);
+    }
+
+    /// A host write is about to touch the track (the cleaner leaves its region alone for two
+    /// periods).
     pub fn touch(&self, t: u64) {
         let (w, m) = PersistedSet::bit(t);
         if self.touched[w].load(Ordering::Relaxed) & m == 0 {

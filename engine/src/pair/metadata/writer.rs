@@ -55,6 +55,8 @@ pub struct MetaWriter {
     s: Option<Box<dyn IoChannel>>,
     pool: Option<BufferPool>,
     stage: Stage,
+    /// When the current stage began (for the stage time statistics).
+    stage_began: Instant,
     batch: Batch,
     outstanding: u32,
     error: Option<String>,
@@ -88,6 +90,7 @@ impl MetaWriter {
             s: None,
             pool: None,
             stage: Stage::Idle,
+            stage_began: Instant::now(),
             batch: Batch::default(),
             outstanding: 0,
             error: None,
@@ -126,6 +129,24 @@ impl MetaWriter {
         }
     }
 
+    /// Moves to `next`, adding the time spent in the stage it leaves to the statistics.
+    fn enter(&mut self, next: Stage) {
+        let now = Instant::now();
+        let spent = now.duration_since(self.stage_began).as_nanos() as u64;
+        let stats = &self.meta.stats;
+        let counter = match self.stage {
+            Stage::FlushingData => Some(&stats.data_flush_ns),
+            Stage::Writing => Some(&stats.page_write_ns),
+            Stage::FlushingMeta => Some(&stats.meta_flush_ns),
+            Stage::Idle => None,
+        };
+        if let Some(c) = counter {
+            c.fetch_add(spent, Ordering::Relaxed);
+        }
+        self.stage = next;
+        self.stage_began = now;
+    }
+
     fn fail(&mut self, error: String) {
         self.meta.fail(error.clone());
         self.pair
@@ -135,8 +156,8 @@ impl MetaWriter {
     }
 
     /// Clears the write-intent bits of tracks that no longer need them, over a bounded slice of
-    /// the maps: pending bits of tracks S holds (not pending, no write in flight, not touched
-    /// since the last pass), restore bits of tracks P holds again. A bit is cleared under its
+    /// the maps: pending bits of tracks S holds (not pending, no write in flight, in a region
+    /// no write touched for two passes), restore bits of tracks P holds again. A bit is cleared under its
     /// page lock and set back if a write shows up meanwhile, so a page copy never misses it.
     /// `all` (a clean stop, host writes drained) passes over every word and ignores `touched`.
     fn clean(&mut self, all: bool) -> bool {
@@ -164,10 +185,11 @@ impl MetaWriter {
             } else {
                 touched_word.swap(0, Ordering::SeqCst)
             };
-            let touched = if all {
+            // Write-intent bits go by region (the whole word): a touch keeps all of them.
+            let touched = if all || now | std::mem::replace(&mut self.touched_prev[w], now) == 0 {
                 0
             } else {
-                now | std::mem::replace(&mut self.touched_prev[w], now)
+                u64::MAX
             };
             let page = w / WORDS_PER_PAGE as usize;
             // Pending map: a bit may go when S holds the track.
@@ -183,7 +205,7 @@ impl MetaWriter {
                     bits &= bits - 1;
                     let t = first + b;
                     let busy = pair.mirrored_writes_in_flight(t..t + 1)
-                        || (!all && touched_word.load(Ordering::SeqCst) & 1 << b != 0)
+                        || (!all && touched_word.load(Ordering::SeqCst) != 0)
                         || pair.pending.is_pending(t);
                     if busy {
                         kept |= 1 << b;
@@ -299,7 +321,7 @@ impl MetaWriter {
         let flush_s = clears && self.pair.take_dirty(false);
         let flush_p = flush_p && self.pair.take_dirty(true);
         if flush_p || flush_s {
-            self.stage = Stage::FlushingData;
+            self.enter(Stage::FlushingData);
             let chans = [
                 self.p.as_mut().filter(|_| flush_p),
                 self.s.as_mut().filter(|_| flush_s),
@@ -323,7 +345,7 @@ impl MetaWriter {
     }
 
     fn write_batch(&mut self) {
-        self.stage = Stage::Writing;
+        self.enter(Stage::Writing);
         let layout = self.meta.layout;
         let mut reqs = Vec::new();
         let Some(pool) = self.pool.as_ref() else {
@@ -372,7 +394,7 @@ impl MetaWriter {
     }
 
     fn flush_meta(&mut self) {
-        self.stage = Stage::FlushingMeta;
+        self.enter(Stage::FlushingMeta);
         if let Some(ch) = self.ch.as_mut() {
             match ch.submit(IoRequest::without_data(IoOp::Flush, 0, 0, 0)) {
                 Ok(()) => self.outstanding += 1,
@@ -400,7 +422,7 @@ impl MetaWriter {
             meta.header_durable.fetch_max(seq, Ordering::SeqCst);
             meta.stats.headers_written.fetch_add(1, Ordering::Relaxed);
         }
-        self.stage = Stage::Idle;
+        self.enter(Stage::Idle);
         self.pair.wake_all();
     }
 
