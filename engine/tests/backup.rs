@@ -461,3 +461,62 @@ fn a_backup_to_a_pipe_is_a_tar_stream_in_exact_records() {
     backup_to_a_pipe_read_by_tar(262_144, 11);
     backup_to_a_pipe_read_by_tar(10_240, 12);
 }
+
+/// While hosts write to the pair, a backup keeps only a couple of pieces in flight and says how
+/// often it held back for them; with no host I/O it never holds back. Both are exact.
+#[test]
+fn a_backup_yields_to_host_writes_and_not_when_alone() {
+    let f = split_pair("backup-yield", 11);
+    let dir = f.engine.state_dir().to_path_buf();
+    let want = sha(&f.expected);
+    // Requests made before a backup starts do not count.
+    let alone = f
+        .engine
+        .backup_start(
+            "pr",
+            Mode::Merge,
+            Target::File {
+                path: dir.join("alone.img"),
+            },
+            0,
+        )
+        .unwrap();
+    let info = wait_backup(&f.engine, alone);
+    assert_eq!(info.state, BackupState::Done, "{info:?}");
+    assert_eq!(info.sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(
+        info.host_yields, 0,
+        "no host wrote, yet the backup held back"
+    );
+
+    let pair = f.engine.pair("pr").unwrap();
+    let before = pair.stats.host_requests.load(Ordering::Relaxed);
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads = writers(&f.engine, &stop, 110);
+    wait_until("host writes", || {
+        pair.stats.host_requests.load(Ordering::Relaxed) > before
+    });
+    let busy = f
+        .engine
+        .backup_start(
+            "pr",
+            Mode::Merge,
+            Target::File {
+                path: dir.join("busy.img"),
+            },
+            0,
+        )
+        .unwrap();
+    let info = wait_backup(&f.engine, busy);
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(info.state, BackupState::Done, "{info:?}");
+    assert_eq!(info.sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(std::fs::read(dir.join("busy.img")).unwrap(), f.expected);
+    assert!(
+        info.host_yields > 0,
+        "hosts wrote during the whole backup, which never held back: {info:?}"
+    );
+}

@@ -16,7 +16,7 @@ use hugepages::BufferPool;
 use super::hasher::HashQueue;
 use super::{Backup, BackupState, Mode, Target};
 use crate::pair::channel::{PairChannel, View};
-use crate::pair::{now_ns, Pair, PairState};
+use crate::pair::{now_ns, HostWatch, Pair, PairState};
 use crate::rate::TokenBucket;
 use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
@@ -27,6 +27,9 @@ const PIECE: u64 = 1 << 20;
 const MAX_BUF: u64 = 1 << 20;
 /// Bytes of the image between reading and the target's acknowledgement.
 const WINDOW: u64 = 32 << 20;
+/// The same while hosts use the pair: two pieces, one read while the other is written, so
+/// a host request never queues behind more than a piece or two of backup I/O.
+const HOST_WINDOW: u64 = 2 * PIECE;
 
 enum Source {
     /// The image through the pair (merge).
@@ -92,6 +95,10 @@ pub struct BackupJob {
     to_hash: VecDeque<(u64, IoBufs)>,
     /// The backup's rate limit.
     bucket: TokenBucket,
+    /// Whether hosts use the pair.
+    hosts: HostWatch,
+    /// Reads are held back for hosts (counted once per stretch).
+    yielding: bool,
 }
 
 impl BackupJob {
@@ -104,6 +111,7 @@ impl BackupJob {
         hash_reactor: Option<ReactorHandle>,
     ) -> Self {
         let g = pair.geometry();
+        let hosts = HostWatch::new(&pair);
         let manifest = Manifest {
             format: FORMAT.to_string(),
             pair: pair.name().to_string(),
@@ -146,6 +154,8 @@ impl BackupJob {
             hasher: None,
             to_hash: VecDeque::new(),
             bucket: TokenBucket::default(),
+            hosts,
+            yielding: false,
         }
     }
 
@@ -266,13 +276,32 @@ impl BackupJob {
         self.bucket.take(cx, self.backup.rate, len)
     }
 
+    /// Bytes the backup may have between reading and the target's acknowledgement: the whole
+    /// window alone, a couple of pieces while hosts use the pair (host requests first).
+    fn window(&mut self) -> u64 {
+        if self.hosts.active(&self.pair) {
+            HOST_WINDOW
+        } else {
+            WINDOW
+        }
+    }
+
     fn issue_reads(&mut self, cx: &mut ReactorContext) -> bool {
         let mut issued = false;
+        let window = self.window();
         while self.next_read < self.size {
+            let len = self.piece.min(self.size - self.next_read);
+            let held = self.next_read - self.acked;
+            if held > 0 && held + len > window {
+                if !self.yielding {
+                    self.yielding = true;
+                    self.backup.host_yields.fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
             if self.backup.mode == Mode::Reflect && !self.reflected(self.next_read) {
                 break;
             }
-            let len = self.piece.min(self.size - self.next_read);
             // Buffers first, so rate tokens are only taken for a piece that can be read now;
             // buffers not used go straight back to the pool.
             let Some(bufs) = self.piece_buffers(len) else {
@@ -285,6 +314,7 @@ impl BackupJob {
             let Some(src) = self.src.as_mut() else { break };
             match src.channel().submit(IoRequest::read(offset, bufs, offset)) {
                 Ok(()) => {
+                    self.yielding = false;
                     self.reading.insert(offset, ());
                     self.next_read += len;
                     issued = true;

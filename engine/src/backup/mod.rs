@@ -130,6 +130,9 @@ pub struct BackupInfo {
     pub split_at_ns: u64,
     /// Throughput limit in bytes per second (0 = none).
     pub rate: u64,
+    /// Times the backup held its reads back because hosts were using the pair.
+    #[serde(default)]
+    pub host_yields: u64,
     /// Nanoseconds from start to end (0 while running).
     pub elapsed_ns: u64,
 }
@@ -159,6 +162,7 @@ pub struct Backup {
     pub rate: u64,
     bytes_done: AtomicU64,
     cpu_copied: AtomicU64,
+    pub(crate) host_yields: AtomicU64,
     cancel: AtomicBool,
     status: Mutex<Status>,
     journal: Option<Arc<Journal>>,
@@ -195,6 +199,7 @@ impl Backup {
             cpu_copied_bytes: self.cpu_copied.load(Ordering::Relaxed),
             split_at_ns: self.split_at_ns,
             rate: self.rate,
+            host_yields: self.host_yields.load(Ordering::Relaxed),
             elapsed_ns: st.elapsed_ns,
         }
     }
@@ -351,6 +356,7 @@ impl Backups {
                 rate: info.rate,
                 bytes_done: AtomicU64::new(info.bytes_done),
                 cpu_copied: AtomicU64::new(info.cpu_copied_bytes),
+                host_yields: AtomicU64::new(info.host_yields),
                 cancel: AtomicBool::new(false),
                 status: Mutex::new(Status {
                     state: info.state,
@@ -390,6 +396,7 @@ impl Backups {
             rate,
             bytes_done: AtomicU64::new(0),
             cpu_copied: AtomicU64::new(0),
+            host_yields: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
             status: Mutex::new(Status {
                 state: BackupState::Running,

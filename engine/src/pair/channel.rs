@@ -59,11 +59,9 @@ impl Bdev for PairView {
     }
 
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
-        Ok(Box::new(PairChannel::new(
-            Arc::clone(&self.pair),
-            self.view,
-            ctx,
-        )?))
+        let mut ch = PairChannel::new(Arc::clone(&self.pair), self.view, ctx)?;
+        ch.host = true;
+        Ok(Box::new(ch))
     }
 
     fn config(&self) -> serde_json::Value {
@@ -166,6 +164,9 @@ pub struct PairChannel {
     done: Vec<IoCompletion>,
     scratch: Vec<IoCompletion>,
     cpu_copied: u64,
+    /// A host's channel (an export's, a benchmark's), not the engine's own (a backup's):
+    /// its requests count as host activity.
+    host: bool,
 }
 
 impl PairChannel {
@@ -191,6 +192,7 @@ impl PairChannel {
             done: Vec::new(),
             scratch: Vec::new(),
             cpu_copied: 0,
+            host: false,
         })
     }
 
@@ -841,6 +843,12 @@ impl IoChannel for PairChannel {
         }
         if self.pair.is_deleted() {
             return drivers::bdev::invalid(req, IoError::Aborted("the pair was deleted".into()));
+        }
+        if self.host {
+            self.pair
+                .stats
+                .host_requests
+                .fetch_add(1, Ordering::Relaxed);
         }
         if req.bufs.len() as u64 >= SUB_BOUNCE {
             let n = req.bufs.len();

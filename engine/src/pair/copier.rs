@@ -9,7 +9,7 @@ use drivers::{IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitErrorKind}
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
-use super::{Pair, PairState};
+use super::{HostWatch, Pair, PairState};
 use crate::rate::TokenBucket;
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
@@ -53,11 +53,14 @@ pub struct Copier {
     /// Urgent tracks that were locked when asked for: tried again on the next poll.
     urgent_later: Vec<u64>,
     scratch: Vec<IoCompletion>,
+    /// Whether hosts use the pair.
+    hosts: HostWatch,
 }
 
 impl Copier {
     /// A copier for `pair`; channels open on the reactor that polls it.
     pub fn new(pair: Arc<Pair>) -> Self {
+        let hosts = HostWatch::new(&pair);
         let name = format!("copier:{}", pair.name());
         Self {
             pair,
@@ -71,6 +74,7 @@ impl Copier {
             bucket: TokenBucket::default(),
             urgent_later: Vec::new(),
             scratch: Vec::new(),
+            hosts,
         }
     }
 
@@ -316,7 +320,13 @@ impl Poller for Copier {
         let urgent = self.pair.full_speed.load(Ordering::Relaxed)
             || !self.urgent_later.is_empty()
             || !self.pair.urgent.is_empty();
-        let depth = if urgent { URGENT_DEPTH } else { COPY_DEPTH };
+        // Urgent copies go at full depth only while no host uses the pair: host requests
+        // must not queue behind a backup's copies.
+        let depth = if urgent && !self.hosts.active(&self.pair) {
+            URGENT_DEPTH
+        } else {
+            COPY_DEPTH
+        };
         while self.copies.len() < depth {
             let Some(buf) = self.pool.as_ref().and_then(BufferPool::get) else {
                 break;

@@ -122,6 +122,41 @@ pub struct PairStats {
     pub splits: AtomicU64,
     /// Nanoseconds of the last split, from request to gates reopened.
     pub last_split_ns: AtomicU64,
+    /// Requests hosts sent through the pair's views (a backup watches it to yield to them).
+    pub host_requests: AtomicU64,
+}
+
+/// Watches a pair's host requests for the engine's own work on it (backups, urgent copies),
+/// which keeps less I/O in flight while hosts are active so host requests do not queue behind
+/// it.
+#[derive(Debug)]
+pub(crate) struct HostWatch {
+    seen: u64,
+    until: std::time::Instant,
+}
+
+impl HostWatch {
+    /// Hosts count as active until this long after their last request.
+    const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
+
+    /// Requests hosts made before count for nothing.
+    pub(crate) fn new(pair: &Pair) -> Self {
+        Self {
+            seen: pair.stats.host_requests.load(Ordering::Relaxed),
+            until: std::time::Instant::now(),
+        }
+    }
+
+    /// True while hosts use `pair` (a request seen within the last [`HostWatch::QUIET`]).
+    pub(crate) fn active(&mut self, pair: &Pair) -> bool {
+        let seen = pair.stats.host_requests.load(Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        if seen != self.seen {
+            self.seen = seen;
+            self.until = now + Self::QUIET;
+        }
+        now < self.until
+    }
 }
 
 /// What `pair_get` reports.
