@@ -89,9 +89,14 @@ enum Persist {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Phase {
+    /// Mirrored, once the initial copy is done.
     Pair,
+    /// During the initial copy.
     Copy,
+    /// Split before anything was copied: every track pending (copy before write).
     Split,
+    /// Split once mirrored: nothing pending.
+    SplitMirrored,
 }
 
 /// Why a run failed: bad usage (exit 2) or a failure while running (exit 1).
@@ -528,12 +533,17 @@ fn pair_target(
     match args.phase {
         _ if args.splits > 0 => {}
         Phase::Copy => {}
-        Phase::Pair => {
+        Phase::Pair | Phase::SplitMirrored => {
             while pair.state() != PairState::Pair {
                 if pair.state() == PairState::Psue {
                     return Err(run(format!("pair failed: {:?}", pair.error())));
                 }
                 std::thread::sleep(Duration::from_millis(10));
+            }
+            if args.phase == Phase::SplitMirrored {
+                engine
+                    .pair_split(&["bench".to_string()])
+                    .map_err(|e| run(e.to_string()))?;
             }
         }
         Phase::Split => {

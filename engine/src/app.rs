@@ -592,6 +592,7 @@ impl Engine {
                 continue;
             }
             let Some(meta) = p.metadata() else { continue };
+            p.exact_changed_for_stop();
             let n = meta.request_sync();
             for r in self.reactors.handles() {
                 r.wake_if_parked();

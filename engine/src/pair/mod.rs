@@ -497,7 +497,7 @@ impl Pair {
                     m.want_set_region(MapKind::Pending, t, self.tracks);
                 }
                 HostWrite::ChangedP { split } => {
-                    m.want_set(MapKind::ChangedP, t);
+                    m.want_set_region(MapKind::ChangedP, t, self.tracks);
                     if split {
                         // P changes: the track must not read as "P holds the image" after a
                         // crash.
@@ -505,7 +505,7 @@ impl Pair {
                     }
                 }
                 HostWrite::ChangedS => {
-                    m.want_set(MapKind::ChangedS, t);
+                    m.want_set_region(MapKind::ChangedS, t, self.tracks);
                     m.want_clear(MapKind::Pending, t);
                 }
             }
@@ -926,6 +926,20 @@ impl Pair {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
         true
+    }
+
+    /// For a clean stop (gate closed, writes drained) of a split pair: the changed maps on
+    /// disk, supersets by region while hosts write, become exactly what memory holds. (In COPY
+    /// and PAIR memory holds none, and bits a restart merged into pending stay on disk until
+    /// those pending bits are durable: they are left alone.)
+    pub fn exact_changed_for_stop(&self) {
+        if !matches!(self.state(), PairState::Psus | PairState::Psue) {
+            return;
+        }
+        if let Some(m) = &self.meta {
+            m.want_exactly(MapKind::ChangedP, |w| self.changed_p.raw_word(w));
+            m.want_exactly(MapKind::ChangedS, |w| self.changed_s.raw_word(w));
+        }
     }
 
     /// Checks that a split applies now (gate closed, writes drained).

@@ -23,8 +23,9 @@
 //!   durable, before it is issued. A stale bit there (the track was copied but the bit not yet
 //!   cleared) is harmless: P still holds the split-point data, and a copy rewrites the same data.
 //!
-//! The changed maps are supersets (a write sets its bit durably before it is issued); the
-//! restore map is a superset of the tracks P still lacks in a restore.
+//! The changed maps are supersets: a write sets the bits of its tracks' regions durably before
+//! it is issued (a resync copies the few extra tracks, equal on both sides). The restore map is
+//! a superset of the tracks P still lacks in a restore.
 //!
 //! Header writes are numbered: a transition that changes what host writes mean (split, resync,
 //! the end of a copy, a suspension) takes a number, and host writes wait until the header of
@@ -554,12 +555,6 @@ impl Metadata {
                 .queue
                 .push(map as u64 * self.layout.pages_per_map + page);
         }
-    }
-
-    /// Wants the track's bit set; queues its page when that changes it.
-    pub fn want_set(&self, map: MapKind, t: u64) {
-        let (w, m) = PersistedSet::bit(t);
-        self.want_set_word(map, w, m);
     }
 
     /// Wants the bits of `bits` set in word `w` (tracks `64 * w ..`); queues the page when
