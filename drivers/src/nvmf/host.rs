@@ -147,6 +147,19 @@ impl SyncQueue {
         cntlid: u16,
         kato_ms: u32,
     ) -> Result<(Self, u16), NvmfError> {
+        Self::connect_with(opts, qid, sqsize, cntlid, kato_ms, 0)
+    }
+
+    /// As [`SyncQueue::connect`], with connect attributes `cattr` (such as
+    /// [`fabrics::CATTR_DISABLE_SQ_FLOW`]).
+    pub fn connect_with(
+        opts: &HostOptions,
+        qid: u16,
+        sqsize: u16,
+        cntlid: u16,
+        kato_ms: u32,
+        cattr: u8,
+    ) -> Result<(Self, u16), NvmfError> {
         let addr = opts.addr();
         let sa = addr
             .to_socket_addrs()
@@ -198,7 +211,8 @@ impl SyncQueue {
             hostnqn: opts.hostnqn.clone(),
         }
         .encode();
-        let (cqe, _) = q.command("Connect", fabrics::connect(qid, sqsize, kato_ms), &data, 0)?;
+        let c = fabrics::connect_with(qid, sqsize, kato_ms, cattr);
+        let (cqe, _) = q.command("Connect", c, &data, 0)?;
         Ok((q, cqe.result as u16))
     }
 
@@ -480,7 +494,19 @@ impl HostController {
             .pop()
             .ok_or_else(|| NvmfError::Unusable("no I/O queue left on the controller".into()))?;
         let depth = self.opts.queue_depth.clamp(2, 1024);
-        let q = SyncQueue::connect(&self.opts, qid, depth, self.cntlid, 0).and_then(|(q, _)| {
+        // This queue never looks at SQHD: asking for SQ flow control to be disabled lets the
+        // controller end reads with C2HData SUCCESS and no response capsule. A controller that
+        // refuses the attribute gets a plain Connect.
+        let sq_flow = fabrics::CATTR_DISABLE_SQ_FLOW;
+        let q = match SyncQueue::connect_with(&self.opts, qid, depth, self.cntlid, 0, sq_flow) {
+            Err(NvmfError::Status { status, .. })
+                if status.kind() == fabrics::status::CONNECT_INVALID_PARAMS.kind() =>
+            {
+                SyncQueue::connect(&self.opts, qid, depth, self.cntlid, 0)
+            }
+            other => other,
+        };
+        let q = q.and_then(|(q, _)| {
             let digests = q.digests;
             let maxh2cdata = q.maxh2cdata;
             let (stream, rx) = q.into_stream()?;

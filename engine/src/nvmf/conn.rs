@@ -6,8 +6,8 @@
 //! gone, the export stopped, the keep-alive timeout expired). Input is parsed a whole PDU at a
 //! time from the receive buffer; commands whose data the host sends by the transport get an R2T
 //! and wait for their H2CData; I/O goes to the export's channel on this reactor and the
-//! replies (C2HData straight from the DMA buffers, then the response capsule) are sent with
-//! vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
+//! replies (C2HData straight from the DMA buffers, then the response capsule, or C2HData with
+//! SUCCESS alone when the host disabled SQ flow control) are sent with vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
 //! completions free some.
 
 use std::collections::VecDeque;
@@ -163,6 +163,9 @@ pub struct NvmfConn {
     qid: Option<u16>,
     sqsize: u16,
     sqhd: u16,
+    /// The host asked for SQ flow control to be disabled: SQHD is not reported and successful
+    /// reads end with a C2HData carrying SUCCESS instead of a response capsule.
+    sq_flow_disabled: bool,
     ctrl: Option<Arc<Ctrl>>,
     export: Option<Arc<NvmfExport>>,
     channel: Option<Box<dyn IoChannel>>,
@@ -224,6 +227,7 @@ impl NvmfConn {
             qid: None,
             sqsize: 0,
             sqhd: 0,
+            sq_flow_disabled: false,
             ctrl: None,
             export: None,
             channel: None,
@@ -264,9 +268,11 @@ impl NvmfConn {
         });
     }
 
-    /// C2HData with `body` (one PDU, LAST), then the response capsule.
+    /// C2HData with `body` (one PDU, LAST), then the response capsule; or, when SQ flow control
+    /// is disabled, the C2HData alone with SUCCESS set.
     fn respond_data(&mut self, cid: u16, body: Body, len: usize) {
         if len > 0 {
+            let success = self.sq_flow_disabled;
             let digest = self.digests.data.then(|| {
                 let c = match &body {
                     Body::Bufs(b) => pdu::crc32c(b.iter().map(DmaBuf::as_slice)),
@@ -281,7 +287,7 @@ impl NvmfConn {
                 offset: 0,
                 len: len as u32,
                 last: true,
-                success: false,
+                success,
             }
             .encode_c2h(self.digests);
             self.tx.push_back(Out {
@@ -289,11 +295,17 @@ impl NvmfConn {
                 body,
                 digest,
             });
+            if success {
+                return;
+            }
         }
         self.respond(cid, Status::SUCCESS, 0);
     }
 
     fn bump_sqhd(&mut self) {
+        if self.sq_flow_disabled {
+            return;
+        }
         let entries = self.sqsize as u32 + 1;
         self.sqhd = ((self.sqhd as u32 + 1) % entries.max(1)) as u16;
     }
@@ -807,8 +819,13 @@ impl NvmfConn {
         };
         self.qid = Some(c.qid);
         self.sqsize = c.sqsize;
+        self.sq_flow_disabled = c.cattr & fabrics::CATTR_DISABLE_SQ_FLOW != 0;
         // The Connect itself was the queue's first entry.
-        self.sqhd = 1;
+        self.sqhd = if self.sq_flow_disabled {
+            fabrics::SQHD_DISABLED
+        } else {
+            1
+        };
         if let Some(e) = &export {
             e.connections.fetch_add(1, Ordering::SeqCst);
         }
