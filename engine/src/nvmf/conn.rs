@@ -43,8 +43,8 @@ pub const QUEUE_ENTRIES: u16 = 128;
 pub const MAX_IO_QUEUES: u32 = 64;
 /// Receive buffer: the largest PDU and then some.
 const RX_BUF: usize = 2 * MAXH2CDATA + 4096;
-/// Vectors per writev.
-const MAX_IOV: usize = 64;
+/// Vectors per writev (a turn's replies: 32 reads are a header and a buffer each).
+const MAX_IOV: usize = 256;
 /// Asynchronous event requests held at once (AERL + 1).
 const MAX_AERS: usize = 4;
 /// A connection must send its ICReq within this.
@@ -74,13 +74,14 @@ impl Out {
             Head::Pdu(h) => h.as_slice(),
             Head::Raw(v) => v,
         };
-        let body: Vec<&[u8]> = match &self.body {
-            Body::None => Vec::new(),
-            Body::Bufs(b) => b.iter().map(DmaBuf::as_slice).collect(),
-            Body::Bytes(v) => vec![v.as_slice()],
+        let (bytes, bufs) = match &self.body {
+            Body::None => (None, None),
+            Body::Bufs(b) => (None, Some(b.iter().map(DmaBuf::as_slice))),
+            Body::Bytes(v) => (Some(v.as_slice()), None),
         };
         std::iter::once(head)
-            .chain(body)
+            .chain(bytes)
+            .chain(bufs.into_iter().flatten())
             .chain(self.digest.as_ref().map(|d| &d[..]))
     }
 
@@ -177,6 +178,8 @@ pub struct NvmfConn {
     tx: VecDeque<Out>,
     tx_sent: usize,
     done: Vec<IoCompletion>,
+    /// Channel requests of the command being executed (kept to reuse its allocation).
+    reqs: Vec<(IoOp, u64, u64, IoBufs)>,
     closing: bool,
     closing_since: Option<Instant>,
     last_keep_alive: Instant,
@@ -239,6 +242,7 @@ impl NvmfConn {
             tx: VecDeque::new(),
             tx_sent: 0,
             done: Vec::new(),
+            reqs: Vec::new(),
             closing: false,
             closing_since: None,
             last_keep_alive: now,
@@ -617,7 +621,8 @@ impl NvmfConn {
         let bs = export.bdev.geometry().block_size as u64;
         let (lba, blocks) = cmd.range();
         let (offset, len) = (lba.saturating_mul(bs), blocks as u64 * bs);
-        let mut reqs: Vec<(IoOp, u64, u64, IoBufs)> = Vec::new();
+        let mut reqs = std::mem::take(&mut self.reqs);
+        reqs.clear();
         let read_bufs = IoBufs::new();
         match cmd.opcode() {
             nvm::READ | nvm::WRITE => {
@@ -711,7 +716,7 @@ impl NvmfConn {
             result: Status::SUCCESS,
             read_bufs,
         });
-        for (op, offset, len, bufs) in reqs {
+        for (op, offset, len, bufs) in reqs.drain(..) {
             let req = IoRequest {
                 op,
                 offset,
@@ -735,6 +740,7 @@ impl NvmfConn {
                 });
             }
         }
+        self.reqs = reqs;
     }
 
     fn connect(&mut self, cmd: Command, payload: Payload) {
@@ -1086,7 +1092,8 @@ impl NvmfConn {
     fn transmit(&mut self) -> bool {
         let mut progress = false;
         while !self.tx.is_empty() {
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV);
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
             let mut skip = self.tx_sent;
             'outer: for out in &self.tx {
                 for part in out.parts() {
@@ -1097,14 +1104,15 @@ impl NvmfConn {
                         skip -= part.len();
                         continue;
                     }
-                    iov.push(IoSlice::new(&part[skip..]));
+                    iov[n] = IoSlice::new(&part[skip..]);
+                    n += 1;
                     skip = 0;
-                    if iov.len() == MAX_IOV {
+                    if n == MAX_IOV {
                         break 'outer;
                     }
                 }
             }
-            let sent = match rustix::io::writev(&self.sock, &iov) {
+            let sent = match rustix::io::writev(&self.sock, &iov[..n]) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(_) => {
@@ -1113,7 +1121,6 @@ impl NvmfConn {
                     return true;
                 }
             };
-            drop(iov);
             progress = true;
             self.tx_sent += sent;
             while let Some(front) = self.tx.front() {
@@ -1196,10 +1203,14 @@ impl Poller for NvmfConn {
         if let Some(ch) = self.channel.as_mut() {
             ch.poll(&mut self.done);
         }
-        let done = std::mem::take(&mut self.done);
-        for c in done {
+        let mut done = std::mem::take(&mut self.done);
+        for c in done.drain(..) {
             busy = true;
             self.on_completion(c);
+        }
+        // Keep the allocation unless handling the completions queued new ones.
+        if self.done.is_empty() {
+            self.done = done;
         }
         // Input held back for lack of buffers or slots can go on now.
         if !self.closing && self.rx_len > 0 {
