@@ -32,6 +32,8 @@ const KATO_MS: u32 = 10_000;
 const ADMIN_QUEUE: u16 = 32;
 /// Largest transfer of one command this initiator issues.
 const MAX_CMD_BYTES: usize = 128 << 10;
+/// Period of the I/O queues' command timeout checks.
+const TICK: Duration = Duration::from_millis(10);
 /// Vectors per writev (a turn's worth of 4 KiB writes: a header and the data each).
 const MAX_IOV: usize = 256;
 
@@ -546,6 +548,7 @@ impl HostController {
             failed: None,
             done: Vec::new(),
             last_check: Instant::now(),
+            tick: 0,
             waker: None,
         })
     }
@@ -603,7 +606,8 @@ struct Cmd {
     /// Its data bytes (0 for commands without data).
     len: usize,
     read: bool,
-    issued: Instant,
+    /// The queue's tick when it was issued.
+    issued: u64,
 }
 
 /// A piece of what the queue sends.
@@ -659,6 +663,7 @@ pub struct IoQueue {
     failed: Option<IoError>,
     done: Vec<Done>,
     last_check: Instant,
+    tick: u64,
     waker: Option<Waker>,
 }
 
@@ -778,14 +783,13 @@ impl IoQueue {
             let n = (len - at).min(step);
             let lba = (offset + at) / bs;
             let blocks = (n / bs) as u32;
-            let now = Instant::now();
             let data = op.has_data();
             let key = self.cmds.insert(Cmd {
                 parent,
                 start: at as usize,
                 len: if data { n as usize } else { 0 },
                 read: op == IoOp::Read,
-                issued: now,
+                issued: self.tick,
             });
             let cid = key as u16;
             match op {
@@ -1083,14 +1087,14 @@ impl IoQueue {
         self.receive();
         self.transmit();
         let now = Instant::now();
-        if now.duration_since(self.last_check) > Duration::from_millis(10) {
+        if now.duration_since(self.last_check) > TICK {
+            // Ticks count checks at least TICK apart: a command is late once more ticks than
+            // the timeout holds passed since it was issued, without a clock read per command.
             self.last_check = now;
+            self.tick += 1;
             let limit = self.ctrl.opts.io_timeout;
-            if self
-                .cmds
-                .iter()
-                .any(|(_, c)| now.duration_since(c.issued) > limit)
-            {
+            let ticks = (limit.as_nanos() / TICK.as_nanos()) as u64;
+            if self.cmds.iter().any(|(_, c)| self.tick - c.issued > ticks) {
                 self.fail(IoError::Aborted(format!(
                     "an NVMe/TCP command took longer than {} ms",
                     limit.as_millis()
