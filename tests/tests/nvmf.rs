@@ -155,6 +155,10 @@ fn backups_to_another_quicksplit_over_nvmf_are_exact_in_every_mode() {
         assert_eq!(info["state"], "done", "{mode}: {info}");
         assert_eq!(info["bytes_done"], SIZE);
         assert_eq!(info["sha256"], want.as_str(), "{mode}: manifest SHA-256");
+        if mode == "merge" {
+            // The initiator sends the staging buffers themselves: no payload copy by the CPU.
+            assert_eq!(info["cpu_copied_bytes"], 0, "{mode}: {info}");
+        }
         let got = read_all(&mut d, SIZE);
         assert!(
             got == image,
@@ -544,4 +548,164 @@ fn a_thousand_malformed_pdus_leave_the_target_serving_others() {
             <= 2
     }));
     assert!(server.pid() > 0);
+}
+
+/// Reads one whole PDU from a blocking socket.
+fn read_pdu(s: &mut TcpStream) -> Vec<u8> {
+    let mut pdu = vec![0u8; pdu::CH_LEN];
+    s.read_exact(&mut pdu).expect("a PDU header");
+    let plen = u32::from_le_bytes([pdu[4], pdu[5], pdu[6], pdu[7]]) as usize;
+    pdu.resize(plen, 0);
+    s.read_exact(&mut pdu[pdu::CH_LEN..])
+        .expect("the rest of the PDU");
+    pdu
+}
+
+/// (CID, status code, SQHD) of a response capsule.
+fn resp_fields(p: &[u8]) -> (u16, u16, u16) {
+    assert_eq!(
+        p[0],
+        pdu::pdu_type::CAPSULE_RESP,
+        "a response capsule: {p:02x?}"
+    );
+    let dw3 = u32::from_le_bytes([p[20], p[21], p[22], p[23]]);
+    let sqhd = u16::from_le_bytes([p[16], p[17]]);
+    (dw3 as u16, ((dw3 >> 17) & 0x7ff) as u16, sqhd)
+}
+
+/// An I/O queue of controller `cntlid` on a raw socket, connected with `cattr`; the SQHD of
+/// the Connect response.
+fn raw_io_queue(opts: &HostOptions, cntlid: u16, qid: u16, cattr: u8) -> (TcpStream, u16) {
+    let mut s = TcpStream::connect(("127.0.0.1", opts.trsvcid)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&IcReq::new(Digests::default()).encode())
+        .unwrap();
+    let mut icresp = [0u8; 128];
+    s.read_exact(&mut icresp).unwrap();
+    let data = fabrics::ConnectData {
+        hostid: fabrics::id_from_name(&opts.hostnqn),
+        cntlid,
+        subnqn: opts.subnqn.clone(),
+        hostnqn: opts.hostnqn.clone(),
+    }
+    .encode();
+    let c = fabrics::connect_with(qid, 32, 0, cattr).with_cid(1);
+    let mut wire = CapsuleCmd::new(c)
+        .with_data_len(data.len())
+        .encode(Digests::default())
+        .as_slice()
+        .to_vec();
+    wire.extend_from_slice(&data);
+    s.write_all(&wire).unwrap();
+    let (cid, sc, sqhd) = resp_fields(&read_pdu(&mut s));
+    assert_eq!((cid, sc), (1, 0), "Connect succeeds");
+    (s, sqhd)
+}
+
+fn send_cmd(s: &mut TcpStream, cmd: NvmeCmd, data: &[u8]) {
+    let cmd = fabrics::sgl_command(cmd);
+    let mut wire = CapsuleCmd::new(cmd)
+        .with_data_len(data.len())
+        .encode(Digests::default())
+        .as_slice()
+        .to_vec();
+    wire.extend_from_slice(data);
+    s.write_all(&wire).unwrap();
+}
+
+#[test]
+fn reads_end_with_c2hdata_success_only_when_the_host_disables_sq_flow_control() {
+    let dir = TempDir::new("nvmf-success");
+    let (_server, _rpc, port, nqn) = target(dir.path());
+    let opts = HostOptions::new("127.0.0.1", port, nqn);
+    let ctrl = HostController::connect(opts.clone()).expect("connect");
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+    let read3 = fabrics::with_sgl(NvmeCmd::read(1, 3, 1), 4096, false);
+    for (qid, cattr) in [(50, fabrics::CATTR_DISABLE_SQ_FLOW), (51, 0)] {
+        let disabled = cattr != 0;
+        let (mut s, sqhd) = raw_io_queue(&opts, ctrl.cntlid(), qid, cattr);
+        if disabled {
+            assert_eq!(sqhd, fabrics::SQHD_DISABLED);
+        } else {
+            assert_eq!(sqhd, 1, "the Connect was the first entry");
+        }
+        // A write is still answered with a response capsule.
+        let w = fabrics::with_sgl(NvmeCmd::write(1, 3, 1, false), 4096, true);
+        send_cmd(&mut s, w.with_cid(7), &pattern);
+        let (cid, sc, _) = resp_fields(&read_pdu(&mut s));
+        assert_eq!((cid, sc), (7, 0));
+        // The read's data comes in one C2HData PDU with LAST_PDU; SUCCESS only when asked for.
+        send_cmd(&mut s, read3.with_cid(8), &[]);
+        let p = read_pdu(&mut s);
+        assert_eq!(p[0], pdu::pdu_type::C2H_DATA);
+        let want_flags = if disabled {
+            pdu::flags::LAST_PDU | pdu::flags::SUCCESS
+        } else {
+            pdu::flags::LAST_PDU
+        };
+        assert_eq!(p[1], want_flags, "C2HData flags");
+        assert_eq!(u16::from_le_bytes([p[8], p[9]]), 8, "CCCID");
+        let pdo = p[3] as usize;
+        assert_eq!(&p[pdo..], &pattern[..], "the read's data");
+        if !disabled {
+            let (cid, sc, _) = resp_fields(&read_pdu(&mut s));
+            assert_eq!((cid, sc), (8, 0), "the response capsule follows the data");
+        }
+        // The next PDU answers the next command: no response capsule was sent for the read.
+        send_cmd(&mut s, NvmeCmd::flush(1).with_cid(9), &[]);
+        let (cid, sc, _) = resp_fields(&read_pdu(&mut s));
+        assert_eq!((cid, sc), (9, 0));
+        // A failed read still gets a response capsule with its status, and no data.
+        let past_end = fabrics::with_sgl(NvmeCmd::read(1, 1024, 1), 4096, false);
+        send_cmd(&mut s, past_end.with_cid(10), &[]);
+        let (cid, sc, _) = resp_fields(&read_pdu(&mut s));
+        assert_eq!((cid, sc), (10, 0x80), "LBA out of range");
+    }
+    // The initiator's I/O queues ask for SQ flow control to be disabled, so their reads end
+    // with SUCCESS; many reads in flight at once all get their own exact bytes.
+    let pool = BufferPool::new(4096, 64).unwrap();
+    let mut q = ctrl.open_io_queue(1).expect("I/O queue");
+    let fill = |blk: u64, i: usize| (blk as usize * 31 + i * 13 + 1) as u8;
+    let mut out = Vec::new();
+    for (write, blocks) in [(true, 0..32u64), (false, 0..32u64)] {
+        for blk in blocks {
+            let mut b = pool.get().expect("buffer");
+            if write {
+                for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
+                    *x = fill(blk, i);
+                }
+            } else {
+                b.as_mut_slice().fill(0);
+            }
+            let mut bufs = IoBufs::new();
+            bufs.push(b);
+            let op = if write {
+                IoOp::Write { fua: false }
+            } else {
+                IoOp::Read
+            };
+            q.submit(op, 8 * 4096 + blk * 4096, 4096, bufs, blk)
+                .map_err(|_| "submit refused")
+                .unwrap();
+        }
+        let end = Instant::now() + Duration::from_secs(10);
+        out.clear();
+        while out.len() < 32 {
+            q.poll(&mut out);
+            assert!(Instant::now() < end, "I/O did not complete");
+        }
+        for d in out.drain(..) {
+            d.result.as_ref().expect("I/O succeeded");
+            if !write {
+                let got = d.bufs[0].as_slice();
+                assert!(
+                    got.iter().enumerate().all(|(i, &x)| x == fill(d.tag, i)),
+                    "block {} read back other bytes",
+                    d.tag
+                );
+            }
+        }
+    }
+    assert!(q.failure().is_none());
+    assert_eq!(q.in_flight(), 0);
 }

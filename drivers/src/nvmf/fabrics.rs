@@ -41,6 +41,11 @@ pub const CONNECT_DATA_LEN: usize = 1024;
 pub const CNTLID_DYNAMIC: u16 = 0xffff;
 /// Log page id of the discovery log.
 pub const LOG_DISCOVERY: u8 = 0x70;
+/// Connect attribute: the host asks that SQ flow control be disabled (it never looks at SQHD),
+/// which lets a controller end a read with a C2HData PDU carrying SUCCESS instead of a response.
+pub const CATTR_DISABLE_SQ_FLOW: u8 = 1 << 2;
+/// SQHD of completions on a queue whose SQ flow control is disabled.
+pub const SQHD_DISABLED: u16 = 0xffff;
 
 /// SGL descriptor type byte: data block, address is an offset into the capsule's data.
 pub const SGL_INCAPSULE: u8 = 0x01;
@@ -126,11 +131,16 @@ pub fn sgl_command(cmd: Command) -> Command {
 /// Connect: open queue `qid` of `sqsize` entries (1-based here) on controller `cntlid`'s
 /// subsystem; the Connect data goes in the capsule.
 pub fn connect(qid: u16, sqsize: u16, kato_ms: u32) -> Command {
+    connect_with(qid, sqsize, kato_ms, 0)
+}
+
+/// Connect with connect attributes `cattr` (such as [`CATTR_DISABLE_SQ_FLOW`]).
+pub fn connect_with(qid: u16, sqsize: u16, kato_ms: u32, cattr: u8) -> Command {
     let mut c = Command::new(OPC_FABRICS);
     c.dw[1] = fctype::CONNECT as u32;
-    // RECFMT 0, QID, SQSIZE (0-based), CATTR 0.
+    // RECFMT 0, QID, SQSIZE (0-based), CATTR.
     c.dw[10] = (qid as u32) << 16;
-    c.dw[11] = sqsize.max(2) as u32 - 1;
+    c.dw[11] = (sqsize.max(2) as u32 - 1) | ((cattr as u32) << 16);
     c.dw[12] = kato_ms;
     with_sgl(c, CONNECT_DATA_LEN as u32, true)
 }
@@ -408,7 +418,8 @@ pub fn discovery_log(generation: u64, entries: &[DiscoveryEntry]) -> Vec<u8> {
         r[0] = 3; // TRTYPE TCP
         r[1] = if e.traddr.contains(':') { 2 } else { 1 }; // ADRFAM IPv6 / IPv4
         r[2] = 2; // SUBTYPE NVM subsystem
-        r[3] = 2; // TREQ: secure channel not required
+                  // TREQ: secure channel not required; SQ flow control can be disabled.
+        r[3] = 2 | 1 << 2;
         r[4..6].copy_from_slice(&e.portid.to_le_bytes());
         r[6..8].copy_from_slice(&0xffffu16.to_le_bytes());
         r[8..10].copy_from_slice(&32u16.to_le_bytes());
@@ -471,7 +482,12 @@ mod tests {
     #[test]
     fn connect_command_fields() {
         let c = ConnectCmd::parse(&connect(3, 128, 5000));
-        assert_eq!((c.qid, c.sqsize, c.kato_ms, c.recfmt), (3, 127, 5000, 0));
+        assert_eq!(
+            (c.qid, c.sqsize, c.kato_ms, c.recfmt, c.cattr),
+            (3, 127, 5000, 0, 0)
+        );
+        let c = ConnectCmd::parse(&connect_with(2, 64, 0, CATTR_DISABLE_SQ_FLOW));
+        assert_eq!((c.qid, c.sqsize, c.cattr), (2, 63, CATTR_DISABLE_SQ_FLOW));
         let (t, len, _) = sgl(&connect(0, 32, 0));
         assert_eq!((t, len), (SGL_INCAPSULE, 1024));
     }

@@ -32,8 +32,10 @@ const KATO_MS: u32 = 10_000;
 const ADMIN_QUEUE: u16 = 32;
 /// Largest transfer of one command this initiator issues.
 const MAX_CMD_BYTES: usize = 128 << 10;
-/// Vectors per writev.
-const MAX_IOV: usize = 64;
+/// Period of the I/O queues' command timeout checks.
+const TICK: Duration = Duration::from_millis(10);
+/// Vectors per writev (a turn's worth of 4 KiB writes: a header and the data each).
+const MAX_IOV: usize = 256;
 
 /// Errors of the initiator.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +149,19 @@ impl SyncQueue {
         cntlid: u16,
         kato_ms: u32,
     ) -> Result<(Self, u16), NvmfError> {
+        Self::connect_with(opts, qid, sqsize, cntlid, kato_ms, 0)
+    }
+
+    /// As [`SyncQueue::connect`], with connect attributes `cattr` (such as
+    /// [`fabrics::CATTR_DISABLE_SQ_FLOW`]).
+    pub fn connect_with(
+        opts: &HostOptions,
+        qid: u16,
+        sqsize: u16,
+        cntlid: u16,
+        kato_ms: u32,
+        cattr: u8,
+    ) -> Result<(Self, u16), NvmfError> {
         let addr = opts.addr();
         let sa = addr
             .to_socket_addrs()
@@ -198,7 +213,8 @@ impl SyncQueue {
             hostnqn: opts.hostnqn.clone(),
         }
         .encode();
-        let (cqe, _) = q.command("Connect", fabrics::connect(qid, sqsize, kato_ms), &data, 0)?;
+        let c = fabrics::connect_with(qid, sqsize, kato_ms, cattr);
+        let (cqe, _) = q.command("Connect", c, &data, 0)?;
         Ok((q, cqe.result as u16))
     }
 
@@ -480,7 +496,19 @@ impl HostController {
             .pop()
             .ok_or_else(|| NvmfError::Unusable("no I/O queue left on the controller".into()))?;
         let depth = self.opts.queue_depth.clamp(2, 1024);
-        let q = SyncQueue::connect(&self.opts, qid, depth, self.cntlid, 0).and_then(|(q, _)| {
+        // This queue never looks at SQHD: asking for SQ flow control to be disabled lets the
+        // controller end reads with C2HData SUCCESS and no response capsule. A controller that
+        // refuses the attribute gets a plain Connect.
+        let sq_flow = fabrics::CATTR_DISABLE_SQ_FLOW;
+        let q = match SyncQueue::connect_with(&self.opts, qid, depth, self.cntlid, 0, sq_flow) {
+            Err(NvmfError::Status { status, .. })
+                if status.kind() == fabrics::status::CONNECT_INVALID_PARAMS.kind() =>
+            {
+                SyncQueue::connect(&self.opts, qid, depth, self.cntlid, 0)
+            }
+            other => other,
+        };
+        let q = q.and_then(|(q, _)| {
             let digests = q.digests;
             let maxh2cdata = q.maxh2cdata;
             let (stream, rx) = q.into_stream()?;
@@ -520,6 +548,7 @@ impl HostController {
             failed: None,
             done: Vec::new(),
             last_check: Instant::now(),
+            tick: 0,
             waker: None,
         })
     }
@@ -577,7 +606,8 @@ struct Cmd {
     /// Its data bytes (0 for commands without data).
     len: usize,
     read: bool,
-    issued: Instant,
+    /// The queue's tick when it was issued.
+    issued: u64,
 }
 
 /// A piece of what the queue sends.
@@ -633,6 +663,7 @@ pub struct IoQueue {
     failed: Option<IoError>,
     done: Vec<Done>,
     last_check: Instant,
+    tick: u64,
     waker: Option<Waker>,
 }
 
@@ -646,6 +677,22 @@ fn slices(bufs: &IoBufs, start: usize, len: usize) -> impl Iterator<Item = &[u8]
         let (s, e) = (start.max(bs), end.min(be));
         (s < e).then(|| &b.as_slice()[s - bs..e - bs])
     })
+}
+
+/// The bytes of a piece, in order (a parent's data as its buffers' slices).
+fn piece_parts<'a>(parents: &'a Slab<Parent>, p: &'a Piece) -> impl Iterator<Item = &'a [u8]> {
+    let (one, data) = match p {
+        Piece::Head(h) => (Some(h.as_slice()), None),
+        Piece::Data { parent, start, len } => (
+            None,
+            parents
+                .get(*parent)
+                .map(|pp| slices(&pp.bufs, *start, *len)),
+        ),
+        Piece::Bytes(b) => (Some(b.as_slice()), None),
+        Piece::Digest(d) => (Some(&d[..]), None),
+    };
+    one.into_iter().chain(data.into_iter().flatten())
 }
 
 fn piece_len(p: &Piece) -> usize {
@@ -675,7 +722,8 @@ impl IoQueue {
         }
     }
 
-    /// Starts `op` over `len` bytes at byte `offset` with `bufs` (reads and writes).
+    /// Starts `op` over `len` bytes at byte `offset` with `bufs` (reads and writes). Its PDUs
+    /// are queued and go out on the next [`IoQueue::poll`], batched with the others.
     pub fn submit(
         &mut self,
         op: IoOp,
@@ -735,14 +783,13 @@ impl IoQueue {
             let n = (len - at).min(step);
             let lba = (offset + at) / bs;
             let blocks = (n / bs) as u32;
-            let now = Instant::now();
             let data = op.has_data();
             let key = self.cmds.insert(Cmd {
                 parent,
                 start: at as usize,
                 len: if data { n as usize } else { 0 },
                 read: op == IoOp::Read,
-                issued: now,
+                issued: self.tick,
             });
             let cid = key as u16;
             match op {
@@ -793,7 +840,7 @@ impl IoQueue {
             }
             at += n;
         }
-        self.transmit();
+        // Sent by the next poll, with everything else queued before it.
         Ok(())
     }
 
@@ -825,36 +872,38 @@ impl IoQueue {
         }
     }
 
+    /// Sends what is queued: every PDU queued since the last call goes out in as few vectored
+    /// writes as the socket takes (one per poll turn when it keeps up).
     fn transmit(&mut self) {
         while !self.tx.is_empty() && self.failed.is_none() {
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV);
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
             let mut skip = self.tx_sent;
             'all: for p in &self.tx {
-                let parts: Vec<&[u8]> = match p {
-                    Piece::Head(h) => vec![h.as_slice()],
-                    Piece::Data { parent, start, len } => match self.parents.get(*parent) {
-                        Some(pp) => slices(&pp.bufs, *start, *len).collect(),
-                        None => Vec::new(),
-                    },
-                    Piece::Bytes(b) => vec![b.as_slice()],
-                    Piece::Digest(d) => vec![&d[..]],
-                };
-                for part in parts {
+                for part in piece_parts(&self.parents, p) {
                     if skip >= part.len() {
                         skip -= part.len();
                         continue;
                     }
-                    iov.push(IoSlice::new(&part[skip..]));
+                    iov[n] = IoSlice::new(&part[skip..]);
+                    n += 1;
                     skip = 0;
-                    if iov.len() == MAX_IOV {
+                    if n == MAX_IOV {
                         break 'all;
                     }
                 }
             }
-            match rustix::io::writev(&self.stream, &iov) {
-                Ok(n) => {
-                    drop(iov);
-                    self.tx_sent += n;
+            if n == 0 {
+                // Only data of a request already finished is left: its header promised bytes
+                // that no longer exist (the controller answered before taking them).
+                self.fail(IoError::Aborted(
+                    "NVMe/TCP protocol error: a command completed before its data was sent".into(),
+                ));
+                break;
+            }
+            match rustix::io::writev(&self.stream, &iov[..n]) {
+                Ok(sent) => {
+                    self.tx_sent += sent;
                     while let Some(front) = self.tx.front() {
                         let l = piece_len(front);
                         if self.tx_sent < l {
@@ -1038,14 +1087,14 @@ impl IoQueue {
         self.receive();
         self.transmit();
         let now = Instant::now();
-        if now.duration_since(self.last_check) > Duration::from_millis(10) {
+        if now.duration_since(self.last_check) > TICK {
+            // Ticks count checks at least TICK apart: a command is late once more ticks than
+            // the timeout holds passed since it was issued, without a clock read per command.
             self.last_check = now;
+            self.tick += 1;
             let limit = self.ctrl.opts.io_timeout;
-            if self
-                .cmds
-                .iter()
-                .any(|(_, c)| now.duration_since(c.issued) > limit)
-            {
+            let ticks = (limit.as_nanos() / TICK.as_nanos()) as u64;
+            if self.cmds.iter().any(|(_, c)| self.tick - c.issued > ticks) {
                 self.fail(IoError::Aborted(format!(
                     "an NVMe/TCP command took longer than {} ms",
                     limit.as_millis()

@@ -6,8 +6,8 @@
 //! gone, the export stopped, the keep-alive timeout expired). Input is parsed a whole PDU at a
 //! time from the receive buffer; commands whose data the host sends by the transport get an R2T
 //! and wait for their H2CData; I/O goes to the export's channel on this reactor and the
-//! replies (C2HData straight from the DMA buffers, then the response capsule) are sent with
-//! vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
+//! replies (C2HData straight from the DMA buffers, then the response capsule, or C2HData with
+//! SUCCESS alone when the host disabled SQ flow control) are sent with vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
 //! completions free some.
 
 use std::collections::VecDeque;
@@ -43,8 +43,8 @@ pub const QUEUE_ENTRIES: u16 = 128;
 pub const MAX_IO_QUEUES: u32 = 64;
 /// Receive buffer: the largest PDU and then some.
 const RX_BUF: usize = 2 * MAXH2CDATA + 4096;
-/// Vectors per writev.
-const MAX_IOV: usize = 64;
+/// Vectors per writev (a turn's replies: 32 reads are a header and a buffer each).
+const MAX_IOV: usize = 256;
 /// Asynchronous event requests held at once (AERL + 1).
 const MAX_AERS: usize = 4;
 /// A connection must send its ICReq within this.
@@ -74,13 +74,14 @@ impl Out {
             Head::Pdu(h) => h.as_slice(),
             Head::Raw(v) => v,
         };
-        let body: Vec<&[u8]> = match &self.body {
-            Body::None => Vec::new(),
-            Body::Bufs(b) => b.iter().map(DmaBuf::as_slice).collect(),
-            Body::Bytes(v) => vec![v.as_slice()],
+        let (bytes, bufs) = match &self.body {
+            Body::None => (None, None),
+            Body::Bufs(b) => (None, Some(b.iter().map(DmaBuf::as_slice))),
+            Body::Bytes(v) => (Some(v.as_slice()), None),
         };
         std::iter::once(head)
-            .chain(body)
+            .chain(bytes)
+            .chain(bufs.into_iter().flatten())
             .chain(self.digest.as_ref().map(|d| &d[..]))
     }
 
@@ -163,6 +164,9 @@ pub struct NvmfConn {
     qid: Option<u16>,
     sqsize: u16,
     sqhd: u16,
+    /// The host asked for SQ flow control to be disabled: SQHD is not reported and successful
+    /// reads end with a C2HData carrying SUCCESS instead of a response capsule.
+    sq_flow_disabled: bool,
     ctrl: Option<Arc<Ctrl>>,
     export: Option<Arc<NvmfExport>>,
     channel: Option<Box<dyn IoChannel>>,
@@ -174,6 +178,8 @@ pub struct NvmfConn {
     tx: VecDeque<Out>,
     tx_sent: usize,
     done: Vec<IoCompletion>,
+    /// Channel requests of the command being executed (kept to reuse its allocation).
+    reqs: Vec<(IoOp, u64, u64, IoBufs)>,
     closing: bool,
     closing_since: Option<Instant>,
     last_keep_alive: Instant,
@@ -224,6 +230,7 @@ impl NvmfConn {
             qid: None,
             sqsize: 0,
             sqhd: 0,
+            sq_flow_disabled: false,
             ctrl: None,
             export: None,
             channel: None,
@@ -235,6 +242,7 @@ impl NvmfConn {
             tx: VecDeque::new(),
             tx_sent: 0,
             done: Vec::new(),
+            reqs: Vec::new(),
             closing: false,
             closing_since: None,
             last_keep_alive: now,
@@ -264,9 +272,11 @@ impl NvmfConn {
         });
     }
 
-    /// C2HData with `body` (one PDU, LAST), then the response capsule.
+    /// C2HData with `body` (one PDU, LAST), then the response capsule; or, when SQ flow control
+    /// is disabled, the C2HData alone with SUCCESS set.
     fn respond_data(&mut self, cid: u16, body: Body, len: usize) {
         if len > 0 {
+            let success = self.sq_flow_disabled;
             let digest = self.digests.data.then(|| {
                 let c = match &body {
                     Body::Bufs(b) => pdu::crc32c(b.iter().map(DmaBuf::as_slice)),
@@ -281,7 +291,7 @@ impl NvmfConn {
                 offset: 0,
                 len: len as u32,
                 last: true,
-                success: false,
+                success,
             }
             .encode_c2h(self.digests);
             self.tx.push_back(Out {
@@ -289,11 +299,17 @@ impl NvmfConn {
                 body,
                 digest,
             });
+            if success {
+                return;
+            }
         }
         self.respond(cid, Status::SUCCESS, 0);
     }
 
     fn bump_sqhd(&mut self) {
+        if self.sq_flow_disabled {
+            return;
+        }
         let entries = self.sqsize as u32 + 1;
         self.sqhd = ((self.sqhd as u32 + 1) % entries.max(1)) as u16;
     }
@@ -605,7 +621,8 @@ impl NvmfConn {
         let bs = export.bdev.geometry().block_size as u64;
         let (lba, blocks) = cmd.range();
         let (offset, len) = (lba.saturating_mul(bs), blocks as u64 * bs);
-        let mut reqs: Vec<(IoOp, u64, u64, IoBufs)> = Vec::new();
+        let mut reqs = std::mem::take(&mut self.reqs);
+        reqs.clear();
         let read_bufs = IoBufs::new();
         match cmd.opcode() {
             nvm::READ | nvm::WRITE => {
@@ -699,7 +716,7 @@ impl NvmfConn {
             result: Status::SUCCESS,
             read_bufs,
         });
-        for (op, offset, len, bufs) in reqs {
+        for (op, offset, len, bufs) in reqs.drain(..) {
             let req = IoRequest {
                 op,
                 offset,
@@ -723,6 +740,7 @@ impl NvmfConn {
                 });
             }
         }
+        self.reqs = reqs;
     }
 
     fn connect(&mut self, cmd: Command, payload: Payload) {
@@ -807,8 +825,13 @@ impl NvmfConn {
         };
         self.qid = Some(c.qid);
         self.sqsize = c.sqsize;
+        self.sq_flow_disabled = c.cattr & fabrics::CATTR_DISABLE_SQ_FLOW != 0;
         // The Connect itself was the queue's first entry.
-        self.sqhd = 1;
+        self.sqhd = if self.sq_flow_disabled {
+            fabrics::SQHD_DISABLED
+        } else {
+            1
+        };
         if let Some(e) = &export {
             e.connections.fetch_add(1, Ordering::SeqCst);
         }
@@ -1069,7 +1092,8 @@ impl NvmfConn {
     fn transmit(&mut self) -> bool {
         let mut progress = false;
         while !self.tx.is_empty() {
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV);
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut n = 0;
             let mut skip = self.tx_sent;
             'outer: for out in &self.tx {
                 for part in out.parts() {
@@ -1080,14 +1104,15 @@ impl NvmfConn {
                         skip -= part.len();
                         continue;
                     }
-                    iov.push(IoSlice::new(&part[skip..]));
+                    iov[n] = IoSlice::new(&part[skip..]);
+                    n += 1;
                     skip = 0;
-                    if iov.len() == MAX_IOV {
+                    if n == MAX_IOV {
                         break 'outer;
                     }
                 }
             }
-            let sent = match rustix::io::writev(&self.sock, &iov) {
+            let sent = match rustix::io::writev(&self.sock, &iov[..n]) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(_) => {
@@ -1096,7 +1121,6 @@ impl NvmfConn {
                     return true;
                 }
             };
-            drop(iov);
             progress = true;
             self.tx_sent += sent;
             while let Some(front) = self.tx.front() {
@@ -1179,10 +1203,14 @@ impl Poller for NvmfConn {
         if let Some(ch) = self.channel.as_mut() {
             ch.poll(&mut self.done);
         }
-        let done = std::mem::take(&mut self.done);
-        for c in done {
+        let mut done = std::mem::take(&mut self.done);
+        for c in done.drain(..) {
             busy = true;
             self.on_completion(c);
+        }
+        // Keep the allocation unless handling the completions queued new ones.
+        if self.done.is_empty() {
+            self.done = done;
         }
         // Input held back for lack of buffers or slots can go on now.
         if !self.closing && self.rx_len > 0 {
