@@ -8,7 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/var/tmp/qs-bench}
 gib=${2:-1}
-RATE_MIB=${RATE_MIB:-100}
 mkdir -p "$dir"
 cargo build --release --locked --bin quicksplit >/dev/null 2>&1
 qs=$PWD/target/release/quicksplit
@@ -55,9 +54,10 @@ host() { # seconds -> "IOPS p99.9us"
       | grep -v '^fio:' | python3 -c \
       "import json,sys; w=json.load(sys.stdin)['jobs'][0]['write']; print(round(w['iops']), round(w['clat_ns']['percentile']['99.900000']/1000))"
 }
-backup() { # mode [rate] -> id
+backup() { # mode [host_rate (default: the engine's)] -> id
   rm -f "$T.partial"
-  rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\", \"rate\": ${2:-0}, \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
+  hr=${2:+, \"host_rate\": $2}
+  rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\"$hr, \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
     | python3 -c "import json,sys; print(json.load(sys.stdin)['id'])"
 }
 wait_backup() { # id -> "MiB/s cpu_copied state"
@@ -94,13 +94,12 @@ for mode in merge reflect wait; do
   rpc pair_resync '{"name": "pr"}' >/dev/null
   python3 -c "print('%-8s %12d %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
 done
-# merge again with a rate limit, leaving the disk's attention to the host.
-rate=$((RATE_MIB * 1048576))
+# merge again without yielding to the host (host_rate 0): what the yield buys.
 wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null
-id=$(backup merge $rate)
+id=$(backup merge 0)
 set -- $(host 2); h_iops=$1; h_p999=$2
 set -- $(wait_backup $id); loaded=$1; copied=$2
 rpc pair_resync '{"name": "pr"}' >/dev/null
-python3 -c "print('%-8s %12s %9s %14d %12d %8d %8.2f %10d' % ('merge@${RATE_MIB}', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+python3 -c "print('%-8s %12s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
 echo "vs fio: backup throughput alone / the slower of fio's source read and target write"
 echo "vs split: host p99.9 during the backup / host p99.9 right after a split with no backup"

@@ -662,6 +662,19 @@ impl Engine {
         target: Target,
         rate: u64,
     ) -> Result<u64, EngineError> {
+        self.backup_start_limited(pair, mode, target, rate, crate::backup::DEFAULT_HOST_RATE)
+    }
+
+    /// [`Engine::backup_start`] with a throughput limit for while hosts use the pair
+    /// (`host_rate`, bytes per second, 0 = none).
+    pub fn backup_start_limited(
+        &self,
+        pair: &str,
+        mode: Mode,
+        target: Target,
+        rate: u64,
+        host_rate: u64,
+    ) -> Result<u64, EngineError> {
         let p = self.pair(pair)?;
         if let Target::Tape { record_size, .. } = &target {
             if *record_size == 0 || record_size % 512 != 0 || *record_size > 64 << 20 {
@@ -685,19 +698,22 @@ impl Engine {
         // So is an NVMe/TCP target: Connect and Identify block too.
         let nvmf = crate::nvmf::backup_connection(&target, &p)?;
         let split_at_ns = self.pair_begin_backup(pair)?;
-        let backup =
-            match self
-                .backups
-                .add(pair, mode, target, p.geometry().size(), split_at_ns, rate)
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    p.end_backup();
-                    return Err(EngineError::Target(format!(
-                        "the backup's record cannot be written: {e}"
-                    )));
-                }
-            };
+        let backup = match self.backups.add(
+            pair,
+            mode,
+            target,
+            p.geometry().size(),
+            split_at_ns,
+            crate::backup::Limits { rate, host_rate },
+        ) {
+            Ok(b) => b,
+            Err(e) => {
+                p.end_backup();
+                return Err(EngineError::Target(format!(
+                    "the backup's record cannot be written: {e}"
+                )));
+            }
+        };
         // The transferrer goes next to the pair's copier, on another core when there is one.
         let reactor = self.reactors.get(p.copier_reactor_index() + 1).clone();
         // Checksums on another reactor than the transferrer's, when there is one.

@@ -42,4 +42,10 @@ impl TokenBucket {
         cx.wake_at(now + Duration::from_secs_f64(wait.min(0.1)));
         false
     }
+
+    /// Empties the bucket: a limit that applies again later starts from nothing instead of
+    /// the tokens gathered while it did not apply.
+    pub fn reset(&mut self) {
+        *self = Self::default();
+    }
 }

@@ -494,23 +494,7 @@ fn a_backup_yields_to_host_io_and_not_when_alone() {
     let stop = Arc::new(AtomicBool::new(false));
     // Hosts read P all along (writes could wait for the backup, and writes to the image would
     // change it between the two backups).
-    let threads: Vec<_> = (0..2)
-        .map(|i| {
-            let (engine, stop) = (Arc::clone(&f.engine), Arc::clone(&stop));
-            std::thread::spawn(move || {
-                let bdev = engine.pair_view("pr", View::Primary).unwrap();
-                let mut rng = rand::rngs::StdRng::seed_from_u64(110 + i);
-                while !stop.load(Ordering::SeqCst) {
-                    let ops: Vec<Op> = (0..8)
-                        .map(|_| Op::Read(rng.gen_range(0..SIZE / 4096) * 4096, 4096))
-                        .collect();
-                    for r in run(&engine, i as usize, Arc::clone(&bdev), ops) {
-                        r.expect("host read during the backup");
-                    }
-                }
-            })
-        })
-        .collect();
+    let threads = readers(&f.engine, &stop);
     wait_until("host reads", || {
         pair.stats.host_requests.load(Ordering::Relaxed) > before
     });
@@ -537,4 +521,26 @@ fn a_backup_yields_to_host_io_and_not_when_alone() {
         info.host_yields > 0,
         "hosts read during the whole backup, which never held back: {info:?}"
     );
+    assert_eq!(info.host_rate, engine::backup::DEFAULT_HOST_RATE);
+}
+
+/// Reads P from two threads until stopped.
+fn readers(engine: &Arc<Engine>, stop: &Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..2)
+        .map(|i| {
+            let (engine, stop) = (Arc::clone(engine), Arc::clone(stop));
+            std::thread::spawn(move || {
+                let bdev = engine.pair_view("pr", View::Primary).unwrap();
+                let mut rng = rand::rngs::StdRng::seed_from_u64(110 + i);
+                while !stop.load(Ordering::SeqCst) {
+                    let ops: Vec<Op> = (0..64)
+                        .map(|_| Op::Read(rng.gen_range(0..SIZE / 4096) * 4096, 4096))
+                        .collect();
+                    for r in run(&engine, i as usize, Arc::clone(&bdev), ops) {
+                        r.expect("host read during the backup");
+                    }
+                }
+            })
+        })
+        .collect()
 }

@@ -271,9 +271,29 @@ impl BackupJob {
         Some(bufs)
     }
 
-    /// True when `len` bytes may be read now under the backup's rate limit.
+    /// True when `len` bytes may be read now under the backup's rate limit, and under its
+    /// limit for while hosts use the pair.
     fn within_rate(&mut self, cx: &mut ReactorContext, len: u64) -> bool {
-        self.bucket.take(cx, self.backup.rate, len)
+        let hosts = self.backup.host_rate != 0 && self.hosts.active(&self.pair);
+        let rate = effective_rate(self.backup.rate, self.backup.host_rate, hosts);
+        if rate == 0 {
+            // Unlimited for now: no burst gathers for when hosts come back.
+            self.bucket.reset();
+        }
+        let ok = self.bucket.take(cx, rate, len);
+        if !ok && rate != self.backup.rate {
+            self.note_yield();
+        }
+        ok
+    }
+
+    /// Counts a stretch of reads held back for hosts (once per stretch; not the gentle start
+    /// when no host has shown up).
+    fn note_yield(&mut self) {
+        if !self.yielding && self.hosts.seen_any() {
+            self.yielding = true;
+            self.backup.host_yields.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Bytes the backup may have between reading and the target's acknowledgement: the whole
@@ -293,10 +313,7 @@ impl BackupJob {
             let len = self.piece.min(self.size - self.next_read);
             let held = self.next_read - self.acked;
             if held > 0 && held + len > window {
-                if !self.yielding {
-                    self.yielding = true;
-                    self.backup.host_yields.fetch_add(1, Ordering::Relaxed);
-                }
+                self.note_yield();
                 break;
             }
             if self.backup.mode == Mode::Reflect && !self.reflected(self.next_read) {
@@ -310,11 +327,11 @@ impl BackupJob {
             if !self.within_rate(cx, len) {
                 break;
             }
+            self.yielding = false;
             let offset = self.next_read;
             let Some(src) = self.src.as_mut() else { break };
             match src.channel().submit(IoRequest::read(offset, bufs, offset)) {
                 Ok(()) => {
-                    self.yielding = false;
                     self.reading.insert(offset, ());
                     self.next_read += len;
                     issued = true;
@@ -412,6 +429,16 @@ impl BackupJob {
         self.pair.end_backup();
         tracing::info!(backup = self.backup.id, state = ?state, "backup ended");
         PollStatus::Done
+    }
+}
+
+/// The rate a backup goes at (bytes per second, 0 = no limit): `rate` always, and no more than
+/// `host_rate` while hosts use the pair.
+fn effective_rate(rate: u64, host_rate: u64, hosts_active: bool) -> u64 {
+    match (rate, host_rate) {
+        (r, h) if h == 0 || !hosts_active => r,
+        (0, h) => h,
+        (r, h) => r.min(h),
     }
 }
 
@@ -551,5 +578,24 @@ impl Poller for BackupJob {
 
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::effective_rate;
+
+    #[test]
+    fn host_rate_applies_only_while_hosts_are_active_and_never_raises_rate() {
+        // Alone: the backup's own limit (none, or `rate`).
+        assert_eq!(effective_rate(0, 100, false), 0);
+        assert_eq!(effective_rate(50, 100, false), 50);
+        // With hosts: `host_rate`, or `rate` when that is lower.
+        assert_eq!(effective_rate(0, 100, true), 100);
+        assert_eq!(effective_rate(500, 100, true), 100);
+        assert_eq!(effective_rate(50, 100, true), 50);
+        // `host_rate` 0: no yield.
+        assert_eq!(effective_rate(0, 0, true), 0);
+        assert_eq!(effective_rate(50, 0, true), 50);
     }
 }

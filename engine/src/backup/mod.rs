@@ -103,6 +103,21 @@ pub enum BackupState {
     Cancelled,
 }
 
+/// How fast a backup may go, bytes per second (0 = no limit): always, and while hosts use the
+/// pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// At all times.
+    pub rate: u64,
+    /// While hosts use the pair.
+    pub host_rate: u64,
+}
+
+/// Default throughput limit of a backup while hosts use its pair, bytes per second: enough
+/// to finish a backup in a working day's spare bandwidth, low enough that host requests keep
+/// their latency (what md's `speed_limit_min` is to a resync).
+pub const DEFAULT_HOST_RATE: u64 = 100 << 20;
+
 /// What `backup_get` reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupInfo {
@@ -130,6 +145,9 @@ pub struct BackupInfo {
     pub split_at_ns: u64,
     /// Throughput limit in bytes per second (0 = none).
     pub rate: u64,
+    /// Throughput limit while hosts use the pair, bytes per second (0 = none).
+    #[serde(default)]
+    pub host_rate: u64,
     /// Times the backup held its reads back because hosts were using the pair.
     #[serde(default)]
     pub host_yields: u64,
@@ -160,6 +178,8 @@ pub struct Backup {
     pub split_at_ns: u64,
     /// Throughput limit in bytes per second (0 = none), so hosts keep the disk's attention.
     pub rate: u64,
+    /// Throughput limit while hosts use the pair (0 = none): host requests first.
+    pub host_rate: u64,
     bytes_done: AtomicU64,
     cpu_copied: AtomicU64,
     pub(crate) host_yields: AtomicU64,
@@ -199,6 +219,7 @@ impl Backup {
             cpu_copied_bytes: self.cpu_copied.load(Ordering::Relaxed),
             split_at_ns: self.split_at_ns,
             rate: self.rate,
+            host_rate: self.host_rate,
             host_yields: self.host_yields.load(Ordering::Relaxed),
             elapsed_ns: st.elapsed_ns,
         }
@@ -354,6 +375,7 @@ impl Backups {
                 bytes_total: info.bytes_total,
                 split_at_ns: info.split_at_ns,
                 rate: info.rate,
+                host_rate: info.host_rate,
                 bytes_done: AtomicU64::new(info.bytes_done),
                 cpu_copied: AtomicU64::new(info.cpu_copied_bytes),
                 host_yields: AtomicU64::new(info.host_yields),
@@ -383,7 +405,7 @@ impl Backups {
         target: Target,
         bytes_total: u64,
         split_at_ns: u64,
-        rate: u64,
+        limits: Limits,
     ) -> std::io::Result<Arc<Backup>> {
         let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
         let b = Arc::new(Backup {
@@ -393,7 +415,8 @@ impl Backups {
             target,
             bytes_total,
             split_at_ns,
-            rate,
+            rate: limits.rate,
+            host_rate: limits.host_rate,
             bytes_done: AtomicU64::new(0),
             cpu_copied: AtomicU64::new(0),
             host_yields: AtomicU64::new(0),

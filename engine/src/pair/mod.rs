@@ -133,18 +133,27 @@ pub struct PairStats {
 pub(crate) struct HostWatch {
     seen: u64,
     until: std::time::Instant,
+    /// A host request was seen since the watch began.
+    any: bool,
 }
 
 impl HostWatch {
     /// Hosts count as active until this long after their last request.
-    const QUIET: std::time::Duration = std::time::Duration::from_millis(20);
+    const QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 
-    /// Requests hosts made before count for nothing.
+    /// Hosts count as active for a first quiet period: a request made just before the watch
+    /// began is not seen, and the work must not start at full depth under a busy host.
     pub(crate) fn new(pair: &Pair) -> Self {
         Self {
             seen: pair.stats.host_requests.load(Ordering::Relaxed),
-            until: std::time::Instant::now(),
+            until: std::time::Instant::now() + Self::QUIET,
+            any: false,
         }
+    }
+
+    /// True once a host request was seen since the watch began.
+    pub(crate) fn seen_any(&self) -> bool {
+        self.any
     }
 
     /// True while hosts use `pair` (a request seen within the last [`HostWatch::QUIET`]).
@@ -154,6 +163,7 @@ impl HostWatch {
         if seen != self.seen {
             self.seen = seen;
             self.until = now + Self::QUIET;
+            self.any = true;
         }
         now < self.until
     }

@@ -300,7 +300,7 @@ fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
         }
         "backup_start" => {
             let p: BackupStartParams = params(p)?;
-            let id = engine.backup_start(&p.pair, p.mode, p.target, p.rate)?;
+            let id = engine.backup_start_limited(&p.pair, p.mode, p.target, p.rate, p.host_rate)?;
             Ok(json!({ "id": id }))
         }
         "backup_get" => {
@@ -415,6 +415,12 @@ struct BackupStartParams {
     target: Target,
     #[serde(default)]
     rate: u64,
+    #[serde(default = "default_host_rate")]
+    host_rate: u64,
+}
+
+fn default_host_rate() -> u64 {
+    crate::backup::DEFAULT_HOST_RATE
 }
 
 fn merge() -> Mode {
