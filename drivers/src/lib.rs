@@ -6,6 +6,7 @@
 
 pub mod bdev;
 pub mod fault;
+pub mod iov;
 pub mod malloc;
 pub mod nbd;
 pub mod nvme;

@@ -877,22 +877,9 @@ impl IoQueue {
     fn transmit(&mut self) {
         while !self.tx.is_empty() && self.failed.is_none() {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            let mut skip = self.tx_sent;
-            'all: for p in &self.tx {
-                for part in piece_parts(&self.parents, p) {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    iov[n] = IoSlice::new(&part[skip..]);
-                    n += 1;
-                    skip = 0;
-                    if n == MAX_IOV {
-                        break 'all;
-                    }
-                }
-            }
+            let parents = &self.parents;
+            let parts = self.tx.iter().flat_map(|p| piece_parts(parents, p));
+            let n = crate::iov::gather(parts, self.tx_sent, &mut iov);
             if n == 0 {
                 // Only data of a request already finished is left: its header promised bytes
                 // that no longer exist (the controller answered before taking them).

@@ -390,28 +390,14 @@ impl NbdConn {
     fn transmit(&mut self) -> bool {
         let mut progress = false;
         while !self.tx.is_empty() {
-            let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(MAX_IOV);
-            let mut skip = self.tx_sent;
-            'outer: for out in &self.tx {
-                let parts = std::iter::once(&out.head[..out.head_len])
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let parts = self.tx.iter().flat_map(|out| {
+                std::iter::once(&out.head[..out.head_len])
                     .chain(out.data.iter().map(DmaBuf::as_slice))
-                    .chain(std::iter::once(out.tail.as_slice()));
-                for part in parts {
-                    if part.is_empty() {
-                        continue;
-                    }
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    iov.push(IoSlice::new(&part[skip..]));
-                    skip = 0;
-                    if iov.len() == MAX_IOV {
-                        break 'outer;
-                    }
-                }
-            }
-            let sent = match rustix::io::writev(&self.sock, &iov) {
+                    .chain(std::iter::once(out.tail.as_slice()))
+            });
+            let n = drivers::iov::gather(parts, self.tx_sent, &mut iov);
+            let sent = match rustix::io::writev(&self.sock, &iov[..n]) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(_) => {
@@ -422,7 +408,6 @@ impl NbdConn {
                     return true;
                 }
             };
-            drop(iov);
             progress = true;
             self.tx_sent += sent;
             while let Some(front) = self.tx.front() {

@@ -1093,25 +1093,8 @@ impl NvmfConn {
         let mut progress = false;
         while !self.tx.is_empty() {
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let mut n = 0;
-            let mut skip = self.tx_sent;
-            'outer: for out in &self.tx {
-                for part in out.parts() {
-                    if part.is_empty() {
-                        continue;
-                    }
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    iov[n] = IoSlice::new(&part[skip..]);
-                    n += 1;
-                    skip = 0;
-                    if n == MAX_IOV {
-                        break 'outer;
-                    }
-                }
-            }
+            let parts = self.tx.iter().flat_map(|out| out.parts());
+            let n = drivers::iov::gather(parts, self.tx_sent, &mut iov);
             let sent = match rustix::io::writev(&self.sock, &iov[..n]) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
