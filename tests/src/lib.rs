@@ -119,6 +119,33 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// The SHA-256 of a file, as GNU coreutils' `sha256sum` computes it (hex).
+pub fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("sha256sum {}: {e}", path.display()));
+    assert!(out.status.success(), "sha256sum {} failed", path.display());
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Polls `backup_get` until backup `id` is no longer running (at most `limit`); its last report.
+pub fn wait_backup(rpc: &mut RpcConn, id: u64, limit: Duration) -> serde_json::Value {
+    let mut info = serde_json::Value::Null;
+    assert!(
+        wait_for(limit, || {
+            info = rpc.ok("backup_get", serde_json::json!({ "id": id }))[0].clone();
+            info["state"] != "running"
+        }),
+        "backup {id} did not end"
+    );
+    info
+}
+
 /// A raw JSON-RPC connection to the engine's socket.
 pub struct RpcConn {
     stream: std::os::unix::net::UnixStream,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use quicksplit_tests::{binary, start_empty, wait_for, RpcConn, TempDir};
+use quicksplit_tests::{binary, sha256_of, start_empty, wait_for, RpcConn, TempDir};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -58,25 +58,8 @@ impl Drop for Nbdkit {
     }
 }
 
-fn sha256_of(path: &Path) -> String {
-    let out = run(Command::new("sha256sum").arg(path));
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
-}
-
 fn wait_backup(rpc: &mut RpcConn, id: u64) -> Value {
-    let mut info = Value::Null;
-    assert!(
-        wait_for(Duration::from_secs(60), || {
-            info = rpc.ok("backup_get", json!({ "id": id }))[0].clone();
-            info["state"] != "running"
-        }),
-        "backup {id} did not end"
-    );
-    info
+    quicksplit_tests::wait_backup(rpc, id, Duration::from_secs(60))
 }
 
 /// A pair whose P holds random data, split; P is written again after the split. Returns the

@@ -6,7 +6,6 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,27 +32,11 @@ fn free_port() -> u16 {
 fn sha256_hex(data: &[u8], dir: &Path) -> String {
     let f = dir.join("sha-input");
     std::fs::write(&f, data).expect("write");
-    let out = Command::new("sha256sum")
-        .arg(&f)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
+    quicksplit_tests::sha256_of(&f)
 }
 
 fn wait_backup(rpc: &mut RpcConn, id: u64) -> Value {
-    let mut info = Value::Null;
-    assert!(
-        wait_for(Duration::from_secs(120), || {
-            info = rpc.ok("backup_get", json!({ "id": id }))[0].clone();
-            info["state"] != "running"
-        }),
-        "backup {id} did not end"
-    );
-    info
+    quicksplit_tests::wait_backup(rpc, id, Duration::from_secs(120))
 }
 
 fn read_all(c: &mut NbdClient, size: u64) -> Vec<u8> {
