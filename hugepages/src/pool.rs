@@ -196,3 +196,63 @@ impl Drop for DmaBuf {
         let _ = self.shared.free.push(self.index);
     }
 }
+
+/// A thread's stack of recently freed buffers in front of a [`BufferPool`], like the per-core
+/// cache of a DPDK mempool. The pool's free list is first-in first-out, so a buffer taken from
+/// it was last touched a whole pool ago and is cold in the CPU caches; a buffer taken back from
+/// this stack was used a moment ago and copying into it does not miss.
+pub struct BufferCache {
+    pool: BufferPool,
+    stack: Vec<DmaBuf>,
+    limit: usize,
+}
+
+impl fmt::Debug for BufferCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BufferCache")
+            .field("pool", &self.pool)
+            .field("cached", &self.stack.len())
+            .finish()
+    }
+}
+
+impl BufferCache {
+    /// A cache of at most `limit` buffers in front of `pool`.
+    pub fn new(pool: BufferPool, limit: usize) -> Self {
+        Self {
+            pool,
+            stack: Vec::with_capacity(limit),
+            limit,
+        }
+    }
+
+    /// The most recently returned buffer, else one from the pool; its length set to its full
+    /// capacity.
+    pub fn get(&mut self) -> Option<DmaBuf> {
+        match self.stack.pop() {
+            Some(mut b) => {
+                b.len = b.shared.buf_size;
+                Some(b)
+            }
+            None => self.pool.get(),
+        }
+    }
+
+    /// Keeps `buf` for the next `get`, or gives it back to its pool when the cache is full or
+    /// the buffer belongs to another pool.
+    pub fn put(&mut self, buf: DmaBuf) {
+        if self.stack.len() < self.limit && Arc::ptr_eq(&buf.shared, &self.pool.shared) {
+            self.stack.push(buf);
+        }
+    }
+
+    /// Buffers `get` can hand out now: the cached ones and the pool's free ones.
+    pub fn available(&self) -> usize {
+        self.stack.len() + self.pool.available()
+    }
+
+    /// The pool behind the cache.
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+}

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
-use hugepages::{BufferPool, DmaRegion};
+use hugepages::{BufferCache, BufferPool, DmaRegion};
 
 #[test]
 fn every_buffer_is_distinct_aligned_and_returned() {
@@ -74,4 +74,31 @@ fn regions_round_to_hugepages_and_bounds_are_checked() {
     assert!(DmaRegion::allocate(0).is_err());
     assert!(BufferPool::new(1000, 4).is_err());
     assert!(BufferPool::new(4096, 0).is_err());
+}
+
+#[test]
+fn cache_hands_back_the_last_freed_buffer_and_returns_the_rest_to_the_pool() {
+    let pool = BufferPool::new(4096, 8).unwrap();
+    let mut cache = BufferCache::new(pool.clone(), 2);
+    let held: Vec<_> = (0..4).map(|_| cache.get().unwrap()).collect();
+    let addrs: Vec<usize> = held.iter().map(|b| b.as_ptr() as usize).collect();
+    assert_eq!(cache.available(), 4);
+    let mut held = held.into_iter();
+    for b in held.by_ref().take(3) {
+        let mut b = b;
+        b.set_len(100).unwrap();
+        cache.put(b);
+    }
+    // Two kept by the cache, the third went back to the pool.
+    assert_eq!(pool.available(), 5);
+    assert_eq!(cache.available(), 7);
+    let again = cache.get().unwrap();
+    assert_eq!(again.as_ptr() as usize, addrs[1], "last kept, first given");
+    assert_eq!(again.len(), 4096, "length reset to the capacity");
+    // A buffer of another pool is never kept.
+    let other = BufferPool::new(4096, 1).unwrap();
+    cache.put(other.get().unwrap());
+    assert_eq!(other.available(), 1);
+    drop((again, held, cache));
+    assert_eq!(pool.available(), 8);
 }

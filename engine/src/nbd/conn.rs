@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use drivers::nbd::proto::{self, chunk, cmd, err, Request, REQUEST_LEN};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
-use hugepages::{BufferPool, DmaBuf};
+use hugepages::{BufferCache, BufferPool, DmaBuf};
 use slab::Slab;
 
 use super::{Export, Stream};
@@ -23,6 +23,8 @@ const RX_BUF: usize = 256 << 10;
 const MAX_INFLIGHT: usize = 256;
 /// Vectors per writev.
 const MAX_IOV: usize = 128;
+/// Freed staging buffers a connection keeps for its next requests (a queue's depth of them).
+const CACHED_BUFS: usize = 32;
 
 /// A reply waiting to be sent: header bytes, then optional data buffers.
 struct Out {
@@ -58,7 +60,8 @@ pub struct NbdConn {
     sock: Stream,
     export: Arc<Export>,
     structured: bool,
-    pool: BufferPool,
+    /// Staging buffers, the recently freed ones first.
+    bufs: BufferCache,
     channel: Option<Box<dyn IoChannel>>,
     watched: bool,
     rx: Vec<u8>,
@@ -82,7 +85,7 @@ impl NbdConn {
             sock,
             export,
             structured,
-            pool,
+            bufs: BufferCache::new(pool, CACHED_BUFS),
             channel: None,
             watched: false,
             rx: vec![0u8; RX_BUF],
@@ -104,16 +107,16 @@ impl NbdConn {
 
     /// Buffers for `len` bytes at `offset`, split at the export's boundary (a pair's tracks) and
     /// at the pool's buffer size; `None` when the pool cannot give them all now.
-    fn buffers(&self, offset: u64, len: u64) -> Option<IoBufs> {
-        let piece = self.export.piece_size(self.pool.buf_size() as u64);
-        if (len / piece + 2) as usize > self.pool.available() {
+    fn buffers(&mut self, offset: u64, len: u64) -> Option<IoBufs> {
+        let piece = self.export.piece_size(self.bufs.pool().buf_size() as u64);
+        if (len / piece + 2) as usize > self.bufs.available() {
             return None;
         }
         let mut bufs = IoBufs::new();
         let (mut pos, end) = (offset, offset + len);
         while pos < end {
             let next = ((pos / piece + 1) * piece).min(end);
-            let mut b = self.pool.get()?;
+            let mut b = self.bufs.get()?;
             b.set_len((next - pos) as usize).ok()?;
             bufs.push(b);
             pos = next;
@@ -158,6 +161,9 @@ impl NbdConn {
         let (data, data_len) = if error == 0 && req.kind == cmd::READ {
             (data, data_len)
         } else {
+            for b in data {
+                self.bufs.put(b);
+            }
             (IoBufs::new(), 0)
         };
         self.tx.push_back(Out {
@@ -415,7 +421,11 @@ impl NbdConn {
                     break;
                 }
                 self.tx_sent -= front.total();
-                self.tx.pop_front();
+                if let Some(out) = self.tx.pop_front() {
+                    for b in out.data {
+                        self.bufs.put(b);
+                    }
+                }
             }
         }
         progress

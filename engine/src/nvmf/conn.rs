@@ -24,7 +24,7 @@ use drivers::nvmf::pdu::{
     self, CapsuleResp, DataPdu, Digests, Frame, Header, HeaderBytes, IcResp, PduError, R2t, Side,
 };
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
-use hugepages::{BufferPool, DmaBuf};
+use hugepages::{BufferCache, BufferPool, DmaBuf};
 use slab::Slab;
 
 use super::{Ctrl, NvmfExport, NvmfService};
@@ -47,6 +47,8 @@ const RX_BUF: usize = 2 * MAXH2CDATA + 4096;
 const MAX_IOV: usize = 256;
 /// Asynchronous event requests held at once (AERL + 1).
 const MAX_AERS: usize = 4;
+/// Freed staging buffers a connection keeps for its next commands (a queue's depth of them).
+const CACHED_BUFS: usize = 32;
 /// A connection must send its ICReq within this.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -157,7 +159,8 @@ pub struct NvmfConn {
     sock: TcpStream,
     svc: Arc<NvmfService>,
     listen: String,
-    pool: BufferPool,
+    /// Staging buffers, the recently freed ones first.
+    bufs: BufferCache,
     phase: Phase,
     digests: Digests,
     opened: Instant,
@@ -223,7 +226,7 @@ impl NvmfConn {
             sock,
             svc,
             listen,
-            pool,
+            bufs: BufferCache::new(pool, CACHED_BUFS),
             phase: Phase::AwaitIcReq,
             digests: Digests::default(),
             opened: now,
@@ -316,16 +319,16 @@ impl NvmfConn {
 
     /// DMA buffers for `len` bytes at byte `offset`, split at the export's pieces; `None`
     /// when the pool cannot give them now.
-    fn buffers(&self, offset: u64, len: u64) -> Option<IoBufs> {
+    fn buffers(&mut self, offset: u64, len: u64) -> Option<IoBufs> {
         let piece = self.export.as_ref()?.piece_size();
-        if (len / piece + 2) as usize > self.pool.available() {
+        if (len / piece + 2) as usize > self.bufs.available() {
             return None;
         }
         let mut bufs = IoBufs::new();
         let (mut pos, end) = (offset, offset + len);
         while pos < end {
             let next = ((pos / piece + 1) * piece).min(end);
-            let mut b = self.pool.get()?;
+            let mut b = self.bufs.get()?;
             b.set_len((next - pos) as usize).ok()?;
             bufs.push(b);
             pos = next;
@@ -1022,6 +1025,10 @@ impl NvmfConn {
             }
         } else if p.cmd.opcode() == nvm::READ {
             p.read_bufs = c.bufs;
+        } else {
+            for b in c.bufs {
+                self.bufs.put(b);
+            }
         }
         p.left = p.left.saturating_sub(1);
         if p.left > 0 {
@@ -1112,7 +1119,15 @@ impl NvmfConn {
                     break;
                 }
                 self.tx_sent -= t;
-                self.tx.pop_front();
+                if let Some(Out {
+                    body: Body::Bufs(bufs),
+                    ..
+                }) = self.tx.pop_front()
+                {
+                    for b in bufs {
+                        self.bufs.put(b);
+                    }
+                }
             }
         }
         progress
