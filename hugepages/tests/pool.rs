@@ -102,3 +102,26 @@ fn cache_hands_back_the_last_freed_buffer_and_returns_the_rest_to_the_pool() {
     drop((again, held, cache));
     assert_eq!(pool.available(), 8);
 }
+
+#[test]
+fn streaming_writes_land_like_ordinary_ones() {
+    let region = DmaRegion::allocate(1 << 16).unwrap();
+    let src: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+    // Aligned and a multiple of 64: the streaming path; then unaligned offsets and odd
+    // lengths, which fall back to an ordinary copy.
+    for (offset, len) in [
+        (4096, 4096),
+        (0, 64),
+        (8192, 8192),
+        (17, 4096),
+        (40960, 100),
+    ] {
+        region.write_streaming_at(offset, &src[..len]).unwrap();
+        let mut back = vec![0u8; len];
+        region.read_at(offset, &mut back).unwrap();
+        assert_eq!(back, src[..len], "offset {offset} length {len}");
+    }
+    assert!(region
+        .write_streaming_at(region.len() - 64, &src[..128])
+        .is_err());
+}

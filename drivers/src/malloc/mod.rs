@@ -103,7 +103,7 @@ impl MallocChannel {
                 r
             }),
             IoOp::Write { .. } => req.bufs.iter().try_for_each(|b| {
-                let r = self.mem.write_at(offset, b.as_slice());
+                let r = self.mem.write_streaming_at(offset, b.as_slice());
                 offset += b.len();
                 r
             }),
