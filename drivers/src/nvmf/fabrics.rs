@@ -216,12 +216,11 @@ pub struct ConnectData {
     pub hostnqn: String,
 }
 
+/// An NQN field: UTF-8 up to a NUL within its 256 bytes; `None` when not terminated or not
+/// UTF-8. It may be empty: SPDK's initiator sends an empty host NQN unless given one, and the
+/// Linux and SPDK targets take it.
 fn nqn_field(b: &[u8]) -> Option<String> {
-    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    if end == 0 || end == b.len() {
-        // Empty, or not NUL-terminated within its 256 bytes.
-        return None;
-    }
+    let end = b.iter().position(|&c| c == 0)?;
     std::str::from_utf8(&b[..end]).ok().map(str::to_string)
 }
 
@@ -448,6 +447,13 @@ mod tests {
         let mut bad = b.clone();
         bad[256..512].fill(b'a');
         assert_eq!(ConnectData::parse(&bad), Err(256));
+        let mut bad = b.clone();
+        bad[512..515].copy_from_slice(&[0xff, 0xfe, 0]);
+        assert_eq!(ConnectData::parse(&bad), Err(512), "not UTF-8");
+        let mut anonymous = b.clone();
+        anonymous[512..768].fill(0);
+        let parsed = ConnectData::parse(&anonymous).map(|d| d.hostnqn);
+        assert_eq!(parsed, Ok(String::new()), "an empty host NQN is taken");
     }
 
     #[test]
