@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# NVMe/TCP over loopback, one core each, against SPDK in the same run: SPDK's nvmf_tgt (malloc
+# bdev) driven by spdk_nvme_perf, then quicksplit's target (malloc bdev) driven by qsbench's
+# NVMe/TCP initiator, on the same cores (target core 0, initiator core 1), 4 KiB QD32, rounds
+# alternated; prints every round, the medians and quicksplit / SPDK. TARGET_CORE and
+# INITIATOR_CORE (default 0 and 1) swap the cores.
+# Needs SPDK built from source as in the peers recipe (build/bin/nvmf_tgt, spdk_nvme_perf,
+# scripts/rpc.py); reserves 1024 hugepages for both and puts the old count back at the end.
+# Usage: bench/run-spdk-nvmf.sh SPDK_DIR [ROUNDS (default 5)] [SECONDS (default 8)]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+spdk=${1:?usage: bench/run-spdk-nvmf.sh SPDK_DIR [ROUNDS] [SECONDS]}
+rounds=${2:-5}
+secs=${3:-8}
+tcore=${TARGET_CORE:-0}
+icore=${INITIATOR_CORE:-1}
+cargo build --release --locked --bin quicksplit --bin qsbench >/dev/null 2>&1
+qs=$PWD/target/release/quicksplit
+qsbench=$PWD/target/release/qsbench
+work=$(mktemp -d /tmp/qs-spdk-nvmf.XXXXXX)
+old_hugepages=$(cat /proc/sys/vm/nr_hugepages)
+pid=
+cleanup() {
+  [ -n "$pid" ] && kill "$pid" 2>/dev/null
+  wait 2>/dev/null || true
+  echo "$old_hugepages" > /proc/sys/vm/nr_hugepages
+  rm -rf "$work"
+}
+trap cleanup EXIT
+echo 1024 > /proc/sys/vm/nr_hugepages
+mkdir -p /dev/hugepages
+mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
+export LD_LIBRARY_PATH=$spdk/build/lib
+nqn=nqn.2016-06.io.spdk:cnode1
+port=4420
+
+spdk_round() { # WORKLOAD -> IOPS
+  local rpc="python3 $spdk/scripts/rpc.py -s $work/spdk.sock" iops
+  "$spdk/build/bin/nvmf_tgt" -m $((1 << tcore)) -r "$work/spdk.sock" >"$work/spdk.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 200); do [ -S "$work/spdk.sock" ] && break; sleep 0.1; done
+  $rpc framework_wait_init >/dev/null
+  $rpc nvmf_create_transport -t TCP -u 16384 -m 8 -c 8192 >/dev/null
+  $rpc bdev_malloc_create -b Malloc0 1024 4096 >/dev/null
+  $rpc nvmf_create_subsystem "$nqn" -a -s SPDK00000000000001 >/dev/null
+  $rpc nvmf_subsystem_add_ns "$nqn" Malloc0 >/dev/null
+  $rpc nvmf_subsystem_add_listener "$nqn" -t tcp -a 127.0.0.1 -s $port >/dev/null
+  iops=$("$spdk/build/bin/spdk_nvme_perf" -c $((1 << icore)) \
+      -r "trtype:tcp adrfam:IPv4 traddr:127.0.0.1 trsvcid:$port subnqn:$nqn" \
+      -q 32 -o 4096 -w "$1" -t "$secs" 2>/dev/null | awk '/^Total/ {print int($3)}')
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  rm -f "$work/spdk.sock"
+  echo "${iops:-0}"
+}
+
+qs_round() { # WORKLOAD -> IOPS
+  local iops
+  cat > "$work/qs.json" <<J
+{"config": [
+ {"method": "bdev_malloc_create", "params": {"name": "m", "size": 1073741824}},
+ {"method": "nvmf_export_start", "params": {"nqn": "$nqn", "bdev": "m", "listen": "127.0.0.1:$port"}}]}
+J
+  QUICKSPLIT_LOG=warn "$qs" serve --config "$work/qs.json" --rpc-socket "$work/qs.sock" \
+      --state-dir "$work/state" --cores "$tcore" --idle spin >"$work/qs.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 100); do [ -S "$work/qs.sock" ] && break; sleep 0.1; done
+  iops=$(taskset -c "$icore" "$qsbench" --bdev "nvmf:127.0.0.1:$port:$nqn" --workload "$1" --bs 4096 \
+      --qd 32 --time "$secs" --cores "$icore" --idle spin --json 2>/dev/null \
+      | python3 -c "import json,sys; print(round(json.load(sys.stdin)['iops']))")
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  rm -rf "$work/qs.sock" "$work/state"
+  echo "${iops:-0}"
+}
+
+declare -A R
+for r in $(seq "$rounds"); do
+  for w in randread randwrite; do
+    s=$(spdk_round $w); q=$(qs_round $w)
+    echo "round $r $w: SPDK $s quicksplit $q"
+    R[spdk,$w]="${R[spdk,$w]:-} $s"; R[qs,$w]="${R[qs,$w]:-} $q"
+  done
+done
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+echo
+echo "| 4 KiB QD32, one core each | SPDK rounds | SPDK median | quicksplit rounds | quicksplit median | quicksplit / SPDK |"
+echo "|---|---|---|---|---|---|"
+for w in randread randwrite; do
+  ms=$(echo "${R[spdk,$w]}" | median); mq=$(echo "${R[qs,$w]}" | median)
+  echo "| $w IOPS |${R[spdk,$w]} | $ms |${R[qs,$w]} | $mq | $(python3 -c "print(round($mq/max($ms,1),2))") |"
+done
