@@ -41,10 +41,23 @@ fn fail(e: ClientError) -> i32 {
     }
 }
 
-fn print_json(v: &Value) {
-    match serde_json::to_string_pretty(v) {
-        Ok(s) => println!("{s}"),
-        Err(_) => println!("{v}"),
+/// Exit status when the reader of our output went away (128 + SIGPIPE, as the shell reports
+/// for tools the signal stops).
+const EXIT_BROKEN_PIPE: i32 = 141;
+
+/// Prints `v` to stdout; the exit status. A reader that stops early (`| grep -q`, `| head`)
+/// ends the command quietly, as it ends other tools.
+fn print_json(v: &Value) -> i32 {
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => EXIT_BROKEN_PIPE,
+        Err(e) => {
+            eprintln!("quicksplit: writing the answer: {e}");
+            EXIT_ERROR
+        }
     }
 }
 
@@ -69,10 +82,7 @@ pub fn rpc(socket: Option<PathBuf>, method: &str, params: Option<&str>) -> i32 {
         Err(code) => return code,
     };
     match c.call(method, params) {
-        Ok(v) => {
-            print_json(&v);
-            0
-        }
+        Ok(v) => print_json(&v),
         Err(e) => fail(e),
     }
 }

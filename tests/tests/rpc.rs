@@ -502,6 +502,16 @@ fn cli_commands_and_exit_codes() {
         Some(2)
     );
     assert_eq!(q(&["frobnicate"]).status.code(), Some(2));
+    // A reader that has gone (`| grep -q`): a quiet exit, no panic on stderr.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let out = Command::new(binary("quicksplit"))
+        .args(["rpc", "--socket", s, "bdev_get_bdevs"])
+        .stdout(writer)
+        .output()
+        .expect("run quicksplit");
+    assert_eq!(out.status.code(), Some(141), "{out:?}");
+    assert!(out.stderr.is_empty(), "{out:?}");
     // Cannot connect: 3.
     let nowhere = dir.path().join("nowhere.sock");
     assert_eq!(
