@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# NVMe/TCP over loopback, one core each, against SPDK in the same run: SPDK's nvmf_tgt (malloc
-# bdev) driven by spdk_nvme_perf, then quicksplit's target (malloc bdev) driven by qsbench's
-# NVMe/TCP initiator, on the same cores (target core 0, initiator core 1), 4 KiB QD32, rounds
-# alternated; prints every round, the medians and quicksplit / SPDK. TARGET_CORE and
+# NVMe/TCP over loopback, one core each, against SPDK in the same run: SPDK's nvmf_tgt and
+# quicksplit's target (malloc bdevs), each driven by spdk_nvme_perf and by qsbench's NVMe/TCP
+# initiator, on the same cores (target core 0, initiator core 1), 4 KiB QD32, rounds alternated;
+# prints every round and the medians of the four pairings. TARGET_CORE and
 # INITIATOR_CORE (default 0 and 1) swap the cores.
 # Needs SPDK built from source as in the peers recipe (build/bin/nvmf_tgt, spdk_nvme_perf,
 # scripts/rpc.py); reserves 1024 hugepages for both and puts the old count back at the end.
@@ -34,8 +34,8 @@ export LD_LIBRARY_PATH=$spdk/build/lib
 nqn=nqn.2016-06.io.spdk:cnode1
 port=4420
 
-spdk_round() { # WORKLOAD -> IOPS
-  local rpc="python3 $spdk/scripts/rpc.py -s $work/spdk.sock" iops
+spdk_target() { # starts SPDK's target
+  local rpc="python3 $spdk/scripts/rpc.py -s $work/spdk.sock"
   "$spdk/build/bin/nvmf_tgt" -m $((1 << tcore)) -r "$work/spdk.sock" >"$work/spdk.log" 2>&1 &
   pid=$!
   for _ in $(seq 200); do [ -S "$work/spdk.sock" ] && break; sleep 0.1; done
@@ -45,16 +45,9 @@ spdk_round() { # WORKLOAD -> IOPS
   $rpc nvmf_create_subsystem "$nqn" -a -s SPDK00000000000001 >/dev/null
   $rpc nvmf_subsystem_add_ns "$nqn" Malloc0 >/dev/null
   $rpc nvmf_subsystem_add_listener "$nqn" -t tcp -a 127.0.0.1 -s $port >/dev/null
-  iops=$("$spdk/build/bin/spdk_nvme_perf" -c $((1 << icore)) \
-      -r "trtype:tcp adrfam:IPv4 traddr:127.0.0.1 trsvcid:$port subnqn:$nqn" \
-      -q 32 -o 4096 -w "$1" -t "$secs" 2>/dev/null | awk '/^Total/ {print int($3)}')
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  rm -f "$work/spdk.sock"
-  echo "${iops:-0}"
 }
 
-qs_round() { # WORKLOAD -> IOPS
-  local iops
+qs_target() { # starts quicksplit's target
   cat > "$work/qs.json" <<J
 {"config": [
  {"method": "bdev_malloc_create", "params": {"name": "m", "size": 1073741824}},
@@ -64,27 +57,58 @@ J
       --state-dir "$work/state" --cores "$tcore" --idle spin >"$work/qs.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do [ -S "$work/qs.sock" ] && break; sleep 0.1; done
+}
+
+stop_target() {
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
+  rm -rf "$work/spdk.sock" "$work/qs.sock" "$work/state"
+}
+
+spdk_initiator() { # WORKLOAD -> IOPS
+  local iops
+  iops=$("$spdk/build/bin/spdk_nvme_perf" -c $((1 << icore)) \
+      -r "trtype:tcp adrfam:IPv4 traddr:127.0.0.1 trsvcid:$port subnqn:$nqn" \
+      -q 32 -o 4096 -w "$1" -t "$secs" 2>/dev/null | awk '/^Total/ {print int($3)}')
+  echo "${iops:-0}"
+}
+
+qs_initiator() { # WORKLOAD -> IOPS
+  local iops
   iops=$(taskset -c "$icore" "$qsbench" --bdev "nvmf:127.0.0.1:$port:$nqn" --workload "$1" --bs 4096 \
       --qd 32 --time "$secs" --cores "$icore" --idle spin --json 2>/dev/null \
       | python3 -c "import json,sys; print(round(json.load(sys.stdin)['iops']))")
-  kill "$pid"; wait "$pid" 2>/dev/null || true; pid=
-  rm -rf "$work/qs.sock" "$work/state"
   echo "${iops:-0}"
 }
 
 declare -A R
+# Pairings: target/initiator. The mixed ones tell the target's share from the initiator's.
+pairings="spdk/spdk qs/qs qs/spdk spdk/qs"
 for r in $(seq "$rounds"); do
   for w in randread randwrite; do
-    s=$(spdk_round $w); q=$(qs_round $w)
-    echo "round $r $w: SPDK $s quicksplit $q"
-    R[spdk,$w]="${R[spdk,$w]:-} $s"; R[qs,$w]="${R[qs,$w]:-} $q"
+    line="round $r $w:"
+    for t in spdk qs; do
+      ${t}_target
+      for i in spdk qs; do
+        [ "$t" = spdk ] && [ "$i" = qs ] && iops=$(qs_initiator $w)
+        [ "$t" = spdk ] && [ "$i" = spdk ] && iops=$(spdk_initiator $w)
+        [ "$t" = qs ] && [ "$i" = spdk ] && iops=$(spdk_initiator $w)
+        [ "$t" = qs ] && [ "$i" = qs ] && iops=$(qs_initiator $w)
+        R[$t/$i,$w]="${R[$t/$i,$w]:-} $iops"
+        line="$line $t/$i $iops"
+      done
+      stop_target
+    done
+    echo "$line"
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
-echo "| 4 KiB QD32, one core each | SPDK rounds | SPDK median | quicksplit rounds | quicksplit median | quicksplit / SPDK |"
+echo "Medians of $rounds rounds, 4 KiB QD32, target core $tcore, initiator core $icore (target/initiator):"
+echo
+echo "| workload | SPDK/SPDK | quicksplit/quicksplit | ratio | quicksplit target, SPDK initiator | SPDK target, quicksplit initiator |"
 echo "|---|---|---|---|---|---|"
 for w in randread randwrite; do
-  ms=$(echo "${R[spdk,$w]}" | median); mq=$(echo "${R[qs,$w]}" | median)
-  echo "| $w IOPS |${R[spdk,$w]} | $ms |${R[qs,$w]} | $mq | $(python3 -c "print(round($mq/max($ms,1),2))") |"
+  declare -A M
+  for p in $pairings; do M[$p]=$(echo "${R[$p,$w]}" | median); done
+  echo "| $w | ${M[spdk/spdk]} | ${M[qs/qs]} | $(python3 -c "print(round(${M[qs/qs]}/max(${M[spdk/spdk]},1),2))") | ${M[qs/spdk]} | ${M[spdk/qs]} |"
 done
