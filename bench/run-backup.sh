@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Backup figures in one run, on uring files: each mode's throughput to a file target next to
+# Backup figures in one run, on uring files: each mode's throughput to a file target (right after
+# a split with nearly every track pending, and right after a split of a mirrored pair) next to
 # fio's sequential read of the source and sequential write of the target; host 4 KiB randwrite
 # (fio through NBD on P) during each mode against idle; the CPU-copied payload bytes of each.
 # Usage: bench/run-backup.sh [DIR (default /var/tmp/qs-bench)] [SIZE_GIB (default 1)]
@@ -78,9 +79,14 @@ wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null
 set -- $(host 2); split_iops=$1; split_p999=$2
 rpc pair_resync '{"name": "pr"}' >/dev/null
 echo "host randwrite through NBD right after a split, no backup: $split_iops IOPS, p99.9 $split_p999 us"
-printf '%-8s %12s %9s %14s %12s %8s %8s %10s\n' mode "MiB/s alone" "vs fio" "MiB/s w/ host" "host IOPS" "p99.9us" "vs split" "cpu copied"
+printf '%-8s %12s %9s %12s %9s %14s %12s %8s %8s %10s\n' mode "MiB/s alone" "vs fio" \
+  "MiB/s mirr." "vs fio" "MiB/s w/ host" "host IOPS" "p99.9us" "vs split" "cpu copied"
 for mode in merge reflect wait; do
+  # Split of a mirrored pair (nothing pending): the backup's own streaming rate.
   wait_pair
+  rpc pair_split '{"name": "pr"}' >/dev/null
+  id=$(backup $mode); set -- $(wait_backup $id); mirrored=$1
+  rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair
   # Dirty every track, then split with the copy still behind: modes differ on pending tracks.
   host 1 >/dev/null
   rpc pair_split '{"name": "pr"}' >/dev/null
@@ -92,7 +98,7 @@ for mode in merge reflect wait; do
   set -- $(host 2); h_iops=$1; h_p999=$2
   set -- $(wait_backup $id); loaded=$1
   rpc pair_resync '{"name": "pr"}' >/dev/null
-  python3 -c "print('%-8s %12d %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+  python3 -c "print('%-8s %12d %9.2f %12d %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $mirrored, $mirrored/$slower, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
 done
 # merge again without yielding to the host (host_rate 0): what the yield buys.
 wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null
@@ -100,6 +106,8 @@ id=$(backup merge 0)
 set -- $(host 2); h_iops=$1; h_p999=$2
 set -- $(wait_backup $id); loaded=$1; copied=$2
 rpc pair_resync '{"name": "pr"}' >/dev/null
-python3 -c "print('%-8s %12s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
-echo "vs fio: backup throughput alone / the slower of fio's source read and target write"
+python3 -c "print('%-8s %12s %9s %12s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+echo "alone: right after a split with nearly every track pending; mirr.: right after a split of a"
+echo "mirrored pair (nothing pending); vs fio: that throughput / the slower of fio's source read and"
+echo "target write"
 echo "vs split: host p99.9 during the backup / host p99.9 right after a split with no backup"
