@@ -2,8 +2,9 @@
 //!
 //! This crate owns every byte a device reads or writes directly: [`DmaRegion`]s mapped from 2 MiB
 //! hugepages (or locked ordinary pages when none are reserved), the staging [`BufferPool`] of
-//! fixed-size buffers handed out as owned [`DmaBuf`] handles without a lock, and the IOVA
-//! translation and [`DmaMapper`] hook the VFIO NVMe driver uses to map regions into an IOMMU.
+//! fixed-size buffers handed out as owned [`DmaBuf`] handles without a lock (with a per-thread
+//! [`BufferCache`] of recently freed ones in front), and the IOVA translation and [`DmaMapper`]
+//! hook the VFIO NVMe driver uses to map regions into an IOMMU.
 
 mod iova;
 mod pool;
