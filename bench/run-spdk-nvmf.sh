@@ -2,8 +2,8 @@
 # NVMe/TCP over loopback, one core each, against SPDK in the same run: SPDK's nvmf_tgt and
 # quicksplit's target (malloc bdevs), each driven by spdk_nvme_perf and by qsbench's NVMe/TCP
 # initiator, on the same cores (target core 0, initiator core 1), 4 KiB QD32, rounds alternated;
-# prints every round and the medians of the four pairings. TARGET_CORE and
-# INITIATOR_CORE (default 0 and 1) swap the cores.
+# prints every round and the medians of the four pairings. TARGET_CORE and INITIATOR_CORE
+# (default 0 and 1) swap the cores.
 # Needs SPDK built from source as in the peers recipe (build/bin/nvmf_tgt, spdk_nvme_perf,
 # scripts/rpc.py); reserves 1024 hugepages for both and puts the old count back at the end.
 # Usage: bench/run-spdk-nvmf.sh SPDK_DIR [ROUNDS (default 5)] [SECONDS (default 8)]
@@ -89,10 +89,7 @@ for r in $(seq "$rounds"); do
     for t in spdk qs; do
       ${t}_target
       for i in spdk qs; do
-        [ "$t" = spdk ] && [ "$i" = qs ] && iops=$(qs_initiator $w)
-        [ "$t" = spdk ] && [ "$i" = spdk ] && iops=$(spdk_initiator $w)
-        [ "$t" = qs ] && [ "$i" = spdk ] && iops=$(spdk_initiator $w)
-        [ "$t" = qs ] && [ "$i" = qs ] && iops=$(qs_initiator $w)
+        iops=$(${i}_initiator $w)
         R[$t/$i,$w]="${R[$t/$i,$w]:-} $iops"
         line="$line $t/$i $iops"
       done
