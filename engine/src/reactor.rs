@@ -217,6 +217,7 @@ pub struct ReactorContext {
     new_pollers: Vec<Box<dyn Poller>>,
     wake_at: Option<Instant>,
     idle: IdlePolicy,
+    turn_started: Instant,
 }
 
 impl ReactorContext {
@@ -262,6 +263,11 @@ impl ReactorContext {
     /// Stops watching `fd` (before closing it).
     pub fn unwatch_fd(&self, fd: BorrowedFd<'_>) {
         let _ = epoll::delete(&self.epoll, fd);
+    }
+
+    /// When this loop turn began: the clock as of this turn, without reading it again.
+    pub fn turn_started(&self) -> Instant {
+        self.turn_started
     }
 
     /// Asks to be polled again no later than `at` even if nothing wakes the reactor.
@@ -334,6 +340,7 @@ impl Reactors {
                         new_pollers: Vec::new(),
                         wake_at: None,
                         idle,
+                        turn_started: Instant::now(),
                     })
                 })
                 .map_err(|source| ReactorError::Os {
@@ -403,6 +410,7 @@ fn run(mut cx: ReactorContext) {
     let mut idle_since: Option<Instant> = None;
     let mut turn_start = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
+        cx.turn_started = turn_start;
         let busy = turn(&mut cx, &mut pollers);
         let now = Instant::now();
         let spent = now.duration_since(turn_start).as_nanos() as u64;

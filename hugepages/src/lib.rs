@@ -13,7 +13,7 @@ mod region;
 pub use iova::{
     iova_of, live_regions, register_mapper, translate, unregister_mapper, DmaMapper, RegionInfo,
 };
-pub use pool::{BufferCache, BufferPool, DmaBuf};
+pub use pool::{BufferCache, BufferPool, DmaBuf, CACHE_IDLE_RELEASE};
 pub use region::{DmaRegion, HUGEPAGE_SIZE};
 
 /// Errors of DMA memory management.

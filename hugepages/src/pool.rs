@@ -3,11 +3,15 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
 
 use crate::region::DmaRegion;
 use crate::{iova, DmaError};
+
+/// How long a [`BufferCache`] whose owner has nothing in flight keeps its buffers.
+pub const CACHE_IDLE_RELEASE: Duration = Duration::from_millis(10);
 
 /// Largest region a pool maps in one piece: io_uring registers fixed buffers of at most 1 GiB.
 const MAX_REGION: usize = 256 << 20;
@@ -201,10 +205,15 @@ impl Drop for DmaBuf {
 /// cache of a DPDK mempool. The pool's free list is first-in first-out, so a buffer taken from
 /// it was last touched a whole pool ago and is cold in the CPU caches; a buffer taken back from
 /// this stack was used a moment ago and copying into it does not miss.
+///
+/// Many caches share one pool (one per connection), so none may starve the others: a cache
+/// stops keeping buffers when the pool runs short, and its owner's idle cache empties after
+/// [`CACHE_IDLE_RELEASE`].
 pub struct BufferCache {
     pool: BufferPool,
     stack: Vec<DmaBuf>,
     limit: usize,
+    idle_since: Option<Instant>,
 }
 
 impl fmt::Debug for BufferCache {
@@ -223,6 +232,7 @@ impl BufferCache {
             pool,
             stack: Vec::with_capacity(limit),
             limit,
+            idle_since: None,
         }
     }
 
@@ -238,12 +248,47 @@ impl BufferCache {
         }
     }
 
-    /// Keeps `buf` for the next `get`, or gives it back to its pool when the cache is full or
-    /// the buffer belongs to another pool.
+    /// Keeps `buf` for the next `get`, or gives it back to its pool when the cache is full, the
+    /// buffer belongs to another pool, or the pool is running short (under a quarter free):
+    /// then other users of the pool need it more than this cache does.
     pub fn put(&mut self, buf: DmaBuf) {
-        if self.stack.len() < self.limit && Arc::ptr_eq(&buf.shared, &self.pool.shared) {
+        let shared = &self.pool.shared;
+        if self.stack.len() < self.limit
+            && Arc::ptr_eq(&buf.shared, shared)
+            && shared.free.len() * 4 >= shared.count
+        {
             self.stack.push(buf);
         }
+    }
+
+    /// Buffers held in the cache.
+    pub fn cached(&self) -> usize {
+        self.stack.len()
+    }
+
+    /// Tells the cache, at time `now`, whether its owner has anything in flight. After
+    /// [`CACHE_IDLE_RELEASE`] of idleness the cached buffers go back to the pool; while it still
+    /// holds some, the answer is when to call again (the owner's wake-up).
+    pub fn note_idle(&mut self, idle: bool, now: Instant) -> Option<Instant> {
+        if !idle {
+            self.idle_since = None;
+            return None;
+        }
+        if self.stack.is_empty() {
+            return None;
+        }
+        let due = *self.idle_since.get_or_insert(now) + CACHE_IDLE_RELEASE;
+        if now >= due {
+            self.release();
+            None
+        } else {
+            Some(due)
+        }
+    }
+
+    /// Gives every cached buffer back to the pool (an idle owner should not hold any).
+    pub fn release(&mut self) {
+        self.stack.clear();
     }
 
     /// Buffers `get` can hand out now: the cached ones and the pool's free ones.

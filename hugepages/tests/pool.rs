@@ -3,8 +3,9 @@
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use hugepages::{BufferCache, BufferPool, DmaRegion};
+use hugepages::{BufferCache, BufferPool, DmaRegion, CACHE_IDLE_RELEASE};
 
 #[test]
 fn every_buffer_is_distinct_aligned_and_returned() {
@@ -104,6 +105,27 @@ fn cache_hands_back_the_last_freed_buffer_and_returns_the_rest_to_the_pool() {
 }
 
 #[test]
+fn caches_stop_keeping_buffers_when_the_pool_runs_short_and_release_when_idle() {
+    let pool = BufferPool::new(4096, 8).unwrap();
+    let mut busy = BufferCache::new(pool.clone(), 8);
+    let mut held: Vec<_> = (0..7).map(|_| busy.get().unwrap()).collect();
+    // One free in eight: under a quarter, so a freed buffer goes back to the pool.
+    busy.put(held.pop().unwrap());
+    assert_eq!(pool.available(), 2, "returned, not cached");
+    busy.put(held.pop().unwrap());
+    assert_eq!(pool.available(), 2, "two free of eight: cached");
+    assert_eq!(busy.available(), 3);
+    // Another cache on the same pool still gets buffers once this one releases.
+    let mut other = BufferCache::new(pool.clone(), 8);
+    let a = other.get().unwrap();
+    let b = other.get().unwrap();
+    assert!(other.get().is_none());
+    busy.release();
+    assert!(other.get().is_some());
+    drop((a, b, held));
+}
+
+#[test]
 fn streaming_writes_land_like_ordinary_ones() {
     let region = DmaRegion::allocate(1 << 16).unwrap();
     let src: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
@@ -124,4 +146,31 @@ fn streaming_writes_land_like_ordinary_ones() {
     assert!(region
         .write_streaming_at(region.len() - 64, &src[..128])
         .is_err());
+}
+
+#[test]
+fn an_idle_owner_s_cache_empties_after_the_idle_delay() {
+    let pool = BufferPool::new(4096, 8).unwrap();
+    let mut cache = BufferCache::new(pool.clone(), 4);
+    let b = cache.get().unwrap();
+    cache.put(b);
+    assert_eq!(cache.cached(), 1);
+    assert_eq!(
+        cache.note_idle(false, Instant::now()),
+        None,
+        "busy: nothing to do"
+    );
+    let due = cache
+        .note_idle(true, Instant::now())
+        .expect("a wake-up to release at");
+    assert_eq!(cache.cached(), 1, "kept for the idle delay");
+    // Busy again in between: the delay starts over.
+    cache.note_idle(false, Instant::now());
+    std::thread::sleep(CACHE_IDLE_RELEASE + std::time::Duration::from_millis(5));
+    let again = cache.note_idle(true, Instant::now()).expect("a new delay");
+    assert!(again > due);
+    std::thread::sleep(CACHE_IDLE_RELEASE + std::time::Duration::from_millis(5));
+    assert_eq!(cache.note_idle(true, Instant::now()), None);
+    assert_eq!(cache.cached(), 0);
+    assert_eq!(pool.available(), 8);
 }

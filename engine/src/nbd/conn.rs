@@ -498,6 +498,13 @@ impl Poller for NbdConn {
             }
             return PollStatus::Done;
         }
+        // Idle for a while: the cached buffers go back to the pool other connections share.
+        if let Some(at) = self.bufs.note_idle(
+            self.inflight.is_empty() && self.tx.is_empty(),
+            cx.turn_started(),
+        ) {
+            cx.wake_at(at);
+        }
         // Replies a client does not read (its socket full) are retried on later turns without
         // keeping the reactor from parking: a stalled client costs nothing.
         if busy || !self.done.is_empty() {

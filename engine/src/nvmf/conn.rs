@@ -1228,6 +1228,13 @@ impl Poller for NvmfConn {
             }
             cx.wake_at(since + Duration::from_secs(5));
         }
+        // Idle for a while: the cached buffers go back to the pool other connections share.
+        if let Some(at) = self.bufs.note_idle(
+            self.pending.is_empty() && self.tx.is_empty(),
+            cx.turn_started(),
+        ) {
+            cx.wake_at(at);
+        }
         if busy || !self.done.is_empty() {
             PollStatus::Busy
         } else {
