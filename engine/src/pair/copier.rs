@@ -279,7 +279,8 @@ impl Copier {
                 match dir {
                     Direction::Forward => {
                         if self.pair.pending.finish_copy(track) {
-                            stats.tracks_copied.fetch_add(1, Ordering::Relaxed);
+                            // Release: whoever sees the count sees the track no longer pending.
+                            stats.tracks_copied.fetch_add(1, Ordering::Release);
                         }
                     }
                     Direction::Reverse => {

@@ -753,6 +753,9 @@ impl Pair {
     /// What `pair_get` reports.
     pub fn info(&self) -> PairInfo {
         let reverse = self.direction.load(Ordering::SeqCst) == DIR_REVERSE;
+        // The copied count before the pending set: a track whose copy ends between the two
+        // reads is then counted in at most one of them, so pending + copied never overcounts.
+        let copied_tracks = self.stats.tracks_copied.load(Ordering::Acquire);
         PairInfo {
             name: self.name.clone(),
             state: self.state(),
@@ -766,7 +769,7 @@ impl Pair {
             split_at_ns: self.split_at_ns(),
             error: self.error(),
             copy_rate: self.copy_rate(),
-            copied_tracks: self.stats.tracks_copied.load(Ordering::Relaxed),
+            copied_tracks,
             cow_copies: self.stats.cow_copies.load(Ordering::Relaxed),
             restored_tracks: self.stats.tracks_restored.load(Ordering::Relaxed),
         }
