@@ -14,7 +14,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub use drivers::nbd::stream::Stream;
@@ -22,6 +21,7 @@ use drivers::Bdev;
 use hugepages::BufferPool;
 use serde::Serialize;
 
+use crate::listener::{AcceptThread, ConnectionPool, ReactorRoundRobin};
 use crate::reactor::ReactorHandle;
 
 /// Size of the NBD data buffers (requests are split into pieces of at most this).
@@ -145,24 +145,6 @@ impl Listener {
     }
 }
 
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-    address: Address,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        if let Address::Unix(p) = &self.address {
-            let _ = std::fs::remove_file(p);
-        }
-    }
-}
-
 /// Errors of export management.
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -188,11 +170,10 @@ pub enum NbdError {
 /// The NBD service of an engine.
 pub struct NbdService {
     exports: Mutex<BTreeMap<String, Arc<Export>>>,
-    listeners: Mutex<BTreeMap<String, Running>>,
-    reactors: Vec<ReactorHandle>,
-    next_reactor: AtomicUsize,
+    listeners: Mutex<BTreeMap<String, AcceptThread>>,
+    reactors: ReactorRoundRobin,
     handshakes: Arc<AtomicUsize>,
-    pool: Mutex<Option<BufferPool>>,
+    pool: ConnectionPool,
 }
 
 impl NbdService {
@@ -201,10 +182,9 @@ impl NbdService {
         Arc::new(Self {
             exports: Mutex::new(BTreeMap::new()),
             listeners: Mutex::new(BTreeMap::new()),
-            reactors,
-            next_reactor: AtomicUsize::new(0),
+            reactors: ReactorRoundRobin::new(reactors),
             handshakes: Arc::new(AtomicUsize::new(0)),
-            pool: Mutex::new(None),
+            pool: ConnectionPool::new(NBD_BUF, NBD_BUFS),
         })
     }
 
@@ -213,14 +193,9 @@ impl NbdService {
     }
 
     fn pool(&self) -> Result<BufferPool, NbdError> {
-        let mut p = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(pool) = p.as_ref() {
-            return Ok(pool.clone());
-        }
-        let pool = BufferPool::new(NBD_BUF, NBD_BUFS)
-            .map_err(|e| NbdError::Invalid(format!("NBD buffers: {e}")))?;
-        *p = Some(pool.clone());
-        Ok(pool)
+        self.pool
+            .get()
+            .map_err(|e| NbdError::Invalid(format!("NBD buffers: {e}")))
     }
 
     /// The export `name` served at `address` (empty name: the first one there).
@@ -303,9 +278,7 @@ impl NbdService {
             .remove(name)
             .ok_or_else(|| NbdError::NotFound(name.to_string()))?;
         e.closed.store(true, Ordering::SeqCst);
-        for r in &self.reactors {
-            r.wake_if_parked();
-        }
+        self.reactors.wake_all();
         let key = e.address.key();
         if self.exports_at(&key).is_empty() {
             let removed = self
@@ -359,12 +332,12 @@ impl NbdService {
             .collect()
     }
 
-    fn listen(self: &Arc<Self>, address: &Address) -> Result<Running, NbdError> {
+    fn listen(self: &Arc<Self>, address: &Address) -> Result<AcceptThread, NbdError> {
         let err = |source| NbdError::Listen {
             address: address.key(),
             source,
         };
-        let listener = match address {
+        let (listener, path) = match address {
             Address::Unix(p) => {
                 if p.exists() {
                     if UnixStream::connect(p).is_ok() {
@@ -377,54 +350,41 @@ impl NbdService {
                 }
                 let l = UnixListener::bind(p).map_err(err)?;
                 l.set_nonblocking(true).map_err(err)?;
-                Listener::Unix(l)
+                (Listener::Unix(l), Some(p.clone()))
             }
             Address::Tcp(a) => {
                 let l = TcpListener::bind(a.as_str()).map_err(err)?;
                 l.set_nonblocking(true).map_err(err)?;
-                Listener::Tcp(l)
+                (Listener::Tcp(l), None)
             }
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let (svc, stop2, key) = (Arc::clone(self), Arc::clone(&stop), address.key());
-        let thread = std::thread::Builder::new()
-            .name("nbd_listen".into())
-            .spawn(move || svc.accept_loop(listener, &key, &stop2))
-            .map_err(err)?;
-        Ok(Running {
-            stop,
-            thread: Some(thread),
-            address: address.clone(),
-        })
+        let (svc, key) = (Arc::clone(self), address.key());
+        AcceptThread::spawn(
+            "nbd_listen",
+            "NBD",
+            move || listener.accept(),
+            move |stream| svc.start_handshake(stream, &key),
+            path,
+        )
+        .map_err(err)
     }
 
-    fn accept_loop(self: Arc<Self>, listener: Listener, key: &str, stop: &AtomicBool) {
-        while !stop.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok(stream) => {
-                    if self.handshakes.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
-                        continue;
-                    }
-                    self.handshakes.fetch_add(1, Ordering::SeqCst);
-                    let (svc, key) = (Arc::clone(&self), key.to_string());
-                    let spawned = std::thread::Builder::new()
-                        .name("nbd_handshake".into())
-                        .spawn(move || {
-                            svc.handshake(stream, &key);
-                            svc.handshakes.fetch_sub(1, Ordering::SeqCst);
-                        });
-                    if spawned.is_err() {
-                        self.handshakes.fetch_sub(1, Ordering::SeqCst);
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => {
-                    tracing::warn!(%e, "NBD accept failed");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
+    /// Runs a new connection's handshake on its own thread (blocking, with a timeout), at most
+    /// `MAX_HANDSHAKES` at once.
+    fn start_handshake(self: &Arc<Self>, stream: Stream, key: &str) {
+        if self.handshakes.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
+            return;
+        }
+        self.handshakes.fetch_add(1, Ordering::SeqCst);
+        let (svc, key) = (Arc::clone(self), key.to_string());
+        let spawned = std::thread::Builder::new()
+            .name("nbd_handshake".into())
+            .spawn(move || {
+                svc.handshake(stream, &key);
+                svc.handshakes.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.handshakes.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -449,8 +409,7 @@ impl NbdService {
                 return;
             }
         };
-        let i = self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len().max(1);
-        let Some(reactor) = self.reactors.get(i) else {
+        let Some(reactor) = self.reactors.next() else {
             return;
         };
         let sent = reactor.send_blocking(Box::new(move |cx| {

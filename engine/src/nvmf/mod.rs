@@ -14,8 +14,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use drivers::nvmf::fabrics::{self, DiscoveryEntry};
 use drivers::Bdev;
@@ -23,6 +21,7 @@ use hugepages::BufferPool;
 use serde::Serialize;
 
 use crate::app::{Engine, EngineError};
+use crate::listener::{AcceptThread, ConnectionPool, ReactorRoundRobin};
 use crate::nbd::Source;
 use crate::pair::channel::{PairView, View};
 use crate::reactor::ReactorHandle;
@@ -144,30 +143,15 @@ pub struct Ctrl {
     pub qids: Mutex<Vec<u16>>,
 }
 
-struct Running {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// The NVMe/TCP service of an engine.
 pub struct NvmfService {
     exports: Mutex<BTreeMap<String, Arc<NvmfExport>>>,
-    listeners: Mutex<BTreeMap<String, Running>>,
+    listeners: Mutex<BTreeMap<String, AcceptThread>>,
     ctrls: Mutex<HashMap<u16, Weak<Ctrl>>>,
     next_cntlid: AtomicU16,
     generation: AtomicU64,
-    reactors: Vec<ReactorHandle>,
-    next_reactor: AtomicUsize,
-    pool: Mutex<Option<BufferPool>>,
+    reactors: ReactorRoundRobin,
+    pool: ConnectionPool,
 }
 
 impl NvmfService {
@@ -179,9 +163,8 @@ impl NvmfService {
             ctrls: Mutex::new(HashMap::new()),
             next_cntlid: AtomicU16::new(1),
             generation: AtomicU64::new(1),
-            reactors,
-            next_reactor: AtomicUsize::new(0),
-            pool: Mutex::new(None),
+            reactors: ReactorRoundRobin::new(reactors),
+            pool: ConnectionPool::new(BUF_SIZE, BUFS),
         })
     }
 
@@ -190,14 +173,9 @@ impl NvmfService {
     }
 
     fn pool(&self) -> Result<BufferPool, NvmfError> {
-        let mut p = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(pool) = p.as_ref() {
-            return Ok(pool.clone());
-        }
-        let pool = BufferPool::new(BUF_SIZE, BUFS)
-            .map_err(|e| NvmfError::Invalid(format!("NVMe/TCP buffers: {e}")))?;
-        *p = Some(pool.clone());
-        Ok(pool)
+        self.pool
+            .get()
+            .map_err(|e| NvmfError::Invalid(format!("NVMe/TCP buffers: {e}")))
     }
 
     /// The export `nqn` served at `listen`.
@@ -325,9 +303,7 @@ impl NvmfService {
             .ok_or_else(|| NvmfError::NotFound(nqn.to_string()))?;
         e.closed.store(true, Ordering::SeqCst);
         self.generation.fetch_add(1, Ordering::SeqCst);
-        for r in &self.reactors {
-            r.wake_if_parked();
-        }
+        self.reactors.wake_all();
         let still_used = self.exports().values().any(|x| x.listen == e.listen);
         if !still_used {
             let removed = self
@@ -388,41 +364,25 @@ impl NvmfService {
             .collect()
     }
 
-    fn listen(self: &Arc<Self>, listen: &str) -> Result<Running, NvmfError> {
+    fn listen(self: &Arc<Self>, listen: &str) -> Result<AcceptThread, NvmfError> {
         let err = |source| NvmfError::Listen {
             address: listen.to_string(),
             source,
         };
         let l = TcpListener::bind(listen).map_err(err)?;
         l.set_nonblocking(true).map_err(err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let (svc, stop2, key) = (Arc::clone(self), Arc::clone(&stop), listen.to_string());
-        let thread = std::thread::Builder::new()
-            .name("nvmf_listen".into())
-            .spawn(move || svc.accept_loop(l, &key, &stop2))
-            .map_err(err)?;
-        Ok(Running {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn accept_loop(self: Arc<Self>, listener: TcpListener, key: &str, stop: &AtomicBool) {
-        while !stop.load(Ordering::SeqCst) {
-            match listener.accept() {
-                Ok((s, peer)) => {
-                    tracing::debug!(%peer, listen = key, "NVMe/TCP connection");
-                    self.hand_over(s, key);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => {
-                    tracing::warn!(%e, "NVMe/TCP accept failed");
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-            }
-        }
+        let (svc, key) = (Arc::clone(self), listen.to_string());
+        AcceptThread::spawn(
+            "nvmf_listen",
+            "NVMe/TCP",
+            move || l.accept(),
+            move |(s, peer)| {
+                tracing::debug!(%peer, listen = key, "NVMe/TCP connection");
+                svc.hand_over(s, &key);
+            },
+            None,
+        )
+        .map_err(err)
     }
 
     fn hand_over(self: &Arc<Self>, s: TcpStream, key: &str) {
@@ -436,8 +396,7 @@ impl NvmfService {
                 return;
             }
         };
-        let i = self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len().max(1);
-        let Some(reactor) = self.reactors.get(i) else {
+        let Some(reactor) = self.reactors.next() else {
             return;
         };
         let (svc, key) = (Arc::clone(self), key.to_string());

@@ -1,0 +1,132 @@
+//! What the NBD server and the NVMe/TCP target share: a thread accepting connections on each
+//! listening socket, the staging pool their connections use (made on first use), and the round
+//! robin over the reactors that places each connection's poller.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hugepages::{BufferPool, DmaError};
+
+use crate::reactor::ReactorHandle;
+
+/// How long the accept thread sleeps when no connection is waiting.
+const ACCEPT_IDLE: Duration = Duration::from_millis(2);
+/// How long it backs off after an accept error (out of descriptors, say).
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A thread accepting connections on one non-blocking listening socket until dropped; dropping
+/// it stops and joins the thread and removes the socket's path, if it has one.
+pub(crate) struct AcceptThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    remove_on_drop: Option<PathBuf>,
+}
+
+impl AcceptThread {
+    /// Calls `accept` (a non-blocking accept) on a thread named `name` and hands each
+    /// connection to `on_accept`; `what` names the service in logs.
+    pub(crate) fn spawn<C>(
+        name: &str,
+        what: &'static str,
+        mut accept: impl FnMut() -> std::io::Result<C> + Send + 'static,
+        mut on_accept: impl FnMut(C) + Send + 'static,
+        remove_on_drop: Option<PathBuf>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || {
+                while !stopped.load(Ordering::SeqCst) {
+                    match accept() {
+                        Ok(conn) => on_accept(conn),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(ACCEPT_IDLE);
+                        }
+                        Err(e) => {
+                            tracing::warn!(%e, "{what} accept failed");
+                            std::thread::sleep(ACCEPT_ERROR_BACKOFF);
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            remove_on_drop,
+        })
+    }
+}
+
+impl Drop for AcceptThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.remove_on_drop {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// The staging pool of a service's connections, mapped when the first export starts.
+pub(crate) struct ConnectionPool {
+    pool: Mutex<Option<BufferPool>>,
+    buf_size: usize,
+    count: usize,
+}
+
+impl ConnectionPool {
+    /// `count` buffers of `buf_size` bytes, once asked for.
+    pub(crate) fn new(buf_size: usize, count: usize) -> Self {
+        Self {
+            pool: Mutex::new(None),
+            buf_size,
+            count,
+        }
+    }
+
+    /// The pool, mapped now if this is the first call.
+    pub(crate) fn get(&self) -> Result<BufferPool, DmaError> {
+        let mut p = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(pool) = p.as_ref() {
+            return Ok(pool.clone());
+        }
+        let pool = BufferPool::new(self.buf_size, self.count)?;
+        *p = Some(pool.clone());
+        Ok(pool)
+    }
+}
+
+/// The reactors connections go to, taken in turn.
+pub(crate) struct ReactorRoundRobin {
+    reactors: Vec<ReactorHandle>,
+    next: AtomicUsize,
+}
+
+impl ReactorRoundRobin {
+    /// Turns over `reactors`.
+    pub(crate) fn new(reactors: Vec<ReactorHandle>) -> Self {
+        Self {
+            reactors,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Wakes the parked ones (an export closed: its connections must see it).
+    pub(crate) fn wake_all(&self) {
+        for r in &self.reactors {
+            r.wake_if_parked();
+        }
+    }
+
+    /// The reactor for the next connection; `None` when there is none.
+    pub(crate) fn next(&self) -> Option<&ReactorHandle> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.reactors.len().max(1);
+        self.reactors.get(i)
+    }
+}
