@@ -408,13 +408,12 @@ fn run(mut cx: ReactorContext) {
     tracing::debug!(index = shared.index, core = shared.core, "reactor started");
     let mut pollers: Vec<Box<dyn Poller>> = Vec::new();
     let mut idle_since: Option<Instant> = None;
-    let mut turn_start = Instant::now();
+    cx.turn_started = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
-        cx.turn_started = turn_start;
         let busy = turn(&mut cx, &mut pollers);
         let now = Instant::now();
-        let spent = now.duration_since(turn_start).as_nanos() as u64;
-        turn_start = now;
+        let spent = now.duration_since(cx.turn_started).as_nanos() as u64;
+        cx.turn_started = now;
         if busy {
             shared.stats.busy_ns.fetch_add(spent, Ordering::Relaxed);
             idle_since = None;
@@ -430,10 +429,10 @@ fn run(mut cx: ReactorContext) {
             idle_since = None;
             let after = Instant::now();
             shared.stats.idle_ns.fetch_add(
-                after.duration_since(turn_start).as_nanos() as u64,
+                after.duration_since(cx.turn_started).as_nanos() as u64,
                 Ordering::Relaxed,
             );
-            turn_start = after;
+            cx.turn_started = after;
         }
     }
     // Drain messages so their senders are answered (with a dropped reply) and drop the pollers

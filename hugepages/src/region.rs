@@ -176,10 +176,8 @@ impl DmaRegion {
         {
             let dst = self.ptr.as_ptr().wrapping_add(offset);
             if (dst as usize).is_multiple_of(16) && src.len().is_multiple_of(64) {
-                // SAFETY: the range lies inside the mapping (checked above) and does not overlap
-                // `src` (see `write_at`); `dst` is 16-byte aligned as the streaming store needs,
-                // and every 64-byte step stays inside both ranges since the length is a
-                // multiple of 64. SSE2 is part of the x86_64 baseline.
+                // SAFETY: the range is inside the mapping (checked above), apart from `src` (see
+                // `write_at`), 16-byte aligned and a multiple of 64 long, as `stream_copy` needs.
                 unsafe { stream_copy(dst, src) };
                 return Ok(());
             }
