@@ -1,6 +1,7 @@
 //! What the NBD server and the NVMe/TCP target share: a thread accepting connections on each
-//! listening socket, the staging pool their connections use (made on first use), and the round
-//! robin over the reactors that places each connection's poller.
+//! listening socket, the staging pool their connections use (made on first use) and how a
+//! request takes buffers from it, and the round robin over the reactors that places each
+//! connection's poller.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -8,7 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use hugepages::{BufferPool, DmaError};
+use drivers::IoBufs;
+use hugepages::{BufferCache, BufferPool, DmaError};
 
 use crate::reactor::ReactorHandle;
 
@@ -100,6 +102,30 @@ impl ConnectionPool {
         *p = Some(pool.clone());
         Ok(pool)
     }
+}
+
+/// Staging buffers for `len` bytes at byte `offset`, split at multiples of `piece` (a pair's
+/// tracks, the pool's buffer size); `None` when the cache and pool cannot give them all now
+/// (with two to spare, so one request cannot take the last ones).
+pub(crate) fn staging_buffers(
+    cache: &mut BufferCache,
+    offset: u64,
+    len: u64,
+    piece: u64,
+) -> Option<IoBufs> {
+    if (len / piece + 2) as usize > cache.available() {
+        return None;
+    }
+    let mut bufs = IoBufs::new();
+    let (mut pos, end) = (offset, offset + len);
+    while pos < end {
+        let next = ((pos / piece + 1) * piece).min(end);
+        let mut b = cache.get()?;
+        b.set_len((next - pos) as usize).ok()?;
+        bufs.push(b);
+        pos = next;
+    }
+    Some(bufs)
 }
 
 /// The reactors connections go to, taken in turn.

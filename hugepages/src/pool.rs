@@ -261,6 +261,13 @@ impl BufferCache {
         }
     }
 
+    /// [`BufferCache::put`] for each of `bufs`.
+    pub fn put_all(&mut self, bufs: impl IntoIterator<Item = DmaBuf>) {
+        for b in bufs {
+            self.put(b);
+        }
+    }
+
     /// Buffers held in the cache.
     pub fn cached(&self) -> usize {
         self.stack.len()

@@ -109,19 +109,7 @@ impl NbdConn {
     /// at the pool's buffer size; `None` when the pool cannot give them all now.
     fn buffers(&mut self, offset: u64, len: u64) -> Option<IoBufs> {
         let piece = self.export.piece_size(self.bufs.pool().buf_size() as u64);
-        if (len / piece + 2) as usize > self.bufs.available() {
-            return None;
-        }
-        let mut bufs = IoBufs::new();
-        let (mut pos, end) = (offset, offset + len);
-        while pos < end {
-            let next = ((pos / piece + 1) * piece).min(end);
-            let mut b = self.bufs.get()?;
-            b.set_len((next - pos) as usize).ok()?;
-            bufs.push(b);
-            pos = next;
-        }
-        Some(bufs)
+        crate::listener::staging_buffers(&mut self.bufs, offset, len, piece)
     }
 
     fn reply(&mut self, req: &Request, error: u32, data: IoBufs, msg: &str) {
@@ -161,9 +149,7 @@ impl NbdConn {
         let (data, data_len) = if error == 0 && req.kind == cmd::READ {
             (data, data_len)
         } else {
-            for b in data {
-                self.bufs.put(b);
-            }
+            self.bufs.put_all(data);
             (IoBufs::new(), 0)
         };
         self.tx.push_back(Out {
@@ -422,9 +408,7 @@ impl NbdConn {
                 }
                 self.tx_sent -= front.total();
                 if let Some(out) = self.tx.pop_front() {
-                    for b in out.data {
-                        self.bufs.put(b);
-                    }
+                    self.bufs.put_all(out.data);
                 }
             }
         }

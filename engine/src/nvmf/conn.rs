@@ -321,19 +321,7 @@ impl NvmfConn {
     /// when the pool cannot give them now.
     fn buffers(&mut self, offset: u64, len: u64) -> Option<IoBufs> {
         let piece = self.export.as_ref()?.piece_size();
-        if (len / piece + 2) as usize > self.bufs.available() {
-            return None;
-        }
-        let mut bufs = IoBufs::new();
-        let (mut pos, end) = (offset, offset + len);
-        while pos < end {
-            let next = ((pos / piece + 1) * piece).min(end);
-            let mut b = self.bufs.get()?;
-            b.set_len((next - pos) as usize).ok()?;
-            bufs.push(b);
-            pos = next;
-        }
-        Some(bufs)
+        crate::listener::staging_buffers(&mut self.bufs, offset, len, piece)
     }
 
     /// Handles one whole PDU. False: not now (no buffers), leave it in the buffer.
@@ -1026,9 +1014,7 @@ impl NvmfConn {
         } else if p.cmd.opcode() == nvm::READ {
             p.read_bufs = c.bufs;
         } else {
-            for b in c.bufs {
-                self.bufs.put(b);
-            }
+            self.bufs.put_all(c.bufs);
         }
         p.left = p.left.saturating_sub(1);
         if p.left > 0 {
@@ -1124,9 +1110,7 @@ impl NvmfConn {
                     ..
                 }) = self.tx.pop_front()
                 {
-                    for b in bufs {
-                        self.bufs.put(b);
-                    }
+                    self.bufs.put_all(bufs);
                 }
             }
         }
