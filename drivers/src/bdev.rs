@@ -3,7 +3,7 @@
 
 use std::os::fd::RawFd;
 
-use hugepages::DmaBuf;
+use hugepages::{DmaBuf, RegionSlice};
 use smallvec::SmallVec;
 
 /// The buffers of one request, in order (a vectored request has several).
@@ -218,30 +218,29 @@ impl Geometry {
         self.num_blocks * self.block_size as u64
     }
 
+    /// Checks that `len` bytes at `offset` are whole blocks inside the device.
+    pub fn validate_range(&self, offset: u64, len: u64) -> Result<(), IoError> {
+        let bs = self.block_size as u64;
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(IoError::Unaligned {
+                offset,
+                len,
+                block_size: self.block_size,
+            });
+        }
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(IoError::OutOfRange { offset, len, size }),
+        }
+    }
+
     /// Checks alignment, range and buffer lengths of a request against this geometry.
     pub fn validate(&self, req: &IoRequest) -> Result<(), IoError> {
         if req.op == IoOp::Flush {
             return Ok(());
         }
-        let bs = self.block_size as u64;
-        if !req.offset.is_multiple_of(bs) || !req.len.is_multiple_of(bs) {
-            return Err(IoError::Unaligned {
-                offset: req.offset,
-                len: req.len,
-                block_size: self.block_size,
-            });
-        }
-        let size = self.size();
-        match req.offset.checked_add(req.len) {
-            Some(end) if end <= size => {}
-            _ => {
-                return Err(IoError::OutOfRange {
-                    offset: req.offset,
-                    len: req.len,
-                    size,
-                })
-            }
-        }
+        self.validate_range(req.offset, req.len)?;
         if req.op.has_data() {
             let buffers: u64 = req.bufs.iter().map(|b| b.len() as u64).sum();
             if buffers != req.len || req.len == 0 {
@@ -273,6 +272,23 @@ pub trait IoChannel {
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize;
     /// Requests submitted and not yet returned by `poll`.
     fn in_flight(&self) -> usize;
+    /// True when the device is memory the CPU reaches directly (a RAM disk), so that
+    /// [`IoChannel::read_in_place`] and [`IoChannel::write_in_place`] work and a caller holding
+    /// the data elsewhere (a socket's receive buffer) or sending it (a socket) needs no staging
+    /// buffer and no copy into one.
+    fn in_place(&self) -> bool {
+        false
+    }
+    /// The device memory holding `len` bytes at `offset`, to send from directly; it reads what
+    /// the memory holds when it is sent. `None` when the device is not memory.
+    fn read_in_place(&mut self, _offset: u64, _len: u64) -> Option<Result<RegionSlice, IoError>> {
+        None
+    }
+    /// Writes `data` at `offset` before returning, taking it from any memory. `None` when the
+    /// device is not memory.
+    fn write_in_place(&mut self, _offset: u64, _data: &[u8]) -> Option<Result<(), IoError>> {
+        None
+    }
 }
 
 /// A block device.

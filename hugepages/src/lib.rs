@@ -14,7 +14,7 @@ pub use iova::{
     iova_of, live_regions, register_mapper, translate, unregister_mapper, DmaMapper, RegionInfo,
 };
 pub use pool::{BufferCache, BufferPool, DmaBuf, CACHE_IDLE_RELEASE};
-pub use region::{DmaRegion, HUGEPAGE_SIZE};
+pub use region::{DmaRegion, RegionSlice, HUGEPAGE_SIZE};
 
 /// Errors of DMA memory management.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,7 @@
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rustix::mm::{MapFlags, ProtFlags};
 
@@ -114,6 +115,57 @@ impl DmaRegion {
     pub fn contains(&self, addr: usize, len: usize) -> bool {
         let start = self.ptr.as_ptr() as usize;
         addr >= start && addr.saturating_add(len) <= start + self.len
+    }
+}
+
+/// A byte range of a shared region read in place: a RAM disk's blocks handed to the kernel to
+/// send without copying them into a staging buffer first. Holding it keeps the region mapped.
+///
+/// Like the region, it gives no Rust reference to its bytes (other threads may write them while
+/// it is queued): only its address, for a system call to read, and copies.
+#[derive(Debug, Clone)]
+pub struct RegionSlice {
+    region: Arc<DmaRegion>,
+    offset: usize,
+    len: usize,
+}
+
+impl RegionSlice {
+    /// `len` bytes of `region` at `offset`; an error when the range leaves the region.
+    pub fn new(region: Arc<DmaRegion>, offset: usize, len: usize) -> Result<Self, DmaError> {
+        region.check_range(offset, len)?;
+        Ok(Self {
+            region,
+            offset,
+            len,
+        })
+    }
+
+    /// Address of the first byte, valid while `self` lives.
+    pub fn addr(&self) -> *const u8 {
+        self.region.as_ptr().wrapping_add(self.offset).cast_const()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for an empty range.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `dst.len()` bytes from `at` bytes into the slice into `dst`.
+    pub fn read_at(&self, at: usize, dst: &mut [u8]) -> Result<(), DmaError> {
+        match at.checked_add(dst.len()) {
+            Some(end) if end <= self.len => self.region.read_at(self.offset + at, dst),
+            _ => Err(DmaError::OutOfRange {
+                offset: at,
+                len: dst.len(),
+                size: self.len,
+            }),
+        }
     }
 }
 

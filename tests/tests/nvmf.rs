@@ -692,3 +692,83 @@ fn reads_end_with_c2hdata_success_only_when_the_host_disables_sq_flow_control() 
     assert!(q.failure().is_none());
     assert_eq!(q.in_flight(), 0);
 }
+
+/// A RAM disk's reads are sent from its memory. When the socket is full they wait there, and
+/// the blocks must not change under them: a read returns what the blocks held when it ran,
+/// even if a write to them completes before the read's data is sent.
+#[test]
+fn a_ram_disk_read_waiting_for_the_socket_keeps_the_blocks_as_they_were() {
+    let dir = TempDir::new("nvmf-in-place");
+    let (_server, mut rpc, port, _) = target(dir.path());
+    let nqn = "nqn.2026-11.io.quicksplit:big";
+    rpc.ok(
+        "bdev_malloc_create",
+        json!({"name": "big", "size": 32 * MIB}),
+    );
+    rpc.ok(
+        "nvmf_export_start",
+        json!({"nqn": nqn, "bdev": "big", "listen": format!("127.0.0.1:{port}")}),
+    );
+    let opts = HostOptions::new("127.0.0.1", port, nqn);
+    let ctrl = HostController::connect(opts.clone()).expect("connect");
+    let (mut s, _) = raw_io_queue(&opts, ctrl.cntlid(), 1, 0);
+    let read = |lba: u64| fabrics::with_sgl(NvmeCmd::read(1, lba, 32), 32 * 4096, false);
+    // 12 MiB of reads the host does not take yet fill the socket's buffers on both ends.
+    let first: Vec<u64> = (0..96u64).map(|i| i * 32).collect();
+    for (i, &lba) in first.iter().enumerate() {
+        send_cmd(&mut s, read(lba).with_cid(100 + i as u16), &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // These run now, with nowhere to send their data but the connection's queue.
+    let second: Vec<u64> = (0..8u64).map(|i| 4096 + i * 32).collect();
+    for (i, &lba) in second.iter().enumerate() {
+        send_cmd(&mut s, read(lba).with_cid(300 + i as u16), &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // Another queue overwrites the blocks of the waiting reads, 4 KiB in-capsule writes.
+    let (mut w, _) = SyncQueue::connect(&opts, 2, 32, ctrl.cntlid(), 0).expect("I/O queue");
+    for &lba in &second {
+        for b in 0..32u64 {
+            let fill = if b < 16 { 0xaa } else { 0xbb };
+            let cmd = fabrics::with_sgl(NvmeCmd::write(1, lba + b, 1, false), 4096, true);
+            assert_eq!(
+                status_of(w.command("write", cmd, &[fill; 4096], 0)),
+                0,
+                "write of block {}",
+                lba + b
+            );
+        }
+    }
+    // Now take every reply: the reads ran before the writes, so all of them read zeroes.
+    let mut data: std::collections::HashMap<u16, Vec<u8>> = Default::default();
+    let mut answered = 0;
+    while answered < first.len() + second.len() {
+        let p = read_pdu(&mut s);
+        if p[0] == pdu::pdu_type::C2H_DATA {
+            let cid = u16::from_le_bytes([p[8], p[9]]);
+            let pdo = p[3] as usize;
+            data.entry(cid).or_default().extend_from_slice(&p[pdo..]);
+        } else {
+            let (cid, sc, _) = resp_fields(&p);
+            assert_eq!(sc, 0, "read {cid} succeeds");
+            answered += 1;
+        }
+    }
+    for cid in (100..196).chain(300..308) {
+        let got = data.get(&cid).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(got.len(), 32 * 4096, "read {cid} returned all its data");
+        assert!(
+            got.iter().all(|&b| b == 0),
+            "read {cid} returned bytes written after it ran"
+        );
+    }
+    // And the writes are there for reads that run after them.
+    for &lba in &second {
+        for b in 0..32u64 {
+            let cmd = fabrics::with_sgl(NvmeCmd::read(1, lba + b, 1), 4096, false);
+            let (_, back) = w.command("read", cmd, &[], 4096).expect("read");
+            let fill = if b < 16 { 0xaa } else { 0xbb };
+            assert!(back.iter().all(|&x| x == fill), "block {}", lba + b);
+        }
+    }
+}

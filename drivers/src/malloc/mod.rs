@@ -6,7 +6,7 @@ pub mod rpc;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use hugepages::DmaRegion;
+use hugepages::{DmaRegion, RegionSlice};
 
 use crate::bdev::{
     invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError, IoOp,
@@ -93,6 +93,21 @@ struct MallocChannel {
 }
 
 impl MallocChannel {
+    /// `len` bytes at `offset` as a region offset and length, if whole blocks on the device.
+    fn in_range(&self, offset: u64, len: u64) -> Result<(usize, usize), IoError> {
+        self.geometry.validate_range(offset, len)?;
+        // Within the geometry, hence within the region, which is in memory.
+        Ok((offset as usize, len as usize))
+    }
+
+    fn out_of_range(&self, offset: u64, len: u64) -> IoError {
+        IoError::OutOfRange {
+            offset,
+            len,
+            size: self.geometry.size(),
+        }
+    }
+
     fn execute(&self, req: &mut IoRequest) -> Result<(), IoError> {
         // Offsets were validated against the geometry, which is within the region.
         let mut offset = req.offset as usize;
@@ -110,11 +125,7 @@ impl MallocChannel {
             IoOp::WriteZeroes | IoOp::Unmap => self.mem.zero_at(offset, req.len as usize),
             IoOp::Flush => Ok(()),
         };
-        res.map_err(|_| IoError::OutOfRange {
-            offset: req.offset,
-            len: req.len,
-            size: self.geometry.size(),
-        })
+        res.map_err(|_| self.out_of_range(req.offset, req.len))
     }
 }
 
@@ -140,5 +151,78 @@ impl IoChannel for MallocChannel {
 
     fn in_flight(&self) -> usize {
         self.done.len()
+    }
+
+    fn in_place(&self) -> bool {
+        true
+    }
+
+    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<RegionSlice, IoError>> {
+        Some(self.in_range(offset, len).and_then(|(at, n)| {
+            RegionSlice::new(Arc::clone(&self.mem), at, n)
+                .map_err(|_| self.out_of_range(offset, len))
+        }))
+    }
+
+    fn write_in_place(&mut self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
+        let len = data.len() as u64;
+        Some(self.in_range(offset, len).and_then(|(at, _)| {
+            self.mem
+                .write_streaming_at(at, data)
+                .map_err(|_| self.out_of_range(offset, len))
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::IoBufs;
+    use hugepages::BufferPool;
+
+    #[test]
+    fn in_place_reads_and_writes_meet_submitted_ones() {
+        let bdev = MallocBdev::create("m", 1 << 20, 4096).expect("bdev");
+        let mut ch = bdev
+            .open_channel(&ChannelContext::default())
+            .expect("channel");
+        assert!(ch.in_place());
+        let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 1) as u8).collect();
+        assert_eq!(ch.write_in_place(4096, &data), Some(Ok(())));
+        // A submitted read sees what was written in place.
+        let pool = BufferPool::new(8192, 1).expect("pool");
+        let mut bufs = IoBufs::new();
+        bufs.push(pool.get().expect("buffer"));
+        ch.submit(IoRequest::read(4096, bufs, 1)).expect("submit");
+        let mut out = Vec::new();
+        ch.poll(&mut out);
+        let done = out.pop().expect("completion");
+        assert_eq!(done.result, Ok(()));
+        assert_eq!(done.bufs[0].as_slice(), &data[..]);
+        // A slice read in place holds the memory, not a copy: it sees a later write.
+        let slice = ch
+            .read_in_place(4096, 8192)
+            .expect("memory")
+            .expect("in range");
+        let mut got = vec![0u8; 8192];
+        slice.read_at(0, &mut got).expect("read");
+        assert_eq!(got, data);
+        assert_eq!(ch.write_in_place(8192, &[9u8; 4096]), Some(Ok(())));
+        slice.read_at(4096, &mut got[..4096]).expect("read");
+        assert!(got[..4096].iter().all(|&b| b == 9));
+        assert!(slice.read_at(8000, &mut got[..4096]).is_err());
+        // Bad ranges are refused like submitted requests.
+        assert!(matches!(
+            ch.read_in_place((1 << 20) - 4096, 8192),
+            Some(Err(IoError::OutOfRange { .. }))
+        ));
+        assert!(matches!(
+            ch.write_in_place(100, &data),
+            Some(Err(IoError::Unaligned { .. }))
+        ));
+        assert!(matches!(
+            ch.write_in_place(1 << 20, &data[..4096]),
+            Some(Err(IoError::OutOfRange { .. }))
+        ));
     }
 }

@@ -10,7 +10,7 @@
 //!   data is received into the caller's buffers. Every command has a deadline.
 
 use std::collections::VecDeque;
-use std::io::{IoSlice, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -876,10 +876,10 @@ impl IoQueue {
     /// writes as the socket takes (one per poll turn when it keeps up).
     fn transmit(&mut self) {
         while !self.tx.is_empty() && self.failed.is_none() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut iov = crate::iov::IoVecs::<MAX_IOV>::new();
             let parents = &self.parents;
             let parts = self.tx.iter().flat_map(|p| piece_parts(parents, p));
-            let n = crate::iov::gather(parts, self.tx_sent, &mut iov);
+            let n = iov.gather(parts, self.tx_sent);
             if n == 0 {
                 // Only data of a request already finished is left: its header promised bytes
                 // that no longer exist (the controller answered before taking them).
@@ -888,7 +888,7 @@ impl IoQueue {
                 ));
                 break;
             }
-            match rustix::io::writev(&self.stream, &iov[..n]) {
+            match iov.writev(&self.stream) {
                 Ok(sent) => {
                     self.tx_sent += sent;
                     while let Some(front) = self.tx.front() {

@@ -4,7 +4,6 @@
 //! when buffers or queue slots run out it stops reading until completions free them.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -382,14 +381,14 @@ impl NbdConn {
     fn transmit(&mut self) -> bool {
         let mut progress = false;
         while !self.tx.is_empty() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut iov = drivers::iov::IoVecs::<MAX_IOV>::new();
             let parts = self.tx.iter().flat_map(|out| {
                 std::iter::once(&out.head[..out.head_len])
                     .chain(out.data.iter().map(DmaBuf::as_slice))
                     .chain(std::iter::once(out.tail.as_slice()))
             });
-            let n = drivers::iov::gather(parts, self.tx_sent, &mut iov);
-            let sent = match rustix::io::writev(&self.sock, &iov[..n]) {
+            iov.gather(parts, self.tx_sent);
+            let sent = match iov.writev(&self.sock) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(_) => {

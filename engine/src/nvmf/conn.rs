@@ -11,20 +11,20 @@
 //! completions free some.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
 use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use drivers::iov::{IoVecs, SendPart};
 use drivers::nvme::spec::{self, cns, nvm, Command, Completion, Status};
 use drivers::nvmf::fabrics::{self, admin, fctype, status, ConnectCmd, ConnectData};
 use drivers::nvmf::pdu::{
     self, CapsuleResp, DataPdu, Digests, Frame, Header, HeaderBytes, IcResp, PduError, R2t, Side,
 };
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
-use hugepages::{BufferCache, BufferPool, DmaBuf};
+use hugepages::{BufferCache, BufferPool, DmaBuf, RegionSlice};
 use slab::Slab;
 
 use super::{Ctrl, NvmfExport, NvmfService};
@@ -61,6 +61,29 @@ enum Body {
     None,
     Bufs(IoBufs),
     Bytes(Vec<u8>),
+    /// A RAM disk's blocks, sent from where they are, with the staging buffers reserved for
+    /// them (so memory stays bounded by the pool, as for any read). Never kept past the poll
+    /// turn that made it: what is still queued then is copied into those buffers
+    /// ([`Body::settle`]), so a later write cannot change a read's data once the turn ends.
+    Region(RegionSlice, IoBufs),
+}
+
+impl Body {
+    /// The same bytes, copied out of a RAM disk into the reserved buffers if in place.
+    fn settle(self) -> Body {
+        match self {
+            Body::Region(slice, mut bufs) => {
+                let mut at = 0;
+                for b in bufs.iter_mut() {
+                    // The buffers were reserved for exactly the slice's length.
+                    let _ = slice.read_at(at, b.as_mut_slice());
+                    at += b.len();
+                }
+                Body::Bufs(bufs)
+            }
+            other => other,
+        }
+    }
 }
 
 /// A PDU waiting to be sent.
@@ -71,24 +94,25 @@ struct Out {
 }
 
 impl Out {
-    fn parts(&self) -> impl Iterator<Item = &[u8]> {
+    fn parts(&self) -> impl Iterator<Item = SendPart<'_>> {
         let head: &[u8] = match &self.head {
             Head::Pdu(h) => h.as_slice(),
             Head::Raw(v) => v,
         };
         let (bytes, bufs) = match &self.body {
             Body::None => (None, None),
-            Body::Bufs(b) => (None, Some(b.iter().map(DmaBuf::as_slice))),
-            Body::Bytes(v) => (Some(v.as_slice()), None),
+            Body::Bufs(b) => (None, Some(b.iter().map(|b| b.as_slice().into()))),
+            Body::Bytes(v) => (Some(v.as_slice().into()), None),
+            Body::Region(r, _) => (Some(r.into()), None),
         };
-        std::iter::once(head)
+        std::iter::once(head.into())
             .chain(bytes)
             .chain(bufs.into_iter().flatten())
-            .chain(self.digest.as_ref().map(|d| &d[..]))
+            .chain(self.digest.as_ref().map(|d| d[..].into()))
     }
 
     fn total(&self) -> usize {
-        self.parts().map(<[u8]>::len).sum()
+        self.parts().map(|p| p.len()).sum()
     }
 }
 
@@ -277,14 +301,18 @@ impl NvmfConn {
 
     /// C2HData with `body` (one PDU, LAST), then the response capsule; or, when SQ flow control
     /// is disabled, the C2HData alone with SUCCESS set.
-    fn respond_data(&mut self, cid: u16, body: Body, len: usize) {
+    fn respond_data(&mut self, cid: u16, mut body: Body, len: usize) {
         if len > 0 {
             let success = self.sq_flow_disabled;
+            if self.digests.data {
+                // The digest must cover exactly the bytes sent: fix them now.
+                body = body.settle();
+            }
             let digest = self.digests.data.then(|| {
                 let c = match &body {
                     Body::Bufs(b) => pdu::crc32c(b.iter().map(DmaBuf::as_slice)),
                     Body::Bytes(v) => pdu::crc32c([v.as_slice()]),
-                    Body::None => 0,
+                    Body::None | Body::Region(..) => 0,
                 };
                 c.to_le_bytes()
             });
@@ -436,8 +464,10 @@ impl NvmfConn {
         let is_data_cmd = sgl_len > 0 && (cmd.dw[0] >> 14) & 3 == 1;
         // Reserve DMA buffers for reads and writes first: nothing is consumed until they exist.
         let io_rw = !admin_q && matches!(cmd.opcode(), nvm::READ | nvm::WRITE);
+        // A RAM disk takes in-capsule write data straight from the receive buffer.
+        let in_place = io_rw && h2c && f.data_len > 0 && self.in_place();
         let mut dma = None;
-        if io_rw && is_data_cmd && (sgl_len as usize) <= MAX_XFER {
+        if io_rw && is_data_cmd && !in_place && (sgl_len as usize) <= MAX_XFER {
             let (lba, _) = cmd.range();
             let bs = self
                 .export
@@ -474,6 +504,10 @@ impl NvmfConn {
             }
             if sgl_len as usize != f.data_len {
                 self.respond(cid, status::SGL_LENGTH_INVALID, 0);
+                return true;
+            }
+            if in_place {
+                self.write_in_place(&cmd, f);
                 return true;
             }
             let data = &self.rx[f.data_at..f.data_at + f.data_len];
@@ -559,6 +593,51 @@ impl NvmfConn {
         true
     }
 
+    /// An in-capsule write to a RAM disk, carried out from the receive buffer.
+    fn write_in_place(&mut self, cmd: &Command, f: &Frame) {
+        let cid = cmd.cid();
+        if let Some(st) = self.check_rw(cmd, true) {
+            self.respond(cid, st, 0);
+            return;
+        }
+        let bs = self
+            .export
+            .as_ref()
+            .map_or(4096, |e| e.bdev.geometry().block_size as u64);
+        let offset = cmd.range().0.saturating_mul(bs);
+        let data = &self.rx[f.data_at..f.data_at + f.data_len];
+        let done = self
+            .channel
+            .as_mut()
+            .and_then(|ch| ch.write_in_place(offset, data));
+        let st = match done {
+            Some(Ok(())) => Status::SUCCESS,
+            Some(Err(e)) => io_status(&e),
+            // The channel said it was memory: it cannot refuse.
+            None => status::INTERNAL,
+        };
+        self.respond(cid, st, 0);
+    }
+
+    /// True when the export's channel is memory the CPU reaches (a RAM disk).
+    fn in_place(&self) -> bool {
+        self.channel.as_ref().is_some_and(|c| c.in_place())
+    }
+
+    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<RegionSlice, IoError>> {
+        self.channel.as_mut()?.read_in_place(offset, len)
+    }
+
+    /// Copies the RAM disk bytes of replies still queued at the end of a turn, so that what a
+    /// read returns is what its blocks held when it ran.
+    fn settle_tx(&mut self) {
+        for out in self.tx.iter_mut() {
+            if matches!(out.body, Body::Region(..)) {
+                out.body = std::mem::replace(&mut out.body, Body::None).settle();
+            }
+        }
+    }
+
     /// Checks a read or write's namespace, range, length and access; the status if bad.
     fn check_rw(&self, cmd: &Command, write: bool) -> Option<Status> {
         let e = self.export.as_ref()?;
@@ -626,6 +705,20 @@ impl NvmfConn {
                     self.respond(cid, status::SGL_LENGTH_INVALID, 0);
                     return;
                 };
+                // A RAM disk's blocks are sent from where they are (unless a data digest has
+                // to be computed over them first).
+                if !write && !self.digests.data && self.in_place() {
+                    if let Some(done) = self.read_in_place(offset, len) {
+                        match done {
+                            Ok(r) => self.respond_data(cid, Body::Region(r, bufs), len as usize),
+                            Err(e) => {
+                                self.bufs.put_all(bufs);
+                                self.respond(cid, io_status(&e), 0);
+                            }
+                        }
+                        return;
+                    }
+                }
                 let op = if write {
                     IoOp::Write {
                         fua: cmd.dw[12] & (1 << 30) != 0,
@@ -1085,10 +1178,9 @@ impl NvmfConn {
     fn transmit(&mut self) -> bool {
         let mut progress = false;
         while !self.tx.is_empty() {
-            let mut iov = [IoSlice::new(&[]); MAX_IOV];
-            let parts = self.tx.iter().flat_map(|out| out.parts());
-            let n = drivers::iov::gather(parts, self.tx_sent, &mut iov);
-            let sent = match rustix::io::writev(&self.sock, &iov[..n]) {
+            let mut iov = IoVecs::<MAX_IOV>::new();
+            iov.gather(self.tx.iter().flat_map(|out| out.parts()), self.tx_sent);
+            let sent = match iov.writev(&self.sock) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(_) => {
@@ -1106,7 +1198,7 @@ impl NvmfConn {
                 }
                 self.tx_sent -= t;
                 if let Some(Out {
-                    body: Body::Bufs(bufs),
+                    body: Body::Bufs(bufs) | Body::Region(_, bufs),
                     ..
                 }) = self.tx.pop_front()
                 {
@@ -1201,6 +1293,7 @@ impl Poller for NvmfConn {
         if self.transmit() {
             busy = true;
         }
+        self.settle_tx();
         if self.closing {
             let since = *self.closing_since.get_or_insert_with(Instant::now);
             let io_left =
