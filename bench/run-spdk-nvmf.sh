@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # NVMe/TCP over loopback, one core each, against SPDK in the same run: SPDK's nvmf_tgt and
 # quicksplit's target (malloc bdevs), each driven by spdk_nvme_perf and by qsbench's NVMe/TCP
-# initiator, on the same cores (target core 0, initiator core 1), 4 KiB QD32, rounds alternated;
-# prints every round and the medians of the four pairings. TARGET_CORE and INITIATOR_CORE
-# (default 0 and 1) swap the cores.
+# initiator, on the same cores (target core 0, initiator core 1), 4 KiB QD32; prints every round
+# with its quicksplit/SPDK ratio, the medians of the four pairings and of the rounds' ratios.
+# TARGET_CORE and INITIATOR_CORE (default 0 and 1) swap the cores.
 # Needs SPDK built from source as in the peers recipe (build/bin/nvmf_tgt, spdk_nvme_perf,
 # scripts/rpc.py); reserves 1024 hugepages for both and puts the old count back at the end.
 # Usage: bench/run-spdk-nvmf.sh SPDK_DIR [ROUNDS (default 5)] [SECONDS (default 8)]
@@ -81,31 +81,40 @@ qs_initiator() { # WORKLOAD -> IOPS
 }
 
 declare -A R
-# Pairings: target/initiator. The mixed ones tell the target's share from the initiator's.
+declare -A RATIOS
+# Pairings: target/initiator. The mixed ones tell the target's share from the initiator's. The
+# machine's speed changes within seconds, so the two pairings compared run next to each other,
+# in the opposite order every other round, and each round gives its own ratio.
 pairings="spdk/spdk qs/qs qs/spdk spdk/qs"
+reversed="spdk/qs qs/spdk qs/qs spdk/spdk"
 for r in $(seq "$rounds"); do
   for w in randread randwrite; do
     line="round $r $w:"
-    for t in spdk qs; do
+    order=$pairings; [ $((r % 2)) -eq 0 ] && order=$reversed
+    declare -A THIS
+    for p in $order; do
+      t=${p%/*}; i=${p#*/}
       ${t}_target
-      for i in spdk qs; do
-        iops=$(${i}_initiator $w)
-        R[$t/$i,$w]="${R[$t/$i,$w]:-} $iops"
-        line="$line $t/$i $iops"
-      done
+      iops=$(${i}_initiator $w)
       stop_target
+      R[$p,$w]="${R[$p,$w]:-} $iops"
+      THIS[$p]=$iops
+      line="$line $p $iops"
     done
-    echo "$line"
+    ratio=$(python3 -c "print(round(${THIS[qs/qs]}/max(${THIS[spdk/spdk]},1),2))")
+    RATIOS[$w]="${RATIOS[$w]:-} $ratio"
+    echo "$line  qs/qs:spdk/spdk $ratio"
   done
 done
 median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 echo
 echo "Medians of $rounds rounds, 4 KiB QD32, target core $tcore, initiator core $icore (target/initiator):"
 echo
-echo "| workload | SPDK/SPDK | quicksplit/quicksplit | ratio | quicksplit target, SPDK initiator | SPDK target, quicksplit initiator |"
-echo "|---|---|---|---|---|---|"
+echo "| workload | SPDK/SPDK | quicksplit/quicksplit | ratio of medians | median of round ratios | rounds quicksplit ahead | quicksplit target, SPDK initiator | SPDK target, quicksplit initiator |"
+echo "|---|---|---|---|---|---|---|---|"
 for w in randread randwrite; do
   declare -A M
   for p in $pairings; do M[$p]=$(echo "${R[$p,$w]}" | median); done
-  echo "| $w | ${M[spdk/spdk]} | ${M[qs/qs]} | $(python3 -c "print(round(${M[qs/qs]}/max(${M[spdk/spdk]},1),2))") | ${M[qs/spdk]} | ${M[spdk/qs]} |"
+  ahead=$(echo "${RATIOS[$w]}" | tr ' ' '\n' | grep -v '^$' | awk '$1 > 1 {n++} END {print n+0}')
+  echo "| $w | ${M[spdk/spdk]} | ${M[qs/qs]} | $(python3 -c "print(round(${M[qs/qs]}/max(${M[spdk/spdk]},1),2))") | $(echo "${RATIOS[$w]}" | median) | $ahead of $rounds | ${M[qs/spdk]} | ${M[spdk/qs]} |"
 done
