@@ -352,3 +352,40 @@ fn tcp_export_and_stopping_an_export() {
     );
     rpc.ok("bdev_delete", json!({"name": "t"}));
 }
+
+/// A RAM disk's reads are sent from its memory; one that waits behind a full socket returns
+/// the blocks as they were when it ran, even when a write to them completes first.
+#[test]
+fn a_ram_disk_read_waiting_for_the_socket_keeps_the_blocks_as_they_were() {
+    let s = setup("nbd-in-place");
+    let mut reader = NbdClient::connect(&s.nbd_sock, "m").expect("connect");
+    const LEN: u32 = 128 << 10;
+    // 12 MiB of reads the client does not take yet fill the socket's buffers.
+    let first: Vec<u64> = (0..96u64).map(|i| i * LEN as u64).collect();
+    for &off in &first {
+        reader.send(nbd::READ, 0, off, LEN, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // These run now, with nowhere to send their data but the connection's queue.
+    let second: Vec<u64> = (0..8u64).map(|i| (32 << 20) + i * LEN as u64).collect();
+    for &off in &second {
+        reader.send(nbd::READ, 0, off, LEN, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut writer = NbdClient::connect(&s.nbd_sock, "m").expect("connect");
+    for &off in &second {
+        writer.write(off, &[0xab; LEN as usize]).expect("write");
+    }
+    for _ in 0..first.len() + second.len() {
+        let (cookie, err, data) = reader.recv(LEN as usize).expect("reply");
+        assert_eq!(err, 0, "read {cookie}");
+        assert!(
+            data.iter().all(|&b| b == 0),
+            "read {cookie} returned bytes written after it ran"
+        );
+    }
+    for &off in &second {
+        let back = writer.read(off, LEN).expect("read");
+        assert!(back.iter().all(|&b| b == 0xab));
+    }
+}

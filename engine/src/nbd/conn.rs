@@ -8,9 +8,10 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use drivers::iov::{IoVecs, SendPart};
 use drivers::nbd::proto::{self, chunk, cmd, err, Request, REQUEST_LEN};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
-use hugepages::{BufferCache, BufferPool, DmaBuf};
+use hugepages::{BufferCache, BufferPool, DmaBuf, RegionSlice};
 use slab::Slab;
 
 use super::{Export, Stream};
@@ -31,12 +32,39 @@ struct Out {
     head_len: usize,
     data: IoBufs,
     data_len: usize,
+    /// A RAM disk's blocks sent in place of `data` (which is reserved for them). Never kept
+    /// past the poll turn that made it: [`Out::settle`] copies what is still queued then.
+    region: Option<RegionSlice>,
     tail: Vec<u8>,
 }
 
 impl Out {
     fn total(&self) -> usize {
         self.head_len + self.data_len + self.tail.len()
+    }
+
+    fn parts(&self) -> impl Iterator<Item = SendPart<'_>> {
+        let (region, data) = match &self.region {
+            Some(r) => (Some(r.into()), None),
+            None => (None, Some(self.data.iter().map(|b| b.as_slice().into()))),
+        };
+        std::iter::once(self.head[..self.head_len].into())
+            .chain(region)
+            .chain(data.into_iter().flatten())
+            .chain(std::iter::once(self.tail.as_slice().into()))
+    }
+
+    /// Copies RAM disk bytes sent in place into the reserved buffers, so a write that completes
+    /// later cannot change what this read returns.
+    fn settle(&mut self) {
+        if let Some(r) = self.region.take() {
+            let mut at = 0;
+            for b in self.data.iter_mut() {
+                // The buffers were reserved for exactly the slice's length.
+                let _ = r.read_at(at, b.as_mut_slice());
+                at += b.len();
+            }
+        }
     }
 }
 
@@ -156,6 +184,7 @@ impl NbdConn {
             head_len,
             data,
             data_len,
+            region: None,
             tail,
         });
     }
@@ -277,7 +306,20 @@ impl NbdConn {
                         return false;
                     };
                     self.rx_start += REQUEST_LEN;
-                    self.submit(req, IoOp::Read, bufs);
+                    // A RAM disk's blocks are sent from where they are.
+                    match self.read_in_place(req.offset, req.length as u64) {
+                        Some(Ok(r)) => {
+                            self.reply(&req, 0, bufs, "");
+                            if let Some(out) = self.tx.back_mut() {
+                                out.region = Some(r);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            self.bufs.put_all(bufs);
+                            self.reply(&req, proto::errno_of(&e), IoBufs::new(), &e.to_string());
+                        }
+                        None => self.submit(req, IoOp::Read, bufs),
+                    }
                 }
                 cmd::WRITE => {
                     if req.length > proto::MAX_PAYLOAD {
@@ -293,6 +335,27 @@ impl NbdConn {
                     } else {
                         bad_range
                     };
+                    // A RAM disk takes a payload that is all here straight from the input.
+                    let whole = REQUEST_LEN + req.length as usize;
+                    if reject.is_none() && self.rx_end - self.rx_start >= whole && self.in_place() {
+                        let at = self.rx_start + REQUEST_LEN;
+                        let data = &self.rx[at..at + req.length as usize];
+                        let done = self
+                            .channel
+                            .as_mut()
+                            .and_then(|ch| ch.write_in_place(req.offset, data));
+                        self.rx_start += whole;
+                        match done {
+                            Some(Ok(())) => self.reply(&req, 0, IoBufs::new(), ""),
+                            Some(Err(e)) => {
+                                let msg = e.to_string();
+                                self.reply(&req, proto::errno_of(&e), IoBufs::new(), &msg);
+                            }
+                            // The channel said it was memory: it cannot refuse.
+                            None => self.reply(&req, err::EIO, IoBufs::new(), "write failed"),
+                        }
+                        continue;
+                    }
                     let bufs = if reject.is_some() {
                         IoBufs::new()
                     } else {
@@ -344,6 +407,15 @@ impl NbdConn {
         }
     }
 
+    /// True when the export's channel is memory the CPU reaches (a RAM disk).
+    fn in_place(&self) -> bool {
+        self.channel.as_ref().is_some_and(|c| c.in_place())
+    }
+
+    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<RegionSlice, IoError>> {
+        self.channel.as_mut()?.read_in_place(offset, len)
+    }
+
     fn receive(&mut self) -> bool {
         if self.eof {
             return false;
@@ -381,13 +453,8 @@ impl NbdConn {
     fn transmit(&mut self) -> bool {
         let mut progress = false;
         while !self.tx.is_empty() {
-            let mut iov = drivers::iov::IoVecs::<MAX_IOV>::new();
-            let parts = self.tx.iter().flat_map(|out| {
-                std::iter::once(&out.head[..out.head_len])
-                    .chain(out.data.iter().map(DmaBuf::as_slice))
-                    .chain(std::iter::once(out.tail.as_slice()))
-            });
-            iov.gather(parts, self.tx_sent);
+            let mut iov = IoVecs::<MAX_IOV>::new();
+            iov.gather(self.tx.iter().flat_map(Out::parts), self.tx_sent);
             let sent = match iov.writev(&self.sock) {
                 Ok(n) => n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
@@ -474,6 +541,7 @@ impl Poller for NbdConn {
         if self.transmit() {
             busy = true;
         }
+        self.tx.iter_mut().for_each(Out::settle);
         if self.closing && self.inflight.is_empty() && self.tx.is_empty() {
             // Requests in flight are done and every reply is sent: close.
             if self.watched {
