@@ -34,6 +34,15 @@ seq_mibs() { # rw file -> MiB/s
 read_s=$(seq_mibs read "$S"); write_t=$(seq_mibs write "$T")
 slower=$(( read_s < write_t ? read_s : write_t ))
 echo "fio sequential 1 MiB QD8: read of the source $read_s MiB/s, write of the target $write_t MiB/s"
+# Both at once, as a copy needs them: where source and target share a device this is what the
+# device gives a copy, below either figure alone.
+set -- $(fio --name=r --filename="$S" --size=${gib}g --rw=read --bs=1m --direct="$(direct "$S")" \
+    --ioengine=io_uring --iodepth=8 --name=w --filename="$T" --size=${gib}g --rw=write --bs=1m \
+    --direct="$(direct "$T")" --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null \
+  | sed -n '/^{/,$p' \
+  | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs']; print(round(j[0]['read']['bw']/1024), round(j[1]['write']['bw']/1024))")
+both_r=$1; both_w=$2; together=$(( both_r < both_w ? both_r : both_w ))
+echo "fio both at once: read of the source $both_r MiB/s, write of the target $both_w MiB/s"
 
 cat > "$work/c.json" <<JSON
 {"config": [
@@ -76,11 +85,11 @@ echo "host randwrite through NBD, idle (PAIR): $idle_iops IOPS, p99.9 $idle_p999
 # The same right after a split made the same way, with no backup (copy before write on most
 # tracks): what the host does during a backup compares with this.
 wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null
-set -- $(host 2); split_iops=$1; split_p999=$2
+set -- $(host 4); split_iops=$1; split_p999=$2
 rpc pair_resync '{"name": "pr"}' >/dev/null
 echo "host randwrite through NBD right after a split, no backup: $split_iops IOPS, p99.9 $split_p999 us"
-printf '%-8s %12s %9s %12s %9s %14s %12s %8s %8s %10s\n' mode "MiB/s alone" "vs fio" \
-  "MiB/s mirr." "vs fio" "MiB/s w/ host" "host IOPS" "p99.9us" "vs split" "cpu copied"
+printf '%-8s %12s %9s %12s %9s %9s %14s %12s %8s %8s %10s\n' mode "MiB/s alone" "vs fio" \
+  "MiB/s mirr." "vs fio" "vs both" "MiB/s w/ host" "host IOPS" "p99.9us" "vs split" "cpu copied"
 for mode in merge reflect wait; do
   # Split of a mirrored pair (nothing pending): the backup's own streaming rate.
   wait_pair
@@ -95,19 +104,20 @@ for mode in merge reflect wait; do
   host 1 >/dev/null
   rpc pair_split '{"name": "pr"}' >/dev/null
   id=$(backup $mode)
-  set -- $(host 2); h_iops=$1; h_p999=$2
+  set -- $(host 4); h_iops=$1; h_p999=$2
   set -- $(wait_backup $id); loaded=$1
   rpc pair_resync '{"name": "pr"}' >/dev/null
-  python3 -c "print('%-8s %12d %9.2f %12d %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $mirrored, $mirrored/$slower, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+  python3 -c "print('%-8s %12d %9.2f %12d %9.2f %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $mirrored, $mirrored/$slower, $mirrored/$together, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
 done
-# merge again without yielding to the host (host_rate 0): what the yield buys.
+# merge again without yielding to the host (host_rate 0): what the yield buys (host for 2 s: the
+# backup ends sooner at full speed).
 wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null
 id=$(backup merge 0)
 set -- $(host 2); h_iops=$1; h_p999=$2
 set -- $(wait_backup $id); loaded=$1; copied=$2
 rpc pair_resync '{"name": "pr"}' >/dev/null
-python3 -c "print('%-8s %12s %9s %12s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+python3 -c "print('%-8s %12s %9s %12s %9s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', '-', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
 echo "alone: right after a split with nearly every track pending; mirr.: right after a split of a"
 echo "mirrored pair (nothing pending); vs fio: that throughput / the slower of fio's source read and"
-echo "target write"
+echo "target write; vs both: mirr. / the slower of the two when fio runs them at once"
 echo "vs split: host p99.9 during the backup / host p99.9 right after a split with no backup"
