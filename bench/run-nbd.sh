@@ -4,11 +4,15 @@
 # for qemu-storage-daemon) and a disk file (quicksplit's uring bdev and qemu-storage-daemon with
 # O_DIRECT on the same file, next to fio's own io_uring O_DIRECT on it). Each with fio numjobs 1
 # and 2: fio's nbd engine drives one libnbd connection per job and one job can be the limit.
+# REACTOR_CORE (default 0) places quicksplit's reactor and qemu-storage-daemon, NBD_FIO_CORES
+# (default: anywhere) the fio clients of both; fio's own run on the file stays unpinned.
 # Usage: bench/run-nbd.sh [DISK_FILE (default /var/tmp/qs-nbd.img)] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 disk=${1:-/var/tmp/qs-nbd.img}
 secs=${2:-6}
+rcore=${REACTOR_CORE:-0}
+fio_cores=${NBD_FIO_CORES:-}
 cargo build --release --locked --bin quicksplit >/dev/null 2>&1
 qs=$PWD/target/release/quicksplit
 work=$(mktemp -d /tmp/qs-nbd-bench.XXXXXX)
@@ -24,8 +28,10 @@ dd if=/dev/zero of="$shm" bs=1M count=1024 status=none
 
 # fio job file -> "IOPS CPU%"; URI, FILE, RW, NUMJOBS from the environment.
 measure() {
+  local pin=()
+  [ -n "${URI:-}" ] && [ -n "$fio_cores" ] && pin=(taskset -c "$fio_cores")
   URI=${URI:-} FILE=${FILE:-} RW=${RW:-} RUNTIME=$secs NUMJOBS=${NUMJOBS:-1} \
-    fio --output-format=json "$1" 2>/dev/null | grep -v '^fio:' | python3 -c \
+    "${pin[@]}" fio --output-format=json "$1" 2>/dev/null | grep -v '^fio:' | python3 -c \
     "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round(j['read']['iops']+j['write']['iops']), round(j['usr_cpu']+j['sys_cpu']))"
 }
 busy() { $qs rpc --socket "$work/rpc.sock" framework_get_reactors | python3 -c \
@@ -41,7 +47,7 @@ cat > "$work/qs.json" <<JSON
 ]}
 JSON
 QUICKSPLIT_LOG=warn $qs serve --config "$work/qs.json" --rpc-socket "$work/rpc.sock" \
-  --state-dir "$work/state" --cores 0 --idle adaptive >/dev/null 2>&1 &
+  --state-dir "$work/state" --cores "$rcore" --idle adaptive >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/rpc.sock" ] && break; sleep 0.1; done
 for nj in 1 2; do for back in ram disk; do for w in randread randwrite; do
@@ -55,7 +61,7 @@ kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
 for back in ram disk; do
   if [ $back = ram ]; then file=$shm; direct=off; else file=$disk; direct=on; fi
-  qemu-storage-daemon --blockdev driver=file,filename="$file",node-name=f,cache.direct=$direct \
+  taskset -c "$rcore" qemu-storage-daemon --blockdev driver=file,filename="$file",node-name=f,cache.direct=$direct \
     --nbd-server addr.type=unix,addr.path="$work/qsd-$back.sock" \
     --export type=nbd,id=e,node-name=f,writable=on,name=x >/dev/null 2>&1 &
   pids+=($!)
