@@ -240,6 +240,16 @@ impl Engine {
         let s = st.bdevs.get(secondary)?;
         st.bdevs.check_unclaimed(primary)?;
         st.bdevs.check_unclaimed(secondary)?;
+        // An export made before the pair writes the bdev itself, past the mirror and the copy
+        // before write: the pair would not see those writes.
+        for b in [primary, secondary] {
+            if let Some(export) = self.raw_export_of(b) {
+                return Err(EngineError::InUse(format!(
+                    "bdev '{b}' is exported ({export}): stop the export before making it part \
+                     of a pair"
+                )));
+            }
+        }
         let tracks = Pair::check_geometry(cfg, p.as_ref(), s.as_ref())?;
         let copier_reactor = self.reactors.get(st.pairs.len() + 1).clone();
         let (meta, loaded): (Option<Arc<Metadata>>, _) = match device {
@@ -525,6 +535,15 @@ impl Engine {
         calls.extend(self.nbd.config());
         calls.extend(self.nvmf.config());
         serde_json::json!({ "config": calls })
+    }
+
+    /// The NBD or NVMe/TCP export that shows bdev `name` itself, if one does.
+    fn raw_export_of(&self, name: &str) -> Option<String> {
+        let shows = |s: &Source| matches!(s, Source::Bdev(b) if b == name);
+        let nbd = self.nbd.list().into_iter().find(|e| shows(&e.source));
+        let nvmf = self.nvmf.list().into_iter().find(|e| shows(&e.source));
+        nbd.map(|e| format!("NBD export '{}'", e.name))
+            .or_else(|| nvmf.map(|e| format!("NVMe/TCP export '{}'", e.nqn)))
     }
 
     /// Where a pair's metadata lives.

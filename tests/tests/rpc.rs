@@ -333,6 +333,43 @@ fn every_method_through_the_socket() {
     assert_eq!(c.ok("nbd_export_stop", json!({"name": "e"})), json!(true));
     assert_eq!(c.err("nbd_export_stop", json!({"name": "e"})).0, NOT_FOUND);
     assert_eq!(c.ok("pair_delete", json!({"name": "bk"})), json!(true));
+    // A bdev exported as itself cannot join a pair: its export's writes would bypass the pair.
+    c.ok(
+        "nbd_export_start",
+        json!({"name": "raw", "bdev": "bp", "socket": nbd}),
+    );
+    let (code, msg) = c.err(
+        "pair_create",
+        json!({"name": "bk", "primary": "bp", "secondary": "bs"}),
+    );
+    assert_eq!(code, CONFLICT, "{msg}");
+    assert!(msg.contains("NBD export 'raw'"), "{msg}");
+    c.ok("nbd_export_stop", json!({"name": "raw"}));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    c.ok(
+        "nvmf_export_start",
+        json!({"nqn": "nqn.2026-11.io.quicksplit:raw", "bdev": "bs",
+               "listen": format!("127.0.0.1:{port}")}),
+    );
+    let (code, msg) = c.err(
+        "pair_create",
+        json!({"name": "bk", "primary": "bp", "secondary": "bs"}),
+    );
+    assert_eq!(code, CONFLICT, "{msg}");
+    assert!(msg.contains("NVMe/TCP export"), "{msg}");
+    c.ok(
+        "nvmf_export_stop",
+        json!({"nqn": "nqn.2026-11.io.quicksplit:raw"}),
+    );
+    c.ok(
+        "pair_create",
+        json!({"name": "bk", "primary": "bp", "secondary": "bs"}),
+    );
+    assert_eq!(c.ok("pair_delete", json!({"name": "bk"})), json!(true));
 
     let reactors = c.ok("framework_get_reactors", json!({}));
     let reactors = reactors.as_array().unwrap();
