@@ -273,9 +273,9 @@ pub trait IoChannel {
     /// Requests submitted and not yet returned by `poll`.
     fn in_flight(&self) -> usize;
     /// True when the device is memory the CPU reaches directly (a RAM disk), so that
-    /// [`IoChannel::read_in_place`] and [`IoChannel::write_in_place`] work and a caller holding
-    /// the data elsewhere (a socket's receive buffer) or sending it (a socket) needs no staging
-    /// buffer and no copy into one.
+    /// [`IoChannel::read_in_place`] and [`IoChannel::write_in_place`] work: a caller holding
+    /// write data elsewhere (a socket's receive buffer), or sending read data (to a socket),
+    /// needs no copy through a staging buffer.
     fn in_place(&self) -> bool {
         false
     }

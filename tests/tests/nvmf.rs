@@ -231,6 +231,16 @@ fn the_target_answers_bad_commands_with_the_spec_statuses() {
         assert_eq!(status_of(q.command("write", w, &[9u8; 4096], 0)), 0);
         let (_, back) = q.command("read", read(5, 1), &[], 4096).unwrap();
         assert!(back.iter().all(|&b| b == 9));
+        // In-capsule data on a command that does not say its data pointer is an SGL (PSDT
+        // 10b) is refused, and nothing is written.
+        let mut psdt = fabrics::with_sgl(NvmeCmd::write(1, 5, 1, false), 4096, true);
+        psdt.dw[0] = (psdt.dw[0] & !(3 << 14)) | (2 << 14);
+        assert_eq!(status_of(q.command("write", psdt, &[3u8; 4096], 0)), 0x0f);
+        let (_, back) = q.command("read", read(5, 1), &[], 4096).unwrap();
+        assert!(
+            back.iter().all(|&b| b == 9),
+            "a refused write changed the block"
+        );
         assert_eq!(
             status_of(q.command("zeroes", NvmeCmd::write_zeroes(1, 5, 1), &[], 0)),
             0

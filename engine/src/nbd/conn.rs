@@ -1,7 +1,8 @@
 //! The transmission phase of one NBD connection: a poller on a reactor with a non-blocking
 //! socket. It reads requests in bulk, submits them to the export's channel, and sends replies
-//! with vectored writes straight from the DMA buffers the data was read into. It never blocks:
-//! when buffers or queue slots run out it stops reading until completions free them.
+//! with vectored writes straight from the DMA buffers the data was read into (or, for a RAM
+//! disk, from the RAM disk itself). It never blocks: when buffers or queue slots run out it
+//! stops reading until completions free them.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -33,7 +34,8 @@ struct Out {
     data: IoBufs,
     data_len: usize,
     /// A RAM disk's blocks sent in place of `data` (which is reserved for them). Never kept
-    /// past the poll turn that made it: [`Out::settle`] copies what is still queued then.
+    /// past the poll turn that made it: [`Out::settle`] copies what is still queued then, so
+    /// the read returns the blocks as they were at the end of that turn.
     region: Option<RegionSlice>,
     tail: Vec<u8>,
 }
@@ -55,13 +57,14 @@ impl Out {
     }
 
     /// Copies RAM disk bytes sent in place into the reserved buffers, so a write that completes
-    /// later cannot change what this read returns.
+    /// in a later turn cannot change what this read returns.
     fn settle(&mut self) {
         if let Some(r) = self.region.take() {
             let mut at = 0;
             for b in self.data.iter_mut() {
                 // The buffers were reserved for exactly the slice's length.
-                let _ = r.read_at(at, b.as_mut_slice());
+                let copied = r.read_at(at, b.as_mut_slice());
+                debug_assert!(copied.is_ok(), "staging buffers longer than the read");
                 at += b.len();
             }
         }

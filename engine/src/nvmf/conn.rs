@@ -6,8 +6,9 @@
 //! gone, the export stopped, the keep-alive timeout expired). Input is parsed a whole PDU at a
 //! time from the receive buffer; commands whose data the host sends by the transport get an R2T
 //! and wait for their H2CData; I/O goes to the export's channel on this reactor and the
-//! replies (C2HData straight from the DMA buffers, then the response capsule, or C2HData with
-//! SUCCESS alone when the host disabled SQ flow control) are sent with vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
+//! replies (C2HData straight from the DMA buffers, or from a RAM disk itself, then the response
+//! capsule, or C2HData with SUCCESS alone when the host disabled SQ flow control) are sent with
+//! vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
 //! completions free some.
 
 use std::collections::VecDeque;
@@ -64,7 +65,8 @@ enum Body {
     /// A RAM disk's blocks, sent from where they are, with the staging buffers reserved for
     /// them (so memory stays bounded by the pool, as for any read). Never kept past the poll
     /// turn that made it: what is still queued then is copied into those buffers
-    /// ([`Body::settle`]), so a later write cannot change a read's data once the turn ends.
+    /// ([`Body::settle`]), so the read returns the blocks as they were at the end of that turn
+    /// and a write completing later cannot change them.
     Region(RegionSlice, IoBufs),
 }
 
@@ -76,7 +78,8 @@ impl Body {
                 let mut at = 0;
                 for b in bufs.iter_mut() {
                     // The buffers were reserved for exactly the slice's length.
-                    let _ = slice.read_at(at, b.as_mut_slice());
+                    let copied = slice.read_at(at, b.as_mut_slice());
+                    debug_assert!(copied.is_ok(), "staging buffers longer than the read");
                     at += b.len();
                 }
                 Body::Bufs(bufs)
@@ -312,6 +315,7 @@ impl NvmfConn {
                 let c = match &body {
                     Body::Bufs(b) => pdu::crc32c(b.iter().map(DmaBuf::as_slice)),
                     Body::Bytes(v) => pdu::crc32c([v.as_slice()]),
+                    // Settled just above: never a region here.
                     Body::None | Body::Region(..) => 0,
                 };
                 c.to_le_bytes()
@@ -465,7 +469,7 @@ impl NvmfConn {
         // Reserve DMA buffers for reads and writes first: nothing is consumed until they exist.
         let io_rw = !admin_q && matches!(cmd.opcode(), nvm::READ | nvm::WRITE);
         // A RAM disk takes in-capsule write data straight from the receive buffer.
-        let in_place = io_rw && h2c && f.data_len > 0 && self.in_place();
+        let in_place = io_rw && h2c && is_data_cmd && f.data_len > 0 && self.in_place();
         let mut dma = None;
         if io_rw && is_data_cmd && !in_place && (sgl_len as usize) <= MAX_XFER {
             let (lba, _) = cmd.range();
@@ -629,7 +633,7 @@ impl NvmfConn {
     }
 
     /// Copies the RAM disk bytes of replies still queued at the end of a turn, so that what a
-    /// read returns is what its blocks held when it ran.
+    /// read returns is what its blocks held at the end of the turn it ran in.
     fn settle_tx(&mut self) {
         for out in self.tx.iter_mut() {
             if matches!(out.body, Body::Region(..)) {
@@ -716,6 +720,7 @@ impl NvmfConn {
                                 self.respond(cid, io_status(&e), 0);
                             }
                         }
+                        self.reqs = reqs;
                         return;
                     }
                 }
