@@ -308,6 +308,11 @@ pub trait Bdev: Send + Sync {
     fn io_boundary(&self) -> Option<u64> {
         None
     }
+    /// The file or block device holding the data, for bdevs that have one: the engine refuses
+    /// to open it a second time or to write a backup over it.
+    fn backing_file(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// Errors creating, opening or deleting bdevs.

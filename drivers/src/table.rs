@@ -64,6 +64,11 @@ impl BdevTable {
             .ok_or_else(|| BdevError::NotFound(name.to_string()))
     }
 
+    /// Every bdev.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Bdev>> {
+        self.bdevs.values().map(|e| &e.bdev)
+    }
+
     /// True when a bdev of that name exists.
     pub fn contains(&self, name: &str) -> bool {
         self.bdevs.contains_key(name)

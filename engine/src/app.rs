@@ -120,6 +120,21 @@ pub struct Engine {
     nbd: Arc<NbdService>,
     nvmf: Arc<NvmfService>,
     backups: Backups,
+    /// Held while the configuration file is written: two RPCs finishing at once must not
+    /// interleave their writes, nor rename an older snapshot over a newer one.
+    config_file: Mutex<()>,
+}
+
+/// A file's identity, whatever the path naming it: device and inode, or the device number of
+/// a block device.
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let m = std::fs::metadata(path).ok()?;
+    if m.file_type().is_block_device() {
+        Some((u64::MAX, m.rdev()))
+    } else {
+        Some((m.dev(), m.ino()))
+    }
 }
 
 /// Errors of engine operations (what RPC methods report).
@@ -194,6 +209,7 @@ impl Engine {
             }),
             state_dir: state_dir.to_path_buf(),
             control,
+            config_file: Mutex::new(()),
         }))
     }
 
@@ -227,6 +243,16 @@ impl Engine {
         secondary: &str,
         device: Option<MetadataDevice>,
     ) -> Result<Arc<Pair>, EngineError> {
+        // The name is a file name in the state directory (its metadata).
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        if cfg.name.is_empty() || cfg.name.starts_with('.') || !cfg.name.chars().all(valid) {
+            return Err(PairError::Invalid(format!(
+                "parameter 'name': '{}' must be letters, digits, '.', '_' and '-', not starting \
+                 with '.'",
+                cfg.name
+            ))
+            .into());
+        }
         let mut st = self.state();
         if st.pairs.contains_key(&cfg.name) {
             return Err(
@@ -317,8 +343,60 @@ impl Engine {
 
     /// Adds a bdev to the table.
     pub fn bdev_add(&self, bdev: Arc<dyn drivers::Bdev>) -> Result<(), EngineError> {
-        self.state().bdevs.add(bdev)?;
+        let mut st = self.state();
+        if let Some(f) = bdev.backing_file() {
+            self.check_unused_file(&st, f)?;
+        }
+        st.bdevs.add(bdev)?;
         Ok(())
+    }
+
+    /// Fails when `path` is already one of the engine's files (checked before a bdev opens it,
+    /// which may extend it): one file as two bdevs would let one write past the other's pair.
+    pub fn check_bdev_file(&self, path: &Path) -> Result<(), EngineError> {
+        self.check_unused_file(&self.state(), path)
+    }
+
+    fn check_unused_file(&self, st: &State, path: &Path) -> Result<(), EngineError> {
+        match self.engine_file(st, path) {
+            Some(what) => Err(EngineError::InUse(format!(
+                "{} is {what}: a file is opened as one bdev only",
+                path.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// What of the engine's own `path` is, if anything: a bdev's file, a pair's metadata, or
+    /// the state directory's configuration or backup records. Files are compared by identity,
+    /// so another name for the same file (a link, `..`) is caught too.
+    fn engine_file(&self, st: &State, path: &Path) -> Option<String> {
+        let id = file_id(path)?;
+        if let Some(b) = st
+            .bdevs
+            .all()
+            .find(|b| b.backing_file().and_then(file_id) == Some(id))
+        {
+            return Some(format!("the file of bdev '{}'", b.name()));
+        }
+        for pair in st.pairs.keys() {
+            if file_id(&self.metadata_path(pair)) == Some(id) {
+                return Some(format!("the metadata of pair '{pair}'"));
+            }
+        }
+        let own = [
+            CONFIG_FILE,
+            &format!("{CONFIG_FILE}.new"),
+            "backups.json",
+            "backups.json.new",
+        ];
+        if own
+            .iter()
+            .any(|f| file_id(&self.state_dir.join(f)) == Some(id))
+        {
+            return Some("a file of the engine's state directory".into());
+        }
+        None
     }
 
     /// Attaches an NVMe controller (`bdev_nvme_attach_controller`): every namespace becomes a
@@ -497,6 +575,10 @@ impl Engine {
     /// Writes the running configuration to the state directory, atomically (a new file, made
     /// durable, renamed over the old one, directory synced), so a restart finds it whole.
     pub fn persist_config(&self) -> std::io::Result<()> {
+        let _writing = self
+            .config_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let text = serde_json::to_vec_pretty(&self.save_config()).map_err(std::io::Error::other)?;
         let path = self.config_path();
         let tmp = self.state_dir.join(format!("{CONFIG_FILE}.new"));
@@ -695,6 +777,19 @@ impl Engine {
         host_rate: u64,
     ) -> Result<u64, EngineError> {
         let p = self.pair(pair)?;
+        if let Target::File { path } | Target::Tape { path, .. } = &target {
+            let mut partial = path.as_os_str().to_owned();
+            partial.push(".partial");
+            let st = self.state();
+            for candidate in [path.as_path(), Path::new(&partial)] {
+                if let Some(what) = self.engine_file(&st, candidate) {
+                    return Err(EngineError::InUse(format!(
+                        "backup target {} is {what}",
+                        candidate.display()
+                    )));
+                }
+            }
+        }
         if let Target::Tape { record_size, .. } = &target {
             if *record_size == 0 || record_size % 512 != 0 || *record_size > 64 << 20 {
                 return Err(PairError::Invalid(format!(

@@ -75,6 +75,29 @@ impl Drop for AcceptThread {
     }
 }
 
+/// Clears the way to bind a Unix socket at `path`: a stale socket left by an earlier server is
+/// removed; a socket a live server answers on, or any other kind of file (a volume, a config),
+/// is an error and stays.
+pub(crate) fn clear_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is in use by another server", path.display()),
+        ));
+    }
+    std::fs::remove_file(path)
+}
+
 /// The staging pool of a service's connections, mapped when the first export starts.
 pub(crate) struct ConnectionPool {
     pool: Mutex<Option<BufferPool>>,

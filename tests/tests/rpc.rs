@@ -638,3 +638,74 @@ fn save_config_then_restart_with_it_gives_the_same_bdevs_and_pairs() {
         Some(2)
     );
 }
+
+/// The engine's own files (a bdev's file, a pair's metadata, the configuration) are never
+/// opened as a second bdev, replaced by a socket, or overwritten by a backup; pair names
+/// cannot reach outside the state directory.
+#[test]
+fn the_engines_own_files_are_not_reused_or_overwritten() {
+    let dir = TempDir::new("rpc-own-files");
+    let (_server, sock) = start_empty(dir.path());
+    let mut c = RpcConn::connect(&sock);
+    let state = dir.path().join("state");
+    let img = dir.path().join("u.img");
+    c.ok(
+        "bdev_uring_create",
+        json!({"name": "u", "filename": img, "size": 1 << 20}),
+    );
+    // The same file again, by its name or another one.
+    let link = dir.path().join("link.img");
+    std::fs::hard_link(&img, &link).unwrap();
+    for f in [&img, &link] {
+        let (code, msg) = c.err(
+            "bdev_uring_create",
+            json!({"name": "u2", "filename": f, "size": 2 << 20}),
+        );
+        assert_eq!(code, CONFLICT, "{msg}");
+        assert!(msg.contains("bdev 'u'"), "{msg}");
+    }
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        1 << 20,
+        "not extended"
+    );
+    // An NBD socket path on a file: refused, and the file stays.
+    let (code, msg) = c.err(
+        "nbd_export_start",
+        json!({"name": "e", "bdev": "u", "socket": img}),
+    );
+    assert_eq!(code, IO_ERROR, "{msg}");
+    assert!(msg.contains("not a socket"), "{msg}");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    // Backups over a bdev's file, a pair's metadata or the configuration are refused.
+    c.ok("bdev_malloc_create", json!({"name": "bp", "size": 1 << 20}));
+    c.ok("bdev_malloc_create", json!({"name": "bs", "size": 1 << 20}));
+    c.ok(
+        "pair_create",
+        json!({"name": "pk", "primary": "bp", "secondary": "bs"}),
+    );
+    let meta = state.join("pairs").join("pk.meta");
+    let meta_len = std::fs::metadata(&meta).unwrap().len();
+    for target in [
+        json!({"type": "file", "path": img}),
+        json!({"type": "tape", "path": link}),
+        json!({"type": "tape", "path": meta}),
+        json!({"type": "file", "path": state.join("config.json")}),
+    ] {
+        let (code, msg) = c.err("backup_start", json!({"pair": "pk", "target": target}));
+        assert_eq!(code, CONFLICT, "{target}: {msg}");
+    }
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+    assert_eq!(std::fs::metadata(&meta).unwrap().len(), meta_len);
+    let (code, msg) = c.err("bdev_uring_create", json!({"name": "m2", "filename": meta}));
+    assert_eq!(code, CONFLICT, "{msg}");
+    assert!(msg.contains("metadata of pair 'pk'"), "{msg}");
+    // Pair names are file names in the state directory.
+    for name in ["../x", ".hidden", "a/b", ""] {
+        let (code, msg) = c.err(
+            "pair_create",
+            json!({"name": name, "primary": "bp", "secondary": "bs"}),
+        );
+        assert_eq!(code, PARAMS, "{name}: {msg}");
+    }
+}

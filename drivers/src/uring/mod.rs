@@ -146,6 +146,10 @@ impl Bdev for UringBdev {
         }))
     }
 
+    fn backing_file(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
     fn config(&self) -> serde_json::Value {
         serde_json::json!({
             "method": "bdev_uring_create",

@@ -10,7 +10,7 @@ pub mod handshake;
 
 use std::collections::BTreeMap;
 use std::net::TcpListener;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -339,15 +339,7 @@ impl NbdService {
         };
         let (listener, path) = match address {
             Address::Unix(p) => {
-                if p.exists() {
-                    if UnixStream::connect(p).is_ok() {
-                        return Err(err(std::io::Error::new(
-                            std::io::ErrorKind::AddrInUse,
-                            "in use by another server",
-                        )));
-                    }
-                    std::fs::remove_file(p).map_err(err)?;
-                }
+                crate::listener::clear_stale_socket(p).map_err(err)?;
                 let l = UnixListener::bind(p).map_err(err)?;
                 l.set_nonblocking(true).map_err(err)?;
                 (Listener::Unix(l), Some(p.clone()))

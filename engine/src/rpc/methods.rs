@@ -220,6 +220,9 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
 fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
     match method {
         "bdev_malloc_create" | "bdev_uring_create" => {
+            if let Some(f) = p.get("filename").and_then(Value::as_str) {
+                engine.check_bdev_file(std::path::Path::new(f))?;
+            }
             let create = engine
                 .state()
                 .drivers

@@ -86,15 +86,7 @@ impl RpcServer {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    ErrorKind::AddrInUse,
-                    format!("{} is in use by another server", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
+        crate::listener::clear_stale_socket(path)?;
         let listener = bind_private(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
