@@ -123,6 +123,8 @@ pub struct Engine {
     /// Held while the configuration file is written: two RPCs finishing at once must not
     /// interleave their writes, nor rename an older snapshot over a newer one.
     config_file: Mutex<()>,
+    /// Held while a backup starts, so two starts cannot both find a target free.
+    backup_starts: Mutex<()>,
 }
 
 /// A file's identity, whatever the path naming it: device and inode, or the device number of
@@ -210,6 +212,7 @@ impl Engine {
             state_dir: state_dir.to_path_buf(),
             control,
             config_file: Mutex::new(()),
+            backup_starts: Mutex::new(()),
         }))
     }
 
@@ -776,6 +779,10 @@ impl Engine {
         rate: u64,
         host_rate: u64,
     ) -> Result<u64, EngineError> {
+        let _starting = self
+            .backup_starts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let p = self.pair(pair)?;
         if let Target::File { path } | Target::Tape { path, .. } = &target {
             let mut partial = path.as_os_str().to_owned();
@@ -789,6 +796,12 @@ impl Engine {
                     )));
                 }
             }
+        }
+        // Two backups into one place would interleave their bytes under one SHA-256.
+        if let Some(other) = self.backups.running_to(&target) {
+            return Err(EngineError::InUse(format!(
+                "backup {other} is writing to that target"
+            )));
         }
         if let Target::Tape { record_size, .. } = &target {
             if *record_size == 0 || record_size % 512 != 0 || *record_size > 64 << 20 {

@@ -709,3 +709,50 @@ fn the_engines_own_files_are_not_reused_or_overwritten() {
         assert_eq!(code, PARAMS, "{name}: {msg}");
     }
 }
+
+/// Two running backups never write one target: their bytes would interleave under one SHA-256.
+#[test]
+fn two_running_backups_cannot_write_one_target() {
+    let dir = TempDir::new("rpc-one-target");
+    let (_server, sock) = start_empty(dir.path());
+    let mut c = RpcConn::connect(&sock);
+    for n in ["a", "b"] {
+        let (p, s) = (format!("{n}p"), format!("{n}s"));
+        c.ok("bdev_malloc_create", json!({"name": p, "size": 4 << 20}));
+        c.ok("bdev_malloc_create", json!({"name": s, "size": 4 << 20}));
+        c.ok(
+            "pair_create",
+            json!({"name": n, "primary": p, "secondary": s}),
+        );
+        c.ok("pair_split", json!({"name": n}));
+    }
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let target = dir.path().join("t.img");
+    // Slow enough to be running throughout.
+    let id = c.ok(
+        "backup_start",
+        json!({"pair": "a", "target": {"type": "file", "path": target}, "rate": 65536}),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    let same_place = dir.path().join("sub").join("..").join("t.img");
+    for t in [
+        json!({"type": "file", "path": target}),
+        json!({"type": "tape", "path": same_place}),
+    ] {
+        let (code, msg) = c.err("backup_start", json!({"pair": "b", "target": t}));
+        assert_eq!(code, CONFLICT, "{t}: {msg}");
+        assert!(msg.contains(&format!("backup {id}")), "{msg}");
+    }
+    c.ok("backup_cancel", json!({"id": id}));
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            c.ok("backup_get", json!({"id": id}))[0]["state"] != "running"
+        }),
+        "the cancelled backup ends"
+    );
+    c.ok(
+        "backup_start",
+        json!({"pair": "b", "target": {"type": "file", "path": target}}),
+    );
+}

@@ -89,6 +89,40 @@ pub enum Target {
     },
 }
 
+impl Target {
+    /// Where the bytes land, for telling two targets that are the same place: a file by its
+    /// directory's real path and its name, an NBD server by its URI, an NVMe/TCP namespace by
+    /// address, port, subsystem and namespace.
+    fn place(&self) -> String {
+        let file = |path: &std::path::Path| {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+            format!(
+                "file:{}",
+                dir.join(path.file_name().unwrap_or_default()).display()
+            )
+        };
+        match self {
+            Target::File { path } | Target::Tape { path, .. } => file(path),
+            Target::Nbd { uri } => format!("nbd:{uri}"),
+            Target::Nvmf {
+                traddr,
+                trsvcid,
+                subnqn,
+                nsid,
+                ..
+            } => format!(
+                "nvmf:{traddr}:{}:{subnqn}:{}",
+                trsvcid.unwrap_or(4420),
+                nsid.unwrap_or(1)
+            ),
+        }
+    }
+}
+
 /// A backup's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -452,6 +486,15 @@ impl Backups {
             Some(i) => l.get(&i).map(|b| vec![b.info()]),
             None => Some(l.values().map(|b| b.info()).collect()),
         }
+    }
+
+    /// The running backup writing to the same place as `target`, if any.
+    pub fn running_to(&self, target: &Target) -> Option<u64> {
+        let place = target.place();
+        self.list()
+            .values()
+            .find(|b| b.state() == BackupState::Running && b.target.place() == place)
+            .map(|b| b.id)
     }
 
     /// True while a backup of `pair` runs.
