@@ -127,6 +127,57 @@ pub struct Engine {
     backup_starts: Mutex<()>,
 }
 
+/// What an export shows.
+pub(crate) enum ExportOf<'a> {
+    /// A bdev, through its pair when it is a pair's primary.
+    Bdev(&'a str),
+    /// A pair's image.
+    Pair(&'a str),
+}
+
+/// The source, the bdev connections open and the access of an export of `of`, with the state
+/// locked by the caller until the export is registered. `writable` defaults to true for a bdev
+/// and false for an image; a pair's secondary cannot be exported.
+pub(crate) fn resolve_export(
+    st: &State,
+    of: ExportOf<'_>,
+    writable: Option<bool>,
+) -> Result<(Source, Arc<dyn drivers::Bdev>, bool), EngineError> {
+    match of {
+        ExportOf::Bdev(b) => {
+            let raw = st.bdevs.get(b)?;
+            let owner = st
+                .pairs
+                .values()
+                .find(|p| p.primary().name() == b || p.secondary().name() == b);
+            let target: Arc<dyn drivers::Bdev> = match owner {
+                Some(p) if p.secondary().name() == b => {
+                    return Err(EngineError::InUse(format!(
+                        "bdev '{b}' is the secondary of pair '{}': export the pair's image \
+                         instead",
+                        p.name()
+                    )))
+                }
+                Some(p) => Arc::new(PairView::new(Arc::clone(p), View::Primary)),
+                None => raw,
+            };
+            Ok((Source::Bdev(b.to_string()), target, writable.unwrap_or(true)))
+        }
+        ExportOf::Pair(name) => {
+            let p = st
+                .pairs
+                .get(name)
+                .cloned()
+                .ok_or_else(|| PairError::NotFound(name.to_string()))?;
+            Ok((
+                Source::Pair(name.to_string()),
+                Arc::new(PairView::new(p, View::Image)),
+                writable.unwrap_or(false),
+            ))
+        }
+    }
+}
+
 /// A file's identity, whatever the path naming it: device and inode, or the device number of
 /// a block device.
 fn file_id(path: &Path) -> Option<(u64, u64)> {
@@ -438,8 +489,9 @@ impl Engine {
 
     /// Detaches an NVMe controller: its namespaces' bdevs go, unless one is claimed or exported.
     pub fn nvme_detach(&self, name: &str) -> Result<(), EngineError> {
-        let names = self
-            .state()
+        // Checked and detached under one lock: an export starts under it too.
+        let mut st = self.state();
+        let names = st
             .nvme_controllers
             .get(name)
             .cloned()
@@ -455,7 +507,6 @@ impl Engine {
             }
             self.check_not_nvmf_exported(n, None)?;
         }
-        let mut st = self.state();
         for n in &names {
             if let Some(by) = st
                 .bdevs
@@ -483,8 +534,9 @@ impl Engine {
 
     /// Deletes an unclaimed, unexported bdev.
     pub fn bdev_delete(&self, name: &str) -> Result<(), EngineError> {
-        if let Some((ctrl, _)) = self
-            .state()
+        // Checked and deleted under one lock: an export starts under it too.
+        let mut st = self.state();
+        if let Some((ctrl, _)) = st
             .nvme_controllers
             .iter()
             .find(|(_, ns)| ns.iter().any(|n| n == name))
@@ -503,7 +555,7 @@ impl Engine {
             )));
         }
         self.check_not_nvmf_exported(name, None)?;
-        self.state().bdevs.delete(name)?;
+        st.bdevs.delete(name)?;
         Ok(())
     }
 
@@ -528,37 +580,9 @@ impl Engine {
         writable: Option<bool>,
         address: Option<Address>,
     ) -> Result<(), EngineError> {
-        let (source, target, writable): (Source, Arc<dyn drivers::Bdev>, bool) = match (bdev, pair)
-        {
-            (Some(b), None) => {
-                let st = self.state();
-                let raw = st.bdevs.get(b)?;
-                let owner = st
-                    .pairs
-                    .values()
-                    .find(|p| p.primary().name() == b || p.secondary().name() == b);
-                let target: Arc<dyn drivers::Bdev> = match owner {
-                    Some(p) if p.secondary().name() == b => {
-                        return Err(EngineError::InUse(format!(
-                            "bdev '{b}' is the secondary of pair '{}': export the pair's image \
-                             instead",
-                            p.name()
-                        )))
-                    }
-                    Some(p) => Arc::new(PairView::new(Arc::clone(p), View::Primary)),
-                    None => raw,
-                };
-                (
-                    Source::Bdev(b.to_string()),
-                    target,
-                    writable.unwrap_or(true),
-                )
-            }
-            (None, Some(p)) => (
-                Source::Pair(p.to_string()),
-                self.pair_view(p, View::Image)?,
-                writable.unwrap_or(false),
-            ),
+        let of = match (bdev, pair) {
+            (Some(b), None) => ExportOf::Bdev(b),
+            (None, Some(p)) => ExportOf::Pair(p),
             _ => {
                 return Err(
                     NbdError::Invalid("give exactly one of 'bdev' and 'pair'".into()).into(),
@@ -566,6 +590,10 @@ impl Engine {
             }
         };
         let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
+        // The state stays locked until the export is registered: a pair made in between would
+        // not see it (`pair_create` refuses bdevs exported as themselves).
+        let st = self.state();
+        let (source, target, writable) = resolve_export(&st, of, writable)?;
         self.nbd.start(name, source, target, writable, address)?;
         Ok(())
     }
@@ -912,7 +940,19 @@ impl Engine {
 
     /// Deletes a pair (its bdevs stay, unclaimed). Refused while it is exported.
     pub fn pair_delete(&self, name: &str) -> Result<(), EngineError> {
-        let primary = self.pair(name)?.primary().name().to_string();
+        // Checked and deleted under the locks a backup start and an export start hold.
+        let _starting = self
+            .backup_starts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut st = self.state();
+        let primary = st
+            .pairs
+            .get(name)
+            .ok_or_else(|| PairError::NotFound(name.to_string()))?
+            .primary()
+            .name()
+            .to_string();
         let exported = self.nbd.uses(|e| match &e.source {
             Source::Pair(p) => p == name,
             Source::Bdev(b) => *b == primary,
@@ -928,7 +968,6 @@ impl Engine {
                 "backup {id} of pair '{name}' is running: cancel it first"
             )));
         }
-        let mut st = self.state();
         let pair = st
             .pairs
             .remove(name)

@@ -20,10 +20,9 @@ use drivers::Bdev;
 use hugepages::BufferPool;
 use serde::Serialize;
 
-use crate::app::{Engine, EngineError};
+use crate::app::{resolve_export, Engine, EngineError, ExportOf};
 use crate::listener::{AcceptThread, ConnectionPool, ReactorRoundRobin};
 use crate::nbd::Source;
-use crate::pair::channel::{PairView, View};
 use crate::reactor::ReactorHandle;
 
 /// Size of the data buffers (a command's data is split into pieces of at most this).
@@ -495,42 +494,18 @@ impl Engine {
         listen: Option<&str>,
     ) -> Result<(), EngineError> {
         check_nqn(nqn)?;
-        let (source, target, writable): (Source, Arc<dyn Bdev>, bool) = match (bdev, pair) {
-            (Some(b), None) => {
-                let st = self.state();
-                let raw = st.bdevs.get(b)?;
-                let owner = st
-                    .pairs
-                    .values()
-                    .find(|p| p.primary().name() == b || p.secondary().name() == b);
-                let target: Arc<dyn Bdev> = match owner {
-                    Some(p) if p.secondary().name() == b => {
-                        return Err(EngineError::InUse(format!(
-                            "bdev '{b}' is the secondary of pair '{}': export the pair's image \
-                             instead",
-                            p.name()
-                        )))
-                    }
-                    Some(p) => Arc::new(PairView::new(Arc::clone(p), View::Primary)),
-                    None => raw,
-                };
-                (
-                    Source::Bdev(b.to_string()),
-                    target,
-                    writable.unwrap_or(true),
-                )
-            }
-            (None, Some(p)) => (
-                Source::Pair(p.to_string()),
-                self.pair_view(p, View::Image)?,
-                writable.unwrap_or(false),
-            ),
+        let of = match (bdev, pair) {
+            (Some(b), None) => ExportOf::Bdev(b),
+            (None, Some(p)) => ExportOf::Pair(p),
             _ => {
                 return Err(
                     NvmfError::Invalid("give exactly one of 'bdev' and 'pair'".into()).into(),
                 )
             }
         };
+        // The state stays locked until the export is registered (see `nbd_export_start`).
+        let st = self.state();
+        let (source, target, writable) = resolve_export(&st, of, writable)?;
         self.nvmf().start(
             nqn,
             source,
