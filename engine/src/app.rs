@@ -161,7 +161,11 @@ pub(crate) fn resolve_export(
                 Some(p) => Arc::new(PairView::new(Arc::clone(p), View::Primary)),
                 None => raw,
             };
-            Ok((Source::Bdev(b.to_string()), target, writable.unwrap_or(true)))
+            Ok((
+                Source::Bdev(b.to_string()),
+                target,
+                writable.unwrap_or(true),
+            ))
         }
         ExportOf::Pair(name) => {
             let p = st
@@ -359,9 +363,19 @@ impl Engine {
             Some(copier_reactor.clone()),
             meta.clone(),
         )?;
-        match loaded {
-            None => {}
-            Some(Ok(l)) => match pair.apply_loaded(&l) {
+        // A RAM disk comes back from a restart empty: metadata that calls it a mirror or an
+        // image describes contents that are gone.
+        let volatile = [pair.primary(), pair.secondary()]
+            .into_iter()
+            .find(|b| b.driver() == "malloc")
+            .map(|b| b.name().to_string());
+        match (loaded, volatile) {
+            (None, _) => {}
+            (Some(Ok(_)), Some(ram)) => pair.distrust(format!(
+                "pair metadata not trusted: bdev '{ram}' is a RAM disk and lost its contents in \
+                 the restart"
+            )),
+            (Some(Ok(l)), None) => match pair.apply_loaded(&l) {
                 Ok(()) => tracing::info!(
                     pair = pair.name(),
                     state = pair.state().as_str(),
@@ -370,7 +384,7 @@ impl Engine {
                 ),
                 Err(e) => pair.distrust(format!("pair metadata not trusted: {e}")),
             },
-            Some(Err(e)) => pair.distrust(format!("pair metadata not trusted: {e}")),
+            (Some(Err(e)), _) => pair.distrust(format!("pair metadata not trusted: {e}")),
         }
         st.bdevs.claim(primary, &cfg.name)?;
         if let Err(e) = st.bdevs.claim(secondary, &cfg.name) {
@@ -491,11 +505,10 @@ impl Engine {
     pub fn nvme_detach(&self, name: &str) -> Result<(), EngineError> {
         // Checked and detached under one lock: an export starts under it too.
         let mut st = self.state();
-        let names = st
-            .nvme_controllers
-            .get(name)
-            .cloned()
-            .ok_or_else(|| EngineError::NotFound(format!("no NVMe controller named '{name}'")))?;
+        let names =
+            st.nvme_controllers.get(name).cloned().ok_or_else(|| {
+                EngineError::NotFound(format!("no NVMe controller named '{name}'"))
+            })?;
         for n in &names {
             if let Some(e) = self
                 .nbd

@@ -756,3 +756,47 @@ fn two_running_backups_cannot_write_one_target() {
         json!({"pair": "b", "target": {"type": "file", "path": target}}),
     );
 }
+
+/// A RAM disk comes back from a restart empty: a pair on one is not taken back as a mirror.
+#[test]
+fn a_pair_on_a_ram_disk_is_not_trusted_after_a_restart() {
+    let dir = TempDir::new("rpc-ram-restart");
+    let (server, sock) = start_empty(dir.path());
+    let mut c = RpcConn::connect(&sock);
+    c.ok(
+        "bdev_uring_create",
+        json!({"name": "p", "filename": dir.path().join("p.img"), "size": 4 << 20}),
+    );
+    c.ok("bdev_malloc_create", json!({"name": "s", "size": 4 << 20}));
+    c.ok(
+        "pair_create",
+        json!({"name": "r", "primary": "p", "secondary": "s"}),
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || pair_state(&mut c, "r")["state"]
+            == "PAIR"),
+        "the first copy ends"
+    );
+    drop(c);
+    drop(server);
+    // Restarted on the same state directory, without --config: its configuration comes back.
+    let state = dir.path().join("state");
+    let _server = Server::start(&[
+        "--rpc-socket",
+        sock.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--cores",
+        "0-1",
+        "--idle",
+        "adaptive",
+    ]);
+    let mut c = RpcConn::connect(&sock);
+    let p = pair_state(&mut c, "r");
+    assert_eq!(p["state"], "PSUE", "{p}");
+    assert!(
+        p["error"].as_str().unwrap_or_default().contains("RAM disk"),
+        "{p}"
+    );
+    assert_eq!(p["pending_tracks"], p["tracks"], "{p}");
+}
