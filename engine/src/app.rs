@@ -480,6 +480,27 @@ impl Engine {
                 "an NVMe controller named '{name}' is already attached"
             )));
         }
+        // This engine's own export as a bdev would be a second name for a bdev it has (past
+        // the checks that protect pairs), and a restart would replay the attach before the
+        // export listens.
+        let subnqn = params.get("subnqn").and_then(|n| n.as_str());
+        let port = params
+            .get("trsvcid")
+            .and_then(|p| p.as_u64())
+            .unwrap_or(4420);
+        if let Some(own) = self.nvmf.list().into_iter().find(|e| {
+            Some(e.nqn.as_str()) == subnqn
+                && e.listen
+                    .rsplit(':')
+                    .next()
+                    .and_then(|p| p.parse::<u64>().ok())
+                    == Some(port)
+        }) {
+            return Err(EngineError::InUse(format!(
+                "'{}' is this engine's own NVMe/TCP export: use its bdev or pair directly",
+                own.nqn
+            )));
+        }
         let bdevs = drivers::nvme::rpc::attach(params).map_err(|e| match e {
             drivers::CreateError::Bdev(b) => EngineError::Bdev(b),
             drivers::CreateError::Params(m) => EngineError::Bdev(BdevError::Invalid(m)),

@@ -782,3 +782,25 @@ fn a_ram_disk_read_waiting_for_the_socket_keeps_the_blocks_as_they_were() {
         }
     }
 }
+
+/// Attaching this engine's own export as an NVMe/TCP bdev is refused: it would be a second name
+/// for one of its bdevs, and a restart would replay the attach before the export listens.
+#[test]
+fn attaching_the_engines_own_export_is_refused() {
+    let dir = TempDir::new("nvmf-own");
+    let (_server, mut rpc, port, nqn) = target(dir.path());
+    let (code, msg) = rpc.err(
+        "bdev_nvme_attach_controller",
+        json!({"name": "self", "trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": port,
+               "subnqn": nqn}),
+    );
+    assert_eq!(code, -32002, "{msg}");
+    assert!(msg.contains("own NVMe/TCP export"), "{msg}");
+    assert_eq!(
+        rpc.ok("bdev_get_bdevs", json!({}))
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
