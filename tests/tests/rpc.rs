@@ -394,6 +394,21 @@ fn every_method_through_the_socket() {
     );
     assert_eq!(code, NOT_FOUND);
     assert!(msg.contains("entry 0"), "{msg}");
+    // What a failed load_config applied before its bad entry runs, and the state directory's
+    // configuration says so.
+    let (code, msg) = c.err(
+        "load_config",
+        json!({"config": [
+            {"method": "bdev_malloc_create", "params": {"name": "m10", "size": 1 << 20}},
+            {"method": "bdev_delete", "params": {"name": "none"}}]}),
+    );
+    assert_eq!(code, NOT_FOUND);
+    assert!(
+        msg.contains("entry 1") && msg.contains("before it are applied"),
+        "{msg}"
+    );
+    let saved = std::fs::read_to_string(dir.path().join("state").join("config.json")).unwrap();
+    assert!(saved.contains("\"m10\""), "{saved}");
 }
 
 #[test]

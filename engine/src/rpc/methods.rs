@@ -204,17 +204,21 @@ const CHANGES_CONFIG: &[&str] = &[
 
 /// Runs `method` with `params`; keeps the configuration in the state directory up to date.
 pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
-    let result = dispatch(engine, method, p)?;
+    let result = dispatch(engine, method, p);
+    // Saved after a failure too: a `load_config` that stopped at a bad entry has applied the
+    // ones before it, and the file must say what runs.
     if CHANGES_CONFIG.contains(&method) {
         if let Err(e) = engine.persist_config() {
             tracing::error!(%e, "the configuration could not be saved in the state directory");
-            return Err(RpcError::new(
-                codes::IO_ERROR,
-                format!("{method} succeeded but the configuration could not be saved: {e}"),
-            ));
+            if result.is_ok() {
+                return Err(RpcError::new(
+                    codes::IO_ERROR,
+                    format!("{method} succeeded but the configuration could not be saved: {e}"),
+                ));
+            }
         }
     }
-    Ok(result)
+    result
 }
 
 fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
@@ -494,13 +498,24 @@ fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<(), RpcError> {
         };
         dispatch(engine, &c.method, params).map_err(|e| RpcError {
             code: e.code,
-            message: format!("config entry {i} ({}): {}", c.method, e.message),
+            message: format!(
+                "config entry {i} ({}): {} (entries before it are applied)",
+                c.method, e.message
+            ),
         })?;
     }
     Ok(())
 }
 
-/// Applies a configuration (what `save_config` returns) and keeps it in the state directory.
+/// Applies a configuration (what `save_config` returns) at startup and keeps it in the state
+/// directory. Unlike the RPC, a failure saves nothing: the engine does not start, and the
+/// configuration it was given must still be there, whole, for the next try.
 pub fn apply_config(engine: &Engine, config: Value) -> Result<(), RpcError> {
-    call(engine, "load_config", config).map(|_| ())
+    dispatch(engine, "load_config", config)?;
+    engine.persist_config().map_err(|e| {
+        RpcError::new(
+            codes::IO_ERROR,
+            format!("the configuration could not be saved in the state directory: {e}"),
+        )
+    })
 }
