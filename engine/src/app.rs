@@ -685,12 +685,13 @@ impl Engine {
     }
 
     /// The NBD or NVMe/TCP export that shows bdev `name` itself, if one does.
+    /// (Stopped exports count while their connections finish the requests they read.)
     fn raw_export_of(&self, name: &str) -> Option<String> {
         let shows = |s: &Source| matches!(s, Source::Bdev(b) if b == name);
-        let nbd = self.nbd.list().into_iter().find(|e| shows(&e.source));
-        let nvmf = self.nvmf.list().into_iter().find(|e| shows(&e.source));
-        nbd.map(|e| format!("NBD export '{}'", e.name))
-            .or_else(|| nvmf.map(|e| format!("NVMe/TCP export '{}'", e.nqn)))
+        let nbd = self.nbd.uses(|e| shows(&e.source));
+        let nvmf = self.nvmf.uses(|e| shows(&e.source));
+        nbd.map(|e| format!("NBD export '{e}'"))
+            .or_else(|| nvmf.map(|e| format!("NVMe/TCP export '{e}'")))
     }
 
     /// Where a pair's metadata lives.

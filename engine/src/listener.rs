@@ -98,6 +98,41 @@ pub(crate) fn clear_stale_socket(path: &std::path::Path) -> std::io::Result<()> 
     std::fs::remove_file(path)
 }
 
+/// Exports stopped while connections still use them. A connection finishes the requests it
+/// has already read after its export stops, so the export still counts as in use (for the
+/// checks that keep raw exports out of pairs) until its last connection closes.
+pub(crate) struct Stopping<E> {
+    list: Mutex<Vec<Arc<E>>>,
+}
+
+impl<E> Stopping<E> {
+    pub(crate) fn new() -> Self {
+        Self {
+            list: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keeps a stopped export until `open` says it has no connection left.
+    pub(crate) fn add(&self, export: Arc<E>) {
+        self.list
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(export);
+    }
+
+    /// A stopped export matching `pred` that still has connections (`open`), forgetting those
+    /// that have none.
+    pub(crate) fn find(
+        &self,
+        open: impl Fn(&E) -> usize,
+        pred: impl Fn(&E) -> bool,
+    ) -> Option<Arc<E>> {
+        let mut list = self.list.lock().unwrap_or_else(PoisonError::into_inner);
+        list.retain(|e| open(e) > 0);
+        list.iter().find(|e| pred(e)).cloned()
+    }
+}
+
 /// The staging pool of a service's connections, mapped when the first export starts.
 pub(crate) struct ConnectionPool {
     pool: Mutex<Option<BufferPool>>,

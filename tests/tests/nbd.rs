@@ -389,3 +389,34 @@ fn a_ram_disk_read_waiting_for_the_socket_keeps_the_blocks_as_they_were() {
         assert!(back.iter().all(|&b| b == 0xab));
     }
 }
+
+/// A stopped export whose connection still holds requests it read counts as in use: a pair
+/// made of its bdev could otherwise receive writes that bypass it.
+#[test]
+fn a_stopped_export_with_a_connection_closing_keeps_its_bdev_out_of_pairs() {
+    let mut s = setup("nbd-stopping");
+    s.rpc.ok(
+        "bdev_malloc_create",
+        json!({"name": "s2", "size": 64 * MIB}),
+    );
+    let mut client = NbdClient::connect(&s.nbd_sock, "m").expect("connect");
+    // Replies the client does not read keep its connection busy after the stop.
+    for i in 0..96u64 {
+        client.send(nbd::READ, 0, i * (128 << 10), 128 << 10, &[]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    s.rpc.ok("nbd_export_stop", json!({"name": "m"}));
+    let pair = json!({"name": "pm", "primary": "m", "secondary": "s2"});
+    let (code, msg) = s.rpc.err("pair_create", pair.clone());
+    assert_eq!(code, -32002, "{msg}");
+    assert!(msg.contains("still closing"), "{msg}");
+    drop(client);
+    assert!(
+        wait_for(Duration::from_secs(10), || s
+            .rpc
+            .call("pair_create", pair.clone())
+            .get("error")
+            .is_none()),
+        "the pair is made once the connection is gone"
+    );
+}

@@ -21,7 +21,7 @@ use drivers::Bdev;
 use hugepages::BufferPool;
 use serde::Serialize;
 
-use crate::listener::{AcceptThread, ConnectionPool, ReactorRoundRobin};
+use crate::listener::{AcceptThread, ConnectionPool, ReactorRoundRobin, Stopping};
 use crate::reactor::ReactorHandle;
 
 /// Size of the NBD data buffers (requests are split into pieces of at most this).
@@ -172,6 +172,7 @@ pub struct NbdService {
     exports: Mutex<BTreeMap<String, Arc<Export>>>,
     listeners: Mutex<BTreeMap<String, AcceptThread>>,
     reactors: ReactorRoundRobin,
+    stopping: Stopping<Export>,
     handshakes: Arc<AtomicUsize>,
     pool: ConnectionPool,
 }
@@ -183,6 +184,7 @@ impl NbdService {
             exports: Mutex::new(BTreeMap::new()),
             listeners: Mutex::new(BTreeMap::new()),
             reactors: ReactorRoundRobin::new(reactors),
+            stopping: Stopping::new(),
             handshakes: Arc::new(AtomicUsize::new(0)),
             pool: ConnectionPool::new(NBD_BUF, NBD_BUFS),
         })
@@ -223,6 +225,11 @@ impl NbdService {
             .values()
             .find(|e| pred(e))
             .map(|e| e.name.clone())
+            .or_else(|| {
+                self.stopping
+                    .find(|e| e.connections.load(Ordering::SeqCst), pred)
+                    .map(|e| format!("{} (stopped, its connections still closing)", e.name))
+            })
     }
 
     /// Starts an export (and its address's listener if it is the first export there).
@@ -278,6 +285,7 @@ impl NbdService {
             .remove(name)
             .ok_or_else(|| NbdError::NotFound(name.to_string()))?;
         e.closed.store(true, Ordering::SeqCst);
+        self.stopping.add(Arc::clone(&e));
         self.reactors.wake_all();
         let key = e.address.key();
         if self.exports_at(&key).is_empty() {

@@ -21,7 +21,7 @@ use hugepages::BufferPool;
 use serde::Serialize;
 
 use crate::app::{resolve_export, Engine, EngineError, ExportOf};
-use crate::listener::{AcceptThread, ConnectionPool, ReactorRoundRobin};
+use crate::listener::{AcceptThread, ConnectionPool, ReactorRoundRobin, Stopping};
 use crate::nbd::Source;
 use crate::reactor::ReactorHandle;
 
@@ -150,6 +150,7 @@ pub struct NvmfService {
     next_cntlid: AtomicU16,
     generation: AtomicU64,
     reactors: ReactorRoundRobin,
+    stopping: Stopping<NvmfExport>,
     pool: ConnectionPool,
 }
 
@@ -163,6 +164,7 @@ impl NvmfService {
             next_cntlid: AtomicU16::new(1),
             generation: AtomicU64::new(1),
             reactors: ReactorRoundRobin::new(reactors),
+            stopping: Stopping::new(),
             pool: ConnectionPool::new(BUF_SIZE, BUFS),
         })
     }
@@ -301,6 +303,7 @@ impl NvmfService {
             .remove(nqn)
             .ok_or_else(|| NvmfError::NotFound(nqn.to_string()))?;
         e.closed.store(true, Ordering::SeqCst);
+        self.stopping.add(Arc::clone(&e));
         self.generation.fetch_add(1, Ordering::SeqCst);
         self.reactors.wake_all();
         let still_used = self.exports().values().any(|x| x.listen == e.listen);
@@ -330,6 +333,11 @@ impl NvmfService {
             .values()
             .find(|e| pred(e))
             .map(|e| e.nqn.clone())
+            .or_else(|| {
+                self.stopping
+                    .find(|e| e.connections.load(Ordering::SeqCst), pred)
+                    .map(|e| format!("{} (stopped, its connections still closing)", e.nqn))
+            })
     }
 
     /// `nvmf_get_exports`.
