@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use drivers::iov::{IoVecs, SendPart};
 use drivers::nbd::proto::{self, chunk, cmd, err, Request, REQUEST_LEN};
@@ -24,6 +25,8 @@ const RX_BUF: usize = 256 << 10;
 const MAX_INFLIGHT: usize = 256;
 /// Vectors per writev.
 const MAX_IOV: usize = 128;
+/// A closing connection whose client does not read its last replies is dropped after this.
+const CLOSE_GIVE_UP: Duration = Duration::from_secs(5);
 /// Freed staging buffers a connection keeps for its next requests (a queue's depth of them).
 const CACHED_BUFS: usize = 32;
 
@@ -103,6 +106,8 @@ pub struct NbdConn {
     tx_sent: usize,
     done: Vec<IoCompletion>,
     closing: bool,
+    /// When closing began: replies the client does not read are given up after a while.
+    closing_since: Option<Instant>,
     eof: bool,
 }
 
@@ -127,6 +132,7 @@ impl NbdConn {
             tx_sent: 0,
             done: Vec::new(),
             closing: false,
+            closing_since: None,
             eof: false,
         }
     }
@@ -545,12 +551,18 @@ impl Poller for NbdConn {
             busy = true;
         }
         self.tx.iter_mut().for_each(Out::settle);
-        if self.closing && self.inflight.is_empty() && self.tx.is_empty() {
-            // Requests in flight are done and every reply is sent: close.
-            if self.watched {
-                cx.unwatch_fd(self.fd());
+        if self.closing {
+            let since = *self.closing_since.get_or_insert_with(Instant::now);
+            // Requests in flight are done and every reply is sent, or the client has not read
+            // its replies for a while: close.
+            let gave_up = since.elapsed() > CLOSE_GIVE_UP;
+            if self.inflight.is_empty() && (self.tx.is_empty() || gave_up) {
+                if self.watched {
+                    cx.unwatch_fd(self.fd());
+                }
+                return PollStatus::Done;
             }
-            return PollStatus::Done;
+            cx.wake_at(since + CLOSE_GIVE_UP);
         }
         // Idle for a while: the cached buffers go back to the pool other connections share.
         if let Some(at) = self.bufs.note_idle(
