@@ -485,9 +485,10 @@ impl PairChannel {
         let p = &mut self.parents[key];
         let track = p.cow[p.cow_next];
         let (_, len) = pair.track_range(track);
-        pair.pending.clear(track);
-        // Release: whoever sees the count also sees the track no longer pending.
-        pair.stats.tracks_copied.fetch_add(1, Ordering::Release);
+        pair.stats.move_to_copied(|| {
+            pair.pending.clear(track);
+            true
+        });
         pair.stats.cow_copies.fetch_add(1, Ordering::Relaxed);
         pair.stats.bytes_read.fetch_add(len, Ordering::Relaxed);
         pair.stats.bytes_copied.fetch_add(len, Ordering::Relaxed);

@@ -278,10 +278,8 @@ impl Copier {
                 stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
                 match dir {
                     Direction::Forward => {
-                        if self.pair.pending.finish_copy(track) {
-                            // Release: whoever sees the count sees the track no longer pending.
-                            stats.tracks_copied.fetch_add(1, Ordering::Release);
-                        }
+                        let pending = &self.pair.pending;
+                        stats.move_to_copied(|| pending.finish_copy(track));
                     }
                     Direction::Reverse => {
                         if self.pair.restore.remove(track) {

@@ -124,6 +124,40 @@ pub struct PairStats {
     pub last_split_ns: AtomicU64,
     /// Requests hosts sent through the pair's views (a backup watches it to yield to them).
     pub host_requests: AtomicU64,
+    /// Tracks that started and finished moving from pending to copied: `pair_get` reads the
+    /// pending and copied counts when none is between the two, so each track is in exactly one.
+    moves_started: AtomicU64,
+    moves_finished: AtomicU64,
+}
+
+impl PairStats {
+    /// Marks track `track` copied to S: `clear` takes it out of the pending set (true when it
+    /// was pending, which counts it as copied). Readers of both counts never see it in neither
+    /// or both.
+    pub(crate) fn move_to_copied(&self, clear: impl FnOnce() -> bool) {
+        self.moves_started.fetch_add(1, Ordering::SeqCst);
+        if clear() {
+            self.tracks_copied.fetch_add(1, Ordering::SeqCst);
+        }
+        self.moves_finished.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `(pending, copied)` taken while no track was moving between them (or, if copies keep
+    /// them moving, after a bounded number of tries).
+    fn pending_and_copied(&self, pending: impl Fn() -> u64) -> (u64, u64) {
+        let mut last = (0, 0);
+        for _ in 0..10_000 {
+            let finished = self.moves_finished.load(Ordering::SeqCst);
+            std::sync::atomic::fence(Ordering::SeqCst);
+            last = (pending(), self.tracks_copied.load(Ordering::SeqCst));
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if self.moves_started.load(Ordering::SeqCst) == finished {
+                return last;
+            }
+            std::hint::spin_loop();
+        }
+        last
+    }
 }
 
 /// Watches a pair's host requests for the engine's own work on it (backups, urgent copies),
@@ -753,9 +787,9 @@ impl Pair {
     /// What `pair_get` reports.
     pub fn info(&self) -> PairInfo {
         let reverse = self.direction.load(Ordering::SeqCst) == DIR_REVERSE;
-        // The copied count before the pending set: a track whose copy ends between the two
-        // reads is then counted in at most one of them, so pending + copied never overcounts.
-        let copied_tracks = self.stats.tracks_copied.load(Ordering::Acquire);
+        let (pending_tracks, copied_tracks) = self
+            .stats
+            .pending_and_copied(|| self.pending.count() + self.restore.count());
         PairInfo {
             name: self.name.clone(),
             state: self.state(),
@@ -764,7 +798,7 @@ impl Pair {
             secondary: self.secondary.name().to_string(),
             track_size: self.track_size,
             tracks: self.tracks,
-            pending_tracks: self.pending.count() + self.restore.count(),
+            pending_tracks,
             changed_tracks: self.changed_tracks(),
             split_at_ns: self.split_at_ns(),
             error: self.error(),
@@ -1106,4 +1140,44 @@ pub fn now_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::PairStats;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn pending_plus_copied_is_exact_while_tracks_move() {
+        const TRACKS: u64 = 20_000;
+        let stats = Arc::new(PairStats::default());
+        let pending = Arc::new(AtomicU64::new(TRACKS));
+        let done = Arc::new(AtomicBool::new(false));
+        let (s, p, d) = (Arc::clone(&stats), Arc::clone(&pending), Arc::clone(&done));
+        let mover = std::thread::spawn(move || {
+            for _ in 0..TRACKS {
+                s.move_to_copied(|| {
+                    p.fetch_sub(1, Ordering::SeqCst);
+                    // A copy's bookkeeping is not instant: widen the window a reader can hit.
+                    for _ in 0..50 {
+                        std::hint::spin_loop();
+                    }
+                    true
+                });
+                for _ in 0..200 {
+                    std::hint::spin_loop();
+                }
+            }
+            d.store(true, Ordering::SeqCst);
+        });
+        let mut reads = 0u64;
+        while !done.load(Ordering::SeqCst) {
+            let (pe, co) = stats.pending_and_copied(|| pending.load(Ordering::SeqCst));
+            assert_eq!(pe + co, TRACKS, "after {reads} reads");
+            reads += 1;
+        }
+        mover.join().expect("mover");
+        assert!(reads > 0);
+    }
 }
