@@ -245,6 +245,9 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         let backup_was = backup
             .as_ref()
             .map(|(id, _)| rpc.ok("backup_get", json!({"id": id}))[0]["state"].clone());
+        // How long the pair had been mirrored and clean when it was killed (the restart's own
+        // time does not count: the metadata could only clear write-intent bits before the kill).
+        let clean_for = mirrored_clean_since.map(|since| since.elapsed());
         server.signal(libc::SIGKILL);
         assert!(server.wait_exit(Duration::from_secs(20)).is_some());
         let acked = writer.map_or(0, Writer::stop);
@@ -273,10 +276,10 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
         // Tracks pending when the pair came back (some may be copied already).
         let pending_at_start = back["pending_tracks"].as_u64().unwrap_or(u64::MAX)
             + back["copied_tracks"].as_u64().unwrap_or(u64::MAX);
-        if let Some(since) = mirrored_clean_since {
+        if let Some(clean_for) = clean_for {
             // Mirrored with nothing pending for a while: the write-intent bits of the tracks
             // not written lately were cleared, so only the written half can be pending.
-            if was_state == "PAIR" && since.elapsed() > Duration::from_secs(2) {
+            if was_state == "PAIR" && clean_for > Duration::from_secs(2) {
                 if pending_at_start > TRACKS / 2 {
                     fail(format!(
                         "{pending_at_start} tracks to copy after the restart: {back}"
