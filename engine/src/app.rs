@@ -301,13 +301,12 @@ impl Engine {
         secondary: &str,
         device: Option<MetadataDevice>,
     ) -> Result<Arc<Pair>, EngineError> {
-        // The name is a file name in the state directory (its metadata).
-        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
-        if cfg.name.is_empty() || cfg.name.starts_with('.') || !cfg.name.chars().all(valid) {
+        // The name is a file name in the state directory (its metadata): one path component,
+        // so no two names reach one file and none reaches outside.
+        let n = &cfg.name;
+        if n.is_empty() || n.len() > 200 || n.starts_with('.') || n.contains(['/', '\0']) {
             return Err(PairError::Invalid(format!(
-                "parameter 'name': '{}' must be letters, digits, '.', '_' and '-', not starting \
-                 with '.'",
-                cfg.name
+                "parameter 'name': '{n}' must be 1 to 200 bytes without '/', not starting with '.'"
             ))
             .into());
         }
