@@ -156,6 +156,17 @@ impl RegionSlice {
         self.len == 0
     }
 
+    /// Copies the bytes, in order, into `bufs` (staging buffers reserved for them); an error
+    /// when the buffers hold more than the slice.
+    pub fn read_into(&self, bufs: &mut [crate::DmaBuf]) -> Result<(), DmaError> {
+        let mut at = 0;
+        for b in bufs {
+            self.read_at(at, b.as_mut_slice())?;
+            at += b.len();
+        }
+        Ok(())
+    }
+
     /// Copies `dst.len()` bytes from `at` bytes into the slice into `dst`.
     pub fn read_at(&self, at: usize, dst: &mut [u8]) -> Result<(), DmaError> {
         match at.checked_add(dst.len()) {

@@ -63,13 +63,9 @@ impl Out {
     /// in a later turn cannot change what this read returns.
     fn settle(&mut self) {
         if let Some(r) = self.region.take() {
-            let mut at = 0;
-            for b in self.data.iter_mut() {
-                // The buffers were reserved for exactly the slice's length.
-                let copied = r.read_at(at, b.as_mut_slice());
-                debug_assert!(copied.is_ok(), "staging buffers longer than the read");
-                at += b.len();
-            }
+            // The buffers were reserved for exactly the slice's length.
+            let copied = r.read_into(&mut self.data);
+            debug_assert!(copied.is_ok(), "staging buffers longer than the read");
         }
     }
 }

@@ -75,13 +75,9 @@ impl Body {
     fn settle(self) -> Body {
         match self {
             Body::Region(slice, mut bufs) => {
-                let mut at = 0;
-                for b in bufs.iter_mut() {
-                    // The buffers were reserved for exactly the slice's length.
-                    let copied = slice.read_at(at, b.as_mut_slice());
-                    debug_assert!(copied.is_ok(), "staging buffers longer than the read");
-                    at += b.len();
-                }
+                // The buffers were reserved for exactly the slice's length.
+                let copied = slice.read_into(&mut bufs);
+                debug_assert!(copied.is_ok(), "staging buffers longer than the read");
                 Body::Bufs(bufs)
             }
             other => other,
