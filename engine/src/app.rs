@@ -530,15 +530,7 @@ impl Engine {
                 EngineError::NotFound(format!("no NVMe controller named '{name}'"))
             })?;
         for n in &names {
-            if let Some(e) = self
-                .nbd
-                .uses(|e| matches!(&e.source, Source::Bdev(b) if b == n))
-            {
-                return Err(EngineError::InUse(format!(
-                    "bdev '{n}' is exported over NBD as '{e}'"
-                )));
-            }
-            self.check_not_nvmf_exported(n, None)?;
+            self.check_not_exported(n)?;
         }
         for n in &names {
             if let Some(by) = st
@@ -579,15 +571,7 @@ impl Engine {
                  bdev_nvme_detach_controller"
             )));
         }
-        if let Some(e) = self
-            .nbd
-            .uses(|e| matches!(&e.source, Source::Bdev(b) if b == name))
-        {
-            return Err(EngineError::InUse(format!(
-                "bdev '{name}' is exported over NBD as '{e}'"
-            )));
-        }
-        self.check_not_nvmf_exported(name, None)?;
+        self.check_not_exported(name)?;
         st.bdevs.delete(name)?;
         Ok(())
     }
@@ -691,6 +675,16 @@ impl Engine {
         let nvmf = self.nvmf.uses(|e| shows(&e.source));
         nbd.map(|e| format!("NBD export '{e}'"))
             .or_else(|| nvmf.map(|e| format!("NVMe/TCP export '{e}'")))
+    }
+
+    /// Fails when bdev `name` is exported as itself (over NBD or NVMe/TCP).
+    fn check_not_exported(&self, name: &str) -> Result<(), EngineError> {
+        match self.raw_export_of(name) {
+            Some(export) => Err(EngineError::InUse(format!(
+                "bdev '{name}' is exported ({export}): stop the export first"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// Where a pair's metadata lives.
