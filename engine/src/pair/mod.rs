@@ -142,22 +142,34 @@ impl PairStats {
         self.moves_finished.fetch_add(1, Ordering::SeqCst);
     }
 
-    /// `(pending, copied)` taken while no track was moving between them (or, if copies keep
-    /// them moving, after a bounded number of tries).
+    /// `(pending, copied)` taken while no track was moving between them. A mover is never
+    /// blocked: the reader retries, and waits for a mover that was preempted mid-move (up to
+    /// [`PairStats::CONSISTENT_WAIT`], after which the last reading is returned).
     fn pending_and_copied(&self, pending: impl Fn() -> u64) -> (u64, u64) {
-        let mut last = (0, 0);
-        for _ in 0..10_000 {
+        let deadline = std::time::Instant::now() + Self::CONSISTENT_WAIT;
+        let mut tries = 0u32;
+        loop {
             let finished = self.moves_finished.load(Ordering::SeqCst);
             std::sync::atomic::fence(Ordering::SeqCst);
-            last = (pending(), self.tracks_copied.load(Ordering::SeqCst));
+            let reading = (pending(), self.tracks_copied.load(Ordering::SeqCst));
             std::sync::atomic::fence(Ordering::SeqCst);
             if self.moves_started.load(Ordering::SeqCst) == finished {
-                return last;
+                return reading;
             }
-            std::hint::spin_loop();
+            tries += 1;
+            if tries < 256 {
+                std::hint::spin_loop();
+            } else if std::time::Instant::now() >= deadline {
+                return reading;
+            } else {
+                std::thread::yield_now();
+            }
         }
-        last
     }
+
+    /// How long `pair_get` waits for a track move to finish; a move takes well under a
+    /// microsecond unless its thread is preempted.
+    const CONSISTENT_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 }
 
 /// Watches a pair's host requests for the engine's own work on it (backups, urgent copies),
