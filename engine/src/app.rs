@@ -469,11 +469,13 @@ impl Engine {
     /// Attaches an NVMe controller (`bdev_nvme_attach_controller`): every namespace becomes a
     /// bdev, or none does. Gives the bdevs' names.
     pub fn nvme_attach(&self, params: serde_json::Value) -> Result<Vec<String>, EngineError> {
-        let name = params
-            .get("name")
-            .and_then(|n| n.as_str())
-            .unwrap_or_default()
-            .to_string();
+        let create_error = |e| match e {
+            drivers::CreateError::Bdev(b) => EngineError::Bdev(b),
+            drivers::CreateError::Params(m) => EngineError::Bdev(BdevError::Invalid(m)),
+        };
+        let p: drivers::nvme::rpc::AttachParams =
+            drivers::table::parse_params(params).map_err(create_error)?;
+        let name = p.name.clone();
         if self.state().nvme_controllers.contains_key(&name) {
             return Err(EngineError::InUse(format!(
                 "an NVMe controller named '{name}' is already attached"
@@ -482,28 +484,25 @@ impl Engine {
         // This engine's own export as a bdev would be a second name for a bdev it has (past
         // the checks that protect pairs), and a restart would replay the attach before the
         // export listens.
-        let subnqn = params.get("subnqn").and_then(|n| n.as_str());
-        let port = params
-            .get("trsvcid")
-            .and_then(|p| p.as_u64())
-            .unwrap_or(4420);
-        if let Some(own) = self.nvmf.list().into_iter().find(|e| {
-            Some(e.nqn.as_str()) == subnqn
-                && e.listen
-                    .rsplit(':')
-                    .next()
-                    .and_then(|p| p.parse::<u64>().ok())
-                    == Some(port)
-        }) {
-            return Err(EngineError::InUse(format!(
-                "'{}' is this engine's own NVMe/TCP export: use its bdev or pair directly",
-                own.nqn
-            )));
+        if let Ok(drivers::nvme::rpc::Transport::Tcp {
+            trsvcid, subnqn, ..
+        }) = p.transport()
+        {
+            if let Some(own) = self.nvmf.list().into_iter().find(|e| {
+                e.nqn == subnqn
+                    && e.listen
+                        .rsplit(':')
+                        .next()
+                        .and_then(|port| port.parse::<u16>().ok())
+                        == Some(trsvcid)
+            }) {
+                return Err(EngineError::InUse(format!(
+                    "'{}' is this engine's own NVMe/TCP export: use its bdev or pair directly",
+                    own.nqn
+                )));
+            }
         }
-        let bdevs = drivers::nvme::rpc::attach(params).map_err(|e| match e {
-            drivers::CreateError::Bdev(b) => EngineError::Bdev(b),
-            drivers::CreateError::Params(m) => EngineError::Bdev(BdevError::Invalid(m)),
-        })?;
+        let bdevs = drivers::nvme::rpc::attach_with(p).map_err(create_error)?;
         let mut st = self.state();
         if st.nvme_controllers.contains_key(&name) {
             return Err(EngineError::InUse(format!(

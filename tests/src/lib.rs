@@ -247,15 +247,10 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-/// Starts `quicksplit serve` with an empty configuration in `dir`, its socket at `dir/rpc.sock`.
-pub fn start_empty(dir: &Path) -> (Server, PathBuf) {
-    let cfg = dir.join("empty.json");
-    std::fs::write(&cfg, r#"{"config": []}"#).expect("write config");
-    let sock = dir.join("rpc.sock");
-    let state = dir.join("state");
-    let server = Server::start(&[
-        "--config",
-        cfg.to_str().expect("utf-8"),
+/// Starts `quicksplit serve` on two adaptive reactors with its state in `state` and its RPC
+/// socket at `sock`, from `config` (none: what the state directory holds).
+pub fn start_on(state: &Path, sock: &Path, config: Option<&Path>) -> Server {
+    let mut args = vec![
         "--rpc-socket",
         sock.to_str().expect("utf-8"),
         "--state-dir",
@@ -264,6 +259,17 @@ pub fn start_empty(dir: &Path) -> (Server, PathBuf) {
         "0-1",
         "--idle",
         "adaptive",
-    ]);
-    (server, sock)
+    ];
+    if let Some(c) = config {
+        args.extend(["--config", c.to_str().expect("utf-8")]);
+    }
+    Server::start(&args)
+}
+
+/// Starts `quicksplit serve` with an empty configuration in `dir`, its socket at `dir/rpc.sock`.
+pub fn start_empty(dir: &Path) -> (Server, PathBuf) {
+    let cfg = dir.join("empty.json");
+    std::fs::write(&cfg, r#"{"config": []}"#).expect("write config");
+    let sock = dir.join("rpc.sock");
+    (start_on(&dir.join("state"), &sock, Some(&cfg)), sock)
 }

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use quicksplit_tests::{binary, start_empty, wait_for, RpcConn, Server, TempDir};
+use quicksplit_tests::{binary, start_empty, start_on, wait_for, RpcConn, Server, TempDir};
 use serde_json::{json, Value};
 
 const PARSE: i64 = -32700;
@@ -612,16 +612,7 @@ fn save_config_then_restart_with_it_gives_the_same_bdevs_and_pairs() {
     std::fs::write(&cfg_file, config.to_string()).unwrap();
     let sock2 = dir.path().join("rpc2.sock");
     let state2 = dir.path().join("state2");
-    let _server2 = Server::start(&[
-        "--config",
-        cfg_file.to_str().unwrap(),
-        "--rpc-socket",
-        sock2.to_str().unwrap(),
-        "--state-dir",
-        state2.to_str().unwrap(),
-        "--cores",
-        "0-1",
-    ]);
+    let _server2 = start_on(&state2, &sock2, Some(&cfg_file));
     let mut c2 = RpcConn::connect(&sock2);
     assert_eq!(c2.ok("bdev_get_bdevs", json!({})), bdevs);
     let pair2 = c2.ok("pair_get", json!({}))[0].clone();
@@ -796,16 +787,7 @@ fn a_pair_on_a_ram_disk_is_not_trusted_after_a_restart() {
     drop(server);
     // Restarted on the same state directory, without --config: its configuration comes back.
     let state = dir.path().join("state");
-    let _server = Server::start(&[
-        "--rpc-socket",
-        sock.to_str().unwrap(),
-        "--state-dir",
-        state.to_str().unwrap(),
-        "--cores",
-        "0-1",
-        "--idle",
-        "adaptive",
-    ]);
+    let _server = start_on(&state, &sock, None);
     let mut c = RpcConn::connect(&sock);
     let p = pair_state(&mut c, "r");
     assert_eq!(p["state"], "PSUE", "{p}");

@@ -85,7 +85,7 @@ impl AttachParams {
                 match (&self.traddr, &self.subnqn) {
                     (Some(traddr), Some(subnqn)) => Ok(Transport::Tcp {
                         traddr: traddr.clone(),
-                        trsvcid: self.trsvcid.unwrap_or(4420),
+                        trsvcid: self.trsvcid.unwrap_or(crate::nvmf::DEFAULT_PORT),
                         subnqn: subnqn.clone(),
                     }),
                     _ => bad("trtype \"tcp\" needs traddr and subnqn"),
@@ -108,7 +108,11 @@ pub struct DetachParams {
 
 /// Attaches the controller the JSON parameters name; gives its namespaces' bdevs.
 pub fn attach(params: serde_json::Value) -> Result<Vec<Arc<dyn Bdev>>, CreateError> {
-    let p: AttachParams = parse_params(params)?;
+    attach_with(parse_params(params)?)
+}
+
+/// Attaches the controller parsed parameters name; gives its namespaces' bdevs.
+pub fn attach_with(p: AttachParams) -> Result<Vec<Arc<dyn Bdev>>, CreateError> {
     if p.name.is_empty() || p.name.contains('/') {
         return Err(CreateError::Params(
             "parameter 'name': must be non-empty, without '/'".into(),

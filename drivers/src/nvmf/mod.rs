@@ -3,6 +3,9 @@
 //! through `bdev_nvme_attach_controller` with `trtype: "tcp"`) and the `nvmf` backup target
 //! ([`crate::sink::nvmf`]).
 
+/// The port NVMe/TCP uses unless told otherwise (IANA's for NVMe over Fabrics).
+pub const DEFAULT_PORT: u16 = 4420;
+
 pub mod fabrics;
 pub mod host;
 pub mod pdu;

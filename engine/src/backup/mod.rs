@@ -116,7 +116,7 @@ impl Target {
                 ..
             } => format!(
                 "nvmf:{traddr}:{}:{subnqn}:{}",
-                trsvcid.unwrap_or(4420),
+                trsvcid.unwrap_or(drivers::nvmf::DEFAULT_PORT),
                 nsid.unwrap_or(1)
             ),
         }

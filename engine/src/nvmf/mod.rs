@@ -31,6 +31,10 @@ const BUF_SIZE: usize = 64 << 10;
 const BUFS: usize = 1024;
 /// Default address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
+const _: () = assert!(
+    drivers::nvmf::DEFAULT_PORT == 4420,
+    "DEFAULT_LISTEN names the default port"
+);
 
 /// Errors of export management.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +193,10 @@ impl NvmfService {
 
     /// The discovery log of `listen`: every export served there.
     pub fn discovery_log(&self, listen: &str) -> Vec<u8> {
-        let (traddr, trsvcid) = listen.rsplit_once(':').unwrap_or((listen, "4420"));
+        let default_port = drivers::nvmf::DEFAULT_PORT.to_string();
+        let (traddr, trsvcid) = listen
+            .rsplit_once(':')
+            .unwrap_or((listen, default_port.as_str()));
         let entries: Vec<DiscoveryEntry> = self
             .exports()
             .values()
@@ -458,7 +465,7 @@ pub(crate) fn backup_connection(
     };
     let t = drivers::sink::nvmf::NvmfTarget {
         traddr: traddr.clone(),
-        trsvcid: trsvcid.unwrap_or(4420),
+        trsvcid: trsvcid.unwrap_or(drivers::nvmf::DEFAULT_PORT),
         subnqn: subnqn.clone(),
         nsid: nsid.unwrap_or(1),
         hostnqn: hostnqn.clone(),
