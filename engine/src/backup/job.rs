@@ -464,6 +464,10 @@ impl Poller for BackupJob {
         if self.backup.cancel.load(Ordering::SeqCst) && !matches!(self.phase, Phase::Draining(_)) {
             self.phase = Phase::Draining(BackupState::Cancelled);
         }
+        // pair_delete refuses while a backup runs; should a pair go anyway, its image is gone.
+        if self.pair.is_deleted() && !matches!(self.phase, Phase::Draining(_)) {
+            self.fail(format!("pair {} was deleted", self.pair.name()));
+        }
         if self.pair.state() == PairState::Psue && !matches!(self.phase, Phase::Draining(_)) {
             self.fail(format!(
                 "pair {} was suspended: {}",
