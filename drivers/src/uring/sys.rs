@@ -47,9 +47,15 @@ pub(super) struct Ring {
 impl Ring {
     pub(super) fn new(file: Arc<File>, ctx: &ChannelContext) -> std::io::Result<Self> {
         let entries = ctx.queue_depth.clamp(32, 4096).next_power_of_two();
+        // Cooperative task run: a completion does not interrupt the reactor with an IPI to
+        // post it; the kernel flags the ring instead (`taskrun`), and `reap` enters the kernel
+        // to run the work when the flag is up.
         let ring = IoUring::builder()
             .setup_single_issuer()
+            .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(entries)
+            .or_else(|_| IoUring::builder().setup_single_issuer().build(entries))
             .or_else(|_| IoUring::new(entries))?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
         if let Some(fd) = ctx.wake_fd {
