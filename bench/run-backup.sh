@@ -7,6 +7,7 @@
 #        [TARGET_DIR (default DIR; /dev/shm puts the target on another device than the source)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 dir=${1:-/var/tmp/qs-bench}
 gib=${2:-1}
 mkdir -p "$dir"
@@ -28,7 +29,7 @@ for f in "$P" "$S" "$T"; do
 done
 seq_mibs() { # rw file -> MiB/s
   fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct="$(direct "$2")" \
-      --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | python3 -c \
+      --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
       "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
 }
 read_s=$(seq_mibs read "$S"); write_t=$(seq_mibs write "$T")
@@ -40,7 +41,7 @@ set -- $(fio --name=r --filename="$S" --size=${gib}g --rw=read --bs=1m --direct=
     --ioengine=io_uring --iodepth=8 --name=w --filename="$T" --size=${gib}g --rw=write --bs=1m \
     --direct="$(direct "$T")" --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null \
   | sed -n '/^{/,$p' \
-  | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs']; print(round(j[0]['read']['bw']/1024), round(j[1]['write']['bw']/1024))")
+  | $py -c "import json,sys; j=json.load(sys.stdin)['jobs']; print(round(j[0]['read']['bw']/1024), round(j[1]['write']['bw']/1024))")
 both_r=$1; both_w=$2; together=$(( both_r < both_w ? both_r : both_w ))
 echo "fio both at once: read of the source $both_r MiB/s, write of the target $both_w MiB/s"
 
@@ -57,26 +58,26 @@ QUICKSPLIT_LOG=warn $qs serve --config "$work/c.json" --rpc-socket "$work/rpc.so
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/rpc.sock" ] && break; sleep 0.1; done
 rpc() { $qs rpc --socket "$work/rpc.sock" "$@"; }
-wait_pair() { while [ "$(rpc pair_get '{"name":"pr"}' | python3 -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do sleep 0.2; done; }
+wait_pair() { while [ "$(rpc pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do sleep 0.2; done; }
 host() { # seconds -> "IOPS p99.9us"
   fio --name=h --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite --bs=4k \
       --iodepth=32 --size=${gib}g --time_based --runtime=$1 --output-format=json 2>/dev/null \
-      | grep -v '^fio:' | python3 -c \
+      | grep -v '^fio:' | $py -c \
       "import json,sys; w=json.load(sys.stdin)['jobs'][0]['write']; print(round(w['iops']), round(w['clat_ns']['percentile']['99.900000']/1000))"
 }
 backup() { # mode [host_rate (default: the engine's)] -> id
   rm -f "$T.partial"
   hr=${2:+, \"host_rate\": $2}
   rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\"$hr, \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
-    | python3 -c "import json,sys; print(json.load(sys.stdin)['id'])"
+    | $py -c "import json,sys; print(json.load(sys.stdin)['id'])"
 }
 wait_backup() { # id -> "MiB/s cpu_copied state"
   while :; do
-    out=$(rpc backup_get "{\"id\": $1}" | python3 -c \
+    out=$(rpc backup_get "{\"id\": $1}" | $py -c \
       "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9), b['cpu_copied_bytes'])")
     set -- $1 $out
     [ "$2" != running ] && { echo "$3 $4 $2"; return; }
-    sleep 0.1
+    sleep 0.5
   done
 }
 wait_pair
@@ -107,7 +108,7 @@ for mode in merge reflect wait; do
   set -- $(host 4); h_iops=$1; h_p999=$2
   set -- $(wait_backup $id); loaded=$1
   rpc pair_resync '{"name": "pr"}' >/dev/null
-  python3 -c "print('%-8s %12d %9.2f %12d %9.2f %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $mirrored, $mirrored/$slower, $mirrored/$together, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+  $py -c "print('%-8s %12d %9.2f %12d %9.2f %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $mirrored, $mirrored/$slower, $mirrored/$together, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
 done
 # merge again without yielding to the host (host_rate 0): what the yield buys (host for 2 s: the
 # backup ends sooner at full speed).
@@ -116,7 +117,7 @@ id=$(backup merge 0)
 set -- $(host 2); h_iops=$1; h_p999=$2
 set -- $(wait_backup $id); loaded=$1; copied=$2
 rpc pair_resync '{"name": "pr"}' >/dev/null
-python3 -c "print('%-8s %12s %9s %12s %9s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', '-', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+$py -c "print('%-8s %12s %9s %12s %9s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', '-', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
 echo "alone: right after a split with nearly every track pending; mirr.: right after a split of a"
 echo "mirrored pair (nothing pending); vs fio: that throughput / the slower of fio's source read and"
 echo "target write; vs both: mirr. / the slower of the two when fio runs them at once"

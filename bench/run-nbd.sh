@@ -9,6 +9,7 @@
 # Usage: bench/run-nbd.sh [DISK_FILE (default /var/tmp/qs-nbd.img)] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 disk=${1:-/var/tmp/qs-nbd.img}
 secs=${2:-6}
 rcore=${REACTOR_CORE:-0}
@@ -31,10 +32,10 @@ measure() {
   local pin=()
   [ -n "${URI:-}" ] && [ -n "$fio_cores" ] && pin=(taskset -c "$fio_cores")
   URI=${URI:-} FILE=${FILE:-} RW=${RW:-} RUNTIME=$secs NUMJOBS=${NUMJOBS:-1} \
-    "${pin[@]}" fio --output-format=json "$1" 2>/dev/null | grep -v '^fio:' | python3 -c \
+    "${pin[@]}" fio --output-format=json "$1" 2>/dev/null | grep -v '^fio:' | $py -c \
     "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round(j['read']['iops']+j['write']['iops']), round(j['usr_cpu']+j['sys_cpu']))"
 }
-busy() { $qs rpc --socket "$work/rpc.sock" framework_get_reactors | python3 -c \
+busy() { $qs rpc --socket "$work/rpc.sock" framework_get_reactors | $py -c \
   "import json,sys; r=json.load(sys.stdin)[0]; print(r['busy_ns'], r['idle_ns'])"; }
 declare -A R
 
@@ -55,7 +56,7 @@ for nj in 1 2; do for back in ram disk; do for w in randread randwrite; do
   set -- $(URI="nbd+unix:///$back?socket=$work/qs.sock" NUMJOBS=$nj measure bench/fio/nbd-$w.fio)
   b1=$(busy)
   R[qs,$nj,$back,$w]=$1; R[qscpu,$nj,$back,$w]=$2
-  R[qsbusy,$nj,$back,$w]=$(python3 -c "a='$b0'.split(); b='$b1'.split(); u=int(b[0])-int(a[0]); i=int(b[1])-int(a[1]); print(round(100*u/(u+i)))")
+  R[qsbusy,$nj,$back,$w]=$($py -c "a='$b0'.split(); b='$b1'.split(); u=int(b[0])-int(a[0]); i=int(b[1])-int(a[1]); print(round(100*u/(u+i)))")
 done; done; done
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
@@ -81,8 +82,8 @@ printf '%-9s %-4s %-7s %10s %9s %7s %10s %6s %11s %6s\n' workload back numjobs q
 for nj in 1 2; do for back in ram disk; do for w in randread randwrite; do
   q=${R[qs,$nj,$back,$w]}; d=${R[qsd,$nj,$back,$w]}
   extra=""
-  [ $back = disk ] && extra=$(python3 -c "print('%11d %6.2f' % (${R[fio,$w]}, $q/${R[fio,$w]}))")
-  python3 -c "print('%-9s %-4s %-7d %10d %9d %7d %10d %6.2f ' % ('$w','$back',$nj,$q,${R[qscpu,$nj,$back,$w]},${R[qsbusy,$nj,$back,$w]},$d,$q/$d), end='')"
+  [ $back = disk ] && extra=$($py -c "print('%11d %6.2f' % (${R[fio,$w]}, $q/${R[fio,$w]}))")
+  $py -c "print('%-9s %-4s %-7d %10d %9d %7d %10d %6.2f ' % ('$w','$back',$nj,$q,${R[qscpu,$nj,$back,$w]},${R[qsbusy,$nj,$back,$w]},$d,$q/$d), end='')"
   echo "$extra"
 done; done; done
 echo "fio cpu%: CPU of fio itself (100 = one core); busy%: quicksplit's one reactor, busy share"

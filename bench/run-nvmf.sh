@@ -8,6 +8,7 @@
 # Usage: bench/run-nvmf.sh [SECONDS (default 5)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 secs=${1:-5}
 cargo build --release --locked --bin quicksplit --bin qsbench >/dev/null 2>&1
 qs=$PWD/target/release/quicksplit
@@ -16,7 +17,7 @@ work=$(mktemp -d /tmp/qs-nvmf-bench.XXXXXX)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work" /dev/shm/qs-nvmf-bench.img; }
 trap cleanup EXIT
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$($py -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 nqn=nqn.2026-11.io.quicksplit:bench
 start() { # name core config
   echo "$3" > "$work/$1.json"
@@ -36,29 +37,29 @@ start src 0 '{"config": [
  {"method": "bdev_malloc_create", "params": {"name": "s", "size": 1073741824}},
  {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}}]}'
 rpc() { $qs rpc --socket "$work/$1.sock" "${@:2}"; }
-while [ "$(rpc src pair_get '{"name":"pr"}' | python3 -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])" 2>/dev/null)" != "PAIR 0" ]; do sleep 0.2; done
+while [ "$(rpc src pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])" 2>/dev/null)" != "PAIR 0" ]; do sleep 0.2; done
 rpc src pair_split '{"name": "pr"}' >/dev/null
 backup() { # target-json -> "MiB/s cpu_copied"
-  id=$(rpc src backup_start "{\"pair\": \"pr\", \"mode\": \"merge\", \"target\": $1}" | python3 -c "import json,sys; print(json.load(sys.stdin)['id'])")
+  id=$(rpc src backup_start "{\"pair\": \"pr\", \"mode\": \"merge\", \"target\": $1}" | $py -c "import json,sys; print(json.load(sys.stdin)['id'])")
   while :; do
-    out=$(rpc src backup_get "{\"id\": $id}" | python3 -c \
+    out=$(rpc src backup_get "{\"id\": $id}" | $py -c \
       "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9), b['cpu_copied_bytes'])")
     set -- $out
     [ "$1" = done ] && { echo "$2 $3"; return; }
     [ "$1" = running ] || { echo "backup failed: $out" >&2; exit 1; }
-    sleep 0.1
+    sleep 0.5
   done
 }
 set -- $(backup '{"type": "file", "path": "/dev/shm/qs-nvmf-bench.img"}'); file_mibs=$1
 set -- $(backup "{\"type\": \"nvmf\", \"traddr\": \"127.0.0.1\", \"trsvcid\": $port, \"subnqn\": \"$nqn\"}"); nvmf_mibs=$1; nvmf_copied=$2
-echo "backup of a 1 GiB image (merge): file on /dev/shm $file_mibs MiB/s; nvmf to a second quicksplit $nvmf_mibs MiB/s (ratio $(python3 -c "print(round($nvmf_mibs/$file_mibs,2))")), cpu_copied_bytes $nvmf_copied"
+echo "backup of a 1 GiB image (merge): file on /dev/shm $file_mibs MiB/s; nvmf to a second quicksplit $nvmf_mibs MiB/s (ratio $($py -c "print(round($nvmf_mibs/$file_mibs,2))")), cpu_copied_bytes $nvmf_copied"
 kill "${pids[1]}" 2>/dev/null || true
 for w in randread randwrite; do
   q=$(taskset -c 0 $qsbench --bdev "nvmf:127.0.0.1:$port:$nqn" --workload $w --bs 4096 --qd 32 \
-      --time "$secs" --cores 0 --idle spin --json 2>/dev/null | python3 -c "import json,sys; j=json.load(sys.stdin); print(round(j['iops']), j['lat_us']['p99'])")
+      --time "$secs" --cores 0 --idle spin --json 2>/dev/null | $py -c "import json,sys; j=json.load(sys.stdin); print(round(j['iops']), j['lat_us']['p99'])")
   f=$(taskset -c 0 fio --name=h --ioengine=nbd --uri="nbd+unix:///d?socket=$work/nbd.sock" --rw=$w --bs=4k \
       --iodepth=32 --size=1g --time_based --runtime="$secs" --output-format=json 2>/dev/null | grep -v '^fio:' \
-      | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; k='read' if 'read' in '$w' else 'write'; print(round(j[k]['iops']), round(j[k]['clat_ns']['percentile']['99.000000']/1000,1))")
+      | $py -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]; k='read' if 'read' in '$w' else 'write'; print(round(j[k]['iops']), round(j[k]['clat_ns']['percentile']['99.000000']/1000,1))")
   set -- $q $f
-  echo "4 KiB QD32 $w: nvmf (qsbench initiator) $1 IOPS p99 $2 us; NBD (fio nbd engine) $3 IOPS p99 $4 us; ratio $(python3 -c "print(round($1/$3,2))")"
+  echo "4 KiB QD32 $w: nvmf (qsbench initiator) $1 IOPS p99 $2 us; NBD (fio nbd engine) $3 IOPS p99 $4 us; ratio $($py -c "print(round($1/$3,2))")"
 done

@@ -6,6 +6,7 @@
 # Usage: bench/run-persist.sh [DIR (default /var/tmp/qs-bench)] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 dir=${1:-/var/tmp/qs-bench}
 secs=${2:-5}
 rounds=${ROUNDS:-3}
@@ -24,8 +25,8 @@ for r in $(seq "$rounds"); do
       out=$($q --bdev "uring:$dir/host-p.img" --secondary "uring:$dir/host-s.img" --phase $phase \
               --workload randwrite --qd 32 --time "$secs" --cores 1 --copier-core 0 \
               --persist $persist --json 2>/dev/null)
-      iops[$phase-$persist]+="$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["iops"])') "
-      p999[$phase-$persist]+="$(echo "$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["lat_us"]["p99_9"])') "
+      iops[$phase-$persist]+="$(echo "$out" | $py -c 'import json,sys; print(json.load(sys.stdin)["iops"])') "
+      p999[$phase-$persist]+="$(echo "$out" | $py -c 'import json,sys; print(json.load(sys.stdin)["lat_us"]["p99_9"])') "
     done
   done
 done

@@ -9,6 +9,7 @@
 # Usage: bench/run-spdk-nvmf.sh SPDK_DIR [ROUNDS (default 5)] [SECONDS (default 8)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 spdk=${1:?usage: bench/run-spdk-nvmf.sh SPDK_DIR [ROUNDS] [SECONDS]}
 rounds=${2:-5}
 secs=${3:-8}
@@ -76,7 +77,7 @@ qs_initiator() { # WORKLOAD -> IOPS
   local iops
   iops=$(taskset -c "$icore" "$qsbench" --bdev "nvmf:127.0.0.1:$port:$nqn" --workload "$1" --bs 4096 \
       --qd 32 --time "$secs" --cores "$icore" --idle spin --json 2>/dev/null \
-      | python3 -c "import json,sys; print(round(json.load(sys.stdin)['iops']))")
+      | $py -c "import json,sys; print(round(json.load(sys.stdin)['iops']))")
   echo "${iops:-0}"
 }
 
@@ -101,7 +102,7 @@ for r in $(seq "$rounds"); do
       THIS[$p]=$iops
       line="$line $p $iops"
     done
-    ratio=$(python3 -c "print(round(${THIS[qs/qs]}/max(${THIS[spdk/spdk]},1),2))")
+    ratio=$($py -c "print(round(${THIS[qs/qs]}/max(${THIS[spdk/spdk]},1),2))")
     RATIOS[$w]="${RATIOS[$w]:-} $ratio"
     echo "$line  qs/qs:spdk/spdk $ratio"
   done
@@ -116,5 +117,5 @@ for w in randread randwrite; do
   declare -A M
   for p in $pairings; do M[$p]=$(echo "${R[$p,$w]}" | median); done
   ahead=$(echo "${RATIOS[$w]}" | tr ' ' '\n' | grep -v '^$' | awk '$1 > 1 {n++} END {print n+0}')
-  echo "| $w | ${M[spdk/spdk]} | ${M[qs/qs]} | $(python3 -c "print(round(${M[qs/qs]}/max(${M[spdk/spdk]},1),2))") | $(echo "${RATIOS[$w]}" | median) | $ahead of $rounds | ${M[qs/spdk]} | ${M[spdk/qs]} |"
+  echo "| $w | ${M[spdk/spdk]} | ${M[qs/qs]} | $($py -c "print(round(${M[qs/qs]}/max(${M[spdk/spdk]},1),2))") | $(echo "${RATIOS[$w]}" | median) | $ahead of $rounds | ${M[qs/spdk]} | ${M[spdk/qs]} |"
 done

@@ -715,6 +715,11 @@ impl IoQueue {
         self.parents.len()
     }
 
+    /// The queue's socket (for a reactor to watch while parked).
+    pub fn socket(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
     /// Has a parked reactor woken (through `wake_fd`) when the socket becomes readable.
     pub fn wake_on_input(&mut self, wake_fd: RawFd) {
         if self.waker.is_none() {

@@ -58,6 +58,11 @@ pub trait Sink {
     fn describe(&self) -> String;
     /// The job was cancelled or failed: leave nothing that could pass for a complete backup.
     fn abandon(&mut self);
+    /// The socket whose input (a reply) means the sink has work, for a parked reactor to
+    /// wake on; none for sinks whose completions wake the reactor themselves (io_uring).
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
     /// Payload bytes the sink copied with the CPU (0 for sinks that write from the buffers).
     fn cpu_copied_bytes(&self) -> u64 {
         0

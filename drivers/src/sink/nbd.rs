@@ -412,6 +412,11 @@ impl Sink for NbdSink {
         self.waiting.len()
     }
 
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        Some(self.stream.as_fd())
+    }
+
     fn finish(&mut self, _manifest: &Manifest) -> Result<(), IoError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());

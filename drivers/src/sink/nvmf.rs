@@ -167,6 +167,10 @@ impl Sink for NvmfSink {
         self.lens.len()
     }
 
+    fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        Some(self.conn.queue.socket())
+    }
+
     fn finish(&mut self, _manifest: &Manifest) -> Result<(), IoError> {
         if let Some(e) = &self.failed {
             return Err(e.clone());

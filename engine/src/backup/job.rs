@@ -99,6 +99,8 @@ pub struct BackupJob {
     hosts: HostWatch,
     /// Reads are held back for hosts (counted once per stretch).
     yielding: bool,
+    /// The target's socket is watched by the reactor.
+    watching: bool,
 }
 
 impl BackupJob {
@@ -156,6 +158,7 @@ impl BackupJob {
             bucket: TokenBucket::default(),
             hosts,
             yielding: false,
+            watching: false,
         }
     }
 
@@ -444,6 +447,29 @@ fn effective_rate(rate: u64, host_rate: u64, hosts_active: bool) -> u64 {
 
 impl Poller for BackupJob {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        let status = self.turn(cx);
+        // A socket target's replies wake the reactor when it parks: without that, a reactor
+        // waiting on the target parks until its next timer.
+        let socket = self.sink.as_ref().and_then(|s| s.socket());
+        match (socket, status == PollStatus::Done, self.watching) {
+            (Some(fd), true, true) => {
+                cx.unwatch_fd(fd);
+                self.watching = false;
+            }
+            (Some(fd), false, false) => self.watching = cx.watch_fd(fd).is_ok(),
+            _ => {}
+        }
+        status
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl BackupJob {
+    /// One turn of the job.
+    fn turn(&mut self, cx: &mut ReactorContext) -> PollStatus {
         if self.phase == Phase::Open {
             if let Err(e) = self.open(cx) {
                 self.error = Some(e);
@@ -581,10 +607,6 @@ impl Poller for BackupJob {
         } else {
             PollStatus::Idle
         }
-    }
-
-    fn name(&self) -> &str {
-        &self.name
     }
 }
 
