@@ -3,3 +3,19 @@
 # PATH costs about 90 ms of CPU per call, and a loop polling backup_get every 100 ms with it took
 # half a core from the engine it was measuring.
 if [ -x /usr/bin/python3 ]; then py=/usr/bin/python3; else py=python3; fi
+
+# Starts quicksplit ($qs) on cores 0-1 from the configuration file $1, with its RPC socket and
+# state in $work, and waits for the socket; its pid joins $pids.
+serve_two_cores() {
+  QUICKSPLIT_LOG=warn $qs serve --config "$1" --rpc-socket "$work/rpc.sock" \
+    --state-dir "$work/state" --cores 0-1 --idle adaptive >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do [ -S "$work/rpc.sock" ] && break; sleep 0.1; done
+}
+rpc() { $qs rpc --socket "$work/rpc.sock" "$@"; }
+# Waits until the pair "pr" is mirrored with nothing pending.
+wait_pair() {
+  while [ "$(rpc pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do
+    sleep 0.2
+  done
+}

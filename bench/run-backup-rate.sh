@@ -38,12 +38,7 @@ cat > "$work/c.json" <<JSON
  {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}}
 ]}
 JSON
-QUICKSPLIT_LOG=warn $qs serve --config "$work/c.json" --rpc-socket "$work/rpc.sock" \
-  --state-dir "$work/state" --cores 0-1 --idle adaptive >/dev/null 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do [ -S "$work/rpc.sock" ] && break; sleep 0.1; done
-rpc() { $qs rpc --socket "$work/rpc.sock" "$@"; }
-wait_pair() { while [ "$(rpc pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do sleep 0.2; done; }
+serve_two_cores "$work/c.json"
 backup() { # mode -> MiB/s
   rm -f "$T" "$T.partial"
   rpc pair_split '{"name": "pr"}' >/dev/null

@@ -53,12 +53,7 @@ cat > "$work/c.json" <<JSON
  {"method": "nbd_export_start", "params": {"name": "p", "bdev": "p", "socket": "$work/nbd.sock"}}
 ]}
 JSON
-QUICKSPLIT_LOG=warn $qs serve --config "$work/c.json" --rpc-socket "$work/rpc.sock" \
-  --state-dir "$work/state" --cores 0-1 --idle adaptive >/dev/null 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do [ -S "$work/rpc.sock" ] && break; sleep 0.1; done
-rpc() { $qs rpc --socket "$work/rpc.sock" "$@"; }
-wait_pair() { while [ "$(rpc pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do sleep 0.2; done; }
+serve_two_cores "$work/c.json"
 host() { # seconds -> "IOPS p99.9us"
   fio --name=h --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite --bs=4k \
       --iodepth=32 --size=${gib}g --time_based --runtime=$1 --output-format=json 2>/dev/null \
