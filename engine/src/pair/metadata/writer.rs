@@ -484,6 +484,11 @@ impl Poller for MetaWriter {
             self.scratch = scratch;
         }
         self.advance();
+        // A failed metadata device, or a deleted pair, gets no new batch: retrying the device
+        // would go on for ever, and the poller with the pair it holds would never end.
+        if (self.pair.is_deleted() || self.meta.failure().is_some()) && self.outstanding == 0 {
+            return PollStatus::Done;
+        }
         let stats = &self.meta.stats;
         stats.writer_polls.fetch_add(1, Ordering::Relaxed);
         stats.writer_stage.store(
