@@ -135,3 +135,46 @@ fn a_pair_whose_metadata_device_failed_is_freed_when_deleted() {
         });
     }
 }
+
+#[test]
+fn a_pair_whose_secondary_failed_is_freed_when_deleted() {
+    let engine = common::engine("release-s-failed");
+    for round in 0..3 {
+        let (pn, sn, name) = (
+            format!("p{round}"),
+            format!("s{round}"),
+            format!("g{round}"),
+        );
+        engine
+            .bdev_add(Arc::new(MallocBdev::create(&pn, SIZE, BS as u32).unwrap()))
+            .unwrap();
+        let s = Arc::new(PowerCutBdev::new(&sn, BS as u32, SIZE / BS));
+        engine.bdev_add(s.clone()).unwrap();
+        let cfg = PairConfig {
+            name: name.clone(),
+            track_size: 64 << 10,
+            copy_rate: 0,
+        };
+        let weak_pair = Arc::downgrade(&engine.pair_create(&cfg, &pn, &sn).unwrap());
+        let pair = || weak_pair.upgrade().expect("the pair lives while it exists");
+        common::wait_until("the first copy", || pair().state() == PairState::Pair);
+        // S dies; the next mirrored write fails on it and suspends the pair, whose copier and
+        // metadata writer must then end.
+        s.power_off();
+        let pv = engine.pair_view(&name, View::Primary).unwrap();
+        let ops = (0..8u64)
+            .map(|i| Op::Write(i * 97 % (SIZE / BS) * BS, vec![7; BS as usize]))
+            .collect();
+        common::run(&engine, 1, pv, ops);
+        common::wait_until("the pair to be suspended", || {
+            pair().state() == PairState::Psue
+        });
+        engine.pair_delete(&name).unwrap();
+        engine.bdev_delete(&pn).unwrap();
+        engine.bdev_delete(&sn).unwrap();
+        drop(s);
+        common::wait_until("the deleted pair to be freed", || {
+            weak_pair.upgrade().is_none()
+        });
+    }
+}
