@@ -12,14 +12,15 @@ use common::Op;
 use drivers::malloc::MallocBdev;
 use drivers::powercut::PowerCutBdev;
 use drivers::Bdev;
-use engine::app::MetadataDevice;
+use engine::app::{Engine, MetadataDevice};
 use engine::backup::{BackupState, Mode, Target};
 use engine::pair::channel::View;
 use engine::pair::metadata::Layout;
-use engine::pair::{PairConfig, PairState};
+use engine::pair::{Pair, PairConfig, PairState};
 
 const SIZE: u64 = 4 << 20;
 const BS: u64 = 4096;
+const TRACK: u64 = 64 << 10;
 
 #[test]
 fn a_deleted_pair_and_its_bdevs_are_freed() {
@@ -36,12 +37,7 @@ fn a_deleted_pair_and_its_bdevs_are_freed() {
             weak_bdevs.push(Arc::downgrade(&b));
             engine.bdev_add(b).unwrap();
         }
-        let cfg = PairConfig {
-            name: name.clone(),
-            track_size: 64 << 10,
-            copy_rate: 0,
-        };
-        let weak_pair = Arc::downgrade(&engine.pair_create(&cfg, &pn, &sn).unwrap());
+        let weak_pair = Arc::downgrade(&engine.pair_create(&config(&name), &pn, &sn).unwrap());
         let pair = || weak_pair.upgrade().expect("the pair lives while it exists");
         common::wait_until("the first copy", || pair().state() == PairState::Pair);
         {
@@ -80,10 +76,49 @@ fn a_deleted_pair_and_its_bdevs_are_freed() {
     }
 }
 
+/// Waits for `pair`'s first copy, powers `dies` off under host writes until the pair is
+/// suspended, deletes the pair and its bdevs, and waits until nothing holds the pair any more.
+fn suspend_delete_and_check_freed(engine: &Engine, pair: Arc<Pair>, dies: Arc<PowerCutBdev>) {
+    let (name, pn, sn) = (
+        pair.name().to_string(),
+        pair.primary().name().to_string(),
+        pair.secondary().name().to_string(),
+    );
+    let weak_pair = Arc::downgrade(&pair);
+    drop(pair);
+    let pair = || weak_pair.upgrade().expect("the pair lives while it exists");
+    common::wait_until("the first copy", || pair().state() == PairState::Pair);
+    // Host writes go on (they fail once what they need cannot be written); the pair's next
+    // write to the dead device fails and suspends it.
+    dies.power_off();
+    let pv = engine.pair_view(&name, View::Primary).unwrap();
+    let ops = (0..8u64)
+        .map(|i| Op::Write(i * 97 % (SIZE / BS) * BS, vec![7; BS as usize]))
+        .collect();
+    common::run(engine, 1, pv, ops);
+    common::wait_until("the pair to be suspended", || {
+        pair().state() == PairState::Psue
+    });
+    engine.pair_delete(&name).unwrap();
+    engine.bdev_delete(&pn).unwrap();
+    engine.bdev_delete(&sn).unwrap();
+    drop(dies);
+    common::wait_until("the deleted pair to be freed", || {
+        weak_pair.upgrade().is_none()
+    });
+}
+
+fn config(name: &str) -> PairConfig {
+    PairConfig {
+        name: name.to_string(),
+        track_size: TRACK,
+        copy_rate: 0,
+    }
+}
+
 #[test]
 fn a_pair_whose_metadata_device_failed_is_freed_when_deleted() {
     let engine = common::engine("release-failed");
-    let track_size = 64 << 10;
     for round in 0..3 {
         let (pn, sn, name) = (
             format!("p{round}"),
@@ -95,44 +130,17 @@ fn a_pair_whose_metadata_device_failed_is_freed_when_deleted() {
                 .bdev_add(Arc::new(MallocBdev::create(n, SIZE, BS as u32).unwrap()))
                 .unwrap();
         }
-        let meta_blocks = Layout::new(SIZE / track_size).size() / BS;
+        let meta_blocks = Layout::new(SIZE / TRACK).size() / BS;
         let meta = Arc::new(PowerCutBdev::new(
             &format!("{name}-m"),
             BS as u32,
             meta_blocks,
         ));
-        let cfg = PairConfig {
-            name: name.clone(),
-            track_size,
-            copy_rate: 0,
-        };
         let meta_dev: Arc<dyn Bdev> = meta.clone();
-        let weak_pair = Arc::downgrade(
-            &engine
-                .pair_create_on(&cfg, &pn, &sn, MetadataDevice::Fresh(meta_dev))
-                .unwrap(),
-        );
-        let pair = || weak_pair.upgrade().expect("the pair lives while it exists");
-        common::wait_until("the first copy", || pair().state() == PairState::Pair);
-        // The metadata device dies; host writes go on (they fail once their write-intent bits
-        // cannot be written), and the writer's next batch (a write-intent bit cleared, a
-        // header) fails and suspends the pair.
-        meta.power_off();
-        let pv = engine.pair_view(&name, View::Primary).unwrap();
-        let ops = (0..8u64)
-            .map(|i| Op::Write(i * 97 % (SIZE / BS) * BS, vec![7; BS as usize]))
-            .collect();
-        common::run(&engine, 1, pv, ops);
-        common::wait_until("the pair to be suspended", || {
-            pair().state() == PairState::Psue
-        });
-        engine.pair_delete(&name).unwrap();
-        engine.bdev_delete(&pn).unwrap();
-        engine.bdev_delete(&sn).unwrap();
-        drop(meta);
-        common::wait_until("the deleted pair to be freed", || {
-            weak_pair.upgrade().is_none()
-        });
+        let pair = engine
+            .pair_create_on(&config(&name), &pn, &sn, MetadataDevice::Fresh(meta_dev))
+            .unwrap();
+        suspend_delete_and_check_freed(&engine, pair, meta);
     }
 }
 
@@ -150,31 +158,7 @@ fn a_pair_whose_secondary_failed_is_freed_when_deleted() {
             .unwrap();
         let s = Arc::new(PowerCutBdev::new(&sn, BS as u32, SIZE / BS));
         engine.bdev_add(s.clone()).unwrap();
-        let cfg = PairConfig {
-            name: name.clone(),
-            track_size: 64 << 10,
-            copy_rate: 0,
-        };
-        let weak_pair = Arc::downgrade(&engine.pair_create(&cfg, &pn, &sn).unwrap());
-        let pair = || weak_pair.upgrade().expect("the pair lives while it exists");
-        common::wait_until("the first copy", || pair().state() == PairState::Pair);
-        // S dies; the next mirrored write fails on it and suspends the pair, whose copier and
-        // metadata writer must then end.
-        s.power_off();
-        let pv = engine.pair_view(&name, View::Primary).unwrap();
-        let ops = (0..8u64)
-            .map(|i| Op::Write(i * 97 % (SIZE / BS) * BS, vec![7; BS as usize]))
-            .collect();
-        common::run(&engine, 1, pv, ops);
-        common::wait_until("the pair to be suspended", || {
-            pair().state() == PairState::Psue
-        });
-        engine.pair_delete(&name).unwrap();
-        engine.bdev_delete(&pn).unwrap();
-        engine.bdev_delete(&sn).unwrap();
-        drop(s);
-        common::wait_until("the deleted pair to be freed", || {
-            weak_pair.upgrade().is_none()
-        });
+        let pair = engine.pair_create(&config(&name), &pn, &sn).unwrap();
+        suspend_delete_and_check_freed(&engine, pair, s);
     }
 }
