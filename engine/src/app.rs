@@ -980,16 +980,21 @@ impl Engine {
             .primary()
             .name()
             .to_string();
-        let exported = self.nbd.uses(|e| match &e.source {
+        // Its image, or its primary through it.
+        let shows = |s: &Source| match s {
             Source::Pair(p) => p == name,
             Source::Bdev(b) => *b == primary,
-        });
-        if let Some(e) = exported {
+        };
+        if let Some(e) = self.nbd.uses(|e| shows(&e.source)) {
             return Err(EngineError::InUse(format!(
                 "pair '{name}' is exported over NBD as '{e}': stop the export first"
             )));
         }
-        self.check_not_nvmf_exported(&primary, Some(name))?;
+        if let Some(nqn) = self.nvmf.uses(|e| shows(&e.source)) {
+            return Err(EngineError::InUse(format!(
+                "'{name}' is exported over NVMe/TCP as '{nqn}': stop the export first"
+            )));
+        }
         if let Some(id) = self.backups.running_for(name) {
             return Err(EngineError::InUse(format!(
                 "backup {id} of pair '{name}' is running: cancel it first"

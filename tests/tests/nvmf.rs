@@ -804,3 +804,36 @@ fn attaching_the_engines_own_export_is_refused() {
         2
     );
 }
+
+/// A pair whose image, or whose primary, is exported over NVMe/TCP is not deleted under its
+/// hosts: `pair_delete` answers a conflict until the export stops.
+#[test]
+fn a_pair_exported_over_nvmf_is_not_deleted() {
+    const CONFLICT: i64 = -32002;
+    let dir = TempDir::new("nvmf-pair-delete");
+    let (_server, sock) = start_empty(dir.path());
+    let mut c = RpcConn::connect(&sock);
+    c.ok("bdev_malloc_create", json!({"name": "p", "size": MIB}));
+    c.ok("bdev_malloc_create", json!({"name": "s", "size": MIB}));
+    c.ok(
+        "pair_create",
+        json!({"name": "pr", "primary": "p", "secondary": "s"}),
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    for (nqn, what) in [
+        ("nqn.2026-11.io.quicksplit:image", json!({"pair": "pr"})),
+        ("nqn.2026-11.io.quicksplit:primary", json!({"bdev": "p"})),
+    ] {
+        let mut params = json!({"nqn": nqn, "listen": listen});
+        params
+            .as_object_mut()
+            .unwrap()
+            .extend(what.as_object().unwrap().clone());
+        c.ok("nvmf_export_start", params);
+        let (code, msg) = c.err("pair_delete", json!({"name": "pr"}));
+        assert_eq!(code, CONFLICT, "{msg}");
+        assert!(msg.contains(nqn), "{msg}");
+        c.ok("nvmf_export_stop", json!({"nqn": nqn}));
+    }
+    assert_eq!(c.ok("pair_delete", json!({"name": "pr"})), json!(true));
+}

@@ -478,25 +478,6 @@ pub(crate) fn backup_connection(
 }
 
 impl Engine {
-    /// Refuses when `bdev` (or, given, `pair`'s image) is exported over NVMe/TCP.
-    pub(crate) fn check_not_nvmf_exported(
-        &self,
-        bdev: &str,
-        pair: Option<&str>,
-    ) -> Result<(), EngineError> {
-        let used = self.nvmf().uses(|e| match &e.source {
-            Source::Bdev(b) => b == bdev,
-            Source::Pair(p) => Some(p.as_str()) == pair,
-        });
-        match used {
-            Some(nqn) => Err(EngineError::InUse(format!(
-                "'{}' is exported over NVMe/TCP as '{nqn}': stop the export first",
-                pair.unwrap_or(bdev)
-            ))),
-            None => Ok(()),
-        }
-    }
-
     /// `nvmf_export_start`: exports a bdev (through its pair when it is a pair's primary) or a
     /// pair's image as namespace 1 of subsystem `nqn`. `writable` defaults to true for a bdev
     /// and false for an image.
