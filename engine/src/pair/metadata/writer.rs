@@ -426,6 +426,12 @@ impl MetaWriter {
         self.pair.wake_all();
     }
 
+    /// Nothing more to do: the pair is deleted or its metadata device failed, and no I/O of
+    /// the writer is outstanding.
+    fn finished(&self) -> bool {
+        (self.pair.is_deleted() || self.meta.failure().is_some()) && self.outstanding == 0
+    }
+
     fn advance(&mut self) {
         if self.outstanding > 0 || self.stage == Stage::Idle {
             return;
@@ -453,10 +459,7 @@ impl MetaWriter {
 
 impl Poller for MetaWriter {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
-        if self.pair.is_deleted() && self.outstanding == 0 {
-            return PollStatus::Done;
-        }
-        if self.meta.failure().is_some() && self.outstanding == 0 {
+        if self.finished() {
             return PollStatus::Done;
         }
         if !self.open(cx) {
@@ -484,9 +487,9 @@ impl Poller for MetaWriter {
             self.scratch = scratch;
         }
         self.advance();
-        // A failed metadata device, or a deleted pair, gets no new batch: retrying the device
-        // would go on for ever, and the poller with the pair it holds would never end.
-        if (self.pair.is_deleted() || self.meta.failure().is_some()) && self.outstanding == 0 {
+        // Checked again before a new batch is gathered: a failed device would otherwise be
+        // retried for ever, and the poller with the pair it holds would never end.
+        if self.finished() {
             return PollStatus::Done;
         }
         let stats = &self.meta.stats;
