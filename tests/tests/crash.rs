@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use engine::pair::metadata::{decode_page, Layout, MapKind, BLOCK, WORDS_PER_PAGE};
 use quicksplit_tests::nbd::{NbdClient, WRITE};
 use quicksplit_tests::{wait_for, RpcConn, Server, TempDir};
 use rand::rngs::StdRng;
@@ -129,36 +130,24 @@ fn read_export(nbd: &Path, export: &str) -> Vec<u8> {
 /// writes (the second half). Bits are only cleared there while the pair stays in PAIR (the
 /// writer sets only first-half ones), so this bounds what a kill after the read can leave.
 fn unwritten_marked(meta: &Path) -> Result<u32, String> {
-    // Block 2 is the pending map's first (here only) page: its words first, little endian,
-    // then the map number (0), the page number (0) and the magic's first bytes.
-    let block = |b: &[u8]| -> Option<Vec<u8>> {
-        b.get(2 * BS as usize..3 * BS as usize).map(<[u8]>::to_vec)
-    };
+    let at = Layout::new(TRACKS).page_offset(MapKind::Pending, 0) as usize;
+    let mut words = vec![0u64; WORDS_PER_PAGE as usize];
+    let mut last = String::new();
     for _ in 0..100 {
-        let a = std::fs::read(meta).map_err(|e| format!("read {}: {e}", meta.display()))?;
-        let b = std::fs::read(meta).map_err(|e| format!("read {}: {e}", meta.display()))?;
-        let (Some(a), Some(b)) = (block(&a), block(&b)) else {
-            return Err(format!("{} is too short", meta.display()));
-        };
-        // Two equal reads: no page write landed in between (a torn read is retried).
-        if a != b {
-            continue;
+        let file = std::fs::read(meta).map_err(|e| format!("read {}: {e}", meta.display()))?;
+        let block = file
+            .get(at..at + BLOCK as usize)
+            .ok_or_else(|| format!("{} is too short", meta.display()))?;
+        // A page write landing during the read leaves a torn block: read again.
+        match decode_page(MapKind::Pending, 0, block, &mut words) {
+            Ok(()) => {
+                let n = (TRACKS / 64) as usize;
+                return Ok(words[n / 2..n].iter().map(|w| w.count_ones()).sum());
+            }
+            Err(e) => last = e,
         }
-        let t = 510 * 8;
-        if a[t..t + 8] != [0u8; 8] || &a[t + 8..t + 12] != b"QSPA" {
-            return Err(format!("{}: block 2 is not pending page 0", meta.display()));
-        }
-        let words = TRACKS / 64;
-        return Ok((words / 2..words)
-            .map(|w| {
-                let o = w as usize * 8;
-                let mut le = [0u8; 8];
-                le.copy_from_slice(&a[o..o + 8]);
-                u64::from_le_bytes(le).count_ones()
-            })
-            .sum());
     }
-    Err(format!("{} kept changing while read", meta.display()))
+    Err(format!("{}: {last}", meta.display()))
 }
 
 fn pair(rpc: &mut RpcConn) -> Value {

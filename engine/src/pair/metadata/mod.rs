@@ -204,7 +204,9 @@ fn encode_page(map: MapKind, page: u64, words: &[u64], out: &mut [u8]) {
     out[BLOCK as usize - 4..].copy_from_slice(&crc.to_le_bytes());
 }
 
-fn decode_page(map: MapKind, page: u64, buf: &[u8], words: &mut [u64]) -> Result<(), String> {
+/// Reads page `page` of `map` from its block (`BLOCK` bytes) into `words`
+/// (`WORDS_PER_PAGE` of them); an error when the block is damaged, torn or another page.
+pub fn decode_page(map: MapKind, page: u64, buf: &[u8], words: &mut [u64]) -> Result<(), String> {
     let t = WORDS_PER_PAGE as usize * 8;
     if crc32c::crc32c(&buf[..BLOCK as usize - 4]) != u32_at(buf, BLOCK as usize - 4)
         || u32_at(buf, t) != map as u32
