@@ -19,3 +19,16 @@ wait_pair() {
     sleep 0.2
   done
 }
+# Waits for backup $2 of the quicksplit answering on RPC socket $1 to end; prints
+# "STATE MiB/s CPU_COPIED_BYTES" (the rate from the engine's own elapsed time).
+backup_result() {
+  local out
+  while :; do
+    out=$($qs rpc --socket "$1" backup_get "{\"id\": $2}" | $py -c \
+      "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9), b['cpu_copied_bytes'])")
+    case $out in
+      running*) sleep 0.5 ;;
+      *) echo "$out"; return ;;
+    esac
+  done
+}

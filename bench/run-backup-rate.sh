@@ -42,17 +42,11 @@ serve_two_cores "$work/c.json"
 backup() { # mode -> MiB/s
   rm -f "$T" "$T.partial"
   rpc pair_split '{"name": "pr"}' >/dev/null
-  local id out
+  local id
   id=$(rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\", \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
     | $py -c "import json,sys; print(json.load(sys.stdin)['id'])")
-  while :; do
-    out=$(rpc backup_get "{\"id\": $id}" | $py -c \
-      "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9))")
-    set -- $out
-    [ "$1" = done ] && break
-    [ "$1" = running ] || { echo "backup failed: $out" >&2; exit 1; }
-    sleep 0.5
-  done
+  set -- $(backup_result "$work/rpc.sock" "$id")
+  [ "$1" = done ] || { echo "backup failed: $*" >&2; exit 1; }
   rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair
   echo "$2"
 }

@@ -67,13 +67,8 @@ backup() { # mode [host_rate (default: the engine's)] -> id
     | $py -c "import json,sys; print(json.load(sys.stdin)['id'])"
 }
 wait_backup() { # id -> "MiB/s cpu_copied state"
-  while :; do
-    out=$(rpc backup_get "{\"id\": $1}" | $py -c \
-      "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9), b['cpu_copied_bytes'])")
-    set -- $1 $out
-    [ "$2" != running ] && { echo "$3 $4 $2"; return; }
-    sleep 0.5
-  done
+  set -- $(backup_result "$work/rpc.sock" "$1")
+  echo "$2 $3 $1"
 }
 wait_pair
 set -- $(host 4); idle_iops=$1; idle_p999=$2

@@ -41,14 +41,9 @@ while [ "$(rpc src pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.lo
 rpc src pair_split '{"name": "pr"}' >/dev/null
 backup() { # target-json -> "MiB/s cpu_copied"
   id=$(rpc src backup_start "{\"pair\": \"pr\", \"mode\": \"merge\", \"target\": $1}" | $py -c "import json,sys; print(json.load(sys.stdin)['id'])")
-  while :; do
-    out=$(rpc src backup_get "{\"id\": $id}" | $py -c \
-      "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9), b['cpu_copied_bytes'])")
-    set -- $out
-    [ "$1" = done ] && { echo "$2 $3"; return; }
-    [ "$1" = running ] || { echo "backup failed: $out" >&2; exit 1; }
-    sleep 0.5
-  done
+  set -- $(backup_result "$work/src.sock" "$id")
+  [ "$1" = done ] || { echo "backup failed: $*" >&2; exit 1; }
+  echo "$2 $3"
 }
 set -- $(backup '{"type": "file", "path": "/dev/shm/qs-nvmf-bench.img"}'); file_mibs=$1
 set -- $(backup "{\"type\": \"nvmf\", \"traddr\": \"127.0.0.1\", \"trsvcid\": $port, \"subnqn\": \"$nqn\"}"); nvmf_mibs=$1; nvmf_copied=$2
