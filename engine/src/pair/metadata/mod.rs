@@ -231,7 +231,8 @@ pub struct PersistedSet {
     queued: Box<[AtomicBool]>,
     /// Per page: odd while a write of the page is in flight (the disk then holds either the
     /// old or the new content), even otherwise; bumped when a write starts and when it is
-    /// durable.
+    /// durable. A page has one write in flight at most: a second would make the count even
+    /// while the first may still land.
     flight_gen: Box<[AtomicU64]>,
     /// Per page: the `flight_gen` whose copy `flight` holds.
     flight_valid: Box<[AtomicU64]>,

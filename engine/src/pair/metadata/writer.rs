@@ -254,37 +254,8 @@ impl MetaWriter {
     /// Gathers the next batch: queued pages and a wanted header.
     fn gather(&mut self) -> bool {
         let meta = Arc::clone(&self.meta);
-        let ppm = meta.layout.pages_per_map;
         let mut batch = Batch::default();
-        let mut clears = false;
-        while batch.pages.len() < BATCH_PAGES {
-            let Some(code) = meta.queue.pop() else { break };
-            let map = super::MAP_KINDS[(code / ppm) as usize % 4];
-            let page = code % ppm;
-            let set = meta.map(map);
-            // Unqueued before the copy: a bit changed after the copy queues the page again.
-            set.queued[page as usize].store(false, Ordering::SeqCst);
-            // In flight before the copy: whoever changes a bit after the copy sees it and
-            // waits for the next write instead of trusting the disk's old content.
-            let gen = set.begin_flight(page as usize);
-            let lo = (page * WORDS_PER_PAGE) as usize;
-            let hi = lo + WORDS_PER_PAGE as usize;
-            set.lock_page(page as usize);
-            let words: Vec<u64> = (lo..hi).map(|w| set.want_word(w)).collect();
-            set.unlock_page(page as usize);
-            let same = (lo..hi).all(|w| set.disk_word(w) == words[w - lo]);
-            if same {
-                set.end_flight(page as usize, &words);
-                continue;
-            }
-            set.publish_flight(page as usize, gen, &words);
-            if matches!(map, MapKind::Pending | MapKind::Restore)
-                && (lo..hi).any(|w| set.disk_word(w) & !words[w - lo] != 0)
-            {
-                clears = true;
-            }
-            batch.pages.push(PageWrite { map, page, words });
-        }
+        let mut clears = fill_batch(&meta, &mut batch);
         let mut flush_p = self.p_flush_due && clears;
         let wanted = meta.header_wanted.load(Ordering::SeqCst);
         if wanted > meta.header_durable() {
@@ -457,6 +428,68 @@ impl MetaWriter {
     }
 }
 
+/// Takes queued pages into `batch` (up to [`BATCH_PAGES`]); true when one clears a pending or
+/// restore bit the disk holds.
+fn fill_batch(meta: &Metadata, batch: &mut Batch) -> bool {
+    let mut clears = false;
+    while batch.pages.len() < BATCH_PAGES {
+        let Some((map, page)) = next_queued_page(meta, batch) else {
+            break;
+        };
+        if let Some((pw, clear)) = take_page(meta, map, page) {
+            clears |= clear;
+            batch.pages.push(pw);
+        }
+    }
+    clears
+}
+
+/// The next queued page for the batch being gathered. A page already in the batch was queued
+/// again after its copy was taken (a bit changed meanwhile): it waits for the next batch. A
+/// second flight of the page before the first is durable would end the first one's "in flight"
+/// mark, and a host write would trust a disk that the first copy, still to be written, changes.
+fn next_queued_page(meta: &Metadata, batch: &Batch) -> Option<(MapKind, u64)> {
+    let ppm = meta.layout.pages_per_map;
+    let code = meta.queue.pop()?;
+    let map = super::MAP_KINDS[(code / ppm) as usize % 4];
+    let page = code % ppm;
+    if batch
+        .pages
+        .iter()
+        .any(|pw| pw.map == map && pw.page == page)
+    {
+        // Still marked queued, so back in the queue (it has room: the code just left it).
+        let _ = meta.queue.push(code);
+        return None;
+    }
+    Some((map, page))
+}
+
+/// Takes a copy of a queued page's wanted bits to write, marked in flight; `None` when the disk
+/// already holds them. With the copy: whether it clears a pending or restore bit the disk holds
+/// (the data those bits protect is flushed first).
+fn take_page(meta: &Metadata, map: MapKind, page: u64) -> Option<(PageWrite, bool)> {
+    let set = meta.map(map);
+    // Unqueued before the copy: a bit changed after the copy queues the page again.
+    set.queued[page as usize].store(false, Ordering::SeqCst);
+    // In flight before the copy: whoever changes a bit after the copy sees it and waits for
+    // the next write instead of trusting the disk's old content.
+    let gen = set.begin_flight(page as usize);
+    let lo = (page * WORDS_PER_PAGE) as usize;
+    let hi = lo + WORDS_PER_PAGE as usize;
+    set.lock_page(page as usize);
+    let words: Vec<u64> = (lo..hi).map(|w| set.want_word(w)).collect();
+    set.unlock_page(page as usize);
+    if (lo..hi).all(|w| set.disk_word(w) == words[w - lo]) {
+        set.end_flight(page as usize, &words);
+        return None;
+    }
+    set.publish_flight(page as usize, gen, &words);
+    let clears = matches!(map, MapKind::Pending | MapKind::Restore)
+        && (lo..hi).any(|w| set.disk_word(w) & !words[w - lo] != 0);
+    Some((PageWrite { map, page, words }, clears))
+}
+
 impl Poller for MetaWriter {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
         if self.finished() {
@@ -531,5 +564,50 @@ impl Poller for MetaWriter {
 
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pair::metadata::Layout;
+    use drivers::malloc::MallocBdev;
+    use drivers::Bdev;
+
+    #[test]
+    fn a_page_queued_again_while_its_batch_is_gathered_waits_for_the_next_batch() {
+        let layout = Layout::new(64);
+        let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::create("m", layout.size(), 4096).unwrap());
+        let meta = Metadata::with_layout(bdev, layout, 1).unwrap();
+        let pending = meta.map(MapKind::Pending);
+        // The disk holds track 3's write-intent bit; the cleaner clears it.
+        pending.want[0].store(1 << 3, Ordering::SeqCst);
+        pending.disk[0].store(1 << 3, Ordering::SeqCst);
+        pending.want[0].fetch_and(!(1 << 3), Ordering::SeqCst);
+        meta.queue_page(MapKind::Pending, 0);
+        let mut batch = Batch::default();
+        assert!(fill_batch(&meta, &mut batch), "the batch clears a bit");
+        assert_eq!(batch.pages.len(), 1);
+        assert_eq!(batch.pages[0].words[0], 0);
+        // A host write on track 3 wants its region back, which queues the page again, while
+        // the batch is still being gathered (the gathering goes on after the write).
+        meta.want_set_region(MapKind::Pending, 3, 64);
+        assert_eq!(pending.durable(3), None);
+        fill_batch(&meta, &mut batch);
+        // The write keeps waiting: the copy about to be written lacks its bit.
+        assert_eq!(pending.durable(3), None);
+        assert_eq!(batch.pages.len(), 1, "the page waits for the next batch");
+        for pw in &batch.pages {
+            pending.end_flight(pw.page as usize, &pw.words);
+        }
+        assert_eq!(pending.durable(3), Some(false));
+        // The next batch writes the bit back; only then may the write go.
+        let mut batch = Batch::default();
+        fill_batch(&meta, &mut batch);
+        assert_eq!(batch.pages.len(), 1);
+        assert_eq!(batch.pages[0].words[0], u64::MAX);
+        assert_eq!(pending.durable(3), None);
+        pending.end_flight(batch.pages[0].page as usize, &batch.pages[0].words);
+        assert_eq!(pending.durable(3), Some(true));
     }
 }
