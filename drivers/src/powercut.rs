@@ -5,6 +5,10 @@
 //! replays do). After the cut the device refuses every request, so the engine that used it can
 //! change nothing more; [`PowerCutBdev::durable_copy`] gives the surviving content as a new
 //! device to restart on.
+//!
+//! Devices that lose power together share a [`PowerSupply`]: switching it off stops all of them
+//! at one instant, so the engine never sees one device dead while another still takes writes
+//! (which a test thread stopping them one by one, preempted in between, would show it).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,12 +28,32 @@ struct Media {
     unflushed: Vec<(u64, Vec<u8>, bool)>,
 }
 
+/// A power supply that one or more [`PowerCutBdev`]s run on.
+#[derive(Debug, Clone, Default)]
+pub struct PowerSupply(Arc<AtomicBool>);
+
+impl PowerSupply {
+    /// A supply that is on.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Switches the supply off: every device on it refuses every request from now on.
+    pub fn off(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn is_off(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// A RAM disk whose writes are volatile until flushed.
 pub struct PowerCutBdev {
     name: String,
     geometry: Geometry,
     media: Arc<Mutex<Media>>,
-    cut: Arc<AtomicBool>,
+    supply: PowerSupply,
 }
 
 impl PowerCutBdev {
@@ -55,24 +79,31 @@ impl PowerCutBdev {
                 durable: content,
                 unflushed: Vec::new(),
             })),
-            cut: Arc::new(AtomicBool::new(false)),
+            supply: PowerSupply::new(),
         }
+    }
+
+    /// The same device, run on `supply` (shared with other devices) instead of its own.
+    pub fn on_supply(mut self, supply: &PowerSupply) -> Self {
+        self.supply = supply.clone();
+        self
     }
 
     fn media(&self) -> std::sync::MutexGuard<'_, Media> {
         self.media.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Stops the device at once: every request fails from now on. (Several devices losing
-    /// power together are all stopped before any of them is [`PowerCutBdev::cut`].)
+    /// Switches the device's supply off (and so every device sharing it): every request fails
+    /// from now on. (Several devices losing power together share a supply, switched off before
+    /// any of them is [`PowerCutBdev::cut`].)
     pub fn power_off(&self) {
-        self.cut.store(true, Ordering::SeqCst);
+        self.supply.off();
     }
 
     /// Cuts the power: each unflushed write survives when `keep(index)` says so (FUA writes
     /// always do); from now on every request fails. Returns (unflushed, kept).
     pub fn cut(&self, mut keep: impl FnMut(usize) -> bool) -> (usize, usize) {
-        self.cut.store(true, Ordering::SeqCst);
+        self.supply.off();
         let mut m = self.media();
         let writes = std::mem::take(&mut m.unflushed);
         let mut kept = 0;
@@ -101,6 +132,15 @@ impl PowerCutBdev {
         self.media().current.clone()
     }
 
+    /// Runs `f` on what the device holds: what reads see, what survives a cut without any
+    /// unflushed write, and the unflushed writes in order (offset, data, FUA). The device
+    /// changes nothing meanwhile, so nesting calls over several devices sees them at one
+    /// instant.
+    pub fn inspect<R>(&self, f: impl FnOnce(&[u8], &[u8], &[(u64, Vec<u8>, bool)]) -> R) -> R {
+        let m = self.media();
+        f(&m.current, &m.durable, &m.unflushed)
+    }
+
     /// Writes not yet flushed.
     pub fn unflushed(&self) -> usize {
         self.media().unflushed.len()
@@ -124,7 +164,7 @@ impl Bdev for PowerCutBdev {
         Ok(Box::new(PowerCutChannel {
             geometry: self.geometry,
             media: Arc::clone(&self.media),
-            cut: Arc::clone(&self.cut),
+            supply: self.supply.clone(),
             done: VecDeque::new(),
         }))
     }
@@ -137,16 +177,18 @@ impl Bdev for PowerCutBdev {
 struct PowerCutChannel {
     geometry: Geometry,
     media: Arc<Mutex<Media>>,
-    cut: Arc<AtomicBool>,
+    supply: PowerSupply,
     done: VecDeque<IoCompletion>,
 }
 
 impl PowerCutChannel {
     fn run(&self, req: &mut IoRequest) -> Result<(), IoError> {
-        if self.cut.load(Ordering::SeqCst) {
+        let mut m = self.media.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the media lock, which `cut` takes after switching the supply off: a
+        // request either ran wholly before the power went or fails.
+        if self.supply.is_off() {
             return Err(IoError::Device(libc::EIO));
         }
-        let mut m = self.media.lock().unwrap_or_else(PoisonError::into_inner);
         let off = req.offset as usize;
         match req.op {
             IoOp::Read => {
@@ -260,5 +302,32 @@ mod tests {
         let mut out = Vec::new();
         ch.poll(&mut out);
         assert!(matches!(out[0].result, Err(IoError::Device(_))));
+    }
+
+    #[test]
+    fn devices_on_one_supply_stop_together_and_a_device_alone_does_not() {
+        let supply = PowerSupply::new();
+        let devs = ["a", "b"].map(|n| PowerCutBdev::new(n, 4096, 2).on_supply(&supply));
+        let alone = PowerCutBdev::new("c", 4096, 2);
+        let pool = BufferPool::new(4096, 4).unwrap();
+        let ctx = ChannelContext {
+            wake_fd: None,
+            queue_depth: 4,
+        };
+        let mut chans: Vec<_> = [&devs[0], &devs[1], &alone]
+            .iter()
+            .map(|d| d.open_channel(&ctx).unwrap())
+            .collect();
+        devs[0].power_off();
+        let mut results = Vec::new();
+        for ch in chans.iter_mut() {
+            let mut bufs = IoBufs::new();
+            bufs.push(pool.get().unwrap());
+            ch.submit(IoRequest::read(0, bufs, 0)).unwrap();
+            let mut out = Vec::new();
+            ch.poll(&mut out);
+            results.push(out.remove(0).result.is_ok());
+        }
+        assert_eq!(results, [false, false, true]);
     }
 }

@@ -14,6 +14,10 @@
 //! - a backup done before the cut holds exactly the image as it was when it started (some
 //!   schedules back the image up after a split, in each mode, and cut during or after it).
 //!
+//! Until a schedule's first split, a watcher thread also checks the write-intent contract all
+//! along (every track whose S could come back from a cut unlike P has its bit in every version
+//! of the metadata a cut could leave), so a window too short for a cut to land in still shows.
+//!
 //! `QS_CUTS` sets the number of schedules (default 1000), `QS_CUT_SEED` runs one.
 
 mod common;
@@ -23,12 +27,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Op;
-use drivers::powercut::PowerCutBdev;
+use drivers::powercut::{PowerCutBdev, PowerSupply};
 use drivers::Bdev;
 use engine::app::{Engine, MetadataDevice};
 use engine::backup::{BackupState, Mode, Target};
 use engine::pair::channel::View;
-use engine::pair::metadata::Layout;
+use engine::pair::metadata::{decode_page, Layout, MapKind, WORDS_PER_PAGE};
 use engine::pair::{PairConfig, PairState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -77,6 +81,7 @@ fn start_writes(
     ]
 }
 
+#[derive(Clone)]
 struct Devices {
     p: Arc<PowerCutBdev>,
     s: Arc<PowerCutBdev>,
@@ -88,19 +93,73 @@ fn add(engine: &Engine, d: &Devices) {
     engine.bdev_add(Arc::clone(&d.s) as Arc<dyn Bdev>).unwrap();
 }
 
+/// True when every surviving version of the metadata holds the write-intent bit of `track`: it
+/// is set in the durable pending page and in every unflushed write of that page.
+fn intent_surely_set(meta: &[u8], unflushed: &[(u64, Vec<u8>, bool)], track: u64) -> bool {
+    let layout = Layout::new(BLOCKS * BS / TRACK);
+    let at = layout.page_offset(MapKind::Pending, 0) as usize;
+    let bit_in = |block: &[u8]| {
+        let mut words = vec![0u64; WORDS_PER_PAGE as usize];
+        decode_page(MapKind::Pending, 0, block, &mut words).is_ok()
+            && words[(track / 64) as usize] & 1 << (track % 64) != 0
+    };
+    bit_in(&meta[at..at + BS as usize])
+        && unflushed
+            .iter()
+            .filter(|(off, data, _)| {
+                (*off as usize) < at + BS as usize && *off as usize + data.len() > at
+            })
+            .all(|(off, data, _)| {
+                let o = at - *off as usize;
+                data.len() >= o + BS as usize && bit_in(&data[o..o + BS as usize])
+            })
+}
+
+/// The write-intent contract at one instant of a pair that was never split: a track whose S
+/// may come back from a cut different from P has its bit in every surviving version of the
+/// metadata. (Host writes to P use FUA, so P is what it holds now.) Gives the first track that
+/// breaks it, with what was seen.
+fn intent_violation(dev: &Devices) -> Option<String> {
+    dev.p.inspect(|p, _, _| {
+        dev.s.inspect(|s_now, s_durable, s_unflushed| {
+            dev.m.inspect(|_, m_durable, m_unflushed| {
+                (0..BLOCKS * BS / TRACK).find_map(|t| {
+                    let (lo, hi) = ((t * TRACK) as usize, ((t + 1) * TRACK) as usize);
+                    let may_differ = s_durable[lo..hi] != p[lo..hi]
+                        || s_unflushed.iter().any(|(off, data, _)| {
+                            let (a, b) = (*off as usize, *off as usize + data.len());
+                            a < hi && b > lo && data[..] != p[a..b]
+                        });
+                    (may_differ && !intent_surely_set(m_durable, m_unflushed, t)).then(|| {
+                        format!(
+                            "track {t}: S may differ from P (S now equal: {}, S durable equal: \
+                             {}, {} unflushed S writes, {} unflushed metadata writes) and its \
+                             write-intent bit may be lost",
+                            s_now[lo..hi] == p[lo..hi],
+                            s_durable[lo..hi] == p[lo..hi],
+                            s_unflushed.len(),
+                            m_unflushed.len()
+                        )
+                    })
+                })
+            })
+        })
+    })
+}
+
 fn run_schedule(engine: &Engine, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let name = format!("cut{seed}");
     let (pn, sn) = (format!("{name}-p"), format!("{name}-s"));
     let meta_blocks = Layout::new(BLOCKS * BS / TRACK).size() / BS;
+    // One supply: the cut stops the three devices at one instant.
+    let supply = PowerSupply::new();
     let dev = Devices {
-        p: Arc::new(PowerCutBdev::new(&pn, BS as u32, BLOCKS)),
-        s: Arc::new(PowerCutBdev::new(&sn, BS as u32, BLOCKS)),
-        m: Arc::new(PowerCutBdev::new(
-            &format!("{name}-m"),
-            BS as u32,
-            meta_blocks,
-        )),
+        p: Arc::new(PowerCutBdev::new(&pn, BS as u32, BLOCKS).on_supply(&supply)),
+        s: Arc::new(PowerCutBdev::new(&sn, BS as u32, BLOCKS).on_supply(&supply)),
+        m: Arc::new(
+            PowerCutBdev::new(&format!("{name}-m"), BS as u32, meta_blocks).on_supply(&supply),
+        ),
     };
     add(engine, &dev);
     let cfg = PairConfig {
@@ -118,6 +177,24 @@ fn run_schedule(engine: &Engine, seed: u64) {
     }
     let pv = engine.pair_view(&name, View::Primary).unwrap();
     let iv = engine.pair_view(&name, View::Image).unwrap();
+    // Until the first split, the write-intent contract is checked all along, not only at the
+    // cut. (The flag says stop; a check runs under its lock, so none overlaps a split.)
+    let watch_stop = Arc::new(std::sync::Mutex::new(false));
+    let watcher = {
+        let (dev, stop, pair) = (dev.clone(), Arc::clone(&watch_stop), Arc::clone(&first));
+        std::thread::spawn(move || loop {
+            {
+                let stopped = stop.lock().unwrap();
+                if *stopped {
+                    return None;
+                }
+                if let Some(v) = intent_violation(&dev) {
+                    return Some(format!("{v}; {}", pair.persistence_report()));
+                }
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        })
+    };
     let mut history = Vec::new();
     let fail = |history: &Vec<String>, what: String| -> ! {
         panic!("seed {seed}: {what}\nhistory: {history:?}")
@@ -147,6 +224,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
         let state = engine.pair(&name).unwrap().state();
         match state {
             PairState::Copy | PairState::Pair if rng.gen_bool(0.4) => {
+                *watch_stop.lock().unwrap() = true;
                 engine.pair_split(std::slice::from_ref(&name)).unwrap();
                 image = Some(p_model.clone());
                 history.push("split".to_string());
@@ -190,6 +268,11 @@ fn run_schedule(engine: &Engine, seed: u64) {
         }
     }
 
+    *watch_stop.lock().unwrap() = true;
+    if let Ok(Some(v)) = watcher.join() {
+        fail(&history, format!("write-intent contract broken: {v}"));
+    }
+
     // The cut, with a batch in flight.
     let state_before = engine.pair(&name).unwrap().state();
     let (plan, ops) = batch(&mut rng, image.is_some());
@@ -197,9 +280,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
     std::thread::sleep(Duration::from_micros(rng.gen_range(0..1500)));
     let mut cut_rng = StdRng::seed_from_u64(seed ^ 0xc0ffee);
     let mut kept = 0;
-    for d in [&dev.p, &dev.s, &dev.m] {
-        d.power_off();
-    }
+    supply.off();
     for d in [&dev.p, &dev.s, &dev.m] {
         kept += d.cut(|_| cut_rng.gen_bool(0.5)).1;
     }
