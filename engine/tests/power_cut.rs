@@ -18,7 +18,8 @@
 //! along (every track whose S could come back from a cut unlike P has its bit in every version
 //! of the metadata a cut could leave), so a window too short for a cut to land in still shows.
 //!
-//! `QS_CUTS` sets the number of schedules (default 1000), `QS_CUT_SEED` runs one.
+//! `QS_CUTS` sets the number of schedules (default 1000), `QS_CUT_SEED` runs one, `QS_TRACE`
+//! keeps a failing schedule's engine trace (see [`trace`]).
 
 mod common;
 
@@ -147,7 +148,63 @@ fn intent_violation(dev: &Devices) -> Option<String> {
     })
 }
 
+/// `QS_TRACE=1` keeps the engine's trace events (state changes, write-intent bits cleared,
+/// metadata batches, copies, host writes) in memory; a failing schedule writes those of its pair
+/// to `qs-trace-SEED.log` in the temp dir, to read the interleaving that broke it.
+mod trace {
+    use std::sync::Mutex;
+
+    static EVENTS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+    struct Sink;
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            EVENTS.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    pub fn init() {
+        if std::env::var_os("QS_TRACE").is_some() {
+            tracing_subscriber::fmt()
+                .with_writer(|| Sink)
+                .with_env_filter(tracing_subscriber::EnvFilter::new(
+                    "engine=trace,power_cut=trace",
+                ))
+                .with_thread_ids(true)
+                .with_ansi(false)
+                .init();
+        }
+    }
+
+    /// Forgets the events so far (a new schedule starts).
+    pub fn clear() {
+        EVENTS.lock().unwrap().clear();
+    }
+
+    /// Writes the events of pair `name` to the schedule's file; gives its path.
+    pub fn dump(seed: u64, name: &str) -> Option<std::path::PathBuf> {
+        std::env::var_os("QS_TRACE")?;
+        let events = EVENTS.lock().unwrap();
+        let text = String::from_utf8_lossy(&events);
+        let tag = format!("pair={name}");
+        let mine: Vec<&str> = text
+            .lines()
+            .filter(|l| l.split([' ', ':']).any(|w| w == tag))
+            .collect();
+        let path = std::env::temp_dir().join(format!("qs-trace-{seed}.log"));
+        std::fs::write(&path, mine.join("\n")).ok()?;
+        Some(path)
+    }
+}
+
 fn run_schedule(engine: &Engine, seed: u64) {
+    trace::clear();
     let mut rng = StdRng::seed_from_u64(seed);
     let name = format!("cut{seed}");
     let (pn, sn) = (format!("{name}-p"), format!("{name}-s"));
@@ -197,7 +254,11 @@ fn run_schedule(engine: &Engine, seed: u64) {
     };
     let mut history = Vec::new();
     let fail = |history: &Vec<String>, what: String| -> ! {
-        panic!("seed {seed}: {what}\nhistory: {history:?}")
+        let trace = trace::dump(seed, &name).map(|p| format!("\ntrace: {}", p.display()));
+        panic!(
+            "seed {seed}: {what}\nhistory: {history:?}{}",
+            trace.unwrap_or_default()
+        )
     };
 
     // Model: the acknowledged write of each block of P, and of the image while split.
@@ -249,6 +310,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
             _ => {}
         }
         let (plan, ops) = batch(&mut rng, image.is_some());
+        tracing::trace!(pair = %name, ?plan, "test: writes (to the image, block, id)");
         for (to_image, rx) in start_writes(engine, &pv, &iv, &plan, ops) {
             let out = rx.recv_timeout(Duration::from_secs(60)).unwrap();
             let mine = plan.iter().filter(|p| p.0 == to_image);
@@ -276,10 +338,12 @@ fn run_schedule(engine: &Engine, seed: u64) {
     // The cut, with a batch in flight.
     let state_before = engine.pair(&name).unwrap().state();
     let (plan, ops) = batch(&mut rng, image.is_some());
+    tracing::trace!(pair = %name, ?plan, "test: writes in flight at the cut");
     let running = start_writes(engine, &pv, &iv, &plan, ops);
     std::thread::sleep(Duration::from_micros(rng.gen_range(0..1500)));
     let mut cut_rng = StdRng::seed_from_u64(seed ^ 0xc0ffee);
     let mut kept = 0;
+    tracing::trace!(pair = %name, "test: power off");
     supply.off();
     for d in [&dev.p, &dev.s, &dev.m] {
         kept += d.cut(|_| cut_rng.gen_bool(0.5)).1;
@@ -341,6 +405,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
         m: Arc::new(dev.m.durable_copy(&format!("{name}-m"))),
     };
     add(engine, &after);
+    tracing::trace!(pair = %name, "test: restart");
     let meta: Arc<dyn Bdev> = after.m.clone();
     let pair = engine
         .pair_create_on(&cfg, &pn, &sn, MetadataDevice::Existing(meta))
@@ -416,6 +481,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
 
 #[test]
 fn a_power_cut_loses_nothing_acknowledged_and_keeps_every_image() {
+    trace::init();
     let engine = common::engine("power-cut");
     if let Some(seed) = std::env::var("QS_CUT_SEED")
         .ok()

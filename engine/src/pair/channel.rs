@@ -551,6 +551,7 @@ impl PairChannel {
 
     fn target_io(&mut self, key: usize) -> Step {
         let p = &mut self.parents[key];
+        tracing::trace!(pair = %self.pair.name(), offset = p.offset, len = p.len, post = ?p.post, "host write issued");
         p.phase = Phase::TargetIo;
         let (op, offset, len, target) = (p.op, p.offset, p.len, p.target);
         let req = if op.has_data() {
@@ -797,6 +798,7 @@ impl PairChannel {
         match p.post {
             Some(Post::Mirror) => {
                 let mut newly = false;
+                tracing::trace!(pair = %self.pair.name(), ?tracks, "mirrored write done");
                 for t in tracks {
                     newly |= self.pair.pending.mark_written(t);
                 }

@@ -279,7 +279,11 @@ impl Copier {
                 match dir {
                     Direction::Forward => {
                         let pending = &self.pair.pending;
-                        stats.move_to_copied(|| pending.finish_copy(track));
+                        stats.move_to_copied(|| {
+                            let copied = pending.finish_copy(track);
+                            tracing::trace!(pair = %self.pair.name(), track, copied, "track copied");
+                            copied
+                        });
                     }
                     Direction::Reverse => {
                         if self.pair.restore.remove(track) {

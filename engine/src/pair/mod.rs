@@ -725,6 +725,7 @@ impl Pair {
     }
 
     fn set_state(&self, s: PairState) {
+        tracing::trace!(pair = %self.name, state = s.as_str(), "pair state");
         self.state.store(s as u8, Ordering::SeqCst);
     }
 

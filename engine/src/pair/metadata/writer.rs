@@ -216,6 +216,7 @@ impl MetaWriter {
                 }
                 d.unlock_page(page);
                 let cleared = had & !kept;
+                tracing::trace!(pair = %pair.name(), word = w, cleared, kept, "pending bits cleared");
                 if cleared != 0 && mirroring {
                     self.p_flush_due = true;
                 }
@@ -291,6 +292,14 @@ impl MetaWriter {
         // mirroring (S equals P) and for restored tracks.
         let flush_s = clears && self.pair.take_dirty(false);
         let flush_p = flush_p && self.pair.take_dirty(true);
+        tracing::trace!(
+            pair = %self.pair.name(),
+            pages = ?self.batch.pages.iter().map(|pw| (pw.map, pw.page)).collect::<Vec<_>>(),
+            header = ?self.batch.header,
+            flush_p,
+            flush_s,
+            "metadata batch gathered"
+        );
         if flush_p || flush_s {
             self.enter(Stage::FlushingData);
             let chans = [
@@ -386,6 +395,7 @@ impl MetaWriter {
             let set = meta.map(pw.map);
             set.end_flight(pw.page as usize, &pw.words);
         }
+        tracing::trace!(pair = %self.pair.name(), header = ?batch.header, "metadata batch durable");
         meta.stats
             .pages_written
             .fetch_add(batch.pages.len() as u64, Ordering::Relaxed);
