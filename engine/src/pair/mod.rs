@@ -305,6 +305,10 @@ pub struct Pair {
     meta: Option<Arc<Metadata>>,
     /// Header number of the last transition: host writes wait until it is durable.
     state_seq: AtomicU64,
+    /// Held by a transition from taking its header number to asking for its header, so
+    /// transitions on two threads (a copy ending while a split applies, an I/O error
+    /// meanwhile) change the state in the order of their numbers.
+    transitions: Mutex<()>,
     /// P, S written since the metadata writer last flushed them.
     p_dirty: AtomicBool,
     s_dirty: AtomicBool,
@@ -440,6 +444,7 @@ impl Pair {
             copier_reactor,
             meta,
             state_seq: AtomicU64::new(seq),
+            transitions: Mutex::new(()),
             p_dirty: AtomicBool::new(true),
             s_dirty: AtomicBool::new(true),
         });
@@ -468,25 +473,38 @@ impl Pair {
         }
     }
 
-    /// A transition is about to change what host writes mean: take its header number first,
-    /// so a host that sees the new state also sees that it must wait for it.
-    fn begin_transition(&self) -> u64 {
-        match &self.meta {
-            Some(m) => {
-                let seq = m.next_seq();
-                self.state_seq.fetch_max(seq, Ordering::SeqCst);
-                seq
-            }
-            None => 0,
+    /// Runs a transition, which changes what host writes mean, when `applies` says so (checked
+    /// under the transition lock). Its header number is taken before `change`, so a host that
+    /// sees the new state also sees that it must wait for it; the header is asked for after
+    /// (`flush_data`: P and S flushed first). The writer reads the state after the number it
+    /// writes, so the newest header holds the newest state as long as states change in the
+    /// order of their numbers, which the lock keeps. True when the transition ran.
+    fn transition(
+        &self,
+        flush_data: bool,
+        applies: impl FnOnce() -> bool,
+        change: impl FnOnce(),
+    ) -> bool {
+        let _ordered = self
+            .transitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if !applies() {
+            return false;
         }
-    }
-
-    /// The transition is applied in memory: ask for its header (`flush_data`: P and S first).
-    fn end_transition(&self, seq: u64, flush_data: bool) {
-        if let Some(m) = &self.meta {
+        let seq = self.meta.as_ref().map(|m| {
+            let seq = m.next_seq();
+            self.state_seq.fetch_max(seq, Ordering::SeqCst);
+            seq
+        });
+        #[cfg(test)]
+        transition_tests::numbered();
+        change();
+        if let (Some(m), Some(seq)) = (&self.meta, seq) {
             m.request_header(seq, flush_data);
             self.wake_copier();
         }
+        true
     }
 
     /// True when the header of the last transition is durable (host writes may rely on it).
@@ -773,17 +791,15 @@ impl Pair {
 
     /// Moves the pair to PSUE with `error` (the first error is kept).
     pub fn fail(&self, error: String) {
-        let mut e = self.error.lock().unwrap_or_else(PoisonError::into_inner);
-        if self.state() != PairState::Psue {
-            tracing::error!(pair = %self.name, %error, "pair suspended on error (PSUE)");
-            let seq = self.begin_transition();
-            *e = Some(error);
-            self.set_state(PairState::Psue);
-            drop(e);
-            self.end_transition(seq, false);
-        } else {
-            drop(e);
-        }
+        self.transition(
+            false,
+            || self.state() != PairState::Psue,
+            || {
+                tracing::error!(pair = %self.name, %error, "pair suspended on error (PSUE)");
+                *self.error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+                self.set_state(PairState::Psue);
+            },
+        );
         self.wake_all();
     }
 
@@ -930,26 +946,21 @@ impl Pair {
 
     /// Called by the copier when nothing is left to copy: COPY becomes PAIR.
     pub(crate) fn copy_finished(&self) {
-        if self.pending.count() != 0 || self.restore.count() != 0 || self.state() != PairState::Copy
-        {
+        let done = || {
+            self.pending.count() == 0
+                && self.restore.count() == 0
+                && self.state() == PairState::Copy
+        };
+        // Checked first without the lock: the copier asks on every idle poll in COPY.
+        if !done() {
             return;
         }
-        let seq = self.begin_transition();
-        if self
-            .state
-            .compare_exchange(
-                PairState::Copy as u8,
-                PairState::Pair as u8,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
-        {
+        // PAIR is durable only after the copied data is.
+        self.transition(true, done, || {
+            self.set_state(PairState::Pair);
             self.direction.store(DIR_FORWARD, Ordering::SeqCst);
             tracing::info!(pair = %self.name, "copy complete: PAIR");
-        }
-        // PAIR is durable only after the copied data is.
-        self.end_transition(seq, true);
+        });
     }
 
     fn wrong_state(&self, what: &str) -> PairError {
@@ -1019,10 +1030,14 @@ impl Pair {
         // The changed sets are empty outside PSUS/PSUE (a resync empties them), so nothing is
         // cleared here: the split touches no bitmap. Persisting it is one header write.
         debug_assert_eq!(self.changed_p.count() + self.changed_s.count(), 0);
-        let seq = self.begin_transition();
-        self.split_at_ns.store(at_ns, Ordering::SeqCst);
-        self.set_state(PairState::Psus);
-        self.end_transition(seq, false);
+        self.transition(
+            false,
+            || true,
+            || {
+                self.split_at_ns.store(at_ns, Ordering::SeqCst);
+                self.set_state(PairState::Psus);
+            },
+        );
     }
 
     /// Checks that a backup may start: the pair is split and no backup runs.
@@ -1089,7 +1104,11 @@ impl Pair {
     /// pending (P to S). Reverse: they are restored S to P; tracks still pending keep being
     /// copied P to S (P holds their image data).
     pub(crate) fn apply_resync(&self, reverse: bool) {
-        let seq = self.begin_transition();
+        self.transition(false, || true, || self.resync_in_memory(reverse));
+        self.wake_copier();
+    }
+
+    fn resync_in_memory(&self, reverse: bool) {
         if reverse {
             self.restore.absorb(&self.changed_p);
             self.restore.absorb(&self.changed_s);
@@ -1107,8 +1126,6 @@ impl Pair {
         self.changed_s.clear();
         *self.error.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.set_state(PairState::Copy);
-        self.end_transition(seq, false);
-        self.wake_copier();
     }
 
     /// After a resync's header is durable (gate still closed, writes drained): the tracks it
@@ -1192,5 +1209,97 @@ mod stats_tests {
         }
         mover.join().expect("mover");
         assert!(reads > 0);
+    }
+}
+
+#[cfg(test)]
+mod transition_tests {
+    use super::metadata::{HeaderRecord, Metadata};
+    use super::{Pair, PairConfig, PairState};
+    use drivers::malloc::MallocBdev;
+    use drivers::Bdev;
+    use std::cell::RefCell;
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+
+    thread_local! {
+        /// Run in a transition of this thread between taking its number and changing the state.
+        static ON_NUMBERED: RefCell<Option<Box<dyn FnMut()>>> = RefCell::new(None);
+    }
+
+    pub(super) fn numbered() {
+        ON_NUMBERED.with(|hook| {
+            if let Some(f) = hook.borrow_mut().as_mut() {
+                f();
+            }
+        });
+    }
+
+    /// A persisted pair in COPY with nothing left to copy.
+    fn copied_pair() -> Arc<Pair> {
+        let bdev = |name: &str| -> Arc<dyn Bdev> {
+            Arc::new(MallocBdev::create(name, 1 << 20, 4096).unwrap())
+        };
+        let cfg = PairConfig {
+            name: "t".into(),
+            track_size: 65536,
+            copy_rate: 0,
+        };
+        let (p, s) = (bdev("p"), bdev("s"));
+        let rec = HeaderRecord {
+            seq: 1,
+            name: "t".into(),
+            primary: "p".into(),
+            secondary: "s".into(),
+            track_size: 65536,
+            tracks: 16,
+            state: "COPY".into(),
+            reverse: false,
+            split_at_ns: 0,
+            error: None,
+        };
+        let meta = Arc::new(Metadata::initialize(bdev("m"), &rec).unwrap());
+        let pair = Pair::with_metadata(&cfg, p, s, Vec::new(), None, Some(meta)).unwrap();
+        for t in 0..16 {
+            pair.pending.clear(t);
+        }
+        pair
+    }
+
+    #[test]
+    fn a_copy_ending_while_a_split_applies_leaves_the_split_state_to_a_newer_header() {
+        let pair = copied_pair();
+        let meta = Arc::clone(pair.metadata().unwrap());
+        let (numbered_tx, numbered_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let p = Arc::clone(&pair);
+        let split = std::thread::spawn(move || {
+            ON_NUMBERED.with(|hook| {
+                *hook.borrow_mut() = Some(Box::new(move || {
+                    let _ = numbered_tx.send(());
+                    let _ = go_rx.recv();
+                }))
+            });
+            p.apply_split(42);
+        });
+        // The split holds its header number and has not changed the state yet; the copy ends
+        // now on the copier's thread.
+        numbered_rx.recv().unwrap();
+        let p = Arc::clone(&pair);
+        let copy = std::thread::spawn(move || p.copy_finished());
+        std::thread::sleep(Duration::from_millis(50));
+        // What the metadata writer would write now: the newest header asked for, holding the
+        // state read after it.
+        let (written, holding) = (meta.header_wanted(), pair.state());
+        go_tx.send(()).unwrap();
+        split.join().unwrap();
+        copy.join().unwrap();
+        assert_eq!(pair.state(), PairState::Psus);
+        assert!(
+            pair.state() == holding || meta.header_wanted() > written,
+            "header {written} was written holding {holding:?}, and the pair went to {:?} with \
+             no newer header asked for",
+            pair.state()
+        );
     }
 }

@@ -632,6 +632,11 @@ impl Metadata {
         self.header_wanted.fetch_max(seq, Ordering::SeqCst);
     }
 
+    /// The newest header number asked for.
+    pub fn header_wanted(&self) -> u64 {
+        self.header_wanted.load(Ordering::SeqCst)
+    }
+
     /// The newest header number known durable.
     pub fn header_durable(&self) -> u64 {
         self.header_durable.load(Ordering::SeqCst)
