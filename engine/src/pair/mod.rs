@@ -743,8 +743,8 @@ impl Pair {
     }
 
     fn set_state(&self, s: PairState) {
-        tracing::trace!(pair = %self.name, state = s.as_str(), "pair state");
         self.state.store(s as u8, Ordering::SeqCst);
+        tracing::trace!(pair = %self.name, state = s.as_str(), "pair state");
     }
 
     /// True while a restore (reverse resync) is copying S to P.
