@@ -50,6 +50,8 @@ struct Shared {
     ack_clock: AtomicU64,
     split_epoch: AtomicU64,
     inflight: AtomicU64,
+    /// Writes submitted and not yet completed, per split epoch at submission.
+    unacked: Mutex<HashMap<u64, u64>>,
     log: Mutex<Vec<WriteRecord>>,
     failures: Mutex<Vec<String>>,
 }
@@ -118,6 +120,7 @@ impl Writer {
             submit_epoch: self.shared.split_epoch.load(Ordering::SeqCst),
             ack_seq: 0,
         };
+        let submit_epoch = rec.submit_epoch;
         let key = self.inflight.insert(Pending { rec });
         let req = IoRequest::write(first * BS, bufs, key as u64);
         let ch = self.channels[to_s as usize].as_mut().unwrap();
@@ -126,6 +129,13 @@ impl Writer {
                 for b in first..first + count {
                     self.busy[b as usize] = true;
                 }
+                *self
+                    .shared
+                    .unacked
+                    .lock()
+                    .unwrap()
+                    .entry(submit_epoch)
+                    .or_default() += 1;
                 true
             }
             Err(e) => {
@@ -162,6 +172,15 @@ impl Poller for Writer {
             let mut rec = self.inflight.remove(c.tag as usize).rec;
             for b in rec.first..rec.first + rec.count {
                 self.busy[b as usize] = false;
+            }
+            if let Some(n) = self
+                .shared
+                .unacked
+                .lock()
+                .unwrap()
+                .get_mut(&rec.submit_epoch)
+            {
+                *n -= 1;
             }
             match c.result {
                 Ok(()) => {
@@ -387,6 +406,23 @@ impl Schedule<'_> {
         let reactor = self.rng.gen_range(0..2);
         let image = read_ids(self.engine, reactor, image_view)
             .unwrap_or_else(|e| self.fail(format!("image read: {e}")));
+        // Writes submitted before the split returned may be in the image: wait until the
+        // writers have logged every one of them (a write can be done in the pair, and so in the
+        // image, before its writer polls its completion).
+        let end = Instant::now() + Duration::from_secs(20);
+        while self
+            .shared
+            .unacked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(&e, &n)| e < epoch && n > 0)
+        {
+            if Instant::now() > end {
+                self.fail("writes submitted before the split did not complete".into());
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
         // Candidates per block: the state after the last write acked before the split request,
         // then after each write that was in flight during the split, in order.
         let log = self.log();
@@ -416,8 +452,9 @@ impl Schedule<'_> {
                     position.insert(ambiguous[i - 1].id, i);
                 }
                 None => self.fail(format!(
-                    "image block {b} holds write {got:#x}; the split point allows only {candidates:x?} \
-                     (acked before split: {}, in flight: {})",
+                    "image block {b} holds write {got:#x} ({:?}); the split point allows only \
+                     {candidates:x?} (acked before split: {}, in flight: {})",
+                    log.iter().find(|r| r.id == got),
                     before.len(),
                     ambiguous.len()
                 )),
