@@ -478,19 +478,14 @@ impl Pair {
     /// sees the new state also sees that it must wait for it; the header is asked for after
     /// (`flush_data`: P and S flushed first). The writer reads the state after the number it
     /// writes, so the newest header holds the newest state as long as states change in the
-    /// order of their numbers, which the lock keeps. True when the transition ran.
-    fn transition(
-        &self,
-        flush_data: bool,
-        applies: impl FnOnce() -> bool,
-        change: impl FnOnce(),
-    ) -> bool {
+    /// order of their numbers, which the lock keeps.
+    fn transition(&self, flush_data: bool, applies: impl FnOnce() -> bool, change: impl FnOnce()) {
         let _ordered = self
             .transitions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if !applies() {
-            return false;
+            return;
         }
         let seq = self.meta.as_ref().map(|m| {
             let seq = m.next_seq();
@@ -504,7 +499,6 @@ impl Pair {
             m.request_header(seq, flush_data);
             self.wake_copier();
         }
-        true
     }
 
     /// True when the header of the last transition is durable (host writes may rely on it).
