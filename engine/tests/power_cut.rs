@@ -94,26 +94,28 @@ fn add(engine: &Engine, d: &Devices) {
     engine.bdev_add(Arc::clone(&d.s) as Arc<dyn Bdev>).unwrap();
 }
 
-/// True when every surviving version of the metadata holds the write-intent bit of `track`: it
-/// is set in the durable pending page and in every unflushed write of that page.
-fn intent_surely_set(meta: &[u8], unflushed: &[(u64, Vec<u8>, bool)], track: u64) -> bool {
-    let layout = Layout::new(BLOCKS * BS / TRACK);
-    let at = layout.page_offset(MapKind::Pending, 0) as usize;
-    let bit_in = |block: &[u8]| {
+/// The write-intent bits (tracks 0 to 63, all the pair has) set in every version of the metadata
+/// a cut could leave: the durable pending page and each unflushed write of it. A version that
+/// is not a whole valid page holds none.
+fn intents_surely_set(meta: &[u8], unflushed: &[(u64, Vec<u8>, bool)]) -> u64 {
+    let at = Layout::new(BLOCKS * BS / TRACK).page_offset(MapKind::Pending, 0) as usize;
+    let end = at + BS as usize;
+    let first_word = |block: Option<&[u8]>| {
         let mut words = vec![0u64; WORDS_PER_PAGE as usize];
-        decode_page(MapKind::Pending, 0, block, &mut words).is_ok()
-            && words[(track / 64) as usize] & 1 << (track % 64) != 0
+        block
+            .filter(|b| decode_page(MapKind::Pending, 0, b, &mut words).is_ok())
+            .map_or(0, |_| words[0])
     };
-    bit_in(&meta[at..at + BS as usize])
-        && unflushed
-            .iter()
-            .filter(|(off, data, _)| {
-                (*off as usize) < at + BS as usize && *off as usize + data.len() > at
-            })
-            .all(|(off, data, _)| {
-                let o = at - *off as usize;
-                data.len() >= o + BS as usize && bit_in(&data[o..o + BS as usize])
-            })
+    unflushed
+        .iter()
+        .filter(|(off, data, _)| (*off as usize) < end && *off as usize + data.len() > at)
+        .map(|(off, data, _)| {
+            first_word(
+                at.checked_sub(*off as usize)
+                    .and_then(|o| data.get(o..o + BS as usize)),
+            )
+        })
+        .fold(first_word(meta.get(at..end)), |all, w| all & w)
 }
 
 /// The write-intent contract at one instant of a pair that was never split: a track whose S
@@ -123,25 +125,25 @@ fn intent_surely_set(meta: &[u8], unflushed: &[(u64, Vec<u8>, bool)], track: u64
 fn intent_violation(dev: &Devices) -> Option<String> {
     dev.p.inspect(|p, _, _| {
         dev.s.inspect(|s_now, s_durable, s_unflushed| {
-            dev.m.inspect(|_, m_durable, m_unflushed| {
-                (0..BLOCKS * BS / TRACK).find_map(|t| {
-                    let (lo, hi) = ((t * TRACK) as usize, ((t + 1) * TRACK) as usize);
-                    let may_differ = s_durable[lo..hi] != p[lo..hi]
-                        || s_unflushed.iter().any(|(off, data, _)| {
-                            let (a, b) = (*off as usize, *off as usize + data.len());
-                            a < hi && b > lo && data[..] != p[a..b]
-                        });
-                    (may_differ && !intent_surely_set(m_durable, m_unflushed, t)).then(|| {
-                        format!(
-                            "track {t}: S may differ from P (S now equal: {}, S durable equal: \
-                             {}, {} unflushed S writes, {} unflushed metadata writes) and its \
-                             write-intent bit may be lost",
-                            s_now[lo..hi] == p[lo..hi],
-                            s_durable[lo..hi] == p[lo..hi],
-                            s_unflushed.len(),
-                            m_unflushed.len()
-                        )
-                    })
+            let (intents, m_unflushed) = dev.m.inspect(|_, durable, unflushed| {
+                (intents_surely_set(durable, unflushed), unflushed.len())
+            });
+            (0..BLOCKS * BS / TRACK).find_map(|t| {
+                let (lo, hi) = ((t * TRACK) as usize, ((t + 1) * TRACK) as usize);
+                let may_differ = s_durable[lo..hi] != p[lo..hi]
+                    || s_unflushed.iter().any(|(off, data, _)| {
+                        let (a, b) = (*off as usize, *off as usize + data.len());
+                        a < hi && b > lo && data[..] != p[a..b]
+                    });
+                (may_differ && intents & 1 << t == 0).then(|| {
+                    format!(
+                        "track {t}: S may differ from P (S now equal: {}, S durable equal: {}, \
+                         {} unflushed S writes, {m_unflushed} unflushed metadata writes) and \
+                         its write-intent bit may be lost",
+                        s_now[lo..hi] == p[lo..hi],
+                        s_durable[lo..hi] == p[lo..hi],
+                        s_unflushed.len(),
+                    )
                 })
             })
         })
