@@ -26,11 +26,7 @@ const TRACK: u64 = 64 << 10;
 fn a_deleted_pair_and_its_bdevs_are_freed() {
     let engine = common::engine("release");
     for round in 0..3 {
-        let (pn, sn, name) = (
-            format!("p{round}"),
-            format!("s{round}"),
-            format!("r{round}"),
-        );
+        let (pn, sn, name) = names(round, "r");
         let mut weak_bdevs: Vec<Weak<dyn Bdev>> = Vec::new();
         for n in [&pn, &sn] {
             let b: Arc<dyn Bdev> = Arc::new(MallocBdev::create(n, SIZE, BS as u32).unwrap());
@@ -108,6 +104,15 @@ fn suspend_delete_and_check_freed(engine: &Engine, pair: Arc<Pair>, dies: Arc<Po
     });
 }
 
+/// The names of round `round`'s primary, secondary and pair (`tag` tells the tests' pairs apart).
+fn names(round: u32, tag: &str) -> (String, String, String) {
+    (
+        format!("p{round}"),
+        format!("s{round}"),
+        format!("{tag}{round}"),
+    )
+}
+
 fn config(name: &str) -> PairConfig {
     PairConfig {
         name: name.to_string(),
@@ -120,11 +125,7 @@ fn config(name: &str) -> PairConfig {
 fn a_pair_whose_metadata_device_failed_is_freed_when_deleted() {
     let engine = common::engine("release-failed");
     for round in 0..3 {
-        let (pn, sn, name) = (
-            format!("p{round}"),
-            format!("s{round}"),
-            format!("f{round}"),
-        );
+        let (pn, sn, name) = names(round, "f");
         for n in [&pn, &sn] {
             engine
                 .bdev_add(Arc::new(MallocBdev::create(n, SIZE, BS as u32).unwrap()))
@@ -148,11 +149,7 @@ fn a_pair_whose_metadata_device_failed_is_freed_when_deleted() {
 fn a_pair_whose_secondary_failed_is_freed_when_deleted() {
     let engine = common::engine("release-s-failed");
     for round in 0..3 {
-        let (pn, sn, name) = (
-            format!("p{round}"),
-            format!("s{round}"),
-            format!("g{round}"),
-        );
+        let (pn, sn, name) = names(round, "g");
         engine
             .bdev_add(Arc::new(MallocBdev::create(&pn, SIZE, BS as u32).unwrap()))
             .unwrap();
