@@ -292,10 +292,79 @@ pub enum TapeError {
 
 /// Incremental checksums of an image as it streams: its SHA-256 and the CRC-32C of each chunk.
 ///
-/// Feed the bytes in order with [`ImageDigest::update`], in pieces of any size.
-#[derive(Clone)]
+/// Feed the bytes in order with [`ImageDigest::update`], in pieces of any size. The two parts
+/// are also usable apart ([`ImageSha`], [`ChunkCrcs`]), so a backup can compute them on
+/// different cores.
+#[derive(Clone, Debug)]
 pub struct ImageDigest {
+    sha: ImageSha,
+    crcs: ChunkCrcs,
+}
+
+impl ImageDigest {
+    /// A digest with one CRC-32C per `chunk_size` bytes ([`CHUNK_SIZE`] for backups).
+    ///
+    /// Fails with [`TapeError::InvalidChunkSize`] if `chunk_size` is 0.
+    pub fn new(chunk_size: u64) -> Result<Self, TapeError> {
+        Ok(Self {
+            sha: ImageSha::default(),
+            crcs: ChunkCrcs::new(chunk_size)?,
+        })
+    }
+
+    /// Adds the next bytes of the image.
+    pub fn update(&mut self, data: &[u8]) {
+        self.sha.update(data);
+        self.crcs.update(data);
+    }
+
+    /// The number of bytes fed so far.
+    pub fn bytes(&self) -> u64 {
+        self.crcs.bytes()
+    }
+
+    /// The SHA-256 (lowercase hex) and the CRC-32C of each chunk, the last one possibly short.
+    pub fn finish(self) -> (String, Vec<u32>) {
+        (self.sha.finish(), self.crcs.finish())
+    }
+}
+
+/// The SHA-256 of an image, fed in order.
+#[derive(Clone, Default)]
+pub struct ImageSha {
     sha: Sha256,
+    bytes: u64,
+}
+
+impl ImageSha {
+    /// Adds the next bytes of the image.
+    pub fn update(&mut self, data: &[u8]) {
+        self.sha.update(data);
+        self.bytes += data.len() as u64;
+    }
+
+    /// The number of bytes fed so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// The SHA-256 in lowercase hex.
+    pub fn finish(self) -> String {
+        to_hex(&self.sha.finalize())
+    }
+}
+
+impl std::fmt::Debug for ImageSha {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageSha")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CRC-32C of each chunk of an image, fed in order in pieces of any size.
+#[derive(Clone, Debug)]
+pub struct ChunkCrcs {
     chunk_size: u64,
     /// Bytes of the current (incomplete) chunk seen so far.
     in_chunk: u64,
@@ -305,8 +374,8 @@ pub struct ImageDigest {
     bytes: u64,
 }
 
-impl ImageDigest {
-    /// A digest with one CRC-32C per `chunk_size` bytes ([`CHUNK_SIZE`] for backups).
+impl ChunkCrcs {
+    /// One CRC-32C per `chunk_size` bytes.
     ///
     /// Fails with [`TapeError::InvalidChunkSize`] if `chunk_size` is 0.
     pub fn new(chunk_size: u64) -> Result<Self, TapeError> {
@@ -314,7 +383,6 @@ impl ImageDigest {
             return Err(TapeError::InvalidChunkSize);
         }
         Ok(Self {
-            sha: Sha256::new(),
             chunk_size,
             in_chunk: 0,
             crc: 0,
@@ -325,7 +393,6 @@ impl ImageDigest {
 
     /// Adds the next bytes of the image.
     pub fn update(&mut self, mut data: &[u8]) {
-        self.sha.update(data);
         self.bytes += data.len() as u64;
         while !data.is_empty() {
             let room = self.chunk_size - self.in_chunk;
@@ -347,21 +414,12 @@ impl ImageDigest {
         self.bytes
     }
 
-    /// The SHA-256 (lowercase hex) and the CRC-32C of each chunk, the last one possibly short.
-    pub fn finish(mut self) -> (String, Vec<u32>) {
+    /// The CRC-32C of each chunk, the last one possibly short.
+    pub fn finish(mut self) -> Vec<u32> {
         if self.in_chunk > 0 {
             self.crcs.push(self.crc);
         }
-        (to_hex(&self.sha.finalize()), self.crcs)
-    }
-}
-
-impl std::fmt::Debug for ImageDigest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageDigest")
-            .field("chunk_size", &self.chunk_size)
-            .field("bytes", &self.bytes)
-            .finish_non_exhaustive()
+        self.crcs
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use drivers::sink::nbd::{NbdConnection, NbdSink};
 use drivers::sink::nvmf::{NvmfConnection, NvmfSink};
 use drivers::sink::{file::FileSink, tape::TapeSink, tape_device, Sink, SinkDone, SinkFull};
-use drivers::tape::{ImageDigest, Manifest, CHUNK_SIZE, FORMAT};
+use drivers::tape::{ChunkCrcs, ImageSha, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
 use hugepages::BufferPool;
 
@@ -75,7 +75,10 @@ pub struct BackupJob {
     ready: BTreeMap<u64, IoBufs>,
     next_sink: u64,
     acked: u64,
-    digest: Option<ImageDigest>,
+    /// The CRC-32C of each chunk, computed here on the way to the target.
+    crcs: Option<ChunkCrcs>,
+    /// The SHA-256 when no other reactor computes it.
+    sha: Option<ImageSha>,
     manifest: Manifest,
     /// Reflect: image offset up to which on-demand copies have been asked for.
     asked: u64,
@@ -143,7 +146,8 @@ impl BackupJob {
             ready: BTreeMap::new(),
             next_sink: 0,
             acked: 0,
-            digest: None,
+            crcs: None,
+            sha: None,
             manifest,
             asked: 0,
             started: Instant::now(),
@@ -209,9 +213,10 @@ impl BackupJob {
         let count = (WINDOW / self.buf_size).max(2 * self.piece / self.buf_size) as usize;
         self.pool =
             Some(BufferPool::new(self.buf_size as usize, count).map_err(|e| e.to_string())?);
+        self.crcs = Some(ChunkCrcs::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
         match self.hash_reactor.take() {
             Some(r) => self.hasher = Some(HashQueue::start(r, self.size)?),
-            None => self.digest = Some(ImageDigest::new(CHUNK_SIZE).map_err(|e| e.to_string())?),
+            None => self.sha = Some(ImageSha::default()),
         }
         self.src = Some(src);
         self.sink = Some(sink);
@@ -374,13 +379,17 @@ impl BackupJob {
             let Some(sink) = self.sink.as_mut() else {
                 break;
             };
-            // Hash each piece once, in image order, before handing its buffers over: the target
-            // reads them, nothing copies them.
-            if let Some(d) = self.digest.as_mut() {
-                if d.bytes() == self.next_sink {
-                    for b in &bufs {
-                        d.update(b.as_slice());
-                    }
+            // Checksum each piece once, in image order, before handing its buffers over: the
+            // target reads them, nothing copies them. (A piece the target was busy for comes
+            // back here and is not counted twice.)
+            if let Some(c) = self.crcs.as_mut().filter(|c| c.bytes() == self.next_sink) {
+                for b in &bufs {
+                    c.update(b.as_slice());
+                }
+            }
+            if let Some(d) = self.sha.as_mut().filter(|d| d.bytes() == self.next_sink) {
+                for b in &bufs {
+                    d.update(b.as_slice());
                 }
             }
             match sink.submit(self.next_sink, bufs) {
@@ -564,9 +573,9 @@ impl BackupJob {
         }
         match self.phase {
             Phase::Streaming if self.acked == self.size => {
-                let digest = match (&self.hasher, self.digest.take()) {
+                let sha = match (&self.hasher, self.sha.take()) {
                     (Some(h), _) => match h.take_result() {
-                        Some(d) => d,
+                        Some(sha) => sha,
                         // The last pieces are still being hashed on the other reactor.
                         None => return PollStatus::Busy,
                     },
@@ -576,7 +585,10 @@ impl BackupJob {
                         return PollStatus::Busy;
                     }
                 };
-                let (sha, crcs) = digest;
+                let Some(crcs) = self.crcs.take().map(ChunkCrcs::finish) else {
+                    self.fail("digest lost".into());
+                    return PollStatus::Busy;
+                };
                 let final_manifest = self.manifest.finalized(sha.clone(), crcs);
                 self.manifest.sha256 = Some(sha);
                 if let Some(sink) = self.sink.as_mut() {
