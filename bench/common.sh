@@ -32,3 +32,22 @@ backup_result() {
     esac
   done
 }
+
+# A RAM-backed block device to stand for a second device as a backup target: a loop device over
+# a file in a tmpfs of its own, written once in full so its pages stay allocated. A backup to a
+# new file on /dev/shm instead pays for fresh pages on every write: tmpfs allocates and zeroes
+# them in io_uring's kernel workers, and a virtual machine that reports freed guest pages to its
+# host (free page reporting) faults each one in again; that cost is the machine's, not the
+# target's, and it made such runs swing by 4x. The loop device is overwritten in place, and fio
+# writes it the same way the backup does. Sets ram_dev; ram_device_stop undoes it.
+ram_device_start() { # size in GiB
+  ram_mnt=$(mktemp -d /tmp/qs-ramdev.XXXXXX)
+  mount -t tmpfs -o size=$(( $1 + 1 ))g,huge=always tmpfs "$ram_mnt"
+  dd if=/dev/zero of="$ram_mnt/dev.img" bs=1M count=$(( $1 * 1024 )) status=none
+  ram_dev=$(losetup --show -f "$ram_mnt/dev.img")
+}
+ram_device_stop() {
+  if [ -n "${ram_dev:-}" ]; then losetup -d "$ram_dev" || true; fi
+  if [ -n "${ram_mnt:-}" ]; then umount "$ram_mnt" || true; rmdir "$ram_mnt" || true; fi
+  ram_dev=; ram_mnt=
+}

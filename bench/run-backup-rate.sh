@@ -1,35 +1,49 @@
 #!/usr/bin/env bash
-# A backup's own streaming rate next to fio reading its source, in paired rounds: each backup of
-# a mirrored pair's split (nothing pending, so every mode streams the image) runs between two fio
-# sequential reads of the source, and its ratio is to their mean. The target goes to TARGET_DIR
-# (default /dev/shm), another device than the source, so the source read is the slower of the
-# two fio figures. The virtual disks this was written on change rate within seconds, which is
-# why each backup is compared with reads made right around it.
+# A backup's own streaming rate next to fio, in paired rounds: each backup of a mirrored pair's
+# split (nothing pending, so every mode streams the image) runs between two fio sequential reads
+# of the source, after a fio sequential write of the target in the same round; its ratio is to
+# the slower of the target write and the mean of the two reads. The virtual disks this was
+# written on change rate within seconds, which is why each backup is compared with figures taken
+# right around it.
+# The target is another device than the source: by default a RAM-backed block device made for
+# the run (bench/common.sh, ram_device_start; needs root), or TARGET: a block device (overwritten)
+# or a directory (the backup writes a new file there).
 # Usage: bench/run-backup-rate.sh [DIR (default /var/tmp/qs-bench)] [ROUNDS (default 4)]
-#        [TARGET_DIR (default /dev/shm)]
+#        [SIZE_GIB (default 1)] [TARGET]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
 dir=${1:-/var/tmp/qs-bench}
 rounds=${2:-4}
-tdir=${3:-/dev/shm}
+gib=${3:-1}
+target=${4:-}
 mkdir -p "$dir"
 cargo build --release --locked --bin quicksplit >/dev/null 2>&1
 qs=$PWD/target/release/quicksplit
 work=$(mktemp -d /tmp/qs-backup-rate.XXXXXX)
-P=$dir/bk-p.img; S=$dir/bk-s.img; T=$tdir/bk-rate-target.img
+P=$dir/bk-p-${gib}g.img; S=$dir/bk-s-${gib}g.img
 pids=()
-cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work" "$T" "$T.partial"; }
+cleanup() {
+  kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"
+  [ -b "$T" ] || rm -f "$T" "$T.partial"
+  ram_device_stop
+}
+if [ -z "$target" ]; then ram_device_start "$gib"; T=$ram_dev
+elif [ -b "$target" ]; then T=$target
+else T=$target/bk-rate-target.img
+fi
 trap cleanup EXIT
+direct() { [ -b "$1" ] || [ "$(stat -f -c %T "$(dirname "$1")")" != tmpfs ] && echo 1 || echo 0; }
 for f in "$P" "$S"; do
-  [ -f "$f" ] && [ "$(stat -c %s "$f")" -ge $((1<<30)) ] && continue
-  fio --name=fill --filename="$f" --size=1g --rw=write --bs=1m --direct=1 --ioengine=io_uring \
+  [ -f "$f" ] && [ "$(stat -c %s "$f")" -ge $((gib<<30)) ] && continue
+  fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct=1 --ioengine=io_uring \
       --iodepth=8 >/dev/null
 done
-read_mibs() {
-  fio --name=s --filename="$S" --size=1g --rw=read --bs=1m --direct=1 --ioengine=io_uring \
-      --iodepth=8 --output-format=json 2>/dev/null | $py -c \
-      "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round(j['read']['bw']/1024))"
+seq_mibs() { # read|write file -> MiB/s (1 MiB, QD8, as the backup's pieces)
+  fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct="$(direct "$2")" \
+      --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
+      "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
+  [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
 }
 cat > "$work/c.json" <<JSON
 {"config": [
@@ -40,7 +54,7 @@ cat > "$work/c.json" <<JSON
 JSON
 serve_two_cores "$work/c.json"
 backup() { # mode -> MiB/s
-  rm -f "$T" "$T.partial"
+  [ -b "$T" ] || rm -f "$T" "$T.partial"
   rpc pair_split '{"name": "pr"}' >/dev/null
   local id
   id=$(rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\", \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
@@ -51,15 +65,27 @@ backup() { # mode -> MiB/s
   echo "$2"
 }
 wait_pair
-printf '%-6s %-8s %14s %12s %16s %7s\n' round mode "fio read before" "backup MiB/s" "fio read after" ratio
-ratios=()
-before=$(read_mibs)
+echo "source: $S; target: $T"
+printf '%-6s %-8s %13s %16s %13s %16s %7s\n' round mode "target write" "fio read before" "backup MiB/s" \
+  "fio read after" ratio
+results=()
+before=$(seq_mibs read "$S")
 for r in $(seq "$rounds"); do
+  write=$(seq_mibs write "$T")
   for mode in merge reflect wait; do
-    b=$(backup $mode); after=$(read_mibs)
-    ratio=$($py -c "print('%.2f' % ($b / (($before + $after) / 2)))")
-    printf '%-6s %-8s %14d %12d %16d %7s\n' "$r" $mode "$before" "$b" "$after" "$ratio"
-    ratios+=("$ratio"); before=$after
+    b=$(backup $mode); after=$(seq_mibs read "$S")
+    ratio=$($py -c "print('%.2f' % ($b / min($write, ($before + $after) / 2)))")
+    printf '%-6s %-8s %13d %16d %13d %16d %7s\n' "$r" $mode "$write" "$before" "$b" "$after" "$ratio"
+    results+=("$mode:$ratio"); before=$after
   done
 done
-$py -c "import statistics; r=[float(x) for x in '${ratios[*]}'.split()]; print('ratio to the mean of the fio reads around it: median %.2f, range %.2f-%.2f, %d of %d at 0.90 or more' % (statistics.median(r), min(r), max(r), sum(x >= 0.9 for x in r), len(r)))"
+$py - "${results[@]}" <<'PY'
+import statistics, sys
+by = {}
+for item in sys.argv[1:]:
+    mode, ratio = item.split(':')
+    by.setdefault(mode, []).append(float(ratio))
+for mode, r in by.items():
+    print('%-8s ratio to the slower fio figure around it: median %.2f, range %.2f-%.2f, %d of %d at 0.90 or more'
+          % (mode, statistics.median(r), min(r), max(r), sum(x >= 0.9 for x in r), len(r)))
+PY
