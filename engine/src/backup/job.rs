@@ -210,7 +210,10 @@ impl BackupJob {
                 Box::new(NvmfSink::new(conn, self.size, block_size)?)
             }
         };
-        let count = (WINDOW / self.buf_size).max(2 * self.piece / self.buf_size) as usize;
+        // The window between reading and the target's acknowledgement, and as much again for
+        // pieces written and waiting for the SHA-256 on the other reactor: a hash running behind
+        // must not take buffers from the reads.
+        let count = (2 * WINDOW / self.buf_size).max(2 * self.piece / self.buf_size) as usize;
         self.pool =
             Some(BufferPool::new(self.buf_size as usize, count).map_err(|e| e.to_string())?);
         self.crcs = Some(ChunkCrcs::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
