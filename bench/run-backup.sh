@@ -1,50 +1,53 @@
 #!/usr/bin/env bash
-# Backup figures in one run, on uring files: each mode's throughput to a file target (right after
-# a split with nearly every track pending, and right after a split of a mirrored pair) next to
-# fio's sequential read of the source and sequential write of the target; host 4 KiB randwrite
-# (fio through NBD on P) during each mode against idle; the CPU-copied payload bytes of each.
-# Usage: bench/run-backup.sh [DIR (default /var/tmp/qs-bench)] [SIZE_GIB (default 1)]
-#        [TARGET_DIR (default DIR; /dev/shm puts the target on another device than the source)]
+# Backup figures in one run, on uring files, in paired rounds: each mode's throughput to the
+# target (right after a split with nearly every track pending, and right after a split of a
+# mirrored pair) next to fio's sequential read of the source and sequential write of the target;
+# host 4 KiB randwrite (fio QD32 through NBD on P) during each mode, next to the same host with
+# no backup right after a split made the same way and in PAIR; the CPU-copied payload bytes of
+# each. Every round measures its own references, because the virtual disks this was written on
+# change rate within a minute; the summary gives each ratio's median over the rounds.
+# The target is by default a RAM-backed block device made for the run (bench/common.sh,
+# ram_device_start; needs root), another device than the source; TARGET may be a block device
+# (overwritten) or a directory (the backup writes a new file there; DIR itself puts the target on
+# the source's disk).
+# Usage: bench/run-backup.sh [DIR (default /var/tmp/qs-bench)] [SIZE_GIB (default 1)] [TARGET]
+#        [ROUNDS (default 3)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
 dir=${1:-/var/tmp/qs-bench}
 gib=${2:-1}
+target=${3:-}
+rounds=${4:-3}
 mkdir -p "$dir"
 cargo build --release --locked --bin quicksplit >/dev/null 2>&1
 qs=$PWD/target/release/quicksplit
 work=$(mktemp -d /tmp/qs-backup-bench.XXXXXX)
 pids=()
+T=
 cleanup() {
   kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"
-  [ "$tdir" = "$dir" ] || rm -f "$T" "$T.partial"
+  [ -z "$T" ] || [ -b "$T" ] || rm -f "$T" "$T.partial"
+  ram_device_stop
 }
 trap cleanup EXIT
-tdir=${3:-$dir}
-P=$dir/bk-p.img; S=$dir/bk-s.img; T=$tdir/bk-target.img
-direct() { [ "$(stat -f -c %T "$(dirname "$1")")" = tmpfs ] && echo 0 || echo 1; }
-for f in "$P" "$S" "$T"; do
-  fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct="$(direct "$f")" \
+if [ -z "$target" ]; then ram_device_start "$gib"; T=$ram_dev
+elif [ -b "$target" ]; then T=$target
+else T=$target/bk-target.img
+fi
+P=$dir/bk-p-${gib}g.img; S=$dir/bk-s-${gib}g.img
+direct() { [ -b "$1" ] || [ "$(stat -f -c %T "$(dirname "$1")")" != tmpfs ] && echo 1 || echo 0; }
+for f in "$P" "$S"; do
+  [ -f "$f" ] && [ "$(stat -c %s "$f")" -ge $((gib<<30)) ] && continue
+  fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct=1 \
       --ioengine=io_uring --iodepth=8 >/dev/null
 done
-seq_mibs() { # rw file -> MiB/s
+seq_mibs() { # read|write file -> MiB/s (1 MiB, QD8, as the backup's pieces)
   fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct="$(direct "$2")" \
       --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
       "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
+  [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
 }
-read_s=$(seq_mibs read "$S"); write_t=$(seq_mibs write "$T")
-slower=$(( read_s < write_t ? read_s : write_t ))
-echo "fio sequential 1 MiB QD8: read of the source $read_s MiB/s, write of the target $write_t MiB/s"
-# Both at once, as a copy needs them: where source and target share a device this is what the
-# device gives a copy, below either figure alone.
-set -- $(fio --name=r --filename="$S" --size=${gib}g --rw=read --bs=1m --direct="$(direct "$S")" \
-    --ioengine=io_uring --iodepth=8 --name=w --filename="$T" --size=${gib}g --rw=write --bs=1m \
-    --direct="$(direct "$T")" --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null \
-  | sed -n '/^{/,$p' \
-  | $py -c "import json,sys; j=json.load(sys.stdin)['jobs']; print(round(j[0]['read']['bw']/1024), round(j[1]['write']['bw']/1024))")
-both_r=$1; both_w=$2; together=$(( both_r < both_w ? both_r : both_w ))
-echo "fio both at once: read of the source $both_r MiB/s, write of the target $both_w MiB/s"
-
 cat > "$work/c.json" <<JSON
 {"config": [
  {"method": "bdev_uring_create", "params": {"name": "p", "filename": "$P"}},
@@ -54,64 +57,98 @@ cat > "$work/c.json" <<JSON
 ]}
 JSON
 serve_two_cores "$work/c.json"
-host() { # seconds -> "IOPS p99.9us"
+mkdir -p "$work/lat"
+host() { # seconds [latency log name] -> "IOPS p99.9us"
+  local log=()
+  [ -z "${2:-}" ] || log=(--write_lat_log="$work/lat/$2" --log_avg_msec=0)
   fio --name=h --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite --bs=4k \
-      --iodepth=32 --size=${gib}g --time_based --runtime=$1 --output-format=json 2>/dev/null \
+      --iodepth=32 --size=${gib}g --time_based --runtime=$1 "${log[@]}" --output-format=json 2>/dev/null \
       | grep -v '^fio:' | $py -c \
       "import json,sys; w=json.load(sys.stdin)['jobs'][0]['write']; print(round(w['iops']), round(w['clat_ns']['percentile']['99.900000']/1000))"
 }
 backup() { # mode [host_rate (default: the engine's)] -> id
-  rm -f "$T.partial"
+  [ -b "$T" ] || rm -f "$T" "$T.partial"
   hr=${2:+, \"host_rate\": $2}
   rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\"$hr, \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
     | $py -c "import json,sys; print(json.load(sys.stdin)['id'])"
 }
 wait_backup() { # id -> "MiB/s cpu_copied state"
   set -- $(backup_result "$work/rpc.sock" "$1")
+  [ "$1" = done ] || { echo "backup $id ended $1" >&2; exit 1; }
   echo "$2 $3 $1"
 }
+# Dirties nearly every track, then splits with the copy still behind: the state every backup
+# "right after a split" starts from, and the modes differ on the tracks still pending.
+dirty_split() { wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null; }
+resync() { rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair; }
+echo "source: $S; target: $T"
+printf '%-5s %-8s %7s %7s %7s %7s %7s %7s %9s %9s %9s %7s %7s %7s\n' round mode "rd MiB" "wr MiB" \
+  "alone" "mirr." "vs fio" "w/host" "host IOPS" "p99.9 us" "ref us" "vs ref" "vs PAIR" copied
+results=()
 wait_pair
-set -- $(host 4); idle_iops=$1; idle_p999=$2
-echo "host randwrite through NBD, idle (PAIR): $idle_iops IOPS, p99.9 $idle_p999 us"
-# The same right after a split made the same way, with no backup (copy before write on most
-# tracks): what the host does during a backup compares with this.
-wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null
-set -- $(host 4); split_iops=$1; split_p999=$2
-rpc pair_resync '{"name": "pr"}' >/dev/null
-echo "host randwrite through NBD right after a split, no backup: $split_iops IOPS, p99.9 $split_p999 us"
-printf '%-8s %12s %9s %12s %9s %9s %14s %12s %8s %8s %10s\n' mode "MiB/s alone" "vs fio" \
-  "MiB/s mirr." "vs fio" "vs both" "MiB/s w/ host" "host IOPS" "p99.9us" "vs split" "cpu copied"
-for mode in merge reflect wait; do
-  # Split of a mirrored pair (nothing pending): the backup's own streaming rate, next to fio
-  # reading the source just before (the virtual disk's rate drifts within a minute).
-  wait_pair
-  read_now=$(seq_mibs read "$S"); slower_now=$(( read_now < write_t ? read_now : write_t ))
-  rpc pair_split '{"name": "pr"}' >/dev/null
-  id=$(backup $mode); set -- $(wait_backup $id); mirrored=$1
-  rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair
-  # Dirty every track, then split with the copy still behind: modes differ on pending tracks.
-  host 1 >/dev/null
-  rpc pair_split '{"name": "pr"}' >/dev/null
-  id=$(backup $mode); set -- $(wait_backup $id); alone=$1; copied=$2
-  rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair
-  host 1 >/dev/null
-  rpc pair_split '{"name": "pr"}' >/dev/null
-  id=$(backup $mode)
-  set -- $(host 4); h_iops=$1; h_p999=$2
-  set -- $(wait_backup $id); loaded=$1
-  rpc pair_resync '{"name": "pr"}' >/dev/null
-  $py -c "print('%-8s %12d %9.2f %12d %9.2f %9.2f %14d %12d %8d %8.2f %10d' % ('$mode', $alone, $alone/$slower, $mirrored, $mirrored/$slower_now, $mirrored/$together, $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
+for r in $(seq "$rounds"); do
+  read_s=$(seq_mibs read "$S"); write_t=$(seq_mibs write "$T")
+  slower=$(( read_s < write_t ? read_s : write_t ))
+  wait_pair; host 1 >/dev/null
+  set -- $(host 4 "PAIR.$r"); pair_iops=$1; pair_p999=$2
+  dirty_split; set -- $(host 4 "split.$r"); split_iops=$1; split_p999=$2; resync
+  printf '%-5s %-8s %7d %7d %7s %7s %7s %7s %9d %9d %9s %7s %7s %7s\n' "$r" "(PAIR)" "$read_s" \
+    "$write_t" - - - - "$pair_iops" "$pair_p999" - - - -
+  printf '%-5s %-8s %7s %7s %7s %7s %7s %7s %9d %9d %9s %7s %7s %7s\n' "$r" "(split)" - - - - - - \
+    "$split_iops" "$split_p999" - - - -
+  for mode in merge reflect wait; do
+    # A split of a mirrored pair (nothing pending): the backup's own streaming rate.
+    wait_pair; rpc pair_split '{"name": "pr"}' >/dev/null
+    set -- $(wait_backup "$(backup $mode)"); mirrored=$1; resync
+    dirty_split; set -- $(wait_backup "$(backup $mode)"); alone=$1; copied=$2; resync
+    dirty_split; id=$(backup $mode)
+    set -- $(host 4 "$mode.$r"); h_iops=$1; h_p999=$2
+    set -- $(wait_backup "$id"); loaded=$1; resync
+    line=$($py -c "print('%-5s %-8s %7s %7s %7d %7d %7.2f %7d %9d %9d %9d %7.2f %7.2f %7d' % ('$r', '$mode', '-', '-', $alone, $mirrored, $mirrored/$slower, $loaded, $h_iops, $h_p999, $split_p999, $h_p999/$split_p999, $h_p999/$pair_p999, $copied))")
+    echo "$line"; results+=("$(echo "$line" | tr -s ' ' ',')")
+  done
 done
-# merge again without yielding to the host (host_rate 0): what the yield buys (host for 2 s: the
-# backup ends sooner at full speed).
-wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null
-id=$(backup merge 0)
-set -- $(host 2); h_iops=$1; h_p999=$2
-set -- $(wait_backup $id); loaded=$1; copied=$2
-rpc pair_resync '{"name": "pr"}' >/dev/null
-$py -c "print('%-8s %12s %9s %12s %9s %9s %14d %12d %8d %8.2f %10d' % ('merge/0', '-', '-', '-', '-', '-', $loaded, $h_iops, $h_p999, $h_p999/$split_p999, $copied))"
-echo "alone: right after a split with nearly every track pending; mirr.: right after a split of a"
-echo "mirrored pair (nothing pending); vs fio: that throughput / the slower of fio's source read and"
-echo "target write (for mirr., with the source read again just before that backup); vs both: mirr. /"
-echo "the slower of the two when fio runs them at once"
-echo "vs split: host p99.9 during the backup / host p99.9 right after a split with no backup"
+# merge once more without yielding to the host (host_rate 0): what the yield buys.
+dirty_split; id=$(backup merge 0)
+set -- $(host 4); h_iops=$1; h_p999=$2
+set -- $(wait_backup "$id"); loaded=$1; resync
+printf '%-5s %-8s %7s %7s %7s %7s %7s %7d %9d %9d %9d %7.2f %7.2f %7s\n' - merge/0 - - - - - \
+  "$loaded" "$h_iops" "$h_p999" "$split_p999" \
+  "$($py -c "print($h_p999/$split_p999)")" "$($py -c "print($h_p999/$pair_p999)")" -
+$py - "$work/lat" "${results[@]}" <<'PY'
+import collections, os, statistics, sys
+# Every host write of every round, pooled per condition: one round's p99.9 is set by a few
+# stalls of the virtual disk, and the no-backup reference swings as much as the rest.
+lat = collections.defaultdict(list)
+for name in os.listdir(sys.argv[1]):
+    if '_clat.' not in name:
+        continue
+    kind = name.split('.')[0]
+    with open(os.path.join(sys.argv[1], name)) as f:
+        lat[kind].extend(int(line.split(',')[1]) for line in f)
+def p999(kind):
+    v = sorted(lat[kind])
+    return v[min(len(v) - 1, int(len(v) * 0.999))] / 1000 if v else float('nan')
+print('host p99.9 over every write of every round (us): PAIR %d, right after a split %d' % (p999('PAIR'), p999('split')))
+for mode in ('merge', 'reflect', 'wait'):
+    if lat[mode]:
+        print('  during %-8s %7d us: %.2f x right after a split, %.2f x PAIR (writes: %d)'
+              % (mode, p999(mode), p999(mode) / p999('split'), p999(mode) / p999('PAIR'), len(lat[mode])))
+rows = {}
+for line in sys.argv[2:]:
+    f = line.split(',')
+    rows.setdefault(f[1], []).append(f)
+print('medians over the rounds:')
+for mode, rs in rows.items():
+    med = lambda i: statistics.median(float(f[i]) for f in rs)
+    print('  %-8s mirr. vs fio %.2f, alone %d MiB/s, host p99.9 vs right after a split %.2f, vs PAIR %.2f, CPU-copied bytes %d'
+          % (mode, med(6), med(4), med(11), med(12), max(int(f[13]) for f in rs)))
+PY
+cat <<'TXT'
+rd/wr MiB: fio sequential 1 MiB QD8 read of the source and write of the target, this round.
+alone: MiB/s right after a split with nearly every track pending, no host; mirr.: right after a
+split of a mirrored pair (nothing pending); vs fio: mirr. / the slower of rd and wr; w/host: MiB/s
+while the host writes. p99.9 us: the host's during that backup; ref us: the host's right after a
+split made the same way, with no backup ("(split)" row); vs ref and vs PAIR: p99.9 / that
+reference and / the host's in PAIR ("(PAIR)" row). copied: payload bytes the CPU copied.
+TXT

@@ -898,7 +898,7 @@ impl Engine {
         };
         // The transferrer goes next to the pair's copier, on another core when there is one.
         let reactor = self.reactors.get(p.copier_reactor_index() + 1).clone();
-        // Checksums on another reactor than the transferrer's, when there is one.
+        // The SHA-256 on another reactor than the transferrer's, when there is one.
         let hash_reactor =
             (self.reactors.len() > 1).then(|| self.reactors.get(reactor.index() + 1).clone());
         let (b, pr) = (Arc::clone(&backup), Arc::clone(&p));
