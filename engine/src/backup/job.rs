@@ -237,7 +237,9 @@ impl BackupJob {
     }
 
     /// True when the piece at `offset` can be read from S now (reflect asks the copier for the
-    /// tracks still pending, looking ahead over the window).
+    /// tracks still pending, looking ahead over the window). Each track is asked for once: the
+    /// copier keeps what it is asked for until the track is copied, and a track the ring had no
+    /// room for is asked for on the next call.
     fn reflected(&mut self, offset: u64) -> bool {
         let ts = self.pair.track_size();
         let horizon = (offset + WINDOW).min(self.size);
@@ -254,12 +256,6 @@ impl BackupJob {
         let ready = tracks.clone().all(|t| !self.pair.pending.is_pending(t));
         if !ready {
             self.pair.wake_copier();
-            // Ask again for these: the ring may have been full.
-            for t in tracks {
-                if self.pair.pending.is_pending(t) {
-                    let _ = self.pair.urgent.push(t);
-                }
-            }
         }
         ready
     }

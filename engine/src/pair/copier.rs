@@ -135,6 +135,10 @@ impl Copier {
         while let Some(t) = pair.urgent.pop() {
             asked.push(t);
         }
+        // In image order (a backup streams that way), each track once: what is kept for later
+        // is scanned again on every call.
+        asked.sort_unstable();
+        asked.dedup();
         let mut found = None;
         for t in asked {
             if found.is_some() || !pair.pending.is_pending(t) {
