@@ -879,6 +879,10 @@ impl Engine {
         };
         // So is an NVMe/TCP target: Connect and Identify block too.
         let nvmf = crate::nvmf::backup_connection(&target, &p)?;
+        // And the staging buffers are mapped here, not on the reactor that serves hosts too.
+        let pool = BackupJob::staging_pool(&p).map_err(|e| {
+            EngineError::Unavailable(format!("no memory for the backup's staging buffers: {e}"))
+        })?;
         let split_at_ns = self.pair_begin_backup(pair)?;
         let backup = match self.backups.add(
             pair,
@@ -904,7 +908,7 @@ impl Engine {
         let (b, pr) = (Arc::clone(&backup), Arc::clone(&p));
         let sent = reactor.send_blocking(Box::new(move |cx| {
             cx.add_poller(Box::new(
-                BackupJob::new(b, pr, nbd, hash_reactor).with_nvmf(nvmf),
+                BackupJob::new(b, pr, pool, nbd, hash_reactor).with_nvmf(nvmf),
             ))
         }));
         if let Err(e) = sent {
