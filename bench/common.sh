@@ -51,3 +51,28 @@ ram_device_stop() {
   if [ -n "${ram_mnt:-}" ]; then umount "$ram_mnt" || true; rmdir "$ram_mnt" || true; fi
   ram_dev=; ram_mnt=
 }
+
+# Fills each FILE to SIZE_GIB with fio (data, not holes) unless it is that large already.
+fill_files() { # size_gib file...
+  local gib=$1 f; shift
+  for f in "$@"; do
+    [ -f "$f" ] && [ "$(stat -c %s "$f")" -ge $((gib << 30)) ] && continue
+    fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct=1 \
+        --ioengine=io_uring --iodepth=8 >/dev/null
+  done
+}
+
+# Writes to $1 a configuration with the pair "pr" of the uring files $P and $S; with a second
+# argument, P is exported over NBD on that Unix socket as "p".
+pair_config() { # file [nbd_socket]
+  local nbd=""
+  [ -z "${2:-}" ] || nbd=",
+ {\"method\": \"nbd_export_start\", \"params\": {\"name\": \"p\", \"bdev\": \"p\", \"socket\": \"$2\"}}"
+  cat > "$1" <<JSON
+{"config": [
+ {"method": "bdev_uring_create", "params": {"name": "p", "filename": "$P"}},
+ {"method": "bdev_uring_create", "params": {"name": "s", "filename": "$S"}},
+ {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}}$nbd
+]}
+JSON
+}

@@ -34,24 +34,14 @@ else T=$target/bk-rate-target.img
 fi
 trap cleanup EXIT
 direct() { [ -b "$1" ] || [ "$(stat -f -c %T "$(dirname "$1")")" != tmpfs ] && echo 1 || echo 0; }
-for f in "$P" "$S"; do
-  [ -f "$f" ] && [ "$(stat -c %s "$f")" -ge $((gib<<30)) ] && continue
-  fio --name=fill --filename="$f" --size=${gib}g --rw=write --bs=1m --direct=1 --ioengine=io_uring \
-      --iodepth=8 >/dev/null
-done
+fill_files "$gib" "$P" "$S"
 seq_mibs() { # read|write file -> MiB/s (1 MiB, QD8, as the backup's pieces)
   fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct="$(direct "$2")" \
       --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
       "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
   [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
 }
-cat > "$work/c.json" <<JSON
-{"config": [
- {"method": "bdev_uring_create", "params": {"name": "p", "filename": "$P"}},
- {"method": "bdev_uring_create", "params": {"name": "s", "filename": "$S"}},
- {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}}
-]}
-JSON
+pair_config "$work/c.json"
 serve_two_cores "$work/c.json"
 backup() { # mode -> MiB/s
   [ -b "$T" ] || rm -f "$T" "$T.partial"

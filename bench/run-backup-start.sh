@@ -14,11 +14,7 @@ mkdir -p "$dir"
 cargo build --release --locked --bin quicksplit >/dev/null 2>&1
 qs=${QS:-$PWD/target/release/quicksplit}  # QS: another build to compare
 P=$dir/bk-p-1g.img; S=$dir/bk-s-1g.img
-for f in "$P" "$S"; do
-  [ -f "$f" ] && [ "$(stat -c %s "$f")" -ge $((1<<30)) ] && continue
-  fio --name=fill --filename="$f" --size=1g --rw=write --bs=1m --direct=1 --ioengine=io_uring \
-      --iodepth=8 >/dev/null
-done
+fill_files 1 "$P" "$S"
 ram_device_start 1; T=$ram_dev
 work=
 pids=()
@@ -26,14 +22,7 @@ stop_serve() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; 
 trap 'stop_serve; ram_device_stop' EXIT
 one_run() { # shift_connection (0 or 1) -> "IOPS p99.9 p99.99 max"
   work=$(mktemp -d /tmp/qs-backup-start.XXXXXX)
-  cat > "$work/c.json" <<JSON
-{"config": [
- {"method": "bdev_uring_create", "params": {"name": "p", "filename": "$P"}},
- {"method": "bdev_uring_create", "params": {"name": "s", "filename": "$S"}},
- {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}},
- {"method": "nbd_export_start", "params": {"name": "p", "bdev": "p", "socket": "$work/nbd.sock"}}
-]}
-JSON
+  pair_config "$work/c.json" "$work/nbd.sock"
   serve_two_cores "$work/c.json"
   wait_pair
   [ "$1" = 0 ] || nbdinfo --size "nbd+unix:///p?socket=$work/nbd.sock" >/dev/null
