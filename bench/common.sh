@@ -76,3 +76,15 @@ pair_config() { # file [nbd_socket]
 ]}
 JSON
 }
+
+# O_DIRECT for fio on FILE: yes on block devices and disk files, no on tmpfs (which refuses it).
+direct() { [ -b "$1" ] || [ "$(stat -f -c %T "$(dirname "$1")")" != tmpfs ] && echo 1 || echo 0; }
+
+# fio's sequential rate on FILE in MiB/s, 1 MiB QD8 as a backup's pieces; a written regular file
+# is removed after (a backup writes a new one).
+seq_mibs() { # read|write file size_gib
+  fio --name=s --filename="$2" --size="$3"g --rw="$1" --bs=1m --direct="$(direct "$2")" \
+      --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
+      "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
+  [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
+}

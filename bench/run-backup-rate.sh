@@ -33,14 +33,7 @@ elif [ -b "$target" ]; then T=$target
 else T=$target/bk-rate-target.img
 fi
 trap cleanup EXIT
-direct() { [ -b "$1" ] || [ "$(stat -f -c %T "$(dirname "$1")")" != tmpfs ] && echo 1 || echo 0; }
 fill_files "$gib" "$P" "$S"
-seq_mibs() { # read|write file -> MiB/s (1 MiB, QD8, as the backup's pieces)
-  fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct="$(direct "$2")" \
-      --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
-      "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
-  [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
-}
 pair_config "$work/c.json"
 serve_two_cores "$work/c.json"
 backup() { # mode -> MiB/s
@@ -59,11 +52,11 @@ echo "source: $S; target: $T"
 printf '%-6s %-8s %13s %16s %13s %16s %7s\n' round mode "target write" "fio read before" "backup MiB/s" \
   "fio read after" ratio
 results=()
-before=$(seq_mibs read "$S")
+before=$(seq_mibs read "$S" "$gib")
 for r in $(seq "$rounds"); do
-  write=$(seq_mibs write "$T")
+  write=$(seq_mibs write "$T" "$gib")
   for mode in merge reflect wait; do
-    b=$(backup $mode); after=$(seq_mibs read "$S")
+    b=$(backup $mode); after=$(seq_mibs read "$S" "$gib")
     ratio=$($py -c "print('%.2f' % ($b / min($write, ($before + $after) / 2)))")
     printf '%-6s %-8s %13d %16d %13d %16d %7s\n' "$r" $mode "$write" "$before" "$b" "$after" "$ratio"
     results+=("$mode:$ratio"); before=$after

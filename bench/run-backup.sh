@@ -36,14 +36,7 @@ elif [ -b "$target" ]; then T=$target
 else T=$target/bk-target.img
 fi
 P=$dir/bk-p-${gib}g.img; S=$dir/bk-s-${gib}g.img
-direct() { [ -b "$1" ] || [ "$(stat -f -c %T "$(dirname "$1")")" != tmpfs ] && echo 1 || echo 0; }
 fill_files "$gib" "$P" "$S"
-seq_mibs() { # read|write file -> MiB/s (1 MiB, QD8, as the backup's pieces)
-  fio --name=s --filename="$2" --size=${gib}g --rw=$1 --bs=1m --direct="$(direct "$2")" \
-      --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
-      "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
-  [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
-}
 pair_config "$work/c.json" "$work/nbd.sock"
 serve_two_cores "$work/c.json"
 mkdir -p "$work/lat"
@@ -76,7 +69,7 @@ printf '%-5s %-8s %7s %7s %7s %7s %7s %7s %9s %9s %9s %7s %7s %7s\n' round mode 
 results=()
 wait_pair
 for r in $(seq "$rounds"); do
-  read_s=$(seq_mibs read "$S"); write_t=$(seq_mibs write "$T")
+  read_s=$(seq_mibs read "$S" "$gib"); write_t=$(seq_mibs write "$T" "$gib")
   slower=$(( read_s < write_t ? read_s : write_t ))
   wait_pair; host 1 >/dev/null
   set -- $(host 4 "PAIR.$r"); pair_iops=$1; pair_p999=$2
