@@ -66,8 +66,8 @@ pub struct BackupJob {
     phase: Phase,
     src: Option<Source>,
     sink: Option<Box<dyn Sink>>,
-    pool: Option<BufferPool>,
-    buf_size: u64,
+    /// Staging buffers of one track each, at most [`MAX_BUF`].
+    pool: BufferPool,
     piece: u64,
     size: u64,
     next_read: u64,
@@ -148,15 +148,14 @@ impl BackupJob {
         };
         Self {
             name: format!("backup:{}", backup.id),
-            buf_size: pair.track_size().min(MAX_BUF),
-            piece: PIECE.max(pair.track_size().min(MAX_BUF)),
+            piece: PIECE.max(pool.buf_size() as u64),
             size: g.size(),
             backup,
             pair,
             phase: Phase::Open,
             src: None,
             sink: None,
-            pool: Some(pool),
+            pool,
             next_read: 0,
             reading: BTreeMap::new(),
             ready: BTreeMap::new(),
@@ -260,10 +259,10 @@ impl BackupJob {
             }
             self.asked = (t + 1) * ts;
         }
-        let tracks = self
+        let ready = self
             .pair
-            .tracks_of(offset, self.piece.min(self.size - offset));
-        let ready = tracks.clone().all(|t| !self.pair.pending.is_pending(t));
+            .tracks_of(offset, self.piece.min(self.size - offset))
+            .all(|t| !self.pair.pending.is_pending(t));
         if !ready {
             self.pair.wake_copier();
         }
@@ -272,16 +271,16 @@ impl BackupJob {
 
     /// Staging buffers for `len` bytes, one per track; `None` when the pool is short.
     fn piece_buffers(&self, len: u64) -> Option<IoBufs> {
-        let pool = self.pool.as_ref()?;
-        let n = len.div_ceil(self.buf_size) as usize;
-        if pool.available() < n {
+        let buf_size = self.pool.buf_size() as u64;
+        let n = len.div_ceil(buf_size) as usize;
+        if self.pool.available() < n {
             return None;
         }
         let mut bufs = IoBufs::new();
         let mut left = len;
         for _ in 0..n {
-            let mut b = pool.get()?;
-            b.set_len(left.min(self.buf_size) as usize).ok()?;
+            let mut b = self.pool.get()?;
+            b.set_len(left.min(buf_size) as usize).ok()?;
             left -= b.len() as u64;
             bufs.push(b);
         }
@@ -394,11 +393,10 @@ impl BackupJob {
             if let Some(c) = self.crcs.as_mut().filter(|c| c.bytes() == self.next_sink) {
                 for b in &bufs {
                     c.update(b.as_slice());
-                }
-            }
-            if let Some(d) = self.sha.as_mut().filter(|d| d.bytes() == self.next_sink) {
-                for b in &bufs {
-                    d.update(b.as_slice());
+                    // Inline SHA-256 (no other reactor): fed with the CRCs, so as far.
+                    if let Some(d) = self.sha.as_mut() {
+                        d.update(b.as_slice());
+                    }
                 }
             }
             match sink.submit(self.next_sink, bufs) {
