@@ -19,15 +19,16 @@ wait_pair() {
     sleep 0.2
   done
 }
-# Waits for backup $2 of the quicksplit answering on RPC socket $1 to end; prints
-# "STATE MiB/s CPU_COPIED_BYTES" (the rate from the engine's own elapsed time).
+# Waits for backup $2 of the quicksplit answering on RPC socket $1 to end, asking every $3
+# seconds (default 0.5); prints "STATE MiB/s CPU_COPIED_BYTES" (the rate from the engine's own
+# elapsed time).
 backup_result() {
   local out
   while :; do
     out=$($qs rpc --socket "$1" backup_get "{\"id\": $2}" | $py -c \
       "import json,sys; b=json.load(sys.stdin)[0]; print(b['state'], round(b['bytes_total']/1048576/max(b['elapsed_ns'],1)*1e9), b['cpu_copied_bytes'])")
     case $out in
-      running*) sleep 0.5 ;;
+      running*) sleep "${3:-0.5}" ;;
       *) echo "$out"; return ;;
     esac
   done
@@ -87,4 +88,11 @@ seq_mibs() { # read|write file size_gib
       --ioengine=io_uring --iodepth=8 --output-format=json 2>/dev/null | $py -c \
       "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round((j['read']['bw']+j['write']['bw'])/1024))"
   [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
+}
+
+# Starts a backup of the pair "pr" in mode $1 to the raw file or block device $2; $3 adds
+# backup_start parameters (JSON members, such as `"rate": 1048576`). Prints the backup's id.
+start_file_backup() { # mode target [params]
+  rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\"${3:+, $3}, \"target\": {\"type\": \"file\", \"path\": \"$2\"}}" \
+    | $py -c "import json,sys; print(json.load(sys.stdin)['id'])"
 }

@@ -40,8 +40,7 @@ backup() { # mode -> MiB/s
   [ -b "$T" ] || rm -f "$T" "$T.partial"
   rpc pair_split '{"name": "pr"}' >/dev/null
   local id
-  id=$(rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\", \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
-    | $py -c "import json,sys; print(json.load(sys.stdin)['id'])")
+  id=$(start_file_backup "$1" "$T")
   set -- $(backup_result "$work/rpc.sock" "$id")
   [ "$1" = done ] || { echo "backup failed: $*" >&2; exit 1; }
   rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair

@@ -32,13 +32,10 @@ one_run() { # shift_connection (0 or 1) -> "IOPS p99.9 p99.99 max"
   sleep 1
   for _ in 1 2 3 4; do
     rpc pair_split '{"name": "pr"}' >/dev/null
-    id=$(rpc backup_start "{\"pair\": \"pr\", \"mode\": \"merge\", \"rate\": 52428800, \"host_rate\": 0, \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
-      | $py -c "import json,sys; print(json.load(sys.stdin)['id'])")
+    id=$(start_file_backup merge "$T" '"rate": 52428800, "host_rate": 0')
     sleep 0.3
     rpc backup_cancel "{\"id\": $id}" >/dev/null
-    while [ "$(rpc backup_get "{\"id\": $id}" | $py -c "import json,sys; print(json.load(sys.stdin)[0]['state'])")" = running ]; do
-      sleep 0.05
-    done
+    backup_result "$work/rpc.sock" "$id" 0.05 >/dev/null
     rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair
   done
   wait $fp

@@ -50,9 +50,7 @@ host() { # seconds [latency log name] -> "IOPS p99.9us"
 }
 backup() { # mode [host_rate (default: the engine's)] -> id
   [ -b "$T" ] || rm -f "$T" "$T.partial"
-  hr=${2:+, \"host_rate\": $2}
-  rpc backup_start "{\"pair\": \"pr\", \"mode\": \"$1\"$hr, \"target\": {\"type\": \"file\", \"path\": \"$T\"}}" \
-    | $py -c "import json,sys; print(json.load(sys.stdin)['id'])"
+  start_file_backup "$1" "$T" "${2:+\"host_rate\": $2}"
 }
 wait_backup() { # id -> "MiB/s cpu_copied state"
   set -- $(backup_result "$work/rpc.sock" "$1")
