@@ -491,9 +491,6 @@ impl BackupJob {
                 self.error = Some(e);
                 return self.end(BackupState::Failed);
             }
-            self.pair
-                .backup_host_rate
-                .store(self.backup.host_rate, Ordering::SeqCst);
             self.phase = if self.backup.mode == Mode::Wait {
                 self.pair.full_speed.store(true, Ordering::SeqCst);
                 self.pair.wake_copier();

@@ -55,8 +55,6 @@ pub struct Copier {
     scratch: Vec<IoCompletion>,
     /// Whether hosts use the pair.
     hosts: HostWatch,
-    /// The running backup's `host_rate`, for the copies it asks for while hosts are active.
-    host_bucket: TokenBucket,
 }
 
 impl Copier {
@@ -77,7 +75,6 @@ impl Copier {
             urgent_later: Vec::new(),
             scratch: Vec::new(),
             hosts,
-            host_bucket: TokenBucket::default(),
         }
     }
 
@@ -107,29 +104,17 @@ impl Copier {
         }
     }
 
-    /// Tokens for the rate limit; true if a track may be copied now.
+    /// Tokens for the rate limit; true if a track may be copied now. A `wait` backup lifts the
+    /// limit only while no host uses the pair: hosts then get the background copy they get
+    /// with no backup, which finishes the tracks their writes would otherwise copy themselves.
     fn may_copy(&mut self, cx: &mut ReactorContext, bytes: u64) -> bool {
-        self.pair.full_speed.load(Ordering::Relaxed)
+        (self.pair.full_speed.load(Ordering::Relaxed) && !self.hosts.active(&self.pair))
             || self.bucket.take(cx, self.pair.copy_rate(), bytes)
-    }
-
-    /// True when the copies a backup asks for must wait: hosts use the pair and the backup's
-    /// `host_rate` has no tokens for another track.
-    fn held_for_hosts(&mut self, cx: &mut ReactorContext) -> bool {
-        let rate = self.pair.backup_host_rate.load(Ordering::Relaxed);
-        if rate == 0 || !self.hosts.active(&self.pair) {
-            self.host_bucket.reset();
-            return false;
-        }
-        !self.host_bucket.take(cx, rate, self.pair.track_size())
     }
 
     /// Picks the next track to copy, locked; `None` when nothing can start now.
     fn next_track(&mut self, cx: &mut ReactorContext) -> Option<(u64, Direction)> {
         let pair = Arc::clone(&self.pair);
-        if self.held_for_hosts(cx) {
-            return None;
-        }
         // Tracks a backup is waiting for come first, and ignore the rate limit.
         let mut asked: Vec<u64> = std::mem::take(&mut self.urgent_later);
         while let Some(t) = pair.urgent.pop() {

@@ -287,11 +287,9 @@ pub struct Pair {
     deleted: AtomicBool,
     /// Tracks a backup needs copied ahead of the background copy.
     pub(crate) urgent: ArrayQueue<u64>,
-    /// Copy at full speed, ignoring `copy_rate` (a backup in `wait` mode is waiting).
+    /// Copy at full speed, ignoring `copy_rate`, while no host uses the pair (a backup in `wait`
+    /// mode is waiting).
     pub(crate) full_speed: AtomicBool,
-    /// While a backup runs: its `host_rate`, which the copies also keep to while hosts use the
-    /// pair (0: none).
-    pub(crate) backup_host_rate: AtomicU64,
     /// Counters.
     pub stats: PairStats,
     /// While a backup runs: the first track it has not read yet (host writes to S at or past it
@@ -437,7 +435,6 @@ impl Pair {
             deleted: AtomicBool::new(false),
             urgent: ArrayQueue::new(1024),
             full_speed: AtomicBool::new(false),
-            backup_host_rate: AtomicU64::new(0),
             stats: PairStats::default(),
             backup_frontier: AtomicU64::new(u64::MAX),
             reactors,
@@ -1064,7 +1061,6 @@ impl Pair {
     pub(crate) fn end_backup(&self) {
         self.backup_frontier.store(u64::MAX, Ordering::SeqCst);
         self.full_speed.store(false, Ordering::SeqCst);
-        self.backup_host_rate.store(0, Ordering::SeqCst);
         self.wake_all();
     }
 
