@@ -2,8 +2,9 @@
 # Backup figures in one run, on uring files, in paired rounds: each mode's throughput to the
 # target (right after a split with nearly every track pending, and right after a split of a
 # mirrored pair) next to fio's sequential read of the source and sequential write of the target;
-# host 4 KiB randwrite (fio QD32 through NBD on P) during each mode, next to the same host with
-# no backup right after a split made the same way and in PAIR; the CPU-copied payload bytes of
+# host 4 KiB randwrite (fio QD32 through NBD on P) during each mode, right after a split with
+# nearly every track pending and right after a split of a mirrored pair, next to the same host
+# with no backup after a split made the same way and in PAIR; the CPU-copied payload bytes of
 # each. Every round measures its own references, because the virtual disks this was written on
 # change rate within a minute; the summary gives each ratio's median over the rounds.
 # The target is by default a RAM-backed block device made for the run (bench/common.sh,
@@ -72,10 +73,14 @@ for r in $(seq "$rounds"); do
   wait_pair; host 1 >/dev/null
   set -- $(host 4 "PAIR.$r"); pair_iops=$1; pair_p999=$2
   dirty_split; set -- $(host 4 "split.$r"); split_iops=$1; split_p999=$2; resync
+  rpc pair_split '{"name": "pr"}' >/dev/null
+  set -- $(host 4 "psus.$r"); psus_iops=$1; psus_p999=$2; resync
   printf '%-5s %-8s %7d %7d %7s %7s %7s %7s %9d %9d %9s %7s %7s %7s\n' "$r" "(PAIR)" "$read_s" \
     "$write_t" - - - - "$pair_iops" "$pair_p999" - - - -
   printf '%-5s %-8s %7s %7s %7s %7s %7s %7s %9d %9d %9s %7s %7s %7s\n' "$r" "(split)" - - - - - - \
     "$split_iops" "$split_p999" - - - -
+  printf '%-5s %-8s %7s %7s %7s %7s %7s %7s %9d %9d %9s %7s %7s %7s\n' "$r" "(psus)" - - - - - - \
+    "$psus_iops" "$psus_p999" - - - -
   for mode in merge reflect wait; do
     # A split of a mirrored pair (nothing pending): the backup's own streaming rate.
     wait_pair; rpc pair_split '{"name": "pr"}' >/dev/null
@@ -85,6 +90,12 @@ for r in $(seq "$rounds"); do
     set -- $(host 4 "$mode.$r"); h_iops=$1; h_p999=$2
     set -- $(wait_backup "$id"); loaded=$1; resync
     line=$($py -c "print('%-5s %-8s %7s %7s %7d %7d %7.2f %7d %9d %9d %9d %7.2f %7.2f %7d' % ('$r', '$mode', '-', '-', $alone, $mirrored, $mirrored/$slower, $loaded, $h_iops, $h_p999, $split_p999, $h_p999/$split_p999, $h_p999/$pair_p999, $copied))")
+    echo "$line"; results+=("$(echo "$line" | tr -s ' ' ',')")
+    # The host during a backup of a mirrored split: the backup's own cost, no copy before write.
+    wait_pair; rpc pair_split '{"name": "pr"}' >/dev/null; id=$(backup $mode)
+    set -- $(host 4 "$mode-m.$r"); h_iops=$1; h_p999=$2
+    set -- $(wait_backup "$id"); loaded=$1; copied=$2; resync
+    line=$($py -c "print('%-5s %-8s %7s %7s %7s %7s %7s %7d %9d %9d %9d %7.2f %7.2f %7d' % ('$r', '$mode-m', '-', '-', '-', '-', '-', $loaded, $h_iops, $h_p999, $psus_p999, $h_p999/$psus_p999, $h_p999/$pair_p999, $copied))")
     echo "$line"; results+=("$(echo "$line" | tr -s ' ' ',')")
   done
 done
@@ -109,11 +120,13 @@ for name in os.listdir(sys.argv[1]):
 def p999(kind):
     v = sorted(lat[kind])
     return v[min(len(v) - 1, int(len(v) * 0.999))] / 1000 if v else float('nan')
-print('host p99.9 over every write of every round (us): PAIR %d, right after a split %d' % (p999('PAIR'), p999('split')))
+print('host p99.9 over every write of every round (us): PAIR %d, right after a split %d, after a mirrored split %d'
+      % (p999('PAIR'), p999('split'), p999('psus')))
 for mode in ('merge', 'reflect', 'wait'):
-    if lat[mode]:
-        print('  during %-8s %7d us: %.2f x right after a split, %.2f x PAIR (writes: %d)'
-              % (mode, p999(mode), p999(mode) / p999('split'), p999(mode) / p999('PAIR'), len(lat[mode])))
+    for kind, ref, what in ((mode, 'split', 'right after a split'), (mode + '-m', 'psus', 'after a mirrored split')):
+        if lat[kind]:
+            print('  during %-10s %7d us: %.2f x %s, %.2f x PAIR (writes: %d)'
+                  % (kind, p999(kind), p999(kind) / p999(ref), what, p999(kind) / p999('PAIR'), len(lat[kind])))
 rows = {}
 for line in sys.argv[2:]:
     f = line.split(',')
@@ -121,8 +134,12 @@ for line in sys.argv[2:]:
 print('medians over the rounds:')
 for mode, rs in rows.items():
     med = lambda i: statistics.median(float(f[i]) for f in rs)
-    print('  %-8s mirr. vs fio %.2f, alone %d MiB/s, host p99.9 vs right after a split %.2f, vs PAIR %.2f, CPU-copied bytes %d'
-          % (mode, med(6), med(4), med(11), med(12), max(int(f[13]) for f in rs)))
+    if mode.endswith('-m'):
+        print('  %-8s host p99.9 vs after a mirrored split %.2f, vs PAIR %.2f, CPU-copied bytes %d'
+              % (mode, med(11), med(12), max(int(f[13]) for f in rs)))
+    else:
+        print('  %-8s mirr. vs fio %.2f, alone %d MiB/s, host p99.9 vs right after a split %.2f, vs PAIR %.2f, CPU-copied bytes %d'
+              % (mode, med(6), med(4), med(11), med(12), max(int(f[13]) for f in rs)))
 PY
 cat <<'TXT'
 rd/wr MiB: fio sequential 1 MiB QD8 read of the source and write of the target, this round.
@@ -130,5 +147,7 @@ alone: MiB/s right after a split with nearly every track pending, no host; mirr.
 split of a mirrored pair (nothing pending); vs fio: mirr. / the slower of rd and wr; w/host: MiB/s
 while the host writes. p99.9 us: the host's during that backup; ref us: the host's right after a
 split made the same way, with no backup ("(split)" row); vs ref and vs PAIR: p99.9 / that
-reference and / the host's in PAIR ("(PAIR)" row). copied: payload bytes the CPU copied.
+reference and / the host's in PAIR ("(PAIR)" row). MODE-m rows: the host during a backup of a
+mirrored split (nothing pending, so no copy before write), against the host right after such a
+split with no backup ("(psus)" row). copied: payload bytes the CPU copied.
 TXT
