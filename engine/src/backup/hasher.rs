@@ -15,6 +15,11 @@ use drivers::IoBufs;
 
 use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
+/// Bytes hashed per poll at most (a buffer is never split): the reactor's other pollers, hosts'
+/// connections among them, wait no longer than this takes, about 0.15 ms at 1.8 GB/s, instead
+/// of the whole backlog's time.
+const HASH_SLICE: u64 = 256 << 10;
+
 /// What the transferrer and the hashing poller share.
 pub struct HashQueue {
     ring: ArrayQueue<(u64, IoBufs)>,
@@ -44,6 +49,7 @@ impl HashQueue {
                     next: 0,
                     size,
                     waiting: BTreeMap::new(),
+                    current: None,
                 }))
             }))
             .map_err(|e| e.to_string())?;
@@ -83,6 +89,8 @@ struct HashPoller {
     next: u64,
     size: u64,
     waiting: BTreeMap<u64, IoBufs>,
+    /// The piece being hashed and its next buffer.
+    current: Option<(IoBufs, usize)>,
 }
 
 impl Poller for HashPoller {
@@ -95,12 +103,24 @@ impl Poller for HashPoller {
             self.waiting.insert(offset, bufs);
             busy = true;
         }
-        while let Some(bufs) = self.waiting.remove(&self.next) {
-            if let Some(d) = self.sha.as_mut() {
-                for b in &bufs {
-                    d.update(b.as_slice());
-                    self.next += b.len() as u64;
-                }
+        let mut budget = HASH_SLICE;
+        while budget > 0 {
+            if self.current.is_none() {
+                self.current = self.waiting.remove(&self.next).map(|bufs| (bufs, 0));
+            }
+            let (Some((bufs, i)), Some(d)) = (self.current.as_mut(), self.sha.as_mut()) else {
+                break;
+            };
+            while *i < bufs.len() && budget > 0 {
+                let b = bufs[*i].as_slice();
+                d.update(b);
+                self.next += b.len() as u64;
+                budget = budget.saturating_sub(b.len() as u64);
+                *i += 1;
+            }
+            if *i == bufs.len() {
+                // The piece's buffers go back to their pool.
+                self.current = None;
             }
             self.q.hashed.store(self.next, Ordering::Release);
             busy = true;
