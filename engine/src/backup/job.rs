@@ -25,6 +25,11 @@ use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 const PIECE: u64 = 1 << 20;
 /// Largest staging buffer.
 const MAX_BUF: u64 = 1 << 20;
+
+/// The piece size for staging buffers of `buf_size` bytes: [`PIECE`], or one buffer if larger.
+fn piece_size(buf_size: u64) -> u64 {
+    PIECE.max(buf_size)
+}
 /// Bytes of the image between reading and the target's acknowledgement.
 const WINDOW: u64 = 32 << 20;
 /// The same while hosts use the pair: two pieces, one read while the other is written, so
@@ -113,7 +118,7 @@ impl BackupJob {
     /// pollers, hosts' connections among them, would wait through.
     pub fn staging_pool(pair: &Pair) -> Result<BufferPool, String> {
         let buf_size = pair.track_size().min(MAX_BUF);
-        let piece = PIECE.max(buf_size);
+        let piece = piece_size(buf_size);
         // The window between reading and the target's acknowledgement, and as much again for
         // pieces written and waiting for the SHA-256 on the other reactor: a hash running behind
         // must not take buffers from the reads.
@@ -148,7 +153,7 @@ impl BackupJob {
         };
         Self {
             name: format!("backup:{}", backup.id),
-            piece: PIECE.max(pool.buf_size() as u64),
+            piece: piece_size(pool.buf_size() as u64),
             size: g.size(),
             backup,
             pair,
