@@ -90,6 +90,21 @@ seq_mibs() { # read|write file size_gib
   [ -b "$2" ] || [ "$1" = read ] || rm -f "$2"
 }
 
+# Resyncs the pair "pr" and waits until it is mirrored again.
+resync() { rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair; }
+
+# A host writing the pair's P: fio 4 KiB randwrite QD32 through the NBD export on
+# $work/nbd.sock over SIZE_GIB for SECONDS; with a name, every write's latency is logged to
+# $work/lat/NAME_clat.*. Prints "IOPS p99.9_us".
+host_randwrite() { # seconds size_gib [latency log name]
+  local log=()
+  [ -z "${3:-}" ] || log=(--write_lat_log="$work/lat/$3" --log_avg_msec=0)
+  fio --name=h --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite --bs=4k \
+      --iodepth=32 --size="$2"g --time_based --runtime="$1" "${log[@]}" --output-format=json 2>/dev/null \
+      | grep -v '^fio:' | $py -c \
+      "import json,sys; w=json.load(sys.stdin)['jobs'][0]['write']; print(round(w['iops']), round(w['clat_ns']['percentile']['99.900000']/1000))"
+}
+
 # Starts a backup of the pair "pr" in mode $1 to the raw file or block device $2; $3 adds
 # backup_start parameters (JSON members, such as `"rate": 1048576`). Prints the backup's id.
 start_file_backup() { # mode target [params]

@@ -41,14 +41,7 @@ fill_files "$gib" "$P" "$S"
 pair_config "$work/c.json" "$work/nbd.sock"
 serve_two_cores "$work/c.json"
 mkdir -p "$work/lat"
-host() { # seconds [latency log name] -> "IOPS p99.9us"
-  local log=()
-  [ -z "${2:-}" ] || log=(--write_lat_log="$work/lat/$2" --log_avg_msec=0)
-  fio --name=h --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite --bs=4k \
-      --iodepth=32 --size=${gib}g --time_based --runtime=$1 "${log[@]}" --output-format=json 2>/dev/null \
-      | grep -v '^fio:' | $py -c \
-      "import json,sys; w=json.load(sys.stdin)['jobs'][0]['write']; print(round(w['iops']), round(w['clat_ns']['percentile']['99.900000']/1000))"
-}
+host() { host_randwrite "$1" "$gib" "${2:-}"; }  # seconds [latency log name] -> "IOPS p99.9us"
 backup() { # mode [host_rate (default: the engine's)] -> id
   [ -b "$T" ] || rm -f "$T" "$T.partial"
   start_file_backup "$1" "$T" "${2:+\"host_rate\": $2}"
@@ -61,7 +54,6 @@ wait_backup() { # id -> "MiB/s cpu_copied state"
 # Dirties nearly every track, then splits with the copy still behind: the state every backup
 # "right after a split" starts from, and the modes differ on the tracks still pending.
 dirty_split() { wait_pair; host 1 >/dev/null; rpc pair_split '{"name": "pr"}' >/dev/null; }
-resync() { rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair; }
 echo "source: $S; target: $T"
 printf '%-5s %-8s %7s %7s %7s %7s %7s %7s %9s %9s %9s %7s %7s %7s\n' round mode "rd MiB" "wr MiB" \
   "alone" "mirr." "vs fio" "w/host" "host IOPS" "p99.9 us" "ref us" "vs ref" "vs PAIR" copied

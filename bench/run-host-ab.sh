@@ -29,13 +29,6 @@ stop_serve() { kill "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}" 2>/dev/n
 trap 'stop_serve; rm -rf "$work"; ram_device_stop' EXIT
 ram_device_start 1; T=$ram_dev
 mkdir -p "$work/lat"
-host() { # seconds log_name -> "IOPS p99.9us"
-  fio --name=h --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite --bs=4k \
-      --iodepth=32 --size=1g --time_based --runtime="$1" --write_lat_log="$work/lat/$2" \
-      --log_avg_msec=0 --output-format=json 2>/dev/null | grep -v '^fio:' | $py -c \
-      "import json,sys; w=json.load(sys.stdin)['jobs'][0]['write']; print(round(w['iops']), round(w['clat_ns']['percentile']['99.900000']/1000))"
-}
-resync() { rpc pair_resync '{"name": "pr"}' >/dev/null; wait_pair; }
 for r in $(seq "$rounds"); do
   order="A B"; [ $((r % 2)) = 0 ] && order="B A"
   for b in $order; do
@@ -44,17 +37,17 @@ for r in $(seq "$rounds"); do
     pair_config "$work/c.json" "$work/nbd.sock"
     serve_two_cores "$work/c.json"
     wait_pair
-    echo "$r $b PAIR $(host 4 "$b-PAIR.$r")"
+    echo "$r $b PAIR $(host_randwrite 4 1 "$b-PAIR.$r")"
     for c in $conditions; do
       wait_pair
       case $c in
         m-*) ;;
-        *) host 1 warm >/dev/null ;;  # dirties nearly every track
+        *) host_randwrite 1 1 >/dev/null ;;  # dirties nearly every track
       esac
       rpc pair_split '{"name": "pr"}' >/dev/null
       mode=${c#m-}; id=
       [ "$mode" = none ] || id=$(start_file_backup "$mode" "$T")
-      echo "$r $b $c $(host 4 "$b-$c.$r")"
+      echo "$r $b $c $(host_randwrite 4 1 "$b-$c.$r")"
       [ -z "$id" ] || backup_result "$work/rpc.sock" "$id" >/dev/null
       resync
     done
@@ -65,7 +58,7 @@ $py - "$work/lat" "$build_a" "$build_b" <<'PY'
 import collections, os, sys
 lat = collections.defaultdict(list)
 for name in os.listdir(sys.argv[1]):
-    if '_clat.' not in name or name.startswith('warm'):
+    if '_clat.' not in name:
         continue
     with open(os.path.join(sys.argv[1], name)) as f:
         lat[name.split('.')[0]].extend(int(line.split(',')[1]) for line in f)
