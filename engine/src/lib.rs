@@ -6,7 +6,7 @@
 
 pub mod app;
 pub mod backup;
-mod listener;
+pub mod export;
 pub mod nbd;
 pub mod nvmf;
 pub mod pair;

@@ -289,8 +289,7 @@ fn serve(
     tracing::info!("stopping");
     drop(server);
     // A clean stop keeps each pair's state and bitmaps for the restart.
-    engine.nbd().stop_all();
-    engine.nvmf().stop_all();
+    engine.stop_exports();
     engine.persist_pairs_for_stop();
     match Arc::try_unwrap(engine) {
         Ok(engine) => drop(engine),

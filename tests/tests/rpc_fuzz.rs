@@ -26,6 +26,16 @@ const METHODS: &[&str] = &[
     "bdev_malloc_create",
 ];
 
+#[test]
+fn fuzzed_methods_are_declared() {
+    for m in METHODS {
+        assert!(
+            engine::rpc::methods::method(m).is_some(),
+            "{m} is not in the method table"
+        );
+    }
+}
+
 fn weird_value(rng: &mut StdRng) -> Value {
     match rng.gen_range(0..12) {
         0 => json!(null),

@@ -6,15 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drivers::sink::nbd::{NbdConnection, NbdSink};
-use drivers::sink::nvmf::{NvmfConnection, NvmfSink};
-use drivers::sink::{file::FileSink, tape::TapeSink, tape_device, Sink, SinkDone, SinkFull};
+use drivers::sink::{Sink, SinkDone, SinkFull};
 use drivers::tape::{ChunkCrcs, ImageSha, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
 use hugepages::BufferPool;
 
 use super::hasher::HashQueue;
-use super::{Backup, BackupState, Mode, Target};
+use super::target::{open_sink, Connection};
+use super::{Backup, BackupState, Mode};
 use crate::pair::channel::{PairChannel, View};
 use crate::pair::{now_ns, HostWatch, Pair, PairState};
 use crate::rate::TokenBucket;
@@ -91,10 +90,8 @@ pub struct BackupJob {
     error: Option<String>,
     src_done: Vec<IoCompletion>,
     sink_done: Vec<SinkDone>,
-    /// An NBD target's connection, made by the control thread.
-    nbd: Option<NbdConnection>,
-    /// The connection of an NVMe/TCP target.
-    nvmf: Option<NvmfConnection>,
+    /// A network target's connection, made by the control thread.
+    connection: Option<Connection>,
     /// Where the checksums are computed when another reactor can do it (else inline, on the
     /// way to the target).
     hash_reactor: Option<ReactorHandle>,
@@ -127,13 +124,13 @@ impl BackupJob {
     }
 
     /// A job for `backup` of `pair`'s image, streaming through `pool` (from
-    /// [`BackupJob::staging_pool`]); `nbd` is the connection of an NBD target; `hash_reactor`, if
-    /// given, computes the SHA-256.
+    /// [`BackupJob::staging_pool`]); `connection` is a network target's, from
+    /// [`super::target::connect`]; `hash_reactor`, if given, computes the SHA-256.
     pub fn new(
         backup: Arc<Backup>,
         pair: Arc<Pair>,
         pool: BufferPool,
-        nbd: Option<NbdConnection>,
+        connection: Option<Connection>,
         hash_reactor: Option<ReactorHandle>,
     ) -> Self {
         let g = pair.geometry();
@@ -174,8 +171,7 @@ impl BackupJob {
             error: None,
             src_done: Vec::new(),
             sink_done: Vec::new(),
-            nbd,
-            nvmf: None,
+            connection,
             hash_reactor,
             hasher: None,
             to_hash: VecDeque::new(),
@@ -184,12 +180,6 @@ impl BackupJob {
             yielding: false,
             watching: false,
         }
-    }
-
-    /// With the connection of an NVMe/TCP target (made on the control thread).
-    pub fn with_nvmf(mut self, conn: Option<NvmfConnection>) -> Self {
-        self.nvmf = conn;
-        self
     }
 
     fn open(&mut self, cx: &ReactorContext) -> Result<(), String> {
@@ -207,29 +197,14 @@ impl BackupJob {
             ),
         };
         let block_size = self.pair.geometry().block_size;
-        let sink: Box<dyn Sink> = match &self.backup.target {
-            Target::File { path } => Box::new(FileSink::open(path, self.size, block_size, &ctx)?),
-            Target::Tape { path, record_size } if tape_device::is_sequential(path) => Box::new(
-                tape_device::TapeDeviceSink::open(path, &self.manifest, *record_size)?,
-            ),
-            Target::Tape { path, record_size } => {
-                Box::new(TapeSink::open(path, &self.manifest, *record_size, &ctx)?)
-            }
-            Target::Nbd { uri } => {
-                let conn = self
-                    .nbd
-                    .take()
-                    .ok_or_else(|| format!("{uri}: not connected"))?;
-                Box::new(NbdSink::new(conn, self.size)?)
-            }
-            Target::Nvmf { subnqn, .. } => {
-                let conn = self
-                    .nvmf
-                    .take()
-                    .ok_or_else(|| format!("{subnqn}: not connected"))?;
-                Box::new(NvmfSink::new(conn, self.size, block_size)?)
-            }
-        };
+        let sink = open_sink(
+            &self.backup.target,
+            self.connection.take(),
+            &self.manifest,
+            self.size,
+            block_size,
+            &ctx,
+        )?;
         self.crcs = Some(ChunkCrcs::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
         match self.hash_reactor.take() {
             Some(r) => self.hasher = Some(HashQueue::start(r, self.size)?),

@@ -14,6 +14,9 @@
 
 pub mod hasher;
 pub mod job;
+pub mod target;
+
+pub use target::Target;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,84 +44,6 @@ impl Mode {
             Mode::Wait => "wait",
             Mode::Reflect => "reflect",
             Mode::Merge => "merge",
-        }
-    }
-}
-
-fn default_record_size() -> usize {
-    drivers::tape::DEFAULT_RECORD_SIZE
-}
-
-/// Where a backup goes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
-pub enum Target {
-    /// A raw image file (or block device).
-    File {
-        /// Path.
-        path: PathBuf,
-    },
-    /// A pax archive in fixed records on a file standing for a tape.
-    Tape {
-        /// Path.
-        path: PathBuf,
-        /// Record size in bytes (a multiple of 512).
-        #[serde(default = "default_record_size")]
-        record_size: usize,
-    },
-    /// An NBD server's export.
-    Nbd {
-        /// `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
-        uri: String,
-    },
-    /// An NVMe/TCP namespace.
-    Nvmf {
-        /// Target address.
-        traddr: String,
-        /// Target port.
-        #[serde(default)]
-        trsvcid: Option<u16>,
-        /// Subsystem NQN.
-        subnqn: String,
-        /// Namespace id.
-        #[serde(default)]
-        nsid: Option<u32>,
-        /// Host NQN.
-        #[serde(default)]
-        hostnqn: Option<String>,
-    },
-}
-
-impl Target {
-    /// Where the bytes land, for telling two targets that are the same place: a file by its
-    /// directory's real path and its name, an NBD server by its URI, an NVMe/TCP namespace by
-    /// address, port, subsystem and namespace.
-    fn place(&self) -> String {
-        let file = |path: &std::path::Path| {
-            let dir = path
-                .parent()
-                .filter(|d| !d.as_os_str().is_empty())
-                .unwrap_or(std::path::Path::new("."));
-            let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
-            format!(
-                "file:{}",
-                dir.join(path.file_name().unwrap_or_default()).display()
-            )
-        };
-        match self {
-            Target::File { path } | Target::Tape { path, .. } => file(path),
-            Target::Nbd { uri } => format!("nbd:{uri}"),
-            Target::Nvmf {
-                traddr,
-                trsvcid,
-                subnqn,
-                nsid,
-                ..
-            } => format!(
-                "nvmf:{traddr}:{}:{subnqn}:{}",
-                trsvcid.unwrap_or(drivers::nvmf::DEFAULT_PORT),
-                nsid.unwrap_or(1)
-            ),
         }
     }
 }

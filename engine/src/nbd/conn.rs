@@ -4,19 +4,15 @@
 //! disk, from the RAM disk itself). It never blocks: when buffers or queue slots run out it
 //! stops reading until completions free them.
 
-use std::collections::VecDeque;
-use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use drivers::iov::{IoVecs, SendPart};
+use drivers::iov::SendPart;
 use drivers::nbd::proto::{self, chunk, cmd, err, Request, REQUEST_LEN};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
-use hugepages::{BufferCache, BufferPool, DmaBuf, RegionSlice};
+use hugepages::{BufferPool, DmaBuf, RegionSlice};
 use slab::Slab;
 
-use super::{Export, Stream};
+use crate::export::{Export, Flow, Outgoing, SocketPump, Stream, TurnEnd};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// Bytes of socket input buffered at once.
@@ -25,10 +21,6 @@ const RX_BUF: usize = 256 << 10;
 const MAX_INFLIGHT: usize = 256;
 /// Vectors per writev.
 const MAX_IOV: usize = 128;
-/// A closing connection whose client does not read its last replies is dropped after this.
-const CLOSE_GIVE_UP: Duration = Duration::from_secs(5);
-/// Freed staging buffers a connection keeps for its next requests (a queue's depth of them).
-const CACHED_BUFS: usize = 32;
 
 /// A reply waiting to be sent: header bytes, then optional data buffers.
 struct Out {
@@ -43,7 +35,7 @@ struct Out {
     tail: Vec<u8>,
 }
 
-impl Out {
+impl Outgoing for Out {
     fn total(&self) -> usize {
         self.head_len + self.data_len + self.tail.len()
     }
@@ -68,6 +60,10 @@ impl Out {
             debug_assert!(copied.is_ok(), "staging buffers longer than the read");
         }
     }
+
+    fn into_bufs(self) -> Option<IoBufs> {
+        Some(self.data)
+    }
 }
 
 /// A write request whose payload is still arriving.
@@ -86,62 +82,48 @@ struct Inflight {
 /// One connection's poller.
 pub struct NbdConn {
     name: String,
-    sock: Stream,
+    pump: SocketPump<Stream, Out>,
     export: Arc<Export>,
     structured: bool,
-    /// Staging buffers, the recently freed ones first.
-    bufs: BufferCache,
     channel: Option<Box<dyn IoChannel>>,
-    watched: bool,
-    rx: Vec<u8>,
-    rx_start: usize,
-    rx_end: usize,
     incoming: Option<Incoming>,
     inflight: Slab<Inflight>,
-    tx: VecDeque<Out>,
-    tx_sent: usize,
     done: Vec<IoCompletion>,
+    /// No new request is taken; the connection closes once those in flight are answered.
     closing: bool,
-    /// When closing began: replies the client does not read are given up after a while.
-    closing_since: Option<Instant>,
-    eof: bool,
 }
 
 impl NbdConn {
     /// A poller for a connection that finished its handshake.
     pub fn new(sock: Stream, export: Arc<Export>, structured: bool, pool: BufferPool) -> Self {
-        export.connections.fetch_add(1, Ordering::SeqCst);
+        export.connection_opened();
         Self {
             name: format!("nbd:{}", export.name),
-            sock,
+            pump: SocketPump::new(sock, pool, RX_BUF),
             export,
             structured,
-            bufs: BufferCache::new(pool, CACHED_BUFS),
             channel: None,
-            watched: false,
-            rx: vec![0u8; RX_BUF],
-            rx_start: 0,
-            rx_end: 0,
             incoming: None,
             inflight: Slab::new(),
-            tx: VecDeque::new(),
-            tx_sent: 0,
             done: Vec::new(),
             closing: false,
-            closing_since: None,
-            eof: false,
         }
     }
 
-    fn fd(&self) -> BorrowedFd<'_> {
-        self.sock.as_fd()
+    /// Stops taking requests and reading: the connection closes once those in flight are
+    /// answered.
+    fn close(&mut self) {
+        self.closing = true;
+        self.pump.close_input();
     }
 
     /// Buffers for `len` bytes at `offset`, split at the export's boundary (a pair's tracks) and
     /// at the pool's buffer size; `None` when the pool cannot give them all now.
     fn buffers(&mut self, offset: u64, len: u64) -> Option<IoBufs> {
-        let piece = self.export.piece_size(self.bufs.pool().buf_size() as u64);
-        crate::listener::staging_buffers(&mut self.bufs, offset, len, piece)
+        let piece = self
+            .export
+            .piece_size(self.pump.bufs().pool().buf_size() as u64);
+        self.pump.staging(offset, len, piece)
     }
 
     fn reply(&mut self, req: &Request, error: u32, data: IoBufs, msg: &str) {
@@ -181,10 +163,10 @@ impl NbdConn {
         let (data, data_len) = if error == 0 && req.kind == cmd::READ {
             (data, data_len)
         } else {
-            self.bufs.put_all(data);
+            self.pump.bufs().put_all(data);
             (IoBufs::new(), 0)
         };
-        self.tx.push_back(Out {
+        self.pump.send(Out {
             head,
             head_len,
             data,
@@ -246,12 +228,12 @@ impl NbdConn {
     fn handle_input(&mut self) -> bool {
         loop {
             if let Some(mut inc) = self.incoming.take() {
-                let avail = self.rx_end - self.rx_start;
+                let avail = self.pump.input().len();
                 let want = inc.req.length as usize - inc.filled;
                 let n = avail.min(want);
                 if inc.reject.is_none() {
                     // Copy the payload into the request's DMA buffers.
-                    let mut src = &self.rx[self.rx_start..self.rx_start + n];
+                    let mut src = &self.pump.input()[..n];
                     let mut pos = 0usize;
                     for b in inc.bufs.iter_mut() {
                         let blen = b.len();
@@ -270,7 +252,7 @@ impl NbdConn {
                 } else {
                     inc.filled += n;
                 }
-                self.rx_start += n;
+                self.pump.consume(n);
                 if inc.filled < inc.req.length as usize {
                     self.incoming = Some(inc);
                     return true;
@@ -288,39 +270,38 @@ impl NbdConn {
             if self.closing || self.inflight.len() >= MAX_INFLIGHT {
                 return true;
             }
-            if self.rx_end - self.rx_start < REQUEST_LEN {
+            if self.pump.input().len() < REQUEST_LEN {
                 return true;
             }
             let mut h = [0u8; REQUEST_LEN];
-            h.copy_from_slice(&self.rx[self.rx_start..self.rx_start + REQUEST_LEN]);
+            h.copy_from_slice(&self.pump.input()[..REQUEST_LEN]);
             let Some(req) = Request::parse(&h) else {
                 tracing::warn!(export = %self.export.name, "NBD request with a bad magic: closing");
-                self.closing = true;
-                self.eof = true;
+                self.close();
                 return true;
             };
             let bad_range = self.range_error(&req);
             match req.kind {
                 cmd::READ => {
                     if let Some(e) = bad_range {
-                        self.rx_start += REQUEST_LEN;
+                        self.pump.consume(REQUEST_LEN);
                         self.reply(&req, e, IoBufs::new(), "bad range");
                         continue;
                     }
                     let Some(bufs) = self.buffers(req.offset, req.length as u64) else {
                         return false;
                     };
-                    self.rx_start += REQUEST_LEN;
+                    self.pump.consume(REQUEST_LEN);
                     // A RAM disk's blocks are sent from where they are.
                     match self.read_in_place(req.offset, req.length as u64) {
                         Some(Ok(r)) => {
                             self.reply(&req, 0, bufs, "");
-                            if let Some(out) = self.tx.back_mut() {
+                            if let Some(out) = self.pump.last_queued() {
                                 out.region = Some(r);
                             }
                         }
                         Some(Err(e)) => {
-                            self.bufs.put_all(bufs);
+                            self.pump.bufs().put_all(bufs);
                             self.reply(&req, proto::errno_of(&e), IoBufs::new(), &e.to_string());
                         }
                         None => self.submit(req, IoOp::Read, bufs),
@@ -329,10 +310,9 @@ impl NbdConn {
                 cmd::WRITE => {
                     if req.length > proto::MAX_PAYLOAD {
                         // The payload cannot be skipped safely: answer and close.
-                        self.rx_start += REQUEST_LEN;
+                        self.pump.consume(REQUEST_LEN);
                         self.reply(&req, err::EINVAL, IoBufs::new(), "write too large");
-                        self.closing = true;
-                        self.eof = true;
+                        self.close();
                         return true;
                     }
                     let reject = if !self.export.writable {
@@ -342,14 +322,13 @@ impl NbdConn {
                     };
                     // A RAM disk takes a payload that is all here straight from the input.
                     let whole = REQUEST_LEN + req.length as usize;
-                    if reject.is_none() && self.rx_end - self.rx_start >= whole && self.in_place() {
-                        let at = self.rx_start + REQUEST_LEN;
-                        let data = &self.rx[at..at + req.length as usize];
+                    if reject.is_none() && self.pump.input().len() >= whole && self.in_place() {
+                        let data = &self.pump.input()[REQUEST_LEN..whole];
                         let done = self
                             .channel
                             .as_mut()
                             .and_then(|ch| ch.write_in_place(req.offset, data));
-                        self.rx_start += whole;
+                        self.pump.consume(whole);
                         match done {
                             Some(Ok(())) => self.reply(&req, 0, IoBufs::new(), ""),
                             Some(Err(e)) => {
@@ -369,7 +348,7 @@ impl NbdConn {
                             None => return false,
                         }
                     };
-                    self.rx_start += REQUEST_LEN;
+                    self.pump.consume(REQUEST_LEN);
                     self.incoming = Some(Incoming {
                         req,
                         bufs,
@@ -378,16 +357,16 @@ impl NbdConn {
                     });
                 }
                 cmd::DISC => {
-                    self.rx_start += REQUEST_LEN;
+                    self.pump.consume(REQUEST_LEN);
                     self.closing = true;
                     return true;
                 }
                 cmd::FLUSH => {
-                    self.rx_start += REQUEST_LEN;
+                    self.pump.consume(REQUEST_LEN);
                     self.submit(req, IoOp::Flush, IoBufs::new());
                 }
                 cmd::TRIM | cmd::WRITE_ZEROES => {
-                    self.rx_start += REQUEST_LEN;
+                    self.pump.consume(REQUEST_LEN);
                     let e = if !self.export.writable {
                         Some(err::EPERM)
                     } else {
@@ -405,7 +384,7 @@ impl NbdConn {
                     self.submit(req, op, IoBufs::new());
                 }
                 _ => {
-                    self.rx_start += REQUEST_LEN;
+                    self.pump.consume(REQUEST_LEN);
                     self.reply(&req, err::EINVAL, IoBufs::new(), "unsupported command");
                 }
             }
@@ -419,71 +398,6 @@ impl NbdConn {
 
     fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<RegionSlice, IoError>> {
         self.channel.as_mut()?.read_in_place(offset, len)
-    }
-
-    fn receive(&mut self) -> bool {
-        if self.eof {
-            return false;
-        }
-        if self.rx_start == self.rx_end {
-            self.rx_start = 0;
-            self.rx_end = 0;
-        } else if self.rx_start > RX_BUF / 2 {
-            self.rx.copy_within(self.rx_start..self.rx_end, 0);
-            self.rx_end -= self.rx_start;
-            self.rx_start = 0;
-        }
-        if self.rx_end == RX_BUF {
-            return false;
-        }
-        match rustix::io::read(&self.sock, &mut self.rx[self.rx_end..]) {
-            Ok(0) => {
-                self.eof = true;
-                self.closing = true;
-                true
-            }
-            Ok(n) => {
-                self.rx_end += n;
-                true
-            }
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => false,
-            Err(_) => {
-                self.eof = true;
-                self.closing = true;
-                true
-            }
-        }
-    }
-
-    fn transmit(&mut self) -> bool {
-        let mut progress = false;
-        while !self.tx.is_empty() {
-            let mut iov = IoVecs::<MAX_IOV>::new();
-            iov.gather(self.tx.iter().flat_map(Out::parts), self.tx_sent);
-            let sent = match iov.writev(&self.sock) {
-                Ok(n) => n,
-                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
-                Err(_) => {
-                    // The client is gone: nothing more can be sent.
-                    self.tx.clear();
-                    self.eof = true;
-                    self.closing = true;
-                    return true;
-                }
-            };
-            progress = true;
-            self.tx_sent += sent;
-            while let Some(front) = self.tx.front() {
-                if self.tx_sent < front.total() {
-                    break;
-                }
-                self.tx_sent -= front.total();
-                if let Some(out) = self.tx.pop_front() {
-                    self.bufs.put_all(out.data);
-                }
-            }
-        }
-        progress
     }
 }
 
@@ -502,22 +416,26 @@ impl Poller for NbdConn {
                 }
             }
         }
-        if !self.watched {
-            self.watched = cx.watch_fd(self.fd()).is_ok();
-        }
+        self.pump.watch(cx);
         if self.export.is_closed() && !self.closing {
-            self.closing = true;
-            self.eof = true;
+            self.close();
         }
         let mut busy = false;
         for _ in 0..4 {
-            if !self.closing && self.receive() {
-                busy = true;
+            if !self.closing {
+                match self.pump.receive() {
+                    Flow::Moved => busy = true,
+                    Flow::Closed => {
+                        busy = true;
+                        self.close();
+                    }
+                    Flow::Nothing => {}
+                }
             }
-            if self.rx_end > self.rx_start || self.incoming.is_some() {
+            if !self.pump.input().is_empty() || self.incoming.is_some() {
                 self.handle_input();
             }
-            if self.rx_end < RX_BUF || self.closing {
+            if !self.pump.input_at_end() || self.closing {
                 break;
             }
         }
@@ -540,40 +458,24 @@ impl Poller for NbdConn {
             }
         }
         // Input held back for lack of buffers can go on now that completions freed some.
-        if !self.closing && (self.rx_end > self.rx_start) {
+        if !self.closing && !self.pump.input().is_empty() {
             self.handle_input();
         }
-        if self.transmit() {
-            busy = true;
-        }
-        self.tx.iter_mut().for_each(Out::settle);
-        if self.closing {
-            let since = *self.closing_since.get_or_insert_with(Instant::now);
-            // Requests in flight are done and every reply is sent, or the client has not read
-            // its replies for a while: close.
-            let gave_up = since.elapsed() > CLOSE_GIVE_UP;
-            if self.inflight.is_empty() && (self.tx.is_empty() || gave_up) {
-                if self.watched {
-                    cx.unwatch_fd(self.fd());
-                }
-                return PollStatus::Done;
+        match self.pump.transmit::<MAX_IOV>() {
+            Flow::Moved => busy = true,
+            Flow::Closed => {
+                busy = true;
+                self.close();
             }
-            cx.wake_at(since + CLOSE_GIVE_UP);
+            Flow::Nothing => {}
         }
-        // Idle for a while: the cached buffers go back to the pool other connections share.
-        if let Some(at) = self.bufs.note_idle(
-            self.inflight.is_empty() && self.tx.is_empty(),
-            cx.turn_started(),
-        ) {
-            cx.wake_at(at);
-        }
-        // Replies a client does not read (its socket full) are retried on later turns without
-        // keeping the reactor from parking: a stalled client costs nothing.
-        if busy || !self.done.is_empty() {
-            PollStatus::Busy
-        } else {
-            PollStatus::Idle
-        }
+        let turn = TurnEnd {
+            busy: busy || !self.done.is_empty(),
+            closing: self.closing,
+            io_in_flight: !self.inflight.is_empty(),
+            requests_open: !self.inflight.is_empty(),
+        };
+        self.pump.end_turn(cx, turn)
     }
 
     fn name(&self) -> &str {
@@ -583,6 +485,6 @@ impl Poller for NbdConn {
 
 impl Drop for NbdConn {
     fn drop(&mut self) {
-        self.export.connections.fetch_sub(1, Ordering::SeqCst);
+        self.export.connection_closed();
     }
 }

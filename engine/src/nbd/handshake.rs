@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use drivers::nbd::proto::{self, info, opt, rep, tflag};
 
-use super::{Export, NbdService};
+use super::{description, NbdServer};
+use crate::export::{Address, Export};
 
 /// Largest option payload read; larger options get NBD_REP_ERR_TOO_BIG (up to a hard limit,
 /// past which the connection is closed).
@@ -62,11 +63,20 @@ fn transmission_flags(e: &Export) -> u16 {
     f
 }
 
-/// Runs the handshake on `s` for the exports of `service` served at `address`.
+/// The export a client names at `address`; the empty name selects the first one there.
+fn select(server: &NbdServer, address: &Address, name: &str) -> Option<Arc<Export>> {
+    if name.is_empty() {
+        server.exports_at(address).into_iter().next()
+    } else {
+        server.lookup(address, name)
+    }
+}
+
+/// Runs the handshake on `s` for the exports of `server` served at `address`.
 pub fn negotiate<S: Read + Write>(
     s: &mut S,
-    service: &NbdService,
-    address: &str,
+    server: &NbdServer,
+    address: &Address,
 ) -> Result<Agreed, HandshakeError> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
@@ -107,7 +117,7 @@ pub fn negotiate<S: Read + Write>(
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = service.lookup(address, &name) else {
+                let Some(export) = select(server, address, &name) else {
                     return Err(HandshakeError::Ended(format!("no export '{name}'")));
                 };
                 let mut out = Vec::with_capacity(10 + 124);
@@ -128,11 +138,11 @@ pub fn negotiate<S: Read + Write>(
                     reply(s, rep::ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
                     continue;
                 }
-                for e in service.exports_at(address) {
+                for e in server.exports_at(address) {
                     let mut p = Vec::new();
                     p.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
                     p.extend_from_slice(e.name.as_bytes());
-                    p.extend_from_slice(e.description().as_bytes());
+                    p.extend_from_slice(description(&e).as_bytes());
                     reply(s, rep::SERVER, &p)?;
                 }
                 reply(s, rep::ACK, &[])?;
@@ -160,7 +170,7 @@ pub fn negotiate<S: Read + Write>(
             opt::INFO | opt::GO => match parse_info(&data) {
                 Err(msg) => reply(s, rep::ERR_INVALID, msg.as_bytes())?,
                 Ok((name, wanted)) => {
-                    let Some(export) = service.lookup(address, &name) else {
+                    let Some(export) = select(server, address, &name) else {
                         reply(
                             s,
                             rep::ERR_UNKNOWN,
@@ -180,7 +190,7 @@ pub fn negotiate<S: Read + Write>(
                     }
                     if wanted.contains(&info::DESCRIPTION) {
                         let mut p = info::DESCRIPTION.to_be_bytes().to_vec();
-                        p.extend_from_slice(export.description().as_bytes());
+                        p.extend_from_slice(description(&export).as_bytes());
                         reply(s, rep::INFO, &p)?;
                     }
                     if wanted.contains(&info::BLOCK_SIZE) {

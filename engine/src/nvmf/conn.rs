@@ -11,24 +11,23 @@
 //! vectored writes. Nothing blocks: out of buffers or command slots, it stops parsing until
 //! completions free some.
 
-use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drivers::iov::{IoVecs, SendPart};
+use drivers::iov::SendPart;
 use drivers::nvme::spec::{self, cns, nvm, Command, Completion, Status};
 use drivers::nvmf::fabrics::{self, admin, fctype, status, ConnectCmd, ConnectData};
 use drivers::nvmf::pdu::{
     self, CapsuleResp, DataPdu, Digests, Frame, Header, HeaderBytes, IcResp, PduError, R2t, Side,
 };
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
-use hugepages::{BufferCache, BufferPool, DmaBuf, RegionSlice};
+use hugepages::{BufferPool, DmaBuf, RegionSlice};
 use slab::Slab;
 
-use super::{Ctrl, NvmfExport, NvmfService};
+use super::{Ctrl, NvmeTcp, NvmfServer};
+use crate::export::{Address, Export, Flow, Outgoing, Protocol, SocketPump, TurnEnd};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// Most in-capsule data a command may carry.
@@ -48,8 +47,6 @@ const RX_BUF: usize = 2 * MAXH2CDATA + 4096;
 const MAX_IOV: usize = 256;
 /// Asynchronous event requests held at once (AERL + 1).
 const MAX_AERS: usize = 4;
-/// Freed staging buffers a connection keeps for its next commands (a queue's depth of them).
-const CACHED_BUFS: usize = 32;
 /// A connection must send its ICReq within this.
 const IC_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -92,7 +89,7 @@ struct Out {
     digest: Option<[u8; 4]>,
 }
 
-impl Out {
+impl Outgoing for Out {
     fn parts(&self) -> impl Iterator<Item = SendPart<'_>> {
         let head: &[u8] = match &self.head {
             Head::Pdu(h) => h.as_slice(),
@@ -112,6 +109,19 @@ impl Out {
 
     fn total(&self) -> usize {
         self.parts().map(|p| p.len()).sum()
+    }
+
+    fn settle(&mut self) {
+        if matches!(self.body, Body::Region(..)) {
+            self.body = std::mem::replace(&mut self.body, Body::None).settle();
+        }
+    }
+
+    fn into_bufs(self) -> Option<IoBufs> {
+        match self.body {
+            Body::Bufs(bufs) | Body::Region(_, bufs) => Some(bufs),
+            Body::None | Body::Bytes(_) => None,
+        }
     }
 }
 
@@ -179,11 +189,9 @@ enum Phase {
 /// One connection's poller.
 pub struct NvmfConn {
     name: String,
-    sock: TcpStream,
-    svc: Arc<NvmfService>,
-    listen: String,
-    /// Staging buffers, the recently freed ones first.
-    bufs: BufferCache,
+    pump: SocketPump<TcpStream, Out>,
+    server: Arc<NvmfServer>,
+    listen: Address,
     phase: Phase,
     digests: Digests,
     opened: Instant,
@@ -194,20 +202,14 @@ pub struct NvmfConn {
     /// reads end with a C2HData carrying SUCCESS instead of a response capsule.
     sq_flow_disabled: bool,
     ctrl: Option<Arc<Ctrl>>,
-    export: Option<Arc<NvmfExport>>,
+    export: Option<Arc<Export>>,
     channel: Option<Box<dyn IoChannel>>,
-    watched: bool,
-    rx: Vec<u8>,
-    rx_len: usize,
     pending: Slab<Pending>,
     aers: Vec<u16>,
-    tx: VecDeque<Out>,
-    tx_sent: usize,
     done: Vec<IoCompletion>,
     /// Channel requests of the command being executed (kept to reuse its allocation).
     reqs: Vec<(IoOp, u64, u64, IoBufs)>,
     closing: bool,
-    closing_since: Option<Instant>,
     last_keep_alive: Instant,
 }
 
@@ -242,14 +244,18 @@ fn host_to_controller(cmd: &Command) -> bool {
 
 impl NvmfConn {
     /// A poller for an accepted connection on `listen`.
-    pub fn new(sock: TcpStream, svc: Arc<NvmfService>, listen: String, pool: BufferPool) -> Self {
+    pub fn new(
+        sock: TcpStream,
+        server: Arc<NvmfServer>,
+        listen: Address,
+        pool: BufferPool,
+    ) -> Self {
         let now = Instant::now();
         Self {
             name: format!("nvmf:{listen}"),
-            sock,
-            svc,
+            pump: SocketPump::new(sock, pool, RX_BUF),
+            server,
             listen,
-            bufs: BufferCache::new(pool, CACHED_BUFS),
             phase: Phase::AwaitIcReq,
             digests: Digests::default(),
             opened: now,
@@ -260,17 +266,11 @@ impl NvmfConn {
             ctrl: None,
             export: None,
             channel: None,
-            watched: false,
-            rx: vec![0u8; RX_BUF],
-            rx_len: 0,
             pending: Slab::new(),
             aers: Vec::new(),
-            tx: VecDeque::new(),
-            tx_sent: 0,
             done: Vec::new(),
             reqs: Vec::new(),
             closing: false,
-            closing_since: None,
             last_keep_alive: now,
         }
     }
@@ -278,9 +278,8 @@ impl NvmfConn {
     fn fatal(&mut self, e: PduError) {
         tracing::warn!(listen = %self.listen, error = %e, "NVMe/TCP connection ended");
         if !self.closing {
-            self.tx.clear();
-            self.tx_sent = 0;
-            self.tx.push_back(Out {
+            self.pump.discard_output();
+            self.pump.send(Out {
                 head: Head::Raw(e.term().encode_c2h().to_vec()),
                 body: Body::None,
                 digest: None,
@@ -291,7 +290,7 @@ impl NvmfConn {
 
     fn respond(&mut self, cid: u16, st: Status, result: u32) {
         let c = cqe(cid, st, result, self.sqhd, self.qid.unwrap_or(0));
-        self.tx.push_back(Out {
+        self.pump.send(Out {
             head: Head::Pdu(CapsuleResp::new(c).encode(self.digests)),
             body: Body::None,
             digest: None,
@@ -325,7 +324,7 @@ impl NvmfConn {
                 success,
             }
             .encode_c2h(self.digests);
-            self.tx.push_back(Out {
+            self.pump.send(Out {
                 head: Head::Pdu(h),
                 body,
                 digest,
@@ -348,8 +347,8 @@ impl NvmfConn {
     /// DMA buffers for `len` bytes at byte `offset`, split at the export's pieces; `None`
     /// when the pool cannot give them now.
     fn buffers(&mut self, offset: u64, len: u64) -> Option<IoBufs> {
-        let piece = self.export.as_ref()?.piece_size();
-        crate::listener::staging_buffers(&mut self.bufs, offset, len, piece)
+        let piece = self.export.as_ref()?.piece_size(NvmeTcp::BUF_SIZE as u64);
+        self.pump.staging(offset, len, piece)
     }
 
     /// Handles one whole PDU. False: not now (no buffers), leave it in the buffer.
@@ -373,7 +372,7 @@ impl NvmfConn {
                     digests: req.digests,
                     maxh2cdata: MAXH2CDATA as u32,
                 };
-                self.tx.push_back(Out {
+                self.pump.send(Out {
                     head: Head::Raw(resp.encode().to_vec()),
                     body: Body::None,
                     digest: None,
@@ -431,7 +430,7 @@ impl NvmfConn {
             p.failed.get_or_insert(status::TRANSIENT_TRANSPORT);
         } else if p.failed.is_none() {
             p.payload
-                .write_at(off, &self.rx[f.data_at..f.data_at + len]);
+                .write_at(off, &self.pump.input()[f.data_at..f.data_at + len]);
         }
         p.received += len;
         let complete = p.received == p.expected;
@@ -510,7 +509,7 @@ impl NvmfConn {
                 self.write_in_place(&cmd, f);
                 return true;
             }
-            let data = &self.rx[f.data_at..f.data_at + f.data_len];
+            let data = &self.pump.input()[f.data_at..f.data_at + f.data_len];
             let mut payload = match dma {
                 Some(bufs) => Payload::Dma(bufs),
                 None => Payload::Small(vec![0u8; data.len()]),
@@ -574,7 +573,7 @@ impl NvmfConn {
                 len: sgl_len,
             }
             .encode(self.digests);
-            self.tx.push_back(Out {
+            self.pump.send(Out {
                 head: Head::Pdu(h),
                 body: Body::None,
                 digest: None,
@@ -605,7 +604,7 @@ impl NvmfConn {
             .as_ref()
             .map_or(4096, |e| e.bdev.geometry().block_size as u64);
         let offset = cmd.range().0.saturating_mul(bs);
-        let data = &self.rx[f.data_at..f.data_at + f.data_len];
+        let data = &self.pump.input()[f.data_at..f.data_at + f.data_len];
         let done = self
             .channel
             .as_mut()
@@ -626,16 +625,6 @@ impl NvmfConn {
 
     fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<RegionSlice, IoError>> {
         self.channel.as_mut()?.read_in_place(offset, len)
-    }
-
-    /// Copies the RAM disk bytes of replies still queued at the end of a turn, so that what a
-    /// read returns is what its blocks held at the end of the turn it ran in.
-    fn settle_tx(&mut self) {
-        for out in self.tx.iter_mut() {
-            if matches!(out.body, Body::Region(..)) {
-                out.body = std::mem::replace(&mut out.body, Body::None).settle();
-            }
-        }
     }
 
     /// Checks a read or write's namespace, range, length and access; the status if bad.
@@ -712,7 +701,7 @@ impl NvmfConn {
                         match done {
                             Ok(r) => self.respond_data(cid, Body::Region(r, bufs), len as usize),
                             Err(e) => {
-                                self.bufs.put_all(bufs);
+                                self.pump.bufs().put_all(bufs);
                                 self.respond(cid, io_status(&e), 0);
                             }
                         }
@@ -857,7 +846,7 @@ impl NvmfConn {
         let export = if discovery {
             None
         } else {
-            match self.svc.lookup(&self.listen, &d.subnqn) {
+            match self.server.lookup(&self.listen, &d.subnqn) {
                 Some(e) => Some(e),
                 None => {
                     self.respond(cid, status::CONNECT_INVALID_PARAMS, invalid(true, 256));
@@ -866,7 +855,7 @@ impl NvmfConn {
             }
         };
         let ctrl = if c.qid == 0 {
-            match self.svc.new_ctrl(
+            match self.server.protocol().new_ctrl(
                 export.clone(),
                 &d.subnqn,
                 &d.hostnqn,
@@ -880,7 +869,7 @@ impl NvmfConn {
                 }
             }
         } else {
-            let Some(ctrl) = self.svc.ctrl(d.cntlid).filter(|ctrl| {
+            let Some(ctrl) = self.server.protocol().ctrl(d.cntlid).filter(|ctrl| {
                 ctrl.subnqn == d.subnqn && ctrl.hostnqn == d.hostnqn && ctrl.listen == self.listen
             }) else {
                 self.respond(cid, status::CONNECT_INVALID_PARAMS, invalid(true, 16));
@@ -918,7 +907,7 @@ impl NvmfConn {
             1
         };
         if let Some(e) = &export {
-            e.connections.fetch_add(1, Ordering::SeqCst);
+            e.connection_opened();
         }
         self.export = export;
         self.last_keep_alive = Instant::now();
@@ -959,7 +948,7 @@ impl NvmfConn {
                         Some(v) => {
                             let c = cqe(cid, Status::SUCCESS, v as u32, self.sqhd, 0);
                             let h = CapsuleResp::new(c).with_result_hi((v >> 32) as u32);
-                            self.tx.push_back(Out {
+                            self.pump.send(Out {
                                 head: Head::Pdu(h.encode(self.digests)),
                                 body: Body::None,
                                 digest: None,
@@ -1009,7 +998,7 @@ impl NvmfConn {
                     self.respond(cid, status::INVALID_FIELD, 0);
                     return;
                 }
-                let log = self.svc.discovery_log(&self.listen);
+                let log = super::discovery_log(&self.server, &self.listen);
                 let len = (numd * 4).min(want);
                 let mut out = vec![0u8; len];
                 if (offset as usize) < log.len() {
@@ -1081,7 +1070,7 @@ impl NvmfConn {
                     g.num_blocks,
                     g.block_size,
                     !e.writable,
-                    e.ns_id,
+                    fabrics::id_from_name(&e.name),
                 ))
             }
             (cns::ACTIVE_NAMESPACES, Some(_)) => {
@@ -1091,7 +1080,9 @@ impl NvmfConn {
                 }
                 Some(p)
             }
-            (0x03, Some(e)) if nsid == 1 => Some(fabrics::namespace_descriptors(e.ns_id)),
+            (0x03, Some(e)) if nsid == 1 => Some(fabrics::namespace_descriptors(
+                fabrics::id_from_name(&e.name),
+            )),
             _ => None,
         }
     }
@@ -1108,7 +1099,7 @@ impl NvmfConn {
         } else if p.cmd.opcode() == nvm::READ {
             p.read_bufs = c.bufs;
         } else {
-            self.bufs.put_all(c.bufs);
+            self.pump.bufs().put_all(c.bufs);
         }
         p.left = p.left.saturating_sub(1);
         if p.left > 0 {
@@ -1124,44 +1115,21 @@ impl NvmfConn {
         }
     }
 
-    fn receive(&mut self) -> bool {
-        if self.rx_len == self.rx.len() {
-            return false;
-        }
-        match rustix::io::read(&self.sock, &mut self.rx[self.rx_len..]) {
-            Ok(0) => {
-                self.closing = true;
-                true
-            }
-            Ok(n) => {
-                self.rx_len += n;
-                true
-            }
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => false,
-            Err(_) => {
-                self.closing = true;
-                true
-            }
-        }
-    }
-
     /// Parses and handles whole PDUs from the receive buffer.
     fn parse(&mut self) {
-        let mut at = 0;
         while !self.closing {
             if self.pending.len() >= QUEUE_ENTRIES as usize * 2 {
                 break;
             }
             let digests = (self.phase == Phase::Ready).then_some(self.digests);
             let max = MAXH2CDATA.max(IN_CAPSULE) + pdu::MAX_HEADER + 8;
-            match pdu::parse_frame(&self.rx[at..self.rx_len], Side::Controller, digests, max) {
-                Ok(Some(mut f)) => {
-                    f.data_at += at;
+            match pdu::parse_frame(self.pump.input(), Side::Controller, digests, max) {
+                Ok(Some(f)) => {
                     let plen = f.plen;
                     if !self.handle(f) {
                         break;
                     }
-                    at += plen;
+                    self.pump.consume(plen);
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -1170,60 +1138,12 @@ impl NvmfConn {
                 }
             }
         }
-        if at > 0 {
-            self.rx.copy_within(at..self.rx_len, 0);
-            self.rx_len -= at;
-        }
-    }
-
-    fn transmit(&mut self) -> bool {
-        let mut progress = false;
-        while !self.tx.is_empty() {
-            let mut iov = IoVecs::<MAX_IOV>::new();
-            iov.gather(self.tx.iter().flat_map(|out| out.parts()), self.tx_sent);
-            let sent = match iov.writev(&self.sock) {
-                Ok(n) => n,
-                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
-                Err(_) => {
-                    self.tx.clear();
-                    self.closing = true;
-                    return true;
-                }
-            };
-            progress = true;
-            self.tx_sent += sent;
-            while let Some(front) = self.tx.front() {
-                let t = front.total();
-                if self.tx_sent < t {
-                    break;
-                }
-                self.tx_sent -= t;
-                if let Some(Out {
-                    body: Body::Bufs(bufs) | Body::Region(_, bufs),
-                    ..
-                }) = self.tx.pop_front()
-                {
-                    self.bufs.put_all(bufs);
-                }
-            }
-        }
-        progress
-    }
-
-    fn close(&mut self, cx: &mut ReactorContext) -> PollStatus {
-        if self.watched {
-            cx.unwatch_fd(self.sock.as_fd());
-        }
-        let _ = self.sock.shutdown(std::net::Shutdown::Both);
-        PollStatus::Done
     }
 }
 
 impl Poller for NvmfConn {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
-        if !self.watched {
-            self.watched = cx.watch_fd(self.sock.as_fd()).is_ok();
-        }
+        self.pump.watch(cx);
         if self.channel.is_none() {
             if let Some(e) = self.export.clone() {
                 match e
@@ -1232,7 +1152,7 @@ impl Poller for NvmfConn {
                 {
                     Ok(c) => self.channel = Some(c),
                     Err(err) => {
-                        tracing::error!(%err, nqn = %e.nqn, "NVMe/TCP queue cannot open its channel");
+                        tracing::error!(%err, nqn = %e.name, "NVMe/TCP queue cannot open its channel");
                         self.closing = true;
                     }
                 }
@@ -1269,8 +1189,13 @@ impl Poller for NvmfConn {
         }
         let mut busy = false;
         for _ in 0..4 {
-            if self.closing || !self.receive() {
+            if self.closing {
                 break;
+            }
+            match self.pump.receive() {
+                Flow::Moved => {}
+                Flow::Closed => self.closing = true,
+                Flow::Nothing => break,
             }
             busy = true;
             self.parse();
@@ -1288,36 +1213,25 @@ impl Poller for NvmfConn {
             self.done = done;
         }
         // Input held back for lack of buffers or slots can go on now.
-        if !self.closing && self.rx_len > 0 {
+        if !self.closing && !self.pump.input().is_empty() {
             self.parse();
         }
-        if self.transmit() {
-            busy = true;
-        }
-        self.settle_tx();
-        if self.closing {
-            let since = *self.closing_since.get_or_insert_with(Instant::now);
-            let io_left =
-                self.channel.is_some() && self.pending.iter().any(|(_, p)| p.stage == Stage::Io);
-            // Replies a host does not read are given up after a while.
-            let gave_up = since.elapsed() > Duration::from_secs(5);
-            if !io_left && (self.tx.is_empty() || gave_up) {
-                return self.close(cx);
+        match self.pump.transmit::<MAX_IOV>() {
+            Flow::Moved => busy = true,
+            Flow::Closed => {
+                busy = true;
+                self.closing = true;
             }
-            cx.wake_at(since + Duration::from_secs(5));
+            Flow::Nothing => {}
         }
-        // Idle for a while: the cached buffers go back to the pool other connections share.
-        if let Some(at) = self.bufs.note_idle(
-            self.pending.is_empty() && self.tx.is_empty(),
-            cx.turn_started(),
-        ) {
-            cx.wake_at(at);
-        }
-        if busy || !self.done.is_empty() {
-            PollStatus::Busy
-        } else {
-            PollStatus::Idle
-        }
+        let turn = TurnEnd {
+            busy: busy || !self.done.is_empty(),
+            closing: self.closing,
+            io_in_flight: self.channel.is_some()
+                && self.pending.iter().any(|(_, p)| p.stage == Stage::Io),
+            requests_open: !self.pending.is_empty(),
+        };
+        self.pump.end_turn(cx, turn)
     }
 
     fn name(&self) -> &str {
@@ -1328,7 +1242,7 @@ impl Poller for NvmfConn {
 impl Drop for NvmfConn {
     fn drop(&mut self) {
         if let Some(e) = &self.export {
-            e.connections.fetch_sub(1, Ordering::SeqCst);
+            e.connection_closed();
         }
         if let (Some(c), Some(q)) = (&self.ctrl, self.qid) {
             if q == 0 {

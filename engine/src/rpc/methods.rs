@@ -7,37 +7,78 @@ use serde_json::{json, Value};
 use super::{codes, RpcError};
 use crate::app::{Engine, EngineError};
 use crate::backup::{Mode, Target};
-use crate::nbd::{Address, NbdError};
+use crate::export::{Address, ExportError};
 use crate::pair::{PairConfig, PairError, DEFAULT_TRACK_SIZE};
 use drivers::{BdevError, CreateError};
 
-/// Every method, in the order `rpc_get_methods` lists them.
-pub const METHODS: &[&str] = &[
-    "bdev_malloc_create",
-    "bdev_uring_create",
-    "bdev_nvme_attach_controller",
-    "bdev_nvme_detach_controller",
-    "bdev_delete",
-    "bdev_get_bdevs",
-    "pair_create",
-    "pair_split",
-    "pair_resync",
-    "pair_delete",
-    "pair_get",
-    "backup_start",
-    "backup_get",
-    "backup_cancel",
-    "nbd_export_start",
-    "nbd_export_stop",
-    "nbd_get_exports",
-    "nvmf_export_start",
-    "nvmf_export_stop",
-    "nvmf_get_exports",
-    "framework_get_reactors",
-    "save_config",
-    "load_config",
-    "rpc_get_methods",
+/// One RPC method: its name, whether a success changes the running configuration (which is
+/// then written to the state directory), and its handler, whose second argument is the type
+/// its parameters are parsed into.
+pub struct Method {
+    /// The method's name.
+    pub name: &'static str,
+    /// A success changes the running configuration.
+    pub changes_config: bool,
+    call: fn(&Engine, Value) -> Result<Value, RpcError>,
+}
+
+/// A [`Method`] entry: parses the parameters into the handler's parameter type, then runs it.
+macro_rules! method {
+    ($name:literal, $handler:path) => {
+        method!(@ $name, $handler, false)
+    };
+    ($name:literal, $handler:path, changes_config) => {
+        method!(@ $name, $handler, true)
+    };
+    (@ $name:literal, $handler:path, $changes:expr) => {
+        Method {
+            name: $name,
+            changes_config: $changes,
+            call: |engine, p| $handler(engine, params(p)?),
+        }
+    };
+}
+
+/// Every method, in the order `rpc_get_methods` lists them: the one place a method is declared.
+pub static METHODS: &[Method] = &[
+    method!("bdev_malloc_create", bdev_malloc_create, changes_config),
+    method!("bdev_uring_create", bdev_uring_create, changes_config),
+    method!(
+        "bdev_nvme_attach_controller",
+        bdev_nvme_attach_controller,
+        changes_config
+    ),
+    method!(
+        "bdev_nvme_detach_controller",
+        bdev_nvme_detach_controller,
+        changes_config
+    ),
+    method!("bdev_delete", bdev_delete, changes_config),
+    method!("bdev_get_bdevs", bdev_get_bdevs),
+    method!("pair_create", pair_create, changes_config),
+    method!("pair_split", pair_split),
+    method!("pair_resync", pair_resync),
+    method!("pair_delete", pair_delete, changes_config),
+    method!("pair_get", pair_get),
+    method!("backup_start", backup_start),
+    method!("backup_get", backup_get),
+    method!("backup_cancel", backup_cancel),
+    method!("nbd_export_start", nbd_export_start, changes_config),
+    method!("nbd_export_stop", nbd_export_stop, changes_config),
+    method!("nbd_get_exports", nbd_get_exports),
+    method!("nvmf_export_start", nvmf_export_start, changes_config),
+    method!("nvmf_export_stop", nvmf_export_stop, changes_config),
+    method!("nvmf_get_exports", nvmf_get_exports),
+    method!("framework_get_reactors", framework_get_reactors),
+    method!("save_config", save_config),
+    method!("load_config", load_config, changes_config),
+    method!("rpc_get_methods", rpc_get_methods),
 ];
+
+/// The method named `name`.
+pub fn method(name: &str) -> Option<&'static Method> {
+    METHODS.iter().find(|m| m.name == name)
+}
 
 impl From<BdevError> for RpcError {
     fn from(e: BdevError) -> Self {
@@ -75,14 +116,14 @@ impl From<EngineError> for RpcError {
             EngineError::NotFound(m) => RpcError::new(codes::NOT_FOUND, m),
             EngineError::Unavailable(m) => RpcError::new(codes::UNAVAILABLE, m),
             e @ EngineError::Target(_) => RpcError::new(codes::IO_ERROR, e.to_string()),
-            EngineError::Nbd(n) => {
-                let code = match &n {
-                    NbdError::Exists(_) => codes::CONFLICT,
-                    NbdError::NotFound(_) => codes::NOT_FOUND,
-                    NbdError::Invalid(_) => codes::INVALID_PARAMS,
-                    NbdError::Listen { .. } => codes::IO_ERROR,
+            EngineError::Export(x) => {
+                let code = match &x {
+                    ExportError::Exists { .. } => codes::CONFLICT,
+                    ExportError::NotFound { .. } => codes::NOT_FOUND,
+                    ExportError::Invalid(_) => codes::INVALID_PARAMS,
+                    ExportError::Listen { .. } => codes::IO_ERROR,
                 };
-                RpcError::new(code, n.to_string())
+                RpcError::new(code, x.to_string())
             }
         }
     }
@@ -185,29 +226,12 @@ struct ConfigCall {
     params: Value,
 }
 
-/// Methods that change the running configuration: after each success it is written to the
-/// state directory.
-const CHANGES_CONFIG: &[&str] = &[
-    "bdev_malloc_create",
-    "bdev_uring_create",
-    "bdev_nvme_attach_controller",
-    "bdev_nvme_detach_controller",
-    "bdev_delete",
-    "pair_create",
-    "pair_delete",
-    "nbd_export_start",
-    "nbd_export_stop",
-    "nvmf_export_start",
-    "nvmf_export_stop",
-    "load_config",
-];
-
 /// Runs `method` with `params`; keeps the configuration in the state directory up to date.
 pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
     let result = dispatch(engine, method, p);
     // Saved after a failure too: a `load_config` that stopped at a bad entry has applied the
     // ones before it, and the file must say what runs.
-    if CHANGES_CONFIG.contains(&method) {
+    if self::method(method).is_some_and(|m| m.changes_config) {
         if let Err(e) = engine.persist_config() {
             tracing::error!(%e, "the configuration could not be saved in the state directory");
             if result.is_ok() {
@@ -222,191 +246,202 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
 }
 
 fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
-    match method {
-        "bdev_malloc_create" | "bdev_uring_create" => {
-            if let Some(f) = p.get("filename").and_then(Value::as_str) {
-                engine.check_bdev_file(std::path::Path::new(f))?;
-            }
-            let create = engine
-                .state()
-                .drivers
-                .get(method)
-                .ok_or_else(|| unavailable(method))?;
-            let bdev = create(p)?;
-            let name = bdev.name().to_string();
-            engine.bdev_add(bdev)?;
-            Ok(json!(name))
-        }
-        "bdev_nvme_attach_controller" => Ok(json!(engine.nvme_attach(p)?)),
-        "bdev_nvme_detach_controller" => {
-            let p: NameParam = params(p)?;
-            engine.nvme_detach(&p.name)?;
-            Ok(json!(true))
-        }
-        "bdev_delete" => {
-            let p: NameParam = params(p)?;
-            engine.bdev_delete(&p.name)?;
-            Ok(json!(true))
-        }
-        "bdev_get_bdevs" => {
-            let p: OptionalName = params(p)?;
-            let list = engine.state().bdevs.list(p.name.as_deref())?;
-            Ok(json!(list))
-        }
-        "pair_create" => {
-            let p: PairCreateParams = params(p)?;
-            engine.pair_create(
-                &PairConfig {
-                    name: p.name.clone(),
-                    track_size: p.track_size,
-                    copy_rate: p.copy_rate,
-                },
-                &p.primary,
-                &p.secondary,
-            )?;
-            Ok(json!(p.name))
-        }
-        "pair_split" => {
-            let p: SplitParams = params(p)?;
-            let names = match (p.name, p.names) {
-                (Some(n), None) => vec![n],
-                (None, Some(ns)) if !ns.is_empty() => ns,
-                _ => {
-                    return Err(RpcError::new(
-                        codes::INVALID_PARAMS,
-                        "give either 'name' or a non-empty 'names'",
-                    ))
-                }
-            };
-            let out = engine.pair_split(&names)?;
-            let per_pair: Vec<Value> = names
-                .iter()
-                .zip(&out.pending_tracks)
-                .map(|(n, t)| json!({"name": n, "pending_tracks": t}))
-                .collect();
-            Ok(json!({
-                "split_at_ns": out.split_at_ns,
-                "pending_tracks": out.pending_tracks.iter().sum::<u64>(),
-                "pairs": per_pair,
-                "engine_ns": out.engine_ns,
-            }))
-        }
-        "pair_resync" => {
-            let p: ResyncParams = params(p)?;
-            engine.pair_resync(&p.name, p.direction == Direction::Reverse)?;
-            Ok(json!(true))
-        }
-        "pair_delete" => {
-            let p: NameParam = params(p)?;
-            engine.pair_delete(&p.name)?;
-            Ok(json!(true))
-        }
-        "pair_get" => {
-            let p: OptionalName = params(p)?;
-            Ok(json!(engine.pair_get(p.name.as_deref())?))
-        }
-        "backup_start" => {
-            let p: BackupStartParams = params(p)?;
-            let id = engine.backup_start_limited(&p.pair, p.mode, p.target, p.rate, p.host_rate)?;
-            Ok(json!({ "id": id }))
-        }
-        "backup_get" => {
-            let p: OptionalId = params(p)?;
-            Ok(json!(engine.backup_get(p.id)?))
-        }
-        "backup_cancel" => {
-            let p: IdParam = params(p)?;
-            engine.backup_cancel(p.id)?;
-            Ok(json!(true))
-        }
-        "nbd_export_start" => {
-            let p: NbdExportParams = params(p)?;
-            let address = match (p.socket, p.listen) {
-                (Some(s), None) => Some(Address::Unix(s)),
-                (None, Some(l)) => Some(Address::Tcp(l)),
-                (None, None) => None,
-                (Some(_), Some(_)) => {
-                    return Err(RpcError::new(
-                        codes::INVALID_PARAMS,
-                        "give at most one of 'socket' and 'listen'",
-                    ))
-                }
-            };
-            engine.nbd_export_start(
-                &p.name,
-                p.bdev.as_deref(),
-                p.pair.as_deref(),
-                p.writable,
-                address,
-            )?;
-            Ok(json!(p.name))
-        }
-        "nbd_export_stop" => {
-            let p: NameParam = params(p)?;
-            engine.nbd().stop(&p.name).map_err(EngineError::from)?;
-            Ok(json!(true))
-        }
-        "nbd_get_exports" => {
-            let _: OptionalNothing = params(p)?;
-            Ok(json!(engine.nbd().list()))
-        }
-        "nvmf_export_start" => {
-            let p: NvmfExportParams = params(p)?;
-            engine.nvmf_export_start(
-                &p.nqn,
-                p.bdev.as_deref(),
-                p.pair.as_deref(),
-                p.writable,
-                p.listen.as_deref(),
-            )?;
-            Ok(json!(p.nqn))
-        }
-        "nvmf_export_stop" => {
-            let p: NqnParam = params(p)?;
-            engine.nvmf().stop(&p.nqn).map_err(EngineError::from)?;
-            Ok(json!(true))
-        }
-        "nvmf_get_exports" => {
-            let _: OptionalNothing = params(p)?;
-            Ok(json!(engine.nvmf().list()))
-        }
-        "framework_get_reactors" => {
-            let _: OptionalNothing = params(p)?;
-            let list: Vec<Value> = engine
-                .reactors()
-                .handles()
-                .iter()
-                .map(|r| {
-                    let s = r.stats();
-                    json!({
-                        "core": r.core(),
-                        "numa_node": r.numa_node(),
-                        "busy_ns": s.busy_ns.load(std::sync::atomic::Ordering::Relaxed),
-                        "idle_ns": s.idle_ns.load(std::sync::atomic::Ordering::Relaxed),
-                        "pollers": r.poller_names(),
-                    })
-                })
-                .collect();
-            Ok(json!(list))
-        }
-        "save_config" => {
-            let _: OptionalNothing = params(p)?;
-            Ok(engine.save_config())
-        }
-        "load_config" => {
-            let p: LoadConfigParams = params(p)?;
-            load_config(engine, p)?;
-            Ok(json!(true))
-        }
-        "rpc_get_methods" => {
-            let _: OptionalNothing = params(p)?;
-            Ok(json!(METHODS))
-        }
-        other => Err(RpcError::new(
+    match self::method(method) {
+        Some(m) => (m.call)(engine, p),
+        None => Err(RpcError::new(
             codes::METHOD_NOT_FOUND,
-            format!("method '{other}' not found"),
+            format!("method '{method}' not found"),
         )),
     }
+}
+
+/// A driver's create method: its parameters are declared by the driver (see
+/// `drivers::table::register`).
+fn bdev_create(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
+    if let Some(f) = p.get("filename").and_then(Value::as_str) {
+        engine.check_bdev_file(std::path::Path::new(f))?;
+    }
+    let create = engine
+        .state()
+        .drivers
+        .get(method)
+        .ok_or_else(|| unavailable(method))?;
+    let bdev = create(p)?;
+    let name = bdev.name().to_string();
+    engine.bdev_add(bdev)?;
+    Ok(json!(name))
+}
+
+fn bdev_malloc_create(engine: &Engine, p: Value) -> Result<Value, RpcError> {
+    bdev_create(engine, "bdev_malloc_create", p)
+}
+
+fn bdev_uring_create(engine: &Engine, p: Value) -> Result<Value, RpcError> {
+    bdev_create(engine, "bdev_uring_create", p)
+}
+
+/// Its parameters are the driver's (`drivers::nvme::rpc::AttachParams`).
+fn bdev_nvme_attach_controller(engine: &Engine, p: Value) -> Result<Value, RpcError> {
+    Ok(json!(engine.nvme_attach(p)?))
+}
+
+fn bdev_nvme_detach_controller(engine: &Engine, p: NameParam) -> Result<Value, RpcError> {
+    engine.nvme_detach(&p.name)?;
+    Ok(json!(true))
+}
+
+fn bdev_delete(engine: &Engine, p: NameParam) -> Result<Value, RpcError> {
+    engine.bdev_delete(&p.name)?;
+    Ok(json!(true))
+}
+
+fn bdev_get_bdevs(engine: &Engine, p: OptionalName) -> Result<Value, RpcError> {
+    let list = engine.state().bdevs.list(p.name.as_deref())?;
+    Ok(json!(list))
+}
+
+fn pair_create(engine: &Engine, p: PairCreateParams) -> Result<Value, RpcError> {
+    engine.pair_create(
+        &PairConfig {
+            name: p.name.clone(),
+            track_size: p.track_size,
+            copy_rate: p.copy_rate,
+        },
+        &p.primary,
+        &p.secondary,
+    )?;
+    Ok(json!(p.name))
+}
+
+fn pair_split(engine: &Engine, p: SplitParams) -> Result<Value, RpcError> {
+    let names = match (p.name, p.names) {
+        (Some(n), None) => vec![n],
+        (None, Some(ns)) if !ns.is_empty() => ns,
+        _ => {
+            return Err(RpcError::new(
+                codes::INVALID_PARAMS,
+                "give either 'name' or a non-empty 'names'",
+            ))
+        }
+    };
+    let out = engine.pair_split(&names)?;
+    let per_pair: Vec<Value> = names
+        .iter()
+        .zip(&out.pending_tracks)
+        .map(|(n, t)| json!({"name": n, "pending_tracks": t}))
+        .collect();
+    Ok(json!({
+        "split_at_ns": out.split_at_ns,
+        "pending_tracks": out.pending_tracks.iter().sum::<u64>(),
+        "pairs": per_pair,
+        "engine_ns": out.engine_ns,
+    }))
+}
+
+fn pair_resync(engine: &Engine, p: ResyncParams) -> Result<Value, RpcError> {
+    engine.pair_resync(&p.name, p.direction == Direction::Reverse)?;
+    Ok(json!(true))
+}
+
+fn pair_delete(engine: &Engine, p: NameParam) -> Result<Value, RpcError> {
+    engine.pair_delete(&p.name)?;
+    Ok(json!(true))
+}
+
+fn pair_get(engine: &Engine, p: OptionalName) -> Result<Value, RpcError> {
+    Ok(json!(engine.pair_get(p.name.as_deref())?))
+}
+
+fn backup_start(engine: &Engine, p: BackupStartParams) -> Result<Value, RpcError> {
+    let id = engine.backup_start_limited(&p.pair, p.mode, p.target, p.rate, p.host_rate)?;
+    Ok(json!({ "id": id }))
+}
+
+fn backup_get(engine: &Engine, p: OptionalId) -> Result<Value, RpcError> {
+    Ok(json!(engine.backup_get(p.id)?))
+}
+
+fn backup_cancel(engine: &Engine, p: IdParam) -> Result<Value, RpcError> {
+    engine.backup_cancel(p.id)?;
+    Ok(json!(true))
+}
+
+fn nbd_export_start(engine: &Engine, p: NbdExportParams) -> Result<Value, RpcError> {
+    let address = match (p.socket, p.listen) {
+        (Some(s), None) => Some(Address::Unix(s)),
+        (None, Some(l)) => Some(Address::Tcp(l)),
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err(RpcError::new(
+                codes::INVALID_PARAMS,
+                "give at most one of 'socket' and 'listen'",
+            ))
+        }
+    };
+    engine.nbd_export_start(
+        &p.name,
+        p.bdev.as_deref(),
+        p.pair.as_deref(),
+        p.writable,
+        address,
+    )?;
+    Ok(json!(p.name))
+}
+
+fn nbd_export_stop(engine: &Engine, p: NameParam) -> Result<Value, RpcError> {
+    engine.nbd().stop(&p.name).map_err(EngineError::from)?;
+    Ok(json!(true))
+}
+
+fn nbd_get_exports(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
+    Ok(json!(engine.nbd().list()))
+}
+
+fn nvmf_export_start(engine: &Engine, p: NvmfExportParams) -> Result<Value, RpcError> {
+    engine.nvmf_export_start(
+        &p.nqn,
+        p.bdev.as_deref(),
+        p.pair.as_deref(),
+        p.writable,
+        p.listen.as_deref(),
+    )?;
+    Ok(json!(p.nqn))
+}
+
+fn nvmf_export_stop(engine: &Engine, p: NqnParam) -> Result<Value, RpcError> {
+    engine.nvmf().stop(&p.nqn).map_err(EngineError::from)?;
+    Ok(json!(true))
+}
+
+fn nvmf_get_exports(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
+    Ok(json!(engine.nvmf().list()))
+}
+
+fn framework_get_reactors(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
+    let list: Vec<Value> = engine
+        .reactors()
+        .handles()
+        .iter()
+        .map(|r| {
+            let s = r.stats();
+            json!({
+                "core": r.core(),
+                "numa_node": r.numa_node(),
+                "busy_ns": s.busy_ns.load(std::sync::atomic::Ordering::Relaxed),
+                "idle_ns": s.idle_ns.load(std::sync::atomic::Ordering::Relaxed),
+                "pollers": r.poller_names(),
+            })
+        })
+        .collect();
+    Ok(json!(list))
+}
+
+fn save_config(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
+    Ok(engine.save_config())
+}
+
+fn rpc_get_methods(_: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
+    Ok(json!(METHODS.iter().map(|m| m.name).collect::<Vec<_>>()))
 }
 
 #[derive(Deserialize)]
@@ -483,7 +518,7 @@ struct NqnParam {
     nqn: String,
 }
 
-fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<(), RpcError> {
+fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<Value, RpcError> {
     for (i, c) in p.config.into_iter().enumerate() {
         if matches!(c.method.as_str(), "load_config" | "save_config") {
             return Err(RpcError::new(
@@ -504,7 +539,7 @@ fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<(), RpcError> {
             ),
         })?;
     }
-    Ok(())
+    Ok(json!(true))
 }
 
 /// Applies a configuration (what `save_config` returns) at startup and keeps it in the state

@@ -86,7 +86,7 @@ impl RpcServer {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        crate::listener::clear_stale_socket(path)?;
+        crate::export::listener::clear_stale_socket(path)?;
         let listener = bind_private(path)?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));

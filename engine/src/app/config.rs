@@ -1,0 +1,65 @@
+//! The running configuration: what `save_config` returns (the calls that rebuild every bdev,
+//! pair and export) and its copy in the state directory, rewritten atomically after each change.
+
+use std::path::PathBuf;
+use std::sync::PoisonError;
+
+use super::Engine;
+use crate::export::ExportSet;
+
+/// The running configuration's file in the state directory.
+pub const CONFIG_FILE: &str = "config.json";
+
+impl Engine {
+    /// Where the running configuration is kept.
+    pub fn config_path(&self) -> PathBuf {
+        self.state_dir.join(CONFIG_FILE)
+    }
+
+    /// Writes the running configuration to the state directory, atomically (a new file, made
+    /// durable, renamed over the old one, directory synced), so a restart finds it whole.
+    pub fn persist_config(&self) -> std::io::Result<()> {
+        let _writing = self
+            .config_file
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let text = serde_json::to_vec_pretty(&self.save_config()).map_err(std::io::Error::other)?;
+        let path = self.config_path();
+        let tmp = self.state_dir.join(format!("{CONFIG_FILE}.new"));
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.state_dir)?.sync_all()
+    }
+
+    /// The running configuration: the calls that rebuild every bdev and pair, in order.
+    pub fn save_config(&self) -> serde_json::Value {
+        let st = self.state();
+        let mut calls: Vec<serde_json::Value> = st
+            .bdevs
+            .config()
+            .into_iter()
+            .filter(|c| !c.is_null())
+            .collect();
+        for p in st.pairs.values() {
+            calls.push(serde_json::json!({
+                "method": "pair_create",
+                "params": {
+                    "name": p.name(),
+                    "primary": p.primary().name(),
+                    "secondary": p.secondary().name(),
+                    "track_size": p.track_size(),
+                    "copy_rate": p.copy_rate(),
+                }
+            }));
+        }
+        drop(st);
+        calls.extend(self.nbd.config());
+        calls.extend(self.nvmf.config());
+        serde_json::json!({ "config": calls })
+    }
+}

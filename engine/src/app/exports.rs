@@ -1,0 +1,187 @@
+//! Exports over NBD and NVMe/TCP: what an export of a bdev or of a pair's image shows, and the
+//! checks that keep a bdev exported as itself out of pairs and deletion.
+
+use std::sync::Arc;
+
+use super::{Engine, EngineError, State};
+use crate::export::{Address, Export, ExportError, ExportSet, Source};
+use crate::nbd::NbdServer;
+use crate::nvmf::{check_nqn, NvmfServer, DEFAULT_LISTEN};
+use crate::pair::channel::{PairView, View};
+use crate::pair::PairError;
+
+/// What an export shows.
+pub(crate) enum ExportOf<'a> {
+    /// A bdev, through its pair when it is a pair's primary.
+    Bdev(&'a str),
+    /// A pair's image.
+    Pair(&'a str),
+}
+
+/// The source, the bdev connections open and the access of an export of `of`, with the state
+/// locked by the caller until the export is registered. `writable` defaults to true for a bdev
+/// and false for an image; a pair's secondary cannot be exported.
+pub(crate) fn resolve_export(
+    st: &State,
+    of: ExportOf<'_>,
+    writable: Option<bool>,
+) -> Result<(Source, Arc<dyn drivers::Bdev>, bool), EngineError> {
+    match of {
+        ExportOf::Bdev(b) => {
+            let raw = st.bdevs.get(b)?;
+            let owner = st
+                .pairs
+                .values()
+                .find(|p| p.primary().name() == b || p.secondary().name() == b);
+            let shown: Arc<dyn drivers::Bdev> = match owner {
+                Some(p) if p.secondary().name() == b => {
+                    return Err(EngineError::InUse(format!(
+                        "bdev '{b}' is the secondary of pair '{}': export the pair's image \
+                         instead",
+                        p.name()
+                    )))
+                }
+                Some(p) => Arc::new(PairView::new(Arc::clone(p), View::Primary)),
+                None => raw,
+            };
+            Ok((Source::Bdev(b.to_string()), shown, writable.unwrap_or(true)))
+        }
+        ExportOf::Pair(name) => {
+            let p = st
+                .pairs
+                .get(name)
+                .cloned()
+                .ok_or_else(|| PairError::NotFound(name.to_string()))?;
+            Ok((
+                Source::Pair(name.to_string()),
+                Arc::new(PairView::new(p, View::Image)),
+                writable.unwrap_or(false),
+            ))
+        }
+    }
+}
+
+impl Engine {
+    /// The NBD server's exports.
+    pub fn nbd(&self) -> &Arc<NbdServer> {
+        &self.nbd
+    }
+
+    /// The NVMe/TCP target's exports.
+    pub fn nvmf(&self) -> &Arc<NvmfServer> {
+        &self.nvmf
+    }
+
+    /// Every protocol's exports, for the checks that span them.
+    pub(super) fn export_sets(&self) -> [&dyn ExportSet; 2] {
+        [self.nbd.as_ref(), self.nvmf.as_ref()]
+    }
+
+    /// Stops every export of every protocol.
+    pub fn stop_exports(&self) {
+        for set in self.export_sets() {
+            set.stop_all();
+        }
+    }
+
+    /// What an export of exactly one of `bdev` and `pair` shows, its bdev and its access,
+    /// resolved under the state lock, which `register` runs under too: a pair made in between
+    /// would not see the export (`pair_create` refuses bdevs exported as themselves).
+    fn start_export(
+        &self,
+        bdev: Option<&str>,
+        pair: Option<&str>,
+        writable: Option<bool>,
+        register: impl FnOnce(Source, Arc<dyn drivers::Bdev>, bool) -> Result<(), ExportError>,
+    ) -> Result<(), EngineError> {
+        let of = match (bdev, pair) {
+            (Some(b), None) => ExportOf::Bdev(b),
+            (None, Some(p)) => ExportOf::Pair(p),
+            _ => {
+                return Err(
+                    ExportError::Invalid("give exactly one of 'bdev' and 'pair'".into()).into(),
+                )
+            }
+        };
+        let st = self.state();
+        let (source, shown, writable) = resolve_export(&st, of, writable)?;
+        register(source, shown, writable)?;
+        Ok(())
+    }
+
+    /// Starts an NBD export of a bdev (through its pair when it is a pair's primary) or of a
+    /// pair's image. `writable` defaults to true for a bdev and false for an image; the address
+    /// defaults to `<state-dir>/nbd.sock`.
+    pub fn nbd_export_start(
+        &self,
+        name: &str,
+        bdev: Option<&str>,
+        pair: Option<&str>,
+        writable: Option<bool>,
+        address: Option<Address>,
+    ) -> Result<(), EngineError> {
+        let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
+        self.start_export(bdev, pair, writable, |source, shown, writable| {
+            self.nbd.start(name, source, shown, writable, address)
+        })
+    }
+
+    /// `nvmf_export_start`: exports a bdev (through its pair when it is a pair's primary) or a
+    /// pair's image as namespace 1 of subsystem `nqn`. `writable` defaults to true for a bdev
+    /// and false for an image.
+    pub fn nvmf_export_start(
+        &self,
+        nqn: &str,
+        bdev: Option<&str>,
+        pair: Option<&str>,
+        writable: Option<bool>,
+        listen: Option<&str>,
+    ) -> Result<(), EngineError> {
+        check_nqn(nqn)?;
+        let address = Address::Tcp(listen.unwrap_or(DEFAULT_LISTEN).to_string());
+        self.start_export(bdev, pair, writable, |source, shown, writable| {
+            self.nvmf.start(nqn, source, shown, writable, address)
+        })
+    }
+
+    /// The export, of any protocol, that shows bdev `name` itself, if one does. (Stopped
+    /// exports count while their connections finish the requests they read.)
+    pub(super) fn raw_export_of(&self, name: &str) -> Option<String> {
+        let shows = |e: &Export| matches!(&e.source, Source::Bdev(b) if b == name);
+        self.export_sets().into_iter().find_map(|set| {
+            set.uses(&shows)
+                .map(|e| format!("{} export '{e}'", set.protocol_name()))
+        })
+    }
+
+    /// Fails when bdev `name` is exported as itself (over any protocol).
+    pub(super) fn check_not_exported(&self, name: &str) -> Result<(), EngineError> {
+        match self.raw_export_of(name) {
+            Some(export) => Err(EngineError::InUse(format!(
+                "bdev '{name}' is exported ({export}): stop the export first"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Fails when pair `name` is exported: its image, or its primary (`primary`) through it.
+    pub(super) fn check_pair_not_exported(
+        &self,
+        name: &str,
+        primary: &str,
+    ) -> Result<(), EngineError> {
+        let shows = |e: &Export| match &e.source {
+            Source::Pair(p) => p == name,
+            Source::Bdev(b) => b == primary,
+        };
+        for set in self.export_sets() {
+            if let Some(e) = set.uses(&shows) {
+                return Err(EngineError::InUse(format!(
+                    "pair '{name}' is exported over {} as '{e}': stop the export first",
+                    set.protocol_name()
+                )));
+            }
+        }
+        Ok(())
+    }
+}

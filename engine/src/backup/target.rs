@@ -1,0 +1,174 @@
+//! Backup targets: where a backup goes, and what must be made ready before its job starts on a
+//! reactor. An NBD or NVMe/TCP target is connected on the control thread (the handshake,
+//! Connect and Identify block) and checked against the image with [`connect`]; the sink over
+//! it, or over a file or a tape, is opened by the job on its reactor with [`open_sink`].
+
+use std::path::PathBuf;
+
+use drivers::sink::nbd::{NbdConnection, NbdSink};
+use drivers::sink::nvmf::{NvmfConnection, NvmfSink};
+use drivers::sink::{file::FileSink, tape::TapeSink, tape_device, Sink};
+use drivers::tape::Manifest;
+use drivers::ChannelContext;
+use serde::{Deserialize, Serialize};
+
+use crate::pair::Pair;
+
+fn default_record_size() -> usize {
+    drivers::tape::DEFAULT_RECORD_SIZE
+}
+
+/// Where a backup goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Target {
+    /// A raw image file (or block device).
+    File {
+        /// Path.
+        path: PathBuf,
+    },
+    /// A pax archive in fixed records on a file standing for a tape.
+    Tape {
+        /// Path.
+        path: PathBuf,
+        /// Record size in bytes (a multiple of 512).
+        #[serde(default = "default_record_size")]
+        record_size: usize,
+    },
+    /// An NBD server's export.
+    Nbd {
+        /// `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
+        uri: String,
+    },
+    /// An NVMe/TCP namespace.
+    Nvmf {
+        /// Target address.
+        traddr: String,
+        /// Target port.
+        #[serde(default)]
+        trsvcid: Option<u16>,
+        /// Subsystem NQN.
+        subnqn: String,
+        /// Namespace id.
+        #[serde(default)]
+        nsid: Option<u32>,
+        /// Host NQN.
+        #[serde(default)]
+        hostnqn: Option<String>,
+    },
+}
+
+impl Target {
+    /// Where the bytes land, for telling two targets that are the same place: a file by its
+    /// directory's real path and its name, an NBD server by its URI, an NVMe/TCP namespace by
+    /// address, port, subsystem and namespace.
+    pub(crate) fn place(&self) -> String {
+        let file = |path: &std::path::Path| {
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+            format!(
+                "file:{}",
+                dir.join(path.file_name().unwrap_or_default()).display()
+            )
+        };
+        match self {
+            Target::File { path } | Target::Tape { path, .. } => file(path),
+            Target::Nbd { uri } => format!("nbd:{uri}"),
+            Target::Nvmf {
+                traddr,
+                trsvcid,
+                subnqn,
+                nsid,
+                ..
+            } => format!(
+                "nvmf:{traddr}:{}:{subnqn}:{}",
+                trsvcid.unwrap_or(drivers::nvmf::DEFAULT_PORT),
+                nsid.unwrap_or(1)
+            ),
+        }
+    }
+}
+
+/// A network target's connection, made before the job starts.
+pub enum Connection {
+    /// To an NBD server's export.
+    Nbd(NbdConnection),
+    /// To an NVMe/TCP namespace.
+    Nvmf(Box<NvmfConnection>),
+}
+
+/// Checks a target's own parameters.
+pub fn check_params(target: &Target) -> Result<(), String> {
+    match target {
+        Target::Tape { record_size, .. }
+            if *record_size == 0 || record_size % 512 != 0 || *record_size > 64 << 20 =>
+        {
+            Err(format!(
+                "record_size {record_size} must be a multiple of 512 up to 64 MiB"
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Connects a network target for a backup of `pair` and checks it against the image (blocking:
+/// the handshake, Connect and Identify run on the control thread); `None` for a file or tape.
+pub fn connect(target: &Target, pair: &Pair) -> Result<Option<Connection>, String> {
+    let g = pair.geometry();
+    match target {
+        Target::File { .. } | Target::Tape { .. } => Ok(None),
+        Target::Nbd { uri } => {
+            let conn = NbdConnection::connect(uri)?;
+            conn.check(g.size())?;
+            Ok(Some(Connection::Nbd(conn)))
+        }
+        Target::Nvmf {
+            traddr,
+            trsvcid,
+            subnqn,
+            nsid,
+            hostnqn,
+        } => {
+            let t = drivers::sink::nvmf::NvmfTarget {
+                traddr: traddr.clone(),
+                trsvcid: trsvcid.unwrap_or(drivers::nvmf::DEFAULT_PORT),
+                subnqn: subnqn.clone(),
+                nsid: nsid.unwrap_or(1),
+                hostnqn: hostnqn.clone(),
+            };
+            let conn = NvmfConnection::connect(&t)?;
+            conn.check(g.size(), g.block_size)?;
+            Ok(Some(Connection::Nvmf(Box::new(conn))))
+        }
+    }
+}
+
+/// Opens the sink of `target` for an image of `size` bytes in blocks of `block_size`, on the
+/// job's reactor (`ctx`), over the connection [`connect`] made for a network target.
+pub fn open_sink(
+    target: &Target,
+    connection: Option<Connection>,
+    manifest: &Manifest,
+    size: u64,
+    block_size: u32,
+    ctx: &ChannelContext,
+) -> Result<Box<dyn Sink>, String> {
+    Ok(match (target, connection) {
+        (Target::File { path }, _) => Box::new(FileSink::open(path, size, block_size, ctx)?),
+        (Target::Tape { path, record_size }, _) if tape_device::is_sequential(path) => Box::new(
+            tape_device::TapeDeviceSink::open(path, manifest, *record_size)?,
+        ),
+        (Target::Tape { path, record_size }, _) => {
+            Box::new(TapeSink::open(path, manifest, *record_size, ctx)?)
+        }
+        (Target::Nbd { .. }, Some(Connection::Nbd(conn))) => Box::new(NbdSink::new(conn, size)?),
+        (Target::Nvmf { .. }, Some(Connection::Nvmf(conn))) => {
+            Box::new(NvmfSink::new(*conn, size, block_size)?)
+        }
+        (Target::Nbd { uri }, _) => return Err(format!("{uri}: not connected")),
+        (Target::Nvmf { subnqn, .. }, _) => return Err(format!("{subnqn}: not connected")),
+    })
+}

@@ -1,0 +1,211 @@
+//! The export layer: what every front end that serves bdevs over a socket shares, whatever its
+//! protocol.
+//!
+//! An export shows a [`Source`] (a bdev, or a pair's image) under a name at an [`Address`]. The
+//! [`Registry`] of one protocol keeps its exports and the listener of each address (start, stop,
+//! the in-use checks, the list and the configuration); [`listener`] accepts connections on a
+//! thread per address; the [`SocketPump`] moves a connection's bytes on its reactor (receive,
+//! vectored transmit, close, idle staging buffers, busy or idle). A protocol module (NBD,
+//! NVMe/TCP) implements [`Protocol`]: it checks a new export, takes each accepted connection,
+//! and parses and executes its requests, nothing more.
+
+pub mod listener;
+mod pump;
+mod registry;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use drivers::Bdev;
+use serde::Serialize;
+
+pub use drivers::nbd::stream::Stream;
+pub(crate) use pump::{Flow, Outgoing, SocketPump, TurnEnd};
+pub use registry::{ExportSet, Registry};
+
+/// Where an export listens.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum Address {
+    /// A Unix socket path.
+    #[serde(rename = "socket")]
+    Unix(PathBuf),
+    /// A TCP host:port.
+    #[serde(rename = "listen")]
+    Tcp(String),
+}
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Address::Unix(p) => write!(f, "unix:{}", p.display()),
+            Address::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// What an export shows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Source {
+    /// A bdev (through its pair when it is a pair's primary).
+    #[serde(rename = "bdev")]
+    Bdev(String),
+    /// A pair's image.
+    #[serde(rename = "pair")]
+    Pair(String),
+}
+
+/// One export of some protocol.
+pub struct Export {
+    /// The name clients ask for (an NBD export name, an NVMe subsystem NQN).
+    pub name: String,
+    /// What it shows.
+    pub source: Source,
+    /// The bdev the connections open channels on.
+    pub bdev: Arc<dyn Bdev>,
+    /// Writes allowed.
+    pub writable: bool,
+    /// Where it listens.
+    pub address: Address,
+    closed: AtomicBool,
+    /// Open connections.
+    pub connections: AtomicUsize,
+}
+
+impl Export {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.bdev.geometry().size()
+    }
+
+    /// Block size.
+    pub fn block_size(&self) -> u32 {
+        self.bdev.geometry().block_size
+    }
+
+    /// Size of the pieces requests are split into: the staging buffer size `buf`, or the
+    /// bdev's boundary (a pair's tracks) when smaller.
+    pub fn piece_size(&self, buf: u64) -> u64 {
+        match self.bdev.io_boundary() {
+            Some(b) if b < buf => b,
+            _ => buf,
+        }
+    }
+
+    /// True once stopped.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// A connection starts using it.
+    pub fn connection_opened(&self) {
+        self.connections.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A connection that used it is gone.
+    pub fn connection_closed(&self) {
+        self.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What `nbd_get_exports` and `nvmf_get_exports` report of an export; the name goes under the
+/// protocol's key (`name`, `nqn`).
+#[derive(Debug, Clone)]
+pub struct ExportInfo {
+    /// The protocol's key for the name.
+    pub name_key: &'static str,
+    /// Name.
+    pub name: String,
+    /// `bdev` or `pair` it shows.
+    pub source: Source,
+    /// Writes allowed.
+    pub writable: bool,
+    /// `socket` or `listen`.
+    pub address: Address,
+    /// Open connections.
+    pub connections: usize,
+}
+
+impl ExportInfo {
+    /// The export's start parameters, as the start method takes them.
+    fn params(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(self.name_key.into(), self.name.clone().into());
+        match &self.source {
+            Source::Bdev(b) => m.insert("bdev".into(), b.clone().into()),
+            Source::Pair(p) => m.insert("pair".into(), p.clone().into()),
+        };
+        m.insert("writable".into(), self.writable.into());
+        match &self.address {
+            Address::Unix(p) => m.insert("socket".into(), p.display().to_string().into()),
+            Address::Tcp(a) => m.insert("listen".into(), a.clone().into()),
+        };
+        m
+    }
+}
+
+impl Serialize for ExportInfo {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = self.params();
+        m.insert("connections".into(), self.connections.into());
+        m.serialize(s)
+    }
+}
+
+/// Errors of export management, for every protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    /// A name is taken.
+    #[error("an {what} '{name}' already exists")]
+    Exists {
+        /// How the protocol calls its exports ("NBD export named").
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// No such export.
+    #[error("no {what} '{name}'")]
+    NotFound {
+        /// How the protocol calls its exports.
+        what: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// A parameter is unusable.
+    #[error("{0}")]
+    Invalid(String),
+    /// The address cannot be listened on.
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        /// The address.
+        address: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A front end's protocol: what the [`Registry`] needs to know of it.
+pub trait Protocol: Send + Sync + Sized + 'static {
+    /// Its name in logs and messages ("NBD", "NVMe/TCP").
+    const NAME: &'static str;
+    /// How messages call one export before its name ("NBD export named").
+    const EXPORT: &'static str;
+    /// The key of an export's name in its parameters and listings (`name`, `nqn`).
+    const NAME_KEY: &'static str;
+    /// The RPC method that starts an export (what `save_config` records).
+    const START_METHOD: &'static str;
+    /// Size of the staging buffers its connections share.
+    const BUF_SIZE: usize;
+    /// Number of those buffers.
+    const BUFS: usize;
+
+    /// Checks a new export before it is registered.
+    fn check(&self, name: &str, bdev: &dyn Bdev, address: &Address) -> Result<(), ExportError>;
+
+    /// Takes a connection accepted on `address`: hands it to a reactor, or to a handshake
+    /// first.
+    fn accept(registry: &Arc<Registry<Self>>, stream: Stream, address: &Address);
+
+    /// The registry's exports changed (one started or stopped).
+    fn exports_changed(&self) {}
+}

@@ -1,0 +1,258 @@
+//! The socket pump: one connection's bytes on its reactor, whatever the protocol. It reads the
+//! non-blocking socket into a receive buffer the protocol parses in place, sends what the
+//! protocol queued with vectored writes straight from its buffers (giving the staging buffers
+//! back once sent), closes once the protocol's work is done (or the peer stops reading its
+//! replies), releases cached staging buffers when the connection is idle, and tells the reactor
+//! whether the turn was busy.
+
+use std::collections::VecDeque;
+use std::os::fd::AsFd;
+use std::time::{Duration, Instant};
+
+use drivers::iov::{IoVecs, SendPart};
+use drivers::IoBufs;
+use hugepages::{BufferCache, BufferPool};
+
+use crate::reactor::{PollStatus, ReactorContext};
+
+/// A closing connection whose peer does not read its last replies is dropped after this.
+const CLOSE_GIVE_UP: Duration = Duration::from_secs(5);
+/// Freed staging buffers a connection keeps for its next requests (a queue's depth of them).
+const CACHED_BUFS: usize = 32;
+
+/// What a protocol queues to send: a reply or a PDU made of byte pieces.
+pub(crate) trait Outgoing {
+    /// Its pieces, in order.
+    fn parts(&self) -> impl Iterator<Item = SendPart<'_>>;
+    /// Its length in bytes.
+    fn total(&self) -> usize;
+    /// Copies what it sends in place (a RAM disk's blocks) into its own buffers, so a write
+    /// completing in a later turn cannot change it. Runs at the end of every turn.
+    fn settle(&mut self);
+    /// The staging buffers it holds, given back once it is sent.
+    fn into_bufs(self) -> Option<IoBufs>;
+}
+
+/// What a receive or a transmit did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Flow {
+    /// Bytes moved.
+    Moved,
+    /// Nothing to move now.
+    Nothing,
+    /// The peer is gone (end of stream, or a socket error): nothing more is read or sent.
+    Closed,
+}
+
+/// How a protocol's poll turn ended, for [`SocketPump::end_turn`].
+pub(crate) struct TurnEnd {
+    /// The turn did work.
+    pub busy: bool,
+    /// The connection is closing.
+    pub closing: bool,
+    /// Work that must finish before the connection closes (I/O in flight).
+    pub io_in_flight: bool,
+    /// Requests not yet answered (the staging buffers cached are still wanted).
+    pub requests_open: bool,
+}
+
+/// One connection's socket with its receive buffer, its send queue and its staging buffers.
+pub(crate) struct SocketPump<S, O> {
+    sock: S,
+    /// Staging buffers, the recently freed ones first.
+    bufs: BufferCache,
+    rx: Vec<u8>,
+    rx_start: usize,
+    rx_end: usize,
+    input_closed: bool,
+    tx: VecDeque<O>,
+    tx_sent: usize,
+    watched: bool,
+    closing_since: Option<Instant>,
+}
+
+impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
+    /// A pump over the non-blocking `sock`, receiving up to `rx_size` bytes at once, with
+    /// staging buffers from `pool`.
+    pub(crate) fn new(sock: S, pool: BufferPool, rx_size: usize) -> Self {
+        Self {
+            sock,
+            bufs: BufferCache::new(pool, CACHED_BUFS),
+            rx: vec![0u8; rx_size],
+            rx_start: 0,
+            rx_end: 0,
+            input_closed: false,
+            tx: VecDeque::new(),
+            tx_sent: 0,
+            watched: false,
+            closing_since: None,
+        }
+    }
+
+    /// The staging buffer cache.
+    pub(crate) fn bufs(&mut self) -> &mut BufferCache {
+        &mut self.bufs
+    }
+
+    /// Staging buffers for `len` bytes at byte `offset`, split at multiples of `piece` (a
+    /// pair's tracks, the pool's buffer size); `None` when the cache and pool cannot give them
+    /// all now (with two to spare, so one request cannot take the last ones).
+    pub(crate) fn staging(&mut self, offset: u64, len: u64, piece: u64) -> Option<IoBufs> {
+        if (len / piece + 2) as usize > self.bufs.available() {
+            return None;
+        }
+        let mut bufs = IoBufs::new();
+        let (mut pos, end) = (offset, offset + len);
+        while pos < end {
+            let next = ((pos / piece + 1) * piece).min(end);
+            let mut b = self.bufs.get()?;
+            b.set_len((next - pos) as usize).ok()?;
+            bufs.push(b);
+            pos = next;
+        }
+        Some(bufs)
+    }
+
+    /// Has the reactor wake for input on the socket (once; a failure leaves it polling).
+    pub(crate) fn watch(&mut self, cx: &ReactorContext) {
+        if !self.watched {
+            self.watched = cx.watch_fd(self.sock.as_fd()).is_ok();
+        }
+    }
+
+    /// Reads what the socket has into the receive buffer.
+    pub(crate) fn receive(&mut self) -> Flow {
+        if self.input_closed {
+            return Flow::Nothing;
+        }
+        let cap = self.rx.len();
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        } else if self.rx_start > cap / 2 || (self.rx_end == cap && self.rx_start > 0) {
+            self.rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
+            self.rx_start = 0;
+        }
+        if self.rx_end == cap {
+            return Flow::Nothing;
+        }
+        match rustix::io::read(&self.sock, &mut self.rx[self.rx_end..]) {
+            Ok(0) => {
+                self.input_closed = true;
+                Flow::Closed
+            }
+            Ok(n) => {
+                self.rx_end += n;
+                Flow::Moved
+            }
+            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => Flow::Nothing,
+            Err(_) => {
+                self.input_closed = true;
+                Flow::Closed
+            }
+        }
+    }
+
+    /// The bytes received and not yet consumed.
+    pub(crate) fn input(&self) -> &[u8] {
+        &self.rx[self.rx_start..self.rx_end]
+    }
+
+    /// Marks the first `n` bytes of [`SocketPump::input`] consumed.
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.rx_start = (self.rx_start + n).min(self.rx_end);
+    }
+
+    /// True when the last receive filled the buffer to its end: the socket may hold more.
+    pub(crate) fn input_at_end(&self) -> bool {
+        self.rx_end == self.rx.len()
+    }
+
+    /// Stops reading (the protocol will not take more input).
+    pub(crate) fn close_input(&mut self) {
+        self.input_closed = true;
+    }
+
+    /// Queues `out` to be sent.
+    pub(crate) fn send(&mut self, out: O) {
+        self.tx.push_back(out);
+    }
+
+    /// The last thing queued.
+    pub(crate) fn last_queued(&mut self) -> Option<&mut O> {
+        self.tx.back_mut()
+    }
+
+    /// Drops everything queued (a fatal error replaces it).
+    pub(crate) fn discard_output(&mut self) {
+        self.tx.clear();
+        self.tx_sent = 0;
+    }
+
+    /// Sends what is queued, `IOV` pieces per vectored write, until the socket takes no more.
+    pub(crate) fn transmit<const IOV: usize>(&mut self) -> Flow {
+        let mut flow = Flow::Nothing;
+        while !self.tx.is_empty() {
+            let mut iov = IoVecs::<IOV>::new();
+            iov.gather(self.tx.iter().flat_map(Outgoing::parts), self.tx_sent);
+            let sent = match iov.writev(&self.sock) {
+                Ok(n) => n,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
+                Err(_) => {
+                    // The peer is gone: nothing more can be sent.
+                    self.tx.clear();
+                    self.input_closed = true;
+                    return Flow::Closed;
+                }
+            };
+            flow = Flow::Moved;
+            self.tx_sent += sent;
+            while let Some(front) = self.tx.front() {
+                let t = front.total();
+                if self.tx_sent < t {
+                    break;
+                }
+                self.tx_sent -= t;
+                if let Some(bufs) = self.tx.pop_front().and_then(Outgoing::into_bufs) {
+                    self.bufs.put_all(bufs);
+                }
+            }
+        }
+        flow
+    }
+
+    /// The end of a poll turn: what is still queued stops pointing into device memory; a
+    /// closing connection closes once its I/O is done and its replies are sent (or its peer
+    /// has not read them for a while); an idle one gives its cached staging buffers back to
+    /// the pool other connections share.
+    pub(crate) fn end_turn(&mut self, cx: &mut ReactorContext, turn: TurnEnd) -> PollStatus {
+        self.tx.iter_mut().for_each(Outgoing::settle);
+        if turn.closing {
+            let since = *self.closing_since.get_or_insert_with(Instant::now);
+            let gave_up = since.elapsed() > CLOSE_GIVE_UP;
+            if !turn.io_in_flight && (self.tx.is_empty() || gave_up) {
+                if self.watched {
+                    cx.unwatch_fd(self.sock.as_fd());
+                    self.watched = false;
+                }
+                let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
+                return PollStatus::Done;
+            }
+            cx.wake_at(since + CLOSE_GIVE_UP);
+        }
+        if let Some(at) = self
+            .bufs
+            .note_idle(!turn.requests_open && self.tx.is_empty(), cx.turn_started())
+        {
+            cx.wake_at(at);
+        }
+        // Replies a peer does not read (its socket full) are retried on later turns without
+        // keeping the reactor from parking: a stalled peer costs nothing.
+        if turn.busy {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
+    }
+}
