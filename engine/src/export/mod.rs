@@ -17,12 +17,33 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use drivers::Bdev;
+use drivers::{Bdev, IoChannel, IoCompletion, IoError, IoRequest, SubmitErrorKind};
 use serde::Serialize;
 
 pub use drivers::nbd::stream::Stream;
 pub(crate) use pump::{Flow, Outgoing, SocketPump, TurnEnd};
 pub use registry::{ExportSet, Registry};
+
+/// Submits a connection's request to its channel; one the channel refuses completes at once
+/// with the error (a full queue as `EAGAIN`), so the protocol answers it like any other.
+pub(crate) fn submit_or_complete(
+    channel: &mut dyn IoChannel,
+    req: IoRequest,
+    done: &mut Vec<IoCompletion>,
+) {
+    if let Err(e) = channel.submit(req) {
+        let e = *e;
+        let error = match e.error {
+            SubmitErrorKind::QueueFull => IoError::Device(libc::EAGAIN),
+            SubmitErrorKind::Invalid(err) => err,
+        };
+        done.push(IoCompletion {
+            tag: e.req.tag,
+            result: Err(error),
+            bufs: e.req.bufs,
+        });
+    }
+}
 
 /// Where an export listens.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]

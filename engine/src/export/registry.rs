@@ -11,7 +11,7 @@ use hugepages::BufferPool;
 
 use super::listener::{AcceptThread, Listener};
 use super::{Address, Export, ExportError, ExportInfo, Protocol, Source};
-use crate::reactor::ReactorHandle;
+use crate::reactor::{Poller, ReactorHandle};
 
 /// The exports and listeners of protocol `P`.
 pub struct Registry<P: Protocol> {
@@ -66,10 +66,25 @@ impl<P: Protocol> Registry<P> {
         Ok(pool)
     }
 
-    /// The reactor for the next connection, taken in turn; `None` when there is none.
-    pub fn next_reactor(&self) -> Option<&ReactorHandle> {
+    /// Places a connection on the next reactor, taken in turn: `make` builds its poller with
+    /// the staging pool. The connection is dropped (with a log line) when the pool cannot be
+    /// mapped or the reactor has stopped.
+    pub fn place(&self, make: impl FnOnce(BufferPool) -> Box<dyn Poller> + Send + 'static) {
+        let pool = match self.pool() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(%e, "{} connection dropped", P::NAME);
+                return;
+            }
+        };
         let i = self.next_reactor.fetch_add(1, Ordering::Relaxed) % self.reactors.len().max(1);
-        self.reactors.get(i)
+        let Some(reactor) = self.reactors.get(i) else {
+            return;
+        };
+        let sent = reactor.send_blocking(Box::new(move |cx| cx.add_poller(make(pool))));
+        if let Err(e) = sent {
+            tracing::warn!(%e, "{} connection dropped: reactor stopped", P::NAME);
+        }
     }
 
     /// The export `name` served at `address`.

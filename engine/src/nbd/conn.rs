@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use drivers::iov::SendPart;
 use drivers::nbd::proto::{self, chunk, cmd, err, Request, REQUEST_LEN};
-use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
+use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
 use hugepages::{BufferPool, DmaBuf, RegionSlice};
 use slab::Slab;
 
-use crate::export::{Export, Flow, Outgoing, SocketPump, Stream, TurnEnd};
+use crate::export::{submit_or_complete, Export, Flow, Outgoing, SocketPump, Stream, TurnEnd};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// Bytes of socket input buffered at once.
@@ -185,20 +185,8 @@ impl NbdConn {
             bufs,
             tag: key as u64,
         };
-        let Some(ch) = self.channel.as_mut() else {
-            return;
-        };
-        if let Err(e) = ch.submit(io) {
-            let e = *e;
-            let error = match e.error {
-                SubmitErrorKind::QueueFull => IoError::Device(libc::EAGAIN),
-                SubmitErrorKind::Invalid(err) => err,
-            };
-            self.done.push(IoCompletion {
-                tag: e.req.tag,
-                result: Err(error),
-                bufs: e.req.bufs,
-            });
+        if let Some(ch) = self.channel.as_mut() {
+            submit_or_complete(ch.as_mut(), io, &mut self.done);
         }
     }
 

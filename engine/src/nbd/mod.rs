@@ -93,25 +93,12 @@ fn handshake_then_serve(registry: &NbdServer, mut stream: Stream, address: &Addr
     if stream.set_mode(None).is_err() {
         return;
     }
-    let pool = match registry.pool() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(%e, "NBD connection dropped");
-            return;
-        }
-    };
-    let Some(reactor) = registry.next_reactor() else {
-        return;
-    };
-    let sent = reactor.send_blocking(Box::new(move |cx| {
-        cx.add_poller(Box::new(conn::NbdConn::new(
+    registry.place(move |pool| {
+        Box::new(conn::NbdConn::new(
             stream,
             agreed.export,
             agreed.structured,
             pool,
-        )))
-    }));
-    if let Err(e) = sent {
-        tracing::warn!(%e, "NBD connection dropped: reactor stopped");
-    }
+        ))
+    });
 }

@@ -27,7 +27,7 @@ const _: () = assert!(
     "DEFAULT_LISTEN names the default port"
 );
 
-/// The NVMe/TCP target's exports: each a subsystem (its NQN) with one namespace.
+/// The NVMe/TCP server's exports: each a subsystem (its NQN) with one namespace.
 pub type NvmfServer = Registry<NvmeTcp>;
 
 /// A controller: created by an admin queue's Connect, joined by I/O queues.
@@ -85,7 +85,7 @@ impl Protocol for NvmeTcp {
         let bs = bdev.geometry().block_size;
         if bs as usize > Self::BUF_SIZE {
             return Err(ExportError::Invalid(format!(
-                "block size {bs} is larger than the target's buffers"
+                "block size {bs} is larger than the NVMe/TCP server's buffers"
             )));
         }
         if !matches!(address, Address::Tcp(_)) {
@@ -103,23 +103,8 @@ impl Protocol for NvmeTcp {
         if s.set_nonblocking(true).is_err() || s.set_nodelay(true).is_err() {
             return;
         }
-        let pool = match registry.pool() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(%e, "NVMe/TCP connection dropped");
-                return;
-            }
-        };
-        let Some(reactor) = registry.next_reactor() else {
-            return;
-        };
-        let (target, address) = (Arc::clone(registry), address.clone());
-        let sent = reactor.send_blocking(Box::new(move |cx| {
-            cx.add_poller(Box::new(conn::NvmfConn::new(s, target, address, pool)))
-        }));
-        if let Err(e) = sent {
-            tracing::warn!(%e, "NVMe/TCP connection dropped: reactor stopped");
-        }
+        let (server, address) = (Arc::clone(registry), address.clone());
+        registry.place(move |pool| Box::new(conn::NvmfConn::new(s, server, address, pool)));
     }
 }
 
@@ -169,14 +154,14 @@ impl NvmeTcp {
 }
 
 /// The discovery log of `listen`: every export served there.
-pub fn discovery_log(target: &NvmfServer, listen: &Address) -> Vec<u8> {
+pub fn discovery_log(server: &NvmfServer, listen: &Address) -> Vec<u8> {
     let default_port = drivers::nvmf::DEFAULT_PORT.to_string();
     let at = match listen {
         Address::Tcp(a) => a.as_str(),
         Address::Unix(_) => "",
     };
     let (traddr, trsvcid) = at.rsplit_once(':').unwrap_or((at, default_port.as_str()));
-    let entries: Vec<DiscoveryEntry> = target
+    let entries: Vec<DiscoveryEntry> = server
         .exports_at(listen)
         .iter()
         .map(|e| DiscoveryEntry {
@@ -186,7 +171,7 @@ pub fn discovery_log(target: &NvmfServer, listen: &Address) -> Vec<u8> {
             portid: 1,
         })
         .collect();
-    fabrics::discovery_log(target.generation(), &entries)
+    fabrics::discovery_log(server.generation(), &entries)
 }
 
 /// Checks an NQN given to `nvmf_export_start`.

@@ -283,18 +283,7 @@ impl NvmfConn {
             let Some(ch) = self.channel.as_mut() else {
                 return;
             };
-            if let Err(e) = ch.submit(req) {
-                let e = *e;
-                let error = match e.error {
-                    SubmitErrorKind::QueueFull => IoError::Device(libc::EAGAIN),
-                    SubmitErrorKind::Invalid(err) => err,
-                };
-                self.done.push(IoCompletion {
-                    tag: e.req.tag,
-                    result: Err(error),
-                    bufs: e.req.bufs,
-                });
-            }
+            crate::export::submit_or_complete(ch.as_mut(), req, &mut self.done);
         }
         self.reqs = reqs;
     }

@@ -25,7 +25,7 @@ use drivers::nvmf::fabrics::{self, admin, fctype, status, ConnectCmd, ConnectDat
 use drivers::nvmf::pdu::{
     self, CapsuleResp, DataPdu, Digests, Frame, Header, HeaderBytes, IcResp, PduError, R2t, Side,
 };
-use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitErrorKind};
+use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
 use hugepages::{BufferPool, DmaBuf, RegionSlice};
 use slab::Slab;
 
