@@ -14,8 +14,9 @@ disk=${1:-/var/tmp/qs-nbd.img}
 secs=${2:-6}
 rcore=${REACTOR_CORE:-0}
 fio_cores=${NBD_FIO_CORES:-}
-cargo build --release --locked --bin quicksplit >/dev/null 2>&1
-qs=$PWD/target/release/quicksplit
+# QS: another build to measure (a quicksplit binary copied aside), instead of this tree's.
+[ -n "${QS:-}" ] || cargo build --release --locked --bin quicksplit >/dev/null 2>&1
+qs=${QS:-$PWD/target/release/quicksplit}
 work=$(mktemp -d /tmp/qs-nbd-bench.XXXXXX)
 shm=/dev/shm/qs-nbd-bench.img
 pids=()

@@ -15,9 +15,11 @@ rounds=${2:-5}
 secs=${3:-8}
 tcore=${TARGET_CORE:-0}
 icore=${INITIATOR_CORE:-1}
-cargo build --release --locked --bin quicksplit --bin qsbench >/dev/null 2>&1
-qs=$PWD/target/release/quicksplit
-qsbench=$PWD/target/release/qsbench
+# QS and QSBENCH: another build to measure (binaries copied aside), instead of this tree's.
+[ -n "${QS:-}" ] && [ -n "${QSBENCH:-}" ] ||
+  cargo build --release --locked --bin quicksplit --bin qsbench >/dev/null 2>&1
+qs=${QS:-$PWD/target/release/quicksplit}
+qsbench=${QSBENCH:-$PWD/target/release/qsbench}
 work=$(mktemp -d /tmp/qs-spdk-nvmf.XXXXXX)
 old_hugepages=$(cat /proc/sys/vm/nr_hugepages)
 pid=
