@@ -1,8 +1,11 @@
 //! The quicksplit engine.
 //!
 //! This crate owns everything that runs: the [`reactor`]s (pinned poller threads and the
-//! lock-free rings between them), CPU [`topology`], pairs with their split, copy and backup
-//! jobs, the JSON-RPC control plane, the NBD server, and the `quicksplit` binary.
+//! lock-free rings between them) and CPU [`topology`]; [`pair`]s with their split, copy before
+//! write, background copier and crash-safe metadata; [`backup`] jobs and their targets; the
+//! [`export`] layer with its two protocols, [`nbd`] and [`nvmf`] (NVMe/TCP); the control plane
+//! ([`app`]: the engine's state, one file per subsystem) and its JSON-RPC server ([`rpc`]); and
+//! the `quicksplit` binary.
 
 pub mod app;
 pub mod backup;

@@ -1,7 +1,7 @@
 //! The running engine: its reactors and the control-plane state (bdevs, pairs, backups,
 //! exports) behind one lock that the data path never takes. Each file of this module is one
-//! subsystem's operations on the [`Engine`]: [`bdevs`], [`pairs`], [`backups`], [`exports`],
-//! [`config`] and the embedded [`default`].
+//! subsystem's operations on the [`Engine`]: `bdevs`, `pairs`, `backups`, `exports`,
+//! `config` and the embedded `default`.
 
 mod backups;
 mod bdevs;

@@ -4,7 +4,7 @@
 //! An export shows a [`Source`] (a bdev, or a pair's image) under a name at an [`Address`]. The
 //! [`Registry`] of one protocol keeps its exports and the listener of each address (start, stop,
 //! the in-use checks, the list and the configuration); [`listener`] accepts connections on a
-//! thread per address; the [`SocketPump`] moves a connection's bytes on its reactor (receive,
+//! thread per address; the `SocketPump` moves a connection's bytes on its reactor (receive,
 //! vectored transmit, close, idle staging buffers, busy or idle). A protocol module (NBD,
 //! NVMe/TCP) implements [`Protocol`]: it checks a new export, takes each accepted connection,
 //! and parses and executes its requests, nothing more.

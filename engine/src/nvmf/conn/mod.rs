@@ -1,12 +1,13 @@
 //! One NVMe/TCP queue (one TCP connection) as a poller on a reactor: this file is the
-//! transport (PDUs, data transfer, responses, the poll turn); [`io`] executes the NVM I/O
-//! commands on the export's channel, [`controller`] emulates the controller (Connect, the admin
+//! transport (PDUs, data transfer, responses, the poll turn); `io` executes the NVM I/O
+//! commands on the export's channel, `controller` emulates the controller (Connect, the admin
 //! commands, Identify).
 //!
-//! State machine: `AwaitIcReq` → (ICReq/ICResp) → `Ready` (the first command must be Connect,
-//! which binds the queue to a controller: a new one for the admin queue, an existing one by
-//! controller id for an I/O queue) → `Closing` (a fatal error sent as C2HTermReq, the host
-//! gone, the export stopped, the keep-alive timeout expired). Input is parsed a whole PDU at a
+//! Phases: `AwaitIcReq` → (ICReq/ICResp) → `Ready`, where the first command must be Connect,
+//! which binds the queue to a controller (a new one for the admin queue, an existing one by
+//! controller id for an I/O queue). In either phase the connection may start closing (a fatal
+//! error sent as C2HTermReq, the host gone, the export stopped, the ICReq or keep-alive timeout
+//! expired): it reads nothing more and closes once its I/O in flight is answered. Input is parsed a whole PDU at a
 //! time from the receive buffer; commands whose data the host sends by the transport get an R2T
 //! and wait for their H2CData; I/O goes to the export's channel on this reactor and the
 //! replies (C2HData straight from the DMA buffers, or from a RAM disk itself, then the response
