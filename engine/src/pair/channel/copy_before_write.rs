@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use drivers::{IoBufs, IoRequest};
 
-use super::{PairChannel, Phase, Step, Target, SUB_COW};
+use super::{PairChannel, Phase, Side, Step, SUB_COW};
 
 impl PairChannel {
     /// Copy before write, for a write in PSUS (to P or to the image) that entered the gate; the
@@ -56,7 +56,7 @@ impl PairChannel {
         p.phase = Phase::CowRead;
         let mut bufs = IoBufs::new();
         bufs.push(buf);
-        self.issue(key, Target::P, IoRequest::read(off, bufs, 0), SUB_COW);
+        self.issue(key, Side::P, IoRequest::read(off, bufs, 0), SUB_COW);
     }
 
     pub(super) fn cow_write(&mut self, key: usize) {
@@ -71,7 +71,7 @@ impl PairChannel {
         bufs.push(buf);
         // Not FUA: the metadata writer flushes S once for all the copies a metadata write
         // relies on (FUA copies through io_uring on ext4 were seen taking tens of ms each).
-        self.issue(key, Target::S, IoRequest::write(off, bufs, 0), SUB_COW);
+        self.issue(key, Side::S, IoRequest::write(off, bufs, 0), SUB_COW);
     }
 
     /// S holds the track: it is no longer pending; unlock it and copy the next one, or write.

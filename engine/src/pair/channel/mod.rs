@@ -27,7 +27,7 @@ use slab::Slab;
 
 use super::{HostWrite, Pair};
 
-/// Which side of the pair a view shows.
+/// What a view shows: P as hosts write it, or the image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
     /// P, as hosts write it.
@@ -82,9 +82,12 @@ impl Bdev for PairView {
     }
 }
 
+/// A side of the pair: the device a sub-request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Target {
+enum Side {
+    /// The primary, P.
     P,
+    /// The secondary, S.
     S,
 }
 
@@ -110,8 +113,8 @@ enum Phase {
     /// Copying track `cow[cow_next]` P to S before the write: reading P, then writing S.
     CowRead,
     CowWrite,
-    /// The host's own operation on its target.
-    TargetIo,
+    /// The host's own write on its side.
+    Writing,
     /// Flushing P and S.
     Flushing,
     /// Waiting for the metadata the write needs to be durable.
@@ -143,7 +146,7 @@ struct Parent {
     cow: Vec<u64>,
     cow_next: usize,
     cow_buf: Option<DmaBuf>,
-    target: Target,
+    side: Side,
     post: Option<Post>,
     /// Counted as a mirrored write in flight on its tracks.
     counted: bool,
@@ -169,7 +172,7 @@ pub struct PairChannel {
     deferred: VecDeque<usize>,
     /// Writes waiting for their metadata to be durable.
     meta_waiting: VecDeque<usize>,
-    retry: VecDeque<(Target, IoRequest)>,
+    retry: VecDeque<(Side, IoRequest)>,
     done: Vec<IoCompletion>,
     scratch: Vec<IoCompletion>,
     cpu_copied: u64,
@@ -218,38 +221,38 @@ impl PairChannel {
         self.staging.as_ref().and_then(BufferPool::get)
     }
 
-    fn inner(&mut self, t: Target) -> &mut Box<dyn IoChannel> {
-        match t {
-            Target::P => &mut self.p,
-            Target::S => &mut self.s,
+    fn inner(&mut self, side: Side) -> &mut Box<dyn IoChannel> {
+        match side {
+            Side::P => &mut self.p,
+            Side::S => &mut self.s,
         }
     }
 
-    fn issue(&mut self, key: usize, t: Target, mut req: IoRequest, sub: u64) {
+    fn issue(&mut self, key: usize, side: Side, mut req: IoRequest, sub: u64) {
         req.tag = (key as u64) << SUB_BITS | sub;
         if let Some(p) = self.parents.get_mut(key) {
             p.outstanding += 1;
         }
         if !self.retry.is_empty() {
-            self.retry.push_back((t, req));
+            self.retry.push_back((side, req));
             return;
         }
-        if let Err(req) = self.submit_inner(t, req) {
-            self.retry.push_back((t, req));
+        if let Err(req) = self.submit_inner(side, req) {
+            self.retry.push_back((side, req));
         }
     }
 
     /// Submits to P or S. A refused request completes with its error at once; a full queue
     /// gives the request back to be retried.
-    fn submit_inner(&mut self, t: Target, req: IoRequest) -> Result<(), IoRequest> {
-        let Err(e) = self.inner(t).submit(req) else {
+    fn submit_inner(&mut self, side: Side, req: IoRequest) -> Result<(), IoRequest> {
+        let Err(e) = self.inner(side).submit(req) else {
             return Ok(());
         };
         let e = *e;
         match e.error {
             SubmitErrorKind::QueueFull => return Err(e.req),
             SubmitErrorKind::Invalid(err) => self.inner_done(
-                t,
+                side,
                 IoCompletion {
                     tag: e.req.tag,
                     result: Err(err),
@@ -270,10 +273,10 @@ impl PairChannel {
         match (view, op) {
             (_, IoOp::Flush) => {
                 self.parents[key].phase = Phase::Flushing;
-                for t in [Target::P, Target::S] {
+                for side in [Side::P, Side::S] {
                     self.issue(
                         key,
-                        t,
+                        side,
                         IoRequest::without_data(IoOp::Flush, 0, 0, 0),
                         SUB_NODATA,
                     );
@@ -282,8 +285,8 @@ impl PairChannel {
             }
             (View::Primary, IoOp::Read) => self.primary_read(key),
             (View::Image, IoOp::Read) => self.image_read(key),
-            (View::Primary, _) => self.host_write(key, Target::P),
-            (View::Image, _) => self.host_write(key, Target::S),
+            (View::Primary, _) => self.host_write(key, Side::P),
+            (View::Image, _) => self.host_write(key, Side::S),
         }
     }
 
@@ -325,7 +328,7 @@ impl PairChannel {
         }
     }
 
-    fn inner_done(&mut self, t: Target, c: IoCompletion) {
+    fn inner_done(&mut self, side: Side, c: IoCompletion) {
         let key = (c.tag >> SUB_BITS) as usize;
         let sub = c.tag & SUB_MASK;
         let Some(p) = self.parents.get_mut(key) else {
@@ -358,12 +361,12 @@ impl PairChannel {
         }
         if let Err(e) = c.result {
             if matches!(e, IoError::Device(_) | IoError::Aborted(_)) {
-                let side = if t == Target::P {
+                let device = if side == Side::P {
                     "primary"
                 } else {
                     "secondary"
                 };
-                self.pair.fail(format!("I/O error on the {side}: {e}"));
+                self.pair.fail(format!("I/O error on the {device}: {e}"));
             }
             p.error.get_or_insert(e);
         }
@@ -388,9 +391,9 @@ impl PairChannel {
                 }
                 self.finish(key);
             }
-            Phase::TargetIo => {
+            Phase::Writing => {
                 if p.op.is_write() {
-                    self.pair.note_write(p.target == Target::P);
+                    self.pair.note_write(p.side == Side::P);
                 }
                 self.record_write(key);
                 self.finish(key);
@@ -462,7 +465,7 @@ impl IoChannel for PairChannel {
             cow: Vec::new(),
             cow_next: 0,
             cow_buf: None,
-            target: Target::P,
+            side: Side::P,
             post: None,
             counted: false,
             durable: None,
@@ -475,9 +478,9 @@ impl IoChannel for PairChannel {
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
         // Inner submissions that found a full queue go first, in order.
-        while let Some((t, req)) = self.retry.pop_front() {
-            if let Err(req) = self.submit_inner(t, req) {
-                self.retry.push_front((t, req));
+        while let Some((side, req)) = self.retry.pop_front() {
+            if let Err(req) = self.submit_inner(side, req) {
+                self.retry.push_front((side, req));
                 break;
             }
         }
@@ -505,11 +508,11 @@ impl IoChannel for PairChannel {
             }
             let _ = self.meta_check(key);
         }
-        for t in [Target::P, Target::S] {
+        for side in [Side::P, Side::S] {
             let mut scratch = std::mem::take(&mut self.scratch);
-            self.inner(t).poll(&mut scratch);
+            self.inner(side).poll(&mut scratch);
             for c in scratch.drain(..) {
-                self.inner_done(t, c);
+                self.inner_done(side, c);
             }
             self.scratch = scratch;
         }

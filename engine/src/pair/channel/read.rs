@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use drivers::{IoBufs, IoRequest};
 
-use super::{PairChannel, Phase, Step, Target, STAGING_BUFFERS, SUB_ALL, SUB_BOUNCE};
+use super::{PairChannel, Phase, Side, Step, STAGING_BUFFERS, SUB_ALL, SUB_BOUNCE};
 use crate::pair::PairState;
 
 impl PairChannel {
@@ -17,9 +17,9 @@ impl PairChannel {
             let pair = Arc::clone(&self.pair);
             self.read_routed(key, &|t| {
                 if pair.restore.contains(t) {
-                    Target::S
+                    Side::S
                 } else {
-                    Target::P
+                    Side::P
                 }
             })
         } else {
@@ -27,7 +27,7 @@ impl PairChannel {
             p.phase = Phase::Reading { bounce: false };
             let bufs = Self::take_all_bufs(p);
             let req = IoRequest::read(p.offset, bufs, 0);
-            self.issue(key, Target::P, req, SUB_ALL);
+            self.issue(key, Side::P, req, SUB_ALL);
             Step::Running
         }
     }
@@ -59,9 +59,9 @@ impl PairChannel {
         let locked = self.parents[key].locked.clone();
         let step = self.read_routed(key, &|t| {
             if locked.contains(&t) {
-                Target::P
+                Side::P
             } else {
-                Target::S
+                Side::S
             }
         });
         if matches!(step, Step::Wait) {
@@ -73,7 +73,7 @@ impl PairChannel {
     /// Reads each part of the request from the side `source` names for its track. Buffers that
     /// lie within one source go straight to that side; otherwise the data lands in staging
     /// buffers first and is copied (counted) into the host's buffers.
-    fn read_routed(&mut self, key: usize, source: &dyn Fn(u64) -> Target) -> Step {
+    fn read_routed(&mut self, key: usize, source: &dyn Fn(u64) -> Side) -> Step {
         let ts = self.pair.track_size();
         let p = &self.parents[key];
         let mut off = p.offset;

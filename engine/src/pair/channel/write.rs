@@ -5,16 +5,16 @@
 
 use drivers::{IoError, IoRequest};
 
-use super::{PairChannel, Phase, Post, Step, Target, SUB_ALL, SUB_NODATA};
+use super::{PairChannel, Phase, Post, Side, Step, SUB_ALL, SUB_NODATA};
 use crate::pair::{Durability, HostWrite, PairState};
 
 impl PairChannel {
     /// A host write to P (primary view) or S (image view).
-    pub(super) fn host_write(&mut self, key: usize, target: Target) -> Step {
+    pub(super) fn host_write(&mut self, key: usize, side: Side) -> Step {
         if !self.pair.enter_gate() {
             return Step::Wait;
         }
-        if target == Target::S {
+        if side == Side::S {
             // A backup running on the image reads these tracks first. (Checked inside the gate:
             // a backup starts through the gate, after the S writes in flight have drained.)
             let p = &self.parents[key];
@@ -29,7 +29,7 @@ impl PairChannel {
             self.pair.tracks_of(p.offset, p.len)
         };
         let mut state = self.pair.state();
-        if target == Target::P
+        if side == Side::P
             && matches!(state, PairState::Copy | PairState::Pair)
             && !self.pair.reversing()
         {
@@ -44,8 +44,8 @@ impl PairChannel {
                 self.pair.end_mirrored_write(tracks.clone());
             }
         }
-        let post = match (target, state) {
-            (Target::P, PairState::Copy) if self.pair.reversing() => {
+        let post = match (side, state) {
+            (Side::P, PairState::Copy) if self.pair.reversing() => {
                 return self.refuse(
                     key,
                     format!(
@@ -54,10 +54,10 @@ impl PairChannel {
                     ),
                 );
             }
-            (Target::P, PairState::Copy | PairState::Pair) => Post::Mirror,
-            (Target::P, PairState::Psus | PairState::Psue) => Post::ChangedP,
-            (Target::S, PairState::Psus) => Post::ChangedS,
-            (Target::S, _) => {
+            (Side::P, PairState::Copy | PairState::Pair) => Post::Mirror,
+            (Side::P, PairState::Psus | PairState::Psue) => Post::ChangedP,
+            (Side::S, PairState::Psus) => Post::ChangedS,
+            (Side::S, _) => {
                 return self.refuse(
                     key,
                     format!(
@@ -82,7 +82,7 @@ impl PairChannel {
             return Step::Wait;
         }
         let p = &mut self.parents[key];
-        p.target = target;
+        p.side = side;
         p.post = Some(post);
         p.durable = Some(match post {
             Post::Mirror => HostWrite::Mirror,
@@ -102,7 +102,7 @@ impl PairChannel {
     pub(super) fn write_when_durable(&mut self, key: usize) -> Step {
         let p = &self.parents[key];
         let Some(kind) = p.durable else {
-            return self.target_io(key);
+            return self.issue_write(key);
         };
         let tracks = self.pair.tracks_of(p.offset, p.len);
         self.pair.prepare_write(kind, tracks);
@@ -115,10 +115,10 @@ impl PairChannel {
         let p = &self.parents[key];
         let (kind, tracks) = match p.durable {
             Some(k) => (k, self.pair.tracks_of(p.offset, p.len)),
-            None => return self.target_io(key),
+            None => return self.issue_write(key),
         };
         match self.pair.write_durability(kind, tracks) {
-            Durability::Ready => self.target_io(key),
+            Durability::Ready => self.issue_write(key),
             Durability::Wait => {
                 self.parents[key].phase = Phase::MetaWait;
                 self.meta_waiting.push_back(key);
@@ -143,11 +143,12 @@ impl PairChannel {
         self.parents[key].gated = false;
     }
 
-    fn target_io(&mut self, key: usize) -> Step {
+    /// Issues the host's write to its side.
+    fn issue_write(&mut self, key: usize) -> Step {
         let p = &mut self.parents[key];
         tracing::trace!(pair = %self.pair.name(), offset = p.offset, len = p.len, post = ?p.post, "host write issued");
-        p.phase = Phase::TargetIo;
-        let (op, offset, len, target) = (p.op, p.offset, p.len, p.target);
+        p.phase = Phase::Writing;
+        let (op, offset, len, side) = (p.op, p.offset, p.len, p.side);
         let req = if op.has_data() {
             let bufs = Self::take_all_bufs(p);
             let mut r = IoRequest::write(offset, bufs, 0);
@@ -157,7 +158,7 @@ impl PairChannel {
             IoRequest::without_data(op, offset, len, 0)
         };
         let sub = if op.has_data() { SUB_ALL } else { SUB_NODATA };
-        self.issue(key, target, req, sub);
+        self.issue(key, side, req, sub);
         Step::Running
     }
 
