@@ -11,17 +11,20 @@ use super::metadata::{self, HeaderRecord, Loaded, MapKind, Metadata};
 use super::state::{DIR_FORWARD, DIR_REVERSE};
 use super::{Pair, PairState};
 
-/// What a host write records, for the metadata it needs durable before it is issued.
+/// What a host write means in the state it relied on: the metadata it needs durable before it
+/// is issued ([`Pair::prepare_write`]) and the track sets it marks when it is done.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum HostWrite {
-    /// A write to P in COPY or PAIR: its tracks' write-intent bits.
+    /// A write to P in COPY or PAIR: its tracks' write-intent bits; done, its tracks become
+    /// pending for the copier.
     Mirror,
-    /// A write to P after the split (`split`: PSUS, the image must be kept; else PSUE).
+    /// A write to P after the split (`split`: PSUS, the image must be kept; else PSUE); its
+    /// tracks are changed on P.
     ChangedP {
         /// The pair is in PSUS.
         split: bool,
     },
-    /// A write to S (the image) in PSUS.
+    /// A write to S (the image) in PSUS; its tracks are changed on S.
     ChangedS,
 }
 

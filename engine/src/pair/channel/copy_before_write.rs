@@ -26,14 +26,14 @@ impl PairChannel {
             self.ungate(key);
             return Step::Wait;
         }
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         p.cow = p.locked.clone();
         p.cow_next = 0;
         if p.cow.is_empty() {
             return self.write_when_durable(key);
         }
         match self.staging() {
-            Some(buf) => self.parents[key].cow_buf = Some(buf),
+            Some(buf) => self.requests[key].cow_buf = Some(buf),
             None => {
                 self.release_locks(key);
                 self.ungate(key);
@@ -45,7 +45,7 @@ impl PairChannel {
     }
 
     fn cow_read(&mut self, key: usize) {
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         let track = p.cow[p.cow_next];
         let (off, len) = self.pair.track_range(track);
         let Some(mut buf) = p.cow_buf.take() else {
@@ -60,7 +60,7 @@ impl PairChannel {
     }
 
     pub(super) fn cow_write(&mut self, key: usize) {
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         let track = p.cow[p.cow_next];
         let (off, _) = self.pair.track_range(track);
         let Some(buf) = p.cow_buf.take() else {
@@ -77,7 +77,7 @@ impl PairChannel {
     /// S holds the track: it is no longer pending; unlock it and copy the next one, or write.
     pub(super) fn cow_track_done(&mut self, key: usize) {
         let pair = Arc::clone(&self.pair);
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         let track = p.cow[p.cow_next];
         let (_, len) = pair.track_range(track);
         pair.stats.move_to_copied(|| {
@@ -93,7 +93,7 @@ impl PairChannel {
         if p.cow_next < p.cow.len() {
             self.cow_read(key);
         } else {
-            self.parents[key].cow_buf = None;
+            self.requests[key].cow_buf = None;
             self.write_when_durable(key);
         }
     }

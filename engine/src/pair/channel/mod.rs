@@ -91,17 +91,7 @@ enum Side {
     S,
 }
 
-/// What a finished write records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Post {
-    /// PAIR/COPY: the tracks become pending for the copier.
-    Mirror,
-    /// PSUS/PSUE: P changed since the split.
-    ChangedP,
-    /// PSUS: S changed since the split.
-    ChangedS,
-}
-
+/// Where a host request stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Not started or waiting to retry.
@@ -131,29 +121,42 @@ const SUB_BOUNCE: u64 = 1 << 19;
 /// Staging buffers per channel (copy before write, bounce reads).
 const STAGING_BUFFERS: usize = 16;
 
-struct Parent {
+/// A host request in progress: what the host asked for, where it stands, and what it holds
+/// (track locks, its place past the gate, staging buffers) until it finishes. Its sub-requests
+/// to P and S carry its slab key in their tags.
+struct HostRequest {
+    /// The host's tag, returned in the completion.
     tag: u64,
     op: IoOp,
     offset: u64,
     len: u64,
+    /// The host's buffers; a slot is empty while its buffer is lent to a sub-request.
     bufs: Vec<Option<DmaBuf>>,
     phase: Phase,
+    /// Tracks whose lock the request holds.
     locked: Vec<u64>,
+    /// A write past the gate (counted among the host writes in flight).
     gated: bool,
+    /// Sub-requests not completed yet.
     outstanding: u32,
+    /// The first error, which the host gets.
     error: Option<IoError>,
+    /// Staging buffers of a read mixing P and S, with the offset each starts at.
     bounce: Vec<(Option<DmaBuf>, u64)>,
+    /// Tracks to copy before the write, the next of them, and the staging buffer of the copy.
     cow: Vec<u64>,
     cow_next: usize,
     cow_buf: Option<DmaBuf>,
+    /// The side a write goes to: P from the primary view, S from the image view.
     side: Side,
-    post: Option<Post>,
     /// Counted as a mirrored write in flight on its tracks.
     counted: bool,
-    /// What the write needs persisted before it is issued.
-    durable: Option<HostWrite>,
+    /// What the write means in the state it relied on: the metadata it needs durable before
+    /// it is issued and the track sets it marks when it is done (none for reads and flushes).
+    write_kind: Option<HostWrite>,
 }
 
+/// What trying to move a host request on gave.
 enum Step {
     /// Issued or completed; nothing to do until completions arrive.
     Running,
@@ -168,7 +171,7 @@ pub struct PairChannel {
     p: Box<dyn IoChannel>,
     s: Box<dyn IoChannel>,
     staging: Option<BufferPool>,
-    parents: Slab<Parent>,
+    requests: Slab<HostRequest>,
     deferred: VecDeque<usize>,
     /// Writes waiting for their metadata to be durable.
     meta_waiting: VecDeque<usize>,
@@ -197,7 +200,7 @@ impl PairChannel {
             p,
             s,
             staging: None,
-            parents: Slab::new(),
+            requests: Slab::new(),
             deferred: VecDeque::new(),
             meta_waiting: VecDeque::new(),
             retry: VecDeque::new(),
@@ -230,7 +233,7 @@ impl PairChannel {
 
     fn issue(&mut self, key: usize, side: Side, mut req: IoRequest, sub: u64) {
         req.tag = (key as u64) << SUB_BITS | sub;
-        if let Some(p) = self.parents.get_mut(key) {
+        if let Some(p) = self.requests.get_mut(key) {
             p.outstanding += 1;
         }
         if !self.retry.is_empty() {
@@ -263,16 +266,16 @@ impl PairChannel {
         Ok(())
     }
 
-    fn take_all_bufs(p: &mut Parent) -> IoBufs {
+    fn take_all_bufs(p: &mut HostRequest) -> IoBufs {
         p.bufs.iter_mut().filter_map(Option::take).collect()
     }
 
     /// Starts (or retries) a request.
     fn start(&mut self, key: usize) -> Step {
-        let (op, view) = (self.parents[key].op, self.view);
+        let (op, view) = (self.requests[key].op, self.view);
         match (view, op) {
             (_, IoOp::Flush) => {
-                self.parents[key].phase = Phase::Flushing;
+                self.requests[key].phase = Phase::Flushing;
                 for side in [Side::P, Side::S] {
                     self.issue(
                         key,
@@ -291,7 +294,7 @@ impl PairChannel {
     }
 
     fn refuse(&mut self, key: usize, msg: String) -> Step {
-        self.parents[key].error = Some(IoError::Refused(msg));
+        self.requests[key].error = Some(IoError::Refused(msg));
         self.finish(key);
         Step::Running
     }
@@ -300,7 +303,7 @@ impl PairChannel {
     /// False (nothing held) if one is locked by someone else.
     fn lock_pending(&mut self, key: usize, tracks: std::ops::Range<u64>) -> bool {
         let pair = Arc::clone(&self.pair);
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         for t in tracks {
             if !pair.pending.is_pending(t) {
                 continue;
@@ -322,7 +325,7 @@ impl PairChannel {
     }
 
     fn release_locks(&mut self, key: usize) {
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         for t in p.locked.drain(..) {
             self.pair.unlock_track(t);
         }
@@ -331,7 +334,7 @@ impl PairChannel {
     fn inner_done(&mut self, side: Side, c: IoCompletion) {
         let key = (c.tag >> SUB_BITS) as usize;
         let sub = c.tag & SUB_MASK;
-        let Some(p) = self.parents.get_mut(key) else {
+        let Some(p) = self.requests.get_mut(key) else {
             tracing::error!(
                 tag = c.tag,
                 "pair channel: completion for an unknown request"
@@ -404,7 +407,7 @@ impl PairChannel {
 
     fn finish(&mut self, key: usize) {
         self.release_locks(key);
-        let mut p = self.parents.remove(key);
+        let mut p = self.requests.remove(key);
         if p.counted {
             // After the tracks were marked pending (record_write): from now on a post-split
             // user sees them pending.
@@ -450,7 +453,7 @@ impl IoChannel for PairChannel {
                 },
             );
         }
-        let key = self.parents.insert(Parent {
+        let key = self.requests.insert(HostRequest {
             tag: req.tag,
             op: req.op,
             offset: req.offset,
@@ -466,9 +469,8 @@ impl IoChannel for PairChannel {
             cow_next: 0,
             cow_buf: None,
             side: Side::P,
-            post: None,
             counted: false,
-            durable: None,
+            write_kind: None,
         });
         if let Step::Wait = self.start(key) {
             self.deferred.push_back(key);
@@ -489,7 +491,7 @@ impl IoChannel for PairChannel {
                 break;
             };
             if self.pair.is_deleted() {
-                self.parents[key].error = Some(IoError::Aborted("the pair was deleted".into()));
+                self.requests[key].error = Some(IoError::Aborted("the pair was deleted".into()));
                 self.finish(key);
                 continue;
             }
@@ -502,7 +504,7 @@ impl IoChannel for PairChannel {
                 break;
             };
             if self.pair.is_deleted() {
-                self.parents[key].error = Some(IoError::Aborted("the pair was deleted".into()));
+                self.requests[key].error = Some(IoError::Aborted("the pair was deleted".into()));
                 self.finish(key);
                 continue;
             }
@@ -522,6 +524,6 @@ impl IoChannel for PairChannel {
     }
 
     fn in_flight(&self) -> usize {
-        self.parents.len() + self.done.len()
+        self.requests.len() + self.done.len()
     }
 }

@@ -23,7 +23,7 @@ impl PairChannel {
                 }
             })
         } else {
-            let p = &mut self.parents[key];
+            let p = &mut self.requests[key];
             p.phase = Phase::Reading { bounce: false };
             let bufs = Self::take_all_bufs(p);
             let req = IoRequest::read(p.offset, bufs, 0);
@@ -43,7 +43,7 @@ impl PairChannel {
                 ),
             );
         }
-        let (off, len) = (self.parents[key].offset, self.parents[key].len);
+        let (off, len) = (self.requests[key].offset, self.requests[key].len);
         let tracks = self.pair.tracks_of(off, len);
         // After a split, writes mirrored before it and still in flight belong to the image: wait
         // for them. (Before a split the image is not defined and a read does not wait, so busy
@@ -56,7 +56,7 @@ impl PairChannel {
         if !self.lock_pending(key, tracks) {
             return Step::Wait;
         }
-        let locked = self.parents[key].locked.clone();
+        let locked = self.requests[key].locked.clone();
         let step = self.read_routed(key, &|t| {
             if locked.contains(&t) {
                 Side::P
@@ -75,7 +75,7 @@ impl PairChannel {
     /// buffers first and is copied (counted) into the host's buffers.
     fn read_routed(&mut self, key: usize, source: &dyn Fn(u64) -> Side) -> Step {
         let ts = self.pair.track_size();
-        let p = &self.parents[key];
+        let p = &self.requests[key];
         let mut off = p.offset;
         let mut direct = true;
         let mut plan = Vec::with_capacity(p.bufs.len());
@@ -92,7 +92,7 @@ impl PairChannel {
         if direct {
             // Consecutive buffers from one side go as one vectored read; its sub id is the index
             // of its first buffer, and the buffers come back in order from there.
-            self.parents[key].phase = Phase::Reading { bounce: false };
+            self.requests[key].phase = Phase::Reading { bounce: false };
             let mut i = 0;
             while i < plan.len() {
                 let (off, src) = plan[i];
@@ -100,7 +100,7 @@ impl PairChannel {
                 while j < plan.len() && plan[j].1 == src {
                     j += 1;
                 }
-                let bufs: IoBufs = self.parents[key].bufs[i..j]
+                let bufs: IoBufs = self.requests[key].bufs[i..j]
                     .iter_mut()
                     .filter_map(Option::take)
                     .collect();
@@ -134,9 +134,9 @@ impl PairChannel {
                 None => return Step::Wait,
             }
         }
-        self.parents[key].phase = Phase::Reading { bounce: true };
+        self.requests[key].phase = Phase::Reading { bounce: true };
         for (i, (buf, lo, src)) in staged.into_iter().enumerate() {
-            self.parents[key].bounce.push((None, lo));
+            self.requests[key].bounce.push((None, lo));
             let mut bufs = IoBufs::new();
             bufs.push(buf);
             self.issue(
@@ -151,7 +151,7 @@ impl PairChannel {
 
     /// Copies staged pieces into the host's buffers.
     pub(super) fn unbounce(&mut self, key: usize) {
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         let mut copied = 0u64;
         for (piece, lo) in &p.bounce {
             let Some(piece) = piece else { continue };

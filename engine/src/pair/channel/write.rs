@@ -5,7 +5,7 @@
 
 use drivers::{IoError, IoRequest};
 
-use super::{PairChannel, Phase, Post, Side, Step, SUB_ALL, SUB_NODATA};
+use super::{PairChannel, Phase, Side, Step, SUB_ALL, SUB_NODATA};
 use crate::pair::{Durability, HostWrite, PairState};
 
 impl PairChannel {
@@ -17,15 +17,15 @@ impl PairChannel {
         if side == Side::S {
             // A backup running on the image reads these tracks first. (Checked inside the gate:
             // a backup starts through the gate, after the S writes in flight have drained.)
-            let p = &self.parents[key];
+            let p = &self.requests[key];
             if self.pair.backup_holds(self.pair.tracks_of(p.offset, p.len)) {
                 self.pair.leave_gate();
                 return Step::Wait;
             }
         }
-        self.parents[key].gated = true;
+        self.requests[key].gated = true;
         let tracks = {
-            let p = &self.parents[key];
+            let p = &self.requests[key];
             self.pair.tracks_of(p.offset, p.len)
         };
         let mut state = self.pair.state();
@@ -39,12 +39,12 @@ impl PairChannel {
             self.pair.begin_mirrored_write(tracks.clone());
             state = self.pair.state();
             if matches!(state, PairState::Copy | PairState::Pair) {
-                self.parents[key].counted = true;
+                self.requests[key].counted = true;
             } else {
                 self.pair.end_mirrored_write(tracks.clone());
             }
         }
-        let post = match (side, state) {
+        let write_kind = match (side, state) {
             (Side::P, PairState::Copy) if self.pair.reversing() => {
                 return self.refuse(
                     key,
@@ -54,9 +54,11 @@ impl PairChannel {
                     ),
                 );
             }
-            (Side::P, PairState::Copy | PairState::Pair) => Post::Mirror,
-            (Side::P, PairState::Psus | PairState::Psue) => Post::ChangedP,
-            (Side::S, PairState::Psus) => Post::ChangedS,
+            (Side::P, PairState::Copy | PairState::Pair) => HostWrite::Mirror,
+            (Side::P, PairState::Psus | PairState::Psue) => HostWrite::ChangedP {
+                split: state == PairState::Psus,
+            },
+            (Side::S, PairState::Psus) => HostWrite::ChangedS,
             (Side::S, _) => {
                 return self.refuse(
                     key,
@@ -71,9 +73,9 @@ impl PairChannel {
         };
         // A write relies on the state it saw: it waits until that state is durable.
         if !self.pair.state_durable() {
-            if self.parents[key].counted {
+            if self.requests[key].counted {
                 self.pair.end_mirrored_write(tracks.clone());
-                self.parents[key].counted = false;
+                self.requests[key].counted = false;
             }
             self.ungate(key);
             if let Some(e) = self.pair.metadata().and_then(|m| m.failure()) {
@@ -81,16 +83,9 @@ impl PairChannel {
             }
             return Step::Wait;
         }
-        let p = &mut self.parents[key];
+        let p = &mut self.requests[key];
         p.side = side;
-        p.post = Some(post);
-        p.durable = Some(match post {
-            Post::Mirror => HostWrite::Mirror,
-            Post::ChangedP => HostWrite::ChangedP {
-                split: state == PairState::Psus,
-            },
-            Post::ChangedS => HostWrite::ChangedS,
-        });
+        p.write_kind = Some(write_kind);
         if state != PairState::Psus {
             return self.write_when_durable(key);
         }
@@ -100,8 +95,8 @@ impl PairChannel {
     /// Persists what the write needs (write-intent, changed and pending bits, see
     /// [`crate::pair::metadata`]) and issues it once that is durable.
     pub(super) fn write_when_durable(&mut self, key: usize) -> Step {
-        let p = &self.parents[key];
-        let Some(kind) = p.durable else {
+        let p = &self.requests[key];
+        let Some(kind) = p.write_kind else {
             return self.issue_write(key);
         };
         let tracks = self.pair.tracks_of(p.offset, p.len);
@@ -112,15 +107,15 @@ impl PairChannel {
     /// Issues a write whose metadata is durable, fails it if the metadata cannot be written, or
     /// keeps it waiting.
     pub(super) fn meta_check(&mut self, key: usize) -> Step {
-        let p = &self.parents[key];
-        let (kind, tracks) = match p.durable {
+        let p = &self.requests[key];
+        let (kind, tracks) = match p.write_kind {
             Some(k) => (k, self.pair.tracks_of(p.offset, p.len)),
             None => return self.issue_write(key),
         };
         match self.pair.write_durability(kind, tracks) {
             Durability::Ready => self.issue_write(key),
             Durability::Wait => {
-                self.parents[key].phase = Phase::MetaWait;
+                self.requests[key].phase = Phase::MetaWait;
                 self.meta_waiting.push_back(key);
                 Step::Running
             }
@@ -130,7 +125,7 @@ impl PairChannel {
 
     /// Fails a write whose metadata can no longer be written.
     fn fail_unpersisted(&mut self, key: usize, error: String) -> Step {
-        self.parents[key].error = Some(IoError::Aborted(format!(
+        self.requests[key].error = Some(IoError::Aborted(format!(
             "pair metadata cannot be written: {error}"
         )));
         self.finish(key);
@@ -140,13 +135,13 @@ impl PairChannel {
     /// A write that entered the gate gives up for now (it starts over on a later poll).
     pub(super) fn ungate(&mut self, key: usize) {
         self.pair.leave_gate();
-        self.parents[key].gated = false;
+        self.requests[key].gated = false;
     }
 
     /// Issues the host's write to its side.
     fn issue_write(&mut self, key: usize) -> Step {
-        let p = &mut self.parents[key];
-        tracing::trace!(pair = %self.pair.name(), offset = p.offset, len = p.len, post = ?p.post, "host write issued");
+        let p = &mut self.requests[key];
+        tracing::trace!(pair = %self.pair.name(), offset = p.offset, len = p.len, write_kind = ?p.write_kind, "host write issued");
         p.phase = Phase::Writing;
         let (op, offset, len, side) = (p.op, p.offset, p.len, p.side);
         let req = if op.has_data() {
@@ -164,10 +159,10 @@ impl PairChannel {
 
     /// Records a finished write in the pair's track sets.
     pub(super) fn record_write(&mut self, key: usize) {
-        let p = &self.parents[key];
+        let p = &self.requests[key];
         let tracks = self.pair.tracks_of(p.offset, p.len);
-        match p.post {
-            Some(Post::Mirror) => {
+        match p.write_kind {
+            Some(HostWrite::Mirror) => {
                 let mut newly = false;
                 tracing::trace!(pair = %self.pair.name(), ?tracks, "mirrored write done");
                 for t in tracks {
@@ -177,10 +172,10 @@ impl PairChannel {
                     self.pair.wake_copier();
                 }
             }
-            Some(Post::ChangedP) => tracks.for_each(|t| {
+            Some(HostWrite::ChangedP { .. }) => tracks.for_each(|t| {
                 self.pair.changed_p.insert(t);
             }),
-            Some(Post::ChangedS) => tracks.for_each(|t| {
+            Some(HostWrite::ChangedS) => tracks.for_each(|t| {
                 self.pair.changed_s.insert(t);
             }),
             None => {}
