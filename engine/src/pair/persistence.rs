@@ -7,7 +7,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
-use super::metadata::{self, HeaderRecord, Loaded, MapKind, Metadata};
+use super::metadata::{self, HeaderRecord, Loaded, MapKind, Metadata, PersistedState};
 use super::state::{DIR_FORWARD, DIR_REVERSE};
 use super::{Pair, PairState};
 
@@ -59,7 +59,7 @@ impl Pair {
             secondary: self.secondary.name().to_string(),
             track_size: self.track_size,
             tracks: self.tracks,
-            state: self.state().as_str().to_string(),
+            state: self.state().into(),
             reverse: self.reversing(),
             split_at_ns: self.split_at_ns(),
             error: self.error(),
@@ -197,12 +197,9 @@ impl Pair {
                 h.name, h.primary, h.secondary, h.tracks, h.track_size
             ));
         }
-        let state = match h.state.as_str() {
-            "COPY" => PairState::Copy,
-            "PAIR" => PairState::Pair,
-            "PSUS" => PairState::Psus,
-            "PSUE" => PairState::Psue,
-            other => return Err(format!("unknown state {other}")),
+        let state = match &h.state {
+            PersistedState::Known(state) => *state,
+            PersistedState::Unknown(other) => return Err(format!("unknown state {other}")),
         };
         let [pending, changed_p, changed_s, restore] = &loaded.maps;
         let reverse = h.reverse && state == PairState::Copy;
@@ -327,5 +324,57 @@ impl Pair {
             m.want_exactly(MapKind::ChangedP, |w| self.changed_p.raw_word(w));
             m.want_exactly(MapKind::ChangedS, |w| self.changed_s.raw_word(w));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use drivers::malloc::MallocBdev;
+    use drivers::Bdev;
+
+    use crate::pair::metadata::{HeaderRecord, Metadata, PersistedState};
+    use crate::pair::{Pair, PairConfig, PairState};
+
+    /// A new pair given metadata whose header holds `state`, written and loaded back.
+    fn apply(state: PersistedState) -> (Arc<Pair>, Result<(), String>) {
+        let bdev = |name: &str| -> Arc<dyn Bdev> {
+            Arc::new(MallocBdev::create(name, 1 << 20, 4096).unwrap())
+        };
+        let rec = HeaderRecord {
+            seq: 1,
+            name: "t".into(),
+            primary: "p".into(),
+            secondary: "s".into(),
+            track_size: 65536,
+            tracks: 16,
+            state,
+            reverse: false,
+            split_at_ns: 7,
+            error: None,
+        };
+        let m = bdev("m");
+        Metadata::initialize(Arc::clone(&m), &rec).unwrap();
+        let (meta, loaded) = Metadata::load(m, 16).unwrap();
+        let cfg = PairConfig {
+            name: "t".into(),
+            track_size: 65536,
+            copy_rate: 0,
+        };
+        let meta = Some(Arc::new(meta));
+        let pair = Pair::with_metadata(&cfg, bdev("p"), bdev("s"), Vec::new(), None, meta).unwrap();
+        let applied = pair.apply_loaded(&loaded);
+        (pair, applied)
+    }
+
+    #[test]
+    fn loaded_metadata_sets_the_state_it_holds_and_an_unknown_state_is_refused() {
+        let (pair, applied) = apply(PairState::Psus.into());
+        assert_eq!(applied, Ok(()));
+        assert_eq!(pair.state(), PairState::Psus);
+        assert_eq!(pair.split_at_ns(), 7);
+        let (_, applied) = apply(PersistedState::Unknown("SPLIT".into()));
+        assert_eq!(applied, Err("unknown state SPLIT".to_string()));
     }
 }

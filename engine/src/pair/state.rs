@@ -53,13 +53,24 @@ impl PairState {
         }
     }
 
-    /// The name `pair_get` reports.
+    /// The name `pair_get` reports and the metadata header stores.
     pub fn as_str(self) -> &'static str {
         match self {
             PairState::Copy => "COPY",
             PairState::Pair => "PAIR",
             PairState::Psus => "PSUS",
             PairState::Psue => "PSUE",
+        }
+    }
+
+    /// The state [`PairState::as_str`] names `name`, if any.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "COPY" => Some(PairState::Copy),
+            "PAIR" => Some(PairState::Pair),
+            "PSUS" => Some(PairState::Psus),
+            "PSUE" => Some(PairState::Psue),
+            _ => None,
         }
     }
 }

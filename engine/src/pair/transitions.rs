@@ -297,7 +297,7 @@ mod tests {
             secondary: "s".into(),
             track_size: 65536,
             tracks: 16,
-            state: "COPY".into(),
+            state: PairState::Copy.into(),
             reverse: false,
             split_at_ns: 0,
             error: None,
