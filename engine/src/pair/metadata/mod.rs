@@ -42,6 +42,8 @@ use drivers::{Bdev, ChannelContext, IoBufs, IoChannel, IoCompletion, IoOp, IoReq
 use hugepages::BufferPool;
 use serde::{Deserialize, Serialize};
 
+use crate::pair::PairState;
+
 /// Bytes of a header slot and of a bitmap page.
 pub const BLOCK: u64 = 4096;
 /// Bitmap words (64 tracks each) in a page; the last 16 bytes are the page's trailer.
@@ -110,14 +112,51 @@ pub struct HeaderRecord {
     pub track_size: u64,
     /// Number of tracks.
     pub tracks: u64,
-    /// `COPY`, `PAIR`, `PSUS` or `PSUE`.
-    pub state: String,
+    /// The pair's state.
+    pub state: PersistedState,
     /// Copying S to P.
     pub reverse: bool,
     /// Split instant, ns since the epoch.
     pub split_at_ns: u64,
     /// Why the pair is suspended.
     pub error: Option<String>,
+}
+
+/// A pair state as a header stores it: its name, `COPY`, `PAIR`, `PSUS` or `PSUE`
+/// ([`PairState::as_str`]), a JSON string. A header holding any other name still decodes, as
+/// `Unknown`: the newest header is then refused as a whole when it is applied to the pair,
+/// rather than skipped for the older slot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum PersistedState {
+    /// A state of this engine.
+    Known(PairState),
+    /// A name that is none of them.
+    Unknown(String),
+}
+
+impl From<PairState> for PersistedState {
+    fn from(state: PairState) -> Self {
+        PersistedState::Known(state)
+    }
+}
+
+impl From<String> for PersistedState {
+    fn from(name: String) -> Self {
+        match PairState::from_name(&name) {
+            Some(state) => PersistedState::Known(state),
+            None => PersistedState::Unknown(name),
+        }
+    }
+}
+
+impl From<PersistedState> for String {
+    fn from(state: PersistedState) -> Self {
+        match state {
+            PersistedState::Known(state) => state.as_str().to_string(),
+            PersistedState::Unknown(name) => name,
+        }
+    }
 }
 
 /// Where things are on the metadata bdev.
@@ -817,11 +856,40 @@ mod tests {
             secondary: "b".into(),
             track_size: 65536,
             tracks: 100_000,
-            state: "PSUS".into(),
+            state: PairState::Psus.into(),
             reverse: false,
             split_at_ns: 42,
             error: None,
         }
+    }
+
+    #[test]
+    fn headers_encode_as_earlier_builds_wrote_them() {
+        let json = r#"{"seq":7,"name":"p","primary":"a","secondary":"b","track_size":65536,"tracks":100000,"state":"PSUS","reverse":false,"split_at_ns":42,"error":null}"#;
+        assert_eq!(serde_json::to_string(&header(7)).unwrap(), json);
+        assert_eq!(
+            serde_json::from_str::<HeaderRecord>(json).unwrap(),
+            header(7)
+        );
+        for state in [
+            PairState::Copy,
+            PairState::Pair,
+            PairState::Psus,
+            PairState::Psue,
+        ] {
+            let rec = HeaderRecord {
+                state: state.into(),
+                ..header(7)
+            };
+            let text = serde_json::to_string(&rec).unwrap();
+            assert_eq!(text, json.replace("PSUS", state.as_str()));
+            assert_eq!(serde_json::from_str::<HeaderRecord>(&text).unwrap(), rec);
+        }
+        // A name no state has still decodes, and encodes back as it was.
+        let other = json.replace("PSUS", "SPLIT");
+        let rec: HeaderRecord = serde_json::from_str(&other).unwrap();
+        assert_eq!(rec.state, PersistedState::Unknown("SPLIT".into()));
+        assert_eq!(serde_json::to_string(&rec).unwrap(), other);
     }
 
     #[test]
