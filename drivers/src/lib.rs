@@ -18,8 +18,8 @@ pub mod tape;
 pub mod uring;
 
 pub use bdev::{
-    Bdev, BdevError, ChannelContext, Geometry, IoBufs, IoChannel, IoCompletion, IoError, IoOp,
-    IoRequest, SubmitError, SubmitErrorKind, SubmitResult,
+    Bdev, BdevError, ChannelContext, FdWatch, Geometry, IoBufs, IoChannel, IoCompletion, IoError,
+    IoOp, IoRequest, SubmitError, SubmitErrorKind, SubmitResult,
 };
 pub use table::{register, BdevInfo, BdevTable, CreateError, DriverRegistry};
 

@@ -2,14 +2,15 @@
 //! reactor) over the non-blocking socket. It splits requests into commands, sends their PDUs
 //! in vectored writes straight from the caller's DMA buffers (write data in the capsule when it
 //! fits, else on the controller's R2T as H2CData PDUs), receives read data into the caller's
-//! buffers, and fails commands past their deadline. The receive side is in `receive.rs`.
+//! buffers, and fails commands past their deadline. Given its reactor's [`FdWatch`], it keeps
+//! its socket in the reactor's epoll set until it fails or is dropped, so the parked reactor
+//! wakes when replies arrive. The receive side is in `receive.rs`.
 
 mod receive;
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::os::fd::{AsFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use super::{io, HostController, Namespace, NvmfError};
 use crate::nvme::spec::{self, Command};
 use crate::nvmf::fabrics;
 use crate::nvmf::pdu::{self, CapsuleCmd, Digests, HeaderBytes};
-use crate::{IoBufs, IoError, IoOp};
+use crate::{FdWatch, IoBufs, IoError, IoOp};
 
 /// Period of the I/O queues' command timeout checks.
 const TICK: Duration = Duration::from_millis(10);
@@ -101,7 +102,8 @@ pub struct IoQueue {
     done: Vec<Done>,
     last_check: Instant,
     tick: u64,
-    waker: Option<Waker>,
+    /// The reactor's epoll set the socket is watched in, if any.
+    watch: Option<FdWatch>,
 }
 
 /// Slices of `bufs` covering `len` bytes from `start`.
@@ -184,7 +186,7 @@ impl IoQueue {
             done: Vec::new(),
             last_check: Instant::now(),
             tick: 0,
-            waker: None,
+            watch: None,
             ctrl,
         })
     }
@@ -204,10 +206,20 @@ impl IoQueue {
         self.stream.as_fd()
     }
 
-    /// Has a parked reactor woken (through `wake_fd`) when the socket becomes readable.
-    pub fn wake_on_input(&mut self, wake_fd: RawFd) {
-        if self.waker.is_none() {
-            self.waker = Waker::start(self.stream.as_fd(), wake_fd);
+    /// Has a parked reactor woken when the socket has input: the socket joins the reactor's
+    /// epoll set `watch` until the queue fails or is dropped.
+    pub fn wake_on_input(&mut self, watch: &FdWatch) -> std::io::Result<()> {
+        if self.watch.is_none() {
+            watch.watch(self.stream.as_fd())?;
+            self.watch = Some(watch.clone());
+        }
+        Ok(())
+    }
+
+    /// Takes the socket out of the reactor's epoll set, if it is in it.
+    fn unwatch(&mut self) {
+        if let Some(w) = self.watch.take() {
+            w.unwatch(self.stream.as_fd());
         }
     }
 
@@ -356,6 +368,9 @@ impl IoQueue {
     fn fail(&mut self, e: IoError) {
         if self.failed.is_none() {
             tracing::warn!(qid = self.qid, error = %e, "NVMe/TCP I/O queue failed");
+            // A shut down socket stays readable: watched, it would keep the reactor from
+            // parking. A failed queue has nothing more to wait for.
+            self.unwatch();
             let _ = self.stream.shutdown(std::net::Shutdown::Both);
             self.failed = Some(e);
         }
@@ -439,59 +454,10 @@ impl IoQueue {
 
 impl Drop for IoQueue {
     fn drop(&mut self) {
+        // Out of the reactor's epoll set before the socket closes: its number may be reused by
+        // another socket watched there.
+        self.unwatch();
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         self.ctrl.release_qid(self.qid);
-    }
-}
-
-/// A thread that wakes a parked reactor when a socket has input: edge-triggered epoll on the
-/// socket, a write to the reactor's eventfd per edge.
-struct Waker {
-    stop: Arc<AtomicBool>,
-}
-
-impl Waker {
-    fn start(sock: std::os::fd::BorrowedFd<'_>, wake_fd: RawFd) -> Option<Self> {
-        use rustix::event::epoll;
-        let ep = epoll::create(epoll::CreateFlags::CLOEXEC).ok()?;
-        epoll::add(
-            &ep,
-            sock,
-            epoll::EventData::new_u64(0),
-            epoll::EventFlags::IN | epoll::EventFlags::ET | epoll::EventFlags::RDHUP,
-        )
-        .ok()?;
-        // The eventfd belongs to the reactor, which outlives its channels; a duplicate keeps
-        // this thread's writes safe even if it does not.
-        let wake: OwnedFd = crate::nvmf::sys::dup_fd(wake_fd).ok()?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = Arc::clone(&stop);
-        std::thread::Builder::new()
-            .name("nvmf_wake".into())
-            .spawn(move || {
-                let mut events: Vec<epoll::Event> = Vec::with_capacity(4);
-                let ts = rustix::event::Timespec {
-                    tv_sec: 0,
-                    tv_nsec: 100_000_000,
-                };
-                while !s.load(Ordering::Relaxed) {
-                    events.clear();
-                    match epoll::wait(&ep, rustix::buffer::spare_capacity(&mut events), Some(&ts)) {
-                        Ok(n) if n > 0 => {
-                            let _ = rustix::io::write(&wake, &1u64.to_ne_bytes());
-                        }
-                        Ok(_) => {}
-                        Err(_) => return,
-                    }
-                }
-            })
-            .ok()?;
-        Some(Self { stop })
-    }
-}
-
-impl Drop for Waker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
     }
 }
