@@ -5,16 +5,15 @@
 //! driver's RPC glue. Drivers register their create methods explicitly with [`register`].
 
 pub mod bdev;
-pub mod fault;
 pub mod iov;
 pub mod malloc;
 pub mod nbd;
 pub mod nvme;
 pub mod nvmf;
-pub mod powercut;
 pub mod sink;
 pub mod table;
 pub mod tape;
+pub mod testing;
 pub mod uring;
 
 pub use bdev::{
