@@ -1,9 +1,11 @@
 //! The bdev interface: a block device, and the per-reactor I/O channel through which requests are
 //! submitted and, by polling, completed.
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::sync::Arc;
 
 use hugepages::{DmaBuf, RegionSlice};
+use rustix::event::epoll;
 use smallvec::SmallVec;
 
 /// The buffers of one request, in order (a vectored request has several).
@@ -254,12 +256,57 @@ impl Geometry {
     }
 }
 
+/// The epoll set a reactor parks on, shared with what runs on it: a descriptor watched here
+/// wakes the parked reactor while it is readable. Clones share the one set.
+#[derive(Debug, Clone)]
+pub struct FdWatch {
+    epoll: Arc<OwnedFd>,
+}
+
+impl FdWatch {
+    /// A new, empty epoll set.
+    pub fn new() -> std::io::Result<Self> {
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        Ok(Self {
+            epoll: Arc::new(epoll),
+        })
+    }
+
+    /// Wakes the reactor while `fd` has input or its peer has hung up (level-triggered); the
+    /// event carries the descriptor's number.
+    pub fn watch(&self, fd: BorrowedFd<'_>) -> std::io::Result<()> {
+        epoll::add(
+            &*self.epoll,
+            fd,
+            epoll::EventData::new_u64(fd.as_raw_fd() as u64),
+            epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
+        )?;
+        Ok(())
+    }
+
+    /// Stops watching `fd` (nothing if it was not watched). Call it before `fd` is closed: its
+    /// number may be reused by another descriptor watched on the same reactor.
+    pub fn unwatch(&self, fd: BorrowedFd<'_>) {
+        let _ = epoll::delete(&*self.epoll, fd);
+    }
+}
+
+/// The epoll descriptor itself, for the reactor that waits on it.
+impl AsFd for FdWatch {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.epoll.as_fd()
+    }
+}
+
 /// What a reactor gives a channel it opens.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct ChannelContext {
     /// The reactor's eventfd: drivers whose completions arrive asynchronously signal it so a
     /// parked reactor wakes up.
     pub wake_fd: Option<RawFd>,
+    /// The reactor's epoll set: drivers whose completions arrive on a socket watch it there
+    /// (and stop before closing it) so a parked reactor wakes up when it is readable.
+    pub fd_watch: Option<FdWatch>,
     /// Queue depth the channel should support.
     pub queue_depth: u32,
 }

@@ -1,25 +1,42 @@
-//! quicksplit's block device layer.
+//! quicksplit's block device layer, and the I/O paths of its backups.
 //!
-//! This crate owns the [`Bdev`] trait (a block device with per-reactor, polled [`IoChannel`]s),
-//! the drivers (`malloc`, `uring`), the [`BdevTable`] of named bdevs with their claims, and each
-//! driver's RPC glue. Drivers register their create methods explicitly with [`register`].
+//! This crate owns:
+//!
+//! - [`bdev`]: the [`Bdev`] trait (a block device with per-reactor, polled [`IoChannel`]s), the
+//!   requests and completions, and the [`ChannelContext`] a reactor gives the channels it opens
+//!   (its eventfd and its epoll set, [`FdWatch`], so a parked reactor wakes for them);
+//! - the drivers: [`malloc`] (a RAM disk in DMA memory), [`uring`] (a file or block device
+//!   through io_uring), [`nvme`] (NVMe controllers driven from user space through VFIO) and
+//!   [`nvmf`] (namespaces of remote controllers through its NVMe/TCP initiator; the PDUs and
+//!   Fabrics commands there are shared with the engine's NVMe/TCP target), each with its RPC glue;
+//! - [`table`]: the [`BdevTable`] of named bdevs with their claims, and the registry of create
+//!   methods, filled explicitly with [`register`] (`bdev_nvme_attach_controller`, for both nvme
+//!   and nvmf, is [`nvme::rpc`]);
+//! - [`sink`]: the backup targets (a file or block device, a tape image in a file or on a tape
+//!   device or pipe, an NBD export, an NVMe/TCP namespace);
+//! - [`tape`]: the backup archive format (pax records and manifests) and the reader that restores
+//!   and verifies archives;
+//! - [`nbd`]: the NBD wire protocol, shared by the engine's NBD server and the NBD backup target's
+//!   client;
+//! - [`iov`]: gathering queued pieces into iovecs for vectored socket writes;
+//! - [`testing`]: fault-injecting wrappers for tests (delays and I/O errors, power cuts), not
+//!   drivers.
 
 pub mod bdev;
-pub mod fault;
 pub mod iov;
 pub mod malloc;
 pub mod nbd;
 pub mod nvme;
 pub mod nvmf;
-pub mod powercut;
 pub mod sink;
 pub mod table;
 pub mod tape;
+pub mod testing;
 pub mod uring;
 
 pub use bdev::{
-    Bdev, BdevError, ChannelContext, Geometry, IoBufs, IoChannel, IoCompletion, IoError, IoOp,
-    IoRequest, SubmitError, SubmitErrorKind, SubmitResult,
+    Bdev, BdevError, ChannelContext, FdWatch, Geometry, IoBufs, IoChannel, IoCompletion, IoError,
+    IoOp, IoRequest, SubmitError, SubmitErrorKind, SubmitResult,
 };
 pub use table::{register, BdevInfo, BdevTable, CreateError, DriverRegistry};
 

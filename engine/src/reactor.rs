@@ -4,7 +4,8 @@
 //! a full inbox refuses the message and the sender retries, so nothing grows without bound.
 //! With `--idle adaptive` a reactor that has found nothing to do for a while parks on an epoll
 //! set holding its eventfd (written by message senders and by io_uring completions) and any
-//! sockets its pollers watch; with `--idle spin` it never sleeps.
+//! sockets its pollers and I/O channels watch (the set is the [`drivers::FdWatch`] channels get
+//! in their [`drivers::ChannelContext`]); with `--idle spin` it never sleeps.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
+use drivers::FdWatch;
 use rustix::event::{epoll, eventfd, EventfdFlags};
 
 /// What one poll of a poller found.
@@ -213,7 +215,9 @@ impl ReactorHandle {
 /// What a poller or message sees of its reactor.
 pub struct ReactorContext {
     handle: ReactorHandle,
-    epoll: OwnedFd,
+    /// The epoll set `park` waits on: the eventfd, and the descriptors pollers and channels
+    /// watch.
+    fd_watch: FdWatch,
     new_pollers: Vec<Box<dyn Poller>>,
     wake_at: Option<Instant>,
     idle: IdlePolicy,
@@ -239,30 +243,25 @@ impl ReactorContext {
     /// The context drivers need to open an I/O channel on this reactor.
     pub fn channel_context(&self, queue_depth: u32) -> drivers::ChannelContext {
         use std::os::fd::AsRawFd;
+        let adaptive = self.idle == IdlePolicy::Adaptive;
         drivers::ChannelContext {
-            wake_fd: match self.idle {
-                IdlePolicy::Adaptive => Some(self.handle.shared.wake.as_raw_fd()),
-                IdlePolicy::Spin => None,
-            },
+            wake_fd: adaptive.then(|| self.handle.shared.wake.as_raw_fd()),
+            fd_watch: adaptive.then(|| self.fd_watch.clone()),
             queue_depth,
         }
     }
 
     /// Wakes a parked reactor when `fd` becomes readable (sockets of pollers).
     pub fn watch_fd(&self, fd: BorrowedFd<'_>) -> Result<(), ReactorError> {
-        use std::os::fd::AsRawFd;
-        epoll::add(
-            &self.epoll,
-            fd,
-            epoll::EventData::new_u64(fd.as_raw_fd() as u64),
-            epoll::EventFlags::IN | epoll::EventFlags::RDHUP,
-        )
-        .map_err(os("epoll add"))
+        self.fd_watch.watch(fd).map_err(|source| ReactorError::Os {
+            what: "epoll add",
+            source,
+        })
     }
 
     /// Stops watching `fd` (before closing it).
     pub fn unwatch_fd(&self, fd: BorrowedFd<'_>) {
-        let _ = epoll::delete(&self.epoll, fd);
+        self.fd_watch.unwatch(fd);
     }
 
     /// When this loop turn began: the clock as of this turn, without reading it again.
@@ -310,9 +309,12 @@ impl Reactors {
         for (index, &core) in opts.cores.iter().enumerate() {
             let wake = eventfd(0, EventfdFlags::NONBLOCK | EventfdFlags::CLOEXEC)
                 .map_err(os("eventfd"))?;
-            let epoll = epoll::create(epoll::CreateFlags::CLOEXEC).map_err(os("epoll"))?;
+            let fd_watch = FdWatch::new().map_err(|source| ReactorError::Os {
+                what: "epoll",
+                source,
+            })?;
             epoll::add(
-                &epoll,
+                &fd_watch,
                 &wake,
                 epoll::EventData::new_u64(u64::MAX),
                 epoll::EventFlags::IN,
@@ -336,7 +338,7 @@ impl Reactors {
                 .spawn(move || {
                     run(ReactorContext {
                         handle: h,
-                        epoll,
+                        fd_watch,
                         new_pollers: Vec::new(),
                         wake_at: None,
                         idle,
@@ -511,7 +513,7 @@ fn park(cx: &mut ReactorContext, pollers: &mut Vec<Box<dyn Poller>>) {
         tv_nsec: timeout.subsec_nanos() as i64,
     };
     let _ = epoll::wait(
-        &cx.epoll,
+        &cx.fd_watch,
         rustix::buffer::spare_capacity(&mut events),
         Some(&ts),
     );

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{read, run, wait_until, Op};
-use drivers::fault::{FaultBdev, FaultConfig};
+use drivers::testing::fault::{FaultBdev, FaultConfig};
 use drivers::Bdev;
 use engine::app::Engine;
 use engine::backup::{BackupInfo, BackupState, Mode, Target};

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use common::{read, run, wait_until, Op};
-use drivers::fault::{FaultBdev, FaultConfig};
+use drivers::testing::fault::{FaultBdev, FaultConfig};
 use drivers::{Bdev, IoError};
 use engine::app::Engine;
 use engine::pair::channel::View;

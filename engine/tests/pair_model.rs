@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use drivers::fault::{FaultBdev, FaultConfig};
+use drivers::testing::fault::{FaultBdev, FaultConfig};
 use drivers::{Bdev, IoBufs, IoChannel, IoRequest};
 use engine::app::Engine;
 use engine::pair::channel::View;

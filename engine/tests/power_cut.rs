@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::Op;
-use drivers::powercut::{PowerCutBdev, PowerSupply};
+use drivers::testing::powercut::{PowerCutBdev, PowerSupply};
 use drivers::Bdev;
 use engine::app::{Engine, MetadataDevice};
 use engine::backup::{BackupState, Mode, Target};

@@ -10,7 +10,7 @@ use std::sync::{Arc, Weak};
 
 use common::Op;
 use drivers::malloc::MallocBdev;
-use drivers::powercut::PowerCutBdev;
+use drivers::testing::powercut::PowerCutBdev;
 use drivers::Bdev;
 use engine::app::{Engine, MetadataDevice};
 use engine::backup::{BackupState, Mode, Target};

@@ -1,10 +1,12 @@
 //! NVMe/TCP through the real binary: backups in every mode from one quicksplit to a second
 //! quicksplit's `nvmf_export_start` over 127.0.0.1, byte-identical to the image with the
-//! manifest's SHA-256; the statuses the target answers bad commands with; and more than a
-//! thousand generated malformed PDUs while another connection keeps being served.
+//! manifest's SHA-256; the statuses the target answers bad commands with; more than a
+//! thousand generated malformed PDUs while another connection keeps being served; and a parked
+//! reactor woken by the socket of its NVMe/TCP bdev channel.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,7 +16,8 @@ use drivers::nvme::spec::{self, Command as NvmeCmd};
 use drivers::nvmf::fabrics::{self, status};
 use drivers::nvmf::host::{HostController, HostOptions, IoQueue, NvmfError, SyncQueue};
 use drivers::nvmf::pdu::{self, CapsuleCmd, DataPdu, Digests, IcReq};
-use drivers::{IoBufs, IoOp};
+use drivers::{Bdev, IoBufs, IoChannel, IoOp, IoRequest};
+use engine::reactor::{IdlePolicy, PollStatus, Poller, ReactorContext, ReactorOptions, Reactors};
 use hugepages::BufferPool;
 use quicksplit_tests::nbd::NbdClient;
 use quicksplit_tests::{start_empty, wait_for, RpcConn, TempDir};
@@ -836,4 +839,185 @@ fn a_pair_exported_over_nvmf_is_not_deleted() {
         c.ok("nvmf_export_stop", json!({"nqn": nqn}));
     }
     assert_eq!(c.ok("pair_delete", json!({"name": "pr"})), json!(true));
+}
+
+/// A proxy on 127.0.0.1 in front of `port` for `conns` connections that holds back what the
+/// target sends by `delay` (what the host sends goes straight through). Gives its port.
+fn delaying_proxy(port: u16, conns: usize, delay: Duration) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for _ in 0..conns {
+            let (host, _) = l.accept().expect("accept");
+            let target = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let pipe = |mut from: TcpStream, mut to: TcpStream, delay: Duration| {
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 256 << 10];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        std::thread::sleep(delay);
+                        if to.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                })
+            };
+            pipe(
+                host.try_clone().unwrap(),
+                target.try_clone().unwrap(),
+                Duration::ZERO,
+            );
+            pipe(target, host, delay);
+        }
+    });
+    proxy
+}
+
+/// The descriptors an epoll set of this process watches: (fd, events, data), from /proc.
+fn epoll_watches(epoll: i32) -> Vec<(i32, u32, u64)> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll}")).expect("fdinfo");
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[0] == "tfd:" && f[2] == "events:" && f[4] == "data:").then(|| {
+                (
+                    f[1].parse().expect("tfd"),
+                    u32::from_str_radix(f[3], 16).expect("events"),
+                    u64::from_str_radix(f[5], 16).expect("data"),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Reads block 0 through an NVMe/TCP channel on its reactor when asked; closes the channel
+/// (ends) when the request channel closes.
+struct WakeProbe {
+    ch: Box<dyn IoChannel>,
+    pool: BufferPool,
+    asks: std::sync::mpsc::Receiver<()>,
+    answers: std::sync::mpsc::Sender<(Instant, Result<(), drivers::IoError>)>,
+    done: Vec<drivers::IoCompletion>,
+}
+
+impl Poller for WakeProbe {
+    fn poll(&mut self, _cx: &mut ReactorContext) -> PollStatus {
+        match self.asks.try_recv() {
+            Ok(()) => {
+                let mut bufs = IoBufs::new();
+                bufs.push(self.pool.get().expect("buffer"));
+                if self.ch.submit(IoRequest::read(0, bufs, 1)).is_err() {
+                    panic!("read refused");
+                }
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return PollStatus::Done,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {}
+        }
+        if self.ch.poll(&mut self.done) == 0 {
+            return PollStatus::Idle;
+        }
+        for d in self.done.drain(..) {
+            let _ = self.answers.send((Instant::now(), d.result));
+        }
+        PollStatus::Busy
+    }
+
+    fn name(&self) -> &str {
+        "wake_probe"
+    }
+}
+
+/// An NVMe/TCP bdev's channel wakes its parked reactor: behind a proxy holding the controller's
+/// replies back 30 ms, the reactor parks while a read waits, and the read completes well before
+/// the reactor's longest park (100 ms) ends. The queue's socket is in the reactor's epoll set,
+/// level-triggered with its number as the event data, while the channel is open, and out of it
+/// once the channel closes. A spinning reactor, which never parks, hands out no epoll set.
+#[test]
+fn a_parked_reactor_wakes_for_its_nvmf_channel_completions() {
+    let spinning = Reactors::start(&ReactorOptions {
+        cores: vec![0],
+        idle: IdlePolicy::Spin,
+        inbox_size: 16,
+    })
+    .expect("reactors");
+    let ctx = spinning
+        .get(0)
+        .call(|cx| cx.channel_context(4))
+        .expect("call");
+    assert!(ctx.fd_watch.is_none() && ctx.wake_fd.is_none());
+    spinning.shutdown();
+
+    let dir = TempDir::new("nvmf-wake");
+    let (_server, _rpc, port, nqn) = target(dir.path());
+    const DELAY: Duration = Duration::from_millis(30);
+    // The admin queue and one I/O queue.
+    let proxy = delaying_proxy(port, 2, DELAY);
+    let opts = HostOptions::new("127.0.0.1", proxy, nqn);
+    let bdev: Arc<dyn Bdev> = Arc::new(
+        drivers::nvmf::attach("w", opts, Value::Null)
+            .expect("attach")
+            .remove(0),
+    );
+    let reactors = Reactors::start(&ReactorOptions {
+        cores: vec![0],
+        idle: IdlePolicy::Adaptive,
+        inbox_size: 16,
+    })
+    .expect("reactors");
+    let (ask, asks) = std::sync::mpsc::channel();
+    let (answers, answered) = std::sync::mpsc::channel();
+    let epoll = reactors
+        .get(0)
+        .call(move |cx| {
+            let ctx = cx.channel_context(4);
+            let ch = bdev.open_channel(&ctx).expect("open channel");
+            cx.add_poller(Box::new(WakeProbe {
+                ch,
+                pool: BufferPool::new(4096, 1).expect("pool"),
+                asks,
+                answers,
+                done: Vec::new(),
+            }));
+            ctx.fd_watch
+                .expect("an adaptive reactor's epoll set")
+                .as_fd()
+                .as_raw_fd()
+        })
+        .expect("call");
+    let watched = epoll_watches(epoll);
+    let sockets: Vec<_> = watched.iter().filter(|w| w.2 != u64::MAX).collect();
+    assert_eq!(sockets.len(), 1, "{watched:?}");
+    let (fd, events, data) = *sockets[0];
+    assert_eq!(data, fd as u64, "{watched:?}");
+    // EPOLLIN | EPOLLRDHUP, level-triggered (the kernel adds EPOLLERR | EPOLLHUP).
+    assert_eq!(events & !0x18, 0x2001, "{watched:?}");
+
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        // Long enough idle for the reactor to park.
+        std::thread::sleep(Duration::from_millis(20));
+        let start = Instant::now();
+        ask.send(()).unwrap();
+        reactors.get(0).wake_if_parked();
+        let (at, result) = answered
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the read completed");
+        result.expect("read");
+        took.push(at.duration_since(start));
+    }
+    took.sort();
+    assert!(took[0] >= DELAY, "{took:?}");
+    assert!(took[2] < Duration::from_millis(75), "{took:?}");
+
+    // Closing the channel takes its socket out of the set.
+    drop(ask);
+    let end = Instant::now() + Duration::from_secs(5);
+    while epoll_watches(epoll).iter().any(|w| w.2 != u64::MAX) {
+        assert!(Instant::now() < end, "{:?}", epoll_watches(epoll));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    reactors.shutdown();
 }

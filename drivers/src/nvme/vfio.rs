@@ -1,7 +1,16 @@
 //! The VFIO calls of the NVMe driver: container, group and device file descriptors, BAR0
 //! mapped for register access, DMA mappings into the IOMMU, PCI bus mastering and MSI-X
-//! vectors routed to eventfds. Every ioctl is one small function with its SAFETY note and its
-//! return code checked right after; the driver above sees only [`VfioPci`] as a [`Device`].
+//! vectors routed to eventfds. The driver above sees [`VfioPci`] as a [`Device`], and uses
+//! [`canonical_pci_addr`] to check the addresses it is given.
+//!
+//! Every `unsafe` block and impl (each ioctl, the BAR0 `mmap` and `munmap`, taking ownership of
+//! the device descriptor, the volatile register accesses, `Send` and `Sync` for the mapping)
+//! carries its SAFETY note. The ioctls that bring the device up (API version, IOMMU extension,
+//! group status, group to container, IOMMU type, device descriptor, device info) run inline in
+//! [`VfioPci::open`]; region info, IRQ info, SET_IRQS and the container's DMA map and unmap each
+//! have a small function of their own. Every ioctl's return code is checked with `check` right
+//! after the call (a failed DMA unmap, which cannot be returned, is logged), except
+//! VFIO_CHECK_EXTENSION's: a failure there counts as the extension being absent.
 //!
 //! The layouts and request numbers are those of the kernel's `include/uapi/linux/vfio.h`
 //! (`_IO(';', 100 + n)`).

@@ -9,7 +9,6 @@ pub const DEFAULT_PORT: u16 = 4420;
 pub mod fabrics;
 pub mod host;
 pub mod pdu;
-mod sys;
 
 use std::sync::Arc;
 
@@ -99,8 +98,12 @@ impl Bdev for NvmfBdev {
 
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
         let mut q = self.ctrl.open_io_queue(self.nsid)?;
-        if let Some(fd) = ctx.wake_fd {
-            q.wake_on_input(fd);
+        if let Some(watch) = &ctx.fd_watch {
+            if let Err(e) = q.wake_on_input(watch) {
+                // The queue works without it; a parked reactor then sees its completions only
+                // when something else wakes it.
+                tracing::warn!(bdev = %self.name, error = %e, "NVMe/TCP queue socket not watched");
+            }
         }
         Ok(Box::new(NvmfChannel {
             q,

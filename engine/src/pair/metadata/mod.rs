@@ -733,6 +733,7 @@ impl BlockingIo {
         let ch = bdev
             .open_channel(&ChannelContext {
                 wake_fd: None,
+                fd_watch: None,
                 queue_depth: 8,
             })
             .map_err(|e| MetaError::Io(e.to_string()))?;

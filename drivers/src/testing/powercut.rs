@@ -277,6 +277,7 @@ mod tests {
         let mut ch = dev
             .open_channel(&ChannelContext {
                 wake_fd: None,
+                fd_watch: None,
                 queue_depth: 4,
             })
             .unwrap();
@@ -312,6 +313,7 @@ mod tests {
         let pool = BufferPool::new(4096, 4).unwrap();
         let ctx = ChannelContext {
             wake_fd: None,
+            fd_watch: None,
             queue_depth: 4,
         };
         let mut chans: Vec<_> = [&devs[0], &devs[1], &alone]
