@@ -53,7 +53,7 @@ fn initialize_metadata(
         secondary: secondary.to_string(),
         track_size: cfg.track_size,
         tracks,
-        state: "COPY".into(),
+        state: crate::pair::PairState::Copy.into(),
         reverse: false,
         split_at_ns: 0,
         error: None,
