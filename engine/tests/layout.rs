@@ -217,7 +217,7 @@ fn absolute(from: &ModPath, path: &[String], modules: &BTreeSet<ModPath>) -> Opt
             if !modules.contains(&m) {
                 return None;
             }
-            &path[..]
+            path
         }
     };
     let mut m = base;

@@ -313,6 +313,11 @@ impl Pair {
         tracing::trace!(pair = %self.name, state = s.as_str(), "pair state");
     }
 
+    /// True when the last resync ran S to P (a restore), whether or not it is still copying.
+    pub fn last_resync_reversed(&self) -> bool {
+        self.direction.load(Ordering::SeqCst) == DIR_REVERSE
+    }
+
     /// True while a restore (reverse resync) is copying S to P.
     pub fn reversing(&self) -> bool {
         self.state() == PairState::Copy && self.direction.load(Ordering::SeqCst) == DIR_REVERSE

@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use super::state::DIR_REVERSE;
 use super::{Pair, PairState};
 
 /// Counters of the work a pair's machinery did.
@@ -161,7 +160,7 @@ pub struct PairInfo {
 impl Pair {
     /// What `pair_get` reports.
     pub fn info(&self) -> PairInfo {
-        let reverse = self.direction.load(Ordering::SeqCst) == DIR_REVERSE;
+        let reverse = self.last_resync_reversed();
         let (pending_tracks, copied_tracks) = self
             .stats
             .pending_and_copied(|| self.pending.count() + self.restore.count());

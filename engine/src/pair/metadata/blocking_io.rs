@@ -1,0 +1,141 @@
+//! Synchronous metadata I/O from a control thread, before the pair serves.
+
+use super::*;
+
+/// Synchronous I/O on a bdev from a control thread, through a channel of its own: used to
+/// initialise and load metadata before the pair serves.
+pub(super) struct BlockingIo {
+    ch: Box<dyn IoChannel>,
+    pool: BufferPool,
+    done: Vec<IoCompletion>,
+}
+
+/// Pages moved per request when reading or writing whole maps.
+const PAGES_PER_IO: usize = 64;
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl BlockingIo {
+    pub(super) fn open(bdev: &Arc<dyn Bdev>) -> Result<Self, MetaError> {
+        let ch = bdev
+            .open_channel(&ChannelContext {
+                wake_fd: None,
+                fd_watch: None,
+                queue_depth: 8,
+            })
+            .map_err(|e| MetaError::Io(e.to_string()))?;
+        let pool = BufferPool::new(BLOCK as usize, PAGES_PER_IO)
+            .map_err(|e| MetaError::Io(e.to_string()))?;
+        Ok(Self {
+            ch,
+            pool,
+            done: Vec::new(),
+        })
+    }
+
+    pub(super) fn run(&mut self, req: IoRequest) -> Result<IoBufs, MetaError> {
+        if let Err(e) = self.ch.submit(req) {
+            return Err(MetaError::Io(format!("refused: {:?}", e.error)));
+        }
+        let end = Instant::now() + IO_TIMEOUT;
+        loop {
+            self.ch.poll(&mut self.done);
+            if let Some(c) = self.done.pop() {
+                return match c.result {
+                    Ok(()) => Ok(c.bufs),
+                    Err(e) => Err(MetaError::Io(e.to_string())),
+                };
+            }
+            if Instant::now() > end {
+                return Err(MetaError::Io("no completion within 60 s".into()));
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        }
+    }
+
+    pub(super) fn bufs(&self, n: usize) -> Result<IoBufs, MetaError> {
+        (0..n)
+            .map(|_| {
+                self.pool
+                    .get()
+                    .ok_or_else(|| MetaError::Io("no buffer for metadata I/O".into()))
+            })
+            .collect()
+    }
+
+    pub(super) fn write(&mut self, offset: u64, blocks: &[&[u8]]) -> Result<(), MetaError> {
+        let mut bufs = self.bufs(blocks.len())?;
+        for (b, data) in bufs.iter_mut().zip(blocks) {
+            b.as_mut_slice()[..data.len()].copy_from_slice(data);
+        }
+        self.run(IoRequest::write(offset, bufs, 0)).map(|_| ())
+    }
+
+    pub(super) fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MetaError> {
+        let bufs = self.bufs(len.div_ceil(BLOCK as usize))?;
+        let bufs = self.run(IoRequest::read(offset, bufs, 0))?;
+        Ok(bufs.iter().flat_map(|b| b.as_slice().to_vec()).collect())
+    }
+
+    pub(super) fn flush(&mut self) -> Result<(), MetaError> {
+        self.run(IoRequest::without_data(IoOp::Flush, 0, 0, 0))
+            .map(|_| ())
+    }
+
+    pub(super) fn write_map(
+        &mut self,
+        layout: &Layout,
+        map: MapKind,
+        words: &[u64],
+    ) -> Result<(), MetaError> {
+        let mut page = 0;
+        while page < layout.pages_per_map {
+            let n = (layout.pages_per_map - page).min(PAGES_PER_IO as u64);
+            let mut blocks = Vec::with_capacity(n as usize);
+            for p in page..page + n {
+                let mut b = vec![0u8; BLOCK as usize];
+                let lo = (p * WORDS_PER_PAGE) as usize;
+                encode_page(map, p, &words[lo..lo + WORDS_PER_PAGE as usize], &mut b);
+                blocks.push(b);
+            }
+            let refs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+            self.write(layout.page_offset(map, page), &refs)?;
+            page += n;
+        }
+        Ok(())
+    }
+
+    pub(super) fn read_map(
+        &mut self,
+        layout: &Layout,
+        map: MapKind,
+    ) -> Result<Vec<u64>, MetaError> {
+        let mut words = vec![0u64; layout.words() as usize];
+        let mut page = 0;
+        while page < layout.pages_per_map {
+            let n = (layout.pages_per_map - page).min(PAGES_PER_IO as u64);
+            let bytes = self.read(layout.page_offset(map, page), (n * BLOCK) as usize)?;
+            for (i, p) in (page..page + n).enumerate() {
+                let lo = (p * WORDS_PER_PAGE) as usize;
+                decode_page(
+                    map,
+                    p,
+                    &bytes[i * BLOCK as usize..(i + 1) * BLOCK as usize],
+                    &mut words[lo..lo + WORDS_PER_PAGE as usize],
+                )
+                .map_err(MetaError::Corrupt)?;
+            }
+            page += n;
+        }
+        // Bits past the last track are never trusted.
+        let tracks = layout.tracks;
+        for (w, v) in words.iter_mut().enumerate() {
+            let first = w as u64 * 64;
+            if first >= tracks {
+                *v = 0;
+            } else if first + 64 > tracks {
+                *v &= (1u64 << (tracks - first)) - 1;
+            }
+        }
+        Ok(words)
+    }
+}
