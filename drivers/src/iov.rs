@@ -8,7 +8,7 @@
 use std::marker::PhantomData;
 use std::os::fd::AsFd;
 
-use hugepages::RegionSlice;
+use hugepages::{DmaBuf, RegionSlice};
 
 /// One piece of a vectored write: an address and a length, borrowed for `'a`.
 #[derive(Debug, Clone, Copy)]
@@ -144,9 +144,30 @@ impl<const N: usize> Default for IoVecs<'_, N> {
     }
 }
 
+/// Copies `src` into `bufs`, taken as one byte range, from byte `at` of it on: what arrives on
+/// a socket into the staging buffers of a request. Bytes past the buffers' end are dropped.
+pub fn copy_into(bufs: &mut [DmaBuf], at: usize, src: &[u8]) {
+    let mut pos = 0usize;
+    let mut src = src;
+    for b in bufs.iter_mut() {
+        let (start, end) = (pos, pos + b.len());
+        pos = end;
+        if src.is_empty() {
+            break;
+        }
+        if end <= at {
+            continue;
+        }
+        let off = at.max(start) - start;
+        let k = (b.len() - off).min(src.len());
+        b.as_mut_slice()[off..off + k].copy_from_slice(&src[..k]);
+        src = &src[k..];
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::IoVecs;
+    use super::{copy_into, IoVecs};
 
     #[test]
     fn skips_sent_bytes_and_empty_parts_and_stops_when_full() {
@@ -178,5 +199,25 @@ mod tests {
         let mut got = [0u8; 9];
         std::io::Read::read_exact(&mut &b, &mut got).expect("read");
         assert_eq!(&got, b"ad:region");
+    }
+
+    #[test]
+    fn copy_into_fills_the_buffers_as_one_range_from_an_offset() {
+        let pool = hugepages::BufferPool::new(4096, 3).expect("pool");
+        let mut bufs: Vec<hugepages::DmaBuf> = (0..3)
+            .map(|_| {
+                let mut b = pool.get().expect("buffer");
+                b.set_len(4).expect("len");
+                b.as_mut_slice().fill(0);
+                b
+            })
+            .collect();
+        // Bytes 3..9 of the 12: the end of the first buffer, the whole second, the third's start.
+        copy_into(&mut bufs, 3, b"abcdef");
+        let all: Vec<u8> = bufs.iter().flat_map(|b| b.as_slice().to_vec()).collect();
+        assert_eq!(all, b"\0\0\0abcdef\0\0\0");
+        // Past the end: only what fits is written.
+        copy_into(&mut bufs, 10, b"XYZ");
+        assert_eq!(&bufs[2].as_slice()[2..], b"XY");
     }
 }

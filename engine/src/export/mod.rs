@@ -226,7 +226,4 @@ pub trait Protocol: Send + Sync + Sized + 'static {
     /// Takes a connection accepted on `address`: hands it to a reactor, or to a handshake
     /// first.
     fn accept(registry: &Arc<Registry<Self>>, stream: Stream, address: &Address);
-
-    /// The registry's exports changed (one started or stopped).
-    fn exports_changed(&self) {}
 }

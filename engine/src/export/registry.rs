@@ -158,7 +158,6 @@ impl<P: Protocol> Registry<P> {
         );
         drop(exports);
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.protocol.exports_changed();
         Ok(())
     }
 
@@ -178,7 +177,6 @@ impl<P: Protocol> Registry<P> {
             .unwrap_or_else(PoisonError::into_inner)
             .push(Arc::clone(&e));
         self.generation.fetch_add(1, Ordering::SeqCst);
-        self.protocol.exports_changed();
         // Parked reactors wake so the export's connections see it closed.
         for r in &self.reactors {
             r.wake_if_parked();

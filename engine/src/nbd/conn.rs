@@ -221,25 +221,9 @@ impl NbdConn {
                 let n = avail.min(want);
                 if inc.reject.is_none() {
                     // Copy the payload into the request's DMA buffers.
-                    let mut src = &self.pump.input()[..n];
-                    let mut pos = 0usize;
-                    for b in inc.bufs.iter_mut() {
-                        let blen = b.len();
-                        if src.is_empty() {
-                            break;
-                        }
-                        if inc.filled < pos + blen && inc.filled >= pos {
-                            let at = inc.filled - pos;
-                            let k = (blen - at).min(src.len());
-                            b.as_mut_slice()[at..at + k].copy_from_slice(&src[..k]);
-                            src = &src[k..];
-                            inc.filled += k;
-                        }
-                        pos += blen;
-                    }
-                } else {
-                    inc.filled += n;
+                    drivers::iov::copy_into(&mut inc.bufs, inc.filled, &self.pump.input()[..n]);
                 }
+                inc.filled += n;
                 self.pump.consume(n);
                 if inc.filled < inc.req.length as usize {
                     self.incoming = Some(inc);

@@ -16,21 +16,7 @@ impl Payload {
         match self {
             Payload::None => {}
             Payload::Small(v) => v[at..at + src.len()].copy_from_slice(src),
-            Payload::Dma(bufs) => {
-                let mut pos = 0usize;
-                let mut src = src;
-                for b in bufs.iter_mut() {
-                    let (bs, be) = (pos, pos + b.len());
-                    pos = be;
-                    if src.is_empty() || be <= at {
-                        continue;
-                    }
-                    let off = at.max(bs) - bs;
-                    let k = (b.len() - off).min(src.len());
-                    b.as_mut_slice()[off..off + k].copy_from_slice(&src[..k]);
-                    src = &src[k..];
-                }
-            }
+            Payload::Dma(bufs) => drivers::iov::copy_into(bufs, at, src),
         }
     }
 }

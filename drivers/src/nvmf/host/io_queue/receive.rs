@@ -59,19 +59,7 @@ impl IoQueue {
                 let (parent, start) = (cmd.parent, cmd.start + d.offset as usize);
                 let src = &self.rx[f.data_at..f.data_at + f.data_len];
                 if let Some(p) = self.parents.get_mut(parent) {
-                    let mut pos = 0usize;
-                    let mut src = src;
-                    for b in p.bufs.iter_mut() {
-                        let (bs, be) = (pos, pos + b.len());
-                        pos = be;
-                        if src.is_empty() || be <= start {
-                            continue;
-                        }
-                        let at = start.max(bs) - bs;
-                        let k = (b.len() - at).min(src.len());
-                        b.as_mut_slice()[at..at + k].copy_from_slice(&src[..k]);
-                        src = &src[k..];
-                    }
+                    crate::iov::copy_into(&mut p.bufs, start, src);
                 }
                 if d.success {
                     if !d.last {
