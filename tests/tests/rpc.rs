@@ -391,27 +391,94 @@ fn every_method_through_the_socket() {
     // load_config applies a configuration; a bad entry says which.
     let cfg = json!({"config": [{"method": "bdev_malloc_create", "params": {"name": "m9", "size": 1 << 20}}]});
     assert_eq!(c.ok("load_config", cfg), json!(true));
+    // A method without an inverse cannot be in a configuration: refused before anything runs.
     let (code, msg) = c.err(
         "load_config",
-        json!({"config": [{"method": "bdev_delete", "params": {"name": "none"}}]}),
+        json!({"config": [
+            {"method": "bdev_malloc_create", "params": {"name": "m11", "size": 1 << 20}},
+            {"method": "bdev_delete", "params": {"name": "m9"}}]}),
     );
-    assert_eq!(code, NOT_FOUND);
-    assert!(msg.contains("entry 0"), "{msg}");
-    // What a failed load_config applied before its bad entry runs, and the state directory's
-    // configuration says so.
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(
+        msg.contains("entry 1") && msg.contains("bdev_delete"),
+        "{msg}"
+    );
+    let names = |c: &mut RpcConn| -> Vec<String> {
+        c.ok("bdev_get_bdevs", json!({}))
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(names(&mut c).contains(&"m9".to_string()));
+    assert!(!names(&mut c).contains(&"m11".to_string()));
+    // All or nothing: a failing entry takes back every entry before it (a new file, a pair, an
+    // export), and the state directory's configuration does not name them.
+    let vol = |n: &str| dir.path().join(format!("{n}.img"));
+    std::fs::write(vol("old"), vec![7u8; 1 << 20]).unwrap();
+    let before = names(&mut c);
+    let pairs_before = c.ok("pair_get", json!({}));
+    let exports_before = c.ok("nbd_get_exports", json!({}));
     let (code, msg) = c.err(
         "load_config",
         json!({"config": [
             {"method": "bdev_malloc_create", "params": {"name": "m10", "size": 1 << 20}},
-            {"method": "bdev_delete", "params": {"name": "none"}}]}),
+            {"method": "bdev_uring_create", "params": {"name": "u1", "filename": vol("new"), "size": 1 << 20}},
+            {"method": "bdev_uring_create", "params": {"name": "u2", "filename": vol("new2"), "size": 1 << 20}},
+            {"method": "bdev_uring_create", "params": {"name": "u3", "filename": vol("old"), "size": 2 << 20}},
+            {"method": "pair_create", "params": {"name": "lp", "primary": "u1", "secondary": "u2"}},
+            {"method": "nbd_export_start", "params": {"name": "lp-img", "pair": "lp"}},
+            {"method": "bdev_delete_typo", "params": {"name": "none"}}]}),
     );
-    assert_eq!(code, NOT_FOUND);
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(msg.contains("entry 6"), "{msg}");
+    let (code, msg) = c.err(
+        "load_config",
+        json!({"config": [
+            {"method": "bdev_malloc_create", "params": {"name": "m10", "size": 1 << 20}},
+            {"method": "bdev_uring_create", "params": {"name": "u1", "filename": vol("new"), "size": 1 << 20}},
+            {"method": "bdev_uring_create", "params": {"name": "u2", "filename": vol("new2"), "size": 1 << 20}},
+            {"method": "bdev_uring_create", "params": {"name": "u3", "filename": vol("old"), "size": 2 << 20}},
+            {"method": "pair_create", "params": {"name": "lp", "primary": "u1", "secondary": "u2"}},
+            {"method": "nbd_export_start", "params": {"name": "lp-img", "pair": "lp"}},
+            {"method": "bdev_malloc_create", "params": {"name": "m10", "size": 1 << 20}}]}),
+    );
+    assert_eq!(code, CONFLICT, "{msg}");
     assert!(
-        msg.contains("entry 1") && msg.contains("before it are applied"),
+        msg.contains("entry 6") && msg.contains("nothing of the configuration was applied"),
         "{msg}"
     );
+    assert_eq!(names(&mut c), before);
+    assert_eq!(c.ok("pair_get", json!({})), pairs_before);
+    assert_eq!(c.ok("nbd_get_exports", json!({})), exports_before);
+    assert!(
+        !vol("new").exists() && !vol("new2").exists(),
+        "the files the configuration created are removed"
+    );
+    let old = std::fs::read(vol("old")).unwrap();
+    assert!(
+        old.len() == 1 << 20 && old.iter().all(|&b| b == 7),
+        "the file it extended has its length and bytes back"
+    );
+    assert!(!dir.path().join("state/pairs/lp.meta").exists());
     let saved = std::fs::read_to_string(dir.path().join("state").join("config.json")).unwrap();
-    assert!(saved.contains("\"m10\""), "{saved}");
+    assert!(
+        !saved.contains("\"m10\"") && !saved.contains("\"lp\""),
+        "{saved}"
+    );
+    // The same configuration without the bad entry applies whole.
+    assert_eq!(
+        c.ok(
+            "load_config",
+            json!({"config": [
+                {"method": "bdev_uring_create", "params": {"name": "u1", "filename": vol("new"), "size": 1 << 20}},
+                {"method": "bdev_uring_create", "params": {"name": "u2", "filename": vol("new2"), "size": 1 << 20}},
+                {"method": "pair_create", "params": {"name": "lp", "primary": "u1", "secondary": "u2"}}]}),
+        ),
+        json!(true)
+    );
+    assert_eq!(c.ok("pair_get", json!({"name": "lp"}))[0]["name"], "lp");
 }
 
 #[test]

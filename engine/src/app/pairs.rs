@@ -342,8 +342,20 @@ impl Engine {
             .map(|_| ())
     }
 
-    /// Deletes a pair (its bdevs stay, unclaimed). Refused while it is exported.
+    /// Deletes a pair (its bdevs stay, unclaimed) and its metadata. Refused while it is
+    /// exported.
     pub fn pair_delete(&self, name: &str) -> Result<(), EngineError> {
+        self.remove_pair(name, true)
+    }
+
+    /// Takes a pair out of the engine as `pair_delete` does but keeps its metadata file, so a
+    /// later `pair_create` of the same name brings it back (a configuration that brought the
+    /// pair back and is then rolled back).
+    pub(crate) fn pair_unload(&self, name: &str) -> Result<(), EngineError> {
+        self.remove_pair(name, false)
+    }
+
+    fn remove_pair(&self, name: &str, remove_metadata: bool) -> Result<(), EngineError> {
         // Checked and deleted under the locks a backup start and an export start hold.
         let _starting = self
             .backup_starts
@@ -368,10 +380,12 @@ impl Engine {
             .remove(name)
             .ok_or_else(|| PairError::NotFound(name.to_string()))?;
         pair.mark_deleted();
-        let _ = std::fs::remove_file(self.metadata_path(name));
+        if remove_metadata {
+            let _ = std::fs::remove_file(self.metadata_path(name));
+        }
         st.bdevs.release(pair.primary().name(), name);
         st.bdevs.release(pair.secondary().name(), name);
-        tracing::info!(pair = %name, "pair deleted");
+        tracing::info!(pair = %name, metadata_kept = !remove_metadata, "pair deleted");
         Ok(())
     }
 

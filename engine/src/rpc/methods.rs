@@ -71,7 +71,7 @@ pub static METHODS: &[Method] = &[
     method!("nvmf_get_exports", nvmf_get_exports),
     method!("framework_get_reactors", framework_get_reactors),
     method!("save_config", save_config),
-    method!("load_config", load_config, changes_config),
+    method!("load_config", super::config::load_config, changes_config),
     method!("rpc_get_methods", rpc_get_methods),
 ];
 
@@ -212,25 +212,10 @@ fn forward() -> Direction {
     Direction::Forward
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LoadConfigParams {
-    config: Vec<ConfigCall>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ConfigCall {
-    method: String,
-    #[serde(default)]
-    params: Value,
-}
-
 /// Runs `method` with `params`; keeps the configuration in the state directory up to date.
 pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
     let result = dispatch(engine, method, p);
-    // Saved after a failure too: a `load_config` that stopped at a bad entry has applied the
-    // ones before it, and the file must say what runs.
+    // Saved after a failure too: the file must say what runs, whatever the failure left.
     if self::method(method).is_some_and(|m| m.changes_config) {
         if let Err(e) = engine.persist_config() {
             tracing::error!(%e, "the configuration could not be saved in the state directory");
@@ -245,7 +230,7 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
     result
 }
 
-fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
+pub(super) fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
     match self::method(method) {
         Some(m) => (m.call)(engine, p),
         None => Err(RpcError::new(
@@ -516,41 +501,4 @@ struct NvmfExportParams {
 #[serde(deny_unknown_fields)]
 struct NqnParam {
     nqn: String,
-}
-
-fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<Value, RpcError> {
-    for (i, c) in p.config.into_iter().enumerate() {
-        if matches!(c.method.as_str(), "load_config" | "save_config") {
-            return Err(RpcError::new(
-                codes::INVALID_PARAMS,
-                format!("config entry {i}: '{}' cannot appear in a config", c.method),
-            ));
-        }
-        let params = if c.params.is_null() {
-            json!({})
-        } else {
-            c.params
-        };
-        dispatch(engine, &c.method, params).map_err(|e| RpcError {
-            code: e.code,
-            message: format!(
-                "config entry {i} ({}): {} (entries before it are applied)",
-                c.method, e.message
-            ),
-        })?;
-    }
-    Ok(json!(true))
-}
-
-/// Applies a configuration (what `save_config` returns) at startup and keeps it in the state
-/// directory. Unlike the RPC, a failure saves nothing: the engine does not start, and the
-/// configuration it was given must still be there, whole, for the next try.
-pub fn apply_config(engine: &Engine, config: Value) -> Result<(), RpcError> {
-    dispatch(engine, "load_config", config)?;
-    engine.persist_config().map_err(|e| {
-        RpcError::new(
-            codes::IO_ERROR,
-            format!("the configuration could not be saved in the state directory: {e}"),
-        )
-    })
 }

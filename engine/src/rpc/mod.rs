@@ -8,6 +8,7 @@
 //! closed, since the byte stream cannot be resynchronised after it.
 
 pub mod client;
+pub mod config;
 pub mod methods;
 
 use std::io::{ErrorKind, Read, Write};
