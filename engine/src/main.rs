@@ -32,7 +32,7 @@ enum Command {
         socket: Option<PathBuf>,
         /// Method name, e.g. pair_get.
         method: String,
-        /// Parameters as a JSON object.
+        /// Parameters: a JSON object, @FILE to read it from a file, or - to read it from stdin.
         params: Option<String>,
     },
     /// Split one or more pairs at one common instant.
@@ -76,11 +76,39 @@ enum Command {
         #[arg(long, default_value_t = 262_144)]
         record_size: usize,
     },
-    /// Show pairs and backups.
+    /// Show pairs, backups and verifications.
     Status {
         /// RPC socket.
         #[arg(long)]
         socket: Option<PathBuf>,
+        /// Print pair_get, backup_get and verify_get as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resynchronise a split or suspended pair: P onto S, or with --reverse S onto P.
+    Resync {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The pair.
+        pair: String,
+        /// Copy S onto P (restore P from the image).
+        #[arg(long)]
+        reverse: bool,
+        /// Copy every track, not only the changed ones.
+        #[arg(long)]
+        full: bool,
+        /// Wait until the pair is in PAIR, with progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a running backup.
+    Cancel {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The backup's id.
+        id: u64,
     },
     /// Run the engine.
     Serve {
@@ -111,31 +139,41 @@ fn read_config(path: &std::path::Path) -> Result<serde_json::Value, String> {
     serde_json::from_str(&text).map_err(|e| format!("--config {}: not JSON: {e}", path.display()))
 }
 
+/// What the embedded default serves and how to use it. A stdout that is gone (`serve | head`)
+/// loses the text; the engine goes on serving.
 fn print_welcome(socket: &std::path::Path, nbd: &std::path::Path) {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    macro_rules! w {
+        ($($arg:tt)*) => {{
+            let _ = writeln!(text, $($arg)*);
+        }};
+    }
     let s = socket.display();
     let n = nbd.display();
-    println!("quicksplit is serving its embedded default:");
-    println!("  bdevs p0 and s0 (sparse 1 GiB files), paired as pair0 (initial copy running)");
-    println!("  NBD exports p0 (read-write, mirrored to s0) and pair0-image (read-only) on {n}");
-    println!("  JSON-RPC on {s}");
-    println!();
-    println!("Measure it with fio:");
-    println!(
-        "  fio --name=t --ioengine=nbd --uri='nbd+unix:///p0?socket={n}' --rw=randwrite --bs=4k \\"
-    );
-    println!("      --iodepth=32 --size=1g --time_based --runtime=10");
-    println!("Copy data in and out with qemu-img or nbdcopy:");
-    println!("  qemu-img convert -n -O raw disk.raw 'nbd+unix:///p0?socket={n}'");
-    println!("  nbdcopy 'nbd+unix:///pair0-image?socket={n}' image.raw");
-    println!();
-    println!("Split, back up, resync:");
-    println!("  quicksplit split pair0 --socket {s}");
-    println!("  quicksplit backup pair0 --to tape:/var/tmp/pair0.tar --wait --socket {s}");
-    println!("  quicksplit restore /var/tmp/pair0.tar --to restored.img");
-    println!("  quicksplit status --socket {s}");
-    println!("  quicksplit rpc --socket {s} pair_get");
-    println!("  quicksplit rpc --socket {s} pair_resync '{{\"name\": \"pair0\"}}'");
-    println!("Stop with Ctrl-C.");
+    w!("quicksplit is serving its embedded default:");
+    w!("  bdevs p0 and s0 (sparse 1 GiB files), paired as pair0 (initial copy running)");
+    w!("  NBD exports p0 (read-write, mirrored to s0) and pair0-image (read-only) on {n}");
+    w!("  JSON-RPC on {s}");
+    w!("");
+    w!("Measure it with fio:");
+    w!("  fio --name=t --ioengine=nbd --uri='nbd+unix:///p0?socket={n}' --rw=randwrite --bs=4k \\");
+    w!("      --iodepth=32 --size=1g --time_based --runtime=10");
+    w!("Copy data in and out with qemu-img or nbdcopy:");
+    w!("  qemu-img convert -n -O raw disk.raw 'nbd+unix:///p0?socket={n}'");
+    w!("  nbdcopy 'nbd+unix:///pair0-image?socket={n}' image.raw");
+    w!("");
+    w!("Split, back up, resync:");
+    w!("  quicksplit split pair0 --socket {s}");
+    w!("  quicksplit backup pair0 --to tape:/var/tmp/pair0.tar --wait --socket {s}");
+    w!("  quicksplit restore /var/tmp/pair0.tar --to restored.img");
+    w!("  quicksplit status --socket {s}");
+    w!("  quicksplit rpc --socket {s} pair_get");
+    w!("  quicksplit resync pair0 --wait --socket {s}");
+    w!("Stop with Ctrl-C.");
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 fn init_logging() {
@@ -158,7 +196,23 @@ fn main() {
             params,
         } => cli::rpc(socket, &method, params.as_deref()),
         Command::Split { socket, pairs } => cli::split(socket, &pairs),
-        Command::Status { socket } => cli::status(socket),
+        Command::Status { socket, json } => cli::status(socket, json),
+        Command::Resync {
+            socket,
+            pair,
+            reverse,
+            full,
+            wait,
+        } => cli::resync(
+            socket,
+            &cli::ResyncArgs {
+                pair: &pair,
+                reverse,
+                full,
+                wait,
+            },
+        ),
+        Command::Cancel { socket, id } => cli::cancel(socket, id),
         Command::Backup {
             socket,
             pair,
@@ -181,6 +235,35 @@ fn main() {
         } => serve(config, rpc_socket, state_dir, &cores, idle),
     };
     std::process::exit(code);
+}
+
+/// `--config` replaces what the state directory held: pair metadata there that the new
+/// configuration does not name belongs to a pair that is no longer served, which is worth a
+/// word (its bitmaps and split point are kept until the file is removed).
+fn warn_about_unnamed_pairs(engine: &Engine) {
+    let dir = engine.state_dir().join("pairs");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".meta"))
+        else {
+            continue;
+        };
+        if engine.pair(name).is_err() {
+            tracing::warn!(
+                pair = name,
+                metadata = %path.display(),
+                "the state directory holds metadata of pair '{name}', which --config does not \
+                 name: the pair is not served (add it to the configuration to bring it back, or \
+                 remove the file)"
+            );
+        }
+    }
 }
 
 fn serve(
@@ -255,6 +338,9 @@ fn serve(
                 return 1;
             }
             tracing::info!("configuration restored from {origin}");
+            if origin == "--config" {
+                warn_about_unnamed_pairs(&engine);
+            }
         }
         None => {
             if let Err(e) = engine.create_default() {

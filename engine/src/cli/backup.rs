@@ -1,10 +1,12 @@
 //! `quicksplit backup`: the target syntax and the wait with progress.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{connect, fail, EXIT_ERROR, EXIT_USAGE};
+use super::progress::{nap, Interrupt, Progress};
+use super::{complain, connect, fail, say, EXIT_ERROR, EXIT_USAGE};
 
 /// Turns `file:PATH`, `tape:PATH[:RECORD_SIZE]`, `nbd:URI` or a JSON object into a target.
 fn parse_target(to: &str) -> Result<Value, String> {
@@ -40,7 +42,7 @@ pub fn backup(
     let target = match parse_target(to) {
         Ok(t) => t,
         Err(e) => {
-            eprintln!("quicksplit: {e}");
+            complain!("{e}");
             return EXIT_USAGE;
         }
     };
@@ -56,50 +58,65 @@ pub fn backup(
         Err(e) => return fail(e),
     };
     if !wait {
-        println!("backup {id} started");
+        say!("backup {id} started");
         return 0;
     }
-    use std::io::Write;
+    let interrupt = Interrupt::catch();
+    let mut progress = Progress::new(format!("backup {id}"));
     loop {
         let info = match c.call("backup_get", json!({ "id": id })) {
             Ok(v) => v.get(0).cloned().unwrap_or(Value::Null),
-            Err(e) => return fail(e),
+            Err(e) => {
+                progress.break_line();
+                return fail(e);
+            }
         };
-        let done = info.get("bytes_done").and_then(Value::as_u64).unwrap_or(0);
-        let total = info
-            .get("bytes_total")
-            .and_then(Value::as_u64)
-            .unwrap_or(1)
-            .max(1);
-        let state = info.get("state").and_then(Value::as_str).unwrap_or("?");
-        let width = 40usize;
-        let filled = (done as u128 * width as u128 / total as u128) as usize;
-        eprint!(
-            "\rbackup {id} [{}{}] {:5.1}% {:>8} MiB {state:<10}",
-            "#".repeat(filled),
-            " ".repeat(width - filled),
-            100.0 * done as f64 / total as f64,
-            done >> 20
-        );
-        let _ = std::io::stderr().flush();
-        match state {
-            "running" => std::thread::sleep(std::time::Duration::from_millis(200)),
+        let n = |k: &str| info.get(k).and_then(Value::as_u64).unwrap_or(0);
+        let (done, total) = (n("bytes_done"), n("bytes_total"));
+        match info.get("state").and_then(Value::as_str).unwrap_or("?") {
+            "running" => {
+                progress.update(done, total);
+                nap(Duration::from_millis(200), &interrupt);
+                if interrupt.pressed() {
+                    let stop = format!("quicksplit cancel {id}");
+                    return interrupt.leave(&mut progress, &format!("backup {id}"), Some(&stop));
+                }
+            }
             "done" => {
-                eprintln!();
-                println!(
+                progress.finish(done, total);
+                say!(
                     "backup {id} done: sha256 {}",
                     info.get("sha256").and_then(Value::as_str).unwrap_or("")
                 );
                 return 0;
             }
-            _ => {
-                eprintln!();
-                eprintln!(
-                    "quicksplit: backup {id} {state}: {}",
+            state => {
+                progress.break_line();
+                complain!(
+                    "backup {id} {state}: {}",
                     info.get("error").and_then(Value::as_str).unwrap_or("")
                 );
                 return EXIT_ERROR;
             }
         }
+    }
+}
+
+/// A target as the CLI's `--to` writes it: `file:PATH`, `tape:PATH`, `nbd:URI`,
+/// `nvmf:ADDR:PORT:NQN`.
+pub fn describe_target(t: &Value) -> String {
+    let s = |k: &str| t.get(k).and_then(Value::as_str).unwrap_or("");
+    match s("type") {
+        "file" | "tape" => format!("{}:{}", s("type"), s("path")),
+        "nbd" => format!("nbd:{}", s("uri")),
+        "nvmf" => {
+            let port = t
+                .get("trsvcid")
+                .map(|p| p.as_str().map_or(p.to_string(), str::to_string))
+                .unwrap_or_default();
+            format!("nvmf:{}:{port}:{}", s("traddr"), s("subnqn"))
+        }
+        "" => "-".to_string(),
+        other => other.to_string(),
     }
 }
