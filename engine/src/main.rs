@@ -333,7 +333,7 @@ fn serve(
     };
     match config {
         Some(c) => {
-            if let Err(e) = engine::rpc::config::apply_config(&engine, c) {
+            if let Err(e) = engine::rpc::methods::apply_config(&engine, c) {
                 eprintln!("quicksplit: {origin}: {}", e.message);
                 return 1;
             }

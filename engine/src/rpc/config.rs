@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::methods::dispatch;
 use super::{codes, RpcError};
 use crate::app::Engine;
 
@@ -39,6 +38,9 @@ const UNDOABLE: &[&str] = &[
 ];
 
 /// How to take back one applied entry.
+/// How an entry reaches its method: given by the method table, so this file does not import it.
+pub(super) type Dispatch = fn(&Engine, &str, Value) -> Result<Value, RpcError>;
+
 enum Undo {
     /// Call a method (`bdev_delete`, `nbd_export_stop`, ...).
     Call(&'static str, Value),
@@ -100,7 +102,7 @@ fn undo_for(engine: &Engine, method: &str, params: &Value) -> Vec<Undo> {
 
 /// Takes back `undo`, newest first. A step that fails is logged and the others still run:
 /// leaving less behind is better than stopping at the first.
-fn roll_back(engine: &Engine, undo: Vec<Undo>) {
+fn roll_back(engine: &Engine, dispatch: Dispatch, undo: Vec<Undo>) {
     for step in undo.into_iter().rev() {
         let outcome = match &step {
             Undo::Call(method, params) => dispatch(engine, method, params.clone())
@@ -125,7 +127,11 @@ fn roll_back(engine: &Engine, undo: Vec<Undo>) {
 }
 
 /// `load_config`: every entry, or none.
-pub(super) fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<Value, RpcError> {
+pub(super) fn load_config(
+    engine: &Engine,
+    p: LoadConfigParams,
+    dispatch: Dispatch,
+) -> Result<Value, RpcError> {
     for (i, c) in p.config.iter().enumerate() {
         if !UNDOABLE.contains(&c.method.as_str()) {
             return Err(RpcError::new(
@@ -148,7 +154,7 @@ pub(super) fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<Value,
         };
         let inverse = undo_for(engine, &c.method, &params);
         if let Err(e) = dispatch(engine, &c.method, params) {
-            roll_back(engine, undo);
+            roll_back(engine, dispatch, undo);
             return Err(RpcError {
                 code: e.code,
                 message: format!(
@@ -160,17 +166,4 @@ pub(super) fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<Value,
         undo.extend(inverse);
     }
     Ok(json!(true))
-}
-
-/// Applies a configuration at startup and keeps it in the state directory. A failure saves
-/// nothing: the engine does not start, and the configuration it was given must still be there,
-/// whole, for the next try.
-pub fn apply_config(engine: &Engine, config: Value) -> Result<(), RpcError> {
-    dispatch(engine, "load_config", config)?;
-    engine.persist_config().map_err(|e| {
-        RpcError::new(
-            codes::IO_ERROR,
-            format!("the configuration could not be saved in the state directory: {e}"),
-        )
-    })
 }

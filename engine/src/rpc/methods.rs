@@ -4,6 +4,7 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::config::LoadConfigParams;
 use super::{codes, RpcError};
 use crate::app::{Engine, EngineError};
 use crate::backup::{Mode, Target};
@@ -71,7 +72,7 @@ pub static METHODS: &[Method] = &[
     method!("nvmf_get_exports", nvmf_get_exports),
     method!("framework_get_reactors", framework_get_reactors),
     method!("save_config", save_config),
-    method!("load_config", super::config::load_config, changes_config),
+    method!("load_config", load_config, changes_config),
     method!("rpc_get_methods", rpc_get_methods),
 ];
 
@@ -230,7 +231,24 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
     result
 }
 
-pub(super) fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
+/// Applies a configuration at startup and keeps it in the state directory. A failure saves
+/// nothing: the engine does not start, and the configuration it was given must still be there,
+/// whole, for the next try.
+pub fn apply_config(engine: &Engine, config: Value) -> Result<(), RpcError> {
+    dispatch(engine, "load_config", config)?;
+    engine.persist_config().map_err(|e| {
+        RpcError::new(
+            codes::IO_ERROR,
+            format!("the configuration could not be saved in the state directory: {e}"),
+        )
+    })
+}
+
+fn load_config(engine: &Engine, p: LoadConfigParams) -> Result<Value, RpcError> {
+    super::config::load_config(engine, p, dispatch)
+}
+
+fn dispatch(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
     match self::method(method) {
         Some(m) => (m.call)(engine, p),
         None => Err(RpcError::new(
