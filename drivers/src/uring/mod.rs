@@ -2,7 +2,9 @@
 //!
 //! Files are opened with O_DIRECT where the file system allows it (tmpfs does not), DMA regions
 //! are registered as fixed buffers so single-buffer requests skip the kernel's page pinning, and
-//! the ring signals the reactor's eventfd so an idle reactor can park.
+//! the ring signals the reactor's eventfd so an idle reactor can park. Every file is locked for
+//! writing as soon as it is open, before it is emptied or extended ([`crate::file_lock`]), and
+//! stays locked as long as the bdev or one of its rings holds it.
 
 pub mod rpc;
 mod sys;
@@ -17,6 +19,7 @@ use crate::bdev::{
     invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError,
     IoRequest, SubmitResult,
 };
+use crate::file_lock::{self, Access};
 
 /// A bdev over a file or block device.
 #[derive(Debug)]
@@ -51,6 +54,7 @@ impl UringBdev {
         truncate: bool,
     ) -> Result<Self, BdevError> {
         let (file, direct) = open_file(path, try_direct)?;
+        file_lock::lock(&file, path, Access::Write)?;
         if truncate
             && file
                 .metadata()
