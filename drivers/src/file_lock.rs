@@ -1,10 +1,10 @@
 //! Advisory locks on the files quicksplit opens, compatible with QEMU's image locking.
 //!
 //! Locks are open file description locks (`F_OFD_SETLK`): they belong to the open file, not
-//! to the process, so they last exactly as long as the [`File`] (and its clones, such as the
-//! ones an io_uring ring holds) and closing another descriptor of the same file in the same
-//! process does not drop them. Two opens of one file in one process conflict like two
-//! processes do.
+//! to the process, so they last as long as the [`File`] holding them (and its clones), and
+//! closing another descriptor of the same file in the same process does not drop them. Two
+//! opens of one file in one process conflict like two processes do. A file given to io_uring
+//! is locked through a [`FileLock`], an open of its own.
 //!
 //! Two sets of bytes are locked:
 //!
@@ -18,9 +18,10 @@
 //!   write nor resize, so `qemu-img` refuses to write the file ("Failed to get "write" lock")
 //!   and, without `-U`, to open it at all.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// quicksplit's own lock byte, past the two ranges QEMU uses.
@@ -91,6 +92,41 @@ impl LockError {
         LockError::InUse {
             path: path.to_path_buf(),
         }
+    }
+}
+
+/// A lock on a file held through an open of its own, never handed to io_uring.
+///
+/// A file registered with an io_uring ring stays referenced by the ring until the kernel's
+/// deferred teardown has run, which may be after the process has exited and been reaped; an
+/// OFD lock on that open would outlive a killed engine for a moment and refuse its restart.
+/// The lock's own open is closed as the process exits, so the lock goes with the process.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+}
+
+impl FileLock {
+    /// Locks the file `opened` (just opened from `path`) for `access`, through a second open
+    /// of `path` that is checked to be the same file.
+    pub fn acquire(opened: &File, path: &Path, access: Access) -> Result<Self, LockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(access == Access::Write)
+            .open(path)
+            .map_err(|e| LockError::os(path, e))?;
+        let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino(), m.rdev()));
+        let same = id(opened)
+            .and_then(|a| id(&file).map(|b| a == b))
+            .map_err(|e| LockError::os(path, e))?;
+        if !same {
+            return Err(LockError::os(
+                path,
+                io::Error::other("the file was replaced while it was being opened"),
+            ));
+        }
+        lock(&file, path, access)?;
+        Ok(Self { _file: file })
     }
 }
 
@@ -287,6 +323,21 @@ mod tests {
         drop(holder);
         check_unlocked(&p).expect("free");
         drop(loser);
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn a_file_lock_holds_through_its_own_open_until_dropped() {
+        let p = temp_file("own");
+        let data = open_rw(&p);
+        let held = FileLock::acquire(&data, &p, Access::Write).expect("acquire");
+        let other = open_rw(&p);
+        assert!(lock(&other, &p, Access::Read).is_err());
+        assert!(FileLock::acquire(&other, &p, Access::Write).is_err());
+        drop(held);
+        // The data file itself holds nothing.
+        check_unlocked(&p).expect("free once the lock is dropped");
+        drop(data);
         let _ = std::fs::remove_file(&p);
     }
 
