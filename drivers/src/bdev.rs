@@ -396,6 +396,9 @@ pub enum BdevError {
     /// The driver is not available on this machine or build.
     #[error("{0}")]
     Unavailable(String),
+    /// The file is locked by another open of it (another process, or qemu).
+    #[error(transparent)]
+    Locked(#[from] crate::file_lock::LockError),
 }
 
 impl BdevError {

@@ -18,11 +18,14 @@
 //!   and verifies archives;
 //! - [`nbd`]: the NBD wire protocol, shared by the engine's NBD server and the NBD backup target's
 //!   client;
+//! - [`file_lock`]: the advisory locks on every file a bdev or a backup opens, compatible with
+//!   QEMU's image locking;
 //! - [`iov`]: gathering queued pieces into iovecs for vectored socket writes;
 //! - [`testing`]: fault-injecting wrappers for tests (delays and I/O errors, power cuts), not
 //!   drivers.
 
 pub mod bdev;
+pub mod file_lock;
 pub mod iov;
 pub mod malloc;
 pub mod nbd;

@@ -65,13 +65,18 @@ enum Command {
         #[arg(long, default_value = "0", value_parser = engine::units::parse_size)]
         rate: u64,
     },
-    /// Restore a tape archive to a file or block device, verifying every checksum.
+    /// Restore a tape archive to a file or block device, verifying every checksum. A file is
+    /// written as PATH.partial and renamed to PATH once verified.
     Restore {
         /// The archive (a file or tape device).
         archive: PathBuf,
         /// Where the image goes.
         #[arg(long)]
         to: PathBuf,
+        /// Replace an existing file, or write a block device in place (never a file or device
+        /// another process has locked).
+        #[arg(long)]
+        force: bool,
         /// Record size the archive was written with.
         #[arg(long, default_value_t = 262_144)]
         record_size: usize,
@@ -224,8 +229,9 @@ fn main() {
         Command::Restore {
             archive,
             to,
+            force,
             record_size,
-        } => cli::restore(&archive, &to, record_size),
+        } => cli::restore(&archive, &to, record_size, force),
         Command::Serve {
             config,
             rpc_socket,

@@ -1,11 +1,13 @@
 //! The file target: the image as a raw file (or onto a block device), written with io_uring
 //! straight from the backup's DMA buffers. A regular file is written as `<path>.partial` and
-//! renamed once complete and durable, so a cancelled or failed backup never leaves a file that
-//! could pass for a complete image.
+//! renamed once complete and durable (see [`super::partial`]), so a cancelled or failed backup
+//! never leaves a file that could pass for a complete image. A block device is written in
+//! place: it cannot be renamed.
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use super::partial::PartialFile;
 use super::{Sink, SinkDone, SinkFull};
 use crate::bdev::{Bdev, ChannelContext, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
 use crate::tape::Manifest;
@@ -17,7 +19,7 @@ const FLUSH_TAG: u64 = u64::MAX;
 /// A raw-image target.
 pub struct FileSink {
     path: PathBuf,
-    partial: Option<PathBuf>,
+    partial: Option<PartialFile>,
     channel: Box<dyn IoChannel>,
     scratch: Vec<IoCompletion>,
     finishing: bool,
@@ -36,12 +38,8 @@ impl FileSink {
         let is_block = std::fs::metadata(path)
             .map(|m| m.file_type().is_block_device())
             .unwrap_or(false);
-        let partial = (!is_block).then(|| {
-            let mut p = path.as_os_str().to_owned();
-            p.push(".partial");
-            PathBuf::from(p)
-        });
-        let target = partial.as_deref().unwrap_or(path);
+        let partial = (!is_block).then(|| PartialFile::new(path)).transpose()?;
+        let target = partial.as_ref().map_or(path, |p| p.partial());
         let bdev = UringBdev::open_with("backup-file", target, block_size, Some(size), true, true)
             .map_err(|e| e.to_string())?;
         if bdev.geometry().size() < size {
@@ -76,12 +74,10 @@ impl Sink for FileSink {
         self.channel.poll(&mut self.scratch);
         for c in self.scratch.drain(..) {
             if c.tag == FLUSH_TAG {
-                let result = c.result.and_then(|()| match &self.partial {
-                    Some(p) => std::fs::rename(p, &self.path)
-                        .map_err(|e| IoError::Device(e.raw_os_error().unwrap_or(libc::EIO))),
-                    None => Ok(()),
-                });
-                self.finished = Some(result);
+                match (c.result, self.partial.as_mut()) {
+                    (Ok(()), Some(p)) => p.commit(),
+                    (result, _) => self.finished = Some(result),
+                }
                 continue;
             }
             if let Err(e) = &c.result {
@@ -95,10 +91,14 @@ impl Sink for FileSink {
                 result: c.result,
             });
         }
+        if let Some(done) = self.partial.as_mut().and_then(PartialFile::committed) {
+            self.finished = Some(done.map_err(IoError::Refused));
+        }
     }
 
     fn in_flight(&self) -> usize {
-        self.channel.in_flight()
+        let renaming = self.partial.as_ref().is_some_and(PartialFile::committing);
+        self.channel.in_flight() + usize::from(renaming)
     }
 
     fn finish(&mut self, _manifest: &Manifest) -> Result<(), IoError> {
@@ -123,8 +123,8 @@ impl Sink for FileSink {
     }
 
     fn abandon(&mut self) {
-        if let Some(p) = &self.partial {
-            let _ = std::fs::remove_file(p);
+        if let Some(p) = self.partial.as_mut() {
+            p.discard();
         }
     }
 }

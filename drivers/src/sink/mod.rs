@@ -13,6 +13,7 @@
 pub mod file;
 pub mod nbd;
 pub mod nvmf;
+pub mod partial;
 pub mod tape;
 pub mod tape_device;
 

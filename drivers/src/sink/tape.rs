@@ -1,8 +1,9 @@
 //! The tape target: the backup as a pax archive (see [`crate::tape`]) in a file standing for a
 //! tape. The prologue puts the image data on a record boundary, so the image is written straight
 //! from the backup's DMA buffers; only the archive's own headers and manifests are built in
-//! memory. The archive is complete only once the final manifest and the end marks are written:
-//! a cancelled or failed backup leaves an archive that restore and tar reject as truncated.
+//! memory. The archive is written as `PATH.partial` and renamed to `PATH` only once the final
+//! manifest and the end marks are written and flushed (see [`super::partial`]): a cancelled or
+//! failed backup leaves nothing under the final name, so GNU tar never sees half an archive.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileTypeExt;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use hugepages::{BufferPool, DmaBuf};
 
+use super::partial::PartialFile;
 use super::{Sink, SinkDone, SinkFull};
 use crate::bdev::{Bdev, ChannelContext, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
 use crate::tape::{self, Manifest};
@@ -23,6 +25,7 @@ const FLUSH_TAG: u64 = u64::MAX - 2;
 /// A tape-archive target.
 pub struct TapeSink {
     path: PathBuf,
+    partial: PartialFile,
     record_size: usize,
     mtime: u64,
     prologue_len: u64,
@@ -57,7 +60,7 @@ fn meta_buf(bytes: &[u8]) -> Result<IoBufs, String> {
 }
 
 impl TapeSink {
-    /// Opens the archive file and writes the prologue (initial manifest, headers).
+    /// Opens the archive's partial file and writes the prologue (initial manifest, headers).
     pub fn open(
         path: &Path,
         initial: &Manifest,
@@ -81,8 +84,16 @@ impl TapeSink {
         let chunks = initial.volume_size.div_ceil(tape::CHUNK_SIZE.max(1));
         let epilogue_bound = 8192 + chunks * 12 + 2 * record_size as u64;
         let capacity = (prologue_len + initial.volume_size + epilogue_bound).next_multiple_of(512);
-        let bdev = UringBdev::open_with("backup-tape", path, 512, Some(capacity), false, true)
-            .map_err(|e| e.to_string())?;
+        let partial = PartialFile::new(path)?;
+        let bdev = UringBdev::open_with(
+            "backup-tape",
+            partial.partial(),
+            512,
+            Some(capacity),
+            false,
+            true,
+        )
+        .map_err(|e| e.to_string())?;
         let mut channel = bdev.open_channel(ctx).map_err(|e| e.to_string())?;
         let bufs = meta_buf(&prologue)?;
         channel
@@ -90,6 +101,7 @@ impl TapeSink {
             .map_err(|e| format!("writing the archive prologue: {:?}", e.error))?;
         Ok(Self {
             path: path.to_path_buf(),
+            partial,
             record_size,
             mtime,
             prologue_len,
@@ -145,7 +157,7 @@ impl Sink for TapeSink {
                         // Cut the file to the archive's length, then make it durable.
                         let cut = OpenOptions::new()
                             .write(true)
-                            .open(&self.path)
+                            .open(self.partial.partial())
                             .and_then(|f| f.set_len(self.archive_len));
                         if let Err(e) = cut {
                             self.fail(IoError::Device(e.raw_os_error().unwrap_or(libc::EIO)));
@@ -158,8 +170,7 @@ impl Sink for TapeSink {
                             self.fail(e);
                         }
                     } else if c.tag == FLUSH_TAG {
-                        self.stage = Stage::Done;
-                        self.finished = Some(Ok(()));
+                        self.partial.commit();
                     }
                 }
                 offset => {
@@ -176,10 +187,18 @@ impl Sink for TapeSink {
                 }
             }
         }
+        match self.partial.committed() {
+            Some(Ok(())) => {
+                self.stage = Stage::Done;
+                self.finished = Some(Ok(()));
+            }
+            Some(Err(e)) => self.fail(IoError::Refused(e)),
+            None => {}
+        }
     }
 
     fn in_flight(&self) -> usize {
-        self.channel.in_flight()
+        self.channel.in_flight() + usize::from(self.partial.committing())
     }
 
     fn finish(&mut self, manifest: &Manifest) -> Result<(), IoError> {
@@ -207,6 +226,6 @@ impl Sink for TapeSink {
     }
 
     fn abandon(&mut self) {
-        // The archive stays without its final manifest and end marks: tar and restore reject it.
+        self.partial.discard();
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! Files are opened with O_DIRECT where the file system allows it (tmpfs does not), DMA regions
 //! are registered as fixed buffers so single-buffer requests skip the kernel's page pinning, and
-//! the ring signals the reactor's eventfd so an idle reactor can park.
+//! the ring signals the reactor's eventfd so an idle reactor can park. Every file is locked for
+//! writing as soon as it is open, before it is emptied or extended ([`FileLock`]), and stays
+//! locked as long as the bdev or one of its channels lives.
 
 pub mod rpc;
 mod sys;
@@ -17,6 +19,7 @@ use crate::bdev::{
     invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError,
     IoRequest, SubmitResult,
 };
+use crate::file_lock::{Access, FileLock};
 
 /// A bdev over a file or block device.
 #[derive(Debug)]
@@ -24,6 +27,8 @@ pub struct UringBdev {
     name: String,
     path: PathBuf,
     file: Arc<File>,
+    /// Held by the bdev and each of its channels.
+    lock: Arc<FileLock>,
     geometry: Geometry,
     direct: bool,
 }
@@ -51,6 +56,7 @@ impl UringBdev {
         truncate: bool,
     ) -> Result<Self, BdevError> {
         let (file, direct) = open_file(path, try_direct)?;
+        let lock = Arc::new(FileLock::acquire(&file, path, Access::Write)?);
         if truncate
             && file
                 .metadata()
@@ -86,6 +92,7 @@ impl UringBdev {
             name: name.to_string(),
             path: path.to_path_buf(),
             file: Arc::new(file),
+            lock,
             geometry,
             direct,
         })
@@ -143,6 +150,7 @@ impl Bdev for UringBdev {
         Ok(Box::new(UringChannel {
             geometry: self.geometry,
             ring,
+            _lock: Arc::clone(&self.lock),
         }))
     }
 
@@ -166,6 +174,7 @@ impl Bdev for UringBdev {
 struct UringChannel {
     geometry: Geometry,
     ring: sys::Ring,
+    _lock: Arc<FileLock>,
 }
 
 impl IoChannel for UringChannel {

@@ -57,7 +57,10 @@ impl Engine {
                 "backup {other} is writing to that target"
             )));
         }
-        target::check_params(&target).map_err(PairError::Invalid)?;
+        target::check_params(&target).map_err(|e| match e {
+            target::TargetError::Invalid(m) => EngineError::Pair(PairError::Invalid(m)),
+            e @ target::TargetError::InUse(_) => EngineError::InUse(e.to_string()),
+        })?;
         // A network target is connected here, on the control thread: its handshake blocks.
         let connection = target::connect(&target, &p).map_err(EngineError::Target)?;
         // And the staging buffers are mapped here, not on the reactor that serves hosts too.

@@ -70,6 +70,7 @@ impl Engine {
             &format!("{CONFIG_FILE}.new"),
             "backups.json",
             "backups.json.new",
+            super::LOCK_FILE,
         ];
         if own
             .iter()

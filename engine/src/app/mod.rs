@@ -9,6 +9,7 @@ mod config;
 mod default;
 mod exports;
 mod pairs;
+mod state_lock;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,7 @@ use crate::reactor::{ReactorError, ReactorOptions, Reactors};
 pub use config::CONFIG_FILE;
 pub use default::DEFAULT_VOLUME_SIZE;
 pub use pairs::MetadataDevice;
+pub use state_lock::{StateLockError, LOCK_FILE};
 
 /// Errors starting the engine.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum AppError {
     /// The embedded default could not be set up.
     #[error("embedded default: {0}")]
     Default(String),
+    /// Another process owns the state directory, or its lock file is unusable.
+    #[error(transparent)]
+    StateLock(#[from] StateLockError),
     /// The state directory is unusable.
     #[error("state directory {path}: {source}")]
     StateDir {
@@ -76,6 +81,8 @@ pub struct Engine {
     config_file: Mutex<()>,
     /// Held while a backup starts, so two starts cannot both find a target free.
     backup_starts: Mutex<()>,
+    /// `<state-dir>/lock`, locked as long as the engine runs.
+    _state_lock: std::fs::File,
 }
 
 /// Errors of engine operations (what RPC methods report).
@@ -108,12 +115,14 @@ pub enum EngineError {
 }
 
 impl Engine {
-    /// Starts the reactors; no bdevs yet.
+    /// Starts the reactors; no bdevs yet. The state directory is locked first (see
+    /// [`StateLockError`]): nothing in it is read or written by an engine that does not own it.
     pub fn start(opts: &ReactorOptions, state_dir: &Path) -> Result<Arc<Self>, AppError> {
         std::fs::create_dir_all(state_dir).map_err(|source| AppError::StateDir {
             path: state_dir.to_path_buf(),
             source,
         })?;
+        let state_lock = state_lock::lock_state_dir(state_dir)?;
         // Absolute, so the configuration names files that outlive the working directory.
         let state_dir = std::fs::canonicalize(state_dir).map_err(|source| AppError::StateDir {
             path: state_dir.to_path_buf(),
@@ -152,6 +161,7 @@ impl Engine {
             control,
             config_file: Mutex::new(()),
             backup_starts: Mutex::new(()),
+            _state_lock: state_lock,
         }))
     }
 

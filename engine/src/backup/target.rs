@@ -3,7 +3,8 @@
 //! Connect and Identify block) and checked against the image with [`connect`]; the sink over
 //! it, or over a file or a tape, is opened by the job on its reactor with [`open_sink`].
 
-use std::path::PathBuf;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
 use drivers::sink::nbd::{NbdConnection, NbdSink};
 use drivers::sink::nvmf::{NvmfConnection, NvmfSink};
@@ -100,18 +101,90 @@ pub enum Connection {
     Nvmf(Box<NvmfConnection>),
 }
 
-/// Checks a target's own parameters.
-pub fn check_params(target: &Target) -> Result<(), String> {
+/// Why a target's parameters are refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    /// A parameter is unusable (a bad path, a bad record size).
+    #[error("{0}")]
+    Invalid(String),
+    /// The target is another process's file (served, restored, opened by qemu).
+    #[error(transparent)]
+    InUse(#[from] drivers::file_lock::LockError),
+}
+
+/// Checks a target's own parameters, and a file or tape target's path, before the backup
+/// starts: a path that cannot be written is refused now rather than failing the backup later.
+pub fn check_params(target: &Target) -> Result<(), TargetError> {
     match target {
         Target::Tape { record_size, .. }
             if *record_size == 0 || record_size % 512 != 0 || *record_size > 64 << 20 =>
         {
-            Err(format!(
+            Err(TargetError::Invalid(format!(
                 "record_size {record_size} must be a multiple of 512 up to 64 MiB"
-            ))
+            )))
         }
+        Target::File { path } => check_path(path, false),
+        Target::Tape { path, .. } => check_path(path, true),
         _ => Ok(()),
     }
+}
+
+/// A file target may be a regular file (new or not) or a block device; a tape target a
+/// regular file, a tape (character device) or a pipe. Devices and pipes are written in place;
+/// a regular file is written as `PATH.partial` in its directory and renamed, so that
+/// directory must exist and be writable, and an existing file must not be in use.
+fn check_path(path: &Path, tape: bool) -> Result<(), TargetError> {
+    let invalid =
+        |why: &str| TargetError::Invalid(format!("target path {}: {why}", path.display()));
+    if path.as_os_str().is_empty() {
+        return Err(invalid("empty"));
+    }
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let ft = m.file_type();
+            if ft.is_dir() {
+                return Err(invalid("is a directory"));
+            }
+            if ft.is_block_device() && !tape {
+                return Ok(());
+            }
+            if (ft.is_char_device() || ft.is_fifo()) && tape {
+                return Ok(());
+            }
+            if !ft.is_file() {
+                return Err(invalid(if tape {
+                    "is neither a regular file, a tape nor a pipe"
+                } else {
+                    "is neither a regular file nor a block device"
+                }));
+            }
+            drivers::file_lock::check_unlocked(path)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(invalid(&e.to_string())),
+    }
+    let partial = drivers::sink::partial::partial_path(path);
+    if std::fs::symlink_metadata(&partial).is_ok_and(|m| !m.is_file()) {
+        return Err(TargetError::Invalid(format!(
+            "{} exists and is not a regular file",
+            partial.display()
+        )));
+    }
+    drivers::file_lock::check_unlocked(&partial)?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(invalid(&format!("{} is not a directory", dir.display()))),
+        Err(e) => return Err(invalid(&format!("directory {}: {e}", dir.display()))),
+    }
+    rustix::fs::access(
+        dir,
+        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+    )
+    .map_err(|e| invalid(&format!("directory {} is not writable: {e}", dir.display())))
 }
 
 /// Connects a network target for a backup of `pair` and checks it against the image (blocking:

@@ -1,62 +1,207 @@
 //! `quicksplit restore`: an archive back into an image file or device.
+//!
+//! A regular file is restored as `PATH.partial` and renamed to `PATH` only once the archive
+//! verified, so `PATH` is either what it was before or the whole verified image; the partial is
+//! removed on any failure (Ctrl-C included). An existing file is replaced only with `--force`,
+//! and never while another process holds its lock (a quicksplit serving it, qemu). A block
+//! device is written in place, only with `--force`: it cannot be renamed, so a failed restore
+//! leaves it partly written.
 
-use super::EXIT_ERROR;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
 
-/// `quicksplit restore ARCHIVE --to PATH`: restores and verifies every CRC and the SHA-256.
-pub fn restore(archive: &std::path::Path, to: &std::path::Path, record_size: usize) -> i32 {
-    let input = match std::fs::File::open(archive) {
+use drivers::file_lock::{self, Access};
+use drivers::sink::partial::partial_path;
+
+use super::progress::{Interrupt, EXIT_INTERRUPTED};
+use super::{complain, say, EXIT_ERROR};
+
+/// Where the image goes.
+enum Destination {
+    /// A regular file, new or replaced: written under its partial name, then renamed.
+    File {
+        /// The final name.
+        path: PathBuf,
+        /// `path.partial`, locked and empty.
+        partial: PathBuf,
+        /// The file being replaced, locked until the rename.
+        _existing: Option<File>,
+    },
+    /// A block device, written in place.
+    Device,
+}
+
+/// `quicksplit restore ARCHIVE --to PATH [--force]`: restores and verifies every CRC and the
+/// SHA-256.
+pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i32 {
+    let input = match File::open(archive) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("quicksplit: {}: {e}", archive.display());
+            complain!("{}: {e}", archive.display());
             return EXIT_ERROR;
         }
     };
-    let output = match std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(to)
-    {
-        Ok(f) => f,
+    let (dest, output) = match prepare(to, force) {
+        Ok(d) => d,
         Err(e) => {
-            eprintln!("quicksplit: {}: {e}", to.display());
+            complain!("{e}");
             return EXIT_ERROR;
         }
     };
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, output);
-    match drivers::tape::restore(
+    let interrupt = Interrupt::catch();
+    let mut out = std::io::BufWriter::with_capacity(
+        1 << 20,
+        Interruptible {
+            file: output,
+            interrupt: &interrupt,
+        },
+    );
+    let restored = drivers::tape::restore(
         std::io::BufReader::with_capacity(1 << 20, input),
         &mut out,
         record_size,
-    ) {
-        Ok(report) => {
-            use std::io::Write;
-            // A regular file ends where the image ends (an older, longer file is cut).
-            let finished = out.flush().and_then(|()| {
-                let f = out.get_ref();
-                if f.metadata()?.file_type().is_file() {
-                    f.set_len(report.bytes)?;
-                }
-                f.sync_all()
-            });
-            if let Err(e) = finished {
-                eprintln!("quicksplit: {}: {e}", to.display());
-                return EXIT_ERROR;
-            }
-            println!(
-                "restored {} bytes of pair {} (split at {} ns, mode {}) to {}: sha256 {} verified",
-                report.bytes,
-                report.manifest.pair,
-                report.manifest.split_at_ns,
-                report.manifest.mode,
-                to.display(),
-                report.sha256
-            );
-            0
-        }
+    );
+    let report = match restored {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("quicksplit: restore of {} FAILED: {e}", archive.display());
-            EXIT_ERROR
+            discard(&dest);
+            if interrupt.pressed() {
+                complain!("restore of {} interrupted", archive.display());
+                return EXIT_INTERRUPTED;
+            }
+            complain!("restore of {} FAILED: {e}", archive.display());
+            return EXIT_ERROR;
         }
+    };
+    let finished = out
+        .flush()
+        .and_then(|()| out.get_ref().file.sync_all())
+        .and_then(|()| match &dest {
+            Destination::File { path, partial, .. } => rename_durably(partial, path),
+            Destination::Device => Ok(()),
+        });
+    if let Err(e) = finished {
+        discard(&dest);
+        complain!("{}: {e}", to.display());
+        return EXIT_ERROR;
+    }
+    say!(
+        "restored {} bytes of pair {} (split at {} ns, mode {}) to {}: sha256 {} verified",
+        report.bytes,
+        report.manifest.pair,
+        report.manifest.split_at_ns,
+        report.manifest.mode,
+        to.display(),
+        report.sha256
+    );
+    0
+}
+
+/// Checks `to` and opens what the image is written to: `to.partial` for a regular file (or a
+/// file yet to be made), `to` itself for a block device.
+fn prepare(to: &Path, force: bool) -> Result<(Destination, File), String> {
+    let name = to.display();
+    let meta = match std::fs::metadata(to) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(format!("{name}: {e}")),
+    };
+    let existing = match meta.map(|m| m.file_type()) {
+        None => None,
+        Some(ft) if ft.is_block_device() => {
+            if !force {
+                return Err(format!(
+                    "{name} is a block device: it is written in place (no partial file is \
+                     possible there); add --force to overwrite it"
+                ));
+            }
+            let dev = OpenOptions::new()
+                .write(true)
+                .open(to)
+                .map_err(|e| format!("{name}: {e}"))?;
+            file_lock::lock(&dev, to, Access::Write).map_err(|e| e.to_string())?;
+            return Ok((Destination::Device, dev));
+        }
+        Some(ft) if ft.is_file() => {
+            let file = File::open(to).map_err(|e| format!("{name}: {e}"))?;
+            // In use is refused even with --force: someone is serving or writing it.
+            file_lock::lock(&file, to, Access::Read).map_err(|e| e.to_string())?;
+            if !force {
+                return Err(format!(
+                    "{name} exists: restore does not overwrite a file without --force"
+                ));
+            }
+            Some(file)
+        }
+        Some(ft) if ft.is_dir() => return Err(format!("{name} is a directory")),
+        Some(_) => {
+            return Err(format!(
+                "{name} is neither a regular file nor a block device"
+            ))
+        }
+    };
+    // The rename replaces the file a symbolic link points to, not the link.
+    let path = match existing {
+        Some(_) => std::fs::canonicalize(to).map_err(|e| format!("{name}: {e}"))?,
+        None => to.to_path_buf(),
+    };
+    let partial = partial_path(&path);
+    // A partial file left by an interrupted restore is replaced, unless a restore still runs.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&partial)
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    file_lock::lock(&file, &partial, Access::Write).map_err(|e| e.to_string())?;
+    file.set_len(0)
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    Ok((
+        Destination::File {
+            path,
+            partial,
+            _existing: existing,
+        },
+        file,
+    ))
+}
+
+/// Removes the partial file of a restore that did not complete.
+fn discard(dest: &Destination) {
+    if let Destination::File { partial, .. } = dest {
+        let _ = std::fs::remove_file(partial);
+    }
+}
+
+/// Renames `from` to `to` and syncs the directory, so the rename survives a power cut.
+fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::rename(from, to)?;
+    let dir = to
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
+/// The output file, failing its next write once Ctrl-C was pressed, so the restore stops and
+/// cleans up instead of being killed half-way.
+struct Interruptible<'a> {
+    file: File,
+    interrupt: &'a Interrupt,
+}
+
+impl Write for Interruptible<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.interrupt.pressed() {
+            return Err(std::io::Error::other("interrupted"));
+        }
+        self.file.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
     }
 }

@@ -84,7 +84,9 @@ pub fn method(name: &str) -> Option<&'static Method> {
 impl From<BdevError> for RpcError {
     fn from(e: BdevError) -> Self {
         let code = match &e {
-            BdevError::Exists(_) | BdevError::Claimed { .. } => codes::CONFLICT,
+            BdevError::Exists(_) | BdevError::Claimed { .. } | BdevError::Locked(_) => {
+                codes::CONFLICT
+            }
             BdevError::NotFound(_) => codes::NOT_FOUND,
             BdevError::Invalid(_) => codes::INVALID_PARAMS,
             BdevError::Io { .. } => codes::IO_ERROR,
