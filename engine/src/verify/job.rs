@@ -18,8 +18,9 @@ use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// Bytes of each side being read at once when no host uses the pair.
 const WINDOW: u64 = 8 << 20;
-/// The same while hosts use the pair: a host request never queues behind more than this.
-const HOST_WINDOW: u64 = 256 << 10;
+/// The same while hosts use the pair (one track of the default size): a host request never
+/// queues behind more than a track's reads.
+const HOST_WINDOW: u64 = 64 << 10;
 /// Most tracks compared at once.
 const MAX_DEPTH: u64 = 64;
 /// Most tracks looked at per poll (pending ones are skipped without I/O), so that a pair

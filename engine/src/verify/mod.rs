@@ -34,7 +34,7 @@ use std::sync::Arc;
 pub const DEFAULT_RATE: u64 = 200 << 20;
 
 /// Default comparison rate while hosts use the pair, bytes per second: host requests first.
-pub const DEFAULT_HOST_RATE: u64 = 32 << 20;
+pub const DEFAULT_HOST_RATE: u64 = 16 << 20;
 
 /// Mismatched tracks `verify_get` lists by number (the first ones found).
 pub const FIRST_MISMATCHES: usize = 64;
