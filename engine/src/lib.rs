@@ -2,7 +2,8 @@
 //!
 //! This crate owns everything that runs: the [`reactor`]s (pinned poller threads and the
 //! lock-free rings between them) and CPU [`topology`]; [`pair`]s with their split, copy before
-//! write, background copier and crash-safe metadata; [`backup`] jobs and their targets; the
+//! write, background copier and crash-safe metadata; [`backup`] jobs and their targets;
+//! [`verify`] jobs comparing P and S; the
 //! [`export`] layer with its two protocols, [`nbd`] and [`nvmf`] (NVMe/TCP); the control plane
 //! ([`app`]: the engine's state, one file per subsystem) and its JSON-RPC server ([`rpc`]); and
 //! the `quicksplit` binary.
@@ -18,3 +19,4 @@ pub mod reactor;
 pub mod rpc;
 pub mod topology;
 pub mod units;
+pub mod verify;

@@ -107,12 +107,30 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// Cancel a running backup.
+    /// Compare P and S where a mirrored pair holds them equal; with --repair, copy the
+    /// mismatched tracks again.
+    Verify {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// The pair.
+        pair: String,
+        /// Make mismatched tracks pending so that the copier copies them P to S again.
+        #[arg(long)]
+        repair: bool,
+        /// Bytes of the volume compared per second, e.g. 100M (0: the engine's default).
+        #[arg(long, default_value = "0", value_parser = engine::units::parse_size)]
+        rate: u64,
+        /// Wait for the end, with progress; exit 1 when mismatches were found and not repaired.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Cancel a running backup or verification.
     Cancel {
         /// RPC socket.
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// The backup's id.
+        /// The job's id.
         id: u64,
     },
     /// Run the engine.
@@ -214,6 +232,21 @@ fn main() {
                 pair: &pair,
                 reverse,
                 full,
+                wait,
+            },
+        ),
+        Command::Verify {
+            socket,
+            pair,
+            repair,
+            rate,
+            wait,
+        } => cli::verify(
+            socket,
+            &cli::VerifyArgs {
+                pair: &pair,
+                repair,
+                rate,
                 wait,
             },
         ),

@@ -1,7 +1,7 @@
 //! The running engine: its reactors and the control-plane state (bdevs, pairs, backups,
 //! exports) behind one lock that the data path never takes. Each file of this module is one
-//! subsystem's operations on the [`Engine`]: `bdevs`, `pairs`, `backups`, `exports`,
-//! `config` and the embedded `default`.
+//! subsystem's operations on the [`Engine`]: `bdevs`, `pairs`, `backups`, `verifies`,
+//! `exports`, `config` and the embedded `default`.
 
 mod backups;
 mod bdevs;
@@ -10,6 +10,7 @@ mod default;
 mod exports;
 mod pairs;
 mod state_lock;
+mod verifies;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +25,7 @@ use crate::nvmf::{NvmeTcp, NvmfServer};
 use crate::pair::control::{ControlPoller, ControlQueue};
 use crate::pair::{Pair, PairError};
 use crate::reactor::{ReactorError, ReactorOptions, Reactors};
+use crate::verify::Verifies;
 
 pub use config::CONFIG_FILE;
 pub use default::DEFAULT_VOLUME_SIZE;
@@ -76,10 +78,12 @@ pub struct Engine {
     nbd: Arc<NbdServer>,
     nvmf: Arc<NvmfServer>,
     backups: Backups,
+    verifies: Verifies,
     /// Held while the configuration file is written: two RPCs finishing at once must not
     /// interleave their writes, nor rename an older snapshot over a newer one.
     config_file: Mutex<()>,
-    /// Held while a backup starts, so two starts cannot both find a target free.
+    /// Held while a backup or a verification starts, so two starts cannot both find a target
+    /// free, and a pair is not deleted while one starts.
     backup_starts: Mutex<()>,
     /// `<state-dir>/lock`, locked as long as the engine runs.
     _state_lock: std::fs::File,
@@ -148,6 +152,7 @@ impl Engine {
                     source,
                 },
             )?),
+            verifies: Verifies::default(),
             nbd,
             nvmf,
             reactors,

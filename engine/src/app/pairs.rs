@@ -338,7 +338,18 @@ impl Engine {
 
     /// Resyncs a pair forward (P to S) or in reverse (restore S onto P).
     pub fn pair_resync(&self, name: &str, reverse: bool) -> Result<(), EngineError> {
-        self.transition(&[name.to_string()], Action::Resync { reverse })
+        self.pair_resync_with(name, reverse, false)
+    }
+
+    /// Resyncs a pair; with `full`, every track is copied (forward: P to S, also from PAIR or
+    /// COPY; reverse: S to P wherever S holds the image), not only the changed ones.
+    pub fn pair_resync_with(
+        &self,
+        name: &str,
+        reverse: bool,
+        full: bool,
+    ) -> Result<(), EngineError> {
+        self.transition(&[name.to_string()], Action::Resync { reverse, full })
             .map(|_| ())
     }
 
@@ -373,6 +384,11 @@ impl Engine {
         if let Some(id) = self.backups.running_for(name) {
             return Err(EngineError::InUse(format!(
                 "backup {id} of pair '{name}' is running: cancel it first"
+            )));
+        }
+        if let Some(id) = self.verify_running_for(name) {
+            return Err(EngineError::InUse(format!(
+                "verification {id} of pair '{name}' is running: cancel it first"
             )));
         }
         let pair = st

@@ -16,7 +16,7 @@ use super::target::{open_sink, Connection};
 use super::{Backup, BackupState, Mode};
 use crate::pair::channel::{PairChannel, View};
 use crate::pair::{now_ns, HostWatch, Pair, PairState};
-use crate::rate::TokenBucket;
+use crate::rate::{effective_rate, TokenBucket};
 use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
 /// A piece of the image read and written as one vectored request: staging buffers of one track
@@ -431,16 +431,6 @@ impl BackupJob {
     }
 }
 
-/// The rate a backup goes at (bytes per second, 0 = no limit): `rate` always, and no more than
-/// `host_rate` while hosts use the pair.
-fn effective_rate(rate: u64, host_rate: u64, hosts_active: bool) -> u64 {
-    match (rate, host_rate) {
-        (r, h) if h == 0 || !hosts_active => r,
-        (0, h) => h,
-        (r, h) => r.min(h),
-    }
-}
-
 impl Poller for BackupJob {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
         let status = self.turn(cx);
@@ -603,24 +593,5 @@ impl BackupJob {
         } else {
             PollStatus::Idle
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::effective_rate;
-
-    #[test]
-    fn host_rate_applies_only_while_hosts_are_active_and_never_raises_rate() {
-        // Alone: the backup's own limit (none, or `rate`).
-        assert_eq!(effective_rate(0, 100, false), 0);
-        assert_eq!(effective_rate(50, 100, false), 50);
-        // With hosts: `host_rate`, or `rate` when that is lower.
-        assert_eq!(effective_rate(0, 100, true), 100);
-        assert_eq!(effective_rate(500, 100, true), 100);
-        assert_eq!(effective_rate(50, 100, true), 50);
-        // `host_rate` 0: no yield.
-        assert_eq!(effective_rate(0, 0, true), 0);
-        assert_eq!(effective_rate(50, 0, true), 50);
     }
 }

@@ -356,6 +356,12 @@ impl Backups {
         }
     }
 
+    /// Takes the next job id. Backups and verifications share the sequence, so an id names
+    /// one job (ids go on after the backups recorded in the journal).
+    pub fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
     /// Adds a running backup; with a journal, its record is durable before this returns.
     pub fn add(
         &self,
@@ -366,7 +372,7 @@ impl Backups {
         split_at_ns: u64,
         limits: Limits,
     ) -> std::io::Result<Arc<Backup>> {
-        let id = self.next.fetch_add(1, Ordering::SeqCst) + 1;
+        let id = self.next_id();
         let b = Arc::new(Backup {
             id,
             pair: pair.to_string(),

@@ -2,7 +2,7 @@
 //! Exit codes: 0 success, 1 error reply, 2 usage, 3 cannot connect, 141 when the reader of our
 //! output goes away.
 //!
-//! One file per command family: [`status`], [`backup`], [`restore`], [`resync`], and the
+//! One file per command family: [`status`], [`backup`], [`restore`], [`resync`], [`verify`], and the
 //! progress display of the commands that wait ([`progress`]); this file holds the socket
 //! lookup, the exit codes, the output helpers and the small commands (`rpc`, `split`,
 //! `cancel`).
@@ -17,11 +17,13 @@ mod progress;
 mod restore;
 mod resync;
 mod status;
+mod verify;
 
 pub use backup::backup;
 pub use restore::restore;
 pub use resync::{resync, ResyncArgs};
 pub use status::status;
+pub use verify::{verify, VerifyArgs};
 
 const EXIT_ERROR: i32 = 1;
 const EXIT_USAGE: i32 = 2;
@@ -173,28 +175,39 @@ pub fn split(socket: Option<PathBuf>, pairs: &[String]) -> i32 {
     }
 }
 
-/// `quicksplit cancel ID`: cancels a running backup and waits (a few seconds at most) until
-/// it has stopped.
+/// `quicksplit cancel ID`: cancels a running backup or verification (one id names one job)
+/// and waits (a few seconds at most) until it has stopped.
 pub fn cancel(socket: Option<PathBuf>, id: u64) -> i32 {
     let mut c = match connect(socket) {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Err(e) = c.call("backup_cancel", json!({ "id": id })) {
-        return fail(e);
-    }
+    let (kind, get) = match c.call("backup_cancel", json!({ "id": id })) {
+        Ok(_) => ("backup", "backup_get"),
+        Err(ClientError::Reply { code: -32001, .. }) => {
+            match c.call("verify_cancel", json!({ "id": id })) {
+                Ok(_) => ("verify", "verify_get"),
+                Err(ClientError::Reply { code: -32001, .. }) => {
+                    complain!("no backup or verification with id {id}");
+                    return EXIT_ERROR;
+                }
+                Err(e) => return fail(e),
+            }
+        }
+        Err(e) => return fail(e),
+    };
     let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::time::Instant::now() < end {
-        let state = match c.call("backup_get", json!({ "id": id })) {
+        let state = match c.call(get, json!({ "id": id })) {
             Ok(v) => v[0]["state"].as_str().unwrap_or("?").to_string(),
             Err(e) => return fail(e),
         };
         if state != "running" {
-            say!("backup {id} {state}");
+            say!("{kind} {id} {state}");
             return 0;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    say!("backup {id}: cancel requested, still stopping");
+    say!("{kind} {id}: cancel requested, still stopping");
     0
 }

@@ -134,11 +134,13 @@ impl PendingMap {
         was
     }
 
-    /// Marks every track pending (pair creation: the initial copy).
+    /// Marks every track pending (pair creation: the initial copy; a full resync). The count
+    /// goes up by the tracks newly marked, so a copy finishing meanwhile keeps it exact.
     pub fn mark_all(&self) {
         let words = self.bits.as_raw_slice();
         self.visited
             .fetch_add(words.len() as u64, Ordering::Relaxed);
+        let mut newly = 0;
         for (i, w) in words.iter().enumerate() {
             let first = i as u64 * TRACKS_PER_WORD;
             let n = self.tracks.saturating_sub(first).min(TRACKS_PER_WORD);
@@ -147,9 +149,10 @@ impl PendingMap {
             } else {
                 PENDING_MASK & ((1u64 << (n * 2)) - 1)
             };
-            w.fetch_or(mask, Ordering::SeqCst);
+            let old = w.fetch_or(mask, Ordering::SeqCst);
+            newly += (mask & !old).count_ones() as u64;
         }
-        self.count.store(self.tracks, Ordering::SeqCst);
+        self.count.fetch_add(newly, Ordering::SeqCst);
     }
 
     /// The first pending track at or after `from`, wrapping around once; `None` if none is.
@@ -309,6 +312,26 @@ impl TrackSet {
         }
     }
 
+    /// Adds every track that is not pending in `pending` (a full restore: S holds the image
+    /// of every track P does not, and P holds it where S is still pending).
+    pub fn insert_all_not_pending(&self, pending: &PendingMap) {
+        self.visit_all();
+        let bits = self.bits.len();
+        let mut newly = 0;
+        for (i, w) in self.bits.as_raw_slice().iter().enumerate() {
+            let first = i * 64;
+            let valid = if first + 64 > bits {
+                (1u64 << (bits - first)) - 1
+            } else {
+                u64::MAX
+            };
+            let add = !pending.bits64(i) & valid;
+            let old = w.fetch_or(add, Ordering::SeqCst);
+            newly += (add & !old).count_ones() as u64;
+        }
+        self.count.fetch_add(newly, Ordering::SeqCst);
+    }
+
     /// Empties the set.
     pub fn clear(&self) {
         self.visit_all();
@@ -438,6 +461,19 @@ mod tests {
         m.mark_all();
         assert_eq!(m.count(), 100);
         assert_eq!(m.pending_tracks().len(), 100);
+    }
+
+    #[test]
+    fn a_full_restore_takes_every_track_not_pending() {
+        let m = PendingMap::new(130);
+        m.mark_pending(1);
+        m.mark_pending(129);
+        let r = TrackSet::new(130);
+        r.insert(5);
+        r.insert_all_not_pending(&m);
+        assert_eq!(r.count(), 128);
+        assert!(!r.contains(1) && !r.contains(129) && r.contains(0) && r.contains(128));
+        assert_eq!(r.members().len(), 128);
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub enum Action {
     Resync {
         /// Restore S onto P.
         reverse: bool,
+        /// Copy every track, not only the changed ones.
+        full: bool,
     },
     /// A backup of the image starts: from now on, writes to S wait for it on tracks it has not
     /// read yet. Applied after the writes in flight have drained.
@@ -124,7 +126,7 @@ impl ControlPoller {
             }
             match req.action {
                 Action::Split => p.check_split()?,
-                Action::Resync { reverse } => p.check_resync(reverse)?,
+                Action::Resync { reverse, full } => p.check_resync(reverse, full)?,
                 Action::StartBackup => p.check_backup()?,
             }
         }
@@ -142,9 +144,9 @@ impl ControlPoller {
                 }
                 at
             }
-            Action::Resync { reverse } => {
+            Action::Resync { reverse, full } => {
                 for p in &req.pairs {
-                    p.apply_resync(reverse);
+                    p.apply_resync(reverse, full);
                 }
                 0
             }

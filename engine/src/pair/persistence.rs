@@ -181,6 +181,45 @@ impl Pair {
         }
     }
 
+    /// A verification found S differing from P on `track` where the pair holds them equal:
+    /// makes the track pending again so the copier copies it, with its pending bit durable
+    /// first (as a mirrored write's). `Wait` until that bit is durable (call again); `Failed`
+    /// when the metadata cannot be written or the pair no longer mirrors (nothing marked).
+    pub(crate) fn mark_for_recopy(&self, track: u64) -> Durability {
+        if let Some(m) = &self.meta {
+            if let Some(e) = m.failure() {
+                return Durability::Failed(format!("pair metadata cannot be written: {e}"));
+            }
+            // Touched: the cleaner leaves the region's bits alone while the bit is written.
+            m.touch(track);
+            m.want_set_region(MapKind::Pending, track, self.tracks);
+            if m.map(MapKind::Pending).durable(track) != Some(true) {
+                self.wake_copier();
+                return Durability::Wait;
+            }
+        }
+        // Counted on the track like a mirrored write while it trusts the state: a split landing
+        // now makes post-split users of the track wait until it is marked, so it is pending
+        // (copied before P changes) in the image too.
+        let tracks = track..track + 1;
+        self.begin_mirrored_write(tracks.clone());
+        let mirroring =
+            matches!(self.state(), PairState::Pair | PairState::Copy) && !self.reversing();
+        if mirroring && self.pending.mark_pending(track) {
+            self.wake_copier();
+        }
+        self.end_mirrored_write(tracks);
+        if mirroring {
+            Durability::Ready
+        } else {
+            Durability::Failed(format!(
+                "pair '{}' is in {}, no longer mirroring",
+                self.name,
+                self.state().as_str()
+            ))
+        }
+    }
+
     /// Puts a pair just created with loaded metadata in the state the disk holds. In COPY and
     /// PAIR, tracks marked changed are pending too (a suspension or split whose header never
     /// became durable left them); in PSUS and PSUE the pending map is exactly what S lacks.

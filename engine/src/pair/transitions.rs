@@ -135,8 +135,10 @@ impl Pair {
         );
     }
 
-    /// Checks that a resync applies now.
-    pub(crate) fn check_resync(&self, reverse: bool) -> Result<(), PairError> {
+    /// Checks that a resync applies now. A full resync forward also applies to a pair in PAIR
+    /// or COPY (S is copied again from P); a reverse one, like any reverse resync, needs a
+    /// split pair.
+    pub(crate) fn check_resync(&self, reverse: bool, full: bool) -> Result<(), PairError> {
         if self.backup_running() {
             return Err(self.wrong_state("a backup of its image is running"));
         }
@@ -146,24 +148,38 @@ impl Pair {
             (PairState::Psue, true) => {
                 Err(self.wrong_state("a suspended pair can only be resynced forward"))
             }
-            _ => Err(self.wrong_state("only a split or suspended pair can be resynced")),
+            (PairState::Pair | PairState::Copy, false) if full => Ok(()),
+            (_, true) => {
+                Err(self.wrong_state("only a split pair (PSUS) can be resynced in reverse"))
+            }
+            _ => Err(self.wrong_state(
+                "only a split or suspended pair can be resynced (a full resync copies a mirrored \
+                 one again)",
+            )),
         }
     }
 
     /// Applies a resync (gate closed, writes drained). Forward: the changed tracks become
-    /// pending (P to S). Reverse: they are restored S to P; tracks still pending keep being
-    /// copied P to S (P holds their image data).
-    pub(crate) fn apply_resync(&self, reverse: bool) {
-        self.transition(false, || true, || self.resync_in_memory(reverse));
+    /// pending (P to S), every track with `full`. Reverse: they are restored S to P, with
+    /// `full` every track not pending; tracks still pending keep being copied P to S (P holds
+    /// their image data).
+    pub(crate) fn apply_resync(&self, reverse: bool, full: bool) {
+        self.transition(false, || true, || self.resync_in_memory(reverse, full));
         self.wake_copier();
     }
 
-    fn resync_in_memory(&self, reverse: bool) {
+    fn resync_in_memory(&self, reverse: bool, full: bool) {
         if reverse {
+            if full {
+                self.restore.insert_all_not_pending(&self.pending);
+            }
             self.restore.absorb(&self.changed_p);
             self.restore.absorb(&self.changed_s);
             self.direction.store(DIR_REVERSE, Ordering::SeqCst);
         } else {
+            if full {
+                self.pending.mark_all();
+            }
             self.pending.absorb(&self.changed_p);
             self.pending.absorb(&self.changed_s);
             // A restore cut short by an error leaves tracks whose P and S differ: with the

@@ -64,6 +64,9 @@ pub static METHODS: &[Method] = &[
     method!("backup_start", backup_start),
     method!("backup_get", backup_get),
     method!("backup_cancel", backup_cancel),
+    method!("pair_verify", pair_verify),
+    method!("verify_get", verify_get),
+    method!("verify_cancel", verify_cancel),
     method!("nbd_export_start", nbd_export_start, changes_config),
     method!("nbd_export_stop", nbd_export_stop, changes_config),
     method!("nbd_get_exports", nbd_get_exports),
@@ -209,6 +212,8 @@ struct ResyncParams {
     name: String,
     #[serde(default = "forward")]
     direction: Direction,
+    #[serde(default)]
+    full: bool,
 }
 
 fn forward() -> Direction {
@@ -344,7 +349,7 @@ fn pair_split(engine: &Engine, p: SplitParams) -> Result<Value, RpcError> {
 }
 
 fn pair_resync(engine: &Engine, p: ResyncParams) -> Result<Value, RpcError> {
-    engine.pair_resync(&p.name, p.direction == Direction::Reverse)?;
+    engine.pair_resync_with(&p.name, p.direction == Direction::Reverse, p.full)?;
     Ok(json!(true))
 }
 
@@ -368,6 +373,25 @@ fn backup_get(engine: &Engine, p: OptionalId) -> Result<Value, RpcError> {
 
 fn backup_cancel(engine: &Engine, p: IdParam) -> Result<Value, RpcError> {
     engine.backup_cancel(p.id)?;
+    Ok(json!(true))
+}
+
+fn pair_verify(engine: &Engine, p: VerifyParams) -> Result<Value, RpcError> {
+    let params = crate::verify::VerifyParams {
+        repair: p.repair,
+        rate: p.rate,
+        host_rate: p.host_rate,
+    };
+    let id = engine.verify_start(&p.name, params)?;
+    Ok(json!({ "id": id }))
+}
+
+fn verify_get(engine: &Engine, p: OptionalId) -> Result<Value, RpcError> {
+    Ok(json!(engine.verify_get(p.id)?))
+}
+
+fn verify_cancel(engine: &Engine, p: IdParam) -> Result<Value, RpcError> {
+    engine.verify_cancel(p.id)?;
     Ok(json!(true))
 }
 
@@ -464,6 +488,22 @@ struct BackupStartParams {
     rate: u64,
     #[serde(default = "default_host_rate")]
     host_rate: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyParams {
+    name: String,
+    #[serde(default)]
+    repair: bool,
+    #[serde(default)]
+    rate: u64,
+    #[serde(default = "default_verify_host_rate")]
+    host_rate: u64,
+}
+
+fn default_verify_host_rate() -> u64 {
+    crate::verify::DEFAULT_HOST_RATE
 }
 
 fn default_host_rate() -> u64 {
