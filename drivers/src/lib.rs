@@ -18,11 +18,13 @@
 //!   and verifies archives;
 //! - [`nbd`]: the NBD wire protocol, shared by the engine's NBD server and the NBD backup target's
 //!   client;
-//! - [`iov`]: gathering queued pieces into iovecs for vectored socket writes;
+//! - [`iov`]: gathering queued pieces into iovecs for vectored socket writes, and [`in_place`]:
+//!   a RAM disk's reads sent from its memory, with the stripe locks that keep blocks whole;
 //! - [`testing`]: fault-injecting wrappers for tests (delays and I/O errors, power cuts), not
 //!   drivers.
 
 pub mod bdev;
+pub mod in_place;
 pub mod iov;
 pub mod malloc;
 pub mod nbd;
