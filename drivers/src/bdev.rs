@@ -4,7 +4,9 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
-use hugepages::{DmaBuf, RegionSlice};
+use hugepages::DmaBuf;
+
+use crate::in_place::InPlaceRead;
 use rustix::event::epoll;
 use smallvec::SmallVec;
 
@@ -327,8 +329,9 @@ pub trait IoChannel {
         false
     }
     /// The device memory holding `len` bytes at `offset`, to send from directly; it reads what
-    /// the memory holds when it is sent. `None` when the device is not memory.
-    fn read_in_place(&mut self, _offset: u64, _len: u64) -> Option<Result<RegionSlice, IoError>> {
+    /// the memory holds when it is sent (whole blocks, see [`crate::in_place`]). `None` when the
+    /// device is not memory.
+    fn read_in_place(&mut self, _offset: u64, _len: u64) -> Option<Result<InPlaceRead, IoError>> {
         None
     }
     /// Writes `data` at `offset` before returning, taking it from any memory. `None` when the

@@ -1,20 +1,26 @@
 //! Gathering queued byte pieces into an iovec array for one vectored socket write, the way the
 //! NBD server and the NVMe/TCP target and initiator send what a poll turn queued.
 //!
-//! A piece is either bytes the sender owns or a [`RegionSlice`] of a RAM disk sent in place:
+//! A piece is either bytes the sender owns or an [`InPlaceRead`] of a RAM disk sent in place:
 //! other reactors may write such memory while it is queued, so no Rust reference to it is made.
-//! The iovecs carry addresses, and only the kernel reads through them.
+//! The iovecs carry addresses, and only the kernel reads through them, during a `writev` that
+//! holds the pieces' stripe locks so that no block is sent half written.
 
 use std::marker::PhantomData;
 use std::os::fd::AsFd;
 
-use hugepages::{DmaBuf, RegionSlice};
+use hugepages::DmaBuf;
+use smallvec::SmallVec;
+
+use crate::in_place::{back_off, InPlaceRead, SharedHold, StripeGuard};
 
 /// One piece of a vectored write: an address and a length, borrowed for `'a`.
 #[derive(Debug, Clone, Copy)]
 pub struct SendPart<'a> {
     addr: *const u8,
     len: usize,
+    /// The RAM disk read it is, when it is one.
+    in_place: Option<&'a InPlaceRead>,
     _borrow: PhantomData<&'a [u8]>,
 }
 
@@ -23,16 +29,18 @@ impl<'a> From<&'a [u8]> for SendPart<'a> {
         Self {
             addr: bytes.as_ptr(),
             len: bytes.len(),
+            in_place: None,
             _borrow: PhantomData,
         }
     }
 }
 
-impl<'a> From<&'a RegionSlice> for SendPart<'a> {
-    fn from(slice: &'a RegionSlice) -> Self {
+impl<'a> From<&'a InPlaceRead> for SendPart<'a> {
+    fn from(read: &'a InPlaceRead) -> Self {
         Self {
-            addr: slice.addr(),
-            len: slice.len(),
+            addr: read.addr(),
+            len: read.len(),
+            in_place: Some(read),
             _borrow: PhantomData,
         }
     }
@@ -50,9 +58,22 @@ impl SendPart<'_> {
     }
 }
 
-/// An iovec array for [`writev`]: slots filled by [`gather`], borrowing the pieces for `'a`.
+/// What one [`IoVecs::writev`] sent.
+#[derive(Debug)]
+pub struct Written {
+    /// Bytes the socket took.
+    pub bytes: usize,
+    /// When the socket took part of a RAM disk read only: a hold on its blocks, still taken,
+    /// so the sender copies the rest of it ([`InPlaceRead::read_into_held`]) from the same
+    /// snapshot before a write can change them.
+    pub cut: Option<SharedHold>,
+}
+
+/// An iovec array for [`IoVecs::writev`]: slots filled by [`IoVecs::gather`], borrowing the
+/// pieces for `'a`.
 pub struct IoVecs<'a, const N: usize> {
     iov: [libc::iovec; N],
+    in_place: [Option<&'a InPlaceRead>; N],
     filled: usize,
     _borrow: PhantomData<&'a [u8]>,
 }
@@ -65,6 +86,7 @@ impl<'a, const N: usize> IoVecs<'a, N> {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             }; N],
+            in_place: [None; N],
             filled: 0,
             _borrow: PhantomData,
         }
@@ -102,19 +124,45 @@ impl<'a, const N: usize> IoVecs<'a, N> {
                 iov_base: part.addr.wrapping_add(skip).cast_mut().cast(),
                 iov_len: part.len - skip,
             };
+            self.in_place[self.filled] = part.in_place;
             self.filled += 1;
             skip = 0;
         }
         self.filled
     }
 
-    /// One `writev` of the filled slots on `fd`; the bytes written.
-    pub fn writev(&self, fd: impl AsFd) -> rustix::io::Result<usize> {
+    /// Shared holds on the blocks of every RAM disk read gathered, each with its slot: taken
+    /// all at once or not at all, so this never waits while holding a stripe (a writer waiting
+    /// for one of them could be waiting for another this holds).
+    fn hold_in_place(&self) -> SmallVec<[(usize, StripeGuard<'a>); 8]> {
+        let mut spins = 0;
+        'retry: loop {
+            let mut held = SmallVec::new();
+            for (slot, read) in self.in_place[..self.filled].iter().enumerate() {
+                let Some(read) = read else { continue };
+                match read.try_hold() {
+                    Some(g) => held.push((slot, g)),
+                    None => {
+                        drop(held);
+                        back_off(&mut spins);
+                        continue 'retry;
+                    }
+                }
+            }
+            return held;
+        }
+    }
+
+    /// One `writev` of the filled slots on `fd`, holding the blocks of the RAM disk reads among
+    /// them for its duration: the kernel copies whole blocks, each as before or as after any
+    /// write of it.
+    pub fn writev(&self, fd: impl AsFd) -> rustix::io::Result<Written> {
         let fd = fd.as_fd();
         let count = self.filled as libc::c_int;
+        let held = self.hold_in_place();
         // SAFETY: the first `filled` slots were made by `gather` from pieces borrowed for 'a,
-        // and `self` cannot outlive 'a: byte slices, or region slices whose `Arc` keeps the
-        // mapping. The kernel only reads through them, during the call.
+        // and `self` cannot outlive 'a: byte slices, or RAM disk reads whose region `Arc` keeps
+        // the mapping. The kernel only reads through them, during the call.
         let n = unsafe {
             libc::writev(
                 std::os::fd::AsRawFd::as_raw_fd(&fd),
@@ -128,7 +176,26 @@ impl<'a, const N: usize> IoVecs<'a, N> {
                 .unwrap_or(libc::EIO);
             return Err(rustix::io::Errno::from_raw_os_error(errno));
         }
-        Ok(n as usize)
+        let bytes = n as usize;
+        // The slot the socket stopped inside, if it is a RAM disk read.
+        let mut cut = None;
+        let mut begin = 0;
+        for slot in 0..self.filled {
+            if held.is_empty() {
+                break;
+            }
+            let len = self.iov[slot].iov_len;
+            if bytes < begin + len {
+                if bytes > begin {
+                    if let Some((_, guard)) = held.iter().find(|(s, _)| *s == slot) {
+                        cut = self.in_place[slot].map(|read| read.hold_again(guard));
+                    }
+                }
+                break;
+            }
+            begin += len;
+        }
+        Ok(Written { bytes, cut })
     }
 
     #[cfg(test)]
@@ -167,7 +234,12 @@ pub fn copy_into(bufs: &mut [DmaBuf], at: usize, src: &[u8]) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
+    use hugepages::{DmaRegion, RegionSlice};
+
     use super::{copy_into, IoVecs};
+    use crate::in_place::{InPlaceRead, StripeLocks};
 
     #[test]
     fn skips_sent_bytes_and_empty_parts_and_stops_when_full() {
@@ -185,20 +257,66 @@ mod tests {
         assert_eq!(iov.gather(parts, 10), 0);
     }
 
+    fn ram_read(
+        region: &Arc<DmaRegion>,
+        locks: &Arc<StripeLocks>,
+        at: usize,
+        len: usize,
+    ) -> InPlaceRead {
+        let slice = RegionSlice::new(Arc::clone(region), at, len).expect("slice");
+        InPlaceRead::new(slice, Arc::clone(locks), at as u64)
+    }
+
     #[test]
     fn writev_sends_the_gathered_bytes_in_order() {
         let (a, b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
-        let region = std::sync::Arc::new(hugepages::DmaRegion::allocate(4096).expect("region"));
+        let region = Arc::new(DmaRegion::allocate(4096).expect("region"));
+        let locks = Arc::new(StripeLocks::new(4096));
         region.write_at(100, b"region").expect("write");
-        let slice = hugepages::RegionSlice::new(region, 100, 6).expect("slice");
+        let read = ram_read(&region, &locks, 100, 6);
         let head: &[u8] = b"head:";
-        let parts = [super::SendPart::from(head), super::SendPart::from(&slice)];
+        let parts = [super::SendPart::from(head), super::SendPart::from(&read)];
         let mut iov = IoVecs::<4>::new();
         assert_eq!(iov.gather(parts, 2), 2);
-        assert_eq!(iov.writev(&a).expect("writev"), 9);
+        let written = iov.writev(&a).expect("writev");
+        assert_eq!(written.bytes, 9);
+        assert!(written.cut.is_none(), "sent whole");
         let mut got = [0u8; 9];
         std::io::Read::read_exact(&mut &b, &mut got).expect("read");
         assert_eq!(&got, b"ad:region");
+        // Nothing stays held: a writer gets the blocks.
+        drop(locks.write(0, 4096));
+    }
+
+    /// A socket that takes part of a RAM disk read hands back a hold on its blocks, which
+    /// keeps writers out until the sender has copied the rest.
+    #[test]
+    fn a_ram_disk_read_cut_by_a_full_socket_stays_held() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socket pair");
+        a.set_nonblocking(true).expect("non-blocking");
+        let len = 8 << 20;
+        let region = Arc::new(DmaRegion::allocate(len).expect("region"));
+        let locks = Arc::new(StripeLocks::new(len as u64));
+        let read = ram_read(&region, &locks, 0, len);
+        let mut iov = IoVecs::<2>::new();
+        iov.gather([&read], 0);
+        let written = iov.writev(&a).expect("writev");
+        assert!(
+            written.bytes > 0 && written.bytes < len,
+            "{} bytes",
+            written.bytes
+        );
+        let hold = written.cut.expect("cut inside the read");
+        assert!(locks.try_read(0, 4096).is_some(), "readers share");
+        let writer = {
+            let locks = Arc::clone(&locks);
+            std::thread::spawn(move || drop(locks.write(0, 4096)))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!writer.is_finished(), "a writer waits for the hold");
+        drop(hold);
+        writer.join().expect("writer");
+        drop(b);
     }
 
     #[test]

@@ -20,12 +20,14 @@
 //!   client;
 //! - [`file_lock`]: the advisory locks on every file a bdev or a backup opens, compatible with
 //!   QEMU's image locking;
-//! - [`iov`]: gathering queued pieces into iovecs for vectored socket writes;
+//! - [`iov`]: gathering queued pieces into iovecs for vectored socket writes, and [`in_place`]:
+//!   a RAM disk's reads sent from its memory, with the stripe locks that keep blocks whole;
 //! - [`testing`]: fault-injecting wrappers for tests (delays and I/O errors, power cuts), not
 //!   drivers.
 
 pub mod bdev;
 pub mod file_lock;
+pub mod in_place;
 pub mod iov;
 pub mod malloc;
 pub mod nbd;

@@ -1021,3 +1021,105 @@ fn a_parked_reactor_wakes_for_its_nvmf_channel_completions() {
     }
     reactors.shutdown();
 }
+
+/// `trsvcid` is a number or, as SPDK's rpc.py sends it, a string, wherever a method takes it:
+/// `bdev_nvme_attach_controller`, the `nvmf` backup target, and `nvmf_export_start`'s `listen`
+/// given as SPDK's listen address object. A string that is not a port is refused, naming it.
+#[test]
+fn trsvcid_as_a_number_or_a_string() {
+    const PARAMS: i64 = -32602;
+    let dir = TempDir::new("nvmf-trsvcid");
+    for side in ["a", "b"] {
+        std::fs::create_dir_all(dir.path().join(side)).expect("directory");
+    }
+    let (_server, sock) = start_empty(&dir.path().join("a"));
+    let mut a = RpcConn::connect(&sock);
+    a.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
+    let port = free_port();
+    let nqn = "nqn.2026-11.io.quicksplit:trsvcid";
+    a.ok(
+        "nvmf_export_start",
+        json!({"nqn": nqn, "bdev": "m", "listen": {"trtype": "TCP", "adrfam": "IPv4",
+               "traddr": "127.0.0.1", "trsvcid": port.to_string()}}),
+    );
+    assert_eq!(
+        a.ok("nvmf_get_exports", json!({}))[0]["listen"],
+        format!("127.0.0.1:{port}")
+    );
+    let (_other, sock) = start_empty(&dir.path().join("b"));
+    let mut b = RpcConn::connect(&sock);
+    for (name, trsvcid) in [("s", json!(port.to_string())), ("n", json!(port))] {
+        let bdevs = b.ok(
+            "bdev_nvme_attach_controller",
+            json!({"name": name, "trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": trsvcid,
+                   "subnqn": nqn}),
+        );
+        assert_eq!(bdevs, json!([format!("{name}n1")]));
+        b.ok("bdev_nvme_detach_controller", json!({"name": name}));
+    }
+    for bad in ["abc", "70000", "0", ""] {
+        let (code, msg) = b.err(
+            "bdev_nvme_attach_controller",
+            json!({"name": "x", "trtype": "tcp", "traddr": "127.0.0.1", "trsvcid": bad,
+                   "subnqn": nqn}),
+        );
+        assert_eq!(code, PARAMS, "{msg}");
+        assert!(
+            msg.contains("trsvcid") && msg.contains("not a port number from 1 to 65535"),
+            "{bad}: {msg}"
+        );
+        let (code, msg) = b.err(
+            "backup_start",
+            json!({"pair": "none", "target": {"type": "nvmf", "traddr": "127.0.0.1",
+                   "trsvcid": bad, "subnqn": nqn}}),
+        );
+        assert_eq!(code, PARAMS, "{msg}");
+        assert!(msg.contains("not a port number"), "{bad}: {msg}");
+        let (code, msg) = a.err(
+            "nvmf_export_start",
+            json!({"nqn": "nqn.2026-11.io.quicksplit:bad", "bdev": "m",
+                   "listen": {"traddr": "127.0.0.1", "trsvcid": bad}}),
+        );
+        assert_eq!(code, PARAMS, "{msg}");
+        assert!(
+            msg.contains("trsvcid") && msg.contains("not a port"),
+            "{msg}"
+        );
+        let (code, msg) = a.err(
+            "nvmf_export_start",
+            json!({"nqn": "nqn.2026-11.io.quicksplit:bad", "bdev": "m",
+                   "listen": format!("127.0.0.1:{bad}")}),
+        );
+        assert_eq!(code, PARAMS, "{msg}");
+        assert!(
+            msg.contains("listen") && msg.contains("not a port"),
+            "{msg}"
+        );
+    }
+    assert_eq!(b.ok("bdev_get_bdevs", json!({})), json!([]));
+    assert_eq!(
+        a.ok("nvmf_get_exports", json!({})).as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // A backup to the export with the port as a string runs to its end.
+    b.ok("bdev_malloc_create", json!({"name": "p", "size": 4 * MIB}));
+    b.ok("bdev_malloc_create", json!({"name": "q", "size": 4 * MIB}));
+    b.ok(
+        "pair_create",
+        json!({"name": "pr", "primary": "p", "secondary": "q"}),
+    );
+    assert!(wait_for(Duration::from_secs(20), || {
+        b.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
+    }));
+    b.ok("pair_split", json!({"name": "pr"}));
+    let id = b.ok(
+        "backup_start",
+        json!({"pair": "pr", "target": {"type": "nvmf", "traddr": "127.0.0.1",
+               "trsvcid": port.to_string(), "subnqn": nqn}}),
+    )["id"]
+        .as_u64()
+        .expect("id");
+    let done = quicksplit_tests::wait_backup(&mut b, id, Duration::from_secs(60));
+    assert_eq!(done["state"], "done", "{done}");
+}

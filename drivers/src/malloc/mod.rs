@@ -1,5 +1,7 @@
 //! The malloc bdev: a RAM disk in DMA memory (hugepages when reserved). Requests are carried out
-//! at submission and reported by the next poll, as a device's completions would be.
+//! at submission and reported by the next poll, as a device's completions would be. Channels on
+//! several reactors share the memory; stripe locks ([`StripeLocks`]) make every block's reads
+//! and writes whole, as a disk's are.
 
 pub mod rpc;
 
@@ -7,6 +9,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use hugepages::{DmaRegion, RegionSlice};
+
+use crate::in_place::{InPlaceRead, StripeLocks};
 
 use crate::bdev::{
     invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError, IoOp,
@@ -19,6 +23,7 @@ pub struct MallocBdev {
     name: String,
     geometry: Geometry,
     mem: Arc<DmaRegion>,
+    locks: Arc<StripeLocks>,
 }
 
 impl MallocBdev {
@@ -41,6 +46,7 @@ impl MallocBdev {
             name: name.to_string(),
             geometry,
             mem,
+            locks: Arc::new(StripeLocks::new(size)),
         })
     }
 }
@@ -70,6 +76,7 @@ impl Bdev for MallocBdev {
         Ok(Box::new(MallocChannel {
             geometry: self.geometry,
             mem: Arc::clone(&self.mem),
+            locks: Arc::clone(&self.locks),
             done: VecDeque::new(),
         }))
     }
@@ -89,6 +96,7 @@ impl Bdev for MallocBdev {
 struct MallocChannel {
     geometry: Geometry,
     mem: Arc<DmaRegion>,
+    locks: Arc<StripeLocks>,
     done: VecDeque<IoCompletion>,
 }
 
@@ -111,6 +119,13 @@ impl MallocChannel {
     fn execute(&self, req: &mut IoRequest) -> Result<(), IoError> {
         // Offsets were validated against the geometry, which is within the region.
         let mut offset = req.offset as usize;
+        let _held = match req.op {
+            IoOp::Read => Some(self.locks.read(req.offset, req.len)),
+            IoOp::Write { .. } | IoOp::WriteZeroes | IoOp::Unmap => {
+                Some(self.locks.write(req.offset, req.len))
+            }
+            IoOp::Flush => None,
+        };
         let res = match req.op {
             IoOp::Read => req.bufs.iter_mut().try_for_each(|b| {
                 let r = self.mem.read_at(offset, b.as_mut_slice());
@@ -157,9 +172,10 @@ impl IoChannel for MallocChannel {
         true
     }
 
-    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<RegionSlice, IoError>> {
+    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<InPlaceRead, IoError>> {
         Some(self.in_range(offset, len).and_then(|(at, n)| {
             RegionSlice::new(Arc::clone(&self.mem), at, n)
+                .map(|slice| InPlaceRead::new(slice, Arc::clone(&self.locks), offset))
                 .map_err(|_| self.out_of_range(offset, len))
         }))
     }
@@ -167,6 +183,7 @@ impl IoChannel for MallocChannel {
     fn write_in_place(&mut self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
         let len = data.len() as u64;
         Some(self.in_range(offset, len).and_then(|(at, _)| {
+            let _held = self.locks.write(offset, len);
             self.mem
                 .write_streaming_at(at, data)
                 .map_err(|_| self.out_of_range(offset, len))
@@ -199,18 +216,19 @@ mod tests {
         let done = out.pop().expect("completion");
         assert_eq!(done.result, Ok(()));
         assert_eq!(done.bufs[0].as_slice(), &data[..]);
-        // A slice read in place holds the memory, not a copy: it sees a later write.
+        // A read in place holds the memory, not a copy: it sees a later write.
         let slice = ch
             .read_in_place(4096, 8192)
             .expect("memory")
             .expect("in range");
-        let mut got = vec![0u8; 8192];
-        slice.read_at(0, &mut got).expect("read");
-        assert_eq!(got, data);
+        let mut bufs = done.bufs;
+        bufs[0].as_mut_slice().fill(0);
+        slice.read_into(&mut bufs).expect("read");
+        assert_eq!(bufs[0].as_slice(), &data[..]);
         assert_eq!(ch.write_in_place(8192, &[9u8; 4096]), Some(Ok(())));
-        slice.read_at(4096, &mut got[..4096]).expect("read");
-        assert!(got[..4096].iter().all(|&b| b == 9));
-        assert!(slice.read_at(8000, &mut got[..4096]).is_err());
+        slice.read_into(&mut bufs).expect("read");
+        assert!(bufs[0].as_slice()[4096..].iter().all(|&b| b == 9));
+        assert_eq!(bufs[0].as_slice()[..4096], data[..4096]);
         // Bad ranges are refused like submitted requests.
         assert!(matches!(
             ch.read_in_place((1 << 20) - 4096, 8192),

@@ -25,8 +25,8 @@ pub struct AttachParams {
     /// NVMe/TCP target address.
     #[serde(default)]
     pub traddr: Option<String>,
-    /// NVMe/TCP target port.
-    #[serde(default)]
+    /// NVMe/TCP target port, a number or a string.
+    #[serde(default, deserialize_with = "crate::nvmf::port::deserialize")]
     pub trsvcid: Option<u16>,
     /// NVMe/TCP subsystem NQN.
     #[serde(default)]

@@ -9,6 +9,7 @@ pub const DEFAULT_PORT: u16 = 4420;
 pub mod fabrics;
 pub mod host;
 pub mod pdu;
+pub mod port;
 
 use std::sync::Arc;
 

@@ -45,8 +45,8 @@ pub enum Target {
     Nvmf {
         /// Target address.
         traddr: String,
-        /// Target port.
-        #[serde(default)]
+        /// Target port, a number or a string.
+        #[serde(default, deserialize_with = "drivers::nvmf::port::deserialize")]
         trsvcid: Option<u16>,
         /// Subsystem NQN.
         subnqn: String,

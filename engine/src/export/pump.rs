@@ -9,6 +9,7 @@ use std::collections::VecDeque;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
+use drivers::in_place::SharedHold;
 use drivers::iov::{IoVecs, SendPart};
 use drivers::IoBufs;
 use hugepages::{BufferCache, BufferPool};
@@ -29,6 +30,9 @@ pub(crate) trait Outgoing {
     /// Copies what it sends in place (a RAM disk's blocks) into its own buffers, so a write
     /// completing in a later turn cannot change it. Runs at the end of every turn.
     fn settle(&mut self);
+    /// The same, when the socket took the first part of its RAM disk bytes and `hold` still
+    /// holds them: the rest comes from the same snapshot as what was sent.
+    fn settle_held(&mut self, hold: &SharedHold);
     /// The staging buffers it holds, given back once it is sent.
     fn into_bufs(self) -> Option<IoBufs>;
 }
@@ -196,8 +200,8 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
         while !self.tx.is_empty() {
             let mut iov = IoVecs::<IOV>::new();
             iov.gather(self.tx.iter().flat_map(Outgoing::parts), self.tx_sent);
-            let sent = match iov.writev(&self.sock) {
-                Ok(n) => n,
+            let written = match iov.writev(&self.sock) {
+                Ok(w) => w,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(_) => {
                     // The peer is gone: nothing more can be sent.
@@ -207,7 +211,7 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
                 }
             };
             flow = Flow::Moved;
-            self.tx_sent += sent;
+            self.tx_sent += written.bytes;
             while let Some(front) = self.tx.front() {
                 let t = front.total();
                 if self.tx_sent < t {
@@ -216,6 +220,12 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
                 self.tx_sent -= t;
                 if let Some(bufs) = self.tx.pop_front().and_then(Outgoing::into_bufs) {
                     self.bufs.put_all(bufs);
+                }
+            }
+            if let Some(hold) = written.cut {
+                // The socket stopped inside the RAM disk bytes of what is now first.
+                if let Some(front) = self.tx.front_mut() {
+                    front.settle_held(&hold);
                 }
             }
         }

@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
+use drivers::in_place::{InPlaceRead, SharedHold};
 use drivers::iov::SendPart;
 use drivers::nbd::proto::{self, chunk, cmd, err, Request, REQUEST_LEN};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
-use hugepages::{BufferPool, DmaBuf, RegionSlice};
+use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
 use crate::export::{submit_or_complete, Export, Flow, Outgoing, SocketPump, Stream, TurnEnd};
@@ -31,7 +32,7 @@ struct Out {
     /// A RAM disk's blocks sent in place of `data` (which is reserved for them). Never kept
     /// past the poll turn that made it: [`Out::settle`] copies what is still queued then, so
     /// the read returns the blocks as they were at the end of that turn.
-    region: Option<RegionSlice>,
+    region: Option<InPlaceRead>,
     tail: Vec<u8>,
 }
 
@@ -55,8 +56,15 @@ impl Outgoing for Out {
     /// in a later turn cannot change what this read returns.
     fn settle(&mut self) {
         if let Some(r) = self.region.take() {
-            // The buffers were reserved for exactly the slice's length.
+            // The buffers were reserved for exactly the read's length.
             let copied = r.read_into(&mut self.data);
+            debug_assert!(copied.is_ok(), "staging buffers longer than the read");
+        }
+    }
+
+    fn settle_held(&mut self, hold: &SharedHold) {
+        if let Some(r) = self.region.take() {
+            let copied = r.read_into_held(&mut self.data, hold);
             debug_assert!(copied.is_ok(), "staging buffers longer than the read");
         }
     }
@@ -368,7 +376,7 @@ impl NbdConn {
         self.channel.as_ref().is_some_and(|c| c.in_place())
     }
 
-    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<RegionSlice, IoError>> {
+    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<InPlaceRead, IoError>> {
         self.channel.as_mut()?.read_in_place(offset, len)
     }
 }

@@ -48,16 +48,18 @@ fn read_u64(s: &mut impl Read) -> std::io::Result<u64> {
     Ok(u64::from_be_bytes(b))
 }
 
-fn transmission_flags(e: &Export) -> u16 {
+/// What the export takes. A read-only one advertises no command that writes (trim,
+/// write-zeroes) nor FUA, which only means something on a write, as nbdkit does; flush stays
+/// (harmless, and clients send it when they close).
+pub fn transmission_flags(e: &Export) -> u16 {
     let mut f = tflag::HAS_FLAGS
         | tflag::SEND_FLUSH
-        | tflag::SEND_FUA
-        | tflag::SEND_TRIM
-        | tflag::SEND_WRITE_ZEROES
         // Flush reaches the whole device (fsync of the file, or of P and S), whichever
         // connection sends it.
         | tflag::CAN_MULTI_CONN;
-    if !e.writable {
+    if e.writable {
+        f |= tflag::SEND_FUA | tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES;
+    } else {
         f |= tflag::READ_ONLY;
     }
     f
@@ -72,12 +74,11 @@ fn select(server: &NbdServer, address: &Address, name: &str) -> Option<Arc<Expor
     }
 }
 
-/// Runs the handshake on `s` for the exports of `server` served at `address`.
-pub fn negotiate<S: Read + Write>(
-    s: &mut S,
-    server: &NbdServer,
-    address: &Address,
-) -> Result<Agreed, HandshakeError> {
+/// Options a refused client may send (each answered with the refusal) before it is closed.
+const REFUSED_OPTIONS: usize = 8;
+
+/// Sends the greeting and reads the client's flags: whether it asked for no zeroes.
+fn greet<S: Read + Write>(s: &mut S) -> Result<bool, HandshakeError> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -89,7 +90,48 @@ pub fn negotiate<S: Read + Write>(
             "unknown client flags {client_flags:#x}"
         )));
     }
-    let no_zeroes = client_flags & proto::FLAG_C_NO_ZEROES != 0;
+    Ok(client_flags & proto::FLAG_C_NO_ZEROES != 0)
+}
+
+/// Refuses a client the server will not negotiate with now, telling it why: the fixed newstyle
+/// way to turn a client away is to error its options ("until the client gets the hint"), here
+/// with NBD_REP_ERR_POLICY and `reason`, until it aborts, gives up or has sent a few. An
+/// NBD_OPT_EXPORT_NAME cannot be answered with an error: the connection is closed.
+pub fn refuse<S: Read + Write>(s: &mut S, reason: &str) -> Result<(), HandshakeError> {
+    greet(s)?;
+    for _ in 0..REFUSED_OPTIONS {
+        if read_u64(s)? != proto::IHAVEOPT {
+            return Err(HandshakeError::Protocol("option without IHAVEOPT".into()));
+        }
+        let option = read_u32(s)?;
+        let len = read_u32(s)?;
+        if len > MAX_OPTION_DISCARD {
+            return Err(HandshakeError::Protocol(format!("option of {len} bytes")));
+        }
+        std::io::copy(&mut Read::by_ref(s).take(len as u64), &mut std::io::sink())?;
+        match option {
+            opt::EXPORT_NAME => break,
+            opt::ABORT => {
+                s.write_all(&proto::option_reply(option, rep::ACK, &[]))?;
+                break;
+            }
+            _ => s.write_all(&proto::option_reply(
+                option,
+                rep::ERR_POLICY,
+                reason.as_bytes(),
+            ))?,
+        }
+    }
+    Err(HandshakeError::Ended(format!("refused: {reason}")))
+}
+
+/// Runs the handshake on `s` for the exports of `server` served at `address`.
+pub fn negotiate<S: Read + Write>(
+    s: &mut S,
+    server: &NbdServer,
+    address: &Address,
+) -> Result<Agreed, HandshakeError> {
+    let no_zeroes = greet(s)?;
     let mut structured = false;
     loop {
         if read_u64(s)? != proto::IHAVEOPT {

@@ -2,25 +2,20 @@
 //! and TCP.
 //!
 //! Each accepted connection's handshake runs on a short-lived control thread (blocking, with a
-//! timeout); the transmission phase is then handed to a reactor as a poller over the
-//! non-blocking socket ([`conn::NbdConn`]), round robin over the reactors. Several exports may
-//! share one address.
+//! deadline), within the limits [`admission`] sets; the transmission phase is then handed to a
+//! reactor as a poller over the non-blocking socket ([`conn::NbdConn`]), round robin over the
+//! reactors. Several exports may share one address.
 
+pub mod admission;
 pub mod conn;
 pub mod handshake;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use drivers::Bdev;
 
 use crate::export::{Address, Export, ExportError, Protocol, Registry, Source, Stream};
-
-/// Handshakes in progress at once.
-const MAX_HANDSHAKES: usize = 64;
-/// A handshake must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use admission::{Deadlined, Handshakes, Peer, Ticket};
 
 /// The NBD server's exports.
 pub type NbdServer = Registry<Nbd>;
@@ -28,7 +23,7 @@ pub type NbdServer = Registry<Nbd>;
 /// The NBD protocol's own state: the handshakes running.
 #[derive(Default)]
 pub struct Nbd {
-    handshakes: Arc<AtomicUsize>,
+    handshakes: Arc<Handshakes>,
 }
 
 impl Protocol for Nbd {
@@ -49,24 +44,21 @@ impl Protocol for Nbd {
         Ok(())
     }
 
-    /// Runs the connection's handshake on its own thread (blocking, with a timeout), at most
-    /// `MAX_HANDSHAKES` at once.
+    /// Runs the connection's handshake on its own thread (blocking, with a deadline), or
+    /// refuses it with a reason when its peer has too many in progress.
     fn accept(registry: &Arc<Registry<Self>>, stream: Stream, address: &Address) {
         let handshakes = &registry.protocol().handshakes;
-        if handshakes.load(Ordering::SeqCst) >= MAX_HANDSHAKES {
-            return;
-        }
-        handshakes.fetch_add(1, Ordering::SeqCst);
+        let peer = Peer::of(&stream);
+        let ticket = match handshakes.admit(&peer, &stream) {
+            Ok(t) => t,
+            Err(refusal) => return handshakes.refuse(stream, &peer, refusal),
+        };
         let (registry, address) = (Arc::clone(registry), address.clone());
-        let running = Arc::clone(handshakes);
         let spawned = std::thread::Builder::new()
             .name("nbd_handshake".into())
-            .spawn(move || {
-                handshake_then_serve(&registry, stream, &address);
-                running.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            handshakes.fetch_sub(1, Ordering::SeqCst);
+            .spawn(move || handshake_then_serve(&registry, stream, &address, ticket));
+        if let Err(e) = spawned {
+            tracing::warn!(%e, %peer, "NBD connection dropped: no thread for its handshake");
         }
     }
 }
@@ -79,11 +71,20 @@ pub fn description(export: &Export) -> String {
     }
 }
 
-fn handshake_then_serve(registry: &NbdServer, mut stream: Stream, address: &Address) {
-    if stream.set_mode(Some(HANDSHAKE_TIMEOUT)).is_err() {
-        return;
-    }
-    let agreed = match handshake::negotiate(&mut stream, registry, address) {
+/// Negotiates on `stream` within `ticket`'s deadline, then gives the connection to a reactor
+/// (and its place in the table back).
+fn handshake_then_serve(
+    registry: &NbdServer,
+    mut stream: Stream,
+    address: &Address,
+    ticket: Ticket,
+) {
+    let negotiated = {
+        let mut s = Deadlined::new(&mut stream, ticket.deadline());
+        handshake::negotiate(&mut s, registry, address)
+    };
+    drop(ticket);
+    let agreed = match negotiated {
         Ok(a) => a,
         Err(e) => {
             tracing::debug!(%e, "NBD handshake ended");

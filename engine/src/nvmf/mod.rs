@@ -27,6 +27,55 @@ const _: () = assert!(
     "DEFAULT_LISTEN names the default port"
 );
 
+/// The address `nvmf_export_start` listens on, from its `listen` parameter: `"host:port"`, or
+/// SPDK's listen address object `{"trtype": "tcp", "adrfam": "ipv4", "traddr": host,
+/// "trsvcid": port}` (trtype and adrfam optional; the port a number or a string, 4420 when
+/// left out). Gives `host:port`, an IPv6 host in brackets.
+pub fn listen_address(listen: &serde_json::Value) -> Result<String, ExportError> {
+    let bad = |m: String| ExportError::Invalid(format!("parameter 'listen': {m}"));
+    if let Some(at) = listen.as_str() {
+        let Some((host, port)) = at.rsplit_once(':') else {
+            return Err(bad(format!("'{at}' is not host:port")));
+        };
+        drivers::nvmf::port::parse(port).map_err(|e| bad(format!("'{at}': port {e}")))?;
+        if host.is_empty() {
+            return Err(bad(format!("'{at}' has no host")));
+        }
+        return Ok(at.to_string());
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ListenAddress {
+        #[serde(default)]
+        trtype: Option<String>,
+        #[serde(default)]
+        adrfam: Option<String>,
+        traddr: String,
+        #[serde(default, deserialize_with = "drivers::nvmf::port::deserialize")]
+        trsvcid: Option<u16>,
+    }
+    let a: ListenAddress =
+        drivers::table::parse_params(listen.clone()).map_err(|e| bad(e.to_string()))?;
+    if let Some(t) = a.trtype.filter(|t| !t.eq_ignore_ascii_case("tcp")) {
+        return Err(bad(format!("trtype '{t}': only tcp is served")));
+    }
+    let v6 = match a.adrfam.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => a.traddr.contains(':'),
+        Some("ipv4") => false,
+        Some("ipv6") => true,
+        Some(other) => return Err(bad(format!("adrfam '{other}': ipv4 or ipv6"))),
+    };
+    let port = a.trsvcid.unwrap_or(drivers::nvmf::DEFAULT_PORT);
+    let host = a.traddr.trim_matches(['[', ']']);
+    if host.is_empty() {
+        return Err(bad("'traddr' is empty".into()));
+    }
+    Ok(match v6 {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    })
+}
+
 /// The NVMe/TCP server's exports: each a subsystem (its NQN) with one namespace.
 pub type NvmfServer = Registry<NvmeTcp>;
 

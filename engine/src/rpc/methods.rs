@@ -427,12 +427,18 @@ fn nbd_get_exports(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcErro
 }
 
 fn nvmf_export_start(engine: &Engine, p: NvmfExportParams) -> Result<Value, RpcError> {
+    let listen = p
+        .listen
+        .as_ref()
+        .map(crate::nvmf::listen_address)
+        .transpose()
+        .map_err(EngineError::from)?;
     engine.nvmf_export_start(
         &p.nqn,
         p.bdev.as_deref(),
         p.pair.as_deref(),
         p.writable,
-        p.listen.as_deref(),
+        listen.as_deref(),
     )?;
     Ok(json!(p.nqn))
 }
@@ -553,8 +559,9 @@ struct NvmfExportParams {
     pair: Option<String>,
     #[serde(default)]
     writable: Option<bool>,
+    /// `"host:port"` or SPDK's listen address object (see [`crate::nvmf::listen_address`]).
     #[serde(default)]
-    listen: Option<String>,
+    listen: Option<Value>,
 }
 
 #[derive(Deserialize)]

@@ -91,7 +91,7 @@ impl NvmfConn {
         &mut self,
         offset: u64,
         len: u64,
-    ) -> Option<Result<RegionSlice, IoError>> {
+    ) -> Option<Result<InPlaceRead, IoError>> {
         self.channel.as_mut()?.read_in_place(offset, len)
     }
 

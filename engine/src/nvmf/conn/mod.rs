@@ -20,6 +20,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use drivers::in_place::{InPlaceRead, SharedHold};
 use drivers::iov::SendPart;
 use drivers::nvme::spec::{self, cns, nvm, Command, Completion, Status};
 use drivers::nvmf::fabrics::{self, admin, fctype, status, ConnectCmd, ConnectData};
@@ -27,7 +28,7 @@ use drivers::nvmf::pdu::{
     self, CapsuleResp, DataPdu, Digests, Frame, Header, HeaderBytes, IcResp, PduError, R2t, Side,
 };
 use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
-use hugepages::{BufferPool, DmaBuf, RegionSlice};
+use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
 use super::{Ctrl, NvmeTcp, NvmfServer};
@@ -73,16 +74,20 @@ enum Body {
     /// turn that made it: what is still queued then is copied into those buffers
     /// ([`Body::settle`]), so the read returns the blocks as they were at the end of that turn
     /// and a write completing later cannot change them.
-    Region(RegionSlice, IoBufs),
+    Region(InPlaceRead, IoBufs),
 }
 
 impl Body {
-    /// The same bytes, copied out of a RAM disk into the reserved buffers if in place.
-    fn settle(self) -> Body {
+    /// The same bytes, copied out of a RAM disk into the reserved buffers if in place (under
+    /// `hold` when the caller holds the blocks already).
+    fn settle(self, hold: Option<&SharedHold>) -> Body {
         match self {
-            Body::Region(slice, mut bufs) => {
-                // The buffers were reserved for exactly the slice's length.
-                let copied = slice.read_into(&mut bufs);
+            Body::Region(read, mut bufs) => {
+                // The buffers were reserved for exactly the read's length.
+                let copied = match hold {
+                    Some(h) => read.read_into_held(&mut bufs, h),
+                    None => read.read_into(&mut bufs),
+                };
                 debug_assert!(copied.is_ok(), "staging buffers longer than the read");
                 Body::Bufs(bufs)
             }
@@ -122,7 +127,13 @@ impl Outgoing for Out {
 
     fn settle(&mut self) {
         if matches!(self.body, Body::Region(..)) {
-            self.body = std::mem::replace(&mut self.body, Body::None).settle();
+            self.body = std::mem::replace(&mut self.body, Body::None).settle(None);
+        }
+    }
+
+    fn settle_held(&mut self, hold: &SharedHold) {
+        if matches!(self.body, Body::Region(..)) {
+            self.body = std::mem::replace(&mut self.body, Body::None).settle(Some(hold));
         }
     }
 
@@ -248,7 +259,7 @@ impl NvmfConn {
             let success = self.sq_flow_disabled;
             if self.digests.data {
                 // The digest must cover exactly the bytes sent: fix them now.
-                body = body.settle();
+                body = body.settle(None);
             }
             let digest = self.digests.data.then(|| {
                 let c = match &body {

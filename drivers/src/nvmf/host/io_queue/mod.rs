@@ -393,8 +393,9 @@ impl IoQueue {
                 break;
             }
             match iov.writev(&self.stream) {
+                // Only the caller's buffers are sent here, never a RAM disk's memory in place.
                 Ok(sent) => {
-                    self.tx_sent += sent;
+                    self.tx_sent += sent.bytes;
                     while let Some(front) = self.tx.front() {
                         let l = piece_len(front);
                         if self.tx_sent < l {
