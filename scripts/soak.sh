@@ -72,10 +72,23 @@ wait_pair_state "PAIR 0"
 end=$((SECONDS + minutes * 60))
 # Hosts: fio through NBD for the whole run; qsbench through NVMe/TCP in bursts, both at a modest
 # depth so the 2 cores also serve the loop.
-fio --name=soak --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite \
-  --bs=4k --iodepth=4 --size="$size" --time_based --runtime=$((minutes * 60 + 30)) \
-  --rate_iops=2000 >"$work/fio.log" 2>&1 &
-pids+=($!)
+# P is read-only while a reverse resync restores it, so fio stops for those and starts again
+# after; each run has a log of its own, all checked at the end.
+fio_runs=0
+fio_pid=
+start_fio() {
+  fio_runs=$((fio_runs + 1))
+  fio --name=soak --ioengine=nbd --uri="nbd+unix:///p?socket=$work/nbd.sock" --rw=randwrite \
+    --bs=4k --iodepth=4 --size="$size" --time_based --runtime=$((minutes * 60 + 30)) \
+    --rate_iops=2000 >"$work/fio-$fio_runs.log" 2>&1 &
+  fio_pid=$!
+  pids+=($fio_pid)
+}
+stop_fio() {
+  kill -INT "$fio_pid" 2>/dev/null || true
+  wait "$fio_pid" 2>/dev/null || true
+}
+start_fio
 ( while [ $SECONDS -lt $end ]; do
     nice "$qsbench" --bdev "nvmf:127.0.0.1:$port:$nqn" --workload randrw --bs 4096 --qd 2 \
       --time 3 --cores 1 --idle adaptive >/dev/null 2>>"$work/qsbench.log" || true
@@ -142,8 +155,10 @@ while [ $SECONDS -lt $end ] || [ $rounds -eq 0 ]; do
   s_sha=$(sha256sum "$work/s.img" | cut -d' ' -f1)
   [ "$s_sha" = "$sha_1" ] || fail "round $rounds: the backups ($sha_1) are not S ($s_sha)"
   if [ $((rounds % 3)) -eq 2 ]; then dir=reverse; else dir=forward; fi
+  if [ $dir = reverse ]; then stop_fio; fi
   rpc pair_resync "{\"name\": \"soak\", \"direction\": \"$dir\"}" >/dev/null
   wait_pair_state "PAIR 0"
+  if [ $dir = reverse ]; then start_fio; fi
   id=$(rpc pair_verify '{"name": "soak"}' | field "['id']")
   rec=$(wait_job verify_get "$id")
   [ "$(echo "$rec" | field "['state']")" = done ] || fail "verify $id: $rec"
@@ -154,5 +169,7 @@ done
 next_sample=0
 check_sample
 alive
-grep -q "err= 0" "$work/fio.log" || fail "fio reported errors: $(tail -5 "$work/fio.log")"
+for log in "$work"/fio-*.log; do
+  grep -q "err= 0" "$log" || fail "fio reported errors: $(tail -5 "$log")"
+done
 echo "soak passed: $rounds rounds, $backups backups, $verifies verifies in $minutes min"

@@ -45,7 +45,7 @@ enum Command {
         pairs: Vec<String>,
     },
     /// Back up a split pair's image to a target: file:PATH, tape:PATH[:RECORD_SIZE],
-    /// nbd:URI, or a JSON target object.
+    /// nbd:URI, nvmf:TRADDR:PORT:NQN, or a JSON target object.
     Backup {
         /// RPC socket.
         #[arg(long)]

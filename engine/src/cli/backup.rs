@@ -8,14 +8,15 @@ use serde_json::{json, Value};
 use super::progress::{nap, Interrupt, Progress};
 use super::{complain, connect, fail, say, EXIT_ERROR, EXIT_USAGE};
 
-/// Turns `file:PATH`, `tape:PATH[:RECORD_SIZE]`, `nbd:URI` or a JSON object into a target.
+/// Turns `file:PATH`, `tape:PATH[:RECORD_SIZE]`, `nbd:URI`, `nvmf:TRADDR:PORT:NQN` or a JSON
+/// object into a target.
 fn parse_target(to: &str) -> Result<Value, String> {
     if to.trim_start().starts_with('{') {
         return serde_json::from_str(to).map_err(|e| format!("--to is not JSON: {e}"));
     }
-    let (kind, rest) = to
-        .split_once(':')
-        .ok_or_else(|| format!("--to {to}: expected file:PATH, tape:PATH or nbd:URI"))?;
+    let (kind, rest) = to.split_once(':').ok_or_else(|| {
+        format!("--to {to}: expected file:PATH, tape:PATH, nbd:URI or nvmf:TRADDR:PORT:NQN")
+    })?;
     match kind {
         "file" => Ok(json!({"type": "file", "path": rest})),
         "tape" => match rest.rsplit_once(':') {
@@ -26,8 +27,29 @@ fn parse_target(to: &str) -> Result<Value, String> {
             _ => Ok(json!({"type": "tape", "path": rest})),
         },
         "nbd" => Ok(json!({"type": "nbd", "uri": rest})),
+        "nvmf" => parse_nvmf(rest),
         other => Err(format!("--to: unknown target type '{other}'")),
     }
+}
+
+/// `TRADDR:PORT:NQN` (an IPv6 address in brackets): the NQN keeps its own colons.
+fn parse_nvmf(rest: &str) -> Result<Value, String> {
+    let usage = || format!("--to nvmf:{rest}: expected nvmf:TRADDR:PORT:NQN");
+    let (traddr, after) = match rest.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, after) = v6.split_once(']').ok_or_else(usage)?;
+            (addr, after.strip_prefix(':').ok_or_else(usage)?)
+        }
+        None => rest.split_once(':').ok_or_else(usage)?,
+    };
+    let (port, nqn) = after.split_once(':').ok_or_else(usage)?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("--to nvmf:{rest}: '{port}' is not a port number"))?;
+    if traddr.is_empty() || nqn.is_empty() {
+        return Err(usage());
+    }
+    Ok(json!({"type": "nvmf", "traddr": traddr, "trsvcid": port, "subnqn": nqn}))
 }
 
 /// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]`.
@@ -114,9 +136,48 @@ pub fn describe_target(t: &Value) -> String {
                 .get("trsvcid")
                 .map(|p| p.as_str().map_or(p.to_string(), str::to_string))
                 .unwrap_or_default();
-            format!("nvmf:{}:{port}:{}", s("traddr"), s("subnqn"))
+            let addr = s("traddr");
+            if addr.contains(':') {
+                format!("nvmf:[{addr}]:{port}:{}", s("subnqn"))
+            } else {
+                format!("nvmf:{addr}:{port}:{}", s("subnqn"))
+            }
         }
         "" => "-".to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_as_the_cli_writes_them() {
+        assert_eq!(
+            parse_target("tape:/t/x.tar:65536").unwrap(),
+            json!({"type": "tape", "path": "/t/x.tar", "record_size": 65536})
+        );
+        let nqn = "nqn.2014-08.org.nvmexpress:uuid:1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+        assert_eq!(
+            parse_target(&format!("nvmf:10.0.0.2:4420:{nqn}")).unwrap(),
+            json!({"type": "nvmf", "traddr": "10.0.0.2", "trsvcid": 4420, "subnqn": nqn})
+        );
+        let v6 = parse_target("nvmf:[fd00::2]:4421:nqn.x:y").unwrap();
+        assert_eq!(v6["traddr"], "fd00::2");
+        assert_eq!(v6["trsvcid"], 4421);
+        assert_eq!(v6["subnqn"], "nqn.x:y");
+        // describe_target writes back what the CLI accepts.
+        assert_eq!(describe_target(&v6), "nvmf:[fd00::2]:4421:nqn.x:y");
+        for bad in [
+            "nvmf:10.0.0.2",
+            "nvmf:10.0.0.2:port:nqn.x",
+            "nvmf:10.0.0.2:4420:",
+            "nvmf:[fd00::2:4420:nqn",
+            "disk:/x",
+            "nowhere",
+        ] {
+            assert!(parse_target(bad).is_err(), "{bad} was accepted");
+        }
     }
 }

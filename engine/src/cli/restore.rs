@@ -8,14 +8,15 @@
 //! leaves it partly written.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use drivers::file_lock::{self, Access};
 use drivers::sink::partial::partial_path;
 
-use super::progress::{Interrupt, EXIT_INTERRUPTED};
+use super::progress::{Interrupt, Progress, EXIT_INTERRUPTED};
 use super::{complain, say, EXIT_ERROR};
 
 /// Where the image goes.
@@ -50,6 +51,19 @@ pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i3
             return EXIT_ERROR;
         }
     };
+    // A tape device or a pipe has no length: the progress then shows bytes and rate only.
+    let archive_len = input
+        .metadata()
+        .ok()
+        .filter(|m| m.is_file())
+        .map_or(0, |m| m.len());
+    let mut reader = ProgressReader {
+        inner: input,
+        read: 0,
+        total: archive_len,
+        progress: Progress::new(format!("restore of {}", archive.display())),
+        shown: Instant::now(),
+    };
     let interrupt = Interrupt::catch();
     let mut out = std::io::BufWriter::with_capacity(
         1 << 20,
@@ -59,13 +73,14 @@ pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i3
         },
     );
     let restored = drivers::tape::restore(
-        std::io::BufReader::with_capacity(1 << 20, input),
+        std::io::BufReader::with_capacity(1 << 20, &mut reader),
         &mut out,
         record_size,
     );
     let report = match restored {
         Ok(r) => r,
         Err(e) => {
+            reader.progress.break_line();
             discard(&dest);
             if interrupt.pressed() {
                 complain!("restore of {} interrupted", archive.display());
@@ -82,6 +97,7 @@ pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i3
             Destination::File { path, partial, .. } => rename_durably(partial, path),
             Destination::Device => Ok(()),
         });
+    reader.progress.finish(reader.read, reader.total);
     if let Err(e) = finished {
         discard(&dest);
         complain!("{}: {e}", to.display());
@@ -203,5 +219,30 @@ impl Write for Interruptible<'_> {
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.file.flush()
+    }
+}
+
+/// How often the progress line is redrawn while the archive is read.
+const SHOW_EVERY: Duration = Duration::from_millis(200);
+
+/// The archive, counting what has been read of it for the progress line.
+struct ProgressReader {
+    inner: File,
+    read: u64,
+    /// The archive's length; 0 when it has none (a tape device, a pipe).
+    total: u64,
+    progress: Progress,
+    shown: Instant,
+}
+
+impl Read for ProgressReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        if self.shown.elapsed() >= SHOW_EVERY {
+            self.progress.update(self.read, self.total);
+            self.shown = Instant::now();
+        }
+        Ok(n)
     }
 }
