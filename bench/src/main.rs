@@ -79,6 +79,10 @@ struct Args {
     /// Persist the pair's metadata (`off`: in memory only, to measure what persistence costs).
     #[arg(long, value_enum, default_value = "on")]
     persist: Persist,
+    /// Do not count I/O statistics (what `bdev_get_iostat` reports), to measure what counting
+    /// costs.
+    #[arg(long)]
+    no_stats: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -347,9 +351,12 @@ fn run(args: &Args) -> Result<(), Fail> {
         &state_dir,
     )
     .map_err(|e| Fail::Run(e.to_string()))?;
+    drivers::iostat::set_enabled(!args.no_stats);
     let bdev = open_bdev(&args.bdev, "bench")?;
+    // Counted as the engine counts a bdev of its table (a pair's are in the table).
+    let stats = drivers::iostat::IoStats::new(true);
     let bdev = match &args.secondary {
-        None => bdev,
+        None => Arc::new(drivers::iostat::CountedBdev::new(bdev, Arc::clone(&stats))),
         Some(spec) => pair_target(&engine, args, bdev, open_bdev(spec, "bench-s")?)?,
     };
     let geo = bdev.geometry();
@@ -471,7 +478,12 @@ fn run(args: &Args) -> Result<(), Fail> {
             }
         }
     }
-    report(args, &cores, &total, elapsed);
+    // What the bdev's statistics counted, to check them against the jobs' own count.
+    let counted = (!args.no_stats && args.secondary.is_none()).then(|| {
+        let s = stats.snapshot();
+        s.num_read_ops + s.num_write_ops
+    });
+    report(args, &cores, &total, elapsed, counted);
     if let Some((engine_ns, call_ns)) = split_lat {
         let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         if args.json {
@@ -617,7 +629,7 @@ impl Poller for Collector {
     }
 }
 
-fn report(args: &Args, cores: &[usize], r: &JobResult, elapsed: f64) {
+fn report(args: &Args, cores: &[usize], r: &JobResult, elapsed: f64, counted: Option<u64>) {
     let iops = r.ios as f64 / elapsed;
     let mibps = iops * args.bs as f64 / (1 << 20) as f64;
     let us = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
@@ -633,6 +645,7 @@ fn report(args: &Args, cores: &[usize], r: &JobResult, elapsed: f64) {
                 "cores": cores,
                 "seconds": elapsed,
                 "ios": r.ios,
+                "counted_ios": counted,
                 "errors": r.errors,
                 "iops": iops,
                 "mibps": mibps,

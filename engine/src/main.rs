@@ -154,6 +154,9 @@ enum Command {
         /// Serve Prometheus metrics on HOST:PORT (GET /metrics); off by default.
         #[arg(long, value_parser = parse_metrics_address)]
         metrics: Option<std::net::SocketAddr>,
+        /// Do not count I/O statistics (bdev_get_iostat, export and pair figures stay 0).
+        #[arg(long)]
+        no_stats: bool,
     },
 }
 
@@ -279,7 +282,11 @@ fn main() {
             cores,
             idle,
             metrics,
-        } => serve(config, rpc_socket, state_dir, &cores, idle, metrics),
+            no_stats,
+        } => {
+            drivers::iostat::set_enabled(!no_stats);
+            serve(config, rpc_socket, state_dir, &cores, idle, metrics)
+        }
     };
     std::process::exit(code);
 }

@@ -41,8 +41,7 @@ impl Bdev for CountedBdev {
     }
 
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
-        let inner = self.inner.open_channel(ctx)?;
-        Ok(Box::new(CountedChannel::new(inner, &self.stats)))
+        Ok(counted(self.inner.open_channel(ctx)?, &self.stats))
     }
 
     fn config(&self) -> serde_json::Value {
@@ -55,6 +54,15 @@ impl Bdev for CountedBdev {
 
     fn backing_file(&self) -> Option<&std::path::Path> {
         self.inner.backing_file()
+    }
+}
+
+/// `inner`, counted in `stats` while counting is on ([`super::enabled`]).
+pub fn counted(inner: Box<dyn IoChannel>, stats: &Arc<IoStats>) -> Box<dyn IoChannel> {
+    if super::enabled() {
+        Box::new(CountedChannel::new(inner, stats))
+    } else {
+        inner
     }
 }
 

@@ -20,13 +20,29 @@
 mod channel;
 mod clock;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-pub use channel::{CountedBdev, CountedChannel};
+pub use channel::{counted, CountedBdev, CountedChannel};
 pub use clock::{tick_rate, ticks, ticks_to_us};
+
+/// Counting on (the default) or off (`serve --no-stats`, `qsbench --no-stats`).
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns counting on or off for the channels opened from then on: with it off, counted bdevs
+/// hand out their inner channels as they are, and report nothing (what the counting costs is
+/// measured against that).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// True while channels are counted.
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
 
 /// Highest latency the histograms tell apart (longer ones count as this): 2^40 ticks, six
 /// minutes at 3 GHz.
