@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use slab::Slab;
 
-use super::{lock, ticks, Cell, IoStats, Kind};
+use super::{lock, ticks, Cell, IoStats, Kind, Timed};
 use crate::bdev::{Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoRequest};
 use crate::in_place::InPlaceRead;
 use crate::{IoError, SubmitResult};
@@ -41,7 +41,7 @@ impl Bdev for CountedBdev {
     }
 
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
-        Ok(counted(self.inner.open_channel(ctx)?, &self.stats))
+        self.inner.open_counted_channel(ctx, &self.stats)
     }
 
     fn config(&self) -> serde_json::Value {
@@ -66,45 +66,126 @@ pub fn counted(inner: Box<dyn IoChannel>, stats: &Arc<IoStats>) -> Box<dyn IoCha
     }
 }
 
-/// A request in flight: the submitter's tag, what it is, and when it was submitted.
+/// A driver's own channel `inner`, counted in `stats` while counting is on: the counting calls
+/// it directly, one virtual call fewer per request than [`counted`] (a tenth of what counting
+/// costs a RAM disk's 4 KiB reads).
+pub fn counted_direct<C: IoChannel + 'static>(
+    inner: C,
+    stats: &Arc<IoStats>,
+) -> Box<dyn IoChannel> {
+    if super::enabled() {
+        Box::new(CountedChannel::new(inner, stats))
+    } else {
+        Box::new(inner)
+    }
+}
+
+/// A boxed channel is a channel.
+impl IoChannel for Box<dyn IoChannel> {
+    fn submit(&mut self, req: IoRequest) -> SubmitResult {
+        self.as_mut().submit(req)
+    }
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        self.as_mut().poll(out)
+    }
+    fn in_flight(&self) -> usize {
+        self.as_ref().in_flight()
+    }
+    fn in_place(&self) -> bool {
+        self.as_ref().in_place()
+    }
+    fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<InPlaceRead, IoError>> {
+        self.as_mut().read_in_place(offset, len)
+    }
+    fn write_in_place(&mut self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
+        self.as_mut().write_in_place(offset, data)
+    }
+}
+
+/// With this many requests in flight or more, a channel times one request in
+/// [`SAMPLE_EVERY`]; below it, every request.
+const SAMPLE_DEPTH: usize = 16;
+/// One request timed in this many on a busy channel; each stands for as many in the latency
+/// sums and histograms.
+const SAMPLE_EVERY: u32 = 8;
+
+/// The latency of a request served at once, started at `start`.
+fn since(start: u64) -> Option<Timed> {
+    Some(Timed {
+        ticks: ticks().saturating_sub(start),
+        weight: 1,
+    })
+}
+
+/// A request in flight: the submitter's tag, what it is, and when it was submitted (0: not
+/// timed).
 struct InFlight {
     tag: u64,
     kind: Kind,
     len: u64,
     start: u64,
+    weight: u32,
 }
 
 /// A channel that counts the requests of the channel it wraps. Requests go to the inner
 /// channel tagged with a slot of this channel's slab (which remembers the submitter's tag and
 /// the start); completions get their tag back.
-pub struct CountedChannel {
-    inner: Box<dyn IoChannel>,
+///
+/// Every request is counted with its bytes. Reading the time stamp counter is what counting
+/// costs most (11 to 21 ns on this project's virtual machine, against 500 to 800 ns for a RAM
+/// disk's 4 KiB read), so a channel with [`SAMPLE_DEPTH`] requests in flight or more times one
+/// request in [`SAMPLE_EVERY`] and counts its latency that many times: such a channel
+/// completes thousands of requests a second, and the sample is spread evenly over them. A
+/// channel with fewer in flight (a latency-bound client) times every request, so its
+/// percentiles, minimum and maximum are exact.
+pub struct CountedChannel<C: IoChannel = Box<dyn IoChannel>> {
+    inner: C,
     in_flight: Slab<InFlight>,
     stats: Arc<IoStats>,
     cell: Cell,
     histograms: bool,
+    /// Submissions since the last timed one while busy.
+    untimed: u32,
 }
 
-impl CountedChannel {
+impl<C: IoChannel> CountedChannel<C> {
     /// Counts `inner`'s requests in `stats`.
-    pub fn new(inner: Box<dyn IoChannel>, stats: &Arc<IoStats>) -> Self {
+    pub fn new(inner: C, stats: &Arc<IoStats>) -> Self {
         Self {
             inner,
             in_flight: Slab::new(),
             cell: stats.open(),
             stats: Arc::clone(stats),
             histograms: stats.histograms(),
+            untimed: 0,
         }
+    }
+
+    /// Whether to time the next request, and how many it stands for.
+    #[inline]
+    fn sample(&mut self) -> (u64, u32) {
+        if self.in_flight.len() < SAMPLE_DEPTH {
+            self.untimed = 0;
+            return (ticks(), 1);
+        }
+        self.untimed += 1;
+        if self.untimed < SAMPLE_EVERY {
+            return (0, 0);
+        }
+        self.untimed = 0;
+        (ticks(), SAMPLE_EVERY)
     }
 }
 
-impl IoChannel for CountedChannel {
+impl<C: IoChannel> IoChannel for CountedChannel<C> {
     fn submit(&mut self, mut req: IoRequest) -> SubmitResult {
+        let (start, weight) = self.sample();
         let slot = self.in_flight.insert(InFlight {
             tag: req.tag,
             kind: Kind::of(req.op),
             len: req.len,
-            start: ticks(),
+            start,
+            weight,
         });
         req.tag = slot as u64;
         match self.inner.submit(req) {
@@ -132,7 +213,11 @@ impl IoChannel for CountedChannel {
             c.tag = f.tag;
             match c.result {
                 Ok(()) => {
-                    counters.record(f.kind, f.len, now.saturating_sub(f.start), self.histograms)
+                    let timed = (f.weight > 0).then(|| Timed {
+                        ticks: now.saturating_sub(f.start),
+                        weight: f.weight.into(),
+                    });
+                    counters.record(f.kind, f.len, timed, self.histograms)
                 }
                 Err(_) => counters.record_error(),
             }
@@ -153,7 +238,7 @@ impl IoChannel for CountedChannel {
         let r = self.inner.read_in_place(offset, len)?;
         let mut counters = lock(&self.cell);
         match &r {
-            Ok(_) => counters.record(Kind::Read, len, ticks() - start, self.histograms),
+            Ok(_) => counters.record(Kind::Read, len, since(start), self.histograms),
             Err(_) => counters.record_error(),
         }
         Some(r)
@@ -167,7 +252,7 @@ impl IoChannel for CountedChannel {
             Ok(()) => counters.record(
                 Kind::Write,
                 data.len() as u64,
-                ticks() - start,
+                since(start),
                 self.histograms,
             ),
             Err(_) => counters.record_error(),
@@ -176,7 +261,7 @@ impl IoChannel for CountedChannel {
     }
 }
 
-impl Drop for CountedChannel {
+impl<C: IoChannel> Drop for CountedChannel<C> {
     fn drop(&mut self) {
         self.stats.close(&self.cell);
     }
@@ -248,6 +333,32 @@ mod tests {
             s.read_buckets.iter().map(|b| b.1).sum::<u64>(),
             2,
             "every read is in a bucket up to 1 s"
+        );
+    }
+
+    #[test]
+    fn a_busy_channel_counts_every_request_and_times_a_weighted_sample() {
+        let (bdev, stats) = counted(true);
+        let mut ch = bdev.open_channel(&ChannelContext::default()).expect("ch");
+        let pool = BufferPool::new(4096, 64).expect("pool");
+        // 64 in flight at once (the RAM disk's completions wait for the poll).
+        for i in 0..64u64 {
+            let bufs: IoBufs = std::iter::once(pool.get().expect("buffer")).collect();
+            ch.submit(IoRequest::read(i * 4096, bufs, 1000 + i))
+                .expect("submit");
+        }
+        let mut out = Vec::new();
+        assert_eq!(ch.poll(&mut out), 64);
+        let mut tags: Vec<u64> = out.iter().map(|c| c.tag).collect();
+        tags.sort_unstable();
+        assert_eq!(tags, (1000..1064).collect::<Vec<_>>());
+        let s = stats.snapshot();
+        assert_eq!((s.num_read_ops, s.bytes_read), (64, 64 * 4096));
+        // The first SAMPLE_DEPTH timed one by one, then one in SAMPLE_EVERY standing for
+        // SAMPLE_EVERY: the buckets stand for every read.
+        assert_eq!(s.read_latency_count, 64);
+        assert!(
+            s.min_read_latency_ticks > 0 && s.max_read_latency_ticks >= s.min_read_latency_ticks
         );
     }
 

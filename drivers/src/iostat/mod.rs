@@ -2,21 +2,23 @@
 //! the shape of SPDK's `bdev_get_iostat`.
 //!
 //! Each channel ([`CountedChannel`], a wrapper any bdev's channel goes through) owns its
-//! counters and latency histograms in a cell of its own, which only its reactor writes: once
-//! per poll that returned completions, and once per request served in place. A reader
+//! counters and latency buckets in a cell of its own, which only its reactor writes: once per
+//! poll that returned completions, and once per request served in place. A reader
 //! ([`IoStats::snapshot`]) locks each cell in turn just long enough to add it to a total, so
 //! the data path never writes a cache line another core writes, except during a snapshot.
-//! The lock is uncontended otherwise (two atomic operations per poll); the per-request cost is
-//! two reads of the tick counter, a slab slot for the request's start, and the additions.
-//! A channel that closes adds its counts to its bdev's retired total, so nothing counted is
-//! lost with a connection.
+//! The lock is uncontended otherwise (two atomic operations per poll). A channel that closes
+//! adds its counts to its bdev's retired total, so nothing counted is lost with a connection.
 //!
 //! What a request counts as: a read or a write (its bytes), an unmap or a write-zeroes (its
 //! length), a flush (none); only successful requests, as SPDK counts them, and failed ones in
 //! `num_errors`. Latency runs from the submission to the poll that returned the completion,
-//! in ticks of [`ticks`]. A RAM disk's read served in place counts when its memory is handed
-//! out (the copy happens later, in the socket write), its write in place when the copy is done.
+//! in ticks of [`ticks`] (a busy channel times a sample of its requests, see
+//! [`CountedChannel`]); read and write latencies are also counted in buckets (`buckets.rs`)
+//! that a snapshot turns into an HdrHistogram for percentiles. A RAM disk's read served in
+//! place counts when its memory is handed out (the copy happens later, in the socket write),
+//! its write in place when the copy is done.
 
+mod buckets;
 mod channel;
 mod clock;
 
@@ -26,7 +28,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-pub use channel::{counted, CountedBdev, CountedChannel};
+use buckets::Buckets;
+
+pub use channel::{counted, counted_direct, CountedBdev, CountedChannel};
 pub use clock::{tick_rate, ticks, ticks_to_us};
 
 /// Counting on (the default) or off (`serve --no-stats`, `qsbench --no-stats`).
@@ -43,12 +47,6 @@ pub fn set_enabled(on: bool) {
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
-
-/// Highest latency the histograms tell apart (longer ones count as this): 2^40 ticks, six
-/// minutes at 3 GHz.
-const HISTOGRAM_HIGH: u64 = 1 << 40;
-/// Significant decimal digits of the histograms: values within 1% share a bucket.
-const HISTOGRAM_DIGITS: u8 = 2;
 
 /// Counts of one kind of request.
 #[derive(Debug, Clone, Copy)]
@@ -74,12 +72,14 @@ impl Default for OpCounts {
 
 impl OpCounts {
     #[inline]
-    fn record(&mut self, bytes: u64, ticks: u64) {
+    fn record(&mut self, bytes: u64, latency: Option<Timed>) {
         self.ops += 1;
         self.bytes += bytes;
-        self.latency_ticks += ticks;
-        self.max_ticks = self.max_ticks.max(ticks);
-        self.min_ticks = self.min_ticks.min(ticks);
+        if let Some(t) = latency {
+            self.latency_ticks += t.ticks * t.weight;
+            self.max_ticks = self.max_ticks.max(t.ticks);
+            self.min_ticks = self.min_ticks.min(t.ticks);
+        }
     }
 
     fn merge(&mut self, o: &OpCounts) {
@@ -90,14 +90,22 @@ impl OpCounts {
         self.min_ticks = self.min_ticks.min(o.min_ticks);
     }
 
-    /// The minimum as SPDK reports it: 0 when nothing was counted.
+    /// The minimum as SPDK reports it: 0 when nothing was timed.
     fn min(&self) -> u64 {
-        if self.ops == 0 {
+        if self.min_ticks == u64::MAX {
             0
         } else {
             self.min_ticks
         }
     }
+}
+
+/// The latency of a timed request, and how many requests it stands for (see
+/// [`CountedChannel`]: a channel with many requests in flight times one in eight).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timed {
+    pub(crate) ticks: u64,
+    pub(crate) weight: u64,
 }
 
 /// What a request was, for counting it.
@@ -131,34 +139,32 @@ pub(crate) struct Counters {
     write_zeroes: OpCounts,
     flush: OpCounts,
     errors: u64,
-    /// Latency histograms of reads and writes, made on the first one (when kept at all).
-    read_hist: Option<Box<Histogram<u64>>>,
-    write_hist: Option<Box<Histogram<u64>>>,
+    /// Latencies of reads and writes by bucket, made on the first one (when kept at all).
+    read_hist: Option<Buckets>,
+    write_hist: Option<Buckets>,
 }
 
-fn new_histogram() -> Option<Box<Histogram<u64>>> {
-    Histogram::new_with_bounds(1, HISTOGRAM_HIGH, HISTOGRAM_DIGITS)
-        .ok()
-        .map(Box::new)
-}
-
-fn add_histogram(to: &mut Option<Box<Histogram<u64>>>, from: &Option<Box<Histogram<u64>>>) {
+fn add_buckets(to: &mut Option<Buckets>, from: &Option<Buckets>) {
     let Some(from) = from else {
         return;
     };
     match to {
-        // Same bounds and precision everywhere, so adding cannot fail.
-        Some(to) => {
-            let _ = to.add(from.as_ref());
-        }
+        Some(to) => to.add(from),
         None => *to = Some(from.clone()),
     }
 }
 
 impl Counters {
-    /// Counts one request; `histograms` keeps its latency in a histogram too.
+    /// Counts one request, with its latency if it was timed; `histograms` keeps the latency in
+    /// the buckets too.
     #[inline]
-    pub(crate) fn record(&mut self, kind: Kind, bytes: u64, ticks: u64, histograms: bool) {
+    pub(crate) fn record(
+        &mut self,
+        kind: Kind,
+        bytes: u64,
+        latency: Option<Timed>,
+        histograms: bool,
+    ) {
         let (counts, hist) = match kind {
             Kind::Read => (&mut self.read, Some(&mut self.read_hist)),
             Kind::Write => (&mut self.write, Some(&mut self.write_hist)),
@@ -166,14 +172,10 @@ impl Counters {
             Kind::WriteZeroes => (&mut self.write_zeroes, None),
             Kind::Flush => (&mut self.flush, None),
         };
-        counts.record(bytes, ticks);
-        if let (true, Some(hist)) = (histograms, hist) {
-            if hist.is_none() {
-                *hist = new_histogram();
-            }
-            if let Some(h) = hist {
-                h.saturating_record(ticks.max(1));
-            }
+        counts.record(bytes, latency);
+        if let (true, Some(hist), Some(t)) = (histograms, hist, latency) {
+            hist.get_or_insert_with(Buckets::new)
+                .record(t.ticks, t.weight);
         }
     }
 
@@ -190,8 +192,8 @@ impl Counters {
         self.write_zeroes.merge(&o.write_zeroes);
         self.flush.merge(&o.flush);
         self.errors += o.errors;
-        add_histogram(&mut self.read_hist, &o.read_hist);
-        add_histogram(&mut self.write_hist, &o.write_hist);
+        add_buckets(&mut self.read_hist, &o.read_hist);
+        add_buckets(&mut self.write_hist, &o.write_hist);
     }
 }
 
@@ -270,7 +272,7 @@ pub struct Percentiles {
 }
 
 impl Percentiles {
-    fn of(h: &Option<Box<Histogram<u64>>>) -> Option<Self> {
+    fn of(h: &Option<Histogram<u64>>) -> Option<Self> {
         let h = h.as_ref()?;
         let us = |q| (ticks_to_us(h.value_at_quantile(q)) * 1000.0).round() / 1000.0;
         Some(Self {
@@ -301,7 +303,8 @@ pub struct IoStat {
     pub bytes_copied: u64,
     /// Copy commands: always 0.
     pub num_copy_ops: u64,
-    /// Sum of the reads' latencies, in ticks.
+    /// Sum of the reads' latencies, in ticks (on a busy channel, each timed read counted for
+    /// the reads it stands for).
     pub read_latency_ticks: u64,
     /// Longest read.
     pub max_read_latency_ticks: u64,
@@ -346,6 +349,13 @@ pub struct IoStat {
     /// Write latencies, as `read_buckets`.
     #[serde(skip)]
     pub write_buckets: Vec<(f64, u64)>,
+    /// Reads the latency buckets stand for (`num_read_ops`, give or take the sampling of busy
+    /// channels).
+    #[serde(skip)]
+    pub read_latency_count: u64,
+    /// Writes the latency buckets stand for.
+    #[serde(skip)]
+    pub write_latency_count: u64,
 }
 
 /// Upper bounds of the exposed latency buckets, in seconds: 5 µs to 1 s.
@@ -356,7 +366,7 @@ pub const LATENCY_BUCKETS: [f64; 16] = [
 
 /// Requests in each of [`LATENCY_BUCKETS`] alone (the last, unbounded bucket is the total's
 /// remainder, left to the encoder).
-fn buckets(h: &Option<Box<Histogram<u64>>>) -> Vec<(f64, u64)> {
+fn buckets(h: &Option<Histogram<u64>>) -> Vec<(f64, u64)> {
     let Some(h) = h else {
         return Vec::new();
     };
@@ -375,6 +385,8 @@ fn buckets(h: &Option<Box<Histogram<u64>>>) -> Vec<(f64, u64)> {
 
 impl From<&Counters> for IoStat {
     fn from(c: &Counters) -> Self {
+        let read_hist = c.read_hist.as_ref().and_then(Buckets::histogram);
+        let write_hist = c.write_hist.as_ref().and_then(Buckets::histogram);
         Self {
             bytes_read: c.read.bytes,
             num_read_ops: c.read.ops,
@@ -400,10 +412,12 @@ impl From<&Counters> for IoStat {
             num_write_zeroes_ops: c.write_zeroes.ops,
             num_flush_ops: c.flush.ops,
             num_errors: c.errors,
-            read_latency_us: Percentiles::of(&c.read_hist),
-            write_latency_us: Percentiles::of(&c.write_hist),
-            read_buckets: buckets(&c.read_hist),
-            write_buckets: buckets(&c.write_hist),
+            read_latency_us: Percentiles::of(&read_hist),
+            write_latency_us: Percentiles::of(&write_hist),
+            read_buckets: buckets(&read_hist),
+            write_buckets: buckets(&write_hist),
+            read_latency_count: c.read_hist.as_ref().map_or(0, Buckets::total),
+            write_latency_count: c.write_hist.as_ref().map_or(0, Buckets::total),
         }
     }
 }

@@ -171,9 +171,13 @@ impl Collector for Figures {
             for b in &self.bdevs {
                 let s = &b.stat;
                 let (ticks, count, buckets) = if read {
-                    (s.read_latency_ticks, s.num_read_ops, &s.read_buckets)
+                    (s.read_latency_ticks, s.read_latency_count, &s.read_buckets)
                 } else {
-                    (s.write_latency_ticks, s.num_write_ops, &s.write_buckets)
+                    (
+                        s.write_latency_ticks,
+                        s.write_latency_count,
+                        &s.write_buckets,
+                    )
                 };
                 let labels = bdev(b);
                 let mut series = m.encode_family(&labels)?;
