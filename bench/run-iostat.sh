@@ -7,7 +7,10 @@
 #    (randread and randwrite QD32, statistics off in the client), against two quicksplit serves
 #    exporting a 1 GiB RAM disk each on the same core (REACTOR_CORE): one counting, one started
 #    with --no-stats.
-# Prints each round's figures and the median ratio on/off of each.
+# Other processes on the cores take their share of time, so besides IOPS each run reports
+# requests per CPU second of what is measured (qsbench's reactor thread; the serving engine
+# process, from /proc/PID/stat), which such sharing leaves alone. Prints each round's figures and
+# the median ratios on/off.
 # Usage: bench/run-iostat.sh [SECONDS (default 4)] [ROUNDS (default 4)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +42,7 @@ JSON
   QUICKSPLIT_LOG=warn $qs serve --config "$work/$mode/cfg.json" --rpc-socket "$work/$mode/rpc.sock" \
     --state-dir "$work/$mode/state" --cores "$core" --idle adaptive "${extra[@]}" >/dev/null 2>&1 &
   pids+=($!)
+  declare "pid_$mode=$!"
   for _ in $(seq 100); do [ -S "$work/$mode/rpc.sock" ] && break; sleep 0.1; done
 done
 
@@ -48,44 +52,65 @@ for mode in on off; do
     --bs=1m --iodepth=4 --size=1g >/dev/null 2>&1
 done
 
+# Each prints "IOPS REQUESTS_PER_CPU_SECOND".
 bench_malloc() { # on|off
   local flag=(); [ "$1" = off ] && flag=(--no-stats)
   $qsbench --bdev malloc:1G --workload randread --bs 4096 --qd 128 --time "$secs" --cores "$core" \
-    --json "${flag[@]}" 2>/dev/null | $py -c "import json,sys; print(round(json.load(sys.stdin)['iops']))"
+    --json "${flag[@]}" 2>/dev/null | $py -c \
+    "import json,sys; d=json.load(sys.stdin); print(round(d['iops']), round(d['ios']/d['cpu_s']))"
 }
+# CPU time of the engine serving mode $1, in clock ticks (utime + stime).
+engine_cpu() { local p; p=pid_$1; awk '{print $14 + $15}' "/proc/${!p}/stat"; }
+# "IOPS REQUESTS" on stdin -> "IOPS REQUESTS_PER_ENGINE_CPU_SECOND", CPU ticks $1 to $2.
+per_cpu() { $py -c "import sys,os; i,n=sys.stdin.read().split(); t=($2-$1)/os.sysconf('SC_CLK_TCK'); print(i, round(float(n)/max(t,0.01)))"; }
 bench_nbd() { # on|off randread|randwrite
-  URI="nbd+unix:///ram?socket=$work/$1/nbd.sock" RUNTIME=$secs NUMJOBS=1 \
+  local c0 c1 out
+  c0=$(engine_cpu "$1")
+  out=$(URI="nbd+unix:///ram?socket=$work/$1/nbd.sock" RUNTIME=$secs NUMJOBS=1 \
     fio --output-format=json "bench/fio/nbd-$2.fio" 2>/dev/null | grep -v '^fio:' | $py -c \
-    "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round(j['read']['iops']+j['write']['iops']))"
+    "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round(j['read']['iops']+j['write']['iops']), j['read']['total_ios']+j['write']['total_ios'])")
+  c1=$(engine_cpu "$1")
+  echo "$out" | per_cpu "$c0" "$c1"
 }
 bench_nvmf() { # on|off randread|randwrite
-  local port=$port_on; [ "$1" = off ] && port=$port_off
+  local port=$port_on c0 c1 out; [ "$1" = off ] && port=$port_off
   # The client on the other core, not counting: only the target's counting is compared.
   local other=$(( core == 0 ? 1 : 0 ))
-  $qsbench --bdev "nvmf:127.0.0.1:$port:$nqn" --workload "$2" --qd 32 --time "$secs" \
-    --cores "$other" --no-stats --json 2>/dev/null | $py -c "import json,sys; print(round(json.load(sys.stdin)['iops']))"
+  c0=$(engine_cpu "$1")
+  out=$($qsbench --bdev "nvmf:127.0.0.1:$port:$nqn" --workload "$2" --qd 32 --time "$secs" \
+    --cores "$other" --no-stats --json 2>/dev/null | $py -c \
+    "import json,sys; d=json.load(sys.stdin); print(round(d['iops']), d['ios'])")
+  c1=$(engine_cpu "$1")
+  echo "$out" | per_cpu "$c0" "$c1"
 }
 
-declare -A ratios
+declare -A ratios cpu_ratios
 tests=("malloc" "nbd randread" "nbd randwrite" "nvmf randread" "nvmf randwrite")
 echo "load before: $(uptime)"
 for r in $(seq "$rounds"); do
   order=(on off); [ $((r % 2)) = 0 ] && order=(off on)
   for t in "${tests[@]}"; do
-    declare -A got=()
+    declare -A got=() cpu=()
     for m in "${order[@]}"; do
       case $t in
-        malloc) got[$m]=$(bench_malloc "$m") ;;
-        nbd*) got[$m]=$(bench_nbd "$m" "${t#nbd }") ;;
-        nvmf*) got[$m]=$(bench_nvmf "$m" "${t#nvmf }") ;;
+        malloc) set -- $(bench_malloc "$m") ;;
+        nbd*) set -- $(bench_nbd "$m" "${t#nbd }") ;;
+        nvmf*) set -- $(bench_nvmf "$m" "${t#nvmf }") ;;
       esac
+      got[$m]=$1; cpu[$m]=$2
     done
     ratio=$($py -c "print(f'{${got[on]}/${got[off]}:.3f}')")
+    cratio=$($py -c "print(f'{${cpu[on]}/${cpu[off]}:.3f}')")
     ratios[$t]="${ratios[$t]:-} $ratio"
-    printf 'round %d  %-15s on %9d  off %9d  on/off %s\n' "$r" "$t" "${got[on]}" "${got[off]}" "$ratio"
+    cpu_ratios[$t]="${cpu_ratios[$t]:-} $cratio"
+    printf 'round %d  %-15s IOPS on %8d off %8d (%s)   per CPU s on %8d off %8d (%s)\n' \
+      "$r" "$t" "${got[on]}" "${got[off]}" "$ratio" "${cpu[on]}" "${cpu[off]}" "$cratio"
   done
 done
 echo "load after: $(uptime)"
 for t in "${tests[@]}"; do
-  $py -c "import statistics as s; v=[float(x) for x in '${ratios[$t]}'.split()]; print(f'{\"$t\":15s} on/off median {s.median(v):.3f}  range {min(v):.3f}-{max(v):.3f}')"
+  $py -c "
+import statistics as s
+v=[float(x) for x in '${ratios[$t]}'.split()]; c=[float(x) for x in '${cpu_ratios[$t]}'.split()]
+print(f'{\"$t\":15s} on/off IOPS median {s.median(v):.3f} ({min(v):.3f}-{max(v):.3f}), per CPU second median {s.median(c):.3f} ({min(c):.3f}-{max(c):.3f})')"
 done
