@@ -79,6 +79,10 @@ struct Args {
     /// Persist the pair's metadata (`off`: in memory only, to measure what persistence costs).
     #[arg(long, value_enum, default_value = "on")]
     persist: Persist,
+    /// Do not count I/O statistics (what `bdev_get_iostat` reports), to measure what counting
+    /// costs.
+    #[arg(long)]
+    no_stats: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -204,6 +208,15 @@ struct Job {
     ios: u64,
     errors: u64,
     stop: bool,
+    /// The reactor thread's CPU time at the first poll.
+    cpu_start: Option<u64>,
+}
+
+/// CPU time of the calling thread, in nanoseconds: what a job costs its core, whatever else
+/// the core runs meanwhile.
+fn thread_cpu_ns() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
 }
 
 impl Job {
@@ -252,6 +265,7 @@ impl Job {
 impl Poller for Job {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
         if self.channel.is_none() {
+            self.cpu_start = Some(thread_cpu_ns());
             match self.bdev.open_channel(&cx.channel_context(self.qd)) {
                 Ok(ch) => self.channel = Some(ch),
                 Err(e) => {
@@ -320,6 +334,8 @@ impl Poller for Job {
 struct JobResult {
     ios: u64,
     errors: u64,
+    /// CPU time of the job's reactor thread from its first poll to the end of the drain.
+    cpu_ns: u64,
     hist: Histogram<u64>,
 }
 
@@ -347,9 +363,12 @@ fn run(args: &Args) -> Result<(), Fail> {
         &state_dir,
     )
     .map_err(|e| Fail::Run(e.to_string()))?;
+    drivers::iostat::set_enabled(!args.no_stats);
     let bdev = open_bdev(&args.bdev, "bench")?;
+    // Counted as the engine counts a bdev of its table (a pair's are in the table).
+    let stats = drivers::iostat::IoStats::new(true);
     let bdev = match &args.secondary {
-        None => bdev,
+        None => Arc::new(drivers::iostat::CountedBdev::new(bdev, Arc::clone(&stats))),
         Some(spec) => pair_target(&engine, args, bdev, open_bdev(spec, "bench-s")?)?,
     };
     let geo = bdev.geometry();
@@ -390,6 +409,7 @@ fn run(args: &Args) -> Result<(), Fail> {
                 ios: 0,
                 errors: 0,
                 stop: false,
+                cpu_start: None,
             };
             cx.add_poller(Box::new(Collector { job, tx: Some(tx) }));
         }))
@@ -411,6 +431,7 @@ fn run(args: &Args) -> Result<(), Fail> {
     let mut total = JobResult {
         ios: 0,
         errors: 0,
+        cpu_ns: 0,
         hist: Histogram::new_with_bounds(1, 60_000_000_000, 3)
             .map_err(|e| Fail::Run(e.to_string()))?,
     };
@@ -420,6 +441,7 @@ fn run(args: &Args) -> Result<(), Fail> {
             .map_err(|_| Fail::Run("a job did not finish".into()))?;
         total.ios += r.ios;
         total.errors += r.errors;
+        total.cpu_ns += r.cpu_ns;
         let _ = total.hist.add(&r.hist);
     }
     let elapsed = start.elapsed().as_secs_f64();
@@ -471,7 +493,12 @@ fn run(args: &Args) -> Result<(), Fail> {
             }
         }
     }
-    report(args, &cores, &total, elapsed);
+    // What the bdev's statistics counted, to check them against the jobs' own count.
+    let counted = (!args.no_stats && args.secondary.is_none()).then(|| {
+        let s = stats.snapshot();
+        s.num_read_ops + s.num_write_ops
+    });
+    report(args, &cores, &total, elapsed, counted);
     if let Some((engine_ns, call_ns)) = split_lat {
         let us = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         if args.json {
@@ -601,9 +628,14 @@ impl Poller for Collector {
                     &mut self.job.hist,
                     Histogram::new(3).expect("3 significant digits is valid"),
                 );
+                let cpu_ns = self
+                    .job
+                    .cpu_start
+                    .map_or(0, |s| thread_cpu_ns().saturating_sub(s));
                 let _ = tx.send(JobResult {
                     ios: self.job.ios,
                     errors: self.job.errors,
+                    cpu_ns,
                     hist,
                 });
             }
@@ -617,7 +649,7 @@ impl Poller for Collector {
     }
 }
 
-fn report(args: &Args, cores: &[usize], r: &JobResult, elapsed: f64) {
+fn report(args: &Args, cores: &[usize], r: &JobResult, elapsed: f64, counted: Option<u64>) {
     let iops = r.ios as f64 / elapsed;
     let mibps = iops * args.bs as f64 / (1 << 20) as f64;
     let us = |q: f64| r.hist.value_at_quantile(q) as f64 / 1000.0;
@@ -633,6 +665,8 @@ fn report(args: &Args, cores: &[usize], r: &JobResult, elapsed: f64) {
                 "cores": cores,
                 "seconds": elapsed,
                 "ios": r.ios,
+                "counted_ios": counted,
+                "cpu_s": r.cpu_ns as f64 / 1e9,
                 "errors": r.errors,
                 "iops": iops,
                 "mibps": mibps,

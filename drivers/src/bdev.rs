@@ -351,6 +351,15 @@ pub trait Bdev: Send + Sync {
     fn geometry(&self) -> Geometry;
     /// Opens the calling reactor's channel.
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError>;
+    /// Opens the calling reactor's channel, its requests counted in `stats`. Drivers on the
+    /// fastest paths wrap their own channel type ([`crate::iostat::counted_direct`]).
+    fn open_counted_channel(
+        &self,
+        ctx: &ChannelContext,
+        stats: &Arc<crate::iostat::IoStats>,
+    ) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(crate::iostat::counted(self.open_channel(ctx)?, stats))
+    }
     /// Driver-specific parameters `save_config` records to create it again.
     fn config(&self) -> serde_json::Value;
     /// A byte boundary requests should not cross with one buffer (a pair's track size): users

@@ -20,6 +20,9 @@
 //!   client;
 //! - [`file_lock`]: the advisory locks on every file a bdev or a backup opens, compatible with
 //!   QEMU's image locking;
+//! - [`iostat`]: requests, bytes and latencies counted per channel (a wrapper every bdev in the
+//!   table, export and pair view goes through) and summed on request, as SPDK's
+//!   `bdev_get_iostat` reports them;
 //! - [`iov`]: gathering queued pieces into iovecs for vectored socket writes, and [`in_place`]:
 //!   a RAM disk's reads sent from its memory, with the stripe locks that keep blocks whole;
 //! - [`testing`]: fault-injecting wrappers for tests (delays and I/O errors, power cuts), not
@@ -28,6 +31,7 @@
 pub mod bdev;
 pub mod file_lock;
 pub mod in_place;
+pub mod iostat;
 pub mod iov;
 pub mod malloc;
 pub mod nbd;
@@ -43,7 +47,7 @@ pub use bdev::{
     Bdev, BdevError, ChannelContext, FdWatch, Geometry, IoBufs, IoChannel, IoCompletion, IoError,
     IoOp, IoRequest, SubmitError, SubmitErrorKind, SubmitResult,
 };
-pub use table::{register, BdevInfo, BdevTable, CreateError, DriverRegistry};
+pub use table::{register, BdevInfo, BdevIoStat, BdevTable, CreateError, DriverRegistry};
 
 pub(crate) fn default_block_size() -> u32 {
     4096

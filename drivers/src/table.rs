@@ -7,6 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::bdev::{Bdev, BdevError};
+use crate::iostat::{CountedBdev, IoStat, IoStats};
 
 /// What `bdev_get_bdevs` reports of one bdev.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -23,8 +24,20 @@ pub struct BdevInfo {
     pub claimed_by: Option<String>,
 }
 
+/// What `bdev_get_iostat` reports of one bdev.
+#[derive(Debug, Clone, Serialize)]
+pub struct BdevIoStat {
+    /// Name.
+    pub name: String,
+    /// Its counts.
+    #[serde(flatten)]
+    pub stat: IoStat,
+}
+
 struct Entry {
+    /// The bdev as added, counted: every channel opened on it counts its requests in `stats`.
     bdev: Arc<dyn Bdev>,
+    stats: Arc<IoStats>,
     claimed_by: Option<String>,
 }
 
@@ -40,20 +53,42 @@ impl BdevTable {
         Self::default()
     }
 
-    /// Adds a bdev under its name.
+    /// Adds a bdev under its name. Its channels count their requests from then on (see
+    /// [`BdevTable::iostat`]), whoever opens them: exports, pairs, backups.
     pub fn add(&mut self, bdev: Arc<dyn Bdev>) -> Result<(), BdevError> {
         let name = bdev.name().to_string();
         if self.bdevs.contains_key(&name) {
             return Err(BdevError::Exists(name));
         }
+        let stats = IoStats::new(true);
+        let bdev = Arc::new(CountedBdev::new(bdev, Arc::clone(&stats)));
         self.bdevs.insert(
             name,
             Entry {
                 bdev,
+                stats,
                 claimed_by: None,
             },
         );
         Ok(())
+    }
+
+    /// The I/O statistics of every bdev, by name; or of just `name`.
+    pub fn iostat(&self, name: Option<&str>) -> Result<Vec<BdevIoStat>, BdevError> {
+        let stat = |(n, e): (&String, &Entry)| BdevIoStat {
+            name: n.clone(),
+            stat: e.stats.snapshot(),
+        };
+        match name {
+            Some(n) => {
+                let (n, e) = self
+                    .bdevs
+                    .get_key_value(n)
+                    .ok_or_else(|| BdevError::NotFound(n.to_string()))?;
+                Ok(vec![stat((n, e))])
+            }
+            None => Ok(self.bdevs.iter().map(stat).collect()),
+        }
     }
 
     /// The bdev of that name.

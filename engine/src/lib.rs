@@ -11,6 +11,7 @@
 pub mod app;
 pub mod backup;
 pub mod export;
+pub mod metrics;
 pub mod nbd;
 pub mod nvmf;
 pub mod pair;

@@ -151,10 +151,20 @@ enum Command {
         /// How idle reactors wait.
         #[arg(long, default_value = "adaptive")]
         idle: IdlePolicy,
+        /// Serve Prometheus metrics on HOST:PORT (GET /metrics); off by default.
+        #[arg(long, value_parser = parse_metrics_address)]
+        metrics: Option<std::net::SocketAddr>,
+        /// Do not count I/O statistics (bdev_get_iostat, export and pair figures stay 0).
+        #[arg(long)]
+        no_stats: bool,
     },
 }
 
 mod cli;
+
+fn parse_metrics_address(s: &str) -> Result<std::net::SocketAddr, String> {
+    engine::metrics::parse_address(s).map_err(|e| e.to_string())
+}
 
 fn read_config(path: &std::path::Path) -> Result<serde_json::Value, String> {
     let text =
@@ -271,7 +281,12 @@ fn main() {
             state_dir,
             cores,
             idle,
-        } => serve(config, rpc_socket, state_dir, &cores, idle),
+            metrics,
+            no_stats,
+        } => {
+            drivers::iostat::set_enabled(!no_stats);
+            serve(config, rpc_socket, state_dir, &cores, idle, metrics)
+        }
     };
     std::process::exit(code);
 }
@@ -311,6 +326,7 @@ fn serve(
     state_dir: PathBuf,
     cores: &str,
     idle: IdlePolicy,
+    metrics: Option<std::net::SocketAddr>,
 ) -> i32 {
     let cores = match engine::topology::parse_cpu_list(cores) {
         Ok(c) => c,
@@ -329,6 +345,17 @@ fn serve(
         Err(e) => {
             eprintln!("quicksplit: {e}");
             return EXIT_USAGE;
+        }
+    };
+    // Bound before anything starts: a port in use stops `serve` here.
+    let metrics = match metrics
+        .map(engine::metrics::MetricsListener::bind)
+        .transpose()
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("quicksplit: {e}");
+            return 1;
         }
     };
     let stop = Arc::new(AtomicBool::new(false));
@@ -399,6 +426,22 @@ fn serve(
             return 1;
         }
     };
+    let metrics = match metrics.map(|m| {
+        let at = m.local_addr();
+        m.serve(Arc::clone(&engine)).map(|s| (s, at))
+    }) {
+        Some(Ok((server, at))) => {
+            if let Some(at) = at {
+                tracing::info!(address = %at, "metrics served at http://{at}/metrics");
+            }
+            Some(server)
+        }
+        Some(Err(e)) => {
+            eprintln!("quicksplit: {e}");
+            return 1;
+        }
+        None => None,
+    };
     tracing::info!(
         state_dir = %state_dir.display(),
         rpc = %socket.display(),
@@ -412,6 +455,7 @@ fn serve(
         std::thread::sleep(Duration::from_millis(50));
     }
     tracing::info!("stopping");
+    drop(metrics);
     drop(server);
     // A clean stop keeps each pair's state and bitmaps for the restart.
     engine.stop_exports();

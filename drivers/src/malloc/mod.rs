@@ -11,6 +11,7 @@ use std::sync::Arc;
 use hugepages::{DmaRegion, RegionSlice};
 
 use crate::in_place::{InPlaceRead, StripeLocks};
+use crate::iostat::{counted_direct, IoStats};
 
 use crate::bdev::{
     invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError, IoOp,
@@ -51,6 +52,17 @@ impl MallocBdev {
     }
 }
 
+impl MallocBdev {
+    fn channel(&self) -> MallocChannel {
+        MallocChannel {
+            geometry: self.geometry,
+            mem: Arc::clone(&self.mem),
+            locks: Arc::clone(&self.locks),
+            done: VecDeque::new(),
+        }
+    }
+}
+
 /// `MemAvailable` of /proc/meminfo, in bytes.
 fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -73,12 +85,15 @@ impl Bdev for MallocBdev {
     }
 
     fn open_channel(&self, _ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
-        Ok(Box::new(MallocChannel {
-            geometry: self.geometry,
-            mem: Arc::clone(&self.mem),
-            locks: Arc::clone(&self.locks),
-            done: VecDeque::new(),
-        }))
+        Ok(Box::new(self.channel()))
+    }
+
+    fn open_counted_channel(
+        &self,
+        _ctx: &ChannelContext,
+        stats: &Arc<IoStats>,
+    ) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(counted_direct(self.channel(), stats))
     }
 
     fn config(&self) -> serde_json::Value {

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use drivers::iostat::{IoStat, IoStats};
 use drivers::{Bdev, IoChannel, IoCompletion, IoError, IoRequest, SubmitErrorKind};
 use serde::Serialize;
 
@@ -82,8 +83,10 @@ pub struct Export {
     pub name: String,
     /// What it shows.
     pub source: Source,
-    /// The bdev the connections open channels on.
+    /// The bdev the connections open channels on, counted in `stats`.
     pub bdev: Arc<dyn Bdev>,
+    /// What its connections read and wrote.
+    pub stats: Arc<IoStats>,
     /// Writes allowed.
     pub writable: bool,
     /// Where it listens.
@@ -145,6 +148,8 @@ pub struct ExportInfo {
     pub address: Address,
     /// Open connections.
     pub connections: usize,
+    /// What its connections read and wrote.
+    pub io: IoStat,
 }
 
 impl ExportInfo {
@@ -169,6 +174,15 @@ impl Serialize for ExportInfo {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut m = self.params();
         m.insert("connections".into(), self.connections.into());
+        for (k, v) in [
+            ("num_read_ops", self.io.num_read_ops),
+            ("bytes_read", self.io.bytes_read),
+            ("num_write_ops", self.io.num_write_ops),
+            ("bytes_written", self.io.bytes_written),
+            ("num_errors", self.io.num_errors),
+        ] {
+            m.insert(k.into(), v.into());
+        }
         m.serialize(s)
     }
 }

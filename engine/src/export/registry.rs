@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use drivers::iostat::{CountedBdev, IoStats};
 use drivers::Bdev;
 use hugepages::BufferPool;
 
@@ -144,12 +145,16 @@ impl<P: Protocol> Registry<P> {
             writable,
             "export started"
         );
+        // The export's own counts: its connections' channels go through them.
+        let stats = IoStats::new(false);
+        let bdev: Arc<dyn Bdev> = Arc::new(CountedBdev::new(bdev, Arc::clone(&stats)));
         exports.insert(
             name.to_string(),
             Arc::new(Export {
                 name: name.to_string(),
                 source,
                 bdev,
+                stats,
                 writable,
                 address,
                 closed: AtomicBool::new(false),
@@ -205,6 +210,7 @@ impl<P: Protocol> Registry<P> {
                 writable: e.writable,
                 address: e.address.clone(),
                 connections: e.connections.load(Ordering::SeqCst),
+                io: e.stats.snapshot(),
             })
             .collect()
     }

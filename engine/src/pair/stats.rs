@@ -3,6 +3,9 @@
 //! keeps on host activity ([`HostWatch`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use drivers::iostat::IoStats;
 
 use serde::Serialize;
 
@@ -31,6 +34,9 @@ pub struct PairStats {
     pub last_split_ns: AtomicU64,
     /// Requests hosts sent through the pair's views (a backup watches it to yield to them).
     pub host_requests: AtomicU64,
+    /// What hosts read and wrote through the pair's views (P through the pair, and the image),
+    /// counted by their channels; `pair_get` reports the reads and writes.
+    pub host_io: Arc<IoStats>,
     /// Tracks that started and finished moving from pending to copied: `pair_get` reads the
     /// pending and copied counts when none is between the two, so each track is in exactly one.
     moves_started: AtomicU64,
@@ -155,6 +161,17 @@ pub struct PairInfo {
     pub cow_copies: u64,
     /// Tracks copied S to P by restores.
     pub restored_tracks: u64,
+    /// Bytes the pair's copies wrote (background copy, copy before write, restores): the copy
+    /// rate is its change over time.
+    pub bytes_copied: u64,
+    /// Reads hosts made through the pair (its primary's exports and its image's).
+    pub host_num_read_ops: u64,
+    /// Bytes of those reads.
+    pub host_bytes_read: u64,
+    /// Writes hosts made through the pair (write-zeroes and unmaps not included).
+    pub host_num_write_ops: u64,
+    /// Bytes of those writes.
+    pub host_bytes_written: u64,
 }
 
 impl Pair {
@@ -164,6 +181,7 @@ impl Pair {
         let (pending_tracks, copied_tracks) = self
             .stats
             .pending_and_copied(|| self.pending.count() + self.restore.count());
+        let host = self.stats.host_io.snapshot();
         PairInfo {
             name: self.name.clone(),
             state: self.state(),
@@ -180,6 +198,11 @@ impl Pair {
             copied_tracks,
             cow_copies: self.stats.cow_copies.load(Ordering::Relaxed),
             restored_tracks: self.stats.tracks_restored.load(Ordering::Relaxed),
+            bytes_copied: self.stats.bytes_copied.load(Ordering::Relaxed),
+            host_num_read_ops: host.num_read_ops,
+            host_bytes_read: host.bytes_read,
+            host_num_write_ops: host.num_write_ops,
+            host_bytes_written: host.bytes_written,
         }
     }
 

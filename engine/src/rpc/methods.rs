@@ -56,6 +56,7 @@ pub static METHODS: &[Method] = &[
     ),
     method!("bdev_delete", bdev_delete, changes_config),
     method!("bdev_get_bdevs", bdev_get_bdevs),
+    method!("bdev_get_iostat", bdev_get_iostat),
     method!("pair_create", pair_create, changes_config),
     method!("pair_split", pair_split),
     method!("pair_resync", pair_resync),
@@ -308,6 +309,15 @@ fn bdev_delete(engine: &Engine, p: NameParam) -> Result<Value, RpcError> {
 fn bdev_get_bdevs(engine: &Engine, p: OptionalName) -> Result<Value, RpcError> {
     let list = engine.state().bdevs.list(p.name.as_deref())?;
     Ok(json!(list))
+}
+
+fn bdev_get_iostat(engine: &Engine, p: OptionalName) -> Result<Value, RpcError> {
+    let bdevs = engine.state().bdevs.iostat(p.name.as_deref())?;
+    Ok(json!({
+        "tick_rate": drivers::iostat::tick_rate(),
+        "ticks": drivers::iostat::ticks(),
+        "bdevs": bdevs,
+    }))
 }
 
 fn pair_create(engine: &Engine, p: PairCreateParams) -> Result<Value, RpcError> {

@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use drivers::iostat::counted;
 use drivers::{
     Bdev, BdevError, ChannelContext, Geometry, IoBufs, IoChannel, IoCompletion, IoError, IoOp,
     IoRequest, SubmitErrorKind, SubmitResult,
@@ -70,7 +71,7 @@ impl Bdev for PairView {
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
         let mut ch = PairChannel::new(Arc::clone(&self.pair), self.view, ctx)?;
         ch.host = true;
-        Ok(Box::new(ch))
+        Ok(counted(Box::new(ch), &self.pair.stats.host_io))
     }
 
     fn config(&self) -> serde_json::Value {
