@@ -5,12 +5,13 @@
 //! write, background copier and crash-safe metadata; [`backup`] jobs and their targets;
 //! [`verify`] jobs comparing P and S; the
 //! [`export`] layer with its two protocols, [`nbd`] and [`nvmf`] (NVMe/TCP); the control plane
-//! ([`app`]: the engine's state, one file per subsystem) and its JSON-RPC server ([`rpc`]); and
-//! the `quicksplit` binary.
+//! ([`app`]: the engine's state, one file per subsystem) and its JSON-RPC server ([`rpc`]); the
+//! [`logging`] set-up, the Prometheus [`metrics`] endpoint; and the `quicksplit` binary.
 
 pub mod app;
 pub mod backup;
 pub mod export;
+pub mod logging;
 pub mod metrics;
 pub mod nbd;
 pub mod nvmf;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use engine::app::Engine;
+use engine::logging::LogFormat;
 use engine::reactor::{IdlePolicy, ReactorOptions};
 
 /// Exit code for usage errors.
@@ -157,6 +158,9 @@ enum Command {
         /// Do not count I/O statistics (bdev_get_iostat, export and pair figures stay 0).
         #[arg(long)]
         no_stats: bool,
+        /// Log lines on stderr: text, or json (one JSON object per line).
+        #[arg(long, default_value = "text")]
+        log_format: LogFormat,
     },
 }
 
@@ -209,19 +213,13 @@ fn print_welcome(socket: &std::path::Path, nbd: &std::path::Path) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QUICKSPLIT_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-}
-
 fn main() {
     let cli = Cli::parse();
-    init_logging();
+    let log_format = match &cli.command {
+        Command::Serve { log_format, .. } => *log_format,
+        _ => LogFormat::Text,
+    };
+    engine::logging::init(log_format);
     let code = match cli.command {
         Command::Rpc {
             socket,
@@ -283,6 +281,7 @@ fn main() {
             idle,
             metrics,
             no_stats,
+            ..
         } => {
             drivers::iostat::set_enabled(!no_stats);
             serve(config, rpc_socket, state_dir, &cores, idle, metrics)

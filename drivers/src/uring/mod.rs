@@ -85,8 +85,15 @@ impl UringBdev {
         }
         let usable = len - len % block_size.max(1) as u64;
         let geometry = crate::check_geometry(usable, block_size)?;
-        if !direct {
-            tracing::info!(path = %path.display(), "O_DIRECT not supported here: using the page cache");
+        // A fact about the file system, not a fault: tmpfs and some others refuse O_DIRECT.
+        // Files opened buffered on purpose (pair metadata, backup targets) say nothing.
+        if try_direct && !direct {
+            tracing::info!(
+                bdev = name,
+                path = %path.display(),
+                "the file system of this file does not support O_DIRECT: its I/O goes through \
+                 the page cache"
+            );
         }
         Ok(Self {
             name: name.to_string(),

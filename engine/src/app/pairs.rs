@@ -24,7 +24,12 @@ fn metadata_bdev(
     path: &Path,
     size: Option<u64>,
 ) -> Result<drivers::uring::UringBdev, BdevError> {
-    drivers::uring::UringBdev::open_with(name, path, 4096, size, false, false)
+    let bdev = drivers::uring::UringBdev::open_with(name, path, 4096, size, false, false)?;
+    tracing::debug!(
+        path = %path.display(),
+        "pair metadata opened through the page cache, by design: each batch ends with a flush"
+    );
+    Ok(bdev)
 }
 
 /// Where a pair's metadata lives when it is not a file of the state directory.

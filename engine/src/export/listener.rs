@@ -3,6 +3,7 @@
 //! is left alone and refused).
 
 use std::net::TcpListener;
+use std::os::fd::AsFd;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +48,10 @@ impl Listener {
     /// A waiting connection and its peer, or `WouldBlock`.
     fn accept(&self) -> std::io::Result<(Stream, String)> {
         match self {
-            Listener::Unix(l, _) => l.accept().map(|(s, _)| (Stream::Unix(s), "unix".into())),
+            Listener::Unix(l, _) => l.accept().map(|(s, _)| {
+                let peer = peer_of(&s);
+                (Stream::Unix(s), peer)
+            }),
             Listener::Tcp(l) => l.accept().map(|(s, a)| (Stream::Tcp(s), a.to_string())),
         }
     }
@@ -90,7 +94,7 @@ impl AcceptThread {
                 while !stopped.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((conn, peer)) => {
-                            tracing::debug!(protocol, %peer, "connection accepted");
+                            tracing::debug!(protocol, peer, "connection accepted");
                             on_accept(conn)
                         }
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -120,6 +124,22 @@ impl Drop for AcceptThread {
         if let Some(p) = &self.remove_on_drop {
             let _ = std::fs::remove_file(p);
         }
+    }
+}
+
+/// Who is on the other end of a connected socket, for log lines: its TCP address
+/// (`127.0.0.1:40312`), or on a Unix socket the client process (`pid 4242 uid 0`, from
+/// `SO_PEERCRED`).
+pub fn peer_of(sock: impl AsFd) -> String {
+    let fd = sock.as_fd();
+    if let Ok(Some(addr)) = rustix::net::getpeername(fd) {
+        if let Ok(a) = std::net::SocketAddr::try_from(addr) {
+            return a.to_string();
+        }
+    }
+    match rustix::net::sockopt::socket_peercred(fd) {
+        Ok(c) => format!("pid {} uid {}", c.pid.as_raw_nonzero(), c.uid.as_raw()),
+        Err(_) => "unknown".into(),
     }
 }
 

@@ -22,7 +22,7 @@ use drivers::{Bdev, IoChannel, IoCompletion, IoError, IoRequest, SubmitErrorKind
 use serde::Serialize;
 
 pub use drivers::nbd::stream::Stream;
-pub(crate) use pump::{Flow, Outgoing, SocketPump, TurnEnd};
+pub(crate) use pump::{CloseReason, Flow, Outgoing, SocketPump, TurnEnd};
 pub use registry::{ExportSet, Registry};
 
 /// Submits a connection's request to its channel; one the channel refuses completes at once

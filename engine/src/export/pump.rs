@@ -3,10 +3,14 @@
 //! protocol queued with vectored writes straight from its buffers (giving the staging buffers
 //! back once sent), closes once the protocol's work is done (or the peer stops reading its
 //! replies), releases cached staging buffers when the connection is idle, and tells the reactor
-//! whether the turn was busy.
+//! whether the turn was busy. It also keeps the connection's account, for every protocol alike:
+//! once the protocol attaches it to an export it counts among the export's connections and a
+//! line at info says who connected; when it goes, a line says why (the first reason given: the
+//! client closed, an error, idle, stop) and how many requests it served.
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drivers::in_place::SharedHold;
@@ -14,6 +18,8 @@ use drivers::iov::{IoVecs, SendPart};
 use drivers::IoBufs;
 use hugepages::{BufferCache, BufferPool};
 
+use super::listener::peer_of;
+use super::Export;
 use crate::reactor::{PollStatus, ReactorContext};
 
 /// A closing connection whose peer does not read its last replies is dropped after this.
@@ -60,6 +66,40 @@ pub(crate) struct TurnEnd {
     pub requests_open: bool,
 }
 
+/// Why a connection closed, as its last log line says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The client closed it (end of stream, a disconnect request).
+    ClientClosed,
+    /// A socket error, or a request the connection cannot go on after.
+    Error(String),
+    /// The client was silent for too long.
+    Idle,
+    /// Its export, or the engine, stopped.
+    Stop,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::ClientClosed => write!(f, "client closed"),
+            CloseReason::Error(e) => write!(f, "error: {e}"),
+            CloseReason::Idle => write!(f, "idle"),
+            CloseReason::Stop => write!(f, "stop"),
+        }
+    }
+}
+
+/// The export a connection serves, once its protocol attached it.
+struct Attached {
+    /// The export's name (an NBD export, a subsystem NQN).
+    name: String,
+    /// The export it counts in (none for NVMe discovery).
+    export: Option<Arc<Export>>,
+    /// What else the protocol says of the connection (an NVMe queue and host).
+    detail: String,
+}
+
 /// One connection's socket with its receive buffer, its send queue and its staging buffers.
 pub(crate) struct SocketPump<S, O> {
     sock: S,
@@ -73,13 +113,26 @@ pub(crate) struct SocketPump<S, O> {
     tx_sent: usize,
     watched: bool,
     closing_since: Option<Instant>,
+    /// The protocol's name ("NBD", "NVMe/TCP").
+    protocol: &'static str,
+    /// Who is on the other end.
+    peer: String,
+    attached: Option<Attached>,
+    requests: u64,
+    close_reason: Option<CloseReason>,
 }
 
 impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
-    /// A pump over the non-blocking `sock`, receiving up to `rx_size` bytes at once, with
-    /// staging buffers from `pool`.
-    pub(crate) fn new(sock: S, pool: BufferPool, rx_size: usize) -> Self {
+    /// A pump over the non-blocking `sock` of a `protocol` connection, receiving up to
+    /// `rx_size` bytes at once, with staging buffers from `pool`.
+    pub(crate) fn new(protocol: &'static str, sock: S, pool: BufferPool, rx_size: usize) -> Self {
+        let peer = peer_of(&sock);
         Self {
+            protocol,
+            peer,
+            attached: None,
+            requests: 0,
+            close_reason: None,
             sock,
             bufs: BufferCache::new(pool, CACHED_BUFS),
             rx: vec![0u8; rx_size],
@@ -91,6 +144,40 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
             watched: false,
             closing_since: None,
         }
+    }
+
+    /// The connection now serves the export `name` (`export`: the one it counts in): logged
+    /// at info with the peer and `detail` (empty, or what the protocol says of it).
+    pub(crate) fn attach(&mut self, name: &str, export: Option<Arc<Export>>, detail: String) {
+        if let Some(e) = &export {
+            e.connection_opened();
+        }
+        let (protocol, peer) = (self.protocol, self.peer.as_str());
+        if detail.is_empty() {
+            tracing::info!(protocol, export = name, peer, "client connected");
+        } else {
+            tracing::info!(protocol, export = name, peer, detail, "client connected");
+        }
+        // Attached once: a second attach would count the connection twice.
+        if let Some(old) = self.attached.replace(Attached {
+            name: name.to_string(),
+            export,
+            detail,
+        }) {
+            if let Some(e) = old.export {
+                e.connection_closed();
+            }
+        }
+    }
+
+    /// A request was answered.
+    pub(crate) fn request_served(&mut self) {
+        self.requests += 1;
+    }
+
+    /// The connection is closing for `reason`; the first reason given is the one logged.
+    pub(crate) fn closing_because(&mut self, reason: CloseReason) {
+        self.close_reason.get_or_insert(reason);
     }
 
     /// The staging buffer cache.
@@ -144,6 +231,7 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
         match rustix::io::read(&self.sock, &mut self.rx[self.rx_end..]) {
             Ok(0) => {
                 self.input_closed = true;
+                self.closing_because(CloseReason::ClientClosed);
                 Flow::Closed
             }
             Ok(n) => {
@@ -151,8 +239,9 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
                 Flow::Moved
             }
             Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => Flow::Nothing,
-            Err(_) => {
+            Err(e) => {
                 self.input_closed = true;
+                self.closing_because(CloseReason::Error(format!("receive: {e}")));
                 Flow::Closed
             }
         }
@@ -203,10 +292,11 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
             let written = match iov.writev(&self.sock) {
                 Ok(w) => w,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
-                Err(_) => {
+                Err(e) => {
                     // The peer is gone: nothing more can be sent.
                     self.tx.clear();
                     self.input_closed = true;
+                    self.closing_because(CloseReason::Error(format!("send: {e}")));
                     return Flow::Closed;
                 }
             };
@@ -242,6 +332,11 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
             let since = *self.closing_since.get_or_insert_with(Instant::now);
             let gave_up = since.elapsed() > CLOSE_GIVE_UP;
             if !turn.io_in_flight && (self.tx.is_empty() || gave_up) {
+                if !self.tx.is_empty() {
+                    self.closing_because(CloseReason::Error(
+                        "the client did not read its last replies".into(),
+                    ));
+                }
                 if self.watched {
                     cx.unwatch_fd(self.sock.as_fd());
                     self.watched = false;
@@ -263,6 +358,54 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
             PollStatus::Busy
         } else {
             PollStatus::Idle
+        }
+    }
+}
+
+impl<S, O> Drop for SocketPump<S, O> {
+    /// The connection is gone: it no longer counts in its export, and a line says why and
+    /// what it did (at debug for one that never reached an export).
+    fn drop(&mut self) {
+        let (protocol, peer, requests) = (self.protocol, self.peer.as_str(), self.requests);
+        // Dropped with no reason given: its reactor, so the engine, stopped.
+        let reason = self
+            .close_reason
+            .take()
+            .unwrap_or(CloseReason::Stop)
+            .to_string();
+        let reason = reason.as_str();
+        let Some(a) = self.attached.take() else {
+            tracing::debug!(
+                protocol,
+                peer,
+                reason,
+                "connection closed before reaching an export"
+            );
+            return;
+        };
+        if let Some(e) = &a.export {
+            e.connection_closed();
+        }
+        let (export, detail) = (a.name.as_str(), a.detail.as_str());
+        if detail.is_empty() {
+            tracing::info!(
+                protocol,
+                export,
+                peer,
+                reason,
+                requests,
+                "client disconnected"
+            );
+        } else {
+            tracing::info!(
+                protocol,
+                export,
+                peer,
+                detail,
+                reason,
+                requests,
+                "client disconnected"
+            );
         }
     }
 }

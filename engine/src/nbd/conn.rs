@@ -13,7 +13,9 @@ use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
-use crate::export::{submit_or_complete, Export, Flow, Outgoing, SocketPump, Stream, TurnEnd};
+use crate::export::{
+    submit_or_complete, CloseReason, Export, Flow, Outgoing, SocketPump, Stream, TurnEnd,
+};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// Bytes of socket input buffered at once.
@@ -104,10 +106,11 @@ pub struct NbdConn {
 impl NbdConn {
     /// A poller for a connection that finished its handshake.
     pub fn new(sock: Stream, export: Arc<Export>, structured: bool, pool: BufferPool) -> Self {
-        export.connection_opened();
+        let mut pump = SocketPump::new("NBD", sock, pool, RX_BUF);
+        pump.attach(&export.name, Some(Arc::clone(&export)), String::new());
         Self {
             name: format!("nbd:{}", export.name),
-            pump: SocketPump::new(sock, pool, RX_BUF),
+            pump,
             export,
             structured,
             channel: None,
@@ -118,9 +121,10 @@ impl NbdConn {
         }
     }
 
-    /// Stops taking requests and reading: the connection closes once those in flight are
-    /// answered.
-    fn close(&mut self) {
+    /// Stops taking requests and reading, for `reason`: the connection closes once those in
+    /// flight are answered.
+    fn close(&mut self, reason: CloseReason) {
+        self.pump.closing_because(reason);
         self.closing = true;
         self.pump.close_input();
     }
@@ -135,6 +139,7 @@ impl NbdConn {
     }
 
     fn reply(&mut self, req: &Request, error: u32, data: IoBufs, msg: &str) {
+        self.pump.request_served();
         let data_len: usize = data.iter().map(DmaBuf::len).sum();
         let mut head = [0u8; 32];
         let mut tail = Vec::new();
@@ -257,7 +262,7 @@ impl NbdConn {
             h.copy_from_slice(&self.pump.input()[..REQUEST_LEN]);
             let Some(req) = Request::parse(&h) else {
                 tracing::warn!(export = %self.export.name, "NBD request with a bad magic: closing");
-                self.close();
+                self.close(CloseReason::Error("a request with a bad magic".into()));
                 return true;
             };
             let bad_range = self.range_error(&req);
@@ -292,7 +297,10 @@ impl NbdConn {
                         // The payload cannot be skipped safely: answer and close.
                         self.pump.consume(REQUEST_LEN);
                         self.reply(&req, err::EINVAL, IoBufs::new(), "write too large");
-                        self.close();
+                        self.close(CloseReason::Error(format!(
+                            "a write of {} bytes, over the limit",
+                            req.length
+                        )));
                         return true;
                     }
                     let reject = if !self.export.writable {
@@ -338,6 +346,7 @@ impl NbdConn {
                 }
                 cmd::DISC => {
                     self.pump.consume(REQUEST_LEN);
+                    self.pump.closing_because(CloseReason::ClientClosed);
                     self.closing = true;
                     return true;
                 }
@@ -392,13 +401,15 @@ impl Poller for NbdConn {
                 Ok(c) => self.channel = Some(c),
                 Err(e) => {
                     tracing::error!(%e, export = %self.export.name, "NBD connection cannot open its channel");
+                    self.pump
+                        .closing_because(CloseReason::Error(format!("no channel: {e}")));
                     return PollStatus::Done;
                 }
             }
         }
         self.pump.watch(cx);
         if self.export.is_closed() && !self.closing {
-            self.close();
+            self.close(CloseReason::Stop);
         }
         let mut busy = false;
         for _ in 0..4 {
@@ -407,7 +418,7 @@ impl Poller for NbdConn {
                     Flow::Moved => busy = true,
                     Flow::Closed => {
                         busy = true;
-                        self.close();
+                        self.close(CloseReason::ClientClosed);
                     }
                     Flow::Nothing => {}
                 }
@@ -445,7 +456,7 @@ impl Poller for NbdConn {
             Flow::Moved => busy = true,
             Flow::Closed => {
                 busy = true;
-                self.close();
+                self.close(CloseReason::ClientClosed);
             }
             Flow::Nothing => {}
         }
@@ -460,11 +471,5 @@ impl Poller for NbdConn {
 
     fn name(&self) -> &str {
         &self.name
-    }
-}
-
-impl Drop for NbdConn {
-    fn drop(&mut self) {
-        self.export.connection_closed();
     }
 }

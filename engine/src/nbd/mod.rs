@@ -53,10 +53,10 @@ impl Protocol for Nbd {
             Ok(t) => t,
             Err(refusal) => return handshakes.refuse(stream, &peer, refusal),
         };
-        let (registry, address) = (Arc::clone(registry), address.clone());
+        let (registry, address, who) = (Arc::clone(registry), address.clone(), peer.clone());
         let spawned = std::thread::Builder::new()
             .name("nbd_handshake".into())
-            .spawn(move || handshake_then_serve(&registry, stream, &address, ticket));
+            .spawn(move || handshake_then_serve(&registry, stream, &address, ticket, &who));
         if let Err(e) = spawned {
             tracing::warn!(%e, %peer, "NBD connection dropped: no thread for its handshake");
         }
@@ -78,6 +78,7 @@ fn handshake_then_serve(
     mut stream: Stream,
     address: &Address,
     ticket: Ticket,
+    peer: &Peer,
 ) {
     let negotiated = {
         let mut s = Deadlined::new(&mut stream, ticket.deadline());
@@ -87,7 +88,7 @@ fn handshake_then_serve(
     let agreed = match negotiated {
         Ok(a) => a,
         Err(e) => {
-            tracing::debug!(%e, "NBD handshake ended");
+            tracing::debug!(%e, %peer, "NBD handshake ended before an export");
             return;
         }
     };

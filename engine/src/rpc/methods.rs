@@ -4,37 +4,53 @@
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::audit::Audit;
 use super::config::LoadConfigParams;
 use super::{codes, RpcError};
 use crate::app::{Engine, EngineError};
 use crate::backup::{Mode, Target};
 use crate::export::{Address, ExportError};
+use crate::logging::{self, LogError};
 use crate::pair::{PairConfig, PairError, DEFAULT_TRACK_SIZE};
 use drivers::{BdevError, CreateError};
 
-/// One RPC method: its name, whether a success changes the running configuration (which is
-/// then written to the state directory), and its handler, whose second argument is the type
-/// its parameters are parsed into.
+/// One RPC method: its name, whether a call changes the engine's state (it is then logged at
+/// info with its parameters and result) and whether a success changes the running
+/// configuration (which is then written to the state directory), the parameters never to log
+/// beyond those `audit` hides by name, and its handler, whose second argument is the type its
+/// parameters are parsed into.
 pub struct Method {
     /// The method's name.
     pub name: &'static str,
+    /// A call changes the engine's state: what it serves, a pair's state, a job.
+    pub changes_state: bool,
     /// A success changes the running configuration.
     pub changes_config: bool,
+    /// Parameters whose values are never logged, at any depth (besides every name containing
+    /// `key`, `secret`, `psk` or `password`).
+    pub redact: &'static [&'static str],
     call: fn(&Engine, Value) -> Result<Value, RpcError>,
 }
 
 /// A [`Method`] entry: parses the parameters into the handler's parameter type, then runs it.
+/// `changes_state` marks a method whose calls change the engine's state, `changes_config` one
+/// that also changes the configuration; `redact = [...]` names parameters to keep out of logs.
 macro_rules! method {
     ($name:literal, $handler:path) => {
-        method!(@ $name, $handler, false)
+        method!(@ $name, $handler, false, false, [])
     };
-    ($name:literal, $handler:path, changes_config) => {
-        method!(@ $name, $handler, true)
+    ($name:literal, $handler:path, changes_state $(, redact = [$($r:literal),*])?) => {
+        method!(@ $name, $handler, true, false, [$($($r),*)?])
     };
-    (@ $name:literal, $handler:path, $changes:expr) => {
+    ($name:literal, $handler:path, changes_config $(, redact = [$($r:literal),*])?) => {
+        method!(@ $name, $handler, true, true, [$($($r),*)?])
+    };
+    (@ $name:literal, $handler:path, $state:expr, $config:expr, [$($r:literal),*]) => {
         Method {
             name: $name,
-            changes_config: $changes,
+            changes_state: $state,
+            changes_config: $config,
+            redact: &[$($r),*],
             call: |engine, p| $handler(engine, params(p)?),
         }
     };
@@ -58,16 +74,16 @@ pub static METHODS: &[Method] = &[
     method!("bdev_get_bdevs", bdev_get_bdevs),
     method!("bdev_get_iostat", bdev_get_iostat),
     method!("pair_create", pair_create, changes_config),
-    method!("pair_split", pair_split),
-    method!("pair_resync", pair_resync),
+    method!("pair_split", pair_split, changes_state),
+    method!("pair_resync", pair_resync, changes_state),
     method!("pair_delete", pair_delete, changes_config),
     method!("pair_get", pair_get),
-    method!("backup_start", backup_start),
+    method!("backup_start", backup_start, changes_state),
     method!("backup_get", backup_get),
-    method!("backup_cancel", backup_cancel),
-    method!("pair_verify", pair_verify),
+    method!("backup_cancel", backup_cancel, changes_state),
+    method!("pair_verify", pair_verify, changes_state),
     method!("verify_get", verify_get),
-    method!("verify_cancel", verify_cancel),
+    method!("verify_cancel", verify_cancel, changes_state),
     method!("nbd_export_start", nbd_export_start, changes_config),
     method!("nbd_export_stop", nbd_export_stop, changes_config),
     method!("nbd_get_exports", nbd_get_exports),
@@ -77,6 +93,8 @@ pub static METHODS: &[Method] = &[
     method!("framework_get_reactors", framework_get_reactors),
     method!("save_config", save_config),
     method!("load_config", load_config, changes_config),
+    method!("log_set_level", log_set_level, changes_state),
+    method!("log_get_level", log_get_level),
     method!("rpc_get_methods", rpc_get_methods),
 ];
 
@@ -221,17 +239,36 @@ fn forward() -> Direction {
     Direction::Forward
 }
 
-/// Runs `method` with `params`; keeps the configuration in the state directory up to date.
+/// Runs `method` with `params`; keeps the configuration in the state directory up to date and
+/// logs the call (see [`super::audit`]).
 pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> {
-    let result = dispatch(engine, method, p);
+    let Some(m) = self::method(method) else {
+        tracing::debug!(method, "rpc call of an unknown method");
+        return dispatch(engine, method, p);
+    };
+    let audit = Audit::new(m.name, m.changes_state, m.redact, &p);
+    let result = persisted(engine, m, dispatch(engine, method, p));
+    audit.record(&result);
+    result
+}
+
+/// A call's result once the configuration is saved after a method that changes it.
+fn persisted(
+    engine: &Engine,
+    m: &Method,
+    result: Result<Value, RpcError>,
+) -> Result<Value, RpcError> {
     // Saved after a failure too: the file must say what runs, whatever the failure left.
-    if self::method(method).is_some_and(|m| m.changes_config) {
+    if m.changes_config {
         if let Err(e) = engine.persist_config() {
             tracing::error!(%e, "the configuration could not be saved in the state directory");
             if result.is_ok() {
                 return Err(RpcError::new(
                     codes::IO_ERROR,
-                    format!("{method} succeeded but the configuration could not be saved: {e}"),
+                    format!(
+                        "{} succeeded but the configuration could not be saved: {e}",
+                        m.name
+                    ),
                 ));
             }
         }
@@ -483,6 +520,31 @@ fn framework_get_reactors(engine: &Engine, _: OptionalNothing) -> Result<Value, 
 
 fn save_config(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
     Ok(engine.save_config())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LevelParam {
+    level: String,
+}
+
+fn log_error(e: LogError) -> RpcError {
+    match &e {
+        LogError::Invalid(_) => {
+            RpcError::new(codes::INVALID_PARAMS, format!("parameter 'level': {e}"))
+        }
+        LogError::NotInstalled => RpcError::new(codes::UNAVAILABLE, e.to_string()),
+        LogError::Reload(_) => RpcError::new(codes::FAILED, e.to_string()),
+    }
+}
+
+/// Gives the filter now in force.
+fn log_set_level(_: &Engine, p: LevelParam) -> Result<Value, RpcError> {
+    Ok(json!(logging::set_level(&p.level).map_err(log_error)?))
+}
+
+fn log_get_level(_: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
+    Ok(json!(logging::level().map_err(log_error)?))
 }
 
 fn rpc_get_methods(_: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {

@@ -7,6 +7,7 @@
 //! larger than [`MAX_REQUEST`] or that is not JSON gets its error reply and the connection is
 //! closed, since the byte stream cannot be resynchronised after it.
 
+pub mod audit;
 pub mod client;
 pub mod config;
 pub mod methods;
@@ -145,11 +146,18 @@ fn accept_loop(listener: UnixListener, engine: Arc<Engine>, stop: Arc<AtomicBool
                 active.fetch_add(1, Ordering::SeqCst);
                 let (engine, active2, stop2) =
                     (Arc::clone(&engine), Arc::clone(&active), Arc::clone(&stop));
+                let peer = crate::export::listener::peer_of(&stream);
                 let spawned =
                     std::thread::Builder::new()
                         .name("rpc_conn".into())
                         .spawn(move || {
-                            serve_connection(stream, &engine, &stop2);
+                            // The client's calls log within this span, naming who made them.
+                            let span = tracing::info_span!("rpc_client", peer = peer.as_str());
+                            span.in_scope(|| {
+                                tracing::debug!("RPC connection opened");
+                                let reason = serve_connection(stream, &engine, &stop2);
+                                tracing::debug!(reason, "RPC connection closed");
+                            });
                             active2.fetch_sub(1, Ordering::SeqCst);
                         });
                 if spawned.is_err() {
@@ -195,13 +203,14 @@ fn parse_next(buf: &[u8]) -> Parsed {
     }
 }
 
-fn serve_connection(mut stream: UnixStream, engine: &Engine, stop: &AtomicBool) {
+/// Serves one connection until it ends; gives why it ended.
+fn serve_connection(mut stream: UnixStream, engine: &Engine, stop: &AtomicBool) -> &'static str {
     if stream.set_nonblocking(false).is_err()
         || stream
             .set_read_timeout(Some(Duration::from_millis(500)))
             .is_err()
     {
-        return;
+        return "error: the socket could not be set up";
     }
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
@@ -216,7 +225,7 @@ fn serve_connection(mut stream: UnixStream, engine: &Engine, stop: &AtomicBool) 
                         let mut out = reply.to_string();
                         out.push('\n');
                         if stream.write_all(out.as_bytes()).is_err() {
-                            return;
+                            return "client closed before its reply";
                         }
                     }
                 }
@@ -227,7 +236,7 @@ fn serve_connection(mut stream: UnixStream, engine: &Engine, stop: &AtomicBool) 
                         &RpcError::new(codes::PARSE_ERROR, format!("parse error: {msg}")),
                     );
                     let _ = stream.write_all(format!("{reply}\n").as_bytes());
-                    return;
+                    return "error: not JSON";
                 }
             }
         }
@@ -240,13 +249,13 @@ fn serve_connection(mut stream: UnixStream, engine: &Engine, stop: &AtomicBool) 
                 ),
             );
             let _ = stream.write_all(format!("{reply}\n").as_bytes());
-            return;
+            return "error: request too large";
         }
         if stop.load(Ordering::SeqCst) {
-            return;
+            return "stop";
         }
         match stream.read(&mut chunk) {
-            Ok(0) => return,
+            Ok(0) => return "client closed",
             Ok(n) => {
                 idle = Duration::ZERO;
                 buf.extend_from_slice(&chunk[..n]);
@@ -254,11 +263,11 @@ fn serve_connection(mut stream: UnixStream, engine: &Engine, stop: &AtomicBool) 
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 idle += Duration::from_millis(500);
                 if idle >= IDLE_TIMEOUT {
-                    return;
+                    return "idle";
                 }
             }
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(_) => return,
+            Err(_) => return "error: read failed",
         }
     }
 }

@@ -94,14 +94,12 @@ impl NvmfConn {
         } else {
             1
         };
-        if let Some(e) = &export {
-            e.connection_opened();
-        }
+        let cntlid = ctrl.cntlid;
+        let detail = format!("controller {cntlid} queue {} host {}", c.qid, ctrl.hostnqn);
+        self.pump.attach(&ctrl.subnqn, export.clone(), detail);
         self.export = export;
         self.last_keep_alive = Instant::now();
-        let cntlid = ctrl.cntlid;
         self.name = format!("nvmf:{}:{}q{}", ctrl.subnqn, cntlid, c.qid);
-        tracing::debug!(subnqn = %ctrl.subnqn, cntlid, qid = c.qid, "NVMe/TCP queue connected");
         self.ctrl = Some(ctrl);
         self.respond(cid, Status::SUCCESS, cntlid as u32);
     }
@@ -134,6 +132,7 @@ impl NvmfConn {
                     };
                     match value {
                         Some(v) => {
+                            self.pump.request_served();
                             let c = cqe(cid, Status::SUCCESS, v as u32, self.sqhd, 0);
                             let h = CapsuleResp::new(c).with_result_hi((v >> 32) as u32);
                             self.pump.send(Out {

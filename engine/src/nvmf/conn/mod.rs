@@ -32,7 +32,7 @@ use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
 use super::{Ctrl, NvmeTcp, NvmfServer};
-use crate::export::{Address, Export, Flow, Outgoing, Protocol, SocketPump, TurnEnd};
+use crate::export::{Address, CloseReason, Export, Flow, Outgoing, Protocol, SocketPump, TurnEnd};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 mod controller;
@@ -208,7 +208,7 @@ impl NvmfConn {
         let now = Instant::now();
         Self {
             name: format!("nvmf:{listen}"),
-            pump: SocketPump::new(sock, pool, RX_BUF),
+            pump: SocketPump::new("NVMe/TCP", sock, pool, RX_BUF),
             server,
             listen,
             phase: Phase::AwaitIcReq,
@@ -232,6 +232,7 @@ impl NvmfConn {
 
     fn fatal(&mut self, e: PduError) {
         tracing::warn!(listen = %self.listen, error = %e, "NVMe/TCP connection ended");
+        self.pump.closing_because(CloseReason::Error(e.to_string()));
         if !self.closing {
             self.pump.discard_output();
             self.pump.send(Out {
@@ -244,6 +245,7 @@ impl NvmfConn {
     }
 
     fn respond(&mut self, cid: u16, st: Status, result: u32) {
+        self.pump.request_served();
         let c = cqe(cid, st, result, self.sqhd, self.qid.unwrap_or(0));
         self.pump.send(Out {
             head: Head::Pdu(CapsuleResp::new(c).encode(self.digests)),
@@ -285,6 +287,7 @@ impl NvmfConn {
                 digest,
             });
             if success {
+                self.pump.request_served();
                 return;
             }
         }
@@ -341,6 +344,7 @@ impl NvmfConn {
             }
             Header::Term(t) => {
                 tracing::debug!(fes = t.fes, "the host ended the NVMe/TCP connection");
+                self.pump.closing_because(CloseReason::ClientClosed);
                 self.closing = true;
                 true
             }
@@ -585,6 +589,8 @@ impl Poller for NvmfConn {
                     Ok(c) => self.channel = Some(c),
                     Err(err) => {
                         tracing::error!(%err, nqn = %e.name, "NVMe/TCP queue cannot open its channel");
+                        self.pump
+                            .closing_because(CloseReason::Error(format!("no channel: {err}")));
                         self.closing = true;
                     }
                 }
@@ -593,13 +599,18 @@ impl Poller for NvmfConn {
         if !self.closing {
             let now = Instant::now();
             if self.phase == Phase::AwaitIcReq && now.duration_since(self.opened) > IC_TIMEOUT {
+                self.pump.closing_because(CloseReason::Idle);
                 self.closing = true;
             }
             if self.export.as_ref().is_some_and(|e| e.is_closed()) {
+                self.pump.closing_because(CloseReason::Stop);
                 self.closing = true;
             }
             if let Some(c) = &self.ctrl {
                 if self.qid != Some(0) && c.dead.load(Ordering::SeqCst) {
+                    self.pump.closing_because(CloseReason::Error(
+                        "its controller's admin queue closed".into(),
+                    ));
                     self.closing = true;
                 }
                 if self.qid == Some(0) && c.kato_ms > 0 {
@@ -609,6 +620,7 @@ impl Poller for NvmfConn {
                             cntlid = c.cntlid,
                             "NVMe/TCP keep alive timeout: controller dropped"
                         );
+                        self.pump.closing_because(CloseReason::Idle);
                         self.closing = true;
                     } else {
                         cx.wake_at(self.last_keep_alive + limit);
@@ -673,9 +685,6 @@ impl Poller for NvmfConn {
 
 impl Drop for NvmfConn {
     fn drop(&mut self) {
-        if let Some(e) = &self.export {
-            e.connection_closed();
-        }
         if let (Some(c), Some(q)) = (&self.ctrl, self.qid) {
             if q == 0 {
                 c.dead.store(true, Ordering::SeqCst);
