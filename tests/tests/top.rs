@@ -1,0 +1,271 @@
+//! `quicksplit top` on a real terminal: tmux runs it in an 80x24 pane while fio writes
+//! through an NBD export; the pane shows the engine, and `q` gives the shell its terminal
+//! back as it was.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use quicksplit_tests::{binary, start_empty, wait_for, RpcConn, Server, TempDir};
+use serde_json::json;
+
+/// The bdev exported and shown.
+const BDEV: &str = "topdisk0";
+
+/// A tmux server of the test's own (its socket in the test's directory), killed on drop.
+struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    /// A server with one detached 80x24 session, `top`, running `sh`.
+    fn start(dir: &Path) -> Self {
+        let t = Tmux {
+            socket: dir.join("tmux.sock"),
+        };
+        let out = t.run(&[
+            "new-session",
+            "-d",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            "-s",
+            "top",
+            "sh",
+        ]);
+        assert!(out.status.success(), "tmux new-session: {out:?}");
+        t
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new("tmux")
+            .arg("-S")
+            .arg(&self.socket)
+            .args(args)
+            .env_remove("TMUX")
+            .output()
+            .expect("tmux (Debian package tmux)")
+    }
+
+    /// Types `text` and Enter.
+    fn type_line(&self, text: &str) {
+        assert!(self
+            .run(&["send-keys", "-t", "top", "-l", text])
+            .status
+            .success());
+        assert!(self
+            .run(&["send-keys", "-t", "top", "Enter"])
+            .status
+            .success());
+    }
+
+    /// The pane's text, one string per row.
+    fn screen(&self) -> Vec<String> {
+        let out = self.run(&["capture-pane", "-p", "-t", "top"]);
+        assert!(out.status.success(), "capture-pane: {out:?}");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A tmux format about the pane, e.g. `#{alternate_on}`.
+    fn pane(&self, format: &str) -> String {
+        let out = self.run(&["display-message", "-p", "-t", "top", format]);
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.run(&["kill-server"]);
+    }
+}
+
+/// fio writing 4 KiB blocks through the export until dropped.
+struct Fio(Child);
+
+impl Fio {
+    fn start(nbd: &Path) -> Self {
+        let child = Command::new("fio")
+            .args([
+                "--name=top",
+                "--ioengine=nbd",
+                &format!("--uri=nbd+unix:///{BDEV}?socket={}", nbd.display()),
+                "--rw=randwrite",
+                "--bs=4k",
+                "--iodepth=4",
+                "--size=64m",
+                "--time_based",
+                "--runtime=120",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("fio (Debian package fio)");
+        Fio(child)
+    }
+}
+
+impl Drop for Fio {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// An engine with a RAM disk exported over NBD, fio writing to it, and `top` in a tmux pane.
+struct Setup {
+    tmux: Tmux,
+    _fio: Fio,
+    dir: TempDir,
+    _server: Server,
+}
+
+fn setup(tag: &str) -> Setup {
+    let dir = TempDir::new(tag);
+    let (server, sock) = start_empty(dir.path());
+    let mut rpc = RpcConn::connect(&sock);
+    rpc.ok(
+        "bdev_malloc_create",
+        json!({"name": BDEV, "size": 64 << 20}),
+    );
+    let nbd = dir.path().join("nbd.sock");
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": BDEV, "bdev": BDEV, "socket": nbd}),
+    );
+    let fio = Fio::start(&nbd);
+    let tmux = Tmux::start(dir.path());
+    tmux.type_line(&format!(
+        "echo before-top; {} top --socket {} --interval 0.5; echo top-exit=$?",
+        binary("quicksplit").display(),
+        sock.display()
+    ));
+    Setup {
+        tmux,
+        _fio: fio,
+        dir,
+        _server: server,
+    }
+}
+
+/// The cells of the pane's row that starts with `name`.
+fn row(screen: &[String], name: &str) -> Option<Vec<String>> {
+    screen
+        .iter()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+}
+
+#[test]
+fn top_shows_the_engine_in_80x24_and_q_gives_the_terminal_back() {
+    let s = setup("top");
+    let t = &s.tmux;
+    // The export's connection is fio's: the screen is live, not a first picture.
+    let mut screen = Vec::new();
+    let shown = wait_for(Duration::from_secs(30), || {
+        screen = t.screen();
+        row(&screen, BDEV).is_some()
+            && screen
+                .iter()
+                .any(|l| l.starts_with(BDEV) && l.contains("NBD") && l.contains(" 1 "))
+    });
+    assert!(
+        shown,
+        "top did not show {BDEV} and fio's connection: {screen:#?}"
+    );
+    assert_eq!(
+        t.pane("#{alternate_on}"),
+        "1",
+        "top runs on the alternate screen"
+    );
+    // The whole screen fits the pane: the title on the first row across the full width,
+    // and every panel below it.
+    assert!(screen.len() <= 24, "{screen:#?}");
+    assert!(
+        screen.iter().all(|l| l.chars().count() <= 80),
+        "{screen:#?}"
+    );
+    assert!(screen[0].starts_with("quicksplit top"), "{screen:#?}");
+    assert!(screen[0].ends_with("q: quit"), "{screen:#?}");
+    assert_eq!(screen[0].chars().count(), 80, "{screen:#?}");
+    let mut at = 0;
+    for header in [
+        "Reactors",
+        "Bdevs (1)",
+        "Exports (1)",
+        "Pairs (0)",
+        "Jobs (0)",
+    ] {
+        let i = screen
+            .iter()
+            .position(|l| l.starts_with(header))
+            .unwrap_or_else(|| panic!("no {header}: {screen:#?}"));
+        assert!(i > at, "{header} out of order: {screen:#?}");
+        at = i;
+    }
+    assert_eq!(row(&screen, BDEV).expect("bdev row")[1], "malloc");
+
+    t.run(&["send-keys", "-t", "top", "q"]);
+    let mut after = Vec::new();
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            after = t.screen();
+            after.iter().any(|l| l.starts_with("top-exit="))
+        }),
+        "top did not quit on q: {after:#?}"
+    );
+    assert!(after.iter().any(|l| l == "top-exit=0"), "{after:#?}");
+    // The shell's screen is back as it was, cursor shown, and the line discipline cooked.
+    assert_eq!(t.pane("#{alternate_on}"), "0");
+    assert_eq!(t.pane("#{cursor_flag}"), "1");
+    assert!(after.iter().any(|l| l == "before-top"), "{after:#?}");
+    assert!(
+        !after.iter().any(|l| l.starts_with("Reactors")),
+        "{after:#?}"
+    );
+    let stty = s.dir.path().join("stty.txt");
+    t.type_line(&format!("stty -a > {}", stty.display()));
+    let mut modes = String::new();
+    assert!(wait_for(Duration::from_secs(10), || {
+        modes = std::fs::read_to_string(&stty).unwrap_or_default();
+        modes.contains("icanon")
+    }));
+    let words: Vec<&str> = modes
+        .split(|c: char| c.is_whitespace() || c == ';')
+        .collect();
+    for mode in ["icanon", "echo", "isig", "icrnl", "opost"] {
+        assert!(words.contains(&mode), "{mode} off after top: {modes}");
+    }
+}
+
+/// A rate as top prints it: `950`, `12.3k`, `1.2M`.
+fn rate(cell: &str) -> Option<f64> {
+    let (digits, scale) = match cell.as_bytes().last()? {
+        b'k' => (&cell[..cell.len() - 1], 1e3),
+        b'M' => (&cell[..cell.len() - 1], 1e6),
+        _ => (cell, 1.0),
+    };
+    digits.parse::<f64>().ok().map(|v| v * scale)
+}
+
+#[test]
+#[ignore = "needs bdev_get_iostat"]
+fn top_shows_the_bdev_write_rate_while_fio_writes() {
+    let s = setup("top-iops");
+    let mut screen = Vec::new();
+    // Columns: name, driver, r/s, w/s, rMiB/s, wMiB/s.
+    let writing = wait_for(Duration::from_secs(30), || {
+        screen = s.tmux.screen();
+        row(&screen, BDEV)
+            .and_then(|cells| cells.get(3).and_then(|c| rate(c)))
+            .is_some_and(|w| w > 0.0)
+    });
+    assert!(
+        writing,
+        "no write rate for {BDEV} while fio writes: {screen:#?}"
+    );
+    s.tmux.run(&["send-keys", "-t", "top", "q"]);
+}
