@@ -82,7 +82,7 @@ pub fn reactor_busy(prev: Option<&Snapshot>, r: &ReactorSample) -> Option<f64> {
     let before = prev?.reactors.iter().find(|p| p.core == r.core)?;
     let busy = r.busy_ns.checked_sub(before.busy_ns)?;
     let idle = r.idle_ns.checked_sub(before.idle_ns)?;
-    let all = busy + idle;
+    let all = busy.saturating_add(idle);
     (all > 0).then(|| 100.0 * busy as f64 / all as f64)
 }
 
@@ -156,8 +156,9 @@ pub fn job_figures(prev: Option<&Snapshot>, cur: &Snapshot, j: &JobSample) -> Jo
         None => average(),
     };
     let eta = match rate {
+        // A rate so small that the time left overflows a Duration has no ETA worth showing.
         Some(r) if r > 0.0 && j.total >= j.done => {
-            Some(Duration::from_secs_f64((j.total - j.done) as f64 / r))
+            Duration::try_from_secs_f64((j.total - j.done) as f64 / r).ok()
         }
         _ => None,
     };

@@ -248,7 +248,7 @@ impl Snapshot {
                 direction: text(p, "direction"),
                 pending_tracks: num(p, "pending_tracks"),
                 changed_tracks: num(p, "changed_tracks"),
-                copied_bytes: (num(p, "copied_tracks") + num(p, "restored_tracks"))
+                copied_bytes: (num(p, "copied_tracks").saturating_add(num(p, "restored_tracks")))
                     .saturating_mul(num(p, "track_size")),
             })
             .collect();
@@ -312,7 +312,7 @@ fn export(protocol: Protocol, e: &Value) -> ExportSample {
         count("num_write_ops", "write_ops"),
     ) {
         (None, None) => None,
-        (r, w) => Some(r.unwrap_or(0) + w.unwrap_or(0)),
+        (r, w) => Some(r.unwrap_or(0).saturating_add(w.unwrap_or(0))),
     };
     ExportSample {
         protocol,

@@ -331,6 +331,20 @@ fn job_rate_and_eta_come_from_the_last_interval() {
     // The first screen: the average since the start.
     let f = model::job_figures(None, &cur, &cur.jobs[0]);
     assert_eq!(f.rate, Some((300 * MIB) as f64 / 11.0));
+    // A job crawling so slowly that its time left overflows has no ETA rather than a panic.
+    let mut crawling = cur.clone();
+    crawling.jobs[0] = job(
+        JobKind::Backup,
+        3,
+        "running",
+        1,
+        u64::MAX,
+        u64::MAX / 1_000_000_000,
+    );
+    assert_eq!(
+        model::job_figures(None, &crawling, &crawling.jobs[0]).eta,
+        None
+    );
     // A stalled job has no ETA.
     cur.jobs[0].done = 100 * MIB;
     assert_eq!(
