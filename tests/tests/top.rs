@@ -121,6 +121,7 @@ struct Setup {
     _fio: Fio,
     dir: TempDir,
     _server: Server,
+    sock: PathBuf,
 }
 
 fn setup(tag: &str) -> Setup {
@@ -138,16 +139,76 @@ fn setup(tag: &str) -> Setup {
     );
     let fio = Fio::start(&nbd);
     let tmux = Tmux::start(dir.path());
-    tmux.type_line(&format!(
-        "echo before-top; {} top --socket {} --interval 0.5; echo top-exit=$?",
-        binary("quicksplit").display(),
-        sock.display()
-    ));
-    Setup {
+    let s = Setup {
         tmux,
         _fio: fio,
         dir,
         _server: server,
+        sock,
+    };
+    s.launch();
+    s
+}
+
+impl Setup {
+    /// Runs top in the pane's shell, which then says how it ended (`top-exit=N`).
+    fn launch(&self) {
+        self.tmux.type_line(&format!(
+            "clear; echo before-top; {} top --socket {} --interval 0.5; echo top-exit=$?",
+            binary("quicksplit").display(),
+            self.sock.display()
+        ));
+    }
+
+    /// Waits until top shows the bdev; the pane's text.
+    fn wait_shown(&self) -> Vec<String> {
+        let mut screen = Vec::new();
+        let shown = wait_for(Duration::from_secs(30), || {
+            screen = self.tmux.screen();
+            row(&screen, BDEV).is_some()
+        });
+        assert!(shown, "top did not show {BDEV}: {screen:#?}");
+        screen
+    }
+
+    /// Waits until top has ended; its exit status, after checking that the shell has its
+    /// screen, cursor and cooked terminal back.
+    fn wait_ended(&self) -> String {
+        let t = &self.tmux;
+        let mut after = Vec::new();
+        assert!(
+            wait_for(Duration::from_secs(10), || {
+                after = t.screen();
+                after.iter().any(|l| l.starts_with("top-exit="))
+            }),
+            "top did not end: {after:#?}"
+        );
+        assert_eq!(t.pane("#{alternate_on}"), "0");
+        assert_eq!(t.pane("#{cursor_flag}"), "1");
+        assert!(after.iter().any(|l| l == "before-top"), "{after:#?}");
+        assert!(
+            !after.iter().any(|l| l.starts_with("Reactors")),
+            "{after:#?}"
+        );
+        let stty = self.dir.path().join("stty.txt");
+        let _ = std::fs::remove_file(&stty);
+        t.type_line(&format!("stty -a > {}", stty.display()));
+        let mut modes = String::new();
+        assert!(wait_for(Duration::from_secs(10), || {
+            modes = std::fs::read_to_string(&stty).unwrap_or_default();
+            modes.contains("icanon")
+        }));
+        let words: Vec<&str> = modes
+            .split(|c: char| c.is_whitespace() || c == ';')
+            .collect();
+        for mode in ["icanon", "echo", "isig", "icrnl", "opost"] {
+            assert!(words.contains(&mode), "{mode} off after top: {modes}");
+        }
+        let status = after
+            .iter()
+            .find_map(|l| l.strip_prefix("top-exit="))
+            .unwrap_or_default();
+        status.to_string()
     }
 }
 
@@ -167,10 +228,9 @@ fn top_shows_the_engine_in_80x24_and_q_gives_the_terminal_back() {
     let mut screen = Vec::new();
     let shown = wait_for(Duration::from_secs(30), || {
         screen = t.screen();
-        row(&screen, BDEV).is_some()
-            && screen
-                .iter()
-                .any(|l| l.starts_with(BDEV) && l.contains("NBD") && l.contains(" 1 "))
+        screen
+            .iter()
+            .any(|l| l.starts_with(BDEV) && l.contains("NBD") && l.contains(" 1 "))
     });
     assert!(
         shown,
@@ -209,36 +269,32 @@ fn top_shows_the_engine_in_80x24_and_q_gives_the_terminal_back() {
     assert_eq!(row(&screen, BDEV).expect("bdev row")[1], "malloc");
 
     t.run(&["send-keys", "-t", "top", "q"]);
-    let mut after = Vec::new();
-    assert!(
-        wait_for(Duration::from_secs(10), || {
-            after = t.screen();
-            after.iter().any(|l| l.starts_with("top-exit="))
-        }),
-        "top did not quit on q: {after:#?}"
-    );
-    assert!(after.iter().any(|l| l == "top-exit=0"), "{after:#?}");
-    // The shell's screen is back as it was, cursor shown, and the line discipline cooked.
-    assert_eq!(t.pane("#{alternate_on}"), "0");
-    assert_eq!(t.pane("#{cursor_flag}"), "1");
-    assert!(after.iter().any(|l| l == "before-top"), "{after:#?}");
-    assert!(
-        !after.iter().any(|l| l.starts_with("Reactors")),
-        "{after:#?}"
-    );
-    let stty = s.dir.path().join("stty.txt");
-    t.type_line(&format!("stty -a > {}", stty.display()));
-    let mut modes = String::new();
-    assert!(wait_for(Duration::from_secs(10), || {
-        modes = std::fs::read_to_string(&stty).unwrap_or_default();
-        modes.contains("icanon")
-    }));
-    let words: Vec<&str> = modes
-        .split(|c: char| c.is_whitespace() || c == ';')
-        .collect();
-    for mode in ["icanon", "echo", "isig", "icrnl", "opost"] {
-        assert!(words.contains(&mode), "{mode} off after top: {modes}");
+    assert_eq!(s.wait_ended(), "0");
+}
+
+#[test]
+fn ctrl_c_esc_and_sigterm_also_give_the_terminal_back() {
+    let s = setup("top-keys");
+    let t = &s.tmux;
+    for key in ["C-c", "Escape"] {
+        s.wait_shown();
+        t.run(&["send-keys", "-t", "top", key]);
+        assert_eq!(s.wait_ended(), "0", "after {key}");
+        s.launch();
     }
+    s.wait_shown();
+    // top is the child of the pane's shell.
+    let shell = t.pane("#{pane_pid}");
+    let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+        .expect("children of the pane's shell");
+    let top: i32 = children
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("top's pid");
+    // SAFETY: kill(2) on a process this test started has no memory effects.
+    assert_eq!(unsafe { libc::kill(top, libc::SIGTERM) }, 0);
+    assert_eq!(s.wait_ended(), "143", "128 + SIGTERM");
 }
 
 /// A rate as top prints it: `950`, `12.3k`, `1.2M`.
