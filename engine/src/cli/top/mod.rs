@@ -267,8 +267,12 @@ fn run(
             })?;
             dirty = false;
         }
-        if !event::poll(KEY_POLL)? {
-            continue;
+        match event::poll(KEY_POLL) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            // A signal arrived: it is looked at on the next turn.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
         }
         match event::read()? {
             Event::Key(k) if k.kind == KeyEventKind::Press => {
