@@ -126,6 +126,16 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// A live view of reactors, bdevs, exports, pairs and jobs (backups and verifications),
+    /// refreshed every interval; q, Esc or Ctrl-C quits.
+    Top {
+        /// RPC socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Seconds between refreshes (0.1 to 3600).
+        #[arg(long, default_value = "1", value_parser = cli::top::parse_interval)]
+        interval: Duration,
+    },
     /// Cancel a running backup or verification.
     Cancel {
         /// RPC socket.
@@ -259,6 +269,7 @@ fn main() {
             },
         ),
         Command::Cancel { socket, id } => cli::cancel(socket, id),
+        Command::Top { socket, interval } => cli::top::top(socket, interval),
         Command::Backup {
             socket,
             pair,

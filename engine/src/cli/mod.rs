@@ -2,7 +2,8 @@
 //! Exit codes: 0 success, 1 error reply, 2 usage, 3 cannot connect, 141 when the reader of our
 //! output goes away.
 //!
-//! One file per command family: [`status`], [`backup`], [`restore`], [`resync`], [`verify`], and the
+//! One file per command family: [`status`], [`backup`], [`restore`], [`resync`], [`verify`],
+//! the live view [`top`] (a folder: its screen model apart from the drawing), and the
 //! progress display of the commands that wait ([`progress`]); this file holds the socket
 //! lookup, the exit codes, the output helpers and the small commands (`rpc`, `split`,
 //! `cancel`).
@@ -17,6 +18,7 @@ mod progress;
 mod restore;
 mod resync;
 mod status;
+pub mod top;
 mod verify;
 
 pub use backup::backup;
