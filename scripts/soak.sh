@@ -169,6 +169,8 @@ done
 next_sample=0
 check_sample
 alive
+# fio runs past the loop's end (its runtime has a margin): stopped now, its log has its summary.
+stop_fio
 for log in "$work"/fio-*.log; do
   grep -q "err= 0" "$log" || fail "fio reported errors: $(tail -5 "$log")"
 done
