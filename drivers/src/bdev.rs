@@ -339,6 +339,12 @@ pub trait IoChannel {
     fn write_in_place(&mut self, _offset: u64, _data: &[u8]) -> Option<Result<(), IoError>> {
         None
     }
+    /// Counts this channel's requests in `stats` too, besides what it already counts in: true
+    /// when the channel counts (one count serves two views, an export's and its bdev's, at the
+    /// cost of one), false when it does not count at all (the caller wraps it).
+    fn count_also(&mut self, _stats: &Arc<crate::iostat::IoStats>) -> bool {
+        false
+    }
 }
 
 /// A block device.

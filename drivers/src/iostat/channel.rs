@@ -44,6 +44,20 @@ impl Bdev for CountedBdev {
         self.inner.open_counted_channel(ctx, &self.stats)
     }
 
+    /// A view of a counted bdev (an export's): its channel counts in both, in one layer.
+    fn open_counted_channel(
+        &self,
+        ctx: &ChannelContext,
+        stats: &Arc<IoStats>,
+    ) -> Result<Box<dyn IoChannel>, BdevError> {
+        let mut ch = self.open_channel(ctx)?;
+        if ch.count_also(stats) {
+            Ok(ch)
+        } else {
+            Ok(counted(ch, stats))
+        }
+    }
+
     fn config(&self) -> serde_json::Value {
         self.inner.config()
     }
@@ -100,6 +114,9 @@ impl IoChannel for Box<dyn IoChannel> {
     fn write_in_place(&mut self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
         self.as_mut().write_in_place(offset, data)
     }
+    fn count_also(&mut self, stats: &Arc<IoStats>) -> bool {
+        self.as_mut().count_also(stats)
+    }
 }
 
 /// With this many requests in flight or more, a channel times one request in
@@ -109,13 +126,8 @@ const SAMPLE_DEPTH: usize = 16;
 /// sums and histograms.
 const SAMPLE_EVERY: u32 = 8;
 
-/// The latency of a request served at once, started at `start`.
-fn since(start: u64) -> Option<Timed> {
-    Some(Timed {
-        ticks: ticks().saturating_sub(start),
-        weight: 1,
-    })
-}
+/// Requests served in place a channel keeps before adding them to the counts.
+const DEFERRED_MAX: usize = 64;
 
 /// A request in flight: the submitter's tag, what it is, and when it was submitted (0: not
 /// timed).
@@ -137,15 +149,29 @@ struct InFlight {
 /// request in [`SAMPLE_EVERY`] and counts its latency that many times: such a channel
 /// completes thousands of requests a second, and the sample is spread evenly over them. A
 /// channel with fewer in flight (a latency-bound client) times every request, so its
-/// percentiles, minimum and maximum are exact.
+/// percentiles, minimum and maximum are exact. Requests served in place (a RAM disk's memory
+/// handed out or written at once) take the same time every time: one in [`SAMPLE_EVERY`] is
+/// timed and the others count with the latest such time; they reach the counts at the
+/// channel's next poll (its user polls it after serving them, as it polls for completions),
+/// all in one go.
+///
+/// One channel counts for two views at the cost of one: its bdev's (`cell`, with histograms)
+/// and an export's or pair view's over it (`also`, see [`IoChannel::count_also`]).
 pub struct CountedChannel<C: IoChannel = Box<dyn IoChannel>> {
     inner: C,
     in_flight: Slab<InFlight>,
     stats: Arc<IoStats>,
     cell: Cell,
     histograms: bool,
+    /// The second view counted, with its statistics (to close the cell with the channel).
+    also: Option<(Arc<IoStats>, Cell)>,
     /// Submissions since the last timed one while busy.
     untimed: u32,
+    /// Requests served in place since the last timed one, and its time in ticks.
+    in_place_untimed: u32,
+    in_place_ticks: Option<u64>,
+    /// Requests served in place, not yet in the views' counts.
+    deferred: Vec<(Kind, u64, Result<Timed, ()>)>,
 }
 
 impl<C: IoChannel> CountedChannel<C> {
@@ -157,7 +183,11 @@ impl<C: IoChannel> CountedChannel<C> {
             cell: stats.open(),
             stats: Arc::clone(stats),
             histograms: stats.histograms(),
+            also: None,
             untimed: 0,
+            in_place_untimed: 0,
+            in_place_ticks: None,
+            deferred: Vec::with_capacity(DEFERRED_MAX),
         }
     }
 
@@ -174,6 +204,79 @@ impl<C: IoChannel> CountedChannel<C> {
         }
         self.untimed = 0;
         (ticks(), SAMPLE_EVERY)
+    }
+
+    /// Serves a request in place through `serve`, timed on a sample (see above); `None` when
+    /// the inner channel does not serve in place.
+    #[inline]
+    fn in_place<R>(&mut self, serve: impl FnOnce(&mut C) -> Option<R>) -> Option<(R, Timed)> {
+        let last = match self.in_place_ticks {
+            Some(t) if self.in_place_untimed + 1 < SAMPLE_EVERY => Some(t),
+            _ => None,
+        };
+        let (r, ticks) = match last {
+            Some(t) => {
+                self.in_place_untimed += 1;
+                (serve(&mut self.inner)?, t)
+            }
+            None => {
+                let start = ticks();
+                let r = serve(&mut self.inner)?;
+                let t = ticks().saturating_sub(start);
+                self.in_place_ticks = Some(t);
+                self.in_place_untimed = 0;
+                (r, t)
+            }
+        };
+        Some((r, Timed { ticks, weight: 1 }))
+    }
+
+    /// Counts a request served in place: kept in the channel until its next poll (or until
+    /// [`DEFERRED_MAX`] wait), so that serving one costs no atomic operation.
+    #[inline]
+    fn record_in_place(&mut self, kind: Kind, len: u64, result: Result<Timed, ()>) {
+        self.deferred.push((kind, len, result));
+        if self.deferred.len() >= DEFERRED_MAX {
+            self.publish(&mut []);
+        }
+    }
+
+    /// Adds the requests served in place since the last call, and the completions in `done`
+    /// (tags are given back), to every view's counts.
+    fn publish(&mut self, done: &mut [IoCompletion]) {
+        let now = if done.is_empty() { 0 } else { ticks() };
+        let mut counters = lock(&self.cell);
+        let mut also = self.also.as_ref().map(|(_, c)| lock(c));
+        let mut count = |kind: Kind, len: u64, result: Result<Option<Timed>, ()>| match result {
+            Ok(timed) => {
+                counters.record(kind, len, timed, self.histograms);
+                if let Some(a) = also.as_mut() {
+                    a.record(kind, len, timed, false);
+                }
+            }
+            Err(()) => {
+                counters.record_error();
+                if let Some(a) = also.as_mut() {
+                    a.record_error();
+                }
+            }
+        };
+        for (kind, len, result) in self.deferred.drain(..) {
+            count(kind, len, result.map(Some));
+        }
+        for c in done {
+            let Some(f) = self.in_flight.try_remove(c.tag as usize) else {
+                continue;
+            };
+            c.tag = f.tag;
+            let result = c.result.as_ref().map(|()| {
+                (f.weight > 0).then(|| Timed {
+                    ticks: now.saturating_sub(f.start),
+                    weight: f.weight.into(),
+                })
+            });
+            count(f.kind, f.len, result.map_err(|_| ()));
+        }
     }
 }
 
@@ -201,26 +304,8 @@ impl<C: IoChannel> IoChannel for CountedChannel<C> {
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
         let first = out.len();
         let n = self.inner.poll(out);
-        if n == 0 {
-            return 0;
-        }
-        let now = ticks();
-        let mut counters = lock(&self.cell);
-        for c in &mut out[first..] {
-            let Some(f) = self.in_flight.try_remove(c.tag as usize) else {
-                continue;
-            };
-            c.tag = f.tag;
-            match c.result {
-                Ok(()) => {
-                    let timed = (f.weight > 0).then(|| Timed {
-                        ticks: now.saturating_sub(f.start),
-                        weight: f.weight.into(),
-                    });
-                    counters.record(f.kind, f.len, timed, self.histograms)
-                }
-                Err(_) => counters.record_error(),
-            }
+        if n > 0 || !self.deferred.is_empty() {
+            self.publish(&mut out[first..]);
         }
         n
     }
@@ -234,36 +319,34 @@ impl<C: IoChannel> IoChannel for CountedChannel<C> {
     }
 
     fn read_in_place(&mut self, offset: u64, len: u64) -> Option<Result<InPlaceRead, IoError>> {
-        let start = ticks();
-        let r = self.inner.read_in_place(offset, len)?;
-        let mut counters = lock(&self.cell);
-        match &r {
-            Ok(_) => counters.record(Kind::Read, len, since(start), self.histograms),
-            Err(_) => counters.record_error(),
-        }
+        let (r, t) = self.in_place(|inner| inner.read_in_place(offset, len))?;
+        self.record_in_place(Kind::Read, len, r.as_ref().map(|_| t).map_err(|_| ()));
         Some(r)
     }
 
     fn write_in_place(&mut self, offset: u64, data: &[u8]) -> Option<Result<(), IoError>> {
-        let start = ticks();
-        let r = self.inner.write_in_place(offset, data)?;
-        let mut counters = lock(&self.cell);
-        match &r {
-            Ok(()) => counters.record(
-                Kind::Write,
-                data.len() as u64,
-                since(start),
-                self.histograms,
-            ),
-            Err(_) => counters.record_error(),
-        }
+        let (r, t) = self.in_place(|inner| inner.write_in_place(offset, data))?;
+        let len = data.len() as u64;
+        self.record_in_place(Kind::Write, len, r.as_ref().map(|_| t).map_err(|_| ()));
         Some(r)
+    }
+
+    fn count_also(&mut self, stats: &Arc<IoStats>) -> bool {
+        if let Some((old, cell)) = self.also.take() {
+            old.close(&cell);
+        }
+        self.also = Some((Arc::clone(stats), stats.open()));
+        true
     }
 }
 
 impl<C: IoChannel> Drop for CountedChannel<C> {
     fn drop(&mut self) {
+        self.publish(&mut []);
         self.stats.close(&self.cell);
+        if let Some((stats, cell)) = &self.also {
+            stats.close(cell);
+        }
     }
 }
 
@@ -319,6 +402,9 @@ mod tests {
         assert_eq!(ch.write_in_place(0, &[1u8; 4096]), Some(Ok(())));
         assert!(matches!(ch.read_in_place(0, 8192), Some(Ok(_))));
         assert!(matches!(ch.read_in_place(1 << 20, 4096), Some(Err(_))));
+        // Served in place, they count at the channel's next poll, as its user polls it.
+        assert_eq!(stats.snapshot().num_read_ops, 1);
+        assert_eq!(ch.poll(&mut Vec::new()), 0);
         let s = stats.snapshot();
         assert_eq!((s.num_write_ops, s.bytes_written), (2, 16384 + 4096));
         assert_eq!((s.num_read_ops, s.bytes_read), (2, 8192 + 8192));
@@ -373,7 +459,9 @@ mod tests {
         for _ in 0..3 {
             assert!(matches!(b.read_in_place(0, 4096), Some(Ok(_))));
         }
+        // A closing channel counts what it served; an open one at its next poll.
         drop(a);
+        assert_eq!(b.poll(&mut Vec::new()), 0);
         let s = stats.snapshot();
         assert_eq!((s.num_write_ops, s.num_read_ops), (5, 3));
         drop(b);
@@ -382,5 +470,37 @@ mod tests {
         assert_eq!((s.num_read_ops, s.bytes_read), (3, 3 * 4096));
         // Without histograms: no percentiles.
         assert!(s.read_latency_us.is_none() && s.read_buckets.is_empty());
+    }
+
+    #[test]
+    fn a_view_over_a_counted_bdev_counts_in_both_and_in_place_reads_fill_the_buckets() {
+        let (bdev, bdev_stats) = counted(true);
+        // An export's view over the counted bdev.
+        let view_stats = IoStats::new(false);
+        let view = CountedBdev::new(Arc::new(bdev), Arc::clone(&view_stats));
+        let mut ch = view.open_channel(&ChannelContext::default()).expect("ch");
+        for i in 0..20u64 {
+            assert!(matches!(ch.read_in_place(i * 4096, 4096), Some(Ok(_))));
+        }
+        assert_eq!(ch.write_in_place(0, &[3u8; 8192]), Some(Ok(())));
+        assert!(matches!(ch.read_in_place(1 << 20, 4096), Some(Err(_))));
+        let pool = BufferPool::new(4096, 1).expect("pool");
+        let bufs: IoBufs = std::iter::once(pool.get().expect("buffer")).collect();
+        assert_eq!(run(ch.as_mut(), IoRequest::write(4096, bufs, 5)).tag, 5);
+        for s in [bdev_stats.snapshot(), view_stats.snapshot()] {
+            assert_eq!((s.num_read_ops, s.bytes_read), (20, 20 * 4096));
+            assert_eq!((s.num_write_ops, s.bytes_written), (2, 8192 + 4096));
+            assert_eq!(s.num_errors, 1);
+        }
+        // Timed on a sample, every in-place read is in a bucket.
+        let s = bdev_stats.snapshot();
+        assert_eq!(s.read_buckets.iter().map(|b| b.1).sum::<u64>(), 20);
+        assert!(s.min_read_latency_ticks > 0);
+        drop(ch);
+        assert_eq!(
+            view_stats.snapshot().num_read_ops,
+            20,
+            "kept after the channel closed"
+        );
     }
 }
