@@ -3,7 +3,8 @@
 //!
 //! Each channel ([`CountedChannel`], a wrapper any bdev's channel goes through) owns its
 //! counters and latency buckets in a cell of its own, which only its reactor writes: once per
-//! poll that returned completions, and once per request served in place. A reader
+//! poll that returned completions or followed requests served in place. One channel counts for
+//! an export's view and its bdev at once. A reader
 //! ([`IoStats::snapshot`]) locks each cell in turn just long enough to add it to a total, so
 //! the data path never writes a cache line another core writes, except during a snapshot.
 //! The lock is uncontended otherwise (two atomic operations per poll). A channel that closes
