@@ -65,6 +65,10 @@ enum Command {
         /// Throughput limit (bytes per second, e.g. 100M), so hosts keep the disk's attention.
         #[arg(long, default_value = "0", value_parser = engine::units::parse_size)]
         rate: u64,
+        /// Once the backup is done, the pair gets a checkpoint of this name at the image's
+        /// split (see `quicksplit rpc checkpoint_list`).
+        #[arg(long)]
+        checkpoint: Option<String>,
     },
     /// Restore a tape archive to a file or block device, verifying every checksum. A file is
     /// written as PATH.partial and renamed to PATH once verified.
@@ -277,7 +281,8 @@ fn main() {
             mode,
             wait,
             rate,
-        } => cli::backup(socket, &pair, &to, &mode, wait, rate),
+            checkpoint,
+        } => cli::backup(socket, &pair, &to, &mode, wait, rate, checkpoint),
         Command::Restore {
             archive,
             to,

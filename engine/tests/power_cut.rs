@@ -12,7 +12,9 @@
 //! - a pair mirroring before the cut comes back mirroring, and once its copy is done S equals
 //!   P byte for byte (the write-intent bitmap missed nothing);
 //! - a backup done before the cut holds exactly the image as it was when it started (some
-//!   schedules back the image up after a split, in each mode, and cut during or after it).
+//!   schedules back the image up after a split, in each mode, and cut during or after it);
+//! - a checkpoint such a backup made (half of them make one) holds every block of P written
+//!   since its split and acknowledged, and a backup done before the cut left its checkpoint.
 //!
 //! Until a schedule's first split, a watcher thread also checks the write-intent contract all
 //! along (every track whose S could come back from a cut unlike P has its bit in every version
@@ -30,8 +32,8 @@ use std::time::Duration;
 use common::Op;
 use drivers::testing::powercut::{PowerCutBdev, PowerSupply};
 use drivers::Bdev;
-use engine::app::{Engine, MetadataDevice};
-use engine::backup::{BackupState, Mode, Target};
+use engine::app::{BackupOptions, Engine, MetadataDevice};
+use engine::backup::{BackupState, Limits, Mode, Target, DEFAULT_HOST_RATE};
 use engine::pair::channel::View;
 use engine::pair::metadata::{decode_page, Layout, MapKind, WORDS_PER_PAGE};
 use engine::pair::{PairConfig, PairState};
@@ -267,6 +269,10 @@ fn run_schedule(engine: &Engine, seed: u64) {
     let mut p_model = vec![0u64; BLOCKS as usize];
     let mut image: Option<Vec<u64>> = None;
     let mut backup: Option<(u64, std::path::PathBuf, Vec<u64>)> = None;
+    // Blocks of P written (acknowledged) since the split the backup's checkpoint stands for,
+    // when the backup makes one: every one must be in the checkpoint's changes.
+    let mut checkpoint: Option<std::collections::BTreeSet<u64>> = None;
+    let mut since_split: std::collections::BTreeSet<u64> = Default::default();
     let mut next_id = seed << 20;
     let mut batch = |rng: &mut StdRng, split: bool| -> (Vec<Planned>, Vec<Op>) {
         let n = rng.gen_range(1..=8);
@@ -289,18 +295,39 @@ fn run_schedule(engine: &Engine, seed: u64) {
             PairState::Copy | PairState::Pair if rng.gen_bool(0.4) => {
                 *watch_stop.lock().unwrap() = true;
                 engine.pair_split(std::slice::from_ref(&name)).unwrap();
+                since_split.clear();
                 image = Some(p_model.clone());
                 history.push("split".to_string());
             }
             PairState::Psus if backup.is_none() && rng.gen_bool(0.3) => {
                 let mode = [Mode::Wait, Mode::Reflect, Mode::Merge][rng.gen_range(0..3)];
                 let path = engine.state_dir().join(format!("{name}-backup.img"));
+                let make = rng.gen_bool(0.5);
+                let options = BackupOptions {
+                    checkpoint: make.then(|| "cp".to_string()),
+                };
+                let limits = Limits {
+                    rate: 0,
+                    host_rate: DEFAULT_HOST_RATE,
+                };
                 let id = engine
-                    .backup_start(&name, mode, Target::File { path: path.clone() }, 0)
+                    .backup_start_with(
+                        &name,
+                        mode,
+                        Target::File { path: path.clone() },
+                        limits,
+                        options,
+                    )
                     .unwrap();
                 // The backup holds the image as it is now: later writes to S wait for it.
                 backup = Some((id, path, image.clone().unwrap_or_default()));
-                history.push(format!("backup {id} ({})", mode.as_str()));
+                if make {
+                    checkpoint = Some(since_split.clone());
+                }
+                history.push(format!(
+                    "backup {id} ({}, checkpoint {make})",
+                    mode.as_str()
+                ));
             }
             PairState::Psus
                 if rng.gen_bool(0.2) && !engine.pair(&name).unwrap().backup_running() =>
@@ -322,7 +349,13 @@ fn run_schedule(engine: &Engine, seed: u64) {
                 }
                 match (to_image, image.as_mut()) {
                     (true, Some(img)) => img[b as usize] = id,
-                    _ => p_model[b as usize] = id,
+                    _ => {
+                        p_model[b as usize] = id;
+                        since_split.insert(b);
+                        if let Some(c) = checkpoint.as_mut() {
+                            c.insert(b);
+                        }
+                    }
                 }
             }
         }
@@ -366,6 +399,9 @@ fn run_schedule(engine: &Engine, seed: u64) {
             if r.is_ok() {
                 // Acknowledged before the cut, with FUA: it must be there.
                 *allowed = vec![id];
+                if let (false, Some(c)) = (to_image && i_allowed.is_some(), checkpoint.as_mut()) {
+                    c.insert(b);
+                }
             } else {
                 allowed.push(id);
             }
@@ -377,6 +413,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
         plan.len()
     ));
 
+    let mut backup_done = false;
     // A backup ends with the cut (its reads fail) unless it was done before: then it is the
     // image as it was when it started.
     if let Some((id, path, expected)) = backup.take() {
@@ -386,6 +423,7 @@ fn run_schedule(engine: &Engine, seed: u64) {
         history.push(format!("backup {id} {:?}", info.state));
         BACKUPS_ENDED[(info.state == BackupState::Done) as usize].fetch_add(1, Ordering::Relaxed);
         if info.state == BackupState::Done {
+            backup_done = true;
             let got = ids_of(&std::fs::read(&path).unwrap());
             if got.as_ref() != Ok(&expected) {
                 fail(
@@ -427,6 +465,29 @@ fn run_schedule(engine: &Engine, seed: u64) {
                 state_before.as_str()
             ),
         );
+    }
+    // A checkpoint the cut left listed holds every write to P acknowledged since its split; a
+    // backup done before the cut left its checkpoint.
+    if let Some(blocks) = &checkpoint {
+        let listed = pair.checkpoint_infos().iter().any(|c| c.name == "cp");
+        if backup_done && !listed {
+            fail(
+                &history,
+                "the backup was done but its checkpoint is gone".into(),
+            );
+        }
+        if listed {
+            let (words, _) = pair.changed_since("cp").unwrap();
+            for b in blocks {
+                let t = b * BS / TRACK;
+                if words[(t / 64) as usize] >> (t % 64) & 1 == 0 {
+                    fail(
+                        &history,
+                        format!("checkpoint 'cp' lost block {b} (track {t}) written after it"),
+                    );
+                }
+            }
+        }
     }
     let p_raw: Arc<dyn Bdev> = after.p.clone();
     let s_raw: Arc<dyn Bdev> = after.s.clone();

@@ -11,7 +11,11 @@
 //!   and the write-intent bits the metadata file held at the kill (so a pair whose bits were
 //!   cleaned comes back without a full copy);
 //! - a backup that was running is reported failed, "interrupted by restart"; a backup reported
-//!   done holds exactly the image.
+//!   done holds exactly the image;
+//! - a checkpoint (half the backups make one) survives every later kill once its backup was
+//!   reported done, and counts at least the tracks whose blocks P holds differently from its
+//!   split (acknowledged writes, and writes in flight that reached P: their bits were durable
+//!   before they were issued).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -225,6 +229,11 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     }));
     let mut image: Option<Vec<u64>> = None;
     let mut backup: Option<(u64, PathBuf)> = None;
+    // Checkpoints known to exist, with P's blocks at their split; and the one a running
+    // backup is to make.
+    let mut checkpoints: Vec<(String, Vec<u64>)> = Vec::new();
+    let mut making: Option<(String, Vec<u64>)> = None;
+    let mut checkpoints_checked = 0;
     let mut history: Vec<String> = Vec::new();
     let mut full_copies_avoided = 0;
     let mut next_id = 0u64;
@@ -242,14 +251,29 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             "PSUS" if choice < 3 && backup.is_none() => {
                 let mode = ["wait", "reflect", "merge"][rng.gen_range(0..3)];
                 let path = h.dir.path().join(format!("backup-{kill}.img"));
-                let id = rpc.ok(
-                    "backup_start",
-                    json!({"pair": "cp", "mode": mode, "target": {"type": "file", "path": path}}),
-                )["id"]
-                    .as_u64()
-                    .unwrap();
+                let mut params =
+                    json!({"pair": "cp", "mode": mode, "target": {"type": "file", "path": path}});
+                if rng.gen_bool(0.5) {
+                    if checkpoints.len() == 8 {
+                        let (oldest, _) = checkpoints.remove(0);
+                        rpc.ok("checkpoint_delete", json!({"pair": "cp", "name": oldest}));
+                    }
+                    let name = format!("k{kill}");
+                    params["checkpoint"] = json!(name);
+                    making = Some((name, image.clone().unwrap_or_default()));
+                }
+                let id = rpc.ok("backup_start", params)["id"].as_u64().unwrap();
+                if making.is_some() && rng.gen_bool(0.8) {
+                    // Most checkpoints are made before the kill, so later kills find them.
+                    assert!(wait_for(Duration::from_secs(30), || rpc
+                        .ok("backup_get", json!({ "id": id }))[0]["state"]
+                        != "running"));
+                    let b = rpc.ok("backup_get", json!({ "id": id }))[0].clone();
+                    assert_eq!(b["state"], "done", "kill {kill}: {b}");
+                }
                 backup = Some((id, path));
-                history.push(format!("{kill}: backup {id} ({mode})"));
+                let cp = making.as_ref().map(|(n, _)| n.as_str());
+                history.push(format!("{kill}: backup {id} ({mode}, checkpoint {cp:?})"));
             }
             "PSUS" if choice < 6 && backup.is_none() => {
                 rpc.ok("pair_resync", json!({"name": "cp"}));
@@ -361,6 +385,47 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
             }
             history.push(format!("{kill}: backup {id} {}", b["state"]));
         }
+        // Checkpoints: one whose backup was done is there, and none lost a change.
+        let listed = rpc.ok("checkpoint_list", json!({"pair": "cp"}));
+        let listed: Vec<(String, u64)> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let name = c["name"].as_str().unwrap().to_string();
+                (name, c["changed_tracks"].as_u64().unwrap())
+            })
+            .collect();
+        if let Some((name, at_split)) = making.take() {
+            let there = listed.iter().any(|(n, _)| *n == name);
+            if backup_was == Some(json!("done")) && !there {
+                fail(format!(
+                    "checkpoint {name}'s backup was done, but it is gone"
+                ));
+            }
+            if there {
+                checkpoints.push((name, at_split));
+            }
+        }
+        {
+            let m = model.lock().unwrap();
+            for (name, at_split) in &checkpoints {
+                let Some((_, counted)) = listed.iter().find(|(n, _)| n == name) else {
+                    fail(format!("checkpoint {name} is gone: {listed:?}"));
+                };
+                let changed: std::collections::BTreeSet<u64> = (0..BLOCKS as usize)
+                    .filter(|&b| m.acked[b] != at_split[b])
+                    .map(|b| b as u64 * BS / TRACK)
+                    .collect();
+                checkpoints_checked += 1;
+                if *counted < changed.len() as u64 {
+                    fail(format!(
+                        "checkpoint {name} counts {counted} changed tracks, P changed {}",
+                        changed.len()
+                    ));
+                }
+            }
+        }
         // The copy after the restart copies only what was pending.
         if back_state == "COPY" || back_state == "PAIR" {
             let start = Instant::now();
@@ -396,7 +461,14 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     drop(rpc);
     server.signal(libc::SIGTERM);
     assert!(server.wait_exit(Duration::from_secs(20)).is_some());
-    println!("{kills} kills; {full_copies_avoided} restarts of a clean mirror without a full copy");
+    println!(
+        "{kills} kills; {full_copies_avoided} restarts of a clean mirror without a full copy; \
+         {checkpoints_checked} checkpoint checks"
+    );
+    assert!(
+        kills < 20 || checkpoints_checked > 0,
+        "no checkpoint was made: the checkpoint checks never ran: {history:?}"
+    );
     assert!(
         kills < 20 || full_copies_avoided > 0,
         "no restart found a clean mirror: the no-full-copy check never ran"

@@ -52,6 +52,11 @@ fn every_method_through_the_socket() {
         "backup_start",
         "backup_get",
         "backup_cancel",
+        "checkpoint_list",
+        "checkpoint_delete",
+        "bdev_get_iostat",
+        "log_set_level",
+        "log_get_level",
         "pair_verify",
         "verify_get",
         "verify_cancel",
@@ -289,6 +294,41 @@ fn every_method_through_the_socket() {
     }
     assert_eq!(b["bytes_done"], 1 << 20);
     assert_eq!(c.err("backup_cancel", json!({"id": id})).0, CONFLICT);
+    // Checkpoints: one made by a backup, listed, refused twice, deleted.
+    assert_eq!(c.ok("checkpoint_list", json!({})), json!([]));
+    let id = c.ok(
+        "backup_start",
+        json!({"pair": "bk", "target": {"type": "file", "path": file}, "checkpoint": "night1"}),
+    )["id"]
+        .as_u64()
+        .unwrap();
+    assert!(wait_for(Duration::from_secs(20), || c
+        .ok("backup_get", json!({"id": id}))[0]["state"]
+        == "done"));
+    assert_eq!(
+        c.ok("backup_get", json!({"id": id}))[0]["checkpoint"],
+        "night1"
+    );
+    let list = c.ok("checkpoint_list", json!({"pair": "bk"}));
+    assert_eq!(list[0]["name"], "night1", "{list}");
+    assert_eq!(list[0]["backup_id"], id, "{list}");
+    assert_eq!(list[0]["changed_tracks"], 0, "{list}");
+    let (code, msg) = c.err(
+        "backup_start",
+        json!({"pair": "bk", "target": {"type": "file", "path": file}, "checkpoint": "night1"}),
+    );
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(msg.contains("already has a checkpoint"), "{msg}");
+    let (code, msg) = c.err("checkpoint_delete", json!({"pair": "bk", "name": "nope"}));
+    assert_eq!(code, PARAMS, "{msg}");
+    assert_eq!(
+        c.err("checkpoint_delete", json!({"pair": "nope", "name": "x"}))
+            .0,
+        NOT_FOUND
+    );
+    assert_eq!(c.err("checkpoint_list", json!({"pair": 5})).0, PARAMS);
+    c.ok("checkpoint_delete", json!({"pair": "bk", "name": "night1"}));
+    assert_eq!(c.ok("checkpoint_list", json!({"pair": "bk"})), json!([]));
     let (code, msg) = c.err(
         "backup_start",
         json!({"pair": "bk", "target": {"type": "nvmf", "traddr": "127.0.0.1",

@@ -18,6 +18,8 @@ const METHODS: &[&str] = &[
     "bdev_delete",
     "backup_get",
     "backup_cancel",
+    "checkpoint_list",
+    "checkpoint_delete",
     "nbd_get_exports",
     "framework_get_reactors",
     "rpc_get_methods",

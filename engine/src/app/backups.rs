@@ -6,8 +6,15 @@ use std::sync::{Arc, PoisonError};
 
 use super::{Engine, EngineError};
 use crate::backup::job::BackupJob;
-use crate::backup::{target, BackupInfo, Mode, Target};
+use crate::backup::{target, BackupInfo, Mode, NewBackup, Target};
 use crate::pair::PairError;
+
+/// What `backup_start` takes beyond the pair, mode, target and limits.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Give the pair checkpoint of this name at the image's split once the backup is done.
+    pub checkpoint: Option<String>,
+}
 
 impl Engine {
     /// Starts a backup of a split pair's image, at most `rate` bytes per second (0 = no limit);
@@ -33,11 +40,32 @@ impl Engine {
         rate: u64,
         host_rate: u64,
     ) -> Result<u64, EngineError> {
+        let limits = crate::backup::Limits { rate, host_rate };
+        self.backup_start_with(pair, mode, target, limits, BackupOptions::default())
+    }
+
+    /// [`Engine::backup_start_limited`] with the options of `backup_start` beyond the target.
+    pub fn backup_start_with(
+        &self,
+        pair: &str,
+        mode: Mode,
+        target: Target,
+        limits: crate::backup::Limits,
+        options: BackupOptions,
+    ) -> Result<u64, EngineError> {
         let _starting = self
             .backup_starts
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let p = self.pair(pair)?;
+        if let Some(name) = &options.checkpoint {
+            p.check_new_checkpoint(name)?;
+            if let Some(other) = self.backups.running_with_checkpoint(pair, name) {
+                return Err(EngineError::InUse(format!(
+                    "backup {other} is making checkpoint '{name}' of pair '{pair}'"
+                )));
+            }
+        }
         if let Target::File { path } | Target::Tape { path, .. } = &target {
             let mut partial = path.as_os_str().to_owned();
             partial.push(".partial");
@@ -68,14 +96,15 @@ impl Engine {
             EngineError::Unavailable(format!("no memory for the backup's staging buffers: {e}"))
         })?;
         let split_at_ns = self.pair_begin_backup(pair)?;
-        let backup = match self.backups.add(
-            pair,
+        let backup = match self.backups.add(NewBackup {
+            pair: pair.to_string(),
             mode,
             target,
-            p.geometry().size(),
+            bytes_total: p.geometry().size(),
             split_at_ns,
-            crate::backup::Limits { rate, host_rate },
-        ) {
+            limits,
+            checkpoint: options.checkpoint.clone(),
+        }) {
             Ok(b) => b,
             Err(e) => {
                 p.end_backup();
@@ -90,14 +119,11 @@ impl Engine {
         let hash_reactor =
             (self.reactors.len() > 1).then(|| self.reactors.get(reactor.index() + 1).clone());
         let (b, pr) = (Arc::clone(&backup), Arc::clone(&p));
+        let control = Arc::clone(&self.control);
         let sent = reactor.send_blocking(Box::new(move |cx| {
-            cx.add_poller(Box::new(BackupJob::new(
-                b,
-                pr,
-                pool,
-                connection,
-                hash_reactor,
-            )))
+            cx.add_poller(Box::new(
+                BackupJob::new(b, pr, pool, connection, hash_reactor).with_control(control),
+            ))
         }));
         if let Err(e) = sent {
             p.end_backup();
@@ -113,6 +139,7 @@ impl Engine {
             backup = backup.id,
             pair,
             mode = mode.as_str(),
+            checkpoint = options.checkpoint.as_deref(),
             "backup started"
         );
         Ok(backup.id)

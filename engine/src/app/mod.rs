@@ -4,6 +4,7 @@
 //! `exports`, `config` and the embedded `default`.
 
 mod backups;
+pub use backups::BackupOptions;
 mod bdevs;
 mod config;
 mod default;

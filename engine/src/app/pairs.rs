@@ -62,6 +62,7 @@ fn initialize_metadata(
         reverse: false,
         split_at_ns: 0,
         error: None,
+        checkpoints: Vec::new(),
     };
     Metadata::initialize(bdev, &rec)
         .map(Arc::new)
@@ -269,24 +270,29 @@ impl Engine {
     pub fn persist_pairs_for_stop(&self) {
         let pairs: Vec<Arc<Pair>> = self.state().pairs.values().cloned().collect();
         for p in pairs {
-            if !p.quiesce(Duration::from_secs(5)) {
-                tracing::error!(pair = p.name(), "host writes did not drain before the stop");
-                continue;
+            self.persist_pair_for_stop(&p);
+        }
+    }
+
+    /// [`Engine::persist_pairs_for_stop`] for one pair (its host writes stay refused).
+    pub fn persist_pair_for_stop(&self, p: &Pair) {
+        if !p.quiesce(Duration::from_secs(5)) {
+            tracing::error!(pair = p.name(), "host writes did not drain before the stop");
+            return;
+        }
+        let Some(meta) = p.metadata() else { return };
+        p.exact_changed_for_stop();
+        let n = meta.request_sync();
+        for r in self.reactors.handles() {
+            r.wake_if_parked();
+        }
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while !meta.synced(n) && meta.failure().is_none() {
+            if std::time::Instant::now() > end {
+                tracing::error!(pair = p.name(), "pair metadata not written out in 10 s");
+                break;
             }
-            let Some(meta) = p.metadata() else { continue };
-            p.exact_changed_for_stop();
-            let n = meta.request_sync();
-            for r in self.reactors.handles() {
-                r.wake_if_parked();
-            }
-            let end = std::time::Instant::now() + Duration::from_secs(10);
-            while !meta.synced(n) && meta.failure().is_none() {
-                if std::time::Instant::now() > end {
-                    tracing::error!(pair = p.name(), "pair metadata not written out in 10 s");
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -339,6 +345,25 @@ impl Engine {
     pub(crate) fn pair_begin_backup(&self, name: &str) -> Result<u64, EngineError> {
         self.transition(&[name.to_string()], Action::StartBackup)
             .map(|o| o.split_at_ns)
+    }
+
+    /// `checkpoint_list`: the checkpoints of one pair, or of every pair, oldest first.
+    pub fn checkpoint_list(
+        &self,
+        pair: Option<&str>,
+    ) -> Result<Vec<crate::pair::checkpoints::CheckpointInfo>, EngineError> {
+        let pairs = match pair {
+            Some(name) => vec![self.pair(name)?],
+            None => self.state().pairs.values().cloned().collect(),
+        };
+        Ok(pairs.iter().flat_map(|p| p.checkpoint_infos()).collect())
+    }
+
+    /// `checkpoint_delete`: what the checkpoint covered joins the next older one's.
+    pub fn checkpoint_delete(&self, pair: &str, name: &str) -> Result<(), EngineError> {
+        let name = name.to_string();
+        self.transition(&[pair.to_string()], Action::DeleteCheckpoint { name })
+            .map(|_| ())
     }
 
     /// Resyncs a pair forward (P to S) or in reverse (restore S onto P).

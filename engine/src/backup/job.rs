@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,8 @@ use super::hasher::HashQueue;
 use super::target::{open_sink, Connection};
 use super::{Backup, BackupState, Mode};
 use crate::pair::channel::{PairChannel, View};
-use crate::pair::{now_ns, HostWatch, Pair, PairState};
+use crate::pair::control::{Action, ControlQueue, ControlRequest, Outcome};
+use crate::pair::{now_ns, HostWatch, Pair, PairError, PairState};
 use crate::rate::{effective_rate, TokenBucket};
 use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
@@ -58,6 +60,9 @@ enum Phase {
     Waiting,
     Streaming,
     Finishing,
+    /// Written and durable: the pair's checkpoint is being made (the backup still holds the
+    /// pair in its split meanwhile).
+    Checkpointing,
     /// Letting reads and writes in flight finish before ending in this state.
     Draining(BackupState),
 }
@@ -102,6 +107,10 @@ pub struct BackupJob {
     bucket: TokenBucket,
     /// Whether hosts use the pair.
     hosts: HostWatch,
+    /// Where the checkpoint is made (set when the backup makes one).
+    control: Option<Arc<ControlQueue>>,
+    /// The outcome of the checkpoint asked for.
+    checkpoint_reply: Option<Receiver<Result<Outcome, PairError>>>,
     /// Reads are held back for hosts (counted once per stretch).
     yielding: bool,
     /// The target's socket is watched by the reactor.
@@ -166,6 +175,8 @@ impl BackupJob {
             crcs: None,
             sha: None,
             manifest,
+            control: None,
+            checkpoint_reply: None,
             asked: 0,
             started: Instant::now(),
             error: None,
@@ -213,6 +224,44 @@ impl BackupJob {
         self.src = Some(src);
         self.sink = Some(sink);
         Ok(())
+    }
+
+    /// Asks the control poller for the backup's checkpoint, if it makes one; the receiver of
+    /// the outcome.
+    #[allow(clippy::type_complexity)]
+    fn request_checkpoint(
+        &mut self,
+    ) -> Result<Option<Receiver<Result<Outcome, PairError>>>, String> {
+        let (Some(name), Some(control)) = (&self.backup.checkpoint, &self.control) else {
+            return Ok(None);
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let req = ControlRequest {
+            pairs: vec![Arc::clone(&self.pair)],
+            action: Action::Checkpoint {
+                name: name.clone(),
+                backup_id: self.backup.id,
+                split_at_ns: self.backup.split_at_ns,
+            },
+            reply: tx,
+        };
+        control
+            .push(req)
+            .map_err(|_| "the pair control queue is full".to_string())?;
+        Ok(Some(rx))
+    }
+
+    fn fail_checkpoint(&mut self, error: String) {
+        let name = self.backup.checkpoint.clone().unwrap_or_default();
+        self.fail(format!(
+            "the image was written, but checkpoint '{name}' could not be made: {error}"
+        ));
+    }
+
+    /// Has the job make the backup's checkpoint through `control` when it is done.
+    pub fn with_control(mut self, control: Arc<ControlQueue>) -> Self {
+        self.control = Some(control);
+        self
     }
 
     fn fail(&mut self, msg: String) {
@@ -470,7 +519,10 @@ impl BackupJob {
             };
             self.advance_frontier();
         }
-        if self.backup.cancel.load(Ordering::SeqCst) && !matches!(self.phase, Phase::Draining(_)) {
+        // Once the checkpoint is asked for, the backup ends with it (done or failed).
+        if self.backup.cancel.load(Ordering::SeqCst)
+            && !matches!(self.phase, Phase::Draining(_) | Phase::Checkpointing)
+        {
             self.phase = Phase::Draining(BackupState::Cancelled);
         }
         // pair_delete refuses while a backup runs; should a pair go anyway, its image is gone.
@@ -575,9 +627,29 @@ impl BackupJob {
                 busy = true;
             }
             Phase::Finishing => match self.sink.as_mut().and_then(|s| s.finished()) {
-                Some(Ok(())) => return self.end(BackupState::Done),
+                Some(Ok(())) => match self.request_checkpoint() {
+                    Ok(Some(reply)) => {
+                        self.checkpoint_reply = Some(reply);
+                        self.phase = Phase::Checkpointing;
+                        busy = true;
+                    }
+                    Ok(None) => return self.end(BackupState::Done),
+                    Err(e) => self.fail_checkpoint(e),
+                },
                 Some(Err(e)) => self.fail(format!("closing the backup: {e}")),
                 None => {}
+            },
+            Phase::Checkpointing => match self
+                .checkpoint_reply
+                .as_ref()
+                .map_or(Err(TryRecvError::Disconnected), Receiver::try_recv)
+            {
+                Ok(Ok(_)) => return self.end(BackupState::Done),
+                Ok(Err(e)) => self.fail_checkpoint(e.to_string()),
+                Err(TryRecvError::Empty) => busy = true,
+                Err(TryRecvError::Disconnected) => {
+                    self.fail_checkpoint("the engine is stopping".into())
+                }
             },
             Phase::Draining(state) => {
                 let sink_idle = self.sink.as_ref().is_none_or(|s| s.in_flight() == 0);

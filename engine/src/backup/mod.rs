@@ -112,6 +112,9 @@ pub struct BackupInfo {
     pub host_yields: u64,
     /// Nanoseconds from start to end (0 while running).
     pub elapsed_ns: u64,
+    /// The checkpoint the pair gets at the image's split once the backup is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
 }
 
 struct Status {
@@ -119,6 +122,24 @@ struct Status {
     sha256: Option<String>,
     error: Option<String>,
     elapsed_ns: u64,
+}
+
+/// What a new backup is, for [`Backups::add`].
+pub struct NewBackup {
+    /// Pair name.
+    pub pair: String,
+    /// Mode.
+    pub mode: Mode,
+    /// Target.
+    pub target: Target,
+    /// Image size.
+    pub bytes_total: u64,
+    /// Split instant.
+    pub split_at_ns: u64,
+    /// Throughput limits.
+    pub limits: Limits,
+    /// The checkpoint the pair gets once the backup is done.
+    pub checkpoint: Option<String>,
 }
 
 /// A backup as the control plane and its job share it.
@@ -139,6 +160,8 @@ pub struct Backup {
     pub rate: u64,
     /// Throughput limit while hosts use the pair (0 = none): host requests first.
     pub host_rate: u64,
+    /// The checkpoint the pair gets once the backup is done.
+    pub checkpoint: Option<String>,
     bytes_done: AtomicU64,
     cpu_copied: AtomicU64,
     pub(crate) host_yields: AtomicU64,
@@ -181,6 +204,7 @@ impl Backup {
             host_rate: self.host_rate,
             host_yields: self.host_yields.load(Ordering::Relaxed),
             elapsed_ns: st.elapsed_ns,
+            checkpoint: self.checkpoint.clone(),
         }
     }
 
@@ -335,6 +359,7 @@ impl Backups {
                 split_at_ns: info.split_at_ns,
                 rate: info.rate,
                 host_rate: info.host_rate,
+                checkpoint: info.checkpoint,
                 bytes_done: AtomicU64::new(info.bytes_done),
                 cpu_copied: AtomicU64::new(info.cpu_copied_bytes),
                 host_yields: AtomicU64::new(info.host_yields),
@@ -363,25 +388,18 @@ impl Backups {
     }
 
     /// Adds a running backup; with a journal, its record is durable before this returns.
-    pub fn add(
-        &self,
-        pair: &str,
-        mode: Mode,
-        target: Target,
-        bytes_total: u64,
-        split_at_ns: u64,
-        limits: Limits,
-    ) -> std::io::Result<Arc<Backup>> {
+    pub fn add(&self, new: NewBackup) -> std::io::Result<Arc<Backup>> {
         let id = self.next_id();
         let b = Arc::new(Backup {
             id,
-            pair: pair.to_string(),
-            mode,
-            target,
-            bytes_total,
-            split_at_ns,
-            rate: limits.rate,
-            host_rate: limits.host_rate,
+            pair: new.pair,
+            mode: new.mode,
+            target: new.target,
+            bytes_total: new.bytes_total,
+            split_at_ns: new.split_at_ns,
+            rate: new.limits.rate,
+            host_rate: new.limits.host_rate,
+            checkpoint: new.checkpoint,
             bytes_done: AtomicU64::new(0),
             cpu_copied: AtomicU64::new(0),
             host_yields: AtomicU64::new(0),
@@ -425,6 +443,18 @@ impl Backups {
         self.list()
             .values()
             .find(|b| b.state() == BackupState::Running && b.target.place() == place)
+            .map(|b| b.id)
+    }
+
+    /// The running backup of `pair` that is to make checkpoint `name`, if any.
+    pub fn running_with_checkpoint(&self, pair: &str, name: &str) -> Option<u64> {
+        self.list()
+            .values()
+            .find(|b| {
+                b.pair == pair
+                    && b.state() == BackupState::Running
+                    && b.checkpoint.as_deref() == Some(name)
+            })
             .map(|b| b.id)
     }
 

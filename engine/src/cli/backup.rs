@@ -52,7 +52,8 @@ fn parse_nvmf(rest: &str) -> Result<Value, String> {
     Ok(json!({"type": "nvmf", "traddr": traddr, "trsvcid": port, "subnqn": nqn}))
 }
 
-/// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]`.
+/// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]
+/// [--checkpoint NAME]`.
 pub fn backup(
     socket: Option<PathBuf>,
     pair: &str,
@@ -60,6 +61,7 @@ pub fn backup(
     mode: &str,
     wait: bool,
     rate: u64,
+    checkpoint: Option<String>,
 ) -> i32 {
     let target = match parse_target(to) {
         Ok(t) => t,
@@ -72,10 +74,11 @@ pub fn backup(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let id = match c.call(
-        "backup_start",
-        json!({"pair": pair, "mode": mode, "target": target, "rate": rate}),
-    ) {
+    let mut params = json!({"pair": pair, "mode": mode, "target": target, "rate": rate});
+    if let Some(name) = checkpoint {
+        params["checkpoint"] = json!(name);
+    }
+    let id = match c.call("backup_start", params) {
         Ok(v) => v.get("id").and_then(Value::as_u64).unwrap_or(0),
         Err(e) => return fail(e),
     };

@@ -10,11 +10,12 @@ use std::time::Instant;
 use crossbeam_queue::ArrayQueue;
 use std::sync::atomic::Ordering;
 
+use super::metadata::CheckpointRecord;
 use super::{now_ns, Pair, PairError};
 use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
 /// A transition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
     /// Split: S stands for P as of now.
     Split,
@@ -28,6 +29,21 @@ pub enum Action {
     /// A backup of the image starts: from now on, writes to S wait for it on tracks it has not
     /// read yet. Applied after the writes in flight have drained.
     StartBackup,
+    /// A backup of the image is done (and still holds the pair in its split): the pair gets
+    /// checkpoint `name` at its split (see `pair::checkpoints`).
+    Checkpoint {
+        /// Name.
+        name: String,
+        /// The backup.
+        backup_id: u64,
+        /// The backup's split instant (the pair must still be in that split).
+        split_at_ns: u64,
+    },
+    /// Checkpoint `name` goes; what it covered joins the next older one.
+    DeleteCheckpoint {
+        /// Name.
+        name: String,
+    },
 }
 
 /// What a transition reports.
@@ -89,6 +105,10 @@ enum Stage {
     Header,
     /// Resync: waiting for the tracks it copies to be marked durably.
     Marks,
+    /// Checkpoint made or deleted: gates open, waiting for a checkpoint slot to be durable.
+    Slot(usize),
+    /// Then gates closed again, waiting for host writes in flight to drain.
+    SlotDrain,
 }
 
 struct Running {
@@ -96,6 +116,8 @@ struct Running {
     started: Instant,
     stage: Stage,
     outcome: Result<u64, PairError>,
+    /// The checkpoint slot being filled or merged into.
+    slot: Option<usize>,
 }
 
 /// The control poller.
@@ -124,10 +146,19 @@ impl ControlPoller {
             if p.is_deleted() {
                 return Err(PairError::NotFound(p.name().to_string()));
             }
-            match req.action {
+            match &req.action {
                 Action::Split => p.check_split()?,
-                Action::Resync { reverse, full } => p.check_resync(reverse, full)?,
+                Action::Resync { reverse, full } => p.check_resync(*reverse, *full)?,
                 Action::StartBackup => p.check_backup()?,
+                Action::Checkpoint { .. } | Action::DeleteCheckpoint { .. }
+                    if req.pairs.len() != 1 =>
+                {
+                    return Err(PairError::Invalid(
+                        "checkpoints are made and deleted one pair at a time".into(),
+                    ))
+                }
+                Action::Checkpoint { name, .. } => p.check_new_checkpoint(name)?,
+                Action::DeleteCheckpoint { .. } => {}
             }
         }
         Ok(())
@@ -156,7 +187,111 @@ impl ControlPoller {
                 }
                 req.pairs.first().map_or(0, |p| p.split_at_ns())
             }
+            // Applied in steps by `step_checkpoint`.
+            Action::Checkpoint { .. } | Action::DeleteCheckpoint { .. } => 0,
         })
+    }
+
+    /// Moves a checkpoint being made or deleted on (one pair, see `pair::checkpoints`); true
+    /// when it replied.
+    fn step_checkpoint(run: &mut Running) -> bool {
+        let Some(pair) = run.req.pairs.first().cloned() else {
+            run.outcome = Err(PairError::Invalid("no pair named".into()));
+            return true;
+        };
+        loop {
+            match run.stage {
+                Stage::Draining => {
+                    if !pair.drained() {
+                        return false;
+                    }
+                    let begun = Self::check(&run.req).and_then(|()| match &run.req.action {
+                        Action::Checkpoint {
+                            name, split_at_ns, ..
+                        } => pair.begin_checkpoint(name, *split_at_ns).map(Some),
+                        Action::DeleteCheckpoint { name } => pair.begin_checkpoint_delete(name),
+                        _ => Ok(None),
+                    });
+                    pair.open_gate();
+                    match begun {
+                        Err(e) => {
+                            run.outcome = Err(e);
+                            return true;
+                        }
+                        Ok(Some(slot)) => {
+                            run.slot = Some(slot);
+                            run.stage = Stage::Slot(slot);
+                        }
+                        Ok(None) => {
+                            pair.close_gate();
+                            run.stage = Stage::SlotDrain;
+                        }
+                    }
+                }
+                Stage::Slot(slot) => {
+                    if !pair.checkpoint_slot_durable(slot) {
+                        return false;
+                    }
+                    if let Some(e) = pair.metadata().and_then(|m| m.failure()) {
+                        if let Action::Checkpoint { .. } = run.req.action {
+                            pair.close_gate();
+                            run.stage = Stage::SlotDrain;
+                            run.outcome = Err(PairError::Invalid(format!(
+                                "pair metadata cannot be written: {e}"
+                            )));
+                            continue;
+                        }
+                    }
+                    pair.close_gate();
+                    run.stage = Stage::SlotDrain;
+                }
+                Stage::SlotDrain => {
+                    if !pair.drained() {
+                        return false;
+                    }
+                    match (&run.req.action, &run.outcome) {
+                        (Action::Checkpoint { .. }, Err(_)) => {
+                            // Only a failed metadata write gets here: marking stops.
+                            if let Some(slot) = run.slot {
+                                pair.abandon_checkpoint(slot);
+                            }
+                            pair.open_gate();
+                            return true;
+                        }
+                        (
+                            Action::Checkpoint {
+                                name,
+                                backup_id,
+                                split_at_ns,
+                            },
+                            Ok(_),
+                        ) => {
+                            if let Some(slot) = run.slot {
+                                pair.commit_checkpoint(CheckpointRecord {
+                                    name: name.clone(),
+                                    split_at_ns: *split_at_ns,
+                                    backup_id: *backup_id,
+                                    slot: slot as u8,
+                                });
+                            }
+                        }
+                        (Action::DeleteCheckpoint { name }, _) => {
+                            pair.commit_checkpoint_delete(name)
+                        }
+                        _ => {}
+                    }
+                    run.stage = Stage::Header;
+                }
+                Stage::Header => {
+                    if !(pair.state_durable() || pair.metadata_failed()) {
+                        return false;
+                    }
+                    pair.open_gate();
+                    return true;
+                }
+                Stage::Marks => return true,
+            }
+        }
     }
 
     /// Moves the running transition on as far as it can go now; true when it replied.
@@ -164,7 +299,26 @@ impl ControlPoller {
         let Some(run) = self.running.as_mut() else {
             return false;
         };
-        let action = run.req.action;
+        let action = run.req.action.clone();
+        if matches!(
+            action,
+            Action::Checkpoint { .. } | Action::DeleteCheckpoint { .. }
+        ) {
+            if !Self::step_checkpoint(run) {
+                return false;
+            }
+            let Some(run) = self.running.take() else {
+                return false;
+            };
+            let engine_ns = run.started.elapsed().as_nanos() as u64;
+            let result = run.outcome.map(|_| Outcome {
+                split_at_ns: run.req.pairs.first().map_or(0, |p| p.split_at_ns()),
+                pending_tracks: run.req.pairs.iter().map(|p| p.pending.count()).collect(),
+                engine_ns,
+            });
+            let _ = run.req.reply.send(result);
+            return true;
+        }
         if run.stage == Stage::Draining {
             // A split does not wait for writes in flight: those mirrored before it are counted
             // on their tracks, and post-split users of those tracks wait for them. The gates
@@ -253,6 +407,7 @@ impl Poller for ControlPoller {
                 started,
                 stage: Stage::Draining,
                 outcome: Ok(0),
+                slot: None,
             });
         }
         self.step();

@@ -153,7 +153,12 @@ impl Copier {
             return None;
         }
         let tracks = pair.tracks();
-        if let Some(t) = pair.restore.next_member(self.restore_cursor, tracks) {
+        // A restore changes P: only once the checkpoints hold its tracks durably.
+        let restoring = pair.restore.count() > 0 && pair.restore_allowed();
+        if let Some(t) = restoring
+            .then(|| pair.restore.next_member(self.restore_cursor, tracks))
+            .flatten()
+        {
             self.restore_cursor = t + 1;
             if pair.locks.try_lock(t) {
                 if pair.restore.contains(t) {

@@ -23,6 +23,7 @@
 
 pub mod bitmap;
 pub mod channel;
+pub mod checkpoints;
 pub mod control;
 pub mod copier;
 pub mod metadata;

@@ -63,6 +63,7 @@ impl Pair {
             reverse: self.reversing(),
             split_at_ns: self.split_at_ns(),
             error: self.error(),
+            checkpoints: self.checkpoints.records(),
         }
     }
 
@@ -121,15 +122,22 @@ impl Pair {
 
     /// Records in the metadata what a host write on `tracks` needs durable before it is issued.
     pub(crate) fn prepare_write(&self, kind: HostWrite, tracks: std::ops::Range<u64>) {
-        let Some(m) = &self.meta else { return };
+        let Some(m) = &self.meta else {
+            if kind != HostWrite::ChangedS {
+                tracks.for_each(|t| self.mark_checkpoints(t));
+            }
+            return;
+        };
         for t in tracks {
             match kind {
                 HostWrite::Mirror => {
                     m.touch(t);
                     m.want_set_region(MapKind::Pending, t, self.tracks);
+                    self.mark_checkpoints(t);
                 }
                 HostWrite::ChangedP { split } => {
                     m.want_set_region(MapKind::ChangedP, t, self.tracks);
+                    self.mark_checkpoints(t);
                     if split {
                         // P changes: the track must not read as "P holds the image" after a
                         // crash.
@@ -159,12 +167,15 @@ impl Pair {
         }
         let pending = m.map(MapKind::Pending);
         let ready = match kind {
-            HostWrite::Mirror => tracks.into_iter().all(|t| pending.durable(t) == Some(true)),
+            HostWrite::Mirror => tracks
+                .into_iter()
+                .all(|t| pending.durable(t) == Some(true) && self.checkpoint_marks_durable(t)),
             HostWrite::ChangedP { split } => {
                 let changed = m.map(MapKind::ChangedP);
                 tracks.into_iter().all(|t| {
                     changed.durable(t) == Some(true)
                         && (!split || pending.durable(t) == Some(false))
+                        && self.checkpoint_marks_durable(t)
                 })
             }
             HostWrite::ChangedS => {
@@ -240,7 +251,10 @@ impl Pair {
             PersistedState::Known(state) => *state,
             PersistedState::Unknown(other) => return Err(format!("unknown state {other}")),
         };
-        let [pending, changed_p, changed_s, restore] = &loaded.maps;
+        let [pending, changed_p, changed_s, restore] = match &loaded.maps[..] {
+            [p, cp, cs, r, ..] => [p, cp, cs, r],
+            _ => return Err("the metadata lacks maps".into()),
+        };
         let reverse = h.reverse && state == PairState::Copy;
         match state {
             PairState::Copy | PairState::Pair => {
@@ -274,6 +288,13 @@ impl Pair {
             }
         }
         self.restore_state(state, reverse, h.split_at_ns, h.error.clone());
+        // A restore under way, or cut short, changed P on the tracks it restores.
+        let restoring = (self.restore.count() > 0).then(|| {
+            (0..self.tracks.div_ceil(64) as usize)
+                .map(|w| self.restore.raw_word(w))
+                .collect()
+        });
+        self.load_checkpoints(&h.checkpoints, &loaded.maps, restoring)?;
         if let Some(m) = &self.meta {
             // The maps on disk move to what memory now holds; none of it is on a write path.
             m.want_exactly(MapKind::Pending, |w| {
@@ -325,6 +346,7 @@ impl Pair {
             m.want_set_word(MapKind::Pending, w, self.pending.bits64(w));
             m.want_set_word(MapKind::Restore, w, self.restore.raw_word(w));
         }
+        self.persist_checkpoint_marks();
         self.wake_copier();
     }
 
@@ -343,6 +365,7 @@ impl Pair {
                 && d.disk_word(w) & self.pending.bits64(w) == self.pending.bits64(w)
                 && r.disk_word(w) & self.restore.raw_word(w) == self.restore.raw_word(w)
         });
+        let durable = durable && self.checkpoint_marks_persisted();
         if durable {
             m.want_exactly(MapKind::ChangedP, |_| 0);
             m.want_exactly(MapKind::ChangedS, |_| 0);
@@ -392,6 +415,7 @@ mod tests {
             reverse: false,
             split_at_ns: 7,
             error: None,
+            checkpoints: Vec::new(),
         };
         let m = bdev("m");
         Metadata::initialize(Arc::clone(&m), &rec).unwrap();

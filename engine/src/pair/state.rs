@@ -131,6 +131,8 @@ pub struct Pair {
     pub(crate) changed_p: TrackSet,
     /// Tracks written on S since the split.
     pub(crate) changed_s: TrackSet,
+    /// Checkpoints and the tracks P changed since each.
+    pub(crate) checkpoints: super::checkpoints::Checkpoints,
     pub(crate) locks: TrackLocks,
     /// Closed while a transition waits for host writes in flight to drain.
     pub(super) gate: AtomicBool,
@@ -249,6 +251,7 @@ impl Pair {
             restore: TrackSet::new(tracks),
             changed_p: TrackSet::new(tracks),
             changed_s: TrackSet::new(tracks),
+            checkpoints: super::checkpoints::Checkpoints::new(tracks),
             locks: TrackLocks::new(tracks),
             gate: AtomicBool::new(false),
             inflight: AtomicU64::new(0),

@@ -16,7 +16,12 @@ impl Pair {
     /// (`flush_data`: P and S flushed first). The writer reads the state after the number it
     /// writes, so the newest header holds the newest state as long as states change in the
     /// order of their numbers, which the lock keeps.
-    fn transition(&self, flush_data: bool, applies: impl FnOnce() -> bool, change: impl FnOnce()) {
+    pub(super) fn transition(
+        &self,
+        flush_data: bool,
+        applies: impl FnOnce() -> bool,
+        change: impl FnOnce(),
+    ) {
         let _ordered = self
             .transitions
             .lock()
@@ -175,6 +180,7 @@ impl Pair {
             }
             self.restore.absorb(&self.changed_p);
             self.restore.absorb(&self.changed_s);
+            self.mark_checkpoints_restored(&self.restore);
             self.direction.store(DIR_REVERSE, Ordering::SeqCst);
         } else {
             if full {
@@ -317,6 +323,7 @@ mod tests {
             reverse: false,
             split_at_ns: 0,
             error: None,
+            checkpoints: Vec::new(),
         };
         let meta = Arc::new(Metadata::initialize(bdev("m"), &rec).unwrap());
         let pair = Pair::with_metadata(&cfg, p, s, Vec::new(), None, Some(meta)).unwrap();

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use super::audit::Audit;
 use super::config::LoadConfigParams;
 use super::{codes, RpcError};
-use crate::app::{Engine, EngineError};
-use crate::backup::{Mode, Target};
+use crate::app::{BackupOptions, Engine, EngineError};
+use crate::backup::{Limits, Mode, Target};
 use crate::export::{Address, ExportError};
 use crate::logging::{self, LogError};
 use crate::pair::{PairConfig, PairError, DEFAULT_TRACK_SIZE};
@@ -81,6 +81,8 @@ pub static METHODS: &[Method] = &[
     method!("backup_start", backup_start, changes_state),
     method!("backup_get", backup_get),
     method!("backup_cancel", backup_cancel, changes_state),
+    method!("checkpoint_list", checkpoint_list),
+    method!("checkpoint_delete", checkpoint_delete, changes_state),
     method!("pair_verify", pair_verify, changes_state),
     method!("verify_get", verify_get),
     method!("verify_cancel", verify_cancel, changes_state),
@@ -410,8 +412,24 @@ fn pair_get(engine: &Engine, p: OptionalName) -> Result<Value, RpcError> {
 }
 
 fn backup_start(engine: &Engine, p: BackupStartParams) -> Result<Value, RpcError> {
-    let id = engine.backup_start_limited(&p.pair, p.mode, p.target, p.rate, p.host_rate)?;
+    let limits = Limits {
+        rate: p.rate,
+        host_rate: p.host_rate,
+    };
+    let options = BackupOptions {
+        checkpoint: p.checkpoint,
+    };
+    let id = engine.backup_start_with(&p.pair, p.mode, p.target, limits, options)?;
     Ok(json!({ "id": id }))
+}
+
+fn checkpoint_list(engine: &Engine, p: CheckpointListParams) -> Result<Value, RpcError> {
+    Ok(json!(engine.checkpoint_list(p.pair.as_deref())?))
+}
+
+fn checkpoint_delete(engine: &Engine, p: CheckpointParams) -> Result<Value, RpcError> {
+    engine.checkpoint_delete(&p.pair, &p.name)?;
+    Ok(json!(true))
 }
 
 fn backup_get(engine: &Engine, p: OptionalId) -> Result<Value, RpcError> {
@@ -566,6 +584,22 @@ struct BackupStartParams {
     rate: u64,
     #[serde(default = "default_host_rate")]
     host_rate: u64,
+    #[serde(default)]
+    checkpoint: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointListParams {
+    #[serde(default)]
+    pair: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckpointParams {
+    pair: String,
+    name: String,
 }
 
 #[derive(Deserialize)]

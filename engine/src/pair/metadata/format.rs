@@ -26,6 +26,23 @@ pub struct HeaderRecord {
     pub split_at_ns: u64,
     /// Why the pair is suspended.
     pub error: Option<String>,
+    /// The pair's checkpoints, oldest first (format 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<CheckpointRecord>,
+}
+
+/// A checkpoint as the header records it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CheckpointRecord {
+    /// Name.
+    pub name: String,
+    /// The split instant it stands for, ns since the epoch.
+    pub split_at_ns: u64,
+    /// The backup that made it.
+    pub backup_id: u64,
+    /// Its slot: the map of the tracks P changed from its split to the next checkpoint's (the
+    /// newest: to now).
+    pub slot: u8,
 }
 
 /// A pair state as a header stores it: its name, `COPY`, `PAIR`, `PSUS` or `PSUE`
@@ -72,25 +89,62 @@ pub struct Layout {
     pub tracks: u64,
     /// Pages each map takes.
     pub pages_per_map: u64,
+    /// Maps: the four every pair has, then the checkpoint slots' (format 2).
+    pub maps: u64,
+    /// The format headers are written in.
+    pub format: u32,
 }
 
 impl Layout {
-    /// The layout for `tracks` tracks.
+    /// The layout of new metadata for `tracks` tracks (the current format).
     pub fn new(tracks: u64) -> Self {
+        Self::with_format(tracks, FORMAT)
+    }
+
+    /// The layout of metadata of `format` (1: no checkpoint slots).
+    pub fn with_format(tracks: u64, format: u32) -> Self {
+        let maps = if format == FORMAT_BASE_MAPS_ONLY {
+            BASE_MAPS
+        } else {
+            BASE_MAPS + CHECKPOINT_SLOTS
+        };
         Self {
             tracks,
             pages_per_map: tracks.div_ceil(TRACKS_PER_PAGE).max(1),
+            maps: maps as u64,
+            format,
+        }
+    }
+
+    /// True when the layout has checkpoint slots.
+    pub fn has_checkpoints(&self) -> bool {
+        self.maps as usize > BASE_MAPS
+    }
+
+    /// Every map of the layout, in on-disk order.
+    pub fn map_kinds(&self) -> impl Iterator<Item = MapKind> {
+        let slots = self.maps as usize - BASE_MAPS;
+        MAP_KINDS
+            .into_iter()
+            .chain((0..slots).map(MapKind::checkpoint))
+    }
+
+    /// The map stored `n`th.
+    pub fn map_at(&self, n: u64) -> MapKind {
+        match n as usize {
+            i if i < BASE_MAPS => MAP_KINDS[i],
+            i => MapKind::checkpoint(i - BASE_MAPS),
         }
     }
 
     /// Bytes the metadata bdev needs.
     pub fn size(&self) -> u64 {
-        (HEADER_SLOTS + 4 * self.pages_per_map) * BLOCK
+        (HEADER_SLOTS + self.maps * self.pages_per_map) * BLOCK
     }
 
     /// Byte offset of a page.
     pub fn page_offset(&self, map: MapKind, page: u64) -> u64 {
-        (HEADER_SLOTS + map as u64 * self.pages_per_map + page) * BLOCK
+        (HEADER_SLOTS + map.index() as u64 * self.pages_per_map + page) * BLOCK
     }
 
     /// Words a map holds (whole pages).
@@ -99,14 +153,18 @@ impl Layout {
     }
 }
 
-pub(super) fn encode_header(rec: &HeaderRecord, out: &mut [u8]) -> Result<(), MetaError> {
+pub(super) fn encode_header(
+    rec: &HeaderRecord,
+    format: u32,
+    out: &mut [u8],
+) -> Result<(), MetaError> {
     let json = serde_json::to_vec(rec).map_err(|e| MetaError::Io(e.to_string()))?;
     if json.len() > BLOCK as usize - 20 {
         return Err(MetaError::Io("pair header does not fit its block".into()));
     }
     out.fill(0);
     out[..8].copy_from_slice(&MAGIC);
-    out[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+    out[8..12].copy_from_slice(&format.to_le_bytes());
     out[12..16].copy_from_slice(&(json.len() as u32).to_le_bytes());
     out[16..16 + json.len()].copy_from_slice(&json);
     let crc = crc32c::crc32c(&out[..BLOCK as usize - 4]);
@@ -120,21 +178,24 @@ pub(super) fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(a)
 }
 
-pub(super) fn decode_header(buf: &[u8]) -> Result<HeaderRecord, String> {
+/// The header in `buf` and the format it was written in.
+pub(super) fn decode_header(buf: &[u8]) -> Result<(HeaderRecord, u32), String> {
     if buf[..8] != MAGIC {
         return Err("no header magic".into());
     }
     if crc32c::crc32c(&buf[..BLOCK as usize - 4]) != u32_at(buf, BLOCK as usize - 4) {
         return Err("header checksum mismatch".into());
     }
-    if u32_at(buf, 8) != FORMAT {
-        return Err(format!("unknown format {}", u32_at(buf, 8)));
+    let format = u32_at(buf, 8);
+    if format != FORMAT && format != FORMAT_BASE_MAPS_ONLY {
+        return Err(format!("unknown format {format}"));
     }
     let len = u32_at(buf, 12) as usize;
     if len > BLOCK as usize - 20 {
         return Err("header length out of range".into());
     }
-    serde_json::from_slice(&buf[16..16 + len]).map_err(|e| e.to_string())
+    let rec = serde_json::from_slice(&buf[16..16 + len]).map_err(|e| e.to_string())?;
+    Ok((rec, format))
 }
 
 pub(super) fn encode_page(map: MapKind, page: u64, words: &[u64], out: &mut [u8]) {
@@ -142,7 +203,7 @@ pub(super) fn encode_page(map: MapKind, page: u64, words: &[u64], out: &mut [u8]
         out[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
     let t = WORDS_PER_PAGE as usize * 8;
-    out[t..t + 4].copy_from_slice(&(map as u32).to_le_bytes());
+    out[t..t + 4].copy_from_slice(&(map.index() as u32).to_le_bytes());
     out[t + 4..t + 8].copy_from_slice(&(page as u32).to_le_bytes());
     out[t + 8..t + 12].copy_from_slice(&MAGIC[..4]);
     let crc = crc32c::crc32c(&out[..BLOCK as usize - 4]);
@@ -154,7 +215,7 @@ pub(super) fn encode_page(map: MapKind, page: u64, words: &[u64], out: &mut [u8]
 pub fn decode_page(map: MapKind, page: u64, buf: &[u8], words: &mut [u64]) -> Result<(), String> {
     let t = WORDS_PER_PAGE as usize * 8;
     if crc32c::crc32c(&buf[..BLOCK as usize - 4]) != u32_at(buf, BLOCK as usize - 4)
-        || u32_at(buf, t) != map as u32
+        || u32_at(buf, t) != map.index() as u32
         || u32_at(buf, t + 4) != page as u32
         || buf[t + 8..t + 12] != MAGIC[..4]
     {

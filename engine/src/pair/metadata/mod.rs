@@ -57,22 +57,62 @@ pub const WORDS_PER_PAGE: u64 = 510;
 pub const TRACKS_PER_PAGE: u64 = WORDS_PER_PAGE * 64;
 const HEADER_SLOTS: u64 = 2;
 const MAGIC: [u8; 8] = *b"QSPAIRMD";
-const FORMAT: u32 = 1;
+/// The header format of metadata with checkpoint slots.
+const FORMAT: u32 = 2;
+/// The header format of metadata made before checkpoints: the four maps only.
+const FORMAT_BASE_MAPS_ONLY: u32 = 1;
 
-/// The four persisted maps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MapKind {
+/// A persisted map: one of the four a pair always has, or a checkpoint slot's
+/// ([`MapKind::checkpoint`]). Its number orders the maps on disk and is stored in each page.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct MapKind(u8);
+
+#[allow(non_upper_case_globals)]
+impl MapKind {
     /// Write-intent map (COPY/PAIR), tracks S lacks (PSUS).
-    Pending = 0,
+    pub const Pending: MapKind = MapKind(0);
     /// Tracks written on P since the split.
-    ChangedP = 1,
+    pub const ChangedP: MapKind = MapKind(1);
     /// Tracks written on S since the split.
-    ChangedS = 2,
+    pub const ChangedS: MapKind = MapKind(2);
     /// Tracks P lacks during a restore.
-    Restore = 3,
+    pub const Restore: MapKind = MapKind(3);
+
+    /// The map of checkpoint slot `slot` (below [`CHECKPOINT_SLOTS`]): tracks P changed in
+    /// the span the slot covers (see `pair::checkpoints`).
+    pub const fn checkpoint(slot: usize) -> MapKind {
+        MapKind(BASE_MAPS as u8 + slot as u8)
+    }
+
+    /// The map's number (its place on disk).
+    pub const fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// The checkpoint slot this map is, if it is one.
+    pub fn checkpoint_slot(self) -> Option<usize> {
+        (self.index() >= BASE_MAPS).then(|| self.index() - BASE_MAPS)
+    }
 }
 
-/// Every map, in on-disk order.
+impl std::fmt::Debug for MapKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            0 => f.write_str("Pending"),
+            1 => f.write_str("ChangedP"),
+            2 => f.write_str("ChangedS"),
+            3 => f.write_str("Restore"),
+            n => write!(f, "Checkpoint{}", n as usize - BASE_MAPS),
+        }
+    }
+}
+
+/// The maps every pair has.
+pub const BASE_MAPS: usize = 4;
+/// Checkpoint slots: a pair holds this many checkpoints at most.
+pub const CHECKPOINT_SLOTS: usize = 8;
+
+/// The four maps every pair has, in on-disk order.
 pub const MAP_KINDS: [MapKind; 4] = [
     MapKind::Pending,
     MapKind::ChangedP,
@@ -260,15 +300,16 @@ pub struct MetaStats {
 pub struct Loaded {
     /// The newest valid header.
     pub header: HeaderRecord,
-    /// Each map's bits, 64 tracks a word.
-    pub maps: [Vec<u64>; 4],
+    /// Each map's bits, 64 tracks a word, the four every pair has and then the checkpoint
+    /// slots' (none in metadata of format 1).
+    pub maps: Vec<Vec<u64>>,
 }
 
 /// A pair's persisted metadata: the live maps and the requests for the writer.
 pub struct Metadata {
     bdev: Arc<dyn Bdev>,
     layout: Layout,
-    maps: [PersistedSet; 4],
+    maps: Vec<PersistedSet>,
     /// Pages to write, as `map * pages_per_map + page`.
     queue: ArrayQueue<u64>,
     /// Tracks a host write touched since the cleaner last looked (64 a word).
@@ -301,13 +342,10 @@ impl Metadata {
         }
         let words = layout.words() as usize;
         Ok(Self {
-            maps: [
-                PersistedSet::new(&layout),
-                PersistedSet::new(&layout),
-                PersistedSet::new(&layout),
-                PersistedSet::new(&layout),
-            ],
-            queue: ArrayQueue::new((4 * layout.pages_per_map) as usize),
+            maps: (0..layout.maps)
+                .map(|_| PersistedSet::new(&layout))
+                .collect(),
+            queue: ArrayQueue::new((layout.maps * layout.pages_per_map) as usize),
             touched: (0..words).map(|_| AtomicU64::new(0)).collect(),
             next_seq: AtomicU64::new(seq),
             header_wanted: AtomicU64::new(seq),
@@ -342,10 +380,10 @@ impl Metadata {
             if rec.seq % 2 != slot {
                 r.seq = rec.seq.saturating_sub(1);
             }
-            encode_header(&r, &mut block)?;
+            encode_header(&r, layout.format, &mut block)?;
             io.write(slot * BLOCK, &[block.as_slice()])?;
         }
-        for map in MAP_KINDS {
+        for map in layout.map_kinds() {
             let words = if map == MapKind::Pending {
                 &pending
             } else {
@@ -364,41 +402,44 @@ impl Metadata {
     /// Reads the metadata of an existing pair: the newest valid header and every page, each
     /// checked. Fails on any damage: such metadata is never trusted.
     pub fn load(bdev: Arc<dyn Bdev>, tracks: u64) -> Result<(Self, Loaded), MetaError> {
-        let layout = Layout::new(tracks);
         let have = bdev.geometry().size();
-        if have < layout.size() {
+        let smallest = Layout::with_format(tracks, FORMAT_BASE_MAPS_ONLY).size();
+        if have < smallest {
             return Err(MetaError::TooSmall {
                 have,
-                need: layout.size(),
+                need: smallest,
             });
         }
         let mut io = BlockingIo::open(&bdev)?;
-        let mut best: Option<HeaderRecord> = None;
+        let mut best: Option<(HeaderRecord, u32)> = None;
         let mut errors = Vec::new();
         for slot in 0..HEADER_SLOTS {
             let buf = io.read(slot * BLOCK, BLOCK as usize)?;
             match decode_header(&buf) {
-                Ok(h) if best.as_ref().is_none_or(|b| h.seq > b.seq) => best = Some(h),
+                Ok((h, f)) if best.as_ref().is_none_or(|(b, _)| h.seq > b.seq) => {
+                    best = Some((h, f))
+                }
                 Ok(_) => {}
                 Err(e) => errors.push(format!("header slot {slot}: {e}")),
             }
         }
-        let header = best.ok_or_else(|| MetaError::Corrupt(errors.join("; ")))?;
+        let (header, format) = best.ok_or_else(|| MetaError::Corrupt(errors.join("; ")))?;
         if header.tracks != tracks {
             return Err(MetaError::Mismatch(format!(
                 "{} tracks of {} bytes, not {tracks}",
                 header.tracks, header.track_size
             )));
         }
+        let layout = Layout::with_format(tracks, format);
         let meta = Self::with_layout(bdev, layout, header.seq)?;
-        let mut maps: [Vec<u64>; 4] = Default::default();
-        for map in MAP_KINDS {
+        let mut maps = Vec::new();
+        for map in layout.map_kinds() {
             let words = io.read_map(&layout, map)?;
             for (w, v) in words.iter().enumerate() {
-                meta.maps[map as usize].want[w].store(*v, Ordering::SeqCst);
-                meta.maps[map as usize].disk[w].store(*v, Ordering::SeqCst);
+                meta.maps[map.index()].want[w].store(*v, Ordering::SeqCst);
+                meta.maps[map.index()].disk[w].store(*v, Ordering::SeqCst);
             }
-            maps[map as usize] = words;
+            maps.push(words);
         }
         Ok((meta, Loaded { header, maps }))
     }
@@ -426,16 +467,16 @@ impl Metadata {
 
     /// A map.
     pub fn map(&self, map: MapKind) -> &PersistedSet {
-        &self.maps[map as usize]
+        &self.maps[map.index()]
     }
 
     fn queue_page(&self, map: MapKind, page: u64) {
-        let set = &self.maps[map as usize];
+        let set = &self.maps[map.index()];
         if !set.queued[page as usize].swap(true, Ordering::SeqCst) {
             // The queue holds every page once at most: it cannot be full here.
             let _ = self
                 .queue
-                .push(map as u64 * self.layout.pages_per_map + page);
+                .push(map.index() as u64 * self.layout.pages_per_map + page);
         }
     }
 
@@ -443,7 +484,7 @@ impl Metadata {
     /// that changes it.
     pub fn want_set_word(&self, map: MapKind, w: usize, bits: u64) {
         if bits != 0
-            && self.maps[map as usize].want[w].fetch_or(bits, Ordering::SeqCst) & bits != bits
+            && self.maps[map.index()].want[w].fetch_or(bits, Ordering::SeqCst) & bits != bits
         {
             self.queue_page(map, w as u64 / WORDS_PER_PAGE);
         }
@@ -454,7 +495,7 @@ impl Metadata {
     /// back a bit a write wants clear.
     pub fn want_clear(&self, map: MapKind, t: u64) {
         let (w, m) = PersistedSet::bit(t);
-        let set = &self.maps[map as usize];
+        let set = &self.maps[map.index()];
         let page = (t / TRACKS_PER_PAGE) as usize;
         set.lock_page(page);
         let was = set.want[w].fetch_and(!m, Ordering::SeqCst) & m != 0;
@@ -467,7 +508,7 @@ impl Metadata {
     /// Wants a whole map equal to `words` (64 tracks a word); queues the pages that change.
     /// Only for moments when no host write can run (the gate is closed and drained).
     pub fn want_exactly(&self, map: MapKind, words: impl Fn(usize) -> u64) {
-        let set = &self.maps[map as usize];
+        let set = &self.maps[map.index()];
         for (w, slot) in set.want.iter().enumerate() {
             let v = words(w);
             if slot.swap(v, Ordering::SeqCst) != v || set.disk_word(w) != v {
@@ -572,6 +613,7 @@ mod tests {
             reverse: false,
             split_at_ns: 42,
             error: None,
+            checkpoints: Vec::new(),
         }
     }
 
@@ -607,8 +649,8 @@ mod tests {
     #[test]
     fn header_and_page_round_trip_and_any_flipped_bit_is_caught() {
         let mut b = vec![0u8; BLOCK as usize];
-        encode_header(&header(7), &mut b).unwrap();
-        assert_eq!(decode_header(&b).unwrap(), header(7));
+        encode_header(&header(7), FORMAT, &mut b).unwrap();
+        assert_eq!(decode_header(&b).unwrap(), (header(7), FORMAT));
         for i in [0usize, 20, 300, 4095] {
             let mut c = b.clone();
             c[i] ^= 0x10;

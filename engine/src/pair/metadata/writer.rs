@@ -230,7 +230,10 @@ impl MetaWriter {
             }
             // Restore map: a bit may go when P holds the track again.
             let r = meta.map(MapKind::Restore);
-            let cand = r.want_word(w) & !pair.restore.raw_word(w);
+            // (And when every checkpoint slot host writes mark holds it on disk: the restore
+            // changed P, and after a crash the restore map is what adds it to the slot.)
+            let cand =
+                r.want_word(w) & !pair.restore.raw_word(w) & pair.checkpoint_marks_durable_word(w);
             if cand != 0 {
                 r.lock_page(page);
                 let had = r.want[w].fetch_and(!cand, Ordering::SeqCst) & cand;
@@ -267,7 +270,7 @@ impl MetaWriter {
             // The state is read after the number: the header holds at least that state.
             let rec = self.pair.header_record(wanted);
             let mut block = vec![0u8; BLOCK as usize];
-            match encode_header(&rec, &mut block) {
+            match encode_header(&rec, meta.layout.format, &mut block) {
                 Ok(()) => {
                     batch.header = Some(wanted);
                     batch.header_block = Some(block);
@@ -461,7 +464,7 @@ fn fill_batch(meta: &Metadata, batch: &mut Batch) -> bool {
 fn next_queued_page(meta: &Metadata, batch: &Batch) -> Option<(MapKind, u64)> {
     let ppm = meta.layout.pages_per_map;
     let code = meta.queue.pop()?;
-    let map = super::MAP_KINDS[(code / ppm) as usize % 4];
+    let map = meta.layout.map_at(code / ppm);
     let page = code % ppm;
     if batch
         .pages
