@@ -313,6 +313,42 @@ pub struct ChannelContext {
     pub queue_depth: u32,
 }
 
+/// What a range of a bdev holds, as an allocation query answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocation {
+    /// Data, or nothing is known: read it to know.
+    Data,
+    /// Stored, and reads as zeroes.
+    Zero,
+    /// Not stored (a hole of a sparse file): reads as zeroes, and writing it may need space.
+    Hole,
+}
+
+/// A run of bytes in one allocation state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes in the run (never 0).
+    pub len: u64,
+    /// Their state.
+    pub allocation: Allocation,
+}
+
+/// Most extents one allocation query looks up: it runs on a reactor, so its work is bounded
+/// and the caller asks again from where the answer ends.
+pub const MAX_QUERY_EXTENTS: usize = 128;
+
+/// Appends `len` bytes in state `allocation` to `out`, lengthening the last extent when it is
+/// in the same state.
+pub fn push_extent(out: &mut Vec<Extent>, len: u64, allocation: Allocation) {
+    if len == 0 {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.allocation == allocation => last.len += len,
+        _ => out.push(Extent { len, allocation }),
+    }
+}
+
 /// A reactor's private queue to a bdev. Not shared between threads: no lock on the data path.
 pub trait IoChannel {
     /// Queues a request. It runs once the channel is polled (or sooner).
@@ -377,6 +413,15 @@ pub trait Bdev: Send + Sync {
     /// to open it a second time or to write a backup over it.
     fn backing_file(&self) -> Option<&std::path::Path> {
         None
+    }
+    /// How `len` bytes at `offset` (whole blocks inside the device, checked by the caller) are
+    /// stored: extents appended to `out` (through [`push_extent`]) that cover the range from
+    /// `offset` on, all of it or, when looking further would take long, a non-empty part of
+    /// it. Called on reactors: it does not wait for I/O and looks up at most about
+    /// [`MAX_QUERY_EXTENTS`] extents. Drivers that cannot tell answer "data" (the default).
+    fn allocation(&self, _offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+        push_extent(out, len, Allocation::Data);
+        Ok(())
     }
 }
 

@@ -44,8 +44,9 @@ pub mod testing;
 pub mod uring;
 
 pub use bdev::{
-    Bdev, BdevError, ChannelContext, FdWatch, Geometry, IoBufs, IoChannel, IoCompletion, IoError,
-    IoOp, IoRequest, SubmitError, SubmitErrorKind, SubmitResult,
+    push_extent, Allocation, Bdev, BdevError, ChannelContext, Extent, FdWatch, Geometry, IoBufs,
+    IoChannel, IoCompletion, IoError, IoOp, IoRequest, SubmitError, SubmitErrorKind, SubmitResult,
+    MAX_QUERY_EXTENTS,
 };
 pub use table::{register, BdevInfo, BdevIoStat, BdevTable, CreateError, DriverRegistry};
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use slab::Slab;
 
 use super::{lock, ticks, Cell, IoStats, Kind, Timed};
-use crate::bdev::{Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoRequest};
+use crate::bdev::{
+    Bdev, BdevError, ChannelContext, Extent, Geometry, IoChannel, IoCompletion, IoRequest,
+};
 use crate::in_place::InPlaceRead;
 use crate::{IoError, SubmitResult};
 
@@ -68,6 +70,10 @@ impl Bdev for CountedBdev {
 
     fn backing_file(&self) -> Option<&std::path::Path> {
         self.inner.backing_file()
+    }
+
+    fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+        self.inner.allocation(offset, len, out)
     }
 }
 

@@ -1,8 +1,10 @@
 //! The malloc bdev: a RAM disk in DMA memory (hugepages when reserved). Requests are carried out
 //! at submission and reported by the next poll, as a device's completions would be. Channels on
 //! several reactors share the memory; stripe locks ([`StripeLocks`]) make every block's reads
-//! and writes whole, as a disk's are.
+//! and writes whole, as a disk's are. A bit per 4 KiB chunk (or block, when larger) says which
+//! chunks were written, for allocation queries: the others read as zeroes.
 
+mod chunks;
 pub mod rpc;
 
 use std::collections::VecDeque;
@@ -12,10 +14,11 @@ use hugepages::{DmaRegion, RegionSlice};
 
 use crate::in_place::{InPlaceRead, StripeLocks};
 use crate::iostat::{counted_direct, IoStats};
+use chunks::WrittenChunks;
 
 use crate::bdev::{
-    invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError, IoOp,
-    IoRequest, SubmitResult,
+    invalid, Bdev, BdevError, ChannelContext, Extent, Geometry, IoChannel, IoCompletion, IoError,
+    IoOp, IoRequest, SubmitResult,
 };
 
 /// A RAM-backed bdev.
@@ -25,6 +28,7 @@ pub struct MallocBdev {
     geometry: Geometry,
     mem: Arc<DmaRegion>,
     locks: Arc<StripeLocks>,
+    written: Arc<WrittenChunks>,
 }
 
 impl MallocBdev {
@@ -48,6 +52,7 @@ impl MallocBdev {
             geometry,
             mem,
             locks: Arc::new(StripeLocks::new(size)),
+            written: Arc::new(WrittenChunks::new(size, u64::from(block_size.max(4096)))),
         })
     }
 }
@@ -58,6 +63,7 @@ impl MallocBdev {
             geometry: self.geometry,
             mem: Arc::clone(&self.mem),
             locks: Arc::clone(&self.locks),
+            written: Arc::clone(&self.written),
             done: VecDeque::new(),
         }
     }
@@ -96,6 +102,13 @@ impl Bdev for MallocBdev {
         Ok(counted_direct(self.channel(), stats))
     }
 
+    /// Chunks never written (or zeroed whole since) read as zeroes; the memory is allocated
+    /// and pinned, so none is a hole.
+    fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+        self.written.extents(offset, len, out);
+        Ok(())
+    }
+
     fn config(&self) -> serde_json::Value {
         serde_json::json!({
             "method": "bdev_malloc_create",
@@ -112,6 +125,7 @@ struct MallocChannel {
     geometry: Geometry,
     mem: Arc<DmaRegion>,
     locks: Arc<StripeLocks>,
+    written: Arc<WrittenChunks>,
     done: VecDeque<IoCompletion>,
 }
 
@@ -155,6 +169,14 @@ impl MallocChannel {
             IoOp::WriteZeroes | IoOp::Unmap => self.mem.zero_at(offset, req.len as usize),
             IoOp::Flush => Ok(()),
         };
+        // Under the stripe locks still held, so overlapping requests mark in their order.
+        match req.op {
+            IoOp::Write { .. } if res.is_ok() => self.written.mark_written(req.offset, req.len),
+            IoOp::WriteZeroes | IoOp::Unmap if res.is_ok() => {
+                self.written.mark_zeroed(req.offset, req.len)
+            }
+            _ => {}
+        }
         res.map_err(|_| self.out_of_range(req.offset, req.len))
     }
 }
@@ -201,7 +223,9 @@ impl IoChannel for MallocChannel {
             let _held = self.locks.write(offset, len);
             self.mem
                 .write_streaming_at(at, data)
-                .map_err(|_| self.out_of_range(offset, len))
+                .map_err(|_| self.out_of_range(offset, len))?;
+            self.written.mark_written(offset, len);
+            Ok(())
         }))
     }
 }

@@ -130,6 +130,8 @@ pub mod cmd {
     pub const FLAG_NO_HOLE: u16 = 1 << 1;
     /// Flag: reply in one chunk.
     pub const FLAG_DF: u16 = 1 << 2;
+    /// Flag: one block status descriptor per context, within the request's length.
+    pub const FLAG_REQ_ONE: u16 = 1 << 3;
 }
 
 /// Structured reply chunk types and flags.
@@ -140,9 +142,24 @@ pub mod chunk {
     pub const NONE: u16 = 0;
     /// Data at an offset.
     pub const OFFSET_DATA: u16 = 1;
+    /// Block status descriptors of one metadata context.
+    pub const BLOCK_STATUS: u16 = 5;
     /// An error with a message.
     pub const ERROR: u16 = (1 << 15) | 1;
 }
+
+/// Status flags of the `base:allocation` metadata context.
+pub mod state {
+    /// Not allocated (a hole).
+    pub const HOLE: u32 = 1 << 0;
+    /// Reads as zeroes.
+    pub const ZERO: u32 = 1 << 1;
+}
+
+/// The namespace and colon of the metadata contexts the NBD protocol document defines.
+pub const BASE_NAMESPACE: &str = "base:";
+/// The `base:allocation` metadata context.
+pub const BASE_ALLOCATION: &str = "base:allocation";
 
 /// Errors of transmission replies (errno values as the protocol defines them).
 pub mod err {
@@ -258,6 +275,130 @@ pub fn option_reply(option: u32, kind: u32, payload: &[u8]) -> Vec<u8> {
     b
 }
 
+/// Longest string (export name, metadata context query) the protocol allows.
+pub const MAX_STRING: usize = 4096;
+
+/// The data of NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContextRequest {
+    /// The export whose contexts are listed or selected (empty: the default export).
+    pub export: String,
+    /// The queries, each a namespace, a colon and the rest.
+    pub queries: Vec<String>,
+}
+
+/// Why metadata context option data is malformed (answered with NBD_REP_ERR_INVALID).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaContextRequestError {
+    /// A length field reaches past the end of the option.
+    #[error("the option data ends inside its {0}")]
+    Truncated(&'static str),
+    /// Bytes are left after the last query.
+    #[error("{0} bytes follow the last query")]
+    Trailing(usize),
+    /// A string is longer than the protocol allows.
+    #[error("a string of {0} bytes is over the 4096 the protocol allows")]
+    TooLong(usize),
+    /// A string is not UTF-8.
+    #[error("a string is not UTF-8")]
+    NotUtf8,
+    /// A query does not start with a namespace and a colon.
+    #[error("query '{0}' does not start with a namespace and a colon")]
+    NoNamespace(String),
+}
+
+impl MetaContextRequest {
+    /// Parses the option data: export name length and name, number of queries, then each
+    /// query's length and text.
+    pub fn parse(data: &[u8]) -> Result<Self, MetaContextRequestError> {
+        let mut rest = data;
+        let export = take_string(&mut rest, "export name")?;
+        let count = take_u32(&mut rest, "number of queries")? as usize;
+        // Each query takes at least its 4-byte length: a count the data cannot hold is caught
+        // before anything is allocated for it.
+        if count > rest.len() / 4 {
+            return Err(MetaContextRequestError::Truncated("queries"));
+        }
+        let mut queries = Vec::with_capacity(count);
+        for _ in 0..count {
+            let q = take_string(&mut rest, "query")?;
+            match q.split_once(':') {
+                Some((ns, _))
+                    if !ns.is_empty()
+                        && ns.chars().all(|c| c.is_ascii_graphic() || !c.is_ascii()) =>
+                {
+                    queries.push(q)
+                }
+                _ => return Err(MetaContextRequestError::NoNamespace(q)),
+            }
+        }
+        if !rest.is_empty() {
+            return Err(MetaContextRequestError::Trailing(rest.len()));
+        }
+        Ok(Self { export, queries })
+    }
+
+    /// Encodes the option data (what a client sends).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&(self.export.len() as u32).to_be_bytes());
+        b.extend_from_slice(self.export.as_bytes());
+        b.extend_from_slice(&(self.queries.len() as u32).to_be_bytes());
+        for q in &self.queries {
+            b.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            b.extend_from_slice(q.as_bytes());
+        }
+        b
+    }
+}
+
+fn take_u32(rest: &mut &[u8], what: &'static str) -> Result<u32, MetaContextRequestError> {
+    let Some((n, tail)) = rest.split_first_chunk::<4>() else {
+        return Err(MetaContextRequestError::Truncated(what));
+    };
+    *rest = tail;
+    Ok(u32::from_be_bytes(*n))
+}
+
+fn take_string(rest: &mut &[u8], what: &'static str) -> Result<String, MetaContextRequestError> {
+    let len = take_u32(rest, what)? as usize;
+    if len > rest.len() {
+        return Err(MetaContextRequestError::Truncated(what));
+    }
+    if len > MAX_STRING {
+        return Err(MetaContextRequestError::TooLong(len));
+    }
+    let (bytes, tail) = rest.split_at(len);
+    *rest = tail;
+    String::from_utf8(bytes.to_vec()).map_err(|_| MetaContextRequestError::NotUtf8)
+}
+
+/// An NBD_REP_META_CONTEXT payload: the context's id and name.
+pub fn meta_context_reply(id: u32, name: &str) -> Vec<u8> {
+    let mut b = Vec::with_capacity(4 + name.len());
+    b.extend_from_slice(&id.to_be_bytes());
+    b.extend_from_slice(name.as_bytes());
+    b
+}
+
+/// Appends an NBD_REPLY_TYPE_BLOCK_STATUS chunk to `out`: context `id` and its descriptors,
+/// each a (length, status flags) pair.
+pub fn block_status_chunk(
+    out: &mut Vec<u8>,
+    flags: u16,
+    cookie: u64,
+    id: u32,
+    descriptors: &[(u32, u32)],
+) {
+    let len = 4 + 8 * descriptors.len() as u32;
+    out.extend_from_slice(&structured_header(flags, chunk::BLOCK_STATUS, cookie, len));
+    out.extend_from_slice(&id.to_be_bytes());
+    for (length, status) in descriptors {
+        out.extend_from_slice(&length.to_be_bytes());
+        out.extend_from_slice(&status.to_be_bytes());
+    }
+}
+
 /// Maps an engine I/O error to the protocol's errno.
 pub fn errno_of(e: &crate::IoError) -> u32 {
     match e {
@@ -288,5 +429,81 @@ mod tests {
         let mut bad = r.encode();
         bad[0] ^= 1;
         assert_eq!(Request::parse(&bad), None);
+    }
+
+    fn meta(export: &str, queries: &[&str]) -> MetaContextRequest {
+        MetaContextRequest {
+            export: export.into(),
+            queries: queries.iter().map(|q| q.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn meta_context_requests_parse() {
+        for m in [
+            meta("", &[]),
+            meta("p0", &["base:allocation"]),
+            meta(
+                "pair0-image",
+                &["base:", "qemu:dirty-bitmap:", "x-ours:anything:at:all"],
+            ),
+        ] {
+            assert_eq!(MetaContextRequest::parse(&m.encode()), Ok(m));
+        }
+    }
+
+    #[test]
+    fn malformed_meta_context_requests_are_refused() {
+        use MetaContextRequestError::*;
+        let good = meta("m", &["base:allocation"]).encode();
+        // Cut anywhere, the data is short of what its lengths announce.
+        for cut in 0..good.len() {
+            assert!(
+                matches!(MetaContextRequest::parse(&good[..cut]), Err(Truncated(_))),
+                "cut at {cut}"
+            );
+        }
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(MetaContextRequest::parse(&long), Err(Trailing(1)));
+        // A query count far beyond the data.
+        let mut many = meta("m", &[]).encode();
+        many[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert_eq!(MetaContextRequest::parse(&many), Err(Truncated("queries")));
+        // An export name length past the end.
+        assert_eq!(
+            MetaContextRequest::parse(&[0, 0, 0, 9, b'm']),
+            Err(Truncated("export name"))
+        );
+        for bad in ["allocation", ":allocation", "ba se:allocation", ""] {
+            assert_eq!(
+                MetaContextRequest::parse(&meta("m", &[bad]).encode()),
+                Err(NoNamespace(bad.into()))
+            );
+        }
+        let mut not_utf8 = meta("m", &["base:a"]).encode();
+        let last = not_utf8.len() - 1;
+        not_utf8[last] = 0xff;
+        assert_eq!(MetaContextRequest::parse(&not_utf8), Err(NotUtf8));
+        let huge = "x".repeat(MAX_STRING + 1);
+        assert_eq!(
+            MetaContextRequest::parse(&meta(&huge, &[]).encode()),
+            Err(TooLong(MAX_STRING + 1))
+        );
+    }
+
+    #[test]
+    fn block_status_chunks_encode() {
+        let mut out = Vec::new();
+        block_status_chunk(&mut out, chunk::FLAG_DONE, 7, 1, &[(4096, 0), (8192, 3)]);
+        assert_eq!(out.len(), STRUCTURED_HEADER_LEN + 4 + 16);
+        assert_eq!(&out[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&out[4..6], &chunk::FLAG_DONE.to_be_bytes());
+        assert_eq!(&out[6..8], &chunk::BLOCK_STATUS.to_be_bytes());
+        assert_eq!(&out[8..16], &7u64.to_be_bytes());
+        assert_eq!(&out[16..20], &20u32.to_be_bytes());
+        assert_eq!(&out[20..24], &1u32.to_be_bytes());
+        assert_eq!(&out[24..32], &[0, 0, 0x10, 0, 0, 0, 0, 0]);
+        assert_eq!(&out[32..40], &[0, 0, 0x20, 0, 0, 0, 0, 3]);
     }
 }

@@ -5,7 +5,12 @@
 //! the ring signals the reactor's eventfd so an idle reactor can park. Every file is locked for
 //! writing as soon as it is open, before it is emptied or extended ([`FileLock`]), and stays
 //! locked as long as the bdev or one of its channels lives.
+//!
+//! Write-zeroes is `fallocate(ZERO_RANGE)` (a punched hole where that is not supported) and
+//! unmap a punched hole, so a sparse file stays sparse; allocation queries report its holes
+//! with `lseek(SEEK_DATA/SEEK_HOLE)`.
 
+mod allocation;
 pub mod rpc;
 mod sys;
 
@@ -16,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::bdev::{
-    invalid, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError,
+    invalid, Bdev, BdevError, ChannelContext, Extent, Geometry, IoChannel, IoCompletion, IoError,
     IoRequest, SubmitResult,
 };
 use crate::file_lock::{Access, FileLock};
@@ -163,6 +168,13 @@ impl Bdev for UringBdev {
 
     fn backing_file(&self) -> Option<&Path> {
         Some(&self.path)
+    }
+
+    /// The file's holes read as zeroes: `lseek` finds them (a block device is all data).
+    fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+        let block = self.geometry.block_size as u64;
+        allocation::file_extents(&self.file, offset, len, block, out);
+        Ok(())
     }
 
     fn config(&self) -> serde_json::Value {

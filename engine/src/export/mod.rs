@@ -7,8 +7,10 @@
 //! thread per address; the `SocketPump` moves a connection's bytes on its reactor (receive,
 //! vectored transmit, close, idle staging buffers, busy or idle). A protocol module (NBD,
 //! NVMe/TCP) implements [`Protocol`]: it checks a new export, takes each accepted connection,
-//! and parses and executes its requests, nothing more.
+//! and parses and executes its requests, nothing more. Each export owns the list of metadata
+//! contexts it offers ([`contexts`]).
 
+pub mod contexts;
 pub mod listener;
 mod pump;
 mod registry;
@@ -21,6 +23,7 @@ use drivers::iostat::{IoStat, IoStats};
 use drivers::{Bdev, IoChannel, IoCompletion, IoError, IoRequest, SubmitErrorKind};
 use serde::Serialize;
 
+pub use contexts::MetaContext;
 pub use drivers::nbd::stream::Stream;
 pub(crate) use pump::{CloseReason, Flow, Outgoing, SocketPump, TurnEnd};
 pub use registry::{ExportSet, Registry};
@@ -91,6 +94,8 @@ pub struct Export {
     pub writable: bool,
     /// Where it listens.
     pub address: Address,
+    /// The metadata contexts it offers, in order.
+    pub contexts: Vec<Arc<dyn MetaContext>>,
     closed: AtomicBool,
     /// Open connections.
     pub connections: AtomicUsize,

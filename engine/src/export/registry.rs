@@ -147,6 +147,7 @@ impl<P: Protocol> Registry<P> {
         );
         // The export's own counts: its connections' channels go through them.
         let stats = IoStats::new(false);
+        let contexts = super::contexts::contexts_of(&bdev);
         let bdev: Arc<dyn Bdev> = Arc::new(CountedBdev::new(bdev, Arc::clone(&stats)));
         exports.insert(
             name.to_string(),
@@ -157,6 +158,7 @@ impl<P: Protocol> Registry<P> {
                 stats,
                 writable,
                 address,
+                contexts,
                 closed: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
             }),

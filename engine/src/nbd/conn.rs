@@ -13,6 +13,8 @@ use drivers::{IoBufs, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
+use super::block_status;
+use super::meta::Selected;
 use crate::export::{
     submit_or_complete, CloseReason, Export, Flow, Outgoing, SocketPump, Stream, TurnEnd,
 };
@@ -95,6 +97,8 @@ pub struct NbdConn {
     pump: SocketPump<Stream, Out>,
     export: Arc<Export>,
     structured: bool,
+    /// Metadata contexts selected in the handshake, for block status.
+    meta: Selected,
     channel: Option<Box<dyn IoChannel>>,
     incoming: Option<Incoming>,
     inflight: Slab<Inflight>,
@@ -105,7 +109,13 @@ pub struct NbdConn {
 
 impl NbdConn {
     /// A poller for a connection that finished its handshake.
-    pub fn new(sock: Stream, export: Arc<Export>, structured: bool, pool: BufferPool) -> Self {
+    pub fn new(
+        sock: Stream,
+        export: Arc<Export>,
+        structured: bool,
+        meta: Selected,
+        pool: BufferPool,
+    ) -> Self {
         let mut pump = SocketPump::new("NBD", sock, pool, RX_BUF);
         pump.attach(&export.name, Some(Arc::clone(&export)), String::new());
         Self {
@@ -113,6 +123,7 @@ impl NbdConn {
             pump,
             export,
             structured,
+            meta,
             channel: None,
             incoming: None,
             inflight: Slab::new(),
@@ -144,7 +155,8 @@ impl NbdConn {
         let mut head = [0u8; 32];
         let mut tail = Vec::new();
         let head_len;
-        if self.structured && req.kind == cmd::READ {
+        // Errors of block status go in a structured chunk with their message too.
+        if self.structured && matches!(req.kind, cmd::READ | cmd::BLOCK_STATUS) {
             if error == 0 {
                 let h = proto::structured_header(
                     chunk::FLAG_DONE,
@@ -208,7 +220,8 @@ impl NbdConn {
         let bs = self.export.block_size() as u64;
         let size = self.export.size();
         let writes = matches!(req.kind, cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM);
-        if req.length > proto::MAX_PAYLOAD && req.kind != cmd::TRIM && req.kind != cmd::WRITE_ZEROES
+        if req.length > proto::MAX_PAYLOAD
+            && !matches!(req.kind, cmd::TRIM | cmd::WRITE_ZEROES | cmd::BLOCK_STATUS)
         {
             return Some(err::EINVAL);
         }
@@ -344,6 +357,10 @@ impl NbdConn {
                         reject,
                     });
                 }
+                cmd::BLOCK_STATUS => {
+                    self.pump.consume(REQUEST_LEN);
+                    self.block_status(&req, bad_range);
+                }
                 cmd::DISC => {
                     self.pump.consume(REQUEST_LEN);
                     self.pump.closing_because(CloseReason::ClientClosed);
@@ -377,6 +394,24 @@ impl NbdConn {
                     self.reply(&req, err::EINVAL, IoBufs::new(), "unsupported command");
                 }
             }
+        }
+    }
+
+    /// Answers a block status request at once (each context's lookup is bounded).
+    fn block_status(&mut self, req: &Request, bad_range: Option<u32>) {
+        match block_status::reply(&self.meta, req, bad_range) {
+            Ok(chunks) => {
+                self.pump.request_served();
+                self.pump.send(Out {
+                    head: [0; 32],
+                    head_len: 0,
+                    data: IoBufs::new(),
+                    data_len: 0,
+                    region: None,
+                    tail: chunks,
+                });
+            }
+            Err((errno, msg)) => self.reply(req, errno, IoBufs::new(), &msg),
         }
     }
 

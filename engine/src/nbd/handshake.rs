@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use drivers::nbd::proto::{self, info, opt, rep, tflag};
 
-use super::{description, NbdServer};
+use super::meta::{self, Selected, Selection};
+use super::{description, select, NbdServer};
 use crate::export::{Address, Export};
 
 /// Largest option payload read; larger options get NBD_REP_ERR_TOO_BIG (up to a hard limit,
@@ -20,6 +21,8 @@ pub struct Agreed {
     pub export: Arc<Export>,
     /// Structured replies negotiated.
     pub structured: bool,
+    /// Metadata contexts selected for the export.
+    pub meta: Selected,
 }
 
 /// Why a handshake ended without an export.
@@ -63,15 +66,6 @@ pub fn transmission_flags(e: &Export) -> u16 {
         f |= tflag::READ_ONLY;
     }
     f
-}
-
-/// The export a client names at `address`; the empty name selects the first one there.
-fn select(server: &NbdServer, address: &Address, name: &str) -> Option<Arc<Export>> {
-    if name.is_empty() {
-        server.exports_at(address).into_iter().next()
-    } else {
-        server.lookup(address, name)
-    }
 }
 
 /// Options a refused client may send (each answered with the refusal) before it is closed.
@@ -133,6 +127,7 @@ pub fn negotiate<S: Read + Write>(
 ) -> Result<Agreed, HandshakeError> {
     let no_zeroes = greet(s)?;
     let mut structured = false;
+    let mut selection: Option<Selection> = None;
     loop {
         if read_u64(s)? != proto::IHAVEOPT {
             return Err(HandshakeError::Protocol("option without IHAVEOPT".into()));
@@ -169,7 +164,12 @@ pub fn negotiate<S: Read + Write>(
                     out.extend_from_slice(&[0u8; 124]);
                 }
                 s.write_all(&out)?;
-                return Ok(Agreed { export, structured });
+                let meta = meta::selected_for(selection, &export);
+                return Ok(Agreed {
+                    export,
+                    structured,
+                    meta,
+                });
             }
             opt::ABORT => {
                 let _ = reply(s, rep::ACK, &[]);
@@ -201,14 +201,15 @@ pub fn negotiate<S: Read + Write>(
                     reply(s, rep::ACK, &[])?;
                 }
             }
-            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => {
-                // No metadata context is offered: an empty list.
-                if structured {
-                    reply(s, rep::ACK, &[])?;
-                } else {
-                    reply(s, rep::ERR_INVALID, b"structured replies first")?;
-                }
-            }
+            opt::LIST_META_CONTEXT | opt::SET_META_CONTEXT => meta::negotiate(
+                s,
+                server,
+                address,
+                option,
+                &data,
+                structured,
+                &mut selection,
+            )?,
             opt::INFO | opt::GO => match parse_info(&data) {
                 Err(msg) => reply(s, rep::ERR_INVALID, msg.as_bytes())?,
                 Ok((name, wanted)) => {
@@ -245,7 +246,12 @@ pub fn negotiate<S: Read + Write>(
                     }
                     reply(s, rep::ACK, &[])?;
                     if option == opt::GO {
-                        return Ok(Agreed { export, structured });
+                        let meta = meta::selected_for(selection, &export);
+                        return Ok(Agreed {
+                            export,
+                            structured,
+                            meta,
+                        });
                     }
                 }
             },

@@ -5,10 +5,15 @@
 //! deadline), within the limits [`admission`] sets; the transmission phase is then handed to a
 //! reactor as a poller over the non-blocking socket ([`conn::NbdConn`]), round robin over the
 //! reactors. Several exports may share one address.
+//!
+//! Block status: the handshake negotiates metadata contexts ([`meta`]) among those the export
+//! offers, and `NBD_CMD_BLOCK_STATUS` reports them (`block_status.rs`).
 
 pub mod admission;
+mod block_status;
 pub mod conn;
 pub mod handshake;
+pub mod meta;
 
 use std::sync::Arc;
 
@@ -63,6 +68,15 @@ impl Protocol for Nbd {
     }
 }
 
+/// The export a client names at `address`; the empty name selects the first one there.
+fn select(server: &NbdServer, address: &Address, name: &str) -> Option<Arc<Export>> {
+    if name.is_empty() {
+        server.exports_at(address).into_iter().next()
+    } else {
+        server.lookup(address, name)
+    }
+}
+
 /// What `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION` say of an export.
 pub fn description(export: &Export) -> String {
     match &export.source {
@@ -100,6 +114,7 @@ fn handshake_then_serve(
             stream,
             agreed.export,
             agreed.structured,
+            agreed.meta,
             pool,
         ))
     });

@@ -8,8 +8,10 @@
 //! Where things are: this file holds the view, the request state and what every request goes
 //! through (submission to P and S, completions, finishing); `read.rs` the reads of P and of the
 //! image; `write.rs` the host writes (the gate, the state a write relies on, its metadata, its
-//! track sets); `copy_before_write.rs` the copy of pending tracks P to S before a write in PSUS.
+//! track sets); `copy_before_write.rs` the copy of pending tracks P to S before a write in PSUS;
+//! `allocation.rs` the allocation queries (block status) of both views.
 
+mod allocation;
 mod copy_before_write;
 mod read;
 mod write;
@@ -20,8 +22,8 @@ use std::sync::Arc;
 
 use drivers::iostat::counted;
 use drivers::{
-    Bdev, BdevError, ChannelContext, Geometry, IoBufs, IoChannel, IoCompletion, IoError, IoOp,
-    IoRequest, SubmitErrorKind, SubmitResult,
+    Bdev, BdevError, ChannelContext, Extent, Geometry, IoBufs, IoChannel, IoCompletion, IoError,
+    IoOp, IoRequest, SubmitErrorKind, SubmitResult,
 };
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
@@ -80,6 +82,11 @@ impl Bdev for PairView {
 
     fn io_boundary(&self) -> Option<u64> {
         Some(self.pair.track_size())
+    }
+
+    /// Per track, from the side a read goes to (see `allocation.rs`).
+    fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+        allocation::allocation(&self.pair, self.view, offset, len, out)
     }
 }
 
