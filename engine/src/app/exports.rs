@@ -4,11 +4,30 @@
 use std::sync::Arc;
 
 use super::{Engine, EngineError, State};
+use crate::export::contexts::DirtyBitmaps;
 use crate::export::{Address, Export, ExportError, ExportSet, Source};
 use crate::nbd::NbdServer;
 use crate::nvmf::{check_nqn, NvmfServer, DEFAULT_LISTEN};
 use crate::pair::channel::{PairView, View};
-use crate::pair::PairError;
+use crate::pair::{Pair, PairError};
+
+/// An image export's dirty bitmaps: its pair's checkpoints.
+struct PairCheckpoints(Arc<Pair>);
+
+impl DirtyBitmaps for PairCheckpoints {
+    fn checkpoints(&self) -> Vec<String> {
+        self.0
+            .checkpoint_infos()
+            .into_iter()
+            .map(|c| c.name)
+            .collect()
+    }
+
+    fn changed_since(&self, name: &str) -> Option<(Vec<u64>, u64)> {
+        let (words, _) = self.0.changed_since(name).ok()?;
+        Some((words, self.0.track_size()))
+    }
+}
 
 /// What an export shows.
 pub(crate) enum ExportOf<'a> {
@@ -92,7 +111,12 @@ impl Engine {
         bdev: Option<&str>,
         pair: Option<&str>,
         writable: Option<bool>,
-        register: impl FnOnce(Source, Arc<dyn drivers::Bdev>, bool) -> Result<(), ExportError>,
+        register: impl FnOnce(
+            Source,
+            Arc<dyn drivers::Bdev>,
+            bool,
+            Option<Arc<dyn DirtyBitmaps>>,
+        ) -> Result<(), ExportError>,
     ) -> Result<(), EngineError> {
         let of = match (bdev, pair) {
             (Some(b), None) => ExportOf::Bdev(b),
@@ -104,8 +128,15 @@ impl Engine {
             }
         };
         let st = self.state();
+        let dirty = match of {
+            ExportOf::Pair(p) => st
+                .pairs
+                .get(p)
+                .map(|p| Arc::new(PairCheckpoints(Arc::clone(p))) as Arc<dyn DirtyBitmaps>),
+            ExportOf::Bdev(_) => None,
+        };
         let (source, shown, writable) = resolve_export(&st, of, writable)?;
-        register(source, shown, writable)?;
+        register(source, shown, writable, dirty)?;
         Ok(())
     }
 
@@ -121,8 +152,9 @@ impl Engine {
         address: Option<Address>,
     ) -> Result<(), EngineError> {
         let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
-        self.start_export(bdev, pair, writable, |source, shown, writable| {
-            self.nbd.start(name, source, shown, writable, address)
+        self.start_export(bdev, pair, writable, |source, shown, writable, dirty| {
+            self.nbd
+                .start(name, source, shown, writable, address, dirty)
         })
     }
 
@@ -139,8 +171,8 @@ impl Engine {
     ) -> Result<(), EngineError> {
         check_nqn(nqn)?;
         let address = Address::Tcp(listen.unwrap_or(DEFAULT_LISTEN).to_string());
-        self.start_export(bdev, pair, writable, |source, shown, writable| {
-            self.nvmf.start(nqn, source, shown, writable, address)
+        self.start_export(bdev, pair, writable, |source, shown, writable, _dirty| {
+            self.nvmf.start(nqn, source, shown, writable, address, None)
         })
     }
 

@@ -94,14 +94,26 @@ pub struct Export {
     pub writable: bool,
     /// Where it listens.
     pub address: Address,
-    /// The metadata contexts it offers, in order.
+    /// The metadata contexts it always offers, in order.
     pub contexts: Vec<Arc<dyn MetaContext>>,
+    /// An image export's checkpoints, offered as dirty bitmaps after `contexts`.
+    pub dirty_bitmaps: Option<Arc<dyn contexts::DirtyBitmaps>>,
     closed: AtomicBool,
     /// Open connections.
     pub connections: AtomicUsize,
 }
 
 impl Export {
+    /// The metadata contexts it offers now: its own, then a dirty bitmap per checkpoint of an
+    /// image export's pair.
+    pub fn offered_contexts(&self) -> Vec<Arc<dyn MetaContext>> {
+        let mut all = self.contexts.clone();
+        if let Some(d) = &self.dirty_bitmaps {
+            all.extend(contexts::dirty_bitmaps(d));
+        }
+        all
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.bdev.geometry().size()

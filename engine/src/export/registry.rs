@@ -10,6 +10,7 @@ use drivers::iostat::{CountedBdev, IoStats};
 use drivers::Bdev;
 use hugepages::BufferPool;
 
+use super::contexts::DirtyBitmaps;
 use super::listener::{AcceptThread, Listener};
 use super::{Address, Export, ExportError, ExportInfo, Protocol, Source};
 use crate::reactor::{Poller, ReactorHandle};
@@ -118,6 +119,7 @@ impl<P: Protocol> Registry<P> {
         bdev: Arc<dyn Bdev>,
         writable: bool,
         address: Address,
+        dirty_bitmaps: Option<Arc<dyn DirtyBitmaps>>,
     ) -> Result<(), ExportError> {
         self.protocol.check(name, bdev.as_ref(), &address)?;
         self.pool()?;
@@ -159,6 +161,7 @@ impl<P: Protocol> Registry<P> {
                 writable,
                 address,
                 contexts,
+                dirty_bitmaps,
                 closed: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
             }),

@@ -96,13 +96,13 @@ pub fn negotiate<S: Write>(
         return reply(rep::ERR_UNKNOWN, msg.as_bytes());
     };
     if set {
-        let contexts = selected(&export.contexts, &req.queries);
+        let contexts = selected(&export.offered_contexts(), &req.queries);
         for (id, c) in &contexts {
             reply(rep::META_CONTEXT, &proto::meta_context_reply(*id, c.name()))?;
         }
         *selection = Some(Selection { export, contexts });
     } else {
-        for c in listed(&export.contexts, &req.queries) {
+        for c in listed(&export.offered_contexts(), &req.queries) {
             // Listing ids are reserved: 0.
             reply(rep::META_CONTEXT, &proto::meta_context_reply(0, c.name()))?;
         }
