@@ -418,7 +418,21 @@ fn run_schedule(engine: &Engine, seed: u64) {
     // image as it was when it started.
     if let Some((id, path, expected)) = backup.take() {
         let info = || engine.backup_get(Some(id)).unwrap().remove(0);
-        common::wait_until("the backup to end", || info().state != BackupState::Running);
+        let waited = std::time::Instant::now();
+        while info().state == BackupState::Running {
+            if waited.elapsed() > Duration::from_secs(30) {
+                let p = engine.pair(&name).unwrap();
+                fail(
+                    &history,
+                    format!(
+                        "backup {id} did not end after the cut: {:?}; {}",
+                        info(),
+                        p.persistence_report()
+                    ),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let info = info();
         history.push(format!("backup {id} {:?}", info.state));
         BACKUPS_ENDED[(info.state == BackupState::Done) as usize].fetch_add(1, Ordering::Relaxed);

@@ -329,6 +329,15 @@ impl Pair {
         );
     }
 
+    /// A checkpoint listed whose header can never be written (the metadata failed): unlisted,
+    /// host writes mark the newest remaining slot.
+    pub(crate) fn forget_checkpoint(&self, name: &str) {
+        let mut list = self.checkpoints.list();
+        list.retain(|c| c.name != name);
+        let mask = list.last().map_or(0, |c| 1 << c.slot);
+        self.checkpoints.marking.store(mask, Ordering::SeqCst);
+    }
+
     /// A failed step 1 or 2: host writes stop marking `slot` (gate closed, drained).
     pub(crate) fn abandon_checkpoint(&self, slot: usize) {
         self.checkpoints

@@ -286,6 +286,20 @@ impl ControlPoller {
                     if !(pair.state_durable() || pair.metadata_failed()) {
                         return false;
                     }
+                    if !pair.state_durable() {
+                        // The header will never be written: a checkpoint made here would be
+                        // gone after a restart, so it is not made.
+                        if let Action::Checkpoint { name, .. } = &run.req.action {
+                            pair.forget_checkpoint(name);
+                        }
+                        run.outcome = Err(PairError::Invalid(format!(
+                            "pair '{}' metadata cannot be written: {}",
+                            pair.name(),
+                            pair.metadata()
+                                .and_then(|m| m.failure())
+                                .unwrap_or_default()
+                        )));
+                    }
                     pair.open_gate();
                     return true;
                 }
