@@ -65,6 +65,19 @@ enum Command {
         /// Throughput limit (bytes per second, e.g. 100M), so hosts keep the disk's attention.
         #[arg(long, default_value = "0", value_parser = engine::units::parse_size)]
         rate: u64,
+        /// Compute the image's flat SHA-256 besides its sha256-tree digest (one stream: the
+        /// backup goes no faster than one core hashes).
+        #[arg(long)]
+        flat_sha256: bool,
+    },
+    /// Print a file's or block device's sha256-tree digest, the one a backup of that image
+    /// reports (hashed by several threads).
+    Digest {
+        /// The file or block device.
+        file: PathBuf,
+        /// Hashing threads (default: one per CPU, at most 16).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
     },
     /// Restore a tape archive to a file or block device, verifying every checksum. A file is
     /// written as PATH.partial and renamed to PATH once verified.
@@ -277,7 +290,19 @@ fn main() {
             mode,
             wait,
             rate,
-        } => cli::backup(socket, &pair, &to, &mode, wait, rate),
+            flat_sha256,
+        } => cli::backup(
+            socket,
+            &cli::BackupArgs {
+                pair: &pair,
+                to: &to,
+                mode: &mode,
+                wait,
+                rate,
+                flat_sha256,
+            },
+        ),
+        Command::Digest { file, threads } => cli::digest(&file, threads.map(usize::from)),
         Command::Restore {
             archive,
             to,

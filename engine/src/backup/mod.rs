@@ -7,6 +7,10 @@
 //!   track's lock) where pending, and that same buffer goes to the target: nothing is written to
 //!   S and no payload byte is copied by the CPU.
 //!
+//! Every backup records the image's `sha256-tree` digest ([`tree`], hashed in parallel on every
+//! reactor) and keeps its chunk digests in the state directory ([`digests_path`]); the flat
+//! SHA-256 ([`hasher`]) only when asked for.
+//!
 //! The job (the "transferrer") is a poller on a reactor. Staging buffers are one track long
 //! (capped at 1 MiB) and never cross a track boundary, so a read never mixes P and S in one
 //! buffer. Writes to S by hosts on tracks the backup has not read yet wait until it has (the
@@ -15,11 +19,12 @@
 pub mod hasher;
 pub mod job;
 pub mod target;
+pub mod tree;
 
 pub use target::Target;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -54,7 +59,7 @@ impl Mode {
 pub enum BackupState {
     /// Streaming.
     Running,
-    /// Complete: every byte written and durable, the SHA-256 recorded.
+    /// Complete: every byte written and durable, the digest recorded and the chunk digests kept.
     Done,
     /// Ended on an error.
     Failed,
@@ -62,14 +67,44 @@ pub enum BackupState {
     Cancelled,
 }
 
-/// How fast a backup may go, bytes per second (0 = no limit): always, and while hosts use the
-/// pair.
+/// A backup's options: how fast it may go, bytes per second (0 = no limit), always and while
+/// hosts use the pair; and whether the flat SHA-256 is computed besides the tree digest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct Options {
     /// At all times.
     pub rate: u64,
     /// While hosts use the pair.
     pub host_rate: u64,
+    /// Compute the flat SHA-256 too (one stream: at most one core's hashing rate).
+    pub flat_sha256: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            rate: 0,
+            host_rate: DEFAULT_HOST_RATE,
+            flat_sha256: false,
+        }
+    }
+}
+
+/// The folder of the state directory holding the backups' chunk digests.
+pub const DIGESTS_DIR: &str = "digests";
+
+/// Where backup `id`'s chunk digests are kept: `<state-dir>/digests/<id>.sha256tree`
+/// ([`drivers::digest::ChunkDigests`] reads and writes the file).
+pub fn digests_path(state_dir: &Path, id: u64) -> PathBuf {
+    state_dir.join(DIGESTS_DIR).join(format!("{id}.sha256tree"))
+}
+
+/// A done backup's checksums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksums {
+    /// The `sha256-tree` digest, `sha256-tree:<hex>`.
+    pub digest: String,
+    /// The flat SHA-256 (hex), when asked for.
+    pub sha256: Option<String>,
 }
 
 /// Default throughput limit of a backup while hosts use its pair, bytes per second: enough
@@ -92,7 +127,13 @@ pub struct BackupInfo {
     pub bytes_done: u64,
     /// Image size.
     pub bytes_total: u64,
-    /// SHA-256 of the image written (once done).
+    /// The image's `sha256-tree` digest, `sha256-tree:<hex>` (once done).
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// The flat SHA-256 of the image is computed too.
+    #[serde(default)]
+    pub flat_sha256: bool,
+    /// The flat SHA-256 of the image written (once done, when `flat_sha256`).
     pub sha256: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
@@ -116,6 +157,7 @@ pub struct BackupInfo {
 
 struct Status {
     state: BackupState,
+    digest: Option<String>,
     sha256: Option<String>,
     error: Option<String>,
     elapsed_ns: u64,
@@ -139,6 +181,8 @@ pub struct Backup {
     pub rate: u64,
     /// Throughput limit while hosts use the pair (0 = none): host requests first.
     pub host_rate: u64,
+    /// The flat SHA-256 is computed too.
+    pub flat_sha256: bool,
     bytes_done: AtomicU64,
     cpu_copied: AtomicU64,
     pub(crate) host_yields: AtomicU64,
@@ -172,6 +216,8 @@ impl Backup {
             state: st.state,
             bytes_done: self.bytes_done.load(Ordering::Relaxed),
             bytes_total: self.bytes_total,
+            digest: st.digest.clone(),
+            flat_sha256: self.flat_sha256,
             sha256: st.sha256.clone(),
             error: st.error.clone(),
             target: self.target.clone(),
@@ -187,13 +233,14 @@ impl Backup {
     pub(crate) fn end(
         &self,
         state: BackupState,
-        sha256: Option<String>,
+        checksums: Option<Checksums>,
         error: Option<String>,
         elapsed_ns: u64,
     ) {
         let mut st = self.status();
         st.state = state;
-        st.sha256 = sha256;
+        st.digest = checksums.as_ref().map(|c| c.digest.clone());
+        st.sha256 = checksums.and_then(|c| c.sha256);
         st.error = error;
         st.elapsed_ns = elapsed_ns;
         drop(st);
@@ -228,6 +275,7 @@ impl Journal {
                     if b.state == BackupState::Running {
                         b.state = BackupState::Failed;
                         b.error = Some(INTERRUPTED.into());
+                        b.digest = None;
                         b.sha256 = None;
                     }
                     records.insert(b.id, b);
@@ -335,12 +383,14 @@ impl Backups {
                 split_at_ns: info.split_at_ns,
                 rate: info.rate,
                 host_rate: info.host_rate,
+                flat_sha256: info.flat_sha256,
                 bytes_done: AtomicU64::new(info.bytes_done),
                 cpu_copied: AtomicU64::new(info.cpu_copied_bytes),
                 host_yields: AtomicU64::new(info.host_yields),
                 cancel: AtomicBool::new(false),
                 status: Mutex::new(Status {
                     state: info.state,
+                    digest: info.digest,
                     sha256: info.sha256,
                     error: info.error,
                     elapsed_ns: info.elapsed_ns,
@@ -370,7 +420,7 @@ impl Backups {
         target: Target,
         bytes_total: u64,
         split_at_ns: u64,
-        limits: Limits,
+        opts: Options,
     ) -> std::io::Result<Arc<Backup>> {
         let id = self.next_id();
         let b = Arc::new(Backup {
@@ -380,14 +430,16 @@ impl Backups {
             target,
             bytes_total,
             split_at_ns,
-            rate: limits.rate,
-            host_rate: limits.host_rate,
+            rate: opts.rate,
+            host_rate: opts.host_rate,
+            flat_sha256: opts.flat_sha256,
             bytes_done: AtomicU64::new(0),
             cpu_copied: AtomicU64::new(0),
             host_yields: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
             status: Mutex::new(Status {
                 state: BackupState::Running,
+                digest: None,
                 sha256: None,
                 error: None,
                 elapsed_ns: 0,

@@ -52,15 +52,33 @@ fn parse_nvmf(rest: &str) -> Result<Value, String> {
     Ok(json!({"type": "nvmf", "traddr": traddr, "trsvcid": port, "subnqn": nqn}))
 }
 
-/// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]`.
-pub fn backup(
-    socket: Option<PathBuf>,
-    pair: &str,
-    to: &str,
-    mode: &str,
-    wait: bool,
-    rate: u64,
-) -> i32 {
+/// What `quicksplit backup` was asked.
+pub struct BackupArgs<'a> {
+    /// The pair.
+    pub pair: &'a str,
+    /// The target as `--to` writes it.
+    pub to: &'a str,
+    /// The mode.
+    pub mode: &'a str,
+    /// Wait for the end, with progress.
+    pub wait: bool,
+    /// Bytes per second at most (0 = no limit).
+    pub rate: u64,
+    /// The flat SHA-256 too.
+    pub flat_sha256: bool,
+}
+
+/// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]
+/// [--flat-sha256]`.
+pub fn backup(socket: Option<PathBuf>, args: &BackupArgs<'_>) -> i32 {
+    let BackupArgs {
+        pair,
+        to,
+        mode,
+        wait,
+        rate,
+        flat_sha256,
+    } = *args;
     let target = match parse_target(to) {
         Ok(t) => t,
         Err(e) => {
@@ -74,7 +92,8 @@ pub fn backup(
     };
     let id = match c.call(
         "backup_start",
-        json!({"pair": pair, "mode": mode, "target": target, "rate": rate}),
+        json!({"pair": pair, "mode": mode, "target": target, "rate": rate,
+               "flat_sha256": flat_sha256}),
     ) {
         Ok(v) => v.get("id").and_then(Value::as_u64).unwrap_or(0),
         Err(e) => return fail(e),
@@ -106,10 +125,14 @@ pub fn backup(
             }
             "done" => {
                 progress.finish(done, total);
-                say!(
-                    "backup {id} done: sha256 {}",
-                    info.get("sha256").and_then(Value::as_str).unwrap_or("")
-                );
+                let text = |k: &str| info.get(k).and_then(Value::as_str).map(str::to_string);
+                match text("sha256") {
+                    Some(sha) => say!(
+                        "backup {id} done: {} sha256 {sha}",
+                        text("digest").unwrap_or_default()
+                    ),
+                    None => say!("backup {id} done: {}", text("digest").unwrap_or_default()),
+                }
                 return 0;
             }
             state => {

@@ -410,7 +410,12 @@ fn pair_get(engine: &Engine, p: OptionalName) -> Result<Value, RpcError> {
 }
 
 fn backup_start(engine: &Engine, p: BackupStartParams) -> Result<Value, RpcError> {
-    let id = engine.backup_start_limited(&p.pair, p.mode, p.target, p.rate, p.host_rate)?;
+    let opts = crate::backup::Options {
+        rate: p.rate,
+        host_rate: p.host_rate,
+        flat_sha256: p.flat_sha256,
+    };
+    let id = engine.backup_start_with(&p.pair, p.mode, p.target, opts)?;
     Ok(json!({ "id": id }))
 }
 
@@ -566,6 +571,9 @@ struct BackupStartParams {
     rate: u64,
     #[serde(default = "default_host_rate")]
     host_rate: u64,
+    /// Compute the flat SHA-256 of the image besides its tree digest.
+    #[serde(default)]
+    flat_sha256: bool,
 }
 
 #[derive(Deserialize)]
