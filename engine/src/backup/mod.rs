@@ -98,6 +98,25 @@ pub fn digests_path(state_dir: &Path, id: u64) -> PathBuf {
     state_dir.join(DIGESTS_DIR).join(format!("{id}.sha256tree"))
 }
 
+/// Removes the chunk digest files of backups that are not done (a crash after the file was
+/// written, before the backup was recorded done): only a done backup has chunk digests.
+pub fn remove_incomplete_digests(state_dir: &Path, records: &[BackupInfo]) {
+    for b in records.iter().filter(|b| b.state != BackupState::Done) {
+        let path = digests_path(state_dir, b.id);
+        let mut new = path.clone().into_os_string();
+        new.push(".new");
+        for p in [path, PathBuf::from(new)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => tracing::info!(backup = b.id, path = %p.display(),
+                    "removed the chunk digests of a backup that did not complete"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(backup = b.id, path = %p.display(), %e,
+                    "cannot remove the chunk digests of a backup that did not complete"),
+            }
+        }
+    }
+}
+
 /// A done backup's checksums.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checksums {
@@ -486,5 +505,45 @@ impl Backups {
             .values()
             .find(|b| b.pair == pair && b.state() == BackupState::Running)
             .map(|b| b.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, state: &str) -> BackupInfo {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "pair": "p", "mode": "merge", "state": state, "bytes_done": 0,
+            "bytes_total": 1, "sha256": null, "error": null,
+            "target": {"type": "file", "path": "/x"}, "cpu_copied_bytes": 0,
+            "split_at_ns": 0, "rate": 0, "elapsed_ns": 0
+        }))
+        .expect("a record")
+    }
+
+    #[test]
+    fn only_done_backups_keep_their_chunk_digests() {
+        let dir = std::env::temp_dir().join(format!("qs-digests-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join(DIGESTS_DIR)).unwrap();
+        let records: Vec<BackupInfo> = [(1, "done"), (2, "failed"), (3, "cancelled")]
+            .into_iter()
+            .map(|(id, state)| record(id, state))
+            .collect();
+        for r in &records {
+            std::fs::write(digests_path(&dir, r.id), b"x").unwrap();
+        }
+        let mut leftover = digests_path(&dir, 2).into_os_string();
+        leftover.push(".new");
+        std::fs::write(&leftover, b"x").unwrap();
+        remove_incomplete_digests(&dir, &records);
+        assert!(digests_path(&dir, 1).exists());
+        assert!(!digests_path(&dir, 2).exists());
+        assert!(!std::path::Path::new(&leftover).exists());
+        assert!(!digests_path(&dir, 3).exists());
+        // An older record (before digests) reads with neither field.
+        assert_eq!(records[0].digest, None);
+        assert!(!records[0].flat_sha256);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
