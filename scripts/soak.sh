@@ -129,7 +129,7 @@ while [ $SECONDS -lt $end ] || [ $rounds -eq 0 ]; do
     for kind in file tape; do
       n=$((n + 1))
       out=$work/backup-$n
-      id=$(rpc backup_start "{\"pair\": \"soak\", \"mode\": \"$mode\", \"target\": {\"type\": \"$kind\", \"path\": \"$out\"}}" | field "['id']")
+      id=$(rpc backup_start "{\"pair\": \"soak\", \"mode\": \"$mode\", \"flat_sha256\": true, \"target\": {\"type\": \"$kind\", \"path\": \"$out\"}}" | field "['id']")
       rec=$(wait_job backup_get "$id")
       [ "$(echo "$rec" | field "['state']")" = done ] || fail "backup $id ($mode to $kind): $rec"
       sha=$(echo "$rec" | field "['sha256']")

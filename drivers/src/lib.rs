@@ -16,6 +16,8 @@
 //!   device or pipe, an NBD export, an NVMe/TCP namespace);
 //! - [`tape`]: the backup archive format (pax records and manifests) and the reader that restores
 //!   and verifies archives;
+//! - [`digest`]: the `sha256-tree` image digest (1 MiB chunks hashed apart, a root over their
+//!   digests) and the file a backup's chunk digests are kept in;
 //! - [`nbd`]: the NBD wire protocol, shared by the engine's NBD server and the NBD backup target's
 //!   client;
 //! - [`file_lock`]: the advisory locks on every file a bdev or a backup opens, compatible with
@@ -29,6 +31,7 @@
 //!   drivers.
 
 pub mod bdev;
+pub mod digest;
 pub mod file_lock;
 pub mod in_place;
 pub mod iostat;

@@ -4,9 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use drivers::digest::tree_root;
 use drivers::tape::{
-    epilogue, prologue, restore, ImageDigest, Manifest, TapeError, CHUNK_SIZE, DEFAULT_RECORD_SIZE,
-    FORMAT,
+    epilogue, prologue, restore, ImageChecksums, ImageDigest, Manifest, TapeError, CHUNK_SIZE,
+    DEFAULT_RECORD_SIZE, FORMAT, FORMAT_V1,
 };
 use sha2::{Digest, Sha256};
 
@@ -27,6 +28,8 @@ fn initial_manifest(volume_size: u64) -> Manifest {
         mode: "reflect".into(),
         created_at_ns: 1_700_000_001_000_000_000,
         chunk_size: CHUNK_SIZE,
+        flat_sha256: true,
+        digest: None,
         sha256: None,
         chunks_crc32c: None,
     }
@@ -61,19 +64,23 @@ struct Built {
 }
 
 /// Builds an archive the way the engine does: prologue, the image fed through an ImageDigest,
-/// epilogue.
+/// epilogue; with the tree digest and the flat SHA-256.
 fn build(volume_size: u64, record_size: usize) -> Built {
+    build_from(initial_manifest(volume_size), record_size)
+}
+
+/// [`build`] from another initial manifest (another format, no flat SHA-256).
+fn build_from(initial: Manifest, record_size: usize) -> Built {
+    let volume_size = initial.volume_size;
     let volume = volume_bytes(volume_size, volume_size ^ record_size as u64);
-    let initial = initial_manifest(volume_size);
     let mut archive = prologue(&initial, record_size, MTIME).unwrap();
     let prologue_len = archive.len();
-    let mut digest = ImageDigest::new(CHUNK_SIZE).unwrap();
+    let mut digest = ImageDigest::for_manifest(&initial).unwrap();
     for piece in volume.chunks(record_size) {
         digest.update(piece);
         archive.extend_from_slice(piece);
     }
-    let (sha, crcs) = digest.finish();
-    let final_manifest = initial.finalized(sha, crcs);
+    let final_manifest = initial.finalized(digest.finish());
     archive.extend(epilogue(&final_manifest, record_size, MTIME).unwrap());
     Built {
         archive,
@@ -138,7 +145,9 @@ fn round_trip() {
             );
             assert_eq!(report.bytes, vs);
             assert_eq!(report.manifest, b.final_manifest);
-            assert_eq!(report.sha256, sha256_hex(&b.volume));
+            assert_eq!(report.sha256, Some(sha256_hex(&b.volume)));
+            assert_eq!(report.digest, Some(tree_root(&b.volume).to_string()));
+            assert_eq!(report.manifest.digest, report.digest);
             assert_eq!(
                 report.manifest.chunks_crc32c.as_ref().unwrap().len() as u64,
                 vs.div_ceil(CHUNK_SIZE)
@@ -161,6 +170,8 @@ fn initial_manifest_has_null_checksums() {
     let end = b.archive[512..1024].iter().position(|&c| c == 0).unwrap() + 512;
     let json: serde_json::Value = serde_json::from_slice(&b.archive[512..end]).unwrap();
     assert_eq!(json["sha256"], serde_json::Value::Null);
+    assert_eq!(json["digest"], serde_json::Value::Null);
+    assert_eq!(json["flat_sha256"], true);
     assert_eq!(json["chunks_crc32c"], serde_json::Value::Null);
     assert_eq!(json["volume_size"], MIB + 4096);
     assert_eq!(json["format"], FORMAT);
@@ -260,7 +271,11 @@ fn gnu_tar_lists_a_sparse_ten_gib_archive() {
     let initial = initial_manifest(vs);
     let p = prologue(&initial, rs, MTIME).unwrap();
     // The checksums do not matter to tar; the CRC list has the right length.
-    let fin = initial.finalized("0".repeat(64), vec![0; vs.div_ceil(CHUNK_SIZE) as usize]);
+    let fin = initial.finalized(ImageChecksums {
+        digest: Some(format!("sha256-tree:{}", "0".repeat(64))),
+        sha256: Some("0".repeat(64)),
+        chunks_crc32c: vec![0; vs.div_ceil(CHUNK_SIZE) as usize],
+    });
     let e = epilogue(&fin, rs, MTIME).unwrap();
     assert_eq!((p.len() as u64 + vs + e.len() as u64) % rs as u64, 0);
 
@@ -284,26 +299,94 @@ fn gnu_tar_lists_a_sparse_ten_gib_archive() {
 }
 
 #[test]
-fn flipped_volume_byte_names_the_chunk() {
+fn flipped_volume_byte_fails_the_digest_and_names_the_chunk() {
     let b = build(5 * MIB + 12288, DEFAULT_RECORD_SIZE);
+    let want = tree_root(&b.volume).to_string();
     for (at, chunk) in [(0u64, 0u64), (3 * MIB + 5, 3), (5 * MIB + 12287, 5)] {
         let mut a = b.archive.clone();
         a[b.prologue_len + at as usize] ^= 0x40;
         let err = restore(&a[..], std::io::sink(), DEFAULT_RECORD_SIZE).unwrap_err();
         let msg = err.to_string();
+        let mut flipped = b.volume.clone();
+        flipped[at as usize] ^= 0x40;
+        let got = tree_root(&flipped).to_string();
         assert!(
-            matches!(err, TapeError::ChunkCrcMismatch { index, offset, .. }
-                if index == chunk && offset == chunk * CHUNK_SIZE),
+            matches!(&err, TapeError::DigestMismatch { expected, actual, damaged }
+                if *expected == want && *actual == got
+                    && *damaged == Some((chunk, chunk * CHUNK_SIZE))),
             "{msg}"
         );
-        assert!(
-            msg.starts_with(&format!(
-                "chunk {chunk} (offset {}): CRC-32C mismatch",
+        assert_eq!(
+            msg,
+            format!(
+                "image digest mismatch: manifest {want}, data {got}; chunk {chunk} (offset {}) \
+                 fails its CRC-32C too",
                 chunk * CHUNK_SIZE
-            )),
-            "{msg}"
+            )
         );
     }
+}
+
+#[test]
+fn flipped_final_manifest_digest_is_an_error() {
+    let b = build(MIB + 4096, DEFAULT_RECORD_SIZE);
+    let key = b"\"digest\":\"sha256-tree:";
+    let at = b
+        .archive
+        .windows(key.len())
+        .rposition(|w| w == key)
+        .unwrap()
+        + key.len();
+    let mut a = b.archive.clone();
+    a[at + 3] = if a[at + 3] == b'0' { b'1' } else { b'0' };
+    let err = restore(&a[..], std::io::sink(), DEFAULT_RECORD_SIZE).unwrap_err();
+    // The data is whole (every CRC holds): no chunk is named.
+    assert!(
+        matches!(err, TapeError::DigestMismatch { damaged: None, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn archives_without_a_flat_sha256_have_none() {
+    let mut initial = initial_manifest(3 * MIB + 4096);
+    initial.flat_sha256 = false;
+    let b = build_from(initial, DEFAULT_RECORD_SIZE);
+    let tail = String::from_utf8_lossy(&b.archive[b.prologue_len + 3 * MIB as usize..]);
+    assert!(!tail.contains("sha256\""), "{tail}");
+    let mut out = Vec::new();
+    let report = restore(&b.archive[..], &mut out, DEFAULT_RECORD_SIZE).unwrap();
+    assert!(out == b.volume);
+    assert_eq!(report.sha256, None);
+    assert_eq!(report.digest, Some(tree_root(&b.volume).to_string()));
+}
+
+/// Archives written before the tree digest (format 1: a flat SHA-256 only) still restore and
+/// verify.
+#[test]
+fn first_format_archives_restore_and_verify() {
+    let mut initial = initial_manifest(2 * MIB + 512);
+    initial.format = FORMAT_V1.into();
+    initial.flat_sha256 = false;
+    let b = build_from(initial, 10240);
+    assert_eq!(b.final_manifest.digest, None);
+    let mut out = Vec::new();
+    let report = restore(&b.archive[..], &mut out, 10240).unwrap();
+    assert!(out == b.volume);
+    assert_eq!(report.digest, None);
+    assert_eq!(report.sha256, Some(sha256_hex(&b.volume)));
+    // Its checks hold: a flipped byte is caught by its chunk's CRC.
+    let mut a = b.archive.clone();
+    a[b.prologue_len + MIB as usize + 1] ^= 1;
+    let err = restore(&a[..], std::io::sink(), 10240).unwrap_err();
+    assert!(
+        matches!(err, TapeError::ChunkCrcMismatch { index: 1, .. }),
+        "{err}"
+    );
+    // A digest is not part of that format.
+    let mut fin = b.final_manifest.clone();
+    fin.digest = Some(tree_root(&b.volume).to_string());
+    assert!(epilogue(&fin, 10240, MTIME).is_err());
 }
 
 /// The byte offset of the final manifest's sha256 value in the archive.
@@ -360,10 +443,9 @@ fn manifests_that_disagree_are_an_error() {
     let initial = initial_manifest(vs);
     let mut a = prologue(&initial, rs, MTIME).unwrap();
     a.extend_from_slice(&volume);
-    let mut d = ImageDigest::new(CHUNK_SIZE).unwrap();
+    let mut d = ImageDigest::new(CHUNK_SIZE, true).unwrap();
     d.update(&volume);
-    let (sha, crcs) = d.finish();
-    let mut other = initial.finalized(sha, crcs);
+    let mut other = initial.finalized(d.finish());
     other.pair = "db1".into();
     other.mode = "wait".into();
     a.extend(epilogue(&other, rs, MTIME).unwrap());

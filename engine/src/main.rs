@@ -69,6 +69,19 @@ enum Command {
         /// split (see `quicksplit rpc checkpoint_list`).
         #[arg(long)]
         checkpoint: Option<String>,
+        /// Compute the image's flat SHA-256 besides its sha256-tree digest (one stream: the
+        /// backup goes no faster than one core hashes).
+        #[arg(long)]
+        flat_sha256: bool,
+    },
+    /// Print a file's or block device's sha256-tree digest, the one a backup of that image
+    /// reports (hashed by several threads).
+    Digest {
+        /// The file or block device.
+        file: PathBuf,
+        /// Hashing threads (default: one per CPU, at most 16).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        threads: Option<u16>,
     },
     /// Restore a tape archive to a file or block device, verifying every checksum. A file is
     /// written as PATH.partial and renamed to PATH once verified.
@@ -281,8 +294,21 @@ fn main() {
             mode,
             wait,
             rate,
+            flat_sha256,
             checkpoint,
-        } => cli::backup(socket, &pair, &to, &mode, wait, rate, checkpoint),
+        } => cli::backup(
+            socket,
+            &cli::BackupArgs {
+                pair: &pair,
+                to: &to,
+                mode: &mode,
+                wait,
+                rate,
+                flat_sha256,
+                checkpoint: checkpoint.as_deref(),
+            },
+        ),
+        Command::Digest { file, threads } => cli::digest(&file, threads.map(usize::from)),
         Command::Restore {
             archive,
             to,

@@ -1,6 +1,8 @@
 //! Backups in each mode to each local target, started right after a split with at least half the
 //! tracks pending while writers keep writing P and S: the backup equals P at the split point and
-//! its SHA-256 matches. Faults end a backup `failed` or `cancelled` while the pair keeps serving.
+//! its digest matches (the `sha256-tree` root and its chunk digests, kept in the state directory;
+//! the flat SHA-256 when asked for). Faults end a backup `failed` or `cancelled`, with no digest
+//! kept, while the pair keeps serving.
 
 mod common;
 
@@ -12,7 +14,7 @@ use common::{read, run, wait_until, Op};
 use drivers::testing::fault::{FaultBdev, FaultConfig};
 use drivers::Bdev;
 use engine::app::Engine;
-use engine::backup::{BackupInfo, BackupState, Mode, Target};
+use engine::backup::{BackupInfo, BackupState, Mode, Options, Target};
 use engine::pair::channel::View;
 use engine::pair::{PairConfig, PairState};
 use rand::{Rng, SeedableRng};
@@ -146,6 +148,37 @@ fn wait_backup(engine: &Engine, id: u64) -> BackupInfo {
     info
 }
 
+/// The `sha256-tree` digest of `data`, as `backup_get` reports it: spelled out with sha2.
+fn tree(data: &[u8]) -> String {
+    let mut digests = Vec::new();
+    for chunk in data.chunks(MIB as usize) {
+        digests.extend_from_slice(&Sha256::digest(chunk));
+    }
+    format!("sha256-tree:{}", sha(&digests))
+}
+
+/// Checks the chunk digests the engine kept for done backup `id` against the image.
+fn check_chunk_digests(engine: &Engine, id: u64, image: &[u8]) {
+    let kept = engine.backup_chunk_digests(id).unwrap();
+    assert_eq!(kept.image_size, image.len() as u64);
+    assert_eq!(kept.chunk_size, MIB);
+    assert_eq!(kept.digests.len(), image.len().div_ceil(MIB as usize));
+    for (i, chunk) in image.chunks(MIB as usize).enumerate() {
+        assert_eq!(kept.digests[i][..], Sha256::digest(chunk)[..], "chunk {i}");
+    }
+    assert_eq!(kept.root().to_string(), tree(image));
+    assert!(engine::backup::digests_path(engine.state_dir(), id).exists());
+}
+
+/// A backup that did not complete has no digest and no chunk digests.
+fn check_no_digests(engine: &Engine, info: &BackupInfo) {
+    assert_eq!(info.digest, None);
+    assert_eq!(info.sha256, None);
+    assert!(engine.backup_chunk_digests(info.id).is_err());
+    let path = engine::backup::digests_path(engine.state_dir(), info.id);
+    assert!(!path.exists(), "{} was left", path.display());
+}
+
 fn sha(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
@@ -170,7 +203,15 @@ fn backup_equals_the_split_image(mode: Mode, tape: bool, seed: u64) {
     } else {
         Target::File { path: path.clone() }
     };
-    let id = f.engine.backup_start("pr", mode, target, 0).unwrap();
+    // The tape also carries the flat SHA-256.
+    let opts = Options {
+        flat_sha256: tape,
+        ..Options::default()
+    };
+    let id = f
+        .engine
+        .backup_start_with("pr", mode, target, opts)
+        .unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let threads = writers(&f.engine, &stop, seed * 10);
     let info = wait_backup(&f.engine, id);
@@ -192,7 +233,17 @@ fn backup_equals_the_split_image(mode: Mode, tape: bool, seed: u64) {
             );
         }
     }
-    assert_eq!(info.sha256.as_deref(), Some(want.as_str()), "{mode:?}");
+    assert_eq!(info.digest, Some(tree(&f.expected)), "{mode:?}");
+    assert_eq!(info.flat_sha256, tape);
+    if tape {
+        assert_eq!(info.sha256.as_deref(), Some(want.as_str()), "{mode:?}");
+    } else {
+        assert_eq!(
+            info.sha256, None,
+            "{mode:?}: a flat SHA-256 nobody asked for"
+        );
+    }
+    check_chunk_digests(&f.engine, id, &f.expected);
     let got = if tape {
         let mut out = Vec::new();
         let report = drivers::tape::restore(
@@ -201,7 +252,8 @@ fn backup_equals_the_split_image(mode: Mode, tape: bool, seed: u64) {
             drivers::tape::DEFAULT_RECORD_SIZE,
         )
         .unwrap();
-        assert_eq!(report.sha256, want);
+        assert_eq!(report.sha256, Some(want));
+        assert_eq!(report.digest, info.digest);
         assert_eq!(report.manifest.mode, mode.as_str());
         assert_eq!(report.manifest.pair, "pr");
         out
@@ -256,7 +308,7 @@ fn a_source_read_error_fails_the_backup_and_the_pair_keeps_serving() {
         info.error.as_deref().unwrap_or("").contains("I/O error"),
         "{info:?}"
     );
-    assert_eq!(info.sha256, None);
+    check_no_digests(&f.engine, &info);
     assert!(
         !path.exists(),
         "a failed file backup leaves no image behind"
@@ -294,7 +346,7 @@ fn a_cancel_ends_cancelled_and_leaves_nothing_complete() {
     f.engine.backup_cancel(id).unwrap();
     let info = wait_backup(&f.engine, id);
     assert_eq!(info.state, BackupState::Cancelled);
-    assert_eq!(info.sha256, None);
+    check_no_digests(&f.engine, &info);
     assert!(info.bytes_done < SIZE);
     // Nothing under the archive's name, and its partial file is gone.
     assert!(!path.exists(), "a cancelled tape backup left an archive");
@@ -393,7 +445,7 @@ fn a_rate_limited_backup_takes_at_least_size_over_rate() {
     let info = wait_backup(&f.engine, id);
     assert_eq!(info.state, BackupState::Done);
     assert_eq!(info.rate, rate);
-    assert_eq!(info.sha256.as_deref(), Some(sha(&f.expected).as_str()));
+    assert_eq!(info.digest, Some(tree(&f.expected)));
     // The limiter starts empty: every byte waits for its share of the rate.
     let floor = SIZE * 1_000_000_000 / rate;
     assert!(
@@ -440,12 +492,14 @@ fn backup_to_a_pipe_read_by_tar(record_size: usize, seed: u64) {
     let info = wait_backup(&f.engine, id);
     assert_eq!(info.state, BackupState::Done, "{info:?}");
     assert!(tar.wait().unwrap().success(), "tar failed to read the pipe");
-    let want = sha(&f.expected);
-    assert_eq!(info.sha256.as_deref(), Some(want.as_str()));
+    let want = tree(&f.expected);
+    assert_eq!(info.digest.as_deref(), Some(want.as_str()));
     assert!(std::fs::read(out.join("volume.img")).unwrap() == f.expected);
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["sha256"], want.as_str());
+    assert_eq!(manifest["digest"], want.as_str());
+    assert_eq!(manifest["format"], "quicksplit-backup-2");
+    assert!(manifest.get("sha256").is_none(), "{manifest}");
     if (MIB as usize).is_multiple_of(record_size) {
         assert_eq!(info.cpu_copied_bytes, 0, "pieces fill whole records");
     } else {
@@ -468,7 +522,7 @@ fn a_backup_to_a_pipe_is_a_tar_stream_in_exact_records() {
 fn a_backup_yields_to_host_io_and_not_when_alone() {
     let f = split_pair("backup-yield", 11);
     let dir = f.engine.state_dir().to_path_buf();
-    let want = sha(&f.expected);
+    let want = tree(&f.expected);
     // Requests made before a backup starts do not count.
     let alone = f
         .engine
@@ -483,7 +537,7 @@ fn a_backup_yields_to_host_io_and_not_when_alone() {
         .unwrap();
     let info = wait_backup(&f.engine, alone);
     assert_eq!(info.state, BackupState::Done, "{info:?}");
-    assert_eq!(info.sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(info.digest.as_deref(), Some(want.as_str()));
     assert_eq!(
         info.host_yields, 0,
         "no host wrote, yet the backup held back"
@@ -515,7 +569,7 @@ fn a_backup_yields_to_host_io_and_not_when_alone() {
         t.join().unwrap();
     }
     assert_eq!(info.state, BackupState::Done, "{info:?}");
-    assert_eq!(info.sha256.as_deref(), Some(want.as_str()));
+    assert_eq!(info.digest.as_deref(), Some(want.as_str()));
     assert_eq!(std::fs::read(dir.join("busy.img")).unwrap(), f.expected);
     assert!(
         info.host_yields > 0,

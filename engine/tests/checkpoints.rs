@@ -14,8 +14,8 @@ use std::sync::Arc;
 use common::Op;
 use drivers::testing::powercut::PowerCutBdev;
 use drivers::Bdev;
-use engine::app::{BackupOptions, Engine, MetadataDevice};
-use engine::backup::{BackupState, Limits, Mode, Target};
+use engine::app::{Engine, MetadataDevice};
+use engine::backup::{BackupState, Mode, Options, Target};
 use engine::pair::channel::View;
 use engine::pair::metadata::Layout;
 use engine::pair::{Pair, PairConfig, PairState};
@@ -136,12 +136,10 @@ fn backup(engine: &Engine, name: &str, checkpoint: Option<&str>) -> Result<(), S
             name,
             Mode::Merge,
             Target::File { path: path.clone() },
-            Limits {
-                rate: 0,
+            Options {
                 host_rate: 0,
-            },
-            BackupOptions {
                 checkpoint: checkpoint.map(str::to_string),
+                ..Options::default()
             },
         )
         .map_err(|e| e.to_string())?;

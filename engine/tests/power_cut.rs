@@ -32,8 +32,8 @@ use std::time::Duration;
 use common::Op;
 use drivers::testing::powercut::{PowerCutBdev, PowerSupply};
 use drivers::Bdev;
-use engine::app::{BackupOptions, Engine, MetadataDevice};
-use engine::backup::{BackupState, Limits, Mode, Target, DEFAULT_HOST_RATE};
+use engine::app::{Engine, MetadataDevice};
+use engine::backup::{BackupState, Mode, Options, Target};
 use engine::pair::channel::View;
 use engine::pair::metadata::{decode_page, Layout, MapKind, WORDS_PER_PAGE};
 use engine::pair::{PairConfig, PairState};
@@ -303,21 +303,12 @@ fn run_schedule(engine: &Engine, seed: u64) {
                 let mode = [Mode::Wait, Mode::Reflect, Mode::Merge][rng.gen_range(0..3)];
                 let path = engine.state_dir().join(format!("{name}-backup.img"));
                 let make = rng.gen_bool(0.5);
-                let options = BackupOptions {
+                let options = Options {
                     checkpoint: make.then(|| "cp".to_string()),
-                };
-                let limits = Limits {
-                    rate: 0,
-                    host_rate: DEFAULT_HOST_RATE,
+                    ..Options::default()
                 };
                 let id = engine
-                    .backup_start_with(
-                        &name,
-                        mode,
-                        Target::File { path: path.clone() },
-                        limits,
-                        options,
-                    )
+                    .backup_start_with(&name, mode, Target::File { path: path.clone() }, options)
                     .unwrap();
                 // The backup holds the image as it is now: later writes to S wait for it.
                 backup = Some((id, path, image.clone().unwrap_or_default()));

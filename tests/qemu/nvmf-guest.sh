@@ -80,7 +80,7 @@ mkdir $n/subsystems/$LNQN &&
   ok "nvmet target on 127.0.0.1:4420" || bad "nvmet configfs setup"
 for mode in merge reflect wait; do
   dd if=/dev/zero of=/tmp/nvmet.img bs=$MIB count=8 conv=notrunc 2>/dev/null
-  out=$(qs backup_start "{\"pair\":\"pr\",\"mode\":\"$mode\",\"target\":{\"type\":\"nvmf\",\"traddr\":\"127.0.0.1\",\"subnqn\":\"$LNQN\"}}")
+  out=$(qs backup_start "{\"pair\":\"pr\",\"mode\":\"$mode\",\"flat_sha256\":true,\"target\":{\"type\":\"nvmf\",\"traddr\":\"127.0.0.1\",\"subnqn\":\"$LNQN\"}}")
   id=$(echo "$out" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p')
   if [ -z "$id" ]; then bad "$mode: backup_start: $out"; continue; fi
   state=running

@@ -133,6 +133,23 @@ pub fn sha256_of(path: &Path) -> String {
         .to_string()
 }
 
+/// The `sha256-tree` digest of a file as `quicksplit digest` prints it (what `backup_get`
+/// reports as `digest`).
+pub fn tree_digest_of(path: &Path) -> String {
+    let out = Command::new(binary("quicksplit"))
+        .arg("digest")
+        .arg(path)
+        .output()
+        .unwrap_or_else(|e| panic!("quicksplit digest {}: {e}", path.display()));
+    assert!(
+        out.status.success(),
+        "quicksplit digest {} failed: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+}
+
 /// Polls `backup_get` until backup `id` is no longer running (at most `limit`); its last report.
 pub fn wait_backup(rpc: &mut RpcConn, id: u64, limit: Duration) -> serde_json::Value {
     let mut info = serde_json::Value::Null;

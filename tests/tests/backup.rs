@@ -1,12 +1,16 @@
 //! Backups through the real binary to real peers: nbdkit as the NBD target (read back with
 //! nbdcopy), GNU tar extracting the tape archive, `quicksplit restore` catching a flipped byte,
-//! and nbdkit's error filter failing a backup while the pair keeps serving.
+//! and nbdkit's error filter failing a backup while the pair keeps serving. The digests are
+//! checked against `sha256sum` (the flat SHA-256) and `quicksplit digest` (the tree digest).
+//! tests/tests/digest.rs has more on the digests.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use quicksplit_tests::{binary, sha256_of, start_empty, wait_for, RpcConn, TempDir};
+use quicksplit_tests::{
+    binary, sha256_of, start_empty, tree_digest_of, wait_for, RpcConn, TempDir,
+};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
@@ -129,13 +133,15 @@ fn backups_to_nbdkit_in_every_mode_are_exact() {
     let mut rpc = RpcConn::connect(&sock);
     let (image, nbd) = prepared(dir.path(), &mut rpc);
     let want = sha256_of(&image);
+    let want_tree = tree_digest_of(&image);
     for mode in ["merge", "reflect", "wait"] {
         let kit = Nbdkit::start(dir.path(), mode, &["memory", "16M"]);
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = keep_writing_p(&nbd, &stop);
         let id = rpc.ok(
             "backup_start",
-            json!({"pair": "pr", "mode": mode, "target": {"type": "nbd", "uri": kit.uri()}}),
+            json!({"pair": "pr", "mode": mode, "flat_sha256": true,
+                   "target": {"type": "nbd", "uri": kit.uri()}}),
         )["id"]
             .as_u64()
             .unwrap();
@@ -147,6 +153,7 @@ fn backups_to_nbdkit_in_every_mode_are_exact() {
         );
         assert_eq!(info["state"], "done", "{info}");
         assert_eq!(info["sha256"], want.as_str(), "{mode}");
+        assert_eq!(info["digest"], want_tree.as_str(), "{mode}");
         assert_eq!(info["bytes_done"], SIZE);
         let out = dir.path().join(format!("{mode}.img"));
         run(Command::new("nbdcopy").args([&kit.uri(), out.to_str().unwrap()]));
@@ -161,6 +168,7 @@ fn tape_archive_extracts_with_gnu_tar_and_restore_catches_a_flipped_byte() {
     let mut rpc = RpcConn::connect(&sock);
     let (image, _) = prepared(dir.path(), &mut rpc);
     let want = sha256_of(&image);
+    let want_tree = tree_digest_of(&image);
     let archive = dir.path().join("tape0");
     let out = run(Command::new(binary("quicksplit")).args([
         "backup",
@@ -173,7 +181,12 @@ fn tape_archive_extracts_with_gnu_tar_and_restore_catches_a_flipped_byte() {
         "merge",
         "--wait",
     ]));
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&want));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&want_tree), "{text}");
+    assert!(
+        !text.contains(&want),
+        "a flat SHA-256 nobody asked for: {text}"
+    );
     let x = dir.path().join("x");
     std::fs::create_dir_all(&x).unwrap();
     run(Command::new("tar").args([
@@ -188,7 +201,8 @@ fn tape_archive_extracts_with_gnu_tar_and_restore_catches_a_flipped_byte() {
     assert_eq!(sha256_of(&x.join("volume.img")), want);
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(x.join("manifest.json")).unwrap()).unwrap();
-    assert_eq!(manifest["sha256"], want.as_str());
+    assert_eq!(manifest["digest"], want_tree.as_str());
+    assert_eq!(manifest["sha256"], Value::Null);
     assert_eq!(manifest["pair"], "pr");
     assert_eq!(manifest["mode"], "merge");
     assert_eq!(manifest["volume_size"], SIZE);
@@ -218,6 +232,10 @@ fn tape_archive_extracts_with_gnu_tar_and_restore_catches_a_flipped_byte() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("image digest mismatch") && err.contains(&want_tree),
+        "{err}"
+    );
     assert!(err.contains("chunk 3") && err.contains("CRC-32C"), "{err}");
 }
 
@@ -248,6 +266,7 @@ fn a_target_write_error_fails_the_backup_and_hosts_keep_going() {
     assert_eq!(info["state"], "failed", "{info}");
     assert!(info["error"].as_str().unwrap().contains("NBD"), "{info}");
     assert_eq!(info["sha256"], Value::Null);
+    assert_eq!(info["digest"], Value::Null);
     // A target too small and an unreachable target are refused at once.
     let small = Nbdkit::start(dir.path(), "small", &["memory", "1M"]);
     assert_eq!(

@@ -175,7 +175,7 @@ fn status_json_params_from_files_and_resync_wait() {
         text.contains("backup 1: 64.0 MiB of 64.0 MiB (100.0%),") && text.contains("elapsed"),
         "{text}"
     );
-    assert!(text.contains("backup 1 done: sha256 "), "{text}");
+    assert!(text.contains("backup 1 done: sha256-tree:"), "{text}");
     let out = q(&sock, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let pair_row = text.lines().find(|l| l.starts_with("ab ")).unwrap_or("");

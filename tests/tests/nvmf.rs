@@ -130,7 +130,7 @@ fn backups_to_another_quicksplit_over_nvmf_are_exact_in_every_mode() {
         });
         let id = src.ok(
             "backup_start",
-            json!({"pair": "pr", "mode": mode, "target": {
+            json!({"pair": "pr", "mode": mode, "flat_sha256": true, "target": {
                 "type": "nvmf", "traddr": "127.0.0.1", "trsvcid": port, "subnqn": nqn}}),
         )["id"]
             .as_u64()

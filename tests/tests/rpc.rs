@@ -287,12 +287,25 @@ fn every_method_through_the_socket() {
         "state",
         "bytes_done",
         "bytes_total",
+        "digest",
+        "flat_sha256",
         "sha256",
         "error",
     ] {
         assert!(b.get(k).is_some(), "backup_get lacks {k}: {b}");
     }
     assert_eq!(b["bytes_done"], 1 << 20);
+    assert!(
+        b["digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256-tree:")),
+        "{b}"
+    );
+    assert_eq!(
+        b["sha256"],
+        Value::Null,
+        "no flat SHA-256 was asked for: {b}"
+    );
     assert_eq!(c.err("backup_cancel", json!({"id": id})).0, CONFLICT);
     // Checkpoints: one made by a backup, listed, refused twice, deleted.
     assert_eq!(c.ok("checkpoint_list", json!({})), json!([]));

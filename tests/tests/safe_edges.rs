@@ -62,11 +62,11 @@ fn split_pair(dir: &Path, rpc: &mut RpcConn) -> PathBuf {
     file
 }
 
-/// A completed tape backup of the pair to `archive`; its SHA-256.
+/// A completed tape backup of the pair to `archive`, with the flat SHA-256; that SHA-256.
 fn tape_backup(rpc: &mut RpcConn, archive: &Path) -> String {
     let id = rpc.ok(
         "backup_start",
-        json!({"pair": "pr", "target": {"type": "tape", "path": archive}}),
+        json!({"pair": "pr", "target": {"type": "tape", "path": archive}, "flat_sha256": true}),
     )["id"]
         .as_u64()
         .expect("id");

@@ -186,7 +186,7 @@ fn member(name: &str, data: &[u8], mtime: u64) -> Result<Vec<u8>, TapeError> {
 /// of `volume.img` and its ustar header. Their length is a multiple of `record_size` (usually
 /// exactly one record), so the volume data that follows starts on a record boundary.
 ///
-/// `initial` must have `sha256` and `chunks_crc32c` unset, a non-zero `volume_size` and
+/// `initial` must have `digest`, `sha256` and `chunks_crc32c` unset, a non-zero `volume_size` and
 /// `chunk_size`, and `format` [`super::FORMAT`]; `record_size` must be a positive multiple of 512;
 /// `mtime` (seconds since the epoch) is the modification time of every member.
 pub fn prologue(initial: &Manifest, record_size: usize, mtime: u64) -> Result<Vec<u8>, TapeError> {
@@ -233,8 +233,8 @@ pub fn prologue(initial: &Manifest, record_size: usize, mtime: u64) -> Result<Ve
 /// end-of-archive marker and zeros up to the record grid, so that prologue + volume + epilogue is
 /// a multiple of `record_size`. Its first bytes complete the last partial record of the volume.
 ///
-/// `final_manifest` must have `sha256` (64 lowercase hex digits) and one `chunks_crc32c` entry per
-/// chunk; `record_size` and `mtime` must be those given to [`prologue`].
+/// `final_manifest` must have a well-formed `digest` (and `sha256` when `flat_sha256`) and one
+/// `chunks_crc32c` entry per chunk; `record_size` and `mtime` must be those given to [`prologue`].
 pub fn epilogue(
     final_manifest: &Manifest,
     record_size: usize,
@@ -440,6 +440,15 @@ mod tests {
         super::super::sample_manifest(volume_size, "wait")
     }
 
+    /// `m` finalized with the digest `sha256-tree:<hex>` and the CRCs `crcs`.
+    fn finalized(m: &Manifest, hex: &str, crcs: Vec<u32>) -> Manifest {
+        m.finalized(super::super::ImageChecksums {
+            digest: Some(format!("sha256-tree:{hex}")),
+            sha256: None,
+            chunks_crc32c: crcs,
+        })
+    }
+
     fn block(bytes: &[u8], at: usize) -> &[u8; BLOCK_SIZE] {
         bytes[at..at + BLOCK_SIZE].try_into().unwrap()
     }
@@ -566,7 +575,7 @@ mod tests {
                 (VOLUME_NAME, b'0', 0)
             );
 
-            let fin = manifest(size).finalized("ab".repeat(32), vec![7; 10 * 1024]);
+            let fin = finalized(&manifest(size), &"ab".repeat(32), vec![7; 10 * 1024]);
             let e = epilogue(&fin, rs, 1_700_000_000).unwrap();
             assert_eq!((size + e.len() as u64) % rs as u64, 0);
         }
@@ -601,11 +610,13 @@ mod tests {
             Err(TapeError::InvalidRecordSize(0))
         ));
         assert!(prologue(&manifest(0), 512, 0).is_err());
-        assert!(prologue(&manifest(4096).finalized("0".repeat(64), vec![0]), 512, 0).is_err());
-        assert!(epilogue(&manifest(4096), 512, 0).is_err());
-        assert!(epilogue(&manifest(4096).finalized("0".repeat(64), vec![]), 512, 0).is_err());
-        assert!(epilogue(&manifest(4096).finalized("0".repeat(63), vec![0]), 512, 0).is_err());
-        assert!(epilogue(&manifest(4096).finalized("A".repeat(64), vec![0]), 512, 0).is_err());
+        let m = manifest(4096);
+        assert!(prologue(&finalized(&m, &"0".repeat(64), vec![0]), 512, 0).is_err());
+        assert!(epilogue(&m, 512, 0).is_err());
+        assert!(epilogue(&finalized(&m, &"0".repeat(64), vec![0]), 512, 0).is_ok());
+        assert!(epilogue(&finalized(&m, &"0".repeat(64), vec![]), 512, 0).is_err());
+        assert!(epilogue(&finalized(&m, &"0".repeat(63), vec![0]), 512, 0).is_err());
+        assert!(epilogue(&finalized(&m, &"A".repeat(64), vec![0]), 512, 0).is_err());
         assert!(prologue(&manifest(4096), 512, MAX_OCTAL_11 + 1).is_err());
     }
 

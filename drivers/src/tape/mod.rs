@@ -4,13 +4,14 @@
 //! [`DEFAULT_RECORD_SIZE`], 256 KiB = 512 tar blocks), so GNU tar reads it with
 //! `tar -x -b 512 -f ARCHIVE`. It holds, in this order:
 //!
-//! 1. `manifest.json`: the *initial* manifest, describing the backup, with `"sha256": null` and
+//! 1. `manifest.json`: the *initial* manifest, describing the backup, with no `digest` and
 //!    `"chunks_crc32c": null` (the checksums are not known before the image is written);
 //! 2. a pax extended header (typeflag `x`) for `volume.img`, carrying `size=` (the image may
 //!    exceed the 8 GiB limit of the ustar size field), `path=` and a `comment=` used as padding;
 //! 3. `volume.img`: the image, `volume_size` bytes, padded with zeros to a 512-byte block;
-//! 4. `manifest.json` again: the *final* manifest, with the SHA-256 of the image and the CRC-32C
-//!    of each [`CHUNK_SIZE`] chunk filled in;
+//! 4. `manifest.json` again: the *final* manifest, with the image's `sha256-tree` digest
+//!    ([`crate::digest`]), its flat SHA-256 when the initial manifest says `flat_sha256`, and the
+//!    CRC-32C of each [`CHUNK_SIZE`] chunk filled in;
 //! 5. the end-of-archive marker (two zero blocks) and zeros up to a whole record.
 //!
 //! The `comment=` record of the pax header is sized so that everything before the image data
@@ -25,12 +26,17 @@
 //! extracting the members in order, overwrites it with the second, so the extracted
 //! `manifest.json` is the final one. [`restore`] checks that both copies agree on everything but
 //! the checksums.
+//!
+//! Archives of the first format ([`FORMAT_V1`]) carry the flat SHA-256 alone; [`restore`] still
+//! reads and verifies them.
 
 mod format;
 mod reader;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::digest::{TreeHasher, TreeRoot};
 
 pub use format::{epilogue, prologue};
 pub use reader::{restore, RestoreReport};
@@ -44,8 +50,12 @@ pub const CHUNK_SIZE: u64 = 1 << 20;
 /// The size of a tar block; every record size must be a multiple of it.
 pub const BLOCK_SIZE: usize = 512;
 
-/// The value of [`Manifest::format`] for this version of the format.
-pub const FORMAT: &str = "quicksplit-backup-1";
+/// The value of [`Manifest::format`] for this version of the format: the image's checksum is its
+/// `sha256-tree` digest (and a flat SHA-256 only when asked for).
+pub const FORMAT: &str = "quicksplit-backup-2";
+
+/// The first format, still restored: the image's checksum is its flat SHA-256.
+pub const FORMAT_V1: &str = "quicksplit-backup-1";
 
 /// The archive member name of the manifests.
 pub const MANIFEST_NAME: &str = "manifest.json";
@@ -74,7 +84,17 @@ pub struct Manifest {
     pub created_at_ns: u64,
     /// The CRC-32C granularity of [`Manifest::chunks_crc32c`]: [`CHUNK_SIZE`].
     pub chunk_size: u64,
-    /// The SHA-256 of the image, lowercase hex; `None` in the initial manifest.
+    /// The final manifest carries the image's flat SHA-256 too (stated in both manifests, so a
+    /// reader knows before the image which checksums to compute).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flat_sha256: bool,
+    /// The image's `sha256-tree` digest (`sha256-tree:<hex>`); `None` in the initial manifest
+    /// and in [`FORMAT_V1`] archives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    /// The flat SHA-256 of the image, lowercase hex: in a final manifest that has
+    /// `flat_sha256`, and in every final manifest of [`FORMAT_V1`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
     /// The CRC-32C of each `chunk_size` chunk of the image (the last may be short); `None` in the
     /// initial manifest.
@@ -94,10 +114,11 @@ impl Manifest {
 
     /// This manifest with the checksums filled in: the final manifest, from the initial one and
     /// the results of [`ImageDigest::finish`].
-    pub fn finalized(&self, sha256: String, chunks_crc32c: Vec<u32>) -> Manifest {
+    pub fn finalized(&self, checksums: ImageChecksums) -> Manifest {
         Manifest {
-            sha256: Some(sha256),
-            chunks_crc32c: Some(chunks_crc32c),
+            digest: checksums.digest,
+            sha256: checksums.sha256,
+            chunks_crc32c: Some(checksums.chunks_crc32c),
             ..self.clone()
         }
     }
@@ -105,16 +126,28 @@ impl Manifest {
     /// This manifest with the checksums cleared: what the initial manifest must be.
     pub(crate) fn without_checksums(&self) -> Manifest {
         Manifest {
+            digest: None,
             sha256: None,
             chunks_crc32c: None,
             ..self.clone()
         }
     }
 
+    /// True for an archive of the first format (a flat SHA-256, no tree digest).
+    pub fn is_v1(&self) -> bool {
+        self.format == FORMAT_V1
+    }
+
     /// Checks the fields both manifests must satisfy.
     fn check_common(&self) -> Result<(), String> {
-        if self.format != FORMAT {
-            return Err(format!("format is {:?}, expected {FORMAT:?}", self.format));
+        if self.format != FORMAT && self.format != FORMAT_V1 {
+            return Err(format!(
+                "format is {:?}, expected {FORMAT:?} (or {FORMAT_V1:?})",
+                self.format
+            ));
+        }
+        if self.is_v1() && self.flat_sha256 {
+            return Err(format!("flat_sha256 is set in a {FORMAT_V1:?} manifest"));
         }
         if self.volume_size == 0 {
             return Err("volume_size is 0".into());
@@ -131,24 +164,40 @@ impl Manifest {
         if self.sha256.is_some() {
             return Err("sha256 is set in the initial manifest".into());
         }
+        if self.digest.is_some() {
+            return Err("digest is set in the initial manifest".into());
+        }
         if self.chunks_crc32c.is_some() {
             return Err("chunks_crc32c is set in the initial manifest".into());
         }
         Ok(())
     }
 
-    /// Checks that this is a valid final manifest: a well-formed SHA-256 and one CRC per chunk.
+    /// Checks that this is a valid final manifest: a well-formed digest (and SHA-256 where the
+    /// format or `flat_sha256` calls for one) and one CRC per chunk.
     pub(crate) fn check_final(&self) -> Result<(), String> {
         self.check_common()?;
-        match &self.sha256 {
-            None => return Err("sha256 is missing from the final manifest".into()),
-            Some(h) => {
+        match (&self.digest, self.is_v1()) {
+            (None, false) => return Err("digest is missing from the final manifest".into()),
+            (Some(_), true) => return Err(format!("digest is set in a {FORMAT_V1:?} manifest")),
+            (Some(d), false) => {
+                d.parse::<TreeRoot>().map_err(|e| format!("digest: {e}"))?;
+            }
+            (None, true) => {}
+        }
+        match (&self.sha256, self.is_v1() || self.flat_sha256) {
+            (None, true) => return Err("sha256 is missing from the final manifest".into()),
+            (Some(_), false) => {
+                return Err("sha256 is set but the initial manifest has no flat_sha256".into())
+            }
+            (Some(h), true) => {
                 if h.len() != 64 || !h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
                     return Err(format!(
                         "sha256 {h:?} is not 64 lowercase hexadecimal digits"
                     ));
                 }
             }
+            (None, false) => {}
         }
         match &self.chunks_crc32c {
             None => return Err("chunks_crc32c is missing from the final manifest".into()),
@@ -280,6 +329,16 @@ pub enum TapeError {
         /// The CRC-32C of the data read.
         actual: u32,
     },
+    /// The image does not have the `sha256-tree` digest of the final manifest.
+    #[error("image digest mismatch: manifest {expected}, data {actual}{}", damaged_chunk(.damaged))]
+    DigestMismatch {
+        /// The digest in the final manifest.
+        expected: String,
+        /// The digest of the data read.
+        actual: String,
+        /// The first chunk whose CRC-32C fails too, and its offset: where the damage is.
+        damaged: Option<(u64, u64)>,
+    },
     /// The image does not have the SHA-256 of the final manifest.
     #[error("SHA-256 mismatch: manifest {expected}, data {actual}")]
     Sha256Mismatch {
@@ -290,31 +349,70 @@ pub enum TapeError {
     },
 }
 
-/// Incremental checksums of an image as it streams: its SHA-256 and the CRC-32C of each chunk.
+/// Where the damage is, after a digest mismatch.
+fn damaged_chunk(damaged: &Option<(u64, u64)>) -> String {
+    match damaged {
+        Some((index, offset)) => {
+            format!("; chunk {index} (offset {offset}) fails its CRC-32C too")
+        }
+        None => String::new(),
+    }
+}
+
+/// The checksums of an image that a final manifest carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageChecksums {
+    /// The `sha256-tree` digest (`sha256-tree:<hex>`); `None` for a [`FORMAT_V1`] archive.
+    pub digest: Option<String>,
+    /// The flat SHA-256 (lowercase hex), when asked for (always in [`FORMAT_V1`]).
+    pub sha256: Option<String>,
+    /// The CRC-32C of each chunk, the last one possibly short.
+    pub chunks_crc32c: Vec<u32>,
+}
+
+/// Incremental checksums of an image as it streams on one core: its tree digest, its flat
+/// SHA-256 when asked for, and the CRC-32C of each chunk.
 ///
-/// Feed the bytes in order with [`ImageDigest::update`], in pieces of any size. The two parts
-/// are also usable apart ([`ImageSha`], [`ChunkCrcs`]), so a backup can compute them on
+/// Feed the bytes in order with [`ImageDigest::update`], in pieces of any size. The parts are
+/// also usable apart ([`TreeHasher`], [`ImageSha`], [`ChunkCrcs`]), so a backup computes them on
 /// different cores.
 #[derive(Clone, Debug)]
 pub struct ImageDigest {
-    sha: ImageSha,
+    tree: Option<TreeHasher>,
+    sha: Option<ImageSha>,
     crcs: ChunkCrcs,
 }
 
 impl ImageDigest {
-    /// A digest with one CRC-32C per `chunk_size` bytes ([`CHUNK_SIZE`] for backups).
+    /// The tree digest, the flat SHA-256 if `flat_sha256`, and one CRC-32C per `chunk_size`
+    /// bytes ([`CHUNK_SIZE`] for backups).
     ///
     /// Fails with [`TapeError::InvalidChunkSize`] if `chunk_size` is 0.
-    pub fn new(chunk_size: u64) -> Result<Self, TapeError> {
+    pub fn new(chunk_size: u64, flat_sha256: bool) -> Result<Self, TapeError> {
         Ok(Self {
-            sha: ImageSha::default(),
+            tree: Some(TreeHasher::default()),
+            sha: flat_sha256.then(ImageSha::default),
             crcs: ChunkCrcs::new(chunk_size)?,
+        })
+    }
+
+    /// The checksums an archive with the initial manifest `m` carries.
+    pub fn for_manifest(m: &Manifest) -> Result<Self, TapeError> {
+        Ok(Self {
+            tree: (!m.is_v1()).then(TreeHasher::default),
+            sha: (m.is_v1() || m.flat_sha256).then(ImageSha::default),
+            crcs: ChunkCrcs::new(m.chunk_size)?,
         })
     }
 
     /// Adds the next bytes of the image.
     pub fn update(&mut self, data: &[u8]) {
-        self.sha.update(data);
+        if let Some(t) = self.tree.as_mut() {
+            t.update(data);
+        }
+        if let Some(s) = self.sha.as_mut() {
+            s.update(data);
+        }
         self.crcs.update(data);
     }
 
@@ -323,9 +421,13 @@ impl ImageDigest {
         self.crcs.bytes()
     }
 
-    /// The SHA-256 (lowercase hex) and the CRC-32C of each chunk, the last one possibly short.
-    pub fn finish(self) -> (String, Vec<u32>) {
-        (self.sha.finish(), self.crcs.finish())
+    /// The checksums.
+    pub fn finish(self) -> ImageChecksums {
+        ImageChecksums {
+            digest: self.tree.map(|t| t.finish().to_string()),
+            sha256: self.sha.map(ImageSha::finish),
+            chunks_crc32c: self.crcs.finish(),
+        }
     }
 }
 
@@ -436,21 +538,14 @@ pub(crate) fn sample_manifest(volume_size: u64, mode: &str) -> Manifest {
         mode: mode.into(),
         created_at_ns: 2,
         chunk_size: CHUNK_SIZE,
+        flat_sha256: false,
+        digest: None,
         sha256: None,
         chunks_crc32c: None,
     }
 }
 
-/// Lowercase hex of `bytes`.
-fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    s
-}
+use crate::digest::to_hex;
 
 #[cfg(test)]
 mod tests {
@@ -458,36 +553,84 @@ mod tests {
 
     #[test]
     fn digest_chunks_match_whole_computation() {
-        let data: Vec<u8> = (0..(3 * 1024 + 100)).map(|i| (i * 7 + 3) as u8).collect();
-        for piece in [1usize, 7, 512, 1024, 5000] {
-            let mut d = ImageDigest::new(1024).unwrap();
+        let data: Vec<u8> = (0..(3 * 1024 * 1024 + 100))
+            .map(|i| (i * 7 + 3) as u8)
+            .collect();
+        for piece in [7usize, 512, 1024, 5000, 1 << 20] {
+            let mut d = ImageDigest::new(1024, true).unwrap();
             for p in data.chunks(piece) {
                 d.update(p);
             }
             assert_eq!(d.bytes(), data.len() as u64);
-            let (sha, crcs) = d.finish();
+            let c = d.finish();
             let want: Vec<u32> = data.chunks(1024).map(crc32c::crc32c).collect();
-            assert_eq!(crcs, want, "piece {piece}");
-            assert_eq!(sha, to_hex(&Sha256::digest(&data)));
+            assert_eq!(c.chunks_crc32c, want, "piece {piece}");
+            assert_eq!(c.sha256, Some(to_hex(&Sha256::digest(&data))));
+            assert_eq!(c.digest, Some(crate::digest::tree_root(&data).to_string()));
         }
+        let c = ImageDigest::new(CHUNK_SIZE, false).unwrap().finish();
+        assert_eq!(c.sha256, None);
     }
 
     #[test]
     fn digest_rejects_zero_chunk_size() {
         assert!(matches!(
-            ImageDigest::new(0),
+            ImageDigest::new(0, false),
             Err(TapeError::InvalidChunkSize)
         ));
     }
 
     #[test]
     fn digest_of_nothing() {
-        let (sha, crcs) = ImageDigest::new(CHUNK_SIZE).unwrap().finish();
-        assert!(crcs.is_empty());
+        let c = ImageDigest::new(CHUNK_SIZE, true).unwrap().finish();
+        assert!(c.chunks_crc32c.is_empty());
         assert_eq!(
-            sha,
-            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            c.sha256.as_deref(),
+            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
         );
+    }
+
+    #[test]
+    fn manifests_of_both_formats_check() {
+        let initial = sample_manifest(4096, "merge");
+        let tree = crate::digest::tree_root(&[0; 4096]).to_string();
+        let fin = initial.finalized(ImageChecksums {
+            digest: Some(tree.clone()),
+            sha256: None,
+            chunks_crc32c: vec![0],
+        });
+        assert_eq!(fin.check_final(), Ok(()));
+        let json = String::from_utf8(fin.to_json().unwrap()).unwrap();
+        assert!(json.contains("\"digest\":\"sha256-tree:"), "{json}");
+        assert!(!json.contains("sha256\":"), "{json}");
+        // A flat SHA-256 the initial manifest did not announce, or one missing, is refused.
+        let sha = "0".repeat(64);
+        let mut extra = fin.clone();
+        extra.sha256 = Some(sha.clone());
+        assert!(extra.check_final().is_err());
+        let mut flat = initial.clone();
+        flat.flat_sha256 = true;
+        assert_eq!(flat.check_initial(), Ok(()));
+        let mut missing = fin.clone();
+        missing.flat_sha256 = true;
+        assert!(missing.check_final().is_err());
+        missing.sha256 = Some(sha.clone());
+        assert_eq!(missing.check_final(), Ok(()));
+        // No digest, or a malformed one, is refused in this format.
+        let mut none = fin.clone();
+        none.digest = None;
+        assert!(none.check_final().is_err());
+        let mut bad = fin.clone();
+        bad.digest = Some(tree.replace("sha256-tree", "sha256"));
+        assert!(bad.check_final().is_err());
+        // The first format: a flat SHA-256 and no digest.
+        let mut v1 = fin.clone();
+        v1.format = FORMAT_V1.into();
+        assert!(v1.check_final().is_err());
+        v1.digest = None;
+        assert!(v1.check_final().is_err());
+        v1.sha256 = Some(sha);
+        assert_eq!(v1.check_final(), Ok(()));
     }
 
     #[test]

@@ -19,8 +19,12 @@ pub struct RestoreReport {
     pub manifest: Manifest,
     /// The number of bytes of the image written out.
     pub bytes: u64,
-    /// The SHA-256 of the image (lowercase hex), equal to the manifest's.
-    pub sha256: String,
+    /// The image's `sha256-tree` digest, equal to the manifest's (`None` for an archive of the
+    /// first format, which has none).
+    pub digest: Option<String>,
+    /// The flat SHA-256 of the image (lowercase hex), equal to the manifest's, when the archive
+    /// has one.
+    pub sha256: Option<String>,
 }
 
 /// Reads an archive in `record_size` reads and hands it out as a byte stream.
@@ -256,9 +260,10 @@ fn differing_fields(a: &Manifest, b: &Manifest) -> String {
 }
 
 /// Reads an archive stream (a file or a tape device, read in `record_size` reads), writes
-/// `volume.img`'s bytes to `out`, verifies every chunk's CRC-32C and the SHA-256 against the final
-/// manifest, and checks that the initial and final manifests agree on everything but the
-/// checksums.
+/// `volume.img`'s bytes to `out`, verifies the `sha256-tree` digest, every chunk's CRC-32C and
+/// the flat SHA-256 (when the archive has one) against the final manifest, and checks that the
+/// initial and final manifests agree on everything but the checksums. Archives of the first
+/// format, which have a flat SHA-256 and no digest, are verified against that.
 ///
 /// The image streams through: only the computed per-chunk CRCs are kept, and the comparison
 /// happens once the final manifest (which follows the image) has been read. The archive is parsed
@@ -291,7 +296,7 @@ pub fn restore(
             found: volume_size,
         });
     }
-    let mut digest = ImageDigest::new(initial.chunk_size)?;
+    let mut digest = ImageDigest::for_manifest(&initial)?;
     s.for_each(volume_size, "the data of volume.img", |data| {
         out.write_all(data).map_err(|source| TapeError::Io {
             context: format!("writing the restored image at offset {}", digest.bytes()),
@@ -322,18 +327,30 @@ pub fn restore(
         });
     }
 
-    let (sha256, crcs) = digest.finish();
+    let computed = digest.finish();
+    let crcs = &computed.chunks_crc32c;
     let expected_crcs = manifest.chunks_crc32c.as_deref().unwrap_or_default();
-    for (index, (&expected, &actual)) in expected_crcs.iter().zip(&crcs).enumerate() {
-        if expected != actual {
-            let index = index as u64;
-            return Err(TapeError::ChunkCrcMismatch {
-                index,
-                offset: index * manifest.chunk_size,
-                expected,
-                actual,
-            });
-        }
+    let crc_mismatch = expected_crcs
+        .iter()
+        .zip(crcs)
+        .enumerate()
+        .find(|(_, (e, a))| e != a)
+        .map(|(index, (&expected, &actual))| (index as u64, expected, actual));
+    // The digest is the image's proof; the CRCs then tell where a damaged image is damaged.
+    if manifest.digest != computed.digest {
+        return Err(TapeError::DigestMismatch {
+            expected: manifest.digest.clone().unwrap_or_default(),
+            actual: computed.digest.unwrap_or_default(),
+            damaged: crc_mismatch.map(|(i, _, _)| (i, i * manifest.chunk_size)),
+        });
+    }
+    if let Some((index, expected, actual)) = crc_mismatch {
+        return Err(TapeError::ChunkCrcMismatch {
+            index,
+            offset: index * manifest.chunk_size,
+            expected,
+            actual,
+        });
     }
     if expected_crcs.len() != crcs.len() {
         // Not reachable after the checks above (sizes agree); kept as a guard.
@@ -347,11 +364,10 @@ pub fn restore(
             ),
         });
     }
-    let expected_sha = manifest.sha256.clone().unwrap_or_default();
-    if expected_sha != sha256 {
+    if manifest.sha256 != computed.sha256 {
         return Err(TapeError::Sha256Mismatch {
-            expected: expected_sha,
-            actual: sha256,
+            expected: manifest.sha256.clone().unwrap_or_default(),
+            actual: computed.sha256.unwrap_or_default(),
         });
     }
 
@@ -372,7 +388,8 @@ pub fn restore(
     Ok(RestoreReport {
         manifest,
         bytes: volume_size,
-        sha256,
+        digest: computed.digest,
+        sha256: computed.sha256,
     })
 }
 
@@ -387,12 +404,11 @@ mod tests {
 
     fn archive(volume: &[u8], record_size: usize) -> Vec<u8> {
         let initial = manifest(volume.len() as u64);
-        let mut d = ImageDigest::new(CHUNK_SIZE).unwrap();
+        let mut d = ImageDigest::new(CHUNK_SIZE, false).unwrap();
         d.update(volume);
-        let (sha, crcs) = d.finish();
         let mut a = prologue(&initial, record_size, 5).unwrap();
         a.extend_from_slice(volume);
-        a.extend(epilogue(&initial.finalized(sha, crcs), record_size, 5).unwrap());
+        a.extend(epilogue(&initial.finalized(d.finish()), record_size, 5).unwrap());
         a
     }
 

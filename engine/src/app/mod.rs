@@ -4,7 +4,6 @@
 //! `exports`, `config` and the embedded `default`.
 
 mod backups;
-pub use backups::BackupOptions;
 mod bdevs;
 mod config;
 mod default;
@@ -148,13 +147,14 @@ impl Engine {
         }))?;
         let nbd = NbdServer::new(Nbd::default(), reactors.handles().to_vec());
         let nvmf = NvmfServer::new(NvmeTcp::default(), reactors.handles().to_vec());
+        let journal =
+            Journal::open(state_dir.join("backups.json")).map_err(|source| AppError::StateDir {
+                path: state_dir.to_path_buf(),
+                source,
+            })?;
+        crate::backup::remove_incomplete_digests(state_dir, &journal.records());
         Ok(Arc::new(Self {
-            backups: Backups::with_journal(Journal::open(state_dir.join("backups.json")).map_err(
-                |source| AppError::StateDir {
-                    path: state_dir.to_path_buf(),
-                    source,
-                },
-            )?),
+            backups: Backups::with_journal(journal),
             verifies: Verifies::default(),
             nbd,
             nvmf,

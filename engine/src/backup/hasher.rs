@@ -1,9 +1,10 @@
-//! The backup's SHA-256, computed off the transferrer's reactor: once the target has written a
-//! piece, its buffers travel over a lock-free ring to a poller on another reactor, which feeds
-//! them to the SHA-256 in image order and lets them go back to their pool. The transferrer keeps
-//! streaming (and computes the per-chunk CRC-32C, which costs a tenth as much) meanwhile; the
-//! backup closes once both are done. One SHA-256 stream is one core's work at most, so that
-//! core does nothing else for the backup.
+//! The backup's flat SHA-256 (`flat_sha256`), computed off the transferrer's reactor when there
+//! is another: once the tree digest's pollers ([`super::tree`]) have hashed a piece, its
+//! buffers travel over a lock-free ring to a poller on that reactor, which feeds them to the
+//! SHA-256 in image order and lets them go back to their pool. The transferrer keeps streaming
+//! (and computes the per-chunk CRC-32C, which costs a tenth as much) meanwhile; the backup
+//! closes once all are done. One SHA-256 stream is one core's work at most: that bounds a
+//! backup that asks for it to what one core hashes.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,7 +19,7 @@ use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 /// Bytes hashed per poll at most (a buffer is never split): the reactor's other pollers, hosts'
 /// connections among them, wait no longer than this takes, about 0.15 ms at 1.8 GB/s, instead
 /// of the whole backlog's time.
-const HASH_SLICE: u64 = 256 << 10;
+pub(super) const HASH_SLICE: u64 = 256 << 10;
 
 /// What the transferrer and the hashing poller share.
 pub struct HashQueue {

@@ -1,31 +1,39 @@
 //! The backup job: a poller that reads the image piece by piece and streams it, in order, to the
-//! target, computing the SHA-256 and per-chunk CRC-32C on the way.
+//! target, computing the per-chunk CRC-32C on the way and handing written pieces to the tree
+//! digest's hashing pollers ([`super::tree`]). Before the backup is done, its chunk digests are
+//! made durable in the state directory (by a thread: the reactor never waits for a disk).
 
 use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use drivers::digest::{ChunkDigests, TREE_CHUNK_SIZE};
 use drivers::sink::{Sink, SinkDone, SinkFull};
-use drivers::tape::{ChunkCrcs, ImageSha, Manifest, CHUNK_SIZE, FORMAT};
+use drivers::tape::{ChunkCrcs, ImageChecksums, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
 use hugepages::BufferPool;
 
-use super::hasher::HashQueue;
 use super::target::{open_sink, Connection};
-use super::{Backup, BackupState, Mode};
+use super::tree::{Seal, Sealed, TreeHash};
+use super::{Backup, BackupState, Checksums, Mode};
 use crate::pair::channel::{PairChannel, View};
-use crate::pair::control::{Action, ControlQueue, ControlRequest, Outcome};
-use crate::pair::{now_ns, HostWatch, Pair, PairError, PairState};
+use crate::pair::control::{Action, ControlQueue, OutcomeReceiver};
+use crate::pair::{now_ns, HostWatch, Pair, PairState};
 use crate::rate::{effective_rate, TokenBucket};
-use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
+use crate::reactor::{PollStatus, Poller, ReactorContext};
 
 /// A piece of the image read and written as one vectored request: staging buffers of one track
 /// each (at most 1 MiB), so a buffer never holds parts of two tracks.
 const PIECE: u64 = 1 << 20;
 /// Largest staging buffer.
 const MAX_BUF: u64 = 1 << 20;
+
+// A piece holds whole chunks of the tree digest (the image's last piece ends with its last
+// chunk), so each hashing poller hashes whole chunks.
+const _: () = assert!(PIECE.is_multiple_of(TREE_CHUNK_SIZE) && MAX_BUF <= PIECE);
 
 /// The piece size for staging buffers of `buf_size` bytes: [`PIECE`], or one buffer if larger.
 fn piece_size(buf_size: u64) -> u64 {
@@ -59,6 +67,8 @@ enum Phase {
     /// `wait`: the copier runs at full speed until nothing is pending.
     Waiting,
     Streaming,
+    /// Every piece is written and hashed: the chunk digests are being made durable.
+    Sealing,
     Finishing,
     /// Written and durable: the pair's checkpoint is being made (the backup still holds the
     /// pair in its split meanwhile).
@@ -86,8 +96,7 @@ pub struct BackupJob {
     acked: u64,
     /// The CRC-32C of each chunk, computed here on the way to the target.
     crcs: Option<ChunkCrcs>,
-    /// The SHA-256 when no other reactor computes it.
-    sha: Option<ImageSha>,
+    /// The initial manifest; the final one once every checksum is known.
     manifest: Manifest,
     /// Reflect: image offset up to which on-demand copies have been asked for.
     asked: u64,
@@ -97,12 +106,15 @@ pub struct BackupJob {
     sink_done: Vec<SinkDone>,
     /// A network target's connection, made by the control thread.
     connection: Option<Connection>,
-    /// Where the checksums are computed when another reactor can do it (else inline, on the
-    /// way to the target).
-    hash_reactor: Option<ReactorHandle>,
-    hasher: Option<Arc<HashQueue>>,
-    /// Written pieces waiting for room in the hasher's ring.
+    /// The tree digest's hashing pollers (and the flat SHA-256's, when asked for).
+    tree: Arc<TreeHash>,
+    /// The root (`sha256-tree:<hex>`) and the chunk digests, once every chunk is hashed.
+    root: Option<String>,
+    chunk_digests: Option<ChunkDigests>,
+    /// Written pieces waiting for room in the hashers' ring.
     to_hash: VecDeque<(u64, IoBufs)>,
+    /// The chunk digests being made durable in the state directory.
+    seal: Seal,
     /// The backup's rate limit.
     bucket: TokenBucket,
     /// Whether hosts use the pair.
@@ -110,7 +122,7 @@ pub struct BackupJob {
     /// Where the checkpoint is made (set when the backup makes one).
     control: Option<Arc<ControlQueue>>,
     /// The outcome of the checkpoint asked for.
-    checkpoint_reply: Option<Receiver<Result<Outcome, PairError>>>,
+    checkpoint_reply: Option<OutcomeReceiver>,
     /// Reads are held back for hosts (counted once per stretch).
     yielding: bool,
     /// The target's socket is watched by the reactor.
@@ -126,21 +138,23 @@ impl BackupJob {
         let buf_size = pair.track_size().min(MAX_BUF);
         let piece = piece_size(buf_size);
         // The window between reading and the target's acknowledgement, and as much again for
-        // pieces written and waiting for the SHA-256 on the other reactor: a hash running behind
-        // must not take buffers from the reads.
+        // pieces written and waiting for the hashers: a hash running behind must not take
+        // buffers from the reads.
         let count = (2 * WINDOW / buf_size).max(2 * piece / buf_size) as usize;
         BufferPool::new(buf_size as usize, count).map_err(|e| e.to_string())
     }
 
     /// A job for `backup` of `pair`'s image, streaming through `pool` (from
     /// [`BackupJob::staging_pool`]); `connection` is a network target's, from
-    /// [`super::target::connect`]; `hash_reactor`, if given, computes the SHA-256.
+    /// [`super::target::connect`]; `tree` hashes the written pieces; the chunk digests are kept
+    /// at `digests_path`.
     pub fn new(
         backup: Arc<Backup>,
         pair: Arc<Pair>,
         pool: BufferPool,
         connection: Option<Connection>,
-        hash_reactor: Option<ReactorHandle>,
+        tree: Arc<TreeHash>,
+        digests_path: PathBuf,
     ) -> Self {
         let g = pair.geometry();
         let hosts = HostWatch::new(&pair);
@@ -154,6 +168,8 @@ impl BackupJob {
             mode: backup.mode.as_str().to_string(),
             created_at_ns: now_ns(),
             chunk_size: CHUNK_SIZE,
+            flat_sha256: backup.flat_sha256,
+            digest: None,
             sha256: None,
             chunks_crc32c: None,
         };
@@ -173,7 +189,6 @@ impl BackupJob {
             next_sink: 0,
             acked: 0,
             crcs: None,
-            sha: None,
             manifest,
             control: None,
             checkpoint_reply: None,
@@ -183,9 +198,11 @@ impl BackupJob {
             src_done: Vec::new(),
             sink_done: Vec::new(),
             connection,
-            hash_reactor,
-            hasher: None,
+            tree,
+            root: None,
+            chunk_digests: None,
             to_hash: VecDeque::new(),
+            seal: Seal::new(digests_path),
             bucket: TokenBucket::default(),
             hosts,
             yielding: false,
@@ -217,38 +234,24 @@ impl BackupJob {
             &ctx,
         )?;
         self.crcs = Some(ChunkCrcs::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
-        match self.hash_reactor.take() {
-            Some(r) => self.hasher = Some(HashQueue::start(r, self.size)?),
-            None => self.sha = Some(ImageSha::default()),
-        }
         self.src = Some(src);
         self.sink = Some(sink);
         Ok(())
     }
 
-    /// Asks the control poller for the backup's checkpoint, if it makes one; the receiver of
-    /// the outcome.
-    #[allow(clippy::type_complexity)]
-    fn request_checkpoint(
-        &mut self,
-    ) -> Result<Option<Receiver<Result<Outcome, PairError>>>, String> {
+    /// Asks the control poller for the backup's checkpoint, if it makes one.
+    fn request_checkpoint(&mut self) -> Result<Option<OutcomeReceiver>, String> {
         let (Some(name), Some(control)) = (&self.backup.checkpoint, &self.control) else {
             return Ok(None);
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        let req = ControlRequest {
-            pairs: vec![Arc::clone(&self.pair)],
-            action: Action::Checkpoint {
-                name: name.clone(),
-                backup_id: self.backup.id,
-                split_at_ns: self.backup.split_at_ns,
-            },
-            reply: tx,
+        let action = Action::Checkpoint {
+            name: name.clone(),
+            backup_id: self.backup.id,
+            split_at_ns: self.backup.split_at_ns,
         };
         control
-            .push(req)
-            .map_err(|_| "the pair control queue is full".to_string())?;
-        Ok(Some(rx))
+            .submit(vec![Arc::clone(&self.pair)], action)
+            .map(Some)
     }
 
     fn fail_checkpoint(&mut self, error: String) {
@@ -422,10 +425,6 @@ impl BackupJob {
             if let Some(c) = self.crcs.as_mut().filter(|c| c.bytes() == self.next_sink) {
                 for b in &bufs {
                     c.update(b.as_slice());
-                    // Inline SHA-256 (no other reactor): fed with the CRCs, so as far.
-                    if let Some(d) = self.sha.as_mut() {
-                        d.update(b.as_slice());
-                    }
                 }
             }
             match sink.submit(self.next_sink, bufs) {
@@ -447,13 +446,12 @@ impl BackupJob {
     }
 
     fn end(&mut self, state: BackupState) -> PollStatus {
-        if let Some(h) = &self.hasher {
-            h.stop();
-        }
+        self.tree.stop();
         if state != BackupState::Done {
             if let Some(s) = self.sink.as_mut() {
                 s.abandon();
             }
+            self.seal.discard();
         }
         let read_copies = match &self.src {
             Some(Source::Image(c)) => c.cpu_copied_bytes(),
@@ -463,17 +461,23 @@ impl BackupJob {
         self.backup
             .cpu_copied
             .store(read_copies + sink_copies, Ordering::Relaxed);
-        let sha = self
-            .manifest
-            .sha256
-            .clone()
-            .filter(|_| state == BackupState::Done);
+        let checksums = match (&self.manifest.digest, state) {
+            (Some(digest), BackupState::Done) => Some(Checksums {
+                digest: digest.clone(),
+                sha256: self.manifest.sha256.clone(),
+            }),
+            _ => None,
+        };
         let error = match state {
             BackupState::Cancelled => Some("cancelled".to_string()),
             _ => self.error.clone(),
         };
-        self.backup
-            .end(state, sha, error, self.started.elapsed().as_nanos() as u64);
+        self.backup.end(
+            state,
+            checksums,
+            error,
+            self.started.elapsed().as_nanos() as u64,
+        );
         self.pair.end_backup();
         tracing::info!(backup = self.backup.id, state = ?state, "backup ended");
         PollStatus::Done
@@ -529,7 +533,9 @@ impl BackupJob {
         if self.pair.is_deleted() && !matches!(self.phase, Phase::Draining(_)) {
             self.fail(format!("pair {} was deleted", self.pair.name()));
         }
-        if self.pair.state() == PairState::Psue && !matches!(self.phase, Phase::Draining(_)) {
+        if self.pair.state() == PairState::Psue
+            && !matches!(self.phase, Phase::Draining(_) | Phase::Checkpointing)
+        {
             self.fail(format!(
                 "pair {} was suspended: {}",
                 self.pair.name(),
@@ -578,9 +584,7 @@ impl BackupJob {
                 Ok(()) => {
                     self.acked += d.len;
                     self.backup.bytes_done.store(self.acked, Ordering::Relaxed);
-                    if self.hasher.is_some() {
-                        self.to_hash.push_back((d.offset, d.bufs));
-                    }
+                    self.to_hash.push_back((d.offset, d.bufs));
                 }
                 Err(e) => {
                     let what = self.sink.as_ref().map(|s| s.describe()).unwrap_or_default();
@@ -588,44 +592,65 @@ impl BackupJob {
                 }
             }
         }
-        if let Some(h) = &self.hasher {
-            while let Some((offset, bufs)) = self.to_hash.pop_front() {
-                if let Err(back) = h.push(offset, bufs) {
-                    self.to_hash.push_front(back);
-                    break;
-                }
-                busy = true;
+        while let Some((offset, bufs)) = self.to_hash.pop_front() {
+            if let Err(back) = self.tree.push(offset, bufs) {
+                self.to_hash.push_front(back);
+                break;
+            }
+            busy = true;
+        }
+        if self.root.is_none() && !matches!(self.phase, Phase::Draining(_)) {
+            // The root takes the chunk digests in order as the hashers finish them.
+            if let Some((root, digests)) = self.tree.advance_root() {
+                self.root = Some(root.to_string());
+                self.chunk_digests = Some(digests);
             }
         }
         match self.phase {
             Phase::Streaming if self.acked == self.size => {
-                let sha = match (&self.hasher, self.sha.take()) {
-                    (Some(h), _) => match h.take_result() {
-                        Some(sha) => sha,
-                        // The last pieces are still being hashed on the other reactor.
-                        None => return PollStatus::Busy,
-                    },
-                    (None, Some(d)) => d.finish(),
-                    (None, None) => {
-                        self.fail("digest lost".into());
-                        return PollStatus::Busy;
-                    }
-                };
-                let Some(crcs) = self.crcs.take().map(ChunkCrcs::finish) else {
-                    self.fail("digest lost".into());
+                let Some(digest) = self.root.clone() else {
+                    // The last chunks are still being hashed.
                     return PollStatus::Busy;
                 };
-                let final_manifest = self.manifest.finalized(sha.clone(), crcs);
-                self.manifest.sha256 = Some(sha);
-                if let Some(sink) = self.sink.as_mut() {
-                    if let Err(e) = sink.finish(&final_manifest) {
-                        self.fail(format!("closing the backup: {e}"));
-                        return PollStatus::Busy;
-                    }
+                let sha256 = match self.tree.flat() {
+                    Some(h) => match h.take_result() {
+                        Some(sha) => Some(sha),
+                        // The flat SHA-256 is still behind on its reactor.
+                        None => return PollStatus::Busy,
+                    },
+                    None => None,
+                };
+                let (Some(crcs), Some(digests)) = (self.crcs.take(), self.chunk_digests.take())
+                else {
+                    self.fail("checksums lost".into());
+                    return PollStatus::Busy;
+                };
+                self.manifest = self.manifest.finalized(ImageChecksums {
+                    digest: Some(digest),
+                    sha256,
+                    chunks_crc32c: crcs.finish(),
+                });
+                if let Err(e) = self.seal.start(digests, cx.handle().clone()) {
+                    self.fail(e);
+                    return PollStatus::Busy;
                 }
-                self.phase = Phase::Finishing;
+                self.phase = Phase::Sealing;
                 busy = true;
             }
+            Phase::Sealing => match self.seal.poll() {
+                Sealed::Pending => {}
+                Sealed::Done => {
+                    if let Some(sink) = self.sink.as_mut() {
+                        if let Err(e) = sink.finish(&self.manifest) {
+                            self.fail(format!("closing the backup: {e}"));
+                            return PollStatus::Busy;
+                        }
+                    }
+                    self.phase = Phase::Finishing;
+                    busy = true;
+                }
+                Sealed::Failed(e) => self.fail(format!("keeping the chunk digests: {e}")),
+            },
             Phase::Finishing => match self.sink.as_mut().and_then(|s| s.finished()) {
                 Some(Ok(())) => match self.request_checkpoint() {
                     Ok(Some(reply)) => {
@@ -653,7 +678,7 @@ impl BackupJob {
             },
             Phase::Draining(state) => {
                 let sink_idle = self.sink.as_ref().is_none_or(|s| s.in_flight() == 0);
-                if self.reading.is_empty() && sink_idle {
+                if self.reading.is_empty() && sink_idle && self.seal.discard() {
                     self.ready.clear();
                     return self.end(state);
                 }

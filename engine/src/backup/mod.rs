@@ -7,6 +7,10 @@
 //!   track's lock) where pending, and that same buffer goes to the target: nothing is written to
 //!   S and no payload byte is copied by the CPU.
 //!
+//! Every backup records the image's `sha256-tree` digest ([`tree`], hashed in parallel on every
+//! reactor) and keeps its chunk digests in the state directory ([`digests_path`]); the flat
+//! SHA-256 ([`hasher`]) only when asked for.
+//!
 //! The job (the "transferrer") is a poller on a reactor. Staging buffers are one track long
 //! (capped at 1 MiB) and never cross a track boundary, so a read never mixes P and S in one
 //! buffer. Writes to S by hosts on tracks the backup has not read yet wait until it has (the
@@ -15,11 +19,12 @@
 pub mod hasher;
 pub mod job;
 pub mod target;
+pub mod tree;
 
 pub use target::Target;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -54,7 +59,7 @@ impl Mode {
 pub enum BackupState {
     /// Streaming.
     Running,
-    /// Complete: every byte written and durable, the SHA-256 recorded.
+    /// Complete: every byte written and durable, the digest recorded and the chunk digests kept.
     Done,
     /// Ended on an error.
     Failed,
@@ -62,14 +67,66 @@ pub enum BackupState {
     Cancelled,
 }
 
-/// How fast a backup may go, bytes per second (0 = no limit): always, and while hosts use the
-/// pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+/// A backup's options: how fast it may go, bytes per second (0 = no limit), always and while
+/// hosts use the pair; and whether the flat SHA-256 is computed besides the tree digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Options {
     /// At all times.
     pub rate: u64,
     /// While hosts use the pair.
     pub host_rate: u64,
+    /// Compute the flat SHA-256 too (one stream: at most one core's hashing rate).
+    pub flat_sha256: bool,
+    /// Give the pair a checkpoint of this name at the image's split once the backup is done.
+    pub checkpoint: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            rate: 0,
+            host_rate: DEFAULT_HOST_RATE,
+            flat_sha256: false,
+            checkpoint: None,
+        }
+    }
+}
+
+/// The folder of the state directory holding the backups' chunk digests.
+pub const DIGESTS_DIR: &str = "digests";
+
+/// Where backup `id`'s chunk digests are kept: `<state-dir>/digests/<id>.sha256tree`
+/// ([`drivers::digest::ChunkDigests`] reads and writes the file).
+pub fn digests_path(state_dir: &Path, id: u64) -> PathBuf {
+    state_dir.join(DIGESTS_DIR).join(format!("{id}.sha256tree"))
+}
+
+/// Removes the chunk digest files of backups that are not done (a crash after the file was
+/// written, before the backup was recorded done): only a done backup has chunk digests.
+pub fn remove_incomplete_digests(state_dir: &Path, records: &[BackupInfo]) {
+    for b in records.iter().filter(|b| b.state != BackupState::Done) {
+        let path = digests_path(state_dir, b.id);
+        let mut new = path.clone().into_os_string();
+        new.push(".new");
+        for p in [path, PathBuf::from(new)] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => tracing::info!(backup = b.id, path = %p.display(),
+                    "removed the chunk digests of a backup that did not complete"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(backup = b.id, path = %p.display(), %e,
+                    "cannot remove the chunk digests of a backup that did not complete"),
+            }
+        }
+    }
+}
+
+/// A done backup's checksums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checksums {
+    /// The `sha256-tree` digest, `sha256-tree:<hex>`.
+    pub digest: String,
+    /// The flat SHA-256 (hex), when asked for.
+    pub sha256: Option<String>,
 }
 
 /// Default throughput limit of a backup while hosts use its pair, bytes per second: enough
@@ -92,7 +149,13 @@ pub struct BackupInfo {
     pub bytes_done: u64,
     /// Image size.
     pub bytes_total: u64,
-    /// SHA-256 of the image written (once done).
+    /// The image's `sha256-tree` digest, `sha256-tree:<hex>` (once done).
+    #[serde(default)]
+    pub digest: Option<String>,
+    /// The flat SHA-256 of the image is computed too.
+    #[serde(default)]
+    pub flat_sha256: bool,
+    /// The flat SHA-256 of the image written (once done, when `flat_sha256`).
     pub sha256: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
@@ -119,27 +182,10 @@ pub struct BackupInfo {
 
 struct Status {
     state: BackupState,
+    digest: Option<String>,
     sha256: Option<String>,
     error: Option<String>,
     elapsed_ns: u64,
-}
-
-/// What a new backup is, for [`Backups::add`].
-pub struct NewBackup {
-    /// Pair name.
-    pub pair: String,
-    /// Mode.
-    pub mode: Mode,
-    /// Target.
-    pub target: Target,
-    /// Image size.
-    pub bytes_total: u64,
-    /// Split instant.
-    pub split_at_ns: u64,
-    /// Throughput limits.
-    pub limits: Limits,
-    /// The checkpoint the pair gets once the backup is done.
-    pub checkpoint: Option<String>,
 }
 
 /// A backup as the control plane and its job share it.
@@ -162,6 +208,8 @@ pub struct Backup {
     pub host_rate: u64,
     /// The checkpoint the pair gets once the backup is done.
     pub checkpoint: Option<String>,
+    /// The flat SHA-256 is computed too.
+    pub flat_sha256: bool,
     bytes_done: AtomicU64,
     cpu_copied: AtomicU64,
     pub(crate) host_yields: AtomicU64,
@@ -195,6 +243,8 @@ impl Backup {
             state: st.state,
             bytes_done: self.bytes_done.load(Ordering::Relaxed),
             bytes_total: self.bytes_total,
+            digest: st.digest.clone(),
+            flat_sha256: self.flat_sha256,
             sha256: st.sha256.clone(),
             error: st.error.clone(),
             target: self.target.clone(),
@@ -211,13 +261,14 @@ impl Backup {
     pub(crate) fn end(
         &self,
         state: BackupState,
-        sha256: Option<String>,
+        checksums: Option<Checksums>,
         error: Option<String>,
         elapsed_ns: u64,
     ) {
         let mut st = self.status();
         st.state = state;
-        st.sha256 = sha256;
+        st.digest = checksums.as_ref().map(|c| c.digest.clone());
+        st.sha256 = checksums.and_then(|c| c.sha256);
         st.error = error;
         st.elapsed_ns = elapsed_ns;
         drop(st);
@@ -252,6 +303,7 @@ impl Journal {
                     if b.state == BackupState::Running {
                         b.state = BackupState::Failed;
                         b.error = Some(INTERRUPTED.into());
+                        b.digest = None;
                         b.sha256 = None;
                     }
                     records.insert(b.id, b);
@@ -360,12 +412,14 @@ impl Backups {
                 rate: info.rate,
                 host_rate: info.host_rate,
                 checkpoint: info.checkpoint,
+                flat_sha256: info.flat_sha256,
                 bytes_done: AtomicU64::new(info.bytes_done),
                 cpu_copied: AtomicU64::new(info.cpu_copied_bytes),
                 host_yields: AtomicU64::new(info.host_yields),
                 cancel: AtomicBool::new(false),
                 status: Mutex::new(Status {
                     state: info.state,
+                    digest: info.digest,
                     sha256: info.sha256,
                     error: info.error,
                     elapsed_ns: info.elapsed_ns,
@@ -388,24 +442,34 @@ impl Backups {
     }
 
     /// Adds a running backup; with a journal, its record is durable before this returns.
-    pub fn add(&self, new: NewBackup) -> std::io::Result<Arc<Backup>> {
+    pub fn add(
+        &self,
+        pair: &str,
+        mode: Mode,
+        target: Target,
+        bytes_total: u64,
+        split_at_ns: u64,
+        opts: Options,
+    ) -> std::io::Result<Arc<Backup>> {
         let id = self.next_id();
         let b = Arc::new(Backup {
             id,
-            pair: new.pair,
-            mode: new.mode,
-            target: new.target,
-            bytes_total: new.bytes_total,
-            split_at_ns: new.split_at_ns,
-            rate: new.limits.rate,
-            host_rate: new.limits.host_rate,
-            checkpoint: new.checkpoint,
+            pair: pair.to_string(),
+            mode,
+            target,
+            bytes_total,
+            split_at_ns,
+            rate: opts.rate,
+            host_rate: opts.host_rate,
+            flat_sha256: opts.flat_sha256,
+            checkpoint: opts.checkpoint,
             bytes_done: AtomicU64::new(0),
             cpu_copied: AtomicU64::new(0),
             host_yields: AtomicU64::new(0),
             cancel: AtomicBool::new(false),
             status: Mutex::new(Status {
                 state: BackupState::Running,
+                digest: None,
                 sha256: None,
                 error: None,
                 elapsed_ns: 0,
@@ -464,5 +528,45 @@ impl Backups {
             .values()
             .find(|b| b.pair == pair && b.state() == BackupState::Running)
             .map(|b| b.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: u64, state: &str) -> BackupInfo {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "pair": "p", "mode": "merge", "state": state, "bytes_done": 0,
+            "bytes_total": 1, "sha256": null, "error": null,
+            "target": {"type": "file", "path": "/x"}, "cpu_copied_bytes": 0,
+            "split_at_ns": 0, "rate": 0, "elapsed_ns": 0
+        }))
+        .expect("a record")
+    }
+
+    #[test]
+    fn only_done_backups_keep_their_chunk_digests() {
+        let dir = std::env::temp_dir().join(format!("qs-digests-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join(DIGESTS_DIR)).unwrap();
+        let records: Vec<BackupInfo> = [(1, "done"), (2, "failed"), (3, "cancelled")]
+            .into_iter()
+            .map(|(id, state)| record(id, state))
+            .collect();
+        for r in &records {
+            std::fs::write(digests_path(&dir, r.id), b"x").unwrap();
+        }
+        let mut leftover = digests_path(&dir, 2).into_os_string();
+        leftover.push(".new");
+        std::fs::write(&leftover, b"x").unwrap();
+        remove_incomplete_digests(&dir, &records);
+        assert!(digests_path(&dir, 1).exists());
+        assert!(!digests_path(&dir, 2).exists());
+        assert!(!std::path::Path::new(&leftover).exists());
+        assert!(!digests_path(&dir, 3).exists());
+        // An older record (before digests) reads with neither field.
+        assert_eq!(records[0].digest, None);
+        assert!(!records[0].flat_sha256);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

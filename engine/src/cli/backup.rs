@@ -52,17 +52,36 @@ fn parse_nvmf(rest: &str) -> Result<Value, String> {
     Ok(json!({"type": "nvmf", "traddr": traddr, "trsvcid": port, "subnqn": nqn}))
 }
 
+/// What `quicksplit backup` was asked.
+pub struct BackupArgs<'a> {
+    /// The pair.
+    pub pair: &'a str,
+    /// The target as `--to` writes it.
+    pub to: &'a str,
+    /// The mode.
+    pub mode: &'a str,
+    /// Wait for the end, with progress.
+    pub wait: bool,
+    /// Bytes per second at most (0 = no limit).
+    pub rate: u64,
+    /// The flat SHA-256 too.
+    pub flat_sha256: bool,
+    /// The checkpoint the pair gets once the backup is done.
+    pub checkpoint: Option<&'a str>,
+}
+
 /// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]
-/// [--checkpoint NAME]`.
-pub fn backup(
-    socket: Option<PathBuf>,
-    pair: &str,
-    to: &str,
-    mode: &str,
-    wait: bool,
-    rate: u64,
-    checkpoint: Option<String>,
-) -> i32 {
+/// [--flat-sha256] [--checkpoint NAME]`.
+pub fn backup(socket: Option<PathBuf>, args: &BackupArgs<'_>) -> i32 {
+    let BackupArgs {
+        pair,
+        to,
+        mode,
+        wait,
+        rate,
+        flat_sha256,
+        checkpoint,
+    } = *args;
     let target = match parse_target(to) {
         Ok(t) => t,
         Err(e) => {
@@ -74,7 +93,8 @@ pub fn backup(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let mut params = json!({"pair": pair, "mode": mode, "target": target, "rate": rate});
+    let mut params = json!({"pair": pair, "mode": mode, "target": target, "rate": rate,
+                            "flat_sha256": flat_sha256});
     if let Some(name) = checkpoint {
         params["checkpoint"] = json!(name);
     }
@@ -109,10 +129,14 @@ pub fn backup(
             }
             "done" => {
                 progress.finish(done, total);
-                say!(
-                    "backup {id} done: sha256 {}",
-                    info.get("sha256").and_then(Value::as_str).unwrap_or("")
-                );
+                let text = |k: &str| info.get(k).and_then(Value::as_str).map(str::to_string);
+                match text("sha256") {
+                    Some(sha) => say!(
+                        "backup {id} done: {} sha256 {sha}",
+                        text("digest").unwrap_or_default()
+                    ),
+                    None => say!("backup {id} done: {}", text("digest").unwrap_or_default()),
+                }
                 return 0;
             }
             state => {

@@ -2,7 +2,8 @@
 //! Exit codes: 0 success, 1 error reply, 2 usage, 3 cannot connect, 141 when the reader of our
 //! output goes away.
 //!
-//! One file per command family: [`status`], [`backup`], [`restore`], [`resync`], [`verify`],
+//! One file per command family: [`status`], [`backup`], [`restore`], [`digest`], [`resync`],
+//! [`verify`],
 //! the live view [`top`] (a folder: its screen model apart from the drawing), and the
 //! progress display of the commands that wait ([`progress`]); this file holds the socket
 //! lookup, the exit codes, the output helpers and the small commands (`rpc`, `split`,
@@ -14,6 +15,7 @@ use engine::rpc::client::{Client, ClientError};
 use serde_json::{json, Value};
 
 mod backup;
+mod digest;
 mod progress;
 mod restore;
 mod resync;
@@ -21,7 +23,8 @@ mod status;
 pub mod top;
 mod verify;
 
-pub use backup::backup;
+pub use backup::{backup, BackupArgs};
+pub use digest::digest;
 pub use restore::restore;
 pub use resync::{resync, ResyncArgs};
 pub use status::status;

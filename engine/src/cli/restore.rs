@@ -34,8 +34,8 @@ enum Destination {
     Device,
 }
 
-/// `quicksplit restore ARCHIVE --to PATH [--force]`: restores and verifies every CRC and the
-/// SHA-256.
+/// `quicksplit restore ARCHIVE --to PATH [--force]`: restores and verifies the digest (the
+/// flat SHA-256 of an archive that has one) and every CRC.
 pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i32 {
     let input = match File::open(archive) {
         Ok(f) => f,
@@ -103,14 +103,21 @@ pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i3
         complain!("{}: {e}", to.display());
         return EXIT_ERROR;
     }
+    let checked: Vec<String> = [
+        report.digest.clone(),
+        report.sha256.as_ref().map(|s| format!("sha256 {s}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     say!(
-        "restored {} bytes of pair {} (split at {} ns, mode {}) to {}: sha256 {} verified",
+        "restored {} bytes of pair {} (split at {} ns, mode {}) to {}: {} verified",
         report.bytes,
         report.manifest.pair,
         report.manifest.split_at_ns,
         report.manifest.mode,
         to.display(),
-        report.sha256
+        checked.join(" and ")
     );
     0
 }

@@ -108,7 +108,7 @@ fn print_pairs(pairs: &Value) {
 
 fn print_backup_header() {
     say!(
-        "{:<6} {:<16} {:<7} {:<10} {:>7}  {:<32} sha256 or error",
+        "{:<6} {:<16} {:<7} {:<10} {:>7}  {:<32} digest or error",
         "BACKUP",
         "PAIR",
         "MODE",
@@ -123,7 +123,7 @@ fn print_backups(backups: &Value) {
         let outcome = b
             .get("error")
             .and_then(Value::as_str)
-            .or_else(|| b.get("sha256").and_then(Value::as_str))
+            .or_else(|| b.get("digest").and_then(Value::as_str))
             .unwrap_or("");
         say!(
             "{:<6} {:<16} {:<7} {:<10} {:>6.1}%  {:<32} {}",

@@ -57,6 +57,9 @@ pub struct Outcome {
     pub engine_ns: u64,
 }
 
+/// Where the outcome of a transition handed over with [`ControlQueue::submit`] comes.
+pub type OutcomeReceiver = std::sync::mpsc::Receiver<Result<Outcome, PairError>>;
+
 /// A request for the control poller.
 pub struct ControlRequest {
     /// Pairs involved (one common instant).
@@ -87,6 +90,18 @@ impl ControlQueue {
         self.ring.push(req)?;
         self.reactor.wake_if_parked();
         Ok(())
+    }
+
+    /// Hands `action` on `pairs` over without waiting for it; the receiver of its outcome.
+    pub fn submit(&self, pairs: Vec<Arc<Pair>>, action: Action) -> Result<OutcomeReceiver, String> {
+        let (reply, rx) = std::sync::mpsc::sync_channel(1);
+        self.push(ControlRequest {
+            pairs,
+            action,
+            reply,
+        })
+        .map_err(|_| "the pair control queue is full".to_string())?;
+        Ok(rx)
     }
 
     /// The reactor serving it.

@@ -7,8 +7,8 @@ use serde_json::{json, Value};
 use super::audit::Audit;
 use super::config::LoadConfigParams;
 use super::{codes, RpcError};
-use crate::app::{BackupOptions, Engine, EngineError};
-use crate::backup::{Limits, Mode, Target};
+use crate::app::{Engine, EngineError};
+use crate::backup::{Mode, Target};
 use crate::export::{Address, ExportError};
 use crate::logging::{self, LogError};
 use crate::pair::{PairConfig, PairError, DEFAULT_TRACK_SIZE};
@@ -412,14 +412,13 @@ fn pair_get(engine: &Engine, p: OptionalName) -> Result<Value, RpcError> {
 }
 
 fn backup_start(engine: &Engine, p: BackupStartParams) -> Result<Value, RpcError> {
-    let limits = Limits {
+    let opts = crate::backup::Options {
         rate: p.rate,
         host_rate: p.host_rate,
-    };
-    let options = BackupOptions {
+        flat_sha256: p.flat_sha256,
         checkpoint: p.checkpoint,
     };
-    let id = engine.backup_start_with(&p.pair, p.mode, p.target, limits, options)?;
+    let id = engine.backup_start_with(&p.pair, p.mode, p.target, opts)?;
     Ok(json!({ "id": id }))
 }
 
@@ -584,6 +583,9 @@ struct BackupStartParams {
     rate: u64,
     #[serde(default = "default_host_rate")]
     host_rate: u64,
+    /// Compute the flat SHA-256 of the image besides its tree digest.
+    #[serde(default)]
+    flat_sha256: bool,
     #[serde(default)]
     checkpoint: Option<String>,
 }

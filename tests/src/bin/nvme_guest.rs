@@ -419,8 +419,8 @@ fn pair_backup(engine: &Arc<Engine>, quicksplit: &Path) -> Outcome {
         }
     })?;
     println!(
-        "# backup: {} bytes, sha256 {}",
-        info["bytes_done"], info["sha256"]
+        "# backup: {} bytes, digest {}",
+        info["bytes_done"], info["digest"]
     );
     // The pair's queues ask for MSI-X vectors that signal their reactors (which may park).
     let irqs = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
