@@ -119,6 +119,23 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// Runs a client command that must succeed; its output (the failure shows both its streams).
+pub fn run_ok(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The NBD URI of `export` on the Unix socket `sock`, as libnbd and QEMU write it.
+pub fn nbd_unix_uri(sock: &Path, export: &str) -> String {
+    format!("nbd+unix:///{export}?socket={}", sock.display())
+}
+
 /// The SHA-256 of a file, as GNU coreutils' `sha256sum` computes it (hex).
 pub fn sha256_of(path: &Path) -> String {
     let out = Command::new("sha256sum")

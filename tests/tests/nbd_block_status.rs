@@ -13,7 +13,7 @@ use quicksplit_tests::nbd::{
     OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID,
     REP_ERR_UNKNOWN,
 };
-use quicksplit_tests::{start_empty, RpcConn, Server, TempDir};
+use quicksplit_tests::{nbd_unix_uri, run_ok, start_empty, RpcConn, Server, TempDir};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -26,21 +26,6 @@ const WRITTEN: [(u64, u64); 3] = [(MIB, 64 * KIB), (10 * MIB, 2 * MIB), (SIZE - 
 const DATA: u32 = 0;
 const ZERO: u32 = 2;
 const HOLE_ZERO: u32 = 3;
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn uri(sock: &Path, export: &str) -> String {
-    format!("nbd+unix:///{export}?socket={}", sock.display())
-}
 
 /// Bytes the file system stores for `path`.
 fn stored(path: &Path) -> u64 {
@@ -72,7 +57,7 @@ fn sparse_volume(path: &Path) -> Option<Vec<u8>> {
 
 /// `nbdinfo --map`: (offset, length, type) of each extent.
 fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32)> {
-    let out = run(Command::new("nbdinfo").args(["--map", uri]));
+    let out = run_ok(Command::new("nbdinfo").args(["--map", uri]));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -140,12 +125,12 @@ fn a_sparse_uring_volume_shows_its_holes_to_nbdinfo_qemu_img_and_nbdcopy() {
     e.rpc
         .ok("bdev_uring_create", json!({"name": "u", "filename": vol}));
     e.export("u", json!({"bdev": "u"}));
-    let u = uri(&e.nbd, "u");
+    let u = nbd_unix_uri(&e.nbd, "u");
 
     assert_eq!(nbdinfo_map(&u), map_of(&WRITTEN, SIZE, HOLE_ZERO));
 
     // qemu-img: data exactly where it was written, holes reading as zeroes elsewhere.
-    let out = run(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &u]));
+    let out = run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &u]));
     let map: Vec<Value> = serde_json::from_slice(&out.stdout).expect("qemu-img map JSON");
     let mut data: Vec<(u64, u64)> = Vec::new();
     for m in &map {
@@ -167,7 +152,7 @@ fn a_sparse_uring_volume_shows_its_holes_to_nbdinfo_qemu_img_and_nbdcopy() {
 
     // nbdcopy copies the data and leaves the holes: the copy is sparse and equal.
     let copy = e.dir.path().join("copy.img");
-    run(Command::new("nbdcopy").args([&u, copy.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args([&u, copy.to_str().unwrap()]));
     let got = std::fs::read(&copy).expect("read copy");
     assert!(got == content, "nbdcopy's copy differs from the volume");
     let written: u64 = WRITTEN.iter().map(|w| w.1).sum();
@@ -196,7 +181,7 @@ fn a_ram_disk_lists_its_context_and_maps_the_chunks_written() {
     );
     e.export("m", json!({"bdev": "m"}));
     let list_uri = format!("nbd+unix://?socket={}", e.nbd.display());
-    let out = run(Command::new("nbdinfo").args(["--list", "--json", &list_uri]));
+    let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &list_uri]));
     let listed: Value = serde_json::from_slice(&out.stdout).expect("nbdinfo JSON");
     let exports = listed["exports"].as_array().expect("exports");
     assert_eq!(exports.len(), 1, "{listed}");
@@ -207,7 +192,7 @@ fn a_ram_disk_lists_its_context_and_maps_the_chunks_written() {
         "{listed}"
     );
 
-    let m = uri(&e.nbd, "m");
+    let m = nbd_unix_uri(&e.nbd, "m");
     // Nothing written yet: all zeroes (RAM is allocated, so no hole).
     assert_eq!(nbdinfo_map(&m), vec![(0, SIZE, ZERO)]);
     let mut c = NbdClient::connect(&e.nbd, "m").expect("connect");
@@ -252,14 +237,14 @@ fn a_pair_image_answers_from_p_where_tracks_are_pending() {
     e.rpc.ok("pair_split", json!({"name": "pr"}));
     e.export("img", json!({"pair": "pr"}));
     e.export("p", json!({"bdev": "p"}));
-    let img = uri(&e.nbd, "img");
+    let img = nbd_unix_uri(&e.nbd, "img");
 
     // P moves on after the split (a pending track is copied to S first); the image does not.
     let mut c = NbdClient::connect(&e.nbd, "p").expect("connect");
     c.write(20 * MIB, &[9u8; 64 * 1024]).expect("write");
     let p_now = [WRITTEN[0], WRITTEN[1], (20 * MIB, 64 * KIB), WRITTEN[2]];
     assert_eq!(
-        nbdinfo_map(&uri(&e.nbd, "p")),
+        nbdinfo_map(&nbd_unix_uri(&e.nbd, "p")),
         map_of(&p_now, SIZE, HOLE_ZERO)
     );
 
@@ -284,7 +269,7 @@ fn a_pair_image_answers_from_p_where_tracks_are_pending() {
         "{holes} bytes of holes reported: {map:?}"
     );
     let copy = e.dir.path().join("image.img");
-    run(Command::new("nbdcopy").args([&img, copy.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args([&img, copy.to_str().unwrap()]));
     assert!(
         std::fs::read(&copy).expect("read") == content,
         "image differs"

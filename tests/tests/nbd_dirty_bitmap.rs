@@ -4,33 +4,19 @@
 //! the image (nbdcopy, through nbdkit's offset filter on both ends) over the checkpoint's full
 //! backup gives P at the new split byte for byte.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use quicksplit_tests::nbd::NbdClient;
-use quicksplit_tests::{start_empty, wait_for, RpcConn, TempDir};
+use quicksplit_tests::{
+    nbd_unix_uri, run_ok, start_empty, wait_backup, wait_for, RpcConn, TempDir,
+};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
 const TRACK: u64 = 64 << 10;
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn uri(sock: &Path, export: &str) -> String {
-    format!("nbd+unix:///{export}?socket={}", sock.display())
-}
 
 fn pair_is(rpc: &mut RpcConn, state: &str) -> bool {
     let p = rpc.ok("pair_get", json!({"name": "pr"}));
@@ -39,16 +25,13 @@ fn pair_is(rpc: &mut RpcConn, state: &str) -> bool {
 
 fn backup(rpc: &mut RpcConn, params: Value) {
     let id = rpc.ok("backup_start", params)["id"].as_u64().unwrap();
-    assert!(wait_for(Duration::from_secs(60), || rpc
-        .ok("backup_get", json!({ "id": id }))[0]["state"]
-        != "running"));
-    let b = rpc.ok("backup_get", json!({ "id": id }))[0].clone();
+    let b = wait_backup(rpc, id, Duration::from_secs(60));
     assert_eq!(b["state"], "done", "{b}");
 }
 
 /// `nbdinfo --map=CONTEXT`: (offset, length, type) of each extent.
 fn map(uri: &str, context: &str) -> Vec<(u64, u64, u32)> {
-    let out = run(Command::new("nbdinfo").args([&format!("--map={context}"), uri]));
+    let out = run_ok(Command::new("nbdinfo").args([&format!("--map={context}"), uri]));
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.trim().is_empty())
@@ -86,7 +69,7 @@ fn a_pull_mode_incremental_over_the_dirty_bitmap_equals_p_at_the_split() {
     rng.fill(&mut first[..]);
     let src = dir.path().join("first.img");
     std::fs::write(&src, &first).unwrap();
-    run(Command::new("nbdcopy").args([src.to_str().unwrap(), &uri(&nbd, "p")]));
+    run_ok(Command::new("nbdcopy").args([src.to_str().unwrap(), &nbd_unix_uri(&nbd, "p")]));
     assert!(wait_for(Duration::from_secs(60), || pair_is(
         &mut rpc, "PAIR"
     )));
@@ -127,11 +110,11 @@ fn a_pull_mode_incremental_over_the_dirty_bitmap_equals_p_at_the_split() {
         "nbd_export_start",
         json!({"name": "img", "pair": "pr", "socket": nbd}),
     );
-    let img = uri(&nbd, "img");
+    let img = nbd_unix_uri(&nbd, "img");
 
     // The listing names the checkpoint's bitmap on the image export, not on P's.
     let list_uri = format!("nbd+unix://?socket={}", nbd.display());
-    let out = run(Command::new("nbdinfo").args(["--list", "--json", &list_uri]));
+    let out = run_ok(Command::new("nbdinfo").args(["--list", "--json", &list_uri]));
     let listed: Value = serde_json::from_slice(&out.stdout).expect("nbdinfo JSON");
     for e in listed["exports"].as_array().unwrap() {
         let contexts = e["contexts"].to_string();
@@ -165,7 +148,7 @@ fn a_pull_mode_incremental_over_the_dirty_bitmap_equals_p_at_the_split() {
             continue;
         }
         let (off, range) = (off.to_string(), len.to_string());
-        run(Command::new("nbdcopy").args([
+        run_ok(Command::new("nbdcopy").args([
             "--",
             "[",
             "nbdkit",
@@ -189,7 +172,7 @@ fn a_pull_mode_incremental_over_the_dirty_bitmap_equals_p_at_the_split() {
         ]));
     }
     let whole = dir.path().join("whole.img");
-    run(Command::new("nbdcopy").args([&img, whole.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args([&img, whole.to_str().unwrap()]));
     let (a, b) = (std::fs::read(&inc).unwrap(), std::fs::read(&whole).unwrap());
     assert!(
         a == b,

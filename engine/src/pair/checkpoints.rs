@@ -176,16 +176,22 @@ impl Pair {
         out
     }
 
+    /// The listed checkpoints and the place of the one named `name` among them.
+    fn checkpoint_named(&self, name: &str) -> Result<(Vec<CheckpointRecord>, usize), PairError> {
+        let list = self.checkpoints.records();
+        match list.iter().position(|c| c.name == name) {
+            Some(i) => Ok((list, i)),
+            None => Err(PairError::Invalid(format!(
+                "pair '{}' has no checkpoint named '{name}'",
+                self.name
+            ))),
+        }
+    }
+
     /// The tracks P changed since checkpoint `name` (a superset), 64 tracks a word, and the
     /// checkpoint's split instant.
     pub fn changed_since(&self, name: &str) -> Result<(Vec<u64>, u64), PairError> {
-        let list = self.checkpoints.records();
-        let i = list.iter().position(|c| c.name == name).ok_or_else(|| {
-            PairError::Invalid(format!(
-                "pair '{}' has no checkpoint named '{name}'",
-                self.name
-            ))
-        })?;
+        let (list, i) = self.checkpoint_named(name)?;
         Ok((self.union_of(&list[i..]), list[i].split_at_ns))
     }
 
@@ -349,13 +355,7 @@ impl Pair {
     /// next older checkpoint's, which host writes then mark too if the deleted one was the
     /// newest. Returns that older slot, if any, to wait for.
     pub(crate) fn begin_checkpoint_delete(&self, name: &str) -> Result<Option<usize>, PairError> {
-        let list = self.checkpoints.records();
-        let i = list.iter().position(|c| c.name == name).ok_or_else(|| {
-            PairError::Invalid(format!(
-                "pair '{}' has no checkpoint named '{name}'",
-                self.name
-            ))
-        })?;
+        let (list, i) = self.checkpoint_named(name)?;
         if i == 0 {
             return Ok(None);
         }
