@@ -305,3 +305,67 @@ fn a_target_write_error_fails_the_backup_and_hosts_keep_going() {
         .unwrap();
     assert_eq!(wait_backup(&mut rpc, id)["state"], "done");
 }
+
+#[test]
+fn a_restored_image_keeps_the_holes_of_a_mostly_empty_volume() {
+    let dir = TempDir::new("backup-holes");
+    let (_server, sock) = start_empty(dir.path());
+    let mut rpc = RpcConn::connect(&sock);
+    let nbd = dir.path().join("qs-nbd.sock");
+    rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
+    rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
+    rpc.ok(
+        "pair_create",
+        json!({"name": "pr", "primary": "p", "secondary": "s"}),
+    );
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": "p", "bdev": "p", "socket": nbd}),
+    );
+    // 1 MiB of data in 16 MiB, the rest never written (zeroes).
+    let p_uri = format!("nbd+unix:///p?socket={}", nbd.display());
+    run(Command::new("qemu-io").args([
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x5a 3M 512k",
+        "-c",
+        "write -P 0xa5 9M 512k",
+        &p_uri,
+    ]));
+    rpc.ok("pair_split", json!({"name": "pr"}));
+    let archive = dir.path().join("tape0");
+    run(Command::new(binary("quicksplit")).args([
+        "backup",
+        "--socket",
+        sock.to_str().unwrap(),
+        "pr",
+        "--to",
+        &format!("tape:{}", archive.display()),
+        "--wait",
+    ]));
+    let restored = dir.path().join("restored.img");
+    run(Command::new(binary("quicksplit")).args([
+        "restore",
+        archive.to_str().unwrap(),
+        "--to",
+        restored.to_str().unwrap(),
+    ]));
+    let got = std::fs::read(&restored).unwrap();
+    let mut want = vec![0u8; SIZE as usize];
+    want[3 * MIB as usize..(3 * MIB + 512 * 1024) as usize].fill(0x5a);
+    want[9 * MIB as usize..(9 * MIB + 512 * 1024) as usize].fill(0xa5);
+    assert!(got == want, "the restored image differs");
+    // The zeroes are holes, where the file system keeps them.
+    use std::os::unix::fs::MetadataExt;
+    let stored = std::fs::metadata(&restored).unwrap().blocks() * 512;
+    let probe = dir.path().join("probe");
+    let f = std::fs::File::create(&probe).unwrap();
+    f.set_len(SIZE).unwrap();
+    if std::fs::metadata(&probe).unwrap().blocks() == 0 {
+        assert!(
+            stored <= 2 * MIB,
+            "the restored image stores {stored} bytes for 1 MiB of data"
+        );
+    }
+}

@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,8 @@ pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i3
         Interruptible {
             file: output,
             interrupt: &interrupt,
+            sparse: matches!(dest, Destination::File { .. }),
+            pos: 0,
         },
     );
     let restored = drivers::tape::restore(
@@ -92,7 +94,7 @@ pub fn restore(archive: &Path, to: &Path, record_size: usize, force: bool) -> i3
     };
     let finished = out
         .flush()
-        .and_then(|()| out.get_ref().file.sync_all())
+        .and_then(|()| out.get_mut().finish())
         .and_then(|()| match &dest {
             Destination::File { path, partial, .. } => rename_durably(partial, path),
             Destination::Device => Ok(()),
@@ -214,6 +216,51 @@ fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
 struct Interruptible<'a> {
     file: File,
     interrupt: &'a Interrupt,
+    /// The file is new: whole blocks of zeroes are not written but left as holes (they read
+    /// as zeroes), so a restored image keeps the holes its volume had.
+    sparse: bool,
+    /// Bytes of the image taken so far (where the next write goes).
+    pos: u64,
+}
+
+/// The granularity of the holes a restore leaves.
+const HOLE_BLOCK: u64 = 4096;
+
+impl Interruptible<'_> {
+    /// Writes `buf` at `self.pos`, skipping whole aligned blocks of zeroes; each run of data
+    /// goes in one positional write.
+    fn write_sparse(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let (mut at, mut run) = (0usize, None::<usize>);
+        while at < buf.len() {
+            let pos = self.pos + at as u64;
+            let piece = ((HOLE_BLOCK - pos % HOLE_BLOCK) as usize).min(buf.len() - at);
+            let block = &buf[at..at + piece];
+            let hole = piece as u64 == HOLE_BLOCK && block.iter().all(|&b| b == 0);
+            match (hole, run) {
+                (true, Some(start)) => {
+                    self.file
+                        .write_all_at(&buf[start..at], self.pos + start as u64)?;
+                    run = None;
+                }
+                (false, None) => run = Some(at),
+                _ => {}
+            }
+            at += piece;
+        }
+        if let Some(start) = run {
+            self.file
+                .write_all_at(&buf[start..], self.pos + start as u64)?;
+        }
+        Ok(())
+    }
+
+    /// The image is all written: a file ending in holes gets its full length.
+    fn finish(&mut self) -> std::io::Result<()> {
+        if self.sparse {
+            self.file.set_len(self.pos)?;
+        }
+        self.file.sync_all()
+    }
 }
 
 impl Write for Interruptible<'_> {
@@ -221,7 +268,14 @@ impl Write for Interruptible<'_> {
         if self.interrupt.pressed() {
             return Err(std::io::Error::other("interrupted"));
         }
-        self.file.write(buf)
+        if self.sparse {
+            self.write_sparse(buf)?;
+            self.pos += buf.len() as u64;
+            return Ok(buf.len());
+        }
+        let n = self.file.write(buf)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
