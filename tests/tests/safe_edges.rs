@@ -143,7 +143,9 @@ fn qemu_img_cannot_write_a_served_volume_nor_can_another_quicksplit() {
     assert_ne!(sha256_of(&file), before);
 }
 
-/// Every entry under `dir` but sockets: its relative name, kind, size and contents' SHA-256.
+/// Every entry under `dir` but sockets: its relative name, kind, size and a hash of its
+/// contents. A file renamed or removed between the listing and the read (a journal's `.new`
+/// being renamed into place) shows as gone: the directory is not still yet.
 fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
     use std::os::unix::fs::FileTypeExt;
     let mut out = BTreeMap::new();
@@ -160,7 +162,17 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
                 out.insert(name, "dir".into());
                 todo.push(path);
             } else {
-                out.insert(name, format!("{} bytes {}", m.len(), sha256_of(&path)));
+                let seen = match std::fs::read(&path) {
+                    Ok(bytes) => {
+                        use std::hash::{Hash, Hasher};
+                        let mut h = std::collections::hash_map::DefaultHasher::new();
+                        bytes.hash(&mut h);
+                        format!("{} bytes {:016x}", bytes.len(), h.finish())
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => "gone".into(),
+                    Err(e) => panic!("{}: {e}", path.display()),
+                };
+                out.insert(name, seen);
             }
         }
     }
