@@ -214,6 +214,16 @@ impl Pair {
             .all(|s| m.map(MapKind::checkpoint(s)).durable(t) == Some(true))
     }
 
+    /// For a clean stop (gate closed, writes drained): each checkpoint's map on disk becomes
+    /// exactly its slot in memory (host writes set them by region).
+    pub(crate) fn exact_checkpoints_for_stop(&self) {
+        let Some(m) = &self.meta else { return };
+        for c in self.checkpoints.records() {
+            let slot = &self.checkpoints.slots[c.slot as usize];
+            m.want_exactly(MapKind::checkpoint(c.slot as usize), |w| slot.raw_word(w));
+        }
+    }
+
     /// The tracks of word `w` whose bits every marked slot surely holds on disk.
     pub(crate) fn checkpoint_marks_durable_word(&self, w: usize) -> u64 {
         let Some(m) = &self.meta else { return u64::MAX };

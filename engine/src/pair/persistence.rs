@@ -374,11 +374,12 @@ impl Pair {
         durable
     }
 
-    /// For a clean stop (gate closed, writes drained) of a split pair: the changed maps on
-    /// disk, supersets by region while hosts write, become exactly what memory holds. (In COPY
-    /// and PAIR memory holds none, and bits a restart merged into pending stay on disk until
-    /// those pending bits are durable: they are left alone.)
+    /// For a clean stop (gate closed, writes drained): the checkpoints' maps, and a split
+    /// pair's changed maps, supersets by region on disk while hosts write, become exactly what
+    /// memory holds. (In COPY and PAIR memory holds no changed track, and bits a restart merged
+    /// into pending stay on disk until those pending bits are durable: they are left alone.)
     pub fn exact_changed_for_stop(&self) {
+        self.exact_checkpoints_for_stop();
         if !matches!(self.state(), PairState::Psus | PairState::Psue) {
             return;
         }
