@@ -5,7 +5,8 @@
 //! a power cut, never fewer). Some schedules restart the pair cleanly, others from what a power
 //! cut left, and carry on.
 //! Bad requests (a duplicate or invalid name, a ninth checkpoint, an unknown checkpoint) get
-//! clear errors and change nothing.
+//! clear errors and change nothing. `QS_CHECKPOINT_RUNS` sets the number of schedules (24),
+//! `QS_CHECKPOINT_FIRST` the first seed, `QS_CHECKPOINT_TRACE` prints each step.
 
 mod common;
 
@@ -281,7 +282,11 @@ fn checkpoints_hold_every_change_of_p_over_random_schedules_restarts_and_power_c
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(24);
-    for seed in 0..runs {
+    let first: u64 = std::env::var("QS_CHECKPOINT_FIRST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for seed in first..first + runs {
         schedule(&engine, seed);
     }
 }

@@ -298,10 +298,12 @@ impl ControlPoller {
                     run.stage = Stage::Header;
                 }
                 Stage::Header => {
-                    if !(pair.state_durable() || pair.metadata_failed()) {
+                    // Read once: a later transition's number would make it false again.
+                    let durable = pair.state_durable();
+                    if !(durable || pair.metadata_failed()) {
                         return false;
                     }
-                    if !pair.state_durable() {
+                    if !durable {
                         // The header will never be written: a checkpoint made here would be
                         // gone after a restart, so it is not made.
                         if let Action::Checkpoint { name, .. } = &run.req.action {
