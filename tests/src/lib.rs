@@ -131,6 +131,22 @@ pub fn run_ok(cmd: &mut Command) -> std::process::Output {
     out
 }
 
+/// `nbdinfo --map[=CONTEXT] URI`: (offset, length, type) of each extent it prints
+/// (`base:allocation` when `context` is `None`).
+pub fn nbdinfo_map(uri: &str, context: Option<&str>) -> Vec<(u64, u64, u32)> {
+    let arg = context.map_or("--map".to_string(), |c| format!("--map={c}"));
+    let out = run_ok(Command::new("nbdinfo").args([&arg, uri]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("line '{l}'"));
+            (n(0), n(1), n(2) as u32)
+        })
+        .collect()
+}
+
 /// The NBD URI of `export` on the Unix socket `sock`, as libnbd and QEMU write it.
 pub fn nbd_unix_uri(sock: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())

@@ -6,25 +6,14 @@
 use std::path::Path;
 use std::process::Command;
 
-use quicksplit_tests::{binary, start_empty, RpcConn, TempDir};
+use quicksplit_tests::{binary, run_ok, start_empty, RpcConn, TempDir};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// fio through NBD: exactly `n` requests of 4 KiB (`rw` is randread or randwrite).
 fn fio(sock: &Path, export: &str, rw: &str, n: u64) {
-    let out = run(Command::new("fio").args([
+    let out = run_ok(Command::new("fio").args([
         "--name=count",
         "--ioengine=nbd",
         &format!("--uri=nbd+unix:///{export}?socket={}", sock.display()),
@@ -201,7 +190,7 @@ fn qsbench_through_nvme_tcp_is_counted_exactly() {
     );
     let mut done = [0u64; 2];
     for (i, workload) in ["randwrite", "randread"].iter().enumerate() {
-        let out = run(Command::new(binary("qsbench")).args([
+        let out = run_ok(Command::new(binary("qsbench")).args([
             "--bdev",
             &format!("nvmf:127.0.0.1:{port}:{nqn}"),
             "--workload",

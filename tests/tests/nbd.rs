@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use quicksplit_tests::nbd::{self, NbdClient};
-use quicksplit_tests::{start_empty, wait_for, RpcConn, TempDir};
+use quicksplit_tests::{run_ok, start_empty, wait_for, RpcConn, TempDir};
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
@@ -14,17 +14,6 @@ const MIB: u64 = 1 << 20;
 
 fn uri(sock: &Path, export: &str) -> String {
     format!("nbd+unix:///{export}?socket={}", sock.display())
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 fn random_file(path: &Path, len: usize, seed: u64) -> Vec<u8> {
@@ -62,7 +51,7 @@ fn setup(tag: &str) -> Setup {
 #[test]
 fn fio_writes_and_verifies_through_nbd() {
     let s = setup("nbd-fio");
-    let out = run(Command::new("fio").args([
+    let out = run_ok(Command::new("fio").args([
         "--name=verify",
         "--ioengine=nbd",
         &format!("--uri={}", uri(&s.nbd_sock, "m")),
@@ -93,7 +82,7 @@ fn qemu_img_and_nbdcopy_both_ways_and_nbdinfo_lists() {
     let src = s.dir.path().join("src.img");
     let data = random_file(&src, 8 * MIB as usize, 7);
     // qemu-img into the export, nbdcopy out of it.
-    run(Command::new("qemu-img").args([
+    run_ok(Command::new("qemu-img").args([
         "convert",
         "-n",
         "-f",
@@ -104,7 +93,7 @@ fn qemu_img_and_nbdcopy_both_ways_and_nbdinfo_lists() {
         &uri(&s.nbd_sock, "m"),
     ]));
     let out1 = s.dir.path().join("out1.img");
-    run(Command::new("nbdcopy").args([&uri(&s.nbd_sock, "m"), out1.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args([&uri(&s.nbd_sock, "m"), out1.to_str().unwrap()]));
     let got = std::fs::read(&out1).unwrap();
     assert_eq!(got.len() as u64, 64 * MIB);
     assert!(got[..data.len()] == data[..], "nbdcopy read back differs");
@@ -112,9 +101,9 @@ fn qemu_img_and_nbdcopy_both_ways_and_nbdinfo_lists() {
     // nbdcopy into the export, qemu-img out of it.
     let src2 = s.dir.path().join("src2.img");
     let data2 = random_file(&src2, 64 * MIB as usize, 8);
-    run(Command::new("nbdcopy").args([src2.to_str().unwrap(), &uri(&s.nbd_sock, "m")]));
+    run_ok(Command::new("nbdcopy").args([src2.to_str().unwrap(), &uri(&s.nbd_sock, "m")]));
     let out2 = s.dir.path().join("out2.img");
-    run(Command::new("qemu-img").args([
+    run_ok(Command::new("qemu-img").args([
         "convert",
         "-f",
         "raw",
@@ -137,7 +126,7 @@ fn qemu_img_and_nbdcopy_both_ways_and_nbdinfo_lists() {
         "nbd_export_start",
         json!({"name": "second", "bdev": "second", "socket": s.nbd_sock}),
     );
-    let out = run(Command::new("nbdinfo").args([
+    let out = run_ok(Command::new("nbdinfo").args([
         "--list",
         &format!("nbd+unix://?socket={}", s.nbd_sock.display()),
     ]));
@@ -155,7 +144,7 @@ fn qemu_img_and_nbdcopy_both_ways_and_nbdinfo_lists() {
 fn qemu_io_at_odd_offsets_and_lengths() {
     let s = setup("nbd-qemu-io");
     let u = uri(&s.nbd_sock, "m");
-    run(Command::new("qemu-io").args([
+    run_ok(Command::new("qemu-io").args([
         "-f",
         "raw",
         "-c",
@@ -338,9 +327,9 @@ fn tcp_export_and_stopping_an_export() {
     let src = dir.path().join("s.img");
     let data = random_file(&src, 4 * MIB as usize, 1);
     let u = format!("nbd://127.0.0.1:{port}/t");
-    run(Command::new("nbdcopy").args([src.to_str().unwrap(), &u]));
+    run_ok(Command::new("nbdcopy").args([src.to_str().unwrap(), &u]));
     let out = dir.path().join("o.img");
-    run(Command::new("nbdcopy").args([&u, out.to_str().unwrap()]));
+    run_ok(Command::new("nbdcopy").args([&u, out.to_str().unwrap()]));
     assert!(std::fs::read(&out).unwrap() == data);
     assert_eq!(rpc.err("bdev_delete", json!({"name": "t"})).0, -32002);
     rpc.ok("nbd_export_stop", json!({"name": "t"}));

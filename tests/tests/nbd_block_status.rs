@@ -13,7 +13,7 @@ use quicksplit_tests::nbd::{
     OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT, OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_INVALID,
     REP_ERR_UNKNOWN,
 };
-use quicksplit_tests::{nbd_unix_uri, run_ok, start_empty, RpcConn, Server, TempDir};
+use quicksplit_tests::{nbd_unix_uri, nbdinfo_map, run_ok, start_empty, RpcConn, Server, TempDir};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -53,20 +53,6 @@ fn sparse_volume(path: &Path) -> Option<Vec<u8>> {
         return None;
     }
     Some(content)
-}
-
-/// `nbdinfo --map`: (offset, length, type) of each extent.
-fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32)> {
-    let out = run_ok(Command::new("nbdinfo").args(["--map", uri]));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("line '{l}'"));
-            (n(0), n(1), n(2) as u32)
-        })
-        .collect()
 }
 
 /// The map of `size` bytes holding data at `data` (sorted) and `gap` elsewhere.
@@ -127,7 +113,7 @@ fn a_sparse_uring_volume_shows_its_holes_to_nbdinfo_qemu_img_and_nbdcopy() {
     e.export("u", json!({"bdev": "u"}));
     let u = nbd_unix_uri(&e.nbd, "u");
 
-    assert_eq!(nbdinfo_map(&u), map_of(&WRITTEN, SIZE, HOLE_ZERO));
+    assert_eq!(nbdinfo_map(&u, None), map_of(&WRITTEN, SIZE, HOLE_ZERO));
 
     // qemu-img: data exactly where it was written, holes reading as zeroes elsewhere.
     let out = run_ok(Command::new("qemu-img").args(["map", "--output=json", "-f", "raw", &u]));
@@ -169,7 +155,7 @@ fn a_sparse_uring_volume_shows_its_holes_to_nbdinfo_qemu_img_and_nbdcopy() {
     c.write(30 * MIB, &[0x5a; 4096]).expect("write");
     c.command(nbd::FLUSH, 0, 0).expect("flush");
     let now = [WRITTEN[0], (30 * MIB, 4 * KIB), WRITTEN[2]];
-    assert_eq!(nbdinfo_map(&u), map_of(&now, SIZE, HOLE_ZERO));
+    assert_eq!(nbdinfo_map(&u, None), map_of(&now, SIZE, HOLE_ZERO));
 }
 
 #[test]
@@ -194,12 +180,12 @@ fn a_ram_disk_lists_its_context_and_maps_the_chunks_written() {
 
     let m = nbd_unix_uri(&e.nbd, "m");
     // Nothing written yet: all zeroes (RAM is allocated, so no hole).
-    assert_eq!(nbdinfo_map(&m), vec![(0, SIZE, ZERO)]);
+    assert_eq!(nbdinfo_map(&m, None), vec![(0, SIZE, ZERO)]);
     let mut c = NbdClient::connect(&e.nbd, "m").expect("connect");
     c.write(4 * MIB, &vec![1u8; MIB as usize]).expect("write");
     c.write(20 * MIB + 512, &[2u8; 512]).expect("write");
     let data = [(4 * MIB, MIB), (20 * MIB, 4 * KIB)];
-    assert_eq!(nbdinfo_map(&m), map_of(&data, SIZE, ZERO));
+    assert_eq!(nbdinfo_map(&m, None), map_of(&data, SIZE, ZERO));
     // Zeroing or trimming whole chunks makes them zeroes again; part of a chunk stays data.
     c.command(nbd::TRIM, 4 * MIB, 512 * KIB as u32)
         .expect("trim");
@@ -207,7 +193,7 @@ fn a_ram_disk_lists_its_context_and_maps_the_chunks_written() {
     c.command(nbd::WRITE_ZEROES, 5 * MIB - 4096, 2048)
         .expect("zero");
     assert_eq!(
-        nbdinfo_map(&m),
+        nbdinfo_map(&m, None),
         map_of(&[(4 * MIB + 512 * KIB, 512 * KIB)], SIZE, ZERO)
     );
 }
@@ -244,11 +230,11 @@ fn a_pair_image_answers_from_p_where_tracks_are_pending() {
     c.write(20 * MIB, &[9u8; 64 * 1024]).expect("write");
     let p_now = [WRITTEN[0], WRITTEN[1], (20 * MIB, 64 * KIB), WRITTEN[2]];
     assert_eq!(
-        nbdinfo_map(&nbd_unix_uri(&e.nbd, "p")),
+        nbdinfo_map(&nbd_unix_uri(&e.nbd, "p"), None),
         map_of(&p_now, SIZE, HOLE_ZERO)
     );
 
-    let map = nbdinfo_map(&img);
+    let map = nbdinfo_map(&img, None);
     let mut holes = 0;
     for &(off, len, kind) in &map {
         if kind & 1 != 0 {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use quicksplit_tests::nbd::NbdClient;
 use quicksplit_tests::{
-    nbd_unix_uri, run_ok, start_empty, wait_backup, wait_for, RpcConn, TempDir,
+    nbd_unix_uri, nbdinfo_map, run_ok, start_empty, wait_backup, wait_for, RpcConn, TempDir,
 };
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
@@ -27,20 +27,6 @@ fn backup(rpc: &mut RpcConn, params: Value) {
     let id = rpc.ok("backup_start", params)["id"].as_u64().unwrap();
     let b = wait_backup(rpc, id, Duration::from_secs(60));
     assert_eq!(b["state"], "done", "{b}");
-}
-
-/// `nbdinfo --map=CONTEXT`: (offset, length, type) of each extent.
-fn map(uri: &str, context: &str) -> Vec<(u64, u64, u32)> {
-    let out = run_ok(Command::new("nbdinfo").args([&format!("--map={context}"), uri]));
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let n = |i: usize| f[i].parse::<u64>().unwrap_or_else(|_| panic!("line '{l}'"));
-            (n(0), n(1), n(2) as u32)
-        })
-        .collect()
 }
 
 #[test]
@@ -124,7 +110,7 @@ fn a_pull_mode_incremental_over_the_dirty_bitmap_equals_p_at_the_split() {
 
     // The dirty extents are the tracks written since c1 (and the one written after the split:
     // a superset the copy handles, it reads the image).
-    let extents = map(&img, "qemu:dirty-bitmap:c1");
+    let extents = nbdinfo_map(&img, Some("qemu:dirty-bitmap:c1"));
     let mut got: Vec<u64> = Vec::new();
     let mut at = 0;
     for &(off, len, kind) in &extents {
