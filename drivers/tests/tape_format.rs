@@ -32,6 +32,10 @@ fn initial_manifest(volume_size: u64) -> Manifest {
         digest: None,
         sha256: None,
         chunks_crc32c: None,
+        kind: Default::default(),
+        checkpoint: None,
+        base_checkpoint: None,
+        base_digest: None,
     }
 }
 

@@ -6,6 +6,7 @@
 //! failed backup leaves nothing under the final name, so GNU tar never sees half an archive.
 
 use std::fs::OpenOptions;
+use std::ops::Range;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -61,12 +62,16 @@ fn meta_buf(bytes: &[u8]) -> Result<IoBufs, String> {
 
 impl TapeSink {
     /// Opens the archive's partial file and writes the prologue (initial manifest, headers).
+    /// `stored` are the ranges of the image the archive holds (sorted, disjoint, each starting
+    /// on a [`tape::CHUNK_SIZE`] boundary): the job submits exactly those bytes, in order.
     pub fn open(
         path: &Path,
         initial: &Manifest,
         record_size: usize,
+        stored: &[Range<u64>],
         ctx: &ChannelContext,
     ) -> Result<Self, String> {
+        tape::check_whole(stored, initial.volume_size)?;
         if let Ok(m) = std::fs::metadata(path) {
             let ft = m.file_type();
             if ft.is_char_device() || ft.is_fifo() {

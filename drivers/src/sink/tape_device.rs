@@ -10,6 +10,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::IoSlice;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -59,7 +60,13 @@ pub fn is_sequential(path: &Path) -> bool {
 impl TapeDeviceSink {
     /// Starts the writer thread, which opens the device (a pipe's open waits for its reader,
     /// a tape's may rewind: neither on a reactor) and writes the prologue.
-    pub fn open(path: &Path, initial: &Manifest, record_size: usize) -> Result<Self, String> {
+    pub fn open(
+        path: &Path,
+        initial: &Manifest,
+        record_size: usize,
+        stored: &[Range<u64>],
+    ) -> Result<Self, String> {
+        tape::check_whole(stored, initial.volume_size)?;
         let mtime = initial.created_at_ns / 1_000_000_000;
         let prologue = tape::prologue(initial, record_size, mtime).map_err(|e| e.to_string())?;
         let (work_tx, work_rx) = sync_channel(QUEUE);

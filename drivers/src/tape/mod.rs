@@ -99,6 +99,46 @@ pub struct Manifest {
     /// The CRC-32C of each `chunk_size` chunk of the image (the last may be short); `None` in the
     /// initial manifest.
     pub chunks_crc32c: Option<Vec<u32>>,
+    /// A full image or an incremental one (the tracks changed since `base_checkpoint`).
+    #[serde(default, skip_serializing_if = "ArchiveKind::is_full")]
+    pub kind: ArchiveKind,
+    /// The checkpoint the backup gave its pair at the image's split, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// An incremental's base: the checkpoint whose image it applies onto.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_checkpoint: Option<String>,
+    /// An incremental's base: the digest of the checkpoint's image (what the previous archive of
+    /// a restore chain must hold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_digest: Option<String>,
+}
+
+/// Refuses a layout other than the whole image of `volume_size` bytes (archives of the current
+/// format hold every byte).
+pub fn check_whole(stored: &[std::ops::Range<u64>], volume_size: u64) -> Result<(), String> {
+    if stored.len() != 1 || stored[0] != (0..volume_size) {
+        return Err("an archive holds the whole image: sparse archives are not written".into());
+    }
+    Ok(())
+}
+
+/// What an archive's image is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ArchiveKind {
+    /// The whole image (holes, if any, are zeros).
+    #[default]
+    Full,
+    /// The tracks changed since the base checkpoint (holes are unchanged data).
+    Incremental,
+}
+
+impl ArchiveKind {
+    /// True for a full image.
+    pub fn is_full(&self) -> bool {
+        *self == ArchiveKind::Full
+    }
 }
 
 impl Manifest {
@@ -542,6 +582,10 @@ pub(crate) fn sample_manifest(volume_size: u64, mode: &str) -> Manifest {
         digest: None,
         sha256: None,
         chunks_crc32c: None,
+        kind: Default::default(),
+        checkpoint: None,
+        base_checkpoint: None,
+        base_digest: None,
     }
 }
 

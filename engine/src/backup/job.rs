@@ -172,6 +172,10 @@ impl BackupJob {
             digest: None,
             sha256: None,
             chunks_crc32c: None,
+            kind: Default::default(),
+            checkpoint: None,
+            base_checkpoint: None,
+            base_digest: None,
         };
         Self {
             name: format!("backup:{}", backup.id),
@@ -229,8 +233,8 @@ impl BackupJob {
             &self.backup.target,
             self.connection.take(),
             &self.manifest,
-            self.size,
-            block_size,
+            (self.size, block_size),
+            std::slice::from_ref(&(0..self.size)),
             &ctx,
         )?;
         self.crcs = Some(ChunkCrcs::new(CHUNK_SIZE).map_err(|e| e.to_string())?);

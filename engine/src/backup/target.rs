@@ -3,6 +3,7 @@
 //! Connect and Identify block) and checked against the image with [`connect`]; the sink over
 //! it, or over a file or a tape, is opened by the job on its reactor with [`open_sink`].
 
+use std::ops::Range;
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
@@ -220,22 +221,23 @@ pub fn connect(target: &Target, pair: &Pair) -> Result<Option<Connection>, Strin
 }
 
 /// Opens the sink of `target` for an image of `size` bytes in blocks of `block_size`, on the
-/// job's reactor (`ctx`), over the connection [`connect`] made for a network target.
+/// job's reactor (`ctx`), over the connection [`connect`] made for a network target. The job
+/// writes the ranges `stored` of the image, in order.
 pub fn open_sink(
     target: &Target,
     connection: Option<Connection>,
     manifest: &Manifest,
-    size: u64,
-    block_size: u32,
+    (size, block_size): (u64, u32),
+    stored: &[Range<u64>],
     ctx: &ChannelContext,
 ) -> Result<Box<dyn Sink>, String> {
     Ok(match (target, connection) {
         (Target::File { path }, _) => Box::new(FileSink::open(path, size, block_size, ctx)?),
         (Target::Tape { path, record_size }, _) if tape_device::is_sequential(path) => Box::new(
-            tape_device::TapeDeviceSink::open(path, manifest, *record_size)?,
+            tape_device::TapeDeviceSink::open(path, manifest, *record_size, stored)?,
         ),
         (Target::Tape { path, record_size }, _) => {
-            Box::new(TapeSink::open(path, manifest, *record_size, ctx)?)
+            Box::new(TapeSink::open(path, manifest, *record_size, stored, ctx)?)
         }
         (Target::Nbd { .. }, Some(Connection::Nbd(conn))) => Box::new(NbdSink::new(conn, size)?),
         (Target::Nvmf { .. }, Some(Connection::Nvmf(conn))) => {
