@@ -69,6 +69,11 @@ enum Command {
         /// split (see `quicksplit rpc checkpoint_list`).
         #[arg(long)]
         checkpoint: Option<String>,
+        /// An incremental backup: only the tracks changed since this checkpoint of the pair,
+        /// written onto a target that holds the checkpoint's image (or, on tape, an archive to
+        /// restore after the checkpoint's).
+        #[arg(long)]
+        since: Option<String>,
         /// Compute the image's flat SHA-256 besides its sha256-tree digest (one stream: the
         /// backup goes no faster than one core hashes).
         #[arg(long)]
@@ -296,6 +301,7 @@ fn main() {
             rate,
             flat_sha256,
             checkpoint,
+            since,
         } => cli::backup(
             socket,
             &cli::BackupArgs {
@@ -306,6 +312,7 @@ fn main() {
                 rate,
                 flat_sha256,
                 checkpoint: checkpoint.as_deref(),
+                since: since.as_deref(),
             },
         ),
         Command::Digest { file, threads } => cli::digest(&file, threads.map(usize::from)),

@@ -11,16 +11,13 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
+use common::cut_pair::{self, Devices};
 use common::Op;
-use drivers::testing::powercut::PowerCutBdev;
-use drivers::Bdev;
-use engine::app::{Engine, MetadataDevice};
+use engine::app::Engine;
 use engine::backup::{BackupState, Mode, Options, Target};
 use engine::pair::channel::View;
-use engine::pair::metadata::Layout;
-use engine::pair::{Pair, PairConfig, PairState};
+use engine::pair::{Pair, PairState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -28,67 +25,6 @@ const BS: u64 = 4096;
 const TRACK: u64 = 16 << 10;
 const TRACKS: u64 = 48;
 const BLOCKS: u64 = TRACKS * TRACK / BS;
-
-struct Devices {
-    p: Arc<PowerCutBdev>,
-    s: Arc<PowerCutBdev>,
-    m: Arc<PowerCutBdev>,
-}
-
-impl Devices {
-    fn new(name: &str) -> Self {
-        let meta_blocks = Layout::new(TRACKS).size() / BS;
-        Self {
-            p: Arc::new(PowerCutBdev::new(&format!("{name}-p"), BS as u32, BLOCKS)),
-            s: Arc::new(PowerCutBdev::new(&format!("{name}-s"), BS as u32, BLOCKS)),
-            m: Arc::new(PowerCutBdev::new(
-                &format!("{name}-m"),
-                BS as u32,
-                meta_blocks,
-            )),
-        }
-    }
-
-    /// What a power cut now leaves of them (only what was flushed).
-    fn after_cut(&self, name: &str) -> Self {
-        Self {
-            p: Arc::new(self.p.durable_copy(&format!("{name}-p"))),
-            s: Arc::new(self.s.durable_copy(&format!("{name}-s"))),
-            m: Arc::new(self.m.durable_copy(&format!("{name}-m"))),
-        }
-    }
-}
-
-fn config(name: &str) -> PairConfig {
-    PairConfig {
-        name: name.into(),
-        track_size: TRACK,
-        copy_rate: 0,
-    }
-}
-
-fn create(engine: &Engine, name: &str, dev: &Devices, fresh: bool) -> Arc<Pair> {
-    engine
-        .bdev_add(Arc::clone(&dev.p) as Arc<dyn Bdev>)
-        .unwrap();
-    engine
-        .bdev_add(Arc::clone(&dev.s) as Arc<dyn Bdev>)
-        .unwrap();
-    let meta: Arc<dyn Bdev> = dev.m.clone();
-    let device = if fresh {
-        MetadataDevice::Fresh(meta)
-    } else {
-        MetadataDevice::Existing(meta)
-    };
-    engine
-        .pair_create_on(
-            &config(name),
-            &format!("{name}-p"),
-            &format!("{name}-s"),
-            device,
-        )
-        .unwrap()
-}
 
 fn tracks_of(words: &[u64]) -> BTreeSet<u64> {
     (0..TRACKS)
@@ -186,8 +122,8 @@ fn wait_state(pair: &Pair, state: PairState) {
 fn schedule(engine: &Engine, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let name = format!("ck{seed}");
-    let mut dev = Devices::new(&name);
-    let mut pair = create(engine, &name, &dev, true);
+    let mut dev = Devices::new(&name, TRACKS, TRACK, BS);
+    let mut pair = dev.create(engine, &name, true);
     wait_state(&pair, PairState::Pair);
     let mut model = Model::default();
     let mut exact = true;
@@ -220,9 +156,9 @@ fn schedule(engine: &Engine, seed: u64) {
                 next += 1;
                 backup(engine, &name, make.then_some(cp.as_str())).unwrap();
                 if make {
-                    model
-                        .checkpoints
-                        .insert(cp.clone(), model.changed_p.clone());
+                    // The image differs from P at the split where hosts wrote to it.
+                    let changed = model.changed_p.union(&model.changed_s).copied().collect();
+                    model.checkpoints.insert(cp.clone(), changed);
                     model.order.push(cp);
                 }
             }
@@ -248,19 +184,15 @@ fn schedule(engine: &Engine, seed: u64) {
             88..=93 => {
                 // A clean stop and start.
                 engine.persist_pair_for_stop(&pair);
-                engine.pair_delete(&name).unwrap();
-                engine.bdev_delete(&format!("{name}-p")).unwrap();
-                engine.bdev_delete(&format!("{name}-s")).unwrap();
+                cut_pair::remove(engine, &name);
                 // Written out exactly: the changes stay exact (unless a power cut came before).
-                pair = create(engine, &name, &dev, false);
+                pair = dev.create(engine, &name, false);
             }
             94..=99 => {
                 // A power cut now (every acknowledged write was FUA: nothing in flight).
-                engine.pair_delete(&name).unwrap();
-                engine.bdev_delete(&format!("{name}-p")).unwrap();
-                engine.bdev_delete(&format!("{name}-s")).unwrap();
+                cut_pair::remove(engine, &name);
                 dev = dev.after_cut(&name);
-                pair = create(engine, &name, &dev, false);
+                pair = dev.create(engine, &name, false);
                 exact = false;
             }
             _ => continue,
@@ -270,9 +202,7 @@ fn schedule(engine: &Engine, seed: u64) {
         }
         check(&pair, &model, exact, seed, &step_name);
     }
-    engine.pair_delete(&name).unwrap();
-    engine.bdev_delete(&format!("{name}-p")).unwrap();
-    engine.bdev_delete(&format!("{name}-s")).unwrap();
+    cut_pair::remove(engine, &name);
 }
 
 #[test]
@@ -294,8 +224,8 @@ fn checkpoints_hold_every_change_of_p_over_random_schedules_restarts_and_power_c
 #[test]
 fn bad_checkpoint_requests_get_clear_errors_and_change_nothing() {
     let engine = common::engine("checkpoint-errors");
-    let dev = Devices::new("bad");
-    let pair = create(&engine, "bad", &dev, true);
+    let dev = Devices::new("bad", TRACKS, TRACK, BS);
+    let pair = dev.create(&engine, "bad", true);
     wait_state(&pair, PairState::Pair);
     engine.pair_split(&["bad".to_string()]).unwrap();
     for bad in ["", "a b", "x/y", &"n".repeat(65)] {

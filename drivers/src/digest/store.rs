@@ -68,6 +68,11 @@ impl ChunkDigests {
         })
     }
 
+    /// The digests, one per chunk in order.
+    pub fn digests(&self) -> &[ChunkDigest] {
+        &self.digests
+    }
+
     /// The tree root.
     pub fn root(&self) -> TreeRoot {
         root_of(&self.digests)

@@ -2,7 +2,9 @@
 //! straight from the backup's DMA buffers. A regular file is written as `<path>.partial` and
 //! renamed once complete and durable (see [`super::partial`]), so a cancelled or failed backup
 //! never leaves a file that could pass for a complete image. A block device is written in
-//! place: it cannot be renamed.
+//! place: it cannot be renamed. An incremental backup is written in place too, onto the file
+//! holding its base image (only the changed tracks: renaming a copy would mean copying the
+//! rest).
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -28,20 +30,46 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Opens the target for an image of `size` bytes on the calling reactor.
+    /// Opens the target for an image of `size` bytes on the calling reactor: a new image, or
+    /// with `in_place` the existing one an incremental backup writes its changes onto.
     pub fn open(
         path: &Path,
         size: u64,
         block_size: u32,
+        in_place: bool,
         ctx: &ChannelContext,
     ) -> Result<Self, String> {
-        let is_block = std::fs::metadata(path)
+        let meta = std::fs::metadata(path);
+        let is_block = meta
+            .as_ref()
             .map(|m| m.file_type().is_block_device())
             .unwrap_or(false);
-        let partial = (!is_block).then(|| PartialFile::new(path)).transpose()?;
+        if in_place {
+            match meta {
+                Ok(m) if is_block || m.len() == size => {}
+                Ok(m) => {
+                    return Err(format!(
+                        "{} holds {} bytes, not an image of {size}",
+                        path.display(),
+                        m.len()
+                    ))
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+        let partial = (!is_block && !in_place)
+            .then(|| PartialFile::new(path))
+            .transpose()?;
         let target = partial.as_ref().map_or(path, |p| p.partial());
-        let bdev = UringBdev::open_with("backup-file", target, block_size, Some(size), true, true)
-            .map_err(|e| e.to_string())?;
+        let bdev = UringBdev::open_with(
+            "backup-file",
+            target,
+            block_size,
+            Some(size),
+            true,
+            !in_place,
+        )
+        .map_err(|e| e.to_string())?;
         if bdev.geometry().size() < size {
             return Err(format!(
                 "{} holds {} bytes, the image needs {size}",

@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::bdev::{
-    Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError, IoOp, IoRequest,
-    SubmitResult,
+    push_extent, Allocation, Bdev, BdevError, ChannelContext, Extent, Geometry, IoChannel,
+    IoCompletion, IoError, IoOp, IoRequest, SubmitResult, MAX_QUERY_EXTENTS,
 };
 
 struct Media {
@@ -171,6 +171,29 @@ impl Bdev for PowerCutBdev {
 
     fn config(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+
+    /// Blocks that read as zeroes are "zero", the others "data" (as a RAM disk knows them).
+    fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+        let media = self.media.lock().unwrap_or_else(PoisonError::into_inner);
+        let bs = u64::from(self.geometry.block_size);
+        let end = offset.saturating_add(len).min(media.current.len() as u64);
+        let first = out.len();
+        let mut at = offset;
+        while at < end && out.len() - first < MAX_QUERY_EXTENTS {
+            let next = ((at / bs + 1) * bs).min(end);
+            let zero = media.current[at as usize..next as usize]
+                .iter()
+                .all(|&b| b == 0);
+            let state = if zero {
+                Allocation::Zero
+            } else {
+                Allocation::Data
+            };
+            push_extent(out, next - at, state);
+            at = next;
+        }
+        Ok(())
     }
 }
 

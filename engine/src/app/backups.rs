@@ -89,6 +89,7 @@ impl Engine {
             target::TargetError::Invalid(m) => EngineError::Pair(PairError::Invalid(m)),
             e @ target::TargetError::InUse(_) => EngineError::InUse(e.to_string()),
         })?;
+        let base = self.incremental_base(&p, &target, &opts)?;
         // A network target is connected here, on the control thread: its handshake blocks.
         let connection = target::connect(&target, &p).map_err(EngineError::Target)?;
         // And the staging buffers are mapped here, not on the reactor that serves hosts too.
@@ -100,10 +101,20 @@ impl Engine {
             .map_err(|e| EngineError::Unavailable(format!("{}: {e}", digests_dir.display())))?;
         let split_at_ns = self.pair_begin_backup(pair)?;
         let size = p.geometry().size();
-        let backup = match self
-            .backups
-            .add(pair, mode, target, size, split_at_ns, opts.clone())
-        {
+        let plan = match self.backup_plan(&p, &target, &opts, base, split_at_ns) {
+            Ok(plan) => plan,
+            Err(e) => {
+                p.end_backup();
+                return Err(e);
+            }
+        };
+        let backup = match self.backups.add(
+            pair,
+            (mode, target),
+            (size, plan.stored_bytes()),
+            split_at_ns,
+            opts.clone(),
+        ) {
             Ok(b) => b,
             Err(e) => {
                 p.end_backup();
@@ -120,7 +131,10 @@ impl Engine {
             .flat_sha256
             .then(|| HashQueue::start(self.reactors.get(reactor.index() + 1).clone(), size))
             .transpose()
-            .and_then(|flat| TreeHash::start(self.reactors.handles(), size, flat));
+            .and_then(|flat| {
+                let known = plan.unstored_digests();
+                TreeHash::start(self.reactors.handles(), size, flat, known)
+            });
         let fail = |e: String| {
             p.end_backup();
             backup.end(BackupState::Failed, None, Some(e.clone()), 0);
@@ -132,7 +146,8 @@ impl Engine {
         let control = Arc::clone(&self.control);
         let sent = reactor.send_blocking(Box::new(move |cx| {
             cx.add_poller(Box::new(
-                BackupJob::new(b, pr, pool, connection, t, digests_path).with_control(control),
+                BackupJob::new(b, pr, plan, pool, connection, t, digests_path)
+                    .with_control(control),
             ))
         }));
         if let Err(e) = sent {
@@ -145,6 +160,7 @@ impl Engine {
             pair,
             mode = mode.as_str(),
             checkpoint = opts.checkpoint.as_deref(),
+            since = opts.since.as_deref(),
             "backup started"
         );
         Ok(backup.id)

@@ -24,7 +24,7 @@ impl DirtyBitmaps for PairCheckpoints {
     }
 
     fn changed_since(&self, name: &str) -> Option<(Vec<u64>, u64)> {
-        let (words, _) = self.0.changed_since(name).ok()?;
+        let words = self.0.changed_since_for_incremental(name).ok()?;
         Some((words, self.0.track_size()))
     }
 }

@@ -3,6 +3,7 @@
 //! subsystem's operations on the [`Engine`]: `bdevs`, `pairs`, `backups`, `verifies`,
 //! `exports`, `config` and the embedded `default`.
 
+mod backup_plans;
 mod backups;
 mod bdevs;
 mod config;

@@ -16,6 +16,7 @@ use drivers::tape::{ChunkCrcs, ImageChecksums, Manifest, CHUNK_SIZE, FORMAT};
 use drivers::{IoBufs, IoChannel, IoCompletion, IoRequest, SubmitErrorKind};
 use hugepages::BufferPool;
 
+use super::plan::{Cursor, Plan};
 use super::target::{open_sink, Connection};
 use super::tree::{Seal, Sealed, TreeHash};
 use super::{Backup, BackupState, Checksums, Mode};
@@ -89,10 +90,19 @@ pub struct BackupJob {
     pool: BufferPool,
     piece: u64,
     size: u64,
-    next_read: u64,
+    /// The ranges of the image to store.
+    plan: Plan,
+    /// The next piece to read.
+    read_at: Cursor,
+    /// Bytes read or being read.
+    issued: u64,
     reading: BTreeMap<u64, ()>,
     ready: BTreeMap<u64, IoBufs>,
-    next_sink: u64,
+    /// The next piece for the target.
+    sink_at: Cursor,
+    /// Bytes handed to the target.
+    sunk: u64,
+    /// Bytes the target acknowledged.
     acked: u64,
     /// The CRC-32C of each chunk, computed here on the way to the target.
     crcs: Option<ChunkCrcs>,
@@ -144,13 +154,14 @@ impl BackupJob {
         BufferPool::new(buf_size as usize, count).map_err(|e| e.to_string())
     }
 
-    /// A job for `backup` of `pair`'s image, streaming through `pool` (from
-    /// [`BackupJob::staging_pool`]); `connection` is a network target's, from
+    /// A job for `backup` of the ranges `plan` stores of `pair`'s image, streaming through
+    /// `pool` (from [`BackupJob::staging_pool`]); `connection` is a network target's, from
     /// [`super::target::connect`]; `tree` hashes the written pieces; the chunk digests are kept
     /// at `digests_path`.
     pub fn new(
         backup: Arc<Backup>,
         pair: Arc<Pair>,
+        plan: Plan,
         pool: BufferPool,
         connection: Option<Connection>,
         tree: Arc<TreeHash>,
@@ -172,10 +183,10 @@ impl BackupJob {
             digest: None,
             sha256: None,
             chunks_crc32c: None,
-            kind: Default::default(),
-            checkpoint: None,
-            base_checkpoint: None,
-            base_digest: None,
+            kind: plan.kind(),
+            checkpoint: backup.checkpoint.clone(),
+            base_checkpoint: plan.base().map(|b| b.checkpoint.clone()),
+            base_digest: plan.base().map(|b| b.digest.clone()),
         };
         Self {
             name: format!("backup:{}", backup.id),
@@ -187,10 +198,13 @@ impl BackupJob {
             src: None,
             sink: None,
             pool,
-            next_read: 0,
+            plan,
+            read_at: Cursor::default(),
+            issued: 0,
             reading: BTreeMap::new(),
             ready: BTreeMap::new(),
-            next_sink: 0,
+            sink_at: Cursor::default(),
+            sunk: 0,
             acked: 0,
             crcs: None,
             manifest,
@@ -234,7 +248,7 @@ impl BackupJob {
             self.connection.take(),
             &self.manifest,
             (self.size, block_size),
-            std::slice::from_ref(&(0..self.size)),
+            self.plan.stored(),
             &ctx,
         )?;
         self.crcs = Some(ChunkCrcs::new(CHUNK_SIZE).map_err(|e| e.to_string())?);
@@ -281,13 +295,14 @@ impl BackupJob {
         }
     }
 
-    /// True when the piece at `offset` can be read from S now (reflect asks the copier for the
-    /// tracks still pending, looking ahead over the window). Each track is asked for once: the
-    /// copier keeps what it is asked for until the track is copied, and a track the ring had no
-    /// room for is asked for on the next call.
-    fn reflected(&mut self, offset: u64) -> bool {
+    /// True when the piece of `len` bytes at `offset` can be read from S now (reflect asks the
+    /// copier for the tracks still pending, looking ahead over the window). Each track is asked
+    /// for once: the copier keeps what it is asked for until the track is copied, and a track
+    /// the ring had no room for is asked for on the next call.
+    fn reflected(&mut self, offset: u64, len: u64) -> bool {
         let ts = self.pair.track_size();
         let horizon = (offset + WINDOW).min(self.size);
+        self.asked = self.asked.max(offset);
         while self.asked < horizon {
             let t = self.asked / ts;
             if self.pair.pending.is_pending(t) && self.pair.urgent.push(t).is_err() {
@@ -297,7 +312,7 @@ impl BackupJob {
         }
         let ready = self
             .pair
-            .tracks_of(offset, self.piece.min(self.size - offset))
+            .tracks_of(offset, len)
             .all(|t| !self.pair.pending.is_pending(t));
         if !ready {
             self.pair.wake_copier();
@@ -361,14 +376,14 @@ impl BackupJob {
     fn issue_reads(&mut self, cx: &mut ReactorContext) -> bool {
         let mut issued = false;
         let window = self.window();
-        while self.next_read < self.size {
-            let len = self.piece.min(self.size - self.next_read);
-            let held = self.next_read - self.acked;
+        while let Some((offset, left)) = self.read_at.next(&self.plan) {
+            let len = self.piece.min(left);
+            let held = self.issued - self.acked;
             if held > 0 && held + len > window {
                 self.note_yield();
                 break;
             }
-            if self.backup.mode == Mode::Reflect && !self.reflected(self.next_read) {
+            if self.backup.mode == Mode::Reflect && !self.reflected(offset, len) {
                 break;
             }
             // Buffers first, so rate tokens are only taken for a piece that can be read now;
@@ -380,12 +395,12 @@ impl BackupJob {
                 break;
             }
             self.yielding = false;
-            let offset = self.next_read;
             let Some(src) = self.src.as_mut() else { break };
             match src.channel().submit(IoRequest::read(offset, bufs, offset)) {
                 Ok(()) => {
                     self.reading.insert(offset, ());
-                    self.next_read += len;
+                    self.read_at.advance(len);
+                    self.issued += len;
                     issued = true;
                 }
                 Err(e) => match e.error {
@@ -400,14 +415,14 @@ impl BackupJob {
         issued
     }
 
-    /// Tracks before the lowest piece not yet read are captured: S may be written there.
-    fn advance_frontier(&self) {
-        let lowest = self
-            .reading
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.next_read);
+    /// Tracks before the lowest piece not yet read are captured (or not part of the backup): S
+    /// may be written there.
+    fn advance_frontier(&mut self) {
+        let next = match self.read_at.next(&self.plan) {
+            Some((offset, _)) => offset,
+            None => self.size,
+        };
+        let lowest = self.reading.keys().next().copied().unwrap_or(next);
         let frontier = if lowest >= self.size {
             self.pair.tracks()
         } else {
@@ -418,7 +433,12 @@ impl BackupJob {
 
     fn feed_sink(&mut self) -> bool {
         let mut fed = false;
-        while let Some(bufs) = self.ready.remove(&self.next_sink) {
+        while let Some(bufs) = self
+            .sink_at
+            .next(&self.plan)
+            .and_then(|(offset, _)| self.ready.remove(&offset))
+        {
+            let offset = self.sink_at.position();
             let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
             let Some(sink) = self.sink.as_mut() else {
                 break;
@@ -426,15 +446,15 @@ impl BackupJob {
             // Checksum each piece once, in image order, before handing its buffers over: the
             // target reads them, nothing copies them. (A piece the target was busy for comes
             // back here and is not counted twice.)
-            if let Some(c) = self.crcs.as_mut().filter(|c| c.bytes() == self.next_sink) {
+            if let Some(c) = self.crcs.as_mut().filter(|c| c.bytes() == self.sunk) {
                 for b in &bufs {
                     c.update(b.as_slice());
                 }
             }
-            match sink.submit(self.next_sink, bufs) {
+            match sink.submit(offset, bufs) {
                 Ok(()) => {}
                 Err(SinkFull::Busy(bufs)) => {
-                    self.ready.insert(self.next_sink, bufs);
+                    self.ready.insert(offset, bufs);
                     break;
                 }
                 Err(SinkFull::Failed(e, _)) => {
@@ -444,7 +464,8 @@ impl BackupJob {
                 }
             }
             fed = true;
-            self.next_sink += len;
+            self.sink_at.advance(len);
+            self.sunk += len;
         }
         fed
     }
@@ -587,7 +608,9 @@ impl BackupJob {
             match d.result {
                 Ok(()) => {
                     self.acked += d.len;
-                    self.backup.bytes_done.store(self.acked, Ordering::Relaxed);
+                    // Bytes not stored count as done once the target is past them.
+                    let done = (self.acked + self.sink_at.skipped()).min(self.size);
+                    self.backup.bytes_done.store(done, Ordering::Relaxed);
                     self.to_hash.push_back((d.offset, d.bufs));
                 }
                 Err(e) => {
@@ -611,7 +634,8 @@ impl BackupJob {
             }
         }
         match self.phase {
-            Phase::Streaming if self.acked == self.size => {
+            Phase::Streaming if self.acked == self.plan.stored_bytes() => {
+                self.backup.bytes_done.store(self.size, Ordering::Relaxed);
                 let Some(digest) = self.root.clone() else {
                     // The last chunks are still being hashed.
                     return PollStatus::Busy;

@@ -18,6 +18,7 @@
 
 pub mod hasher;
 pub mod job;
+pub mod plan;
 pub mod target;
 pub mod tree;
 
@@ -79,6 +80,9 @@ pub struct Options {
     pub flat_sha256: bool,
     /// Give the pair a checkpoint of this name at the image's split once the backup is done.
     pub checkpoint: Option<String>,
+    /// Store only the tracks changed since this checkpoint of the pair (an incremental backup
+    /// onto a target holding the checkpoint's image).
+    pub since: Option<String>,
 }
 
 impl Default for Options {
@@ -88,6 +92,7 @@ impl Default for Options {
             host_rate: DEFAULT_HOST_RATE,
             flat_sha256: false,
             checkpoint: None,
+            since: None,
         }
     }
 }
@@ -145,10 +150,17 @@ pub struct BackupInfo {
     pub mode: Mode,
     /// State.
     pub state: BackupState,
-    /// Image bytes the target has acknowledged.
+    /// Image bytes done: acknowledged by the target, or not stored and passed.
     pub bytes_done: u64,
     /// Image size.
     pub bytes_total: u64,
+    /// Image bytes the backup writes to the target (the rest are holes, or an incremental's
+    /// unchanged tracks).
+    #[serde(default)]
+    pub bytes_stored: u64,
+    /// The checkpoint an incremental backup stores the changes since.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
     /// The image's `sha256-tree` digest, `sha256-tree:<hex>` (once done).
     #[serde(default)]
     pub digest: Option<String>,
@@ -200,6 +212,10 @@ pub struct Backup {
     pub target: Target,
     /// Image size.
     pub bytes_total: u64,
+    /// Image bytes written to the target.
+    pub bytes_stored: u64,
+    /// The checkpoint an incremental stores the changes since.
+    pub since: Option<String>,
     /// Split instant.
     pub split_at_ns: u64,
     /// Throughput limit in bytes per second (0 = none), so hosts keep the disk's attention.
@@ -243,6 +259,8 @@ impl Backup {
             state: st.state,
             bytes_done: self.bytes_done.load(Ordering::Relaxed),
             bytes_total: self.bytes_total,
+            bytes_stored: self.bytes_stored,
+            since: self.since.clone(),
             digest: st.digest.clone(),
             flat_sha256: self.flat_sha256,
             sha256: st.sha256.clone(),
@@ -408,6 +426,8 @@ impl Backups {
                 mode: info.mode,
                 target: info.target,
                 bytes_total: info.bytes_total,
+                bytes_stored: info.bytes_stored,
+                since: info.since,
                 split_at_ns: info.split_at_ns,
                 rate: info.rate,
                 host_rate: info.host_rate,
@@ -441,13 +461,13 @@ impl Backups {
         self.next.fetch_add(1, Ordering::SeqCst) + 1
     }
 
-    /// Adds a running backup; with a journal, its record is durable before this returns.
+    /// Adds a running backup of an image of `bytes_total` bytes, `bytes_stored` of which go to
+    /// the target; with a journal, its record is durable before this returns.
     pub fn add(
         &self,
         pair: &str,
-        mode: Mode,
-        target: Target,
-        bytes_total: u64,
+        (mode, target): (Mode, Target),
+        (bytes_total, bytes_stored): (u64, u64),
         split_at_ns: u64,
         opts: Options,
     ) -> std::io::Result<Arc<Backup>> {
@@ -458,6 +478,8 @@ impl Backups {
             mode,
             target,
             bytes_total,
+            bytes_stored,
+            since: opts.since,
             split_at_ns,
             rate: opts.rate,
             host_rate: opts.host_rate,

@@ -232,7 +232,10 @@ pub fn open_sink(
     ctx: &ChannelContext,
 ) -> Result<Box<dyn Sink>, String> {
     Ok(match (target, connection) {
-        (Target::File { path }, _) => Box::new(FileSink::open(path, size, block_size, ctx)?),
+        (Target::File { path }, _) => {
+            let in_place = !manifest.kind.is_full();
+            Box::new(FileSink::open(path, size, block_size, in_place, ctx)?)
+        }
         (Target::Tape { path, record_size }, _) if tape_device::is_sequential(path) => Box::new(
             tape_device::TapeDeviceSink::open(path, manifest, *record_size, stored)?,
         ),

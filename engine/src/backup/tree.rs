@@ -52,32 +52,51 @@ pub struct TreeHash {
 
 impl TreeHash {
     /// Starts a hashing poller on each of `reactors` for an image of `size` bytes; hashed pieces
-    /// go on to `flat` when given. Called on a control thread: the slots of a large image take
-    /// a moment to allocate.
+    /// go on to `flat` when given. `known` holds, by chunk, the digests of the chunks the backup
+    /// does not store (zeros, or its base's; `None` for a chunk it hashes; empty when it hashes
+    /// every one). Called on a control thread: the slots of a large image take a moment to
+    /// allocate.
     pub fn start(
         reactors: &[ReactorHandle],
         size: u64,
         flat: Option<Arc<HashQueue>>,
+        known: Vec<Option<ChunkDigest>>,
     ) -> Result<Arc<Self>, String> {
         let chunks = chunk_count(size);
-        let Ok(n) = usize::try_from(chunks) else {
-            if let Some(f) = &flat {
-                f.stop();
+        let n = match usize::try_from(chunks) {
+            Ok(n) if known.is_empty() || known.len() == n => n,
+            _ => {
+                if let Some(f) = &flat {
+                    f.stop();
+                }
+                return Err(format!(
+                    "an image of {size} bytes has too many chunks, or not {} known",
+                    known.len()
+                ));
             }
-            return Err(format!("an image of {size} bytes has too many chunks"));
         };
+        let mut digests = vec![[0; 32]; n];
+        let mut ready = vec![false; n];
+        let mut preset = 0;
+        for (i, d) in known.into_iter().enumerate() {
+            if let Some(d) = d {
+                digests[i] = d;
+                ready[i] = true;
+                preset += 1;
+            }
+        }
         let q = Arc::new(Self {
             ring: ArrayQueue::new(4096),
             size,
             chunks,
             slots: Mutex::new(Slots {
-                digests: vec![[0; 32]; n],
-                ready: vec![false; n],
+                digests,
+                ready,
                 root: RootBuilder::default(),
                 next: 0,
                 taken: false,
             }),
-            hashed: AtomicU64::new(0),
+            hashed: AtomicU64::new(preset),
             stop: AtomicBool::new(false),
             reactors: reactors.to_vec(),
             flat,

@@ -68,10 +68,12 @@ pub struct BackupArgs<'a> {
     pub flat_sha256: bool,
     /// The checkpoint the pair gets once the backup is done.
     pub checkpoint: Option<&'a str>,
+    /// The checkpoint an incremental backup stores the changes since.
+    pub since: Option<&'a str>,
 }
 
 /// `quicksplit backup PAIR --to TARGET [--mode M] [--wait] [--rate BYTES_PER_SEC]
-/// [--flat-sha256] [--checkpoint NAME]`.
+/// [--flat-sha256] [--checkpoint NAME] [--since NAME]`.
 pub fn backup(socket: Option<PathBuf>, args: &BackupArgs<'_>) -> i32 {
     let BackupArgs {
         pair,
@@ -81,6 +83,7 @@ pub fn backup(socket: Option<PathBuf>, args: &BackupArgs<'_>) -> i32 {
         rate,
         flat_sha256,
         checkpoint,
+        since,
     } = *args;
     let target = match parse_target(to) {
         Ok(t) => t,
@@ -97,6 +100,9 @@ pub fn backup(socket: Option<PathBuf>, args: &BackupArgs<'_>) -> i32 {
                             "flat_sha256": flat_sha256});
     if let Some(name) = checkpoint {
         params["checkpoint"] = json!(name);
+    }
+    if let Some(name) = since {
+        params["since"] = json!(name);
     }
     let id = match c.call("backup_start", params) {
         Ok(v) => v.get("id").and_then(Value::as_u64).unwrap_or(0),

@@ -195,6 +195,17 @@ impl Pair {
         Ok((self.union_of(&list[i..]), list[i].split_at_ns))
     }
 
+    /// The tracks where the image now may differ from checkpoint `name`'s image (a superset),
+    /// 64 tracks a word: what P changed since the checkpoint and what hosts wrote to the
+    /// image since the split. What an incremental backup stores and a dirty bitmap shows.
+    pub fn changed_since_for_incremental(&self, name: &str) -> Result<Vec<u64>, PairError> {
+        let (mut words, _) = self.changed_since(name)?;
+        for (w, v) in words.iter_mut().enumerate() {
+            *v |= self.changed_s.raw_word(w);
+        }
+        Ok(words)
+    }
+
     /// A host write to P is about to change track `t`: the slots marked now get it, in memory
     /// exactly and on disk by region.
     pub(crate) fn mark_checkpoints(&self, t: u64) {
@@ -290,7 +301,8 @@ impl Pair {
     }
 
     /// Step 1 of making a checkpoint (gate closed, writes drained): takes a free slot, fills it
-    /// with what P changed since the split, and has host writes mark it. Returns the slot.
+    /// with what P changed since the split and what hosts wrote to the image (the checkpoint's
+    /// image differs from P at the split there), and has host writes mark it. Returns the slot.
     pub(crate) fn begin_checkpoint(
         &self,
         name: &str,
@@ -316,6 +328,7 @@ impl Pair {
         let set = &self.checkpoints.slots[slot];
         set.clear();
         set.absorb(&self.changed_p);
+        set.absorb(&self.changed_s);
         if let Some(m) = &self.meta {
             m.want_exactly(MapKind::checkpoint(slot), |w| set.raw_word(w));
         }

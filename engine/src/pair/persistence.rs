@@ -284,7 +284,15 @@ impl Pair {
                 self.pending.load_words(pending);
                 self.changed_p.load_words(changed_p);
                 self.changed_s.load_words(changed_s);
-                self.restore.load_words(restore);
+                // A split follows PAIR or a forward copy, never a restore: restore bits under a
+                // PSUS header are a finished restore's the cleaner had not cleared yet. Taken
+                // as live, the copier would copy S over P's newer writes. (PSUE keeps them: a
+                // restore that failed leaves tracks where P and S differ.)
+                if state == PairState::Psue {
+                    self.restore.load_words(restore);
+                } else {
+                    self.restore.load_words(&[]);
+                }
             }
         }
         self.restore_state(state, reverse, h.split_at_ns, h.error.clone());

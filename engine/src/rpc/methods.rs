@@ -417,6 +417,7 @@ fn backup_start(engine: &Engine, p: BackupStartParams) -> Result<Value, RpcError
         host_rate: p.host_rate,
         flat_sha256: p.flat_sha256,
         checkpoint: p.checkpoint,
+        since: p.since,
     };
     let id = engine.backup_start_with(&p.pair, p.mode, p.target, opts)?;
     Ok(json!({ "id": id }))
@@ -588,6 +589,9 @@ struct BackupStartParams {
     flat_sha256: bool,
     #[serde(default)]
     checkpoint: Option<String>,
+    /// Store only the tracks changed since this checkpoint.
+    #[serde(default)]
+    since: Option<String>,
 }
 
 #[derive(Deserialize)]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod cut_pair;
+
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 

@@ -1,0 +1,387 @@
+//! Full, sparse and incremental backups against a reference model of the bytes of P and of
+//! the image, over seeded random schedules of host writes to P and to the image, splits,
+//! forward and reverse resyncs, backups in every mode (full ones, and incremental ones since a
+//! random checkpoint written onto a copy of that checkpoint's image), checkpoint deletions,
+//! clean restarts and simulated power cuts. After every backup the target holds the image at
+//! the split byte for byte, and its tree digest is the backup's; an incremental stores every
+//! chunk where the image differs from its base's and no more than a full backup would.
+//! Bad `since` requests get clear errors and change nothing. `QS_INCREMENTAL_RUNS` sets the
+//! number of schedules (16), `QS_INCREMENTAL_FIRST` the first seed, `QS_INCREMENTAL_TRACE`
+//! prints each step.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use common::cut_pair::{self, Devices};
+use common::Op;
+use drivers::digest::{tree_root, TREE_CHUNK_SIZE};
+use engine::app::Engine;
+use engine::backup::{BackupInfo, BackupState, Mode, Options, Target};
+use engine::pair::channel::View;
+use engine::pair::{Pair, PairState};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const BS: u64 = 4096;
+const TRACK: u64 = 256 << 10;
+const TRACKS: u64 = 24;
+const SIZE: u64 = TRACKS * TRACK;
+
+/// What the model knows: the bytes of P, of the image while split, and the checkpoints with
+/// the file holding each one's image.
+struct Model {
+    p: Vec<u8>,
+    image: Vec<u8>,
+    checkpoints: Vec<(String, PathBuf)>,
+}
+
+fn write(engine: &Engine, name: &str, view: View, rng: &mut StdRng, bytes: &mut [u8]) {
+    let bdev = engine.pair_view(name, view).unwrap();
+    // Writes cluster in a few tracks, so some chunks stay empty and some change.
+    let hot = rng.gen_range(0..TRACKS);
+    let ops: Vec<Op> = (0..rng.gen_range(1..5))
+        .map(|_| {
+            let track = if rng.gen_bool(0.7) {
+                hot
+            } else {
+                rng.gen_range(0..TRACKS)
+            };
+            let block = track * (TRACK / BS) + rng.gen_range(0..TRACK / BS);
+            let data: Vec<u8> = (0..BS).map(|_| rng.gen()).collect();
+            let at = (block * BS) as usize;
+            bytes[at..at + BS as usize].copy_from_slice(&data);
+            Op::WriteFua(block * BS, data)
+        })
+        .collect();
+    if std::env::var_os("QS_INCREMENTAL_TRACE").is_some() {
+        let at: Vec<u64> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::WriteFua(at, _) => Some(at / TRACK),
+                _ => None,
+            })
+            .collect();
+        eprintln!("  {view:?} writes to tracks {at:?}");
+    }
+    for r in common::run(engine, rng.gen_range(0..2), bdev, ops) {
+        r.expect("host write");
+    }
+}
+
+fn backup(engine: &Engine, name: &str, mode: Mode, path: &Path, opts: Options) -> BackupInfo {
+    let target = Target::File {
+        path: path.to_path_buf(),
+    };
+    let id = engine
+        .backup_start_with(name, mode, target, opts)
+        .expect("backup_start");
+    let info = || engine.backup_get(Some(id)).unwrap().remove(0);
+    common::wait_until("the backup", || info().state != BackupState::Running);
+    info()
+}
+
+/// The bytes of the 1 MiB chunks where `a` and `b` differ.
+fn differing_chunk_bytes(a: &[u8], b: &[u8]) -> u64 {
+    a.chunks(TREE_CHUNK_SIZE as usize)
+        .zip(b.chunks(TREE_CHUNK_SIZE as usize))
+        .filter(|(x, y)| x != y)
+        .map(|(x, _)| x.len() as u64)
+        .sum()
+}
+
+fn trace(seed: u64, what: &str) {
+    if std::env::var_os("QS_INCREMENTAL_TRACE").is_some() {
+        eprintln!("seed {seed} {what}");
+    }
+}
+
+/// A backup of the split image, full or since a random checkpoint, checked against the model.
+fn backup_step(
+    engine: &Engine,
+    name: &str,
+    model: &mut Model,
+    rng: &mut StdRng,
+    seed: u64,
+    step: &str,
+) {
+    let mode = [Mode::Merge, Mode::Reflect, Mode::Wait][rng.gen_range(0..3)];
+    let dir = engine.state_dir().join("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("{name}-{}.img", rand::random::<u32>()));
+    let base = (!model.checkpoints.is_empty() && rng.gen_bool(0.6))
+        .then(|| model.checkpoints[rng.gen_range(0..model.checkpoints.len())].clone());
+    let base_image = base.as_ref().map(|(_, file)| {
+        std::fs::copy(file, &path).unwrap();
+        std::fs::read(file).unwrap()
+    });
+    let checkpoint = (model.checkpoints.len() < 8 && rng.gen_bool(0.8))
+        .then(|| format!("c{}", rand::random::<u32>()));
+    let opts = Options {
+        host_rate: 0,
+        checkpoint: checkpoint.clone(),
+        since: base.as_ref().map(|(n, _)| n.clone()),
+        ..Options::default()
+    };
+    trace(seed, &format!("{step}: {mode:?} since {:?}", opts.since));
+    let info = backup(engine, name, mode, &path, opts);
+    assert_eq!(
+        info.state,
+        BackupState::Done,
+        "seed {seed} {step}: {:?}",
+        info.error
+    );
+    let got = std::fs::read(&path).unwrap();
+    if got != model.image {
+        let at = got.iter().zip(&model.image).position(|(a, b)| a != b);
+        let show = |v: &[u8]| at.map(|a| v[a..a + 16].to_vec());
+        panic!(
+            "seed {seed} {step}: the target is not the image (since {:?}, {} bytes stored); \
+             first difference at {at:?}: {:?} instead of {:?}",
+            info.since,
+            info.bytes_stored,
+            show(&got),
+            show(&model.image)
+        );
+    }
+    assert_eq!(
+        info.digest,
+        Some(tree_root(&got).to_string()),
+        "seed {seed} {step}: digest"
+    );
+    assert_eq!(info.bytes_done, SIZE, "seed {seed} {step}");
+    let zeros = vec![0u8; SIZE as usize];
+    let must = differing_chunk_bytes(&model.image, base_image.as_deref().unwrap_or(&zeros));
+    assert!(
+        info.bytes_stored >= must && info.bytes_stored <= SIZE,
+        "seed {seed} {step}: {} bytes stored, {must} at least",
+        info.bytes_stored
+    );
+    match checkpoint {
+        Some(c) => model.checkpoints.push((c, path)),
+        None => {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// P, and the image while split, read through the pair hold what the model says.
+fn check_views(engine: &Engine, name: &str, pair: &Pair, model: &Model, seed: u64, step: &str) {
+    let mut views = vec![(View::Primary, &model.p)];
+    if pair.state() == PairState::Psus {
+        views.push((View::Image, &model.image));
+    }
+    for (view, want) in views {
+        let bdev = engine.pair_view(name, view).unwrap();
+        // Track by track: a read of the image must not mix pending and copied tracks.
+        let reads = (0..TRACKS)
+            .map(|t| Op::Read(t * TRACK, TRACK as usize))
+            .collect();
+        let mut got = Vec::with_capacity(SIZE as usize);
+        for r in common::run(engine, 0, bdev, reads) {
+            got.extend_from_slice(&r.expect("read"));
+        }
+        if &got != want {
+            let at = got.iter().zip(want.iter()).position(|(a, b)| a != b);
+            let show = |v: &[u8]| at.map(|a| v[a..a + 8].to_vec());
+            panic!(
+                "seed {seed} {step}: {view:?} differs from the model first at {at:?} (track {:?}): \
+                 {:?} instead of {:?}",
+                at.map(|a| a as u64 / TRACK),
+                show(&got),
+                show(want)
+            );
+        }
+    }
+}
+
+fn wait_state(pair: &Pair, state: PairState) {
+    common::wait_until(state.as_str(), || pair.state() == state);
+}
+
+fn schedule(engine: &Engine, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = format!("inc{seed}");
+    let mut dev = Devices::new(&name, TRACKS, TRACK, BS);
+    let mut pair = dev.create(engine, &name, true);
+    wait_state(&pair, PairState::Pair);
+    let mut model = Model {
+        p: vec![0; SIZE as usize],
+        image: Vec::new(),
+        checkpoints: Vec::new(),
+    };
+    for step in 0..60 {
+        let what = rng.gen_range(0..100);
+        let state = pair.state();
+        let step_name = format!("step {step} ({what}, {})", state.as_str());
+        trace(seed, &step_name);
+        match what {
+            0..=29 => write(engine, &name, View::Primary, &mut rng, &mut model.p),
+            30..=39 if state == PairState::Psus => {
+                write(engine, &name, View::Image, &mut rng, &mut model.image)
+            }
+            40..=49 if state == PairState::Pair => {
+                engine.pair_split(std::slice::from_ref(&name)).unwrap();
+                model.image = model.p.clone();
+            }
+            50..=69 if state == PairState::Psus => {
+                backup_step(engine, &name, &mut model, &mut rng, seed, &step_name)
+            }
+            70..=79 if state == PairState::Psus => {
+                let reverse = rng.gen_bool(0.4);
+                trace(seed, &format!("  resync, reverse: {reverse}"));
+                engine.pair_resync(&name, reverse).unwrap();
+                if reverse {
+                    model.p = model.image.clone();
+                }
+                wait_state(&pair, PairState::Pair);
+            }
+            80..=86 if !model.checkpoints.is_empty() => {
+                let (gone, file) = model
+                    .checkpoints
+                    .remove(rng.gen_range(0..model.checkpoints.len()));
+                engine.checkpoint_delete(&name, &gone).unwrap();
+                let _ = std::fs::remove_file(file);
+            }
+            87..=93 => {
+                engine.persist_pair_for_stop(&pair);
+                cut_pair::remove(engine, &name);
+                pair = dev.create(engine, &name, false);
+            }
+            94..=99 => {
+                trace(seed, "  power cut");
+                // Every acknowledged write was FUA: a cut loses none of them.
+                cut_pair::remove(engine, &name);
+                dev = dev.after_cut(&name);
+                pair = dev.create(engine, &name, false);
+            }
+            _ => continue,
+        }
+        if pair.state() == PairState::Copy {
+            wait_state(&pair, PairState::Pair);
+        }
+        check_views(engine, &name, &pair, &model, seed, &step_name);
+    }
+    cut_pair::remove(engine, &name);
+    for (_, file) in model.checkpoints {
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn incremental_and_sparse_backups_equal_the_image_over_random_schedules() {
+    let engine = common::engine("incremental");
+    let first = env("QS_INCREMENTAL_FIRST", 1);
+    for seed in first..first + env("QS_INCREMENTAL_RUNS", 16) {
+        schedule(&engine, seed);
+    }
+}
+
+#[test]
+fn bad_since_requests_get_clear_errors_and_change_nothing() {
+    let engine = common::engine("incremental-errors");
+    let dev = Devices::new("a", TRACKS, TRACK, BS);
+    let pair = dev.create(&engine, "a", true);
+    let other = Devices::new("b", TRACKS, TRACK, BS);
+    let pair_b = other.create(&engine, "b", true);
+    wait_state(&pair, PairState::Pair);
+    wait_state(&pair_b, PairState::Pair);
+    engine
+        .pair_split(&["a".to_string(), "b".to_string()])
+        .unwrap();
+    let dir = engine.state_dir().join("images");
+    std::fs::create_dir_all(&dir).unwrap();
+    let full = dir.join("b-full.img");
+    let opts = |checkpoint: Option<&str>, since: Option<&str>| Options {
+        checkpoint: checkpoint.map(str::to_string),
+        since: since.map(str::to_string),
+        ..Options::default()
+    };
+    let info = backup(&engine, "b", Mode::Merge, &full, opts(Some("cb"), None));
+    assert_eq!(info.state, BackupState::Done, "{:?}", info.error);
+    let start = |pair: &str, path: &Path, o: Options| {
+        let target = Target::File {
+            path: path.to_path_buf(),
+        };
+        engine
+            .backup_start_with(pair, Mode::Merge, target, o)
+            .unwrap_err()
+            .to_string()
+    };
+    let before = engine.backup_get(None).unwrap().len();
+    let target = dir.join("a-inc.img");
+    std::fs::copy(&full, &target).unwrap();
+    let e = start("a", &target, opts(None, Some("nothing")));
+    assert!(e.contains("no checkpoint named 'nothing'"), "{e}");
+    let e = start("a", &target, opts(None, Some("cb")));
+    assert!(e.contains("is pair 'b''s"), "{e}");
+    let missing = dir.join("missing.img");
+    let e = start("b", &missing, opts(None, Some("cb")));
+    assert!(e.contains("missing.img"), "{e}");
+    let short = dir.join("short.img");
+    std::fs::write(&short, b"short").unwrap();
+    let e = start("b", &short, opts(None, Some("cb")));
+    assert!(e.contains("holds 5 bytes"), "{e}");
+    let mut flat = opts(None, Some("cb"));
+    flat.flat_sha256 = true;
+    let e = start("b", &target, flat);
+    assert!(e.contains("flat_sha256"), "{e}");
+    // Nothing started, nothing written, both pairs still split and backing up.
+    assert_eq!(engine.backup_get(None).unwrap().len(), before);
+    assert_eq!(std::fs::read(&short).unwrap(), b"short");
+    assert!(!missing.exists());
+    assert_eq!(pair.state(), PairState::Psus);
+    let info = backup(&engine, "b", Mode::Merge, &target, opts(None, Some("cb")));
+    assert_eq!(info.state, BackupState::Done, "{:?}", info.error);
+    assert_eq!(info.bytes_stored, 0, "nothing changed since 'cb'");
+}
+
+/// A restore's bits stay on disk until the cleaner's next pass; a split and a power cut before
+/// it must not bring them back as a restore to do (it would copy S over P's newer writes).
+#[test]
+fn a_power_cut_soon_after_a_finished_restore_keeps_the_writes_made_since() {
+    let engine = common::engine("restore-cut");
+    let name = "rc".to_string();
+    let mut dev = Devices::new(&name, TRACKS, TRACK, BS);
+    let pair = dev.create(&engine, &name, true);
+    wait_state(&pair, PairState::Pair);
+    let p = engine.pair_view(&name, View::Primary).unwrap();
+    let write_p = |block: u64, byte: u8| {
+        let op = Op::WriteFua(block * BS, vec![byte; BS as usize]);
+        for r in common::run(&engine, 0, Arc::clone(&p), vec![op]) {
+            r.expect("host write");
+        }
+    };
+    let mut model = Model {
+        p: vec![0; SIZE as usize],
+        image: Vec::new(),
+        checkpoints: Vec::new(),
+    };
+    engine.pair_split(std::slice::from_ref(&name)).unwrap();
+    model.image = model.p.clone();
+    // Track 5 changes on P, is restored from S, and after the next split changes again.
+    write_p(5 * TRACK / BS, 0xaa);
+    engine.pair_resync(&name, true).unwrap();
+    wait_state(&pair, PairState::Pair);
+    engine.pair_split(std::slice::from_ref(&name)).unwrap();
+    model.image = model.p.clone();
+    write_p(5 * TRACK / BS + 1, 0xbb);
+    let at = ((5 * TRACK / BS + 1) * BS) as usize;
+    model.p[at..at + BS as usize].fill(0xbb);
+    drop(p);
+    cut_pair::remove(&engine, &name);
+    dev = dev.after_cut(&name);
+    let pair = dev.create(&engine, &name, false);
+    assert_eq!(pair.state(), PairState::Psus);
+    // Long enough for a copier that took the restore as live to have copied.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    check_views(&engine, &name, &pair, &model, 7, "after the cut");
+}
