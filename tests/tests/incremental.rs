@@ -1,0 +1,237 @@
+//! Incremental backups through the real binary onto real targets holding the base image: a
+//! file, nbdkit's memory plugin (NBD) and another quicksplit's NVMe/TCP namespace; the CLI's
+//! `--since`; and bad `since` requests over RPC. Every target is read back (nbdcopy, or the
+//! file itself) and compared with the image byte for byte; the digest with `quicksplit digest`.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use quicksplit_tests::nbd::NbdClient;
+use quicksplit_tests::{
+    binary, nbd_unix_uri, run_ok, start_empty, tree_digest_of, wait_backup, wait_for, RpcConn,
+    TempDir,
+};
+use rand::{RngCore, SeedableRng};
+use serde_json::{json, Value};
+
+const MIB: u64 = 1 << 20;
+const SIZE: u64 = 32 * MIB;
+
+struct Nbdkit(Child);
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn nbdkit_memory(sock: &Path) -> Nbdkit {
+    let child = Command::new("nbdkit")
+        .args([
+            "-f",
+            "-U",
+            sock.to_str().unwrap(),
+            "memory",
+            &SIZE.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nbdkit (Debian package nbdkit)");
+    assert!(
+        wait_for(Duration::from_secs(10), || sock.exists()),
+        "nbdkit did not start"
+    );
+    Nbdkit(child)
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+fn backup(
+    rpc: &mut RpcConn,
+    target: Value,
+    checkpoint: Option<&str>,
+    since: Option<&str>,
+) -> Value {
+    let mut params = json!({"pair": "pr", "target": target, "host_rate": 0});
+    if let Some(c) = checkpoint {
+        params["checkpoint"] = json!(c);
+    }
+    if let Some(s) = since {
+        params["since"] = json!(s);
+    }
+    let id = rpc.ok("backup_start", params)["id"].as_u64().unwrap();
+    let info = wait_backup(rpc, id, Duration::from_secs(120));
+    assert_eq!(info["state"], "done", "{info}");
+    info
+}
+
+/// Copies `uri`'s export into `file` with nbdcopy and returns its bytes.
+fn read_export(uri: &str, file: &Path) -> Vec<u8> {
+    run_ok(Command::new("nbdcopy").args([uri, file.to_str().unwrap()]));
+    std::fs::read(file).unwrap()
+}
+
+#[test]
+fn incrementals_onto_a_file_nbdkit_and_an_nvmf_namespace_equal_the_image() {
+    let dir = TempDir::new("incremental");
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let (_src, src_sock) = start_empty(&src_dir);
+    let (_dst, dst_sock) = start_empty(&dst_dir);
+    let mut rpc = RpcConn::connect(&src_sock);
+    let mut dst = RpcConn::connect(&dst_sock);
+
+    let nbd = src_dir.join("nbd.sock");
+    rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
+    rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
+    rpc.ok(
+        "pair_create",
+        json!({"name": "pr", "primary": "p", "secondary": "s"}),
+    );
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": "p", "bdev": "p", "socket": nbd}),
+    );
+    let mut image = vec![0u8; SIZE as usize];
+    rand::rngs::StdRng::seed_from_u64(20).fill_bytes(&mut image);
+    let mut p = NbdClient::connect(&nbd, "p").expect("NBD connect");
+    for (i, chunk) in image.chunks(MIB as usize).enumerate() {
+        p.write(i as u64 * MIB, chunk).expect("NBD write");
+    }
+    wait_for(Duration::from_secs(30), || {
+        rpc.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
+    });
+    rpc.ok("pair_split", json!({"name": "pr"}));
+
+    // The full backup, checkpoint c0, to a file; the other targets get the same image.
+    let base = dir.path().join("base.img");
+    let full = backup(
+        &mut rpc,
+        json!({"type": "file", "path": base}),
+        Some("c0"),
+        None,
+    );
+    assert_eq!(std::fs::read(&base).unwrap(), image);
+    let kit_sock = dir.path().join("kit.sock");
+    let _kit = nbdkit_memory(&kit_sock);
+    let kit_uri = format!("nbd+unix:///?socket={}", kit_sock.display());
+    run_ok(Command::new("nbdcopy").args([base.to_str().unwrap(), &kit_uri]));
+    let port = free_port();
+    let nqn = "nqn.2026-12.io.quicksplit:incremental";
+    let dst_nbd = dst_dir.join("nbd.sock");
+    dst.ok("bdev_malloc_create", json!({"name": "d", "size": SIZE}));
+    dst.ok(
+        "nvmf_export_start",
+        json!({"nqn": nqn, "bdev": "d", "listen": format!("127.0.0.1:{port}")}),
+    );
+    dst.ok(
+        "nbd_export_start",
+        json!({"name": "d", "bdev": "d", "socket": dst_nbd}),
+    );
+    let d_uri = nbd_unix_uri(&dst_nbd, "d");
+    run_ok(Command::new("nbdcopy").args([base.to_str().unwrap(), &d_uri]));
+
+    // P changes in three places; resync, split again: the image moves on.
+    for (at, byte) in [(3 * MIB + 4096, 0x11u8), (17 * MIB, 0x22), (31 * MIB, 0x33)] {
+        let data = vec![byte; 8192];
+        p.write(at, &data).expect("NBD write");
+        image[at as usize..at as usize + 8192].copy_from_slice(&data);
+    }
+    rpc.ok("pair_resync", json!({"name": "pr"}));
+    wait_for(Duration::from_secs(30), || {
+        rpc.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
+    });
+    rpc.ok("pair_split", json!({"name": "pr"}));
+
+    let inc = backup(
+        &mut rpc,
+        json!({"type": "file", "path": base}),
+        Some("c1"),
+        Some("c0"),
+    );
+    assert_eq!(inc["since"], "c0");
+    let stored = inc["bytes_stored"].as_u64().unwrap();
+    assert!(
+        (3 * MIB..=6 * MIB).contains(&stored),
+        "three changed tracks, {stored} bytes stored"
+    );
+    assert_eq!(inc["bytes_done"].as_u64(), Some(SIZE));
+    assert_eq!(std::fs::read(&base).unwrap(), image, "the file");
+    assert_eq!(inc["digest"].as_str(), Some(tree_digest_of(&base).as_str()));
+    assert_ne!(inc["digest"], full["digest"]);
+
+    let kit = backup(
+        &mut rpc,
+        json!({"type": "nbd", "uri": kit_uri}),
+        None,
+        Some("c0"),
+    );
+    assert_eq!(kit["digest"], inc["digest"]);
+    assert_eq!(
+        read_export(&kit_uri, &dir.path().join("kit.img")),
+        image,
+        "nbdkit"
+    );
+
+    let nvmf = json!({"type": "nvmf", "traddr": "127.0.0.1", "trsvcid": port, "subnqn": nqn});
+    let n = backup(&mut rpc, nvmf, None, Some("c0"));
+    assert_eq!(n["digest"], inc["digest"]);
+    assert_eq!(
+        read_export(&d_uri, &dir.path().join("d.img")),
+        image,
+        "NVMe/TCP"
+    );
+
+    // The CLI: nothing changed since c1, so nothing is stored and the file stays the image.
+    let cli = binary("quicksplit");
+    let out = run_ok(Command::new(&cli).args([
+        "backup",
+        "pr",
+        "--socket",
+        src_sock.to_str().unwrap(),
+        "--to",
+        &format!("file:{}", base.display()),
+        "--since",
+        "c1",
+        "--wait",
+    ]));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("done"), "{said}");
+    assert_eq!(std::fs::read(&base).unwrap(), image);
+    let last = rpc.ok("backup_get", json!({}));
+    let last = last.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["since"], "c1");
+    assert_eq!(last["bytes_stored"], 0);
+
+    // Bad since: clear errors, nothing started.
+    let before = rpc.ok("backup_get", json!({})).as_array().unwrap().len();
+    let target = json!({"type": "file", "path": base});
+    for (since, want) in [
+        ("nope", "no checkpoint named 'nope'"),
+        ("c0\u{0}", "no checkpoint named"),
+    ] {
+        let (code, msg) = rpc.err(
+            "backup_start",
+            json!({"pair": "pr", "target": target, "since": since}),
+        );
+        assert_eq!(code, -32602, "{msg}");
+        assert!(msg.contains(want), "{msg}");
+    }
+    let (_, msg) = rpc.err(
+        "backup_start",
+        json!({"pair": "pr", "target": {"type": "file", "path": dir.path().join("none.img")},
+               "since": "c0"}),
+    );
+    assert!(msg.contains("none.img"), "{msg}");
+    assert_eq!(
+        rpc.ok("backup_get", json!({})).as_array().unwrap().len(),
+        before
+    );
+}
