@@ -15,7 +15,9 @@
 //! - a checkpoint (half the backups make one) survives every later kill once its backup was
 //!   reported done, and counts at least the tracks whose blocks P holds differently from its
 //!   split (acknowledged writes, and writes in flight that reached P: their bits were durable
-//!   before they were issued).
+//!   before they were issued);
+//! - an incremental backup since a checkpoint, written onto a file holding that checkpoint's
+//!   image, gives the image exactly (so no kill lost a change the checkpoint must cover).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -234,6 +236,7 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     let mut checkpoints: Vec<(String, Vec<u64>)> = Vec::new();
     let mut making: Option<(String, Vec<u64>)> = None;
     let mut checkpoints_checked = 0;
+    let mut incrementals_checked = 0;
     let mut history: Vec<String> = Vec::new();
     let mut full_copies_avoided = 0;
     let mut next_id = 0u64;
@@ -436,6 +439,40 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
                 }
             }
         }
+        // An incremental backup since a checkpoint, onto a file holding that checkpoint's
+        // image, is the image: the checkpoint lost no change across the kills.
+        if let (true, Some(img), false) = (back_state == "PSUS", &image, checkpoints.is_empty()) {
+            if rng.gen_bool(0.5) {
+                let (name, at_split) = &checkpoints[rng.gen_range(0..checkpoints.len())];
+                let path = h.dir.path().join(format!("incremental-{kill}.img"));
+                let base: Vec<u8> = (0..BLOCKS)
+                    .flat_map(|b| block_of(at_split[b as usize], b))
+                    .collect();
+                std::fs::write(&path, base).unwrap();
+                let mode = ["wait", "reflect", "merge"][rng.gen_range(0..3)];
+                let id = rpc.ok(
+                    "backup_start",
+                    json!({"pair": "cp", "mode": mode, "since": name,
+                           "target": {"type": "file", "path": path}}),
+                )["id"]
+                    .as_u64()
+                    .unwrap();
+                let b = quicksplit_tests::wait_backup(&mut rpc, id, Duration::from_secs(60));
+                if b["state"] != "done" {
+                    fail(format!("incremental since {name}: {b}"));
+                }
+                let got = ids_of(&std::fs::read(&path).unwrap()).unwrap_or_else(|e| fail(e));
+                if let Some(blk) = (0..BLOCKS as usize).find(|&x| got[x] != img[x]) {
+                    fail(format!(
+                        "incremental since {name}: block {blk} holds {:#x}, the image {:#x}",
+                        got[blk], img[blk]
+                    ));
+                }
+                let _ = std::fs::remove_file(&path);
+                incrementals_checked += 1;
+                history.push(format!("{kill}: incremental since {name} ({mode}) exact"));
+            }
+        }
         // The copy after the restart copies only what was pending.
         if back_state == "COPY" || back_state == "PAIR" {
             let start = Instant::now();
@@ -473,7 +510,11 @@ fn sigkill_at_random_moments_loses_nothing_acknowledged() {
     assert!(server.wait_exit(Duration::from_secs(20)).is_some());
     println!(
         "{kills} kills; {full_copies_avoided} restarts of a clean mirror without a full copy; \
-         {checkpoints_checked} checkpoint checks"
+         {checkpoints_checked} checkpoint checks; {incrementals_checked} incremental backups"
+    );
+    assert!(
+        kills < 40 || incrementals_checked > 0,
+        "no incremental backup after a kill: its check never ran: {history:?}"
     );
     assert!(
         kills < 20 || checkpoints_checked > 0,
