@@ -235,3 +235,94 @@ fn incrementals_onto_a_file_nbdkit_and_an_nvmf_namespace_equal_the_image() {
         before
     );
 }
+
+#[test]
+fn a_mostly_empty_volume_backs_up_sparse_to_a_file_nbdkit_and_nvmf() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("sparse-full");
+    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::create_dir_all(&dst_dir).unwrap();
+    let (_src, src_sock) = start_empty(&src_dir);
+    let (_dst, dst_sock) = start_empty(&dst_dir);
+    let mut rpc = RpcConn::connect(&src_sock);
+    let mut dst = RpcConn::connect(&dst_sock);
+    let nbd = src_dir.join("nbd.sock");
+    rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
+    rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
+    rpc.ok(
+        "pair_create",
+        json!({"name": "pr", "primary": "p", "secondary": "s"}),
+    );
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": "p", "bdev": "p", "socket": nbd}),
+    );
+    // 3 MiB of 32 written, in three places.
+    let mut image = vec![0u8; SIZE as usize];
+    let mut p = NbdClient::connect(&nbd, "p").expect("NBD connect");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    for at in [0, 13 * MIB, 29 * MIB] {
+        let r = &mut image[at as usize..(at + MIB) as usize];
+        rng.fill_bytes(r);
+        p.write(at, r).expect("NBD write");
+    }
+    wait_for(Duration::from_secs(30), || {
+        rpc.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
+    });
+    rpc.ok("pair_split", json!({"name": "pr"}));
+
+    // Targets that held something else: what the image does not hold must read as zeroes.
+    let garbage = dir.path().join("garbage.img");
+    let mut junk = vec![0u8; SIZE as usize];
+    rng.fill_bytes(&mut junk);
+    std::fs::write(&garbage, &junk).unwrap();
+    let kit_sock = dir.path().join("kit.sock");
+    let _kit = nbdkit_memory(&kit_sock);
+    let kit_uri = format!("nbd+unix:///?socket={}", kit_sock.display());
+    run_ok(Command::new("nbdcopy").args([garbage.to_str().unwrap(), &kit_uri]));
+    let port = free_port();
+    let nqn = "nqn.2026-12.io.quicksplit:sparse";
+    let dst_nbd = dst_dir.join("nbd.sock");
+    dst.ok("bdev_malloc_create", json!({"name": "d", "size": SIZE}));
+    dst.ok(
+        "nvmf_export_start",
+        json!({"nqn": nqn, "bdev": "d", "listen": format!("127.0.0.1:{port}")}),
+    );
+    dst.ok(
+        "nbd_export_start",
+        json!({"name": "d", "bdev": "d", "socket": dst_nbd}),
+    );
+    let d_uri = nbd_unix_uri(&dst_nbd, "d");
+    run_ok(Command::new("nbdcopy").args([garbage.to_str().unwrap(), &d_uri]));
+
+    let file = dir.path().join("full.img");
+    let f = backup(&mut rpc, json!({"type": "file", "path": file}), None, None);
+    assert_eq!(std::fs::read(&file).unwrap(), image, "the file");
+    assert_eq!(f["bytes_stored"].as_u64(), Some(3 * MIB), "{f}");
+    let allocated = std::fs::metadata(&file).unwrap().blocks() * 512;
+    assert!(
+        allocated <= 4 * MIB,
+        "{allocated} bytes allocated for 3 MiB of data"
+    );
+    assert_eq!(f["digest"].as_str(), Some(tree_digest_of(&file).as_str()));
+
+    let k = backup(&mut rpc, json!({"type": "nbd", "uri": kit_uri}), None, None);
+    assert_eq!(k["bytes_stored"].as_u64(), Some(3 * MIB), "{k}");
+    assert_eq!(k["digest"], f["digest"]);
+    assert_eq!(
+        read_export(&kit_uri, &dir.path().join("kit.img")),
+        image,
+        "nbdkit"
+    );
+
+    let nvmf = json!({"type": "nvmf", "traddr": "127.0.0.1", "trsvcid": port, "subnqn": nqn});
+    let n = backup(&mut rpc, nvmf, None, None);
+    assert_eq!(n["bytes_stored"].as_u64(), Some(3 * MIB), "{n}");
+    assert_eq!(n["digest"], f["digest"]);
+    assert_eq!(
+        read_export(&d_uri, &dir.path().join("d.img")),
+        image,
+        "NVMe/TCP"
+    );
+}

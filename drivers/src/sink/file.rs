@@ -98,6 +98,13 @@ impl Sink for FileSink {
         super::submit_write(self.channel.as_mut(), offset, bufs, offset)
     }
 
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), SinkFull> {
+        if let Some(e) = &self.failed {
+            return Err(SinkFull::Failed(e.clone(), IoBufs::new()));
+        }
+        super::submit_zeroes(self.channel.as_mut(), offset, len, offset)
+    }
+
     fn poll(&mut self, out: &mut Vec<SinkDone>) {
         self.channel.poll(&mut self.scratch);
         for c in self.scratch.drain(..) {
@@ -114,6 +121,7 @@ impl Sink for FileSink {
             let len = c.bufs.iter().map(|b| b.len() as u64).sum();
             out.push(SinkDone {
                 offset: c.tag,
+                // A write of zeroes counts no bytes of the image written.
                 len,
                 bufs: c.bufs,
                 result: c.result,

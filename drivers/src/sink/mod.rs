@@ -20,7 +20,7 @@ pub mod tape_device;
 use crate::tape::Manifest;
 use crate::{IoBufs, IoChannel, IoError, IoRequest, SubmitErrorKind};
 
-/// One submission finished.
+/// One submission finished (a write of zeroes comes back with no buffers).
 #[derive(Debug)]
 pub struct SinkDone {
     /// Image offset of the submission.
@@ -46,6 +46,16 @@ pub enum SinkFull {
 pub trait Sink {
     /// Writes the next `bufs` of the image at `offset` (offsets arrive in increasing order).
     fn submit(&mut self, offset: u64, bufs: IoBufs) -> Result<(), SinkFull>;
+    /// Writes zeroes over `len` bytes of the image at `offset` (a full backup's holes on a
+    /// target that keeps what it held): the target writes no data it is sent. Comes back as a
+    /// [`SinkDone`] without buffers.
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), SinkFull> {
+        let _ = (offset, len);
+        Err(SinkFull::Failed(
+            IoError::Refused(format!("{} cannot write zeroes", self.describe())),
+            IoBufs::new(),
+        ))
+    }
     /// Moves finished submissions into `out`.
     fn poll(&mut self, out: &mut Vec<SinkDone>);
     /// Submissions not yet returned.
@@ -68,6 +78,29 @@ pub trait Sink {
     fn cpu_copied_bytes(&self) -> u64 {
         0
     }
+}
+
+/// Submits a write of `len` zeroes at `at` on a channel, tagged `tag`, in the sinks' terms.
+pub(crate) fn submit_zeroes(
+    channel: &mut dyn IoChannel,
+    at: u64,
+    len: u64,
+    tag: u64,
+) -> Result<(), SinkFull> {
+    channel
+        .submit(IoRequest::without_data(
+            crate::IoOp::WriteZeroes,
+            at,
+            len,
+            tag,
+        ))
+        .map_err(|e| {
+            let e = *e;
+            match e.error {
+                SubmitErrorKind::QueueFull => SinkFull::Busy(e.req.bufs),
+                SubmitErrorKind::Invalid(err) => SinkFull::Failed(err, e.req.bufs),
+            }
+        })
 }
 
 /// Submits a write of `bufs` at `at` on a channel, tagged `tag`, in the sinks' terms: a full

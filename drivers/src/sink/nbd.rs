@@ -115,6 +115,11 @@ impl NbdConnection {
         self.size
     }
 
+    /// True when the server takes NBD_CMD_WRITE_ZEROES.
+    pub fn writes_zeroes(&self) -> bool {
+        self.flags & proto::tflag::SEND_WRITE_ZEROES != 0
+    }
+
     /// True when the server refuses writes.
     pub fn read_only(&self) -> bool {
         self.flags & proto::tflag::READ_ONLY != 0
@@ -234,14 +239,15 @@ impl NbdSink {
         })
     }
 
-    fn queue(&mut self, kind: u16, cookie: u64, offset: u64, bufs: IoBufs) {
+    /// Queues a request; `length` is its data's unless given (a write of zeroes has none).
+    fn queue(&mut self, kind: u16, cookie: u64, offset: u64, bufs: IoBufs, length: Option<u32>) {
         let len: usize = bufs.iter().map(DmaBuf::len).sum();
         let head = Request {
             flags: 0,
             kind,
             cookie,
             offset,
-            length: len as u32,
+            length: length.unwrap_or(len as u32),
         }
         .encode();
         self.tx.push_back(Out {
@@ -379,8 +385,33 @@ impl Sink for NbdSink {
         let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         // Once the socket has taken their bytes the buffers wait for the server's reply, and go
         // back with it.
-        self.queue(cmd::WRITE, offset, offset, bufs);
+        self.queue(cmd::WRITE, offset, offset, bufs, None);
         self.waiting.insert(offset, (len, IoBufs::new()));
+        self.transmit();
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), SinkFull> {
+        if let Some(e) = &self.failed {
+            return Err(SinkFull::Failed(e.clone(), IoBufs::new()));
+        }
+        let length = u32::try_from(len).map_err(|_| {
+            SinkFull::Failed(
+                IoError::Refused(format!("{len} zeroes in one NBD request")),
+                IoBufs::new(),
+            )
+        })?;
+        if self.waiting.len() >= MAX_INFLIGHT {
+            return Err(SinkFull::Busy(IoBufs::new()));
+        }
+        self.queue(
+            cmd::WRITE_ZEROES,
+            offset,
+            offset,
+            IoBufs::new(),
+            Some(length),
+        );
+        self.waiting.insert(offset, (0, IoBufs::new()));
         self.transmit();
         Ok(())
     }
@@ -423,7 +454,7 @@ impl Sink for NbdSink {
         }
         if !self.flushing {
             self.flushing = true;
-            self.queue(cmd::FLUSH, FLUSH_COOKIE, 0, IoBufs::new());
+            self.queue(cmd::FLUSH, FLUSH_COOKIE, 0, IoBufs::new(), None);
             self.transmit();
         }
         Ok(())

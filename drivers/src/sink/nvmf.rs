@@ -144,6 +144,27 @@ impl Sink for NvmfSink {
         }
     }
 
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), SinkFull> {
+        if let Some(e) = &self.failed {
+            return Err(SinkFull::Failed(e.clone(), IoBufs::new()));
+        }
+        match self
+            .conn
+            .queue
+            .submit(IoOp::WriteZeroes, offset, len, IoBufs::new(), offset)
+        {
+            Ok(()) => {
+                self.lens.insert(offset, 0);
+                Ok(())
+            }
+            Err(Refused::Full(bufs)) => Err(SinkFull::Busy(bufs)),
+            Err(Refused::Failed(e, bufs)) => {
+                self.failed = Some(e.clone());
+                Err(SinkFull::Failed(e, bufs))
+            }
+        }
+    }
+
     fn poll(&mut self, out: &mut Vec<SinkDone>) {
         self.conn.queue.poll(&mut self.done);
         for d in self.done.drain(..) {

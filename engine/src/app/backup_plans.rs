@@ -8,6 +8,7 @@ use drivers::digest::ChunkDigests;
 
 use super::{Engine, EngineError};
 use crate::backup::plan::{BaseImage, Plan};
+use crate::backup::target::Connection;
 use crate::backup::{BackupState, Options, Target};
 use crate::pair::channel::View;
 use crate::pair::{Pair, PairError};
@@ -23,16 +24,31 @@ fn invalid(msg: String) -> EngineError {
     EngineError::Pair(PairError::Invalid(msg))
 }
 
-/// True when a full backup to `target` may leave what holds no data unwritten: a tape archive
-/// (a sparse member) or a new regular file (holes). A block device, an NBD export or an NVMe
-/// namespace keeps what it held, so it gets every byte.
-fn holes_are_zeros(target: &Target) -> bool {
-    match target {
-        Target::Tape { .. } => false,
-        Target::File { path } => {
-            !std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device())
+/// What a full backup to a target does with what holds no data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Holes {
+    /// Leaves it unwritten: a tape archive's sparse member, a new file's holes.
+    Leave,
+    /// Writes zeroes over it: the target keeps what it held (a block device, an NBD export
+    /// that takes NBD_CMD_WRITE_ZEROES, an NVMe namespace: Write Zeroes).
+    WriteZeroes,
+    /// Writes every byte (an NBD server without write zeroes).
+    Store,
+}
+
+fn holes_of(target: &Target, connection: Option<&Connection>) -> Holes {
+    match (target, connection) {
+        (Target::Tape { .. }, _) => Holes::Store,
+        (Target::File { path }, _) => {
+            if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
+                Holes::WriteZeroes
+            } else {
+                Holes::Leave
+            }
         }
-        Target::Nbd { .. } | Target::Nvmf { .. } => false,
+        (Target::Nbd { .. }, Some(Connection::Nbd(c))) if c.writes_zeroes() => Holes::WriteZeroes,
+        (Target::Nvmf { .. }, _) => Holes::WriteZeroes,
+        (Target::Nbd { .. }, _) => Holes::Store,
     }
 }
 
@@ -122,7 +138,7 @@ impl Engine {
     pub(crate) fn backup_plan(
         &self,
         p: &Pair,
-        target: &Target,
+        (target, connection): (&Target, Option<&Connection>),
         opts: &Options,
         base: Option<Base>,
         split_at_ns: u64,
@@ -144,10 +160,16 @@ impl Engine {
                 base.chunks,
             ));
         }
-        if opts.flat_sha256 || !holes_are_zeros(target) {
+        let holes = holes_of(target, connection);
+        if opts.flat_sha256 || holes == Holes::Store {
             return Ok(Plan::whole(size));
         }
         let image = self.pair_view(p.name(), View::Image)?;
-        Plan::sparse(image.as_ref(), size, track_size).map_err(EngineError::Unavailable)
+        let plan =
+            Plan::sparse(image.as_ref(), size, track_size).map_err(EngineError::Unavailable)?;
+        Ok(match holes {
+            Holes::WriteZeroes => plan.zeroing_holes(),
+            _ => plan,
+        })
     }
 }

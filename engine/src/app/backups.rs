@@ -101,13 +101,14 @@ impl Engine {
             .map_err(|e| EngineError::Unavailable(format!("{}: {e}", digests_dir.display())))?;
         let split_at_ns = self.pair_begin_backup(pair)?;
         let size = p.geometry().size();
-        let plan = match self.backup_plan(&p, &target, &opts, base, split_at_ns) {
-            Ok(plan) => plan,
-            Err(e) => {
-                p.end_backup();
-                return Err(e);
-            }
-        };
+        let plan =
+            match self.backup_plan(&p, (&target, connection.as_ref()), &opts, base, split_at_ns) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    p.end_backup();
+                    return Err(e);
+                }
+            };
         let backup = match self.backups.add(
             pair,
             (mode, target),

@@ -104,6 +104,10 @@ pub struct BackupJob {
     sunk: u64,
     /// Bytes the target acknowledged.
     acked: u64,
+    /// The next of the plan's writes of zeroes to ask the target for.
+    next_zeroes: usize,
+    /// Writes of zeroes the target has not acknowledged yet.
+    zeroing: usize,
     /// The CRC-32C of each chunk, computed here on the way to the target.
     crcs: Option<ChunkCrcs>,
     /// The initial manifest; the final one once every checksum is known.
@@ -206,6 +210,8 @@ impl BackupJob {
             sink_at: Cursor::default(),
             sunk: 0,
             acked: 0,
+            next_zeroes: 0,
+            zeroing: 0,
             crcs: None,
             manifest,
             control: None,
@@ -470,6 +476,36 @@ impl BackupJob {
         fed
     }
 
+    /// Asks the target for the plan's writes of zeroes, as many as it takes now.
+    fn feed_zeroes(&mut self) -> bool {
+        let mut fed = false;
+        while let Some(r) = self.plan.zeroes().get(self.next_zeroes).cloned() {
+            let Some(sink) = self.sink.as_mut() else {
+                break;
+            };
+            match sink.write_zeroes(r.start, r.end - r.start) {
+                Ok(()) => {}
+                Err(SinkFull::Busy(_)) => break,
+                Err(SinkFull::Failed(e, _)) => {
+                    let what = sink.describe();
+                    self.fail(format!("{what}: zeroing {}..{}: {e}", r.start, r.end));
+                    break;
+                }
+            }
+            self.next_zeroes += 1;
+            self.zeroing += 1;
+            fed = true;
+        }
+        fed
+    }
+
+    /// True once every byte is written: the stored ranges and the zeroes.
+    fn all_written(&self) -> bool {
+        self.acked == self.plan.stored_bytes()
+            && self.next_zeroes == self.plan.zeroes().len()
+            && self.zeroing == 0
+    }
+
     fn end(&mut self, state: BackupState) -> PollStatus {
         self.tree.stop();
         if state != BackupState::Done {
@@ -598,6 +634,9 @@ impl BackupJob {
         if !matches!(self.phase, Phase::Draining(_)) {
             self.advance_frontier();
             busy |= self.feed_sink();
+            if matches!(self.phase, Phase::Streaming) {
+                busy |= self.feed_zeroes();
+            }
         }
         if let Some(sink) = self.sink.as_mut() {
             sink.poll(&mut self.sink_done);
@@ -605,6 +644,15 @@ impl BackupJob {
         let done = std::mem::take(&mut self.sink_done);
         for d in done {
             busy = true;
+            if d.bufs.is_empty() && d.len == 0 {
+                // A write of zeroes.
+                self.zeroing = self.zeroing.saturating_sub(1);
+                if let Err(e) = d.result {
+                    let what = self.sink.as_ref().map(|s| s.describe()).unwrap_or_default();
+                    self.fail(format!("{what}: zeroing at {}: {e}", d.offset));
+                }
+                continue;
+            }
             match d.result {
                 Ok(()) => {
                     self.acked += d.len;
@@ -634,7 +682,7 @@ impl BackupJob {
             }
         }
         match self.phase {
-            Phase::Streaming if self.acked == self.plan.stored_bytes() => {
+            Phase::Streaming if self.all_written() => {
                 self.backup.bytes_done.store(self.size, Ordering::Relaxed);
                 let Some(digest) = self.root.clone() else {
                     // The last chunks are still being hashed.

@@ -32,11 +32,17 @@ pub struct BaseImage {
     pub digest: String,
 }
 
+/// Largest write of zeroes a backup asks a target for at once.
+pub const ZEROES_PIECE: u64 = 16 << 20;
+
 /// The ranges of the image a backup stores.
 #[derive(Debug, Clone)]
 pub struct Plan {
     size: u64,
     stored: Vec<Range<u64>>,
+    /// Ranges the target gets zeroes written over (a full backup's holes on a target that
+    /// keeps what it held), at most [`ZEROES_PIECE`] each.
+    zeroes: Vec<Range<u64>>,
     unstored: Unstored,
     base: Option<BaseImage>,
 }
@@ -67,6 +73,7 @@ impl Plan {
         Self {
             size,
             stored: std::iter::once(0..size).collect(),
+            zeroes: Vec::new(),
             unstored: Unstored::Zeros,
             base: None,
         }
@@ -101,6 +108,7 @@ impl Plan {
         Ok(Self {
             size,
             stored,
+            zeroes: Vec::new(),
             unstored: Unstored::Zeros,
             base: None,
         })
@@ -131,9 +139,36 @@ impl Plan {
         Self {
             size,
             stored,
+            zeroes: Vec::new(),
             unstored: Unstored::Base(base_chunks),
             base: Some(base),
         }
+    }
+
+    /// This full plan with zeroes written over what it does not store (for a target that
+    /// keeps what it held: a block device, an NBD export, an NVMe namespace).
+    pub fn zeroing_holes(mut self) -> Self {
+        if self.base.is_some() {
+            return self;
+        }
+        let mut zeroes = Vec::new();
+        let mut at = 0;
+        let ends = self.stored.iter().map(|r| (r.start, r.end));
+        for (start, end) in ends.chain(std::iter::once((self.size, self.size))) {
+            while at < start {
+                let n = (start - at).min(ZEROES_PIECE);
+                zeroes.push(at..at + n);
+                at += n;
+            }
+            at = end;
+        }
+        self.zeroes = zeroes;
+        self
+    }
+
+    /// The ranges the target gets zeroes over, in order.
+    pub fn zeroes(&self) -> &[Range<u64>] {
+        &self.zeroes
     }
 
     /// The ranges stored, sorted and disjoint.
@@ -264,6 +299,24 @@ mod tests {
         c.advance(1 << 20);
         assert_eq!(c.next(&p), None);
         assert_eq!((c.position(), c.skipped()), (10 << 20, 7 << 20));
+    }
+
+    #[test]
+    fn holes_to_zero_are_the_gaps_between_stored_ranges_in_pieces() {
+        let mut p = Plan::whole(40 << 20);
+        p.stored = vec![1 << 20..2 << 20, 3 << 20..4 << 20];
+        let p = p.zeroing_holes();
+        assert_eq!(
+            p.zeroes(),
+            &[
+                0..1 << 20,
+                2 << 20..3 << 20,
+                4 << 20..20 << 20,
+                20 << 20..36 << 20,
+                36 << 20..40 << 20
+            ]
+        );
+        assert!(Plan::whole(8 << 20).zeroing_holes().zeroes().is_empty());
     }
 
     #[test]
