@@ -86,7 +86,7 @@ impl ImageChain {
     /// Starts a full image of `volume_size` bytes: every chunk zeros until its data arrives.
     fn start_full(&mut self, volume_size: u64) {
         let count = crate::digest::chunk_count(volume_size);
-        let zero = chunk_digest(&[0; CHUNK_SIZE as usize]);
+        let zero = chunk_digest(&vec![0; CHUNK_SIZE as usize]);
         self.digests = vec![zero; count as usize];
         let tail = volume_size % CHUNK_SIZE;
         if tail != 0 {
