@@ -110,11 +110,19 @@ fn assert_refused(args: &[&Path], to: &Path, want: &str) {
     assert!(!partial(to).exists(), "{args:?}: a partial file is left");
 }
 
-#[test]
-fn a_full_archive_and_two_incrementals_restore_the_last_image() {
-    let dir = TempDir::new("restore-chain");
-    let d = |name: &str| dir.path().join(name);
+/// The archives of a chain (full, inc1, inc2, and a foreign inc1 onto another image of c0)
+/// written in `dir`, and the images after each.
+struct Chain {
+    full: PathBuf,
+    inc1: PathBuf,
+    inc2: PathBuf,
+    foreign: PathBuf,
+    image0: Vec<u8>,
+    image2: Vec<u8>,
+}
 
+fn write_chain(dir: &Path) -> Chain {
+    let d = |name: &str| dir.join(name);
     // c0: chunks 2 and 4 are holes (a sparse full archive leaves them out).
     let mut image0 = pattern(SIZE, 1);
     image0[chunk(2)].fill(0);
@@ -168,6 +176,29 @@ fn a_full_archive_and_two_incrementals_restore_the_last_image() {
             base: Some(("c0", &other0)),
         },
     );
+
+    Chain {
+        full,
+        inc1,
+        inc2,
+        foreign,
+        image0,
+        image2,
+    }
+}
+
+#[test]
+fn a_full_archive_and_two_incrementals_restore_the_last_image() {
+    let dir = TempDir::new("restore-chain");
+    let d = |name: &str| dir.path().join(name);
+    let Chain {
+        full,
+        inc1,
+        inc2,
+        foreign,
+        image0,
+        image2,
+    } = write_chain(dir.path());
 
     let to = d("restored.img");
     let out = quicksplit(&[&full, &inc1, &inc2, Path::new("--to"), &to]);
@@ -245,4 +276,45 @@ fn a_full_archive_and_two_incrementals_restore_the_last_image() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read(&keep).unwrap(), b"keep me");
     assert!(!partial(&keep).exists());
+}
+
+#[test]
+fn a_chain_restored_onto_a_block_device_zeroes_the_holes_of_the_full_archive() {
+    let dir = TempDir::new("restore-chain-dev");
+    let chain = write_chain(dir.path());
+    // The device starts full of other bytes: the full archive's holes must become zeros.
+    let backing = dir.path().join("disk.img");
+    std::fs::write(&backing, pattern(SIZE, 77)).unwrap();
+    let dev = match Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(&backing)
+        .output()
+    {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        other => {
+            eprintln!("skipping: losetup cannot attach a loop device ({other:?})");
+            return;
+        }
+    };
+    let dev_path = PathBuf::from(&dev);
+    let without_force = quicksplit(&[&chain.full, &chain.inc1, Path::new("--to"), &dev_path]);
+    let out = quicksplit(&[
+        &chain.full,
+        &chain.inc1,
+        &chain.inc2,
+        Path::new("--to"),
+        &dev_path,
+        Path::new("--force"),
+    ]);
+    let _ = Command::new("losetup").args(["-d", &dev]).status();
+    assert_eq!(without_force.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&without_force.stderr).contains("--force"),
+        "{without_force:?}"
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        std::fs::read(&backing).unwrap() == chain.image2,
+        "the device does not hold the last image"
+    );
 }

@@ -45,7 +45,9 @@ pub(super) fn prepare(to: &Path, force: bool) -> Result<(Destination, File), Str
                      possible there); add --force to overwrite it"
                 ));
             }
+            // Read access too: the lock takes read locks (as QEMU does), which need it.
             let dev = OpenOptions::new()
+                .read(true)
                 .write(true)
                 .open(to)
                 .map_err(|e| format!("{name}: {e}"))?;
