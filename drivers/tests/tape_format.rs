@@ -6,8 +6,8 @@ use std::process::Command;
 
 use drivers::digest::tree_root;
 use drivers::tape::{
-    epilogue, prologue, restore, ImageChecksums, ImageDigest, Manifest, TapeError, CHUNK_SIZE,
-    DEFAULT_RECORD_SIZE, FORMAT, FORMAT_V1,
+    epilogue, prologue, restore, ImageChecksums, ImageDigest, Layout, Manifest, TapeError,
+    CHUNK_SIZE, DEFAULT_RECORD_SIZE, FORMAT, FORMAT_V1,
 };
 use sha2::{Digest, Sha256};
 
@@ -77,7 +77,13 @@ fn build(volume_size: u64, record_size: usize) -> Built {
 fn build_from(initial: Manifest, record_size: usize) -> Built {
     let volume_size = initial.volume_size;
     let volume = volume_bytes(volume_size, volume_size ^ record_size as u64);
-    let mut archive = prologue(&initial, record_size, MTIME).unwrap();
+    let mut archive = prologue(
+        &initial,
+        &Layout::whole(initial.volume_size),
+        record_size,
+        MTIME,
+    )
+    .unwrap();
     let prologue_len = archive.len();
     let mut digest = ImageDigest::for_manifest(&initial).unwrap();
     for piece in volume.chunks(record_size) {
@@ -85,7 +91,15 @@ fn build_from(initial: Manifest, record_size: usize) -> Built {
         archive.extend_from_slice(piece);
     }
     let final_manifest = initial.finalized(digest.finish());
-    archive.extend(epilogue(&final_manifest, record_size, MTIME).unwrap());
+    archive.extend(
+        epilogue(
+            &final_manifest,
+            &Layout::whole(final_manifest.volume_size),
+            record_size,
+            MTIME,
+        )
+        .unwrap(),
+    );
     Built {
         archive,
         volume,
@@ -273,14 +287,14 @@ fn gnu_tar_lists_a_sparse_ten_gib_archive() {
     let vs = 10 * 1024 * MIB;
     let rs = DEFAULT_RECORD_SIZE;
     let initial = initial_manifest(vs);
-    let p = prologue(&initial, rs, MTIME).unwrap();
+    let p = prologue(&initial, &Layout::whole(initial.volume_size), rs, MTIME).unwrap();
     // The checksums do not matter to tar; the CRC list has the right length.
     let fin = initial.finalized(ImageChecksums {
         digest: Some(format!("sha256-tree:{}", "0".repeat(64))),
         sha256: Some("0".repeat(64)),
         chunks_crc32c: vec![0; vs.div_ceil(CHUNK_SIZE) as usize],
     });
-    let e = epilogue(&fin, rs, MTIME).unwrap();
+    let e = epilogue(&fin, &Layout::whole(fin.volume_size), rs, MTIME).unwrap();
     assert_eq!((p.len() as u64 + vs + e.len() as u64) % rs as u64, 0);
 
     let scratch = Scratch::new("sparse-10g");
@@ -390,7 +404,7 @@ fn first_format_archives_restore_and_verify() {
     // A digest is not part of that format.
     let mut fin = b.final_manifest.clone();
     fin.digest = Some(tree_root(&b.volume).to_string());
-    assert!(epilogue(&fin, 10240, MTIME).is_err());
+    assert!(epilogue(&fin, &Layout::whole(fin.volume_size), 10240, MTIME).is_err());
 }
 
 /// The byte offset of the final manifest's sha256 value in the archive.
@@ -445,14 +459,14 @@ fn manifests_that_disagree_are_an_error() {
     let rs = 10240;
     let volume = volume_bytes(vs, 1);
     let initial = initial_manifest(vs);
-    let mut a = prologue(&initial, rs, MTIME).unwrap();
+    let mut a = prologue(&initial, &Layout::whole(initial.volume_size), rs, MTIME).unwrap();
     a.extend_from_slice(&volume);
     let mut d = ImageDigest::new(CHUNK_SIZE, true).unwrap();
     d.update(&volume);
     let mut other = initial.finalized(d.finish());
     other.pair = "db1".into();
     other.mode = "wait".into();
-    a.extend(epilogue(&other, rs, MTIME).unwrap());
+    a.extend(epilogue(&other, &Layout::whole(other.volume_size), rs, MTIME).unwrap());
     let err = restore(&a[..], std::io::sink(), rs).unwrap_err();
     assert!(
         matches!(&err, TapeError::ManifestMismatch { fields } if fields == "mode, pair"),

@@ -88,11 +88,14 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
         threads: Option<u16>,
     },
-    /// Restore a tape archive to a file or block device, verifying every checksum. A file is
-    /// written as PATH.partial and renamed to PATH once verified.
+    /// Restore a tape archive, or a full archive and then its incrementals in order, to a file
+    /// or block device, verifying every checksum. A file is written as PATH.partial and renamed
+    /// to PATH once verified.
     Restore {
-        /// The archive (a file or tape device).
-        archive: PathBuf,
+        /// The archive (a file or tape device), or a chain of archive files: the full archive,
+        /// then each incremental onto the one before it.
+        #[arg(required = true, num_args = 1..)]
+        archives: Vec<PathBuf>,
         /// Where the image goes.
         #[arg(long)]
         to: PathBuf,
@@ -317,11 +320,11 @@ fn main() {
         ),
         Command::Digest { file, threads } => cli::digest(&file, threads.map(usize::from)),
         Command::Restore {
-            archive,
+            archives,
             to,
             force,
             record_size,
-        } => cli::restore(&archive, &to, record_size, force),
+        } => cli::restore(&archives, &to, record_size, force),
         Command::Serve {
             config,
             rpc_socket,

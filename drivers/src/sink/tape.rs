@@ -15,7 +15,7 @@ use hugepages::{BufferPool, DmaBuf};
 use super::partial::PartialFile;
 use super::{Sink, SinkDone, SinkFull};
 use crate::bdev::{Bdev, ChannelContext, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
-use crate::tape::{self, Manifest};
+use crate::tape::{self, Layout, Manifest};
 use crate::uring::UringBdev;
 use crate::{IoBufs, SubmitErrorKind};
 
@@ -30,7 +30,8 @@ pub struct TapeSink {
     record_size: usize,
     mtime: u64,
     prologue_len: u64,
-    volume_size: u64,
+    /// The ranges of the image the archive stores, back to back after the prologue.
+    layout: Layout,
     channel: Box<dyn IoChannel>,
     scratch: Vec<IoCompletion>,
     meta_inflight: usize,
@@ -63,7 +64,8 @@ fn meta_buf(bytes: &[u8]) -> Result<IoBufs, String> {
 impl TapeSink {
     /// Opens the archive's partial file and writes the prologue (initial manifest, headers).
     /// `stored` are the ranges of the image the archive holds (sorted, disjoint, each starting
-    /// on a [`tape::CHUNK_SIZE`] boundary): the job submits exactly those bytes, in order.
+    /// on a [`tape::CHUNK_SIZE`] boundary): the job submits exactly those bytes, in order. When
+    /// they are not the whole image, `volume.img` is a sparse member holding them back to back.
     pub fn open(
         path: &Path,
         initial: &Manifest,
@@ -71,7 +73,7 @@ impl TapeSink {
         stored: &[Range<u64>],
         ctx: &ChannelContext,
     ) -> Result<Self, String> {
-        tape::check_whole(stored, initial.volume_size)?;
+        let layout = Layout::new(initial.volume_size, stored)?;
         if let Ok(m) = std::fs::metadata(path) {
             let ft = m.file_type();
             if ft.is_char_device() || ft.is_fifo() {
@@ -82,13 +84,14 @@ impl TapeSink {
             }
         }
         let mtime = initial.created_at_ns / 1_000_000_000;
-        let prologue = tape::prologue(initial, record_size, mtime).map_err(|e| e.to_string())?;
+        let prologue =
+            tape::prologue(initial, &layout, record_size, mtime).map_err(|e| e.to_string())?;
         let prologue_len = prologue.len() as u64;
-        // Room for the image and a generous epilogue; the file is cut to the archive's exact
-        // length once the epilogue is written.
-        let chunks = initial.volume_size.div_ceil(tape::CHUNK_SIZE.max(1));
-        let epilogue_bound = 8192 + chunks * 12 + 2 * record_size as u64;
-        let capacity = (prologue_len + initial.volume_size + epilogue_bound).next_multiple_of(512);
+        // Room for the stored data and a generous epilogue; the file is cut to the archive's
+        // exact length once the epilogue is written.
+        let epilogue_bound = 8192 + layout.stored_chunks() * 12 + 2 * record_size as u64;
+        let capacity =
+            (prologue_len + layout.stored_bytes() + epilogue_bound).next_multiple_of(512);
         let partial = PartialFile::new(path)?;
         let bdev = UringBdev::open_with(
             "backup-tape",
@@ -110,7 +113,7 @@ impl TapeSink {
             record_size,
             mtime,
             prologue_len,
-            volume_size: initial.volume_size,
+            layout,
             channel,
             scratch: Vec::new(),
             meta_inflight: 1,
@@ -143,8 +146,24 @@ impl Sink for TapeSink {
         if let Some(e) = &self.failed {
             return Err(SinkFull::Failed(e.clone(), bufs));
         }
-        let at = self.prologue_len + offset;
-        super::submit_write(self.channel.as_mut(), at, bufs, offset)
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        // The piece must lie in one stored range: its bytes are then contiguous in the archive.
+        let at = match self.layout.data_offset(offset) {
+            Some(at)
+                if self.layout.data_offset(offset + len.max(1) - 1)
+                    == Some(at + len.max(1) - 1) =>
+            {
+                at
+            }
+            _ => {
+                let why = format!(
+                    "image bytes {offset}..{} are not within one stored range of the archive",
+                    offset + len
+                );
+                return Err(SinkFull::Failed(IoError::Refused(why), bufs));
+            }
+        };
+        super::submit_write(self.channel.as_mut(), self.prologue_len + at, bufs, offset)
     }
 
     fn poll(&mut self, out: &mut Vec<SinkDone>) {
@@ -210,9 +229,9 @@ impl Sink for TapeSink {
         if self.stage != Stage::Data {
             return Ok(());
         }
-        let epilogue = tape::epilogue(manifest, self.record_size, self.mtime)
+        let epilogue = tape::epilogue(manifest, &self.layout, self.record_size, self.mtime)
             .map_err(|e| IoError::Refused(format!("archive epilogue: {e}")))?;
-        let at = self.prologue_len + self.volume_size;
+        let at = self.prologue_len + self.layout.stored_bytes();
         self.archive_len = at + epilogue.len() as u64;
         let bufs = meta_buf(&epilogue).map_err(IoError::Refused)?;
         self.stage = Stage::Epilogue;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::{Sink, SinkDone, SinkFull};
-use crate::tape::{self, Manifest};
+use crate::tape::{self, Layout, Manifest};
 use crate::{IoBufs, IoError};
 
 /// Pieces queued for the writer thread at most.
@@ -41,6 +41,10 @@ pub struct TapeDeviceSink {
     path: PathBuf,
     record_size: usize,
     mtime: u64,
+    /// The ranges of the image the archive stores, written back to back.
+    layout: Layout,
+    /// Where the next piece starts in the stored data: pieces come in order.
+    next_data: u64,
     work: Option<SyncSender<Work>>,
     done: Receiver<Done>,
     thread: Option<JoinHandle<()>>,
@@ -59,16 +63,18 @@ pub fn is_sequential(path: &Path) -> bool {
 
 impl TapeDeviceSink {
     /// Starts the writer thread, which opens the device (a pipe's open waits for its reader,
-    /// a tape's may rewind: neither on a reactor) and writes the prologue.
+    /// a tape's may rewind: neither on a reactor) and writes the prologue. `stored` are the
+    /// ranges of the image the archive holds (see [`super::tape::TapeSink::open`]).
     pub fn open(
         path: &Path,
         initial: &Manifest,
         record_size: usize,
         stored: &[Range<u64>],
     ) -> Result<Self, String> {
-        tape::check_whole(stored, initial.volume_size)?;
+        let layout = Layout::new(initial.volume_size, stored)?;
         let mtime = initial.created_at_ns / 1_000_000_000;
-        let prologue = tape::prologue(initial, record_size, mtime).map_err(|e| e.to_string())?;
+        let prologue =
+            tape::prologue(initial, &layout, record_size, mtime).map_err(|e| e.to_string())?;
         let (work_tx, work_rx) = sync_channel(QUEUE);
         let (done_tx, done_rx) = sync_channel(QUEUE * 2);
         let copied = Arc::new(AtomicU64::new(0));
@@ -102,6 +108,8 @@ impl TapeDeviceSink {
             path: path.to_path_buf(),
             record_size,
             mtime,
+            layout,
+            next_data: 0,
             work: Some(work_tx),
             done: done_rx,
             thread: Some(thread),
@@ -123,6 +131,20 @@ impl Sink for TapeDeviceSink {
         if let Some(e) = &self.failed {
             return Err(SinkFull::Failed(e.clone(), bufs));
         }
+        let len: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        let last = offset + len.max(1) - 1;
+        if self.layout.data_offset(offset) != Some(self.next_data)
+            || self.layout.data_offset(last) != Some(self.next_data + len.max(1) - 1)
+        {
+            let why = format!(
+                "image bytes {offset}..{} are not the next stored bytes of the archive (from {} \
+                 of {})",
+                offset + len,
+                self.next_data,
+                self.layout.stored_bytes()
+            );
+            return Err(SinkFull::Failed(IoError::Refused(why), bufs));
+        }
         let Some(tx) = self.work.as_ref() else {
             return Err(SinkFull::Failed(
                 IoError::Aborted("the tape writer stopped".into()),
@@ -132,6 +154,7 @@ impl Sink for TapeDeviceSink {
         match tx.try_send(Work::Piece(offset, bufs)) {
             Ok(()) => {
                 self.in_flight += 1;
+                self.next_data += len;
                 Ok(())
             }
             Err(std::sync::mpsc::TrySendError::Full(Work::Piece(_, bufs))) => {
@@ -172,7 +195,7 @@ impl Sink for TapeDeviceSink {
     }
 
     fn finish(&mut self, manifest: &Manifest) -> Result<(), IoError> {
-        let epilogue = tape::epilogue(manifest, self.record_size, self.mtime)
+        let epilogue = tape::epilogue(manifest, &self.layout, self.record_size, self.mtime)
             .map_err(|e| IoError::Refused(format!("archive epilogue: {e}")))?;
         let tx = self
             .work

@@ -9,6 +9,8 @@
 //! typeflag `x` whose data is a sequence of records `LEN key=value\n`, where LEN (decimal) counts
 //! the whole record including its own digits.
 
+use super::pax::{pax_comment_of_len, pax_record, MIN_COMMENT};
+use super::sparse::Layout;
 use super::{Manifest, TapeError, BLOCK_SIZE, MANIFEST_NAME, VOLUME_NAME};
 
 /// The block size as a u64.
@@ -24,12 +26,6 @@ pub(crate) const PAX_NAME: &str = "PaxHeaders/volume.img";
 pub(crate) const TYPE_REGULAR: u8 = b'0';
 /// The typeflag of a pax extended header (for the next member).
 pub(crate) const TYPE_PAX: u8 = b'x';
-
-/// The key of the padding record of the pax header.
-const COMMENT_KEY: &str = "comment";
-/// The text the padding record's value starts with (when there is room for it).
-const COMMENT_TEXT: &str =
-    "quicksplit: padding so that volume.img starts on a tape record boundary";
 
 // Field offsets and lengths of the ustar header.
 const NAME: (usize, usize) = (0, 100);
@@ -131,48 +127,6 @@ pub(crate) fn ustar_header(
     Ok(h)
 }
 
-/// The number of decimal digits of `n`.
-fn decimal_digits(mut n: usize) -> usize {
-    let mut d = 1;
-    while n >= 10 {
-        n /= 10;
-        d += 1;
-    }
-    d
-}
-
-/// A pax record `LEN key=value\n`, LEN counting the whole record including its own digits.
-pub(crate) fn pax_record(key: &str, value: &str) -> String {
-    // Everything but the length digits: the space, the '=', the newline, key and value.
-    let rest = key.len() + value.len() + 3;
-    // Adding the digits may add a digit (e.g. rest 98: 98 + 2 = 100 has 3 digits): iterate to
-    // the fixed point, which is reached in at most two more steps.
-    let mut len = rest + decimal_digits(rest);
-    while rest + decimal_digits(len) != len {
-        len = rest + decimal_digits(len);
-    }
-    format!("{len} {key}={value}\n")
-}
-
-/// A pax `comment=` record of exactly `total` bytes (at least 12: `12 comment=\n`), or `None`
-/// if `total` is too small.
-fn pax_comment_of_len(total: usize) -> Option<String> {
-    // total = digits(total) + 1 (space) + key + 1 ('=') + value + 1 (newline).
-    let value_len = total.checked_sub(decimal_digits(total) + COMMENT_KEY.len() + 3)?;
-    let mut value = String::with_capacity(value_len);
-    if value_len >= COMMENT_TEXT.len() {
-        value.push_str(COMMENT_TEXT);
-    }
-    while value.len() < value_len {
-        value.push(' ');
-    }
-    let record = format!("{total} {COMMENT_KEY}={value}\n");
-    (record.len() == total).then_some(record)
-}
-
-/// The shortest possible comment record: `12 comment=\n`.
-const MIN_COMMENT: usize = 12;
-
 /// A whole member: header, data, zero padding to a block.
 fn member(name: &str, data: &[u8], mtime: u64) -> Result<Vec<u8>, TapeError> {
     let mut out = Vec::with_capacity(BLOCK_SIZE + pad512(data.len() as u64) as usize);
@@ -182,25 +136,71 @@ fn member(name: &str, data: &[u8], mtime: u64) -> Result<Vec<u8>, TapeError> {
     Ok(out)
 }
 
+/// The ustar name of a sparse `volume.img`, as GNU tar names the members it writes in the
+/// GNU.sparse 1.0 format (`%d/GNUSparseFile.%p/%f`); the real name is in `GNU.sparse.name`.
+/// A reader that does not know the format sees a member of another name and stops there.
+pub(crate) const SPARSE_NAME: &str = "./GNUSparseFile.0/volume.img";
+
+/// Checks that `layout` is one of an image of `volume_size` bytes.
+fn check_layout(layout: &Layout, volume_size: u64) -> Result<(), TapeError> {
+    if layout.volume_size() != volume_size {
+        return Err(TapeError::InvalidLayout(format!(
+            "the layout is of a {}-byte image, the manifest says {volume_size}",
+            layout.volume_size()
+        )));
+    }
+    Ok(())
+}
+
+/// The pax records of `volume.img` (all but the padding comment), its ustar name and the size
+/// of its member data.
+fn volume_records(layout: &Layout) -> (String, &'static str, u64) {
+    let volume_size = layout.volume_size();
+    if layout.is_whole() {
+        let mut pax = pax_record("size", &volume_size.to_string());
+        pax.push_str(&pax_record("path", VOLUME_NAME));
+        return (pax, VOLUME_NAME, volume_size);
+    }
+    let member_size = layout.encode_map().len() as u64 + layout.stored_bytes();
+    let mut pax = pax_record("GNU.sparse.major", "1");
+    pax.push_str(&pax_record("GNU.sparse.minor", "0"));
+    pax.push_str(&pax_record("GNU.sparse.name", VOLUME_NAME));
+    pax.push_str(&pax_record("GNU.sparse.realsize", &volume_size.to_string()));
+    pax.push_str(&pax_record("size", &member_size.to_string()));
+    (pax, SPARSE_NAME, member_size)
+}
+
 /// The bytes that precede the volume data: the initial manifest member, the pax extended header
-/// of `volume.img` and its ustar header. Their length is a multiple of `record_size` (usually
-/// exactly one record), so the volume data that follows starts on a record boundary.
+/// of `volume.img`, its ustar header and, for a sparse member (`layout` not the whole image),
+/// its sparse map. Their length is a multiple of `record_size` (usually exactly one record), so
+/// the volume data that follows starts on a record boundary.
 ///
 /// `initial` must have `digest`, `sha256` and `chunks_crc32c` unset, a non-zero `volume_size` and
-/// `chunk_size`, and `format` [`super::FORMAT`]; `record_size` must be a positive multiple of 512;
-/// `mtime` (seconds since the epoch) is the modification time of every member.
-pub fn prologue(initial: &Manifest, record_size: usize, mtime: u64) -> Result<Vec<u8>, TapeError> {
+/// `chunk_size`, and `format` [`super::FORMAT`]; `layout` must be of `volume_size` bytes;
+/// `record_size` must be a positive multiple of 512; `mtime` (seconds since the epoch) is the
+/// modification time of every member.
+pub fn prologue(
+    initial: &Manifest,
+    layout: &Layout,
+    record_size: usize,
+    mtime: u64,
+) -> Result<Vec<u8>, TapeError> {
     check_record_size(record_size)?;
     initial
         .check_initial()
         .map_err(TapeError::InvalidManifest)?;
-    let volume_size = initial.volume_size;
+    check_layout(layout, initial.volume_size)?;
     let mut out = member(MANIFEST_NAME, &initial.to_json()?, mtime)?;
 
-    let mut pax = pax_record("size", &volume_size.to_string());
-    pax.push_str(&pax_record("path", VOLUME_NAME));
-    // Before the pax data: the manifest member and the pax header; after it: the image header.
-    let fixed = out.len() + 2 * BLOCK_SIZE;
+    let (mut pax, volume_name, member_size) = volume_records(layout);
+    let map = if layout.is_whole() {
+        Vec::new()
+    } else {
+        layout.encode_map()
+    };
+    // Before the pax data: the manifest member and the pax header; after it: the image header
+    // and the map.
+    let fixed = out.len() + 2 * BLOCK_SIZE + map.len();
     // The pax data is made a whole number of blocks (no padding) whose end, with the image header,
     // falls on a record boundary.
     let mut pax_len = pad512((pax.len() + MIN_COMMENT) as u64) as usize;
@@ -218,38 +218,43 @@ pub fn prologue(initial: &Manifest, record_size: usize, mtime: u64) -> Result<Ve
     out.extend_from_slice(&ustar_header(PAX_NAME, pax.len() as u64, TYPE_PAX, mtime)?);
     out.extend_from_slice(pax.as_bytes());
     // The ustar size field holds the size when it fits; the pax size= record always does.
-    let ustar_size = if volume_size <= MAX_OCTAL_11 {
-        volume_size
+    let ustar_size = if member_size <= MAX_OCTAL_11 {
+        member_size
     } else {
         0
     };
-    out.extend_from_slice(&ustar_header(VOLUME_NAME, ustar_size, TYPE_REGULAR, mtime)?);
+    out.extend_from_slice(&ustar_header(volume_name, ustar_size, TYPE_REGULAR, mtime)?);
+    out.extend_from_slice(&map);
     debug_assert_eq!(out.len() % record_size, 0);
     Ok(out)
 }
 
-/// The bytes that follow the volume data (`final_manifest.volume_size` bytes written right after
-/// the [`prologue`]): the zero padding of `volume.img` to a block, the final manifest member, the
-/// end-of-archive marker and zeros up to the record grid, so that prologue + volume + epilogue is
-/// a multiple of `record_size`. Its first bytes complete the last partial record of the volume.
+/// The bytes that follow the volume data (the `layout.stored_bytes()` bytes of image data
+/// written right after the [`prologue`]): the zero padding of `volume.img` to a block, the final
+/// manifest member, the end-of-archive marker and zeros up to the record grid, so that the
+/// prologue, the data and the epilogue make a multiple of `record_size`. Its first bytes complete
+/// the last partial record of the data.
 ///
 /// `final_manifest` must have a well-formed `digest` (and `sha256` when `flat_sha256`) and one
-/// `chunks_crc32c` entry per chunk; `record_size` and `mtime` must be those given to [`prologue`].
+/// `chunks_crc32c` entry per chunk of stored data; `layout`, `record_size` and `mtime` must be
+/// those given to [`prologue`].
 pub fn epilogue(
     final_manifest: &Manifest,
+    layout: &Layout,
     record_size: usize,
     mtime: u64,
 ) -> Result<Vec<u8>, TapeError> {
     check_record_size(record_size)?;
+    check_layout(layout, final_manifest.volume_size)?;
+    let stored = layout.stored_bytes();
     final_manifest
-        .check_final()
+        .check_final(stored)
         .map_err(TapeError::InvalidManifest)?;
-    let volume_size = final_manifest.volume_size;
-    let mut out = vec![0u8; (pad512(volume_size) - volume_size) as usize];
+    let mut out = vec![0u8; (pad512(stored) - stored) as usize];
     out.extend_from_slice(&member(MANIFEST_NAME, &final_manifest.to_json()?, mtime)?);
     out.extend_from_slice(&[0u8; 2 * BLOCK_SIZE]);
-    // The prologue is whole records, so the volume ends at volume_size % record_size in its record.
-    let end = (volume_size % record_size as u64) as usize + out.len();
+    // The prologue is whole records, so the data ends at stored % record_size in its record.
+    let end = (stored % record_size as u64) as usize + out.len();
     let pad = (record_size - end % record_size) % record_size;
     out.resize(out.len() + pad, 0);
     Ok(out)
@@ -353,86 +358,9 @@ pub(crate) fn parse_header(h: &[u8; BLOCK_SIZE], offset: u64) -> Result<Header, 
     })
 }
 
-/// What a pax extended header says about the next member (the keys this format uses).
-#[derive(Debug, Default, Clone, PartialEq)]
-pub(crate) struct PaxOverrides {
-    /// The `size=` record.
-    pub size: Option<u64>,
-    /// The `path=` record.
-    pub path: Option<String>,
-}
-
-/// Parses the data of a pax extended header whose header is at `offset`. Keys other than
-/// `size` and `path` are ignored; later records override earlier ones.
-pub(crate) fn parse_pax(
-    data: &[u8],
-    offset: u64,
-    into: &mut PaxOverrides,
-) -> Result<(), TapeError> {
-    let mut rest = data;
-    let mut at = 0usize;
-    while !rest.is_empty() {
-        let bad = |reason: String| TapeError::MalformedHeader {
-            offset,
-            reason: format!("pax record at byte {at} of the extended header: {reason}"),
-        };
-        let space = rest
-            .iter()
-            .take(20)
-            .position(|&b| b == b' ')
-            .ok_or_else(|| bad("no length".into()))?;
-        let len_text = &rest[..space];
-        if len_text.is_empty() || !len_text.iter().all(u8::is_ascii_digit) {
-            return Err(bad(format!("length {len_text:?} is not decimal")));
-        }
-        let len = len_text.iter().try_fold(0usize, |acc, &b| {
-            acc.checked_mul(10)?.checked_add(usize::from(b - b'0'))
-        });
-        let len = match len {
-            Some(len) if len > space + 1 && len <= rest.len() => len,
-            _ => {
-                return Err(bad(format!(
-                    "length {} does not fit the {} bytes left",
-                    String::from_utf8_lossy(len_text),
-                    rest.len()
-                )))
-            }
-        };
-        let record = &rest[..len];
-        if record[len - 1] != b'\n' {
-            return Err(bad("does not end with a newline".into()));
-        }
-        let kv = &record[space + 1..len - 1];
-        let eq = kv
-            .iter()
-            .position(|&b| b == b'=')
-            .ok_or_else(|| bad("no '='".into()))?;
-        let (key, value) = (&kv[..eq], &kv[eq + 1..]);
-        match key {
-            b"size" => {
-                let text = std::str::from_utf8(value).unwrap_or("");
-                let size = text
-                    .parse::<u64>()
-                    .ok()
-                    .filter(|_| text.bytes().all(|b| b.is_ascii_digit()))
-                    .ok_or_else(|| bad(format!("size {value:?} is not a decimal number")))?;
-                into.size = Some(size);
-            }
-            b"path" => {
-                let path =
-                    std::str::from_utf8(value).map_err(|_| bad("path is not UTF-8".into()))?;
-                into.path = Some(path.to_string());
-            }
-            _ => {}
-        }
-        rest = &rest[len..];
-        at += len;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::pax::{parse_pax, PaxOverrides};
     use super::super::DEFAULT_RECORD_SIZE;
     use super::*;
 
@@ -451,39 +379,6 @@ mod tests {
 
     fn block(bytes: &[u8], at: usize) -> &[u8; BLOCK_SIZE] {
         bytes[at..at + BLOCK_SIZE].try_into().unwrap()
-    }
-
-    #[test]
-    fn pax_record_lengths_are_exact_across_digit_boundaries() {
-        let lens = (0..3000).chain(9_980..10_020).chain(99_980..100_020);
-        for value_len in lens {
-            let value = "v".repeat(value_len);
-            let rec = pax_record("k", &value);
-            let (len, _) = rec.split_once(' ').unwrap();
-            assert_eq!(
-                len.parse::<usize>().unwrap(),
-                rec.len(),
-                "value_len {value_len}"
-            );
-            assert!(rec.ends_with('\n'));
-        }
-        // 98 bytes without the digits: 2 digits would give 100, which has 3.
-        let rec = pax_record("k", &"v".repeat(94));
-        assert_eq!(rec.len(), 101);
-        assert!(rec.starts_with("101 k="));
-    }
-
-    #[test]
-    fn comment_of_any_length_from_12() {
-        assert_eq!(pax_comment_of_len(11), None);
-        assert_eq!(pax_comment_of_len(12).as_deref(), Some("12 comment=\n"));
-        let totals = (12..5000).chain(99_990..100_010).chain(999_990..1_000_010);
-        for total in totals {
-            let rec = pax_comment_of_len(total).unwrap();
-            assert_eq!(rec.len(), total);
-            let mut o = PaxOverrides::default();
-            parse_pax(rec.as_bytes(), 0, &mut o).unwrap();
-        }
     }
 
     #[test]
@@ -545,7 +440,7 @@ mod tests {
     fn ten_gib_volume_size_goes_in_the_pax_header() {
         let size = 10u64 << 30;
         for rs in [512, 1024, 10240, DEFAULT_RECORD_SIZE, 1 << 20] {
-            let p = prologue(&manifest(size), rs, 1_700_000_000).unwrap();
+            let p = prologue(&manifest(size), &Layout::whole(size), rs, 1_700_000_000).unwrap();
             assert_eq!(p.len() % rs, 0, "record size {rs}");
             // The manifest member.
             let m = parse_header(block(&p, 0), 0).unwrap();
@@ -576,14 +471,20 @@ mod tests {
             );
 
             let fin = finalized(&manifest(size), &"ab".repeat(32), vec![7; 10 * 1024]);
-            let e = epilogue(&fin, rs, 1_700_000_000).unwrap();
+            let e = epilogue(&fin, &Layout::whole(size), rs, 1_700_000_000).unwrap();
             assert_eq!((size + e.len() as u64) % rs as u64, 0);
         }
     }
 
     #[test]
     fn small_volume_keeps_its_size_in_ustar_too() {
-        let p = prologue(&manifest(4096), DEFAULT_RECORD_SIZE, 0).unwrap();
+        let p = prologue(
+            &manifest(4096),
+            &Layout::whole(4096),
+            DEFAULT_RECORD_SIZE,
+            0,
+        )
+        .unwrap();
         assert_eq!(p.len(), DEFAULT_RECORD_SIZE);
         let v = parse_header(block(&p, p.len() - BLOCK_SIZE), 0).unwrap();
         assert_eq!(v.size, 4096);
@@ -593,7 +494,7 @@ mod tests {
     fn prologue_is_whole_records_for_every_record_size() {
         for blocks in 1..=600 {
             let rs = blocks * BLOCK_SIZE;
-            let p = prologue(&manifest(12345), rs, 0).unwrap();
+            let p = prologue(&manifest(12345), &Layout::whole(12345), rs, 0).unwrap();
             assert_eq!(p.len() % rs, 0, "record size {rs}");
             assert!(p.len() <= 2048 + rs, "record size {rs}: {} bytes", p.len());
         }
@@ -602,49 +503,65 @@ mod tests {
     #[test]
     fn writer_rejects_bad_input() {
         assert!(matches!(
-            prologue(&manifest(4096), 1000, 0),
+            prologue(&manifest(4096), &Layout::whole(4096), 1000, 0),
             Err(TapeError::InvalidRecordSize(1000))
         ));
         assert!(matches!(
-            prologue(&manifest(4096), 0, 0),
+            prologue(&manifest(4096), &Layout::whole(4096), 0, 0),
             Err(TapeError::InvalidRecordSize(0))
         ));
-        assert!(prologue(&manifest(0), 512, 0).is_err());
+        assert!(prologue(&manifest(0), &Layout::whole(0), 512, 0).is_err());
         let m = manifest(4096);
-        assert!(prologue(&finalized(&m, &"0".repeat(64), vec![0]), 512, 0).is_err());
-        assert!(epilogue(&m, 512, 0).is_err());
-        assert!(epilogue(&finalized(&m, &"0".repeat(64), vec![0]), 512, 0).is_ok());
-        assert!(epilogue(&finalized(&m, &"0".repeat(64), vec![]), 512, 0).is_err());
-        assert!(epilogue(&finalized(&m, &"0".repeat(63), vec![0]), 512, 0).is_err());
-        assert!(epilogue(&finalized(&m, &"A".repeat(64), vec![0]), 512, 0).is_err());
-        assert!(prologue(&manifest(4096), 512, MAX_OCTAL_11 + 1).is_err());
+        let whole = Layout::whole(4096);
+        assert!(prologue(&finalized(&m, &"0".repeat(64), vec![0]), &whole, 512, 0).is_err());
+        assert!(epilogue(&m, &whole, 512, 0).is_err());
+        assert!(epilogue(&finalized(&m, &"0".repeat(64), vec![0]), &whole, 512, 0).is_ok());
+        assert!(epilogue(&finalized(&m, &"0".repeat(64), vec![]), &whole, 512, 0).is_err());
+        assert!(epilogue(&finalized(&m, &"0".repeat(63), vec![0]), &whole, 512, 0).is_err());
+        assert!(epilogue(&finalized(&m, &"A".repeat(64), vec![0]), &whole, 512, 0).is_err());
+        assert!(prologue(&manifest(4096), &Layout::whole(4096), 512, MAX_OCTAL_11 + 1).is_err());
     }
 
     #[test]
-    fn malformed_pax_records() {
-        let cases: &[&[u8]] = &[
-            b"x",
-            b"5 a=b",
-            b"7 a=b\n",
-            b"7 a=b\nX",
-            b"6 ab\n",
-            b"-5 a=\n",
-            b"1 \n",
-            b"99999999999999999999999999 a=b\n",
-            b"11 size=x1\n",
-            b"12 size=-12\n",
-            b"12 size=+12\n",
-        ];
-        for case in cases {
-            let mut o = PaxOverrides::default();
-            assert!(
-                parse_pax(case, 0, &mut o).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(case)
-            );
+    fn sparse_prologue_ends_with_the_map_on_a_record_boundary() {
+        use super::super::CHUNK_SIZE;
+        let size = 64 * CHUNK_SIZE + 100;
+        let ranges: Vec<_> = (0..40)
+            .step_by(3)
+            .map(|i| i * CHUNK_SIZE..(i + 1) * CHUNK_SIZE)
+            .collect();
+        let layout = Layout::new(size, &ranges).unwrap();
+        let map = layout.encode_map();
+        for rs in [512, 10240, DEFAULT_RECORD_SIZE] {
+            let p = prologue(&manifest(size), &layout, rs, 0).unwrap();
+            assert_eq!(p.len() % rs, 0, "record size {rs}");
+            assert!(p.ends_with(&map));
+            let at = p.len() - map.len() - BLOCK_SIZE;
+            let v = parse_header(block(&p, at), 0).unwrap();
+            let member = map.len() as u64 + layout.stored_bytes();
+            assert_eq!((v.name.as_str(), v.size), (SPARSE_NAME, member));
+            let text = String::from_utf8_lossy(&p);
+            let realsize = format!("GNU.sparse.realsize={size}\n");
+            for rec in [
+                "GNU.sparse.major=1\n",
+                "GNU.sparse.minor=0\n",
+                "GNU.sparse.name=volume.img\n",
+                &realsize,
+                &format!("size={member}\n"),
+            ] {
+                assert!(text.contains(rec), "{rec:?}");
+            }
+            assert!(!text.contains("path="));
+            let fin = finalized(&manifest(size), &"ab".repeat(32), vec![7; 14]);
+            let e = epilogue(&fin, &layout, rs, 0).unwrap();
+            assert_eq!((layout.stored_bytes() + e.len() as u64) % rs as u64, 0);
+            // One CRC per chunk of stored data, not per chunk of the image.
+            let fin = finalized(&manifest(size), &"ab".repeat(32), vec![7; 65]);
+            assert!(epilogue(&fin, &layout, rs, 0).is_err());
         }
-        let mut o = PaxOverrides::default();
-        parse_pax(b"11 size=42\n7 a=\xff\xfe\n", 0, &mut o).unwrap();
-        assert_eq!(o.size, Some(42));
+        assert!(matches!(
+            prologue(&manifest(size + 1), &layout, 512, 0),
+            Err(TapeError::InvalidLayout(_))
+        ));
     }
 }

@@ -20,6 +20,25 @@
 //! with no copy to shift it into place. Only the last record of the image is shared with the
 //! [`epilogue`], which completes it.
 //!
+//! **Sparse and incremental images.** An archive may store only some ranges of the image (a
+//! [`Layout`]: whole [`CHUNK_SIZE`] chunks, the last one possibly short at the image's end): a
+//! sparse full image leaves out holes and all-zero chunks, which read as zeros; an incremental
+//! ([`ArchiveKind::Incremental`]) stores the chunks changed since its base checkpoint, and what it
+//! leaves out is the base's data. Then `volume.img` is a GNU.sparse 1.0 member: the pax header
+//! carries `GNU.sparse.major=1`, `GNU.sparse.minor=0`, `GNU.sparse.name=volume.img`,
+//! `GNU.sparse.realsize=<volume_size>` and `size=` (the member's stored size) instead of `path=`;
+//! the ustar name is `./GNUSparseFile.0/volume.img`; the member's data is the sparse map (see
+//! [`sparse`]), padded to a block and counted in the prologue, then the stored ranges back to
+//! back. GNU tar extracts a file of `volume_size` bytes with the data at its offsets and holes
+//! elsewhere; a reader that does not know the format stops at a member of an unexpected name. An
+//! archive storing every byte has a plain member, exactly as above.
+//!
+//! `chunks_crc32c` holds one CRC-32C per [`CHUNK_SIZE`] chunk of the *stored* data, in archive
+//! order (for a whole image, of the image). The `digest` is always the `sha256-tree` root of the
+//! whole image: for a sparse full image the chunks left out count as zeros; for an incremental,
+//! as the base's. An incremental's `base_digest` is its base image's `digest`, so a chain of
+//! archives is checked link by link ([`ImageChain`]).
+//!
 //! The manifest appears twice because a tape is written once, front to back: the checksums are
 //! only known after the image has streamed by, so they go into a second copy written after it.
 //! The first copy tells a reader what it is about to restore before the image starts; GNU tar,
@@ -30,16 +49,22 @@
 //! Archives of the first format ([`FORMAT_V1`]) carry the flat SHA-256 alone; [`restore`] still
 //! reads and verifies them.
 
+mod checksums;
 mod format;
+mod pax;
 mod reader;
+mod restore;
+mod sparse;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::digest::{TreeHasher, TreeRoot};
+use crate::digest::TreeRoot;
 
+pub use checksums::{ChunkCrcs, ImageChecksums, ImageDigest, ImageSha};
 pub use format::{epilogue, prologue};
-pub use reader::{restore, RestoreReport};
+pub use reader::{read_manifests, ArchiveManifests};
+pub use restore::{restore, restore_into, ImageChain, ImageTarget, RestoreReport};
+pub use sparse::{parse_map, Layout};
 
 /// The default tape record size: 256 KiB, i.e. 512 tar blocks (`tar -b 512`).
 pub const DEFAULT_RECORD_SIZE: usize = 262_144;
@@ -114,15 +139,6 @@ pub struct Manifest {
     pub base_digest: Option<String>,
 }
 
-/// Refuses a layout other than the whole image of `volume_size` bytes (archives of the current
-/// format hold every byte).
-pub fn check_whole(stored: &[std::ops::Range<u64>], volume_size: u64) -> Result<(), String> {
-    if stored.len() != 1 || stored[0] != (0..volume_size) {
-        return Err("an archive holds the whole image: sparse archives are not written".into());
-    }
-    Ok(())
-}
-
 /// What an archive's image is.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -195,7 +211,27 @@ impl Manifest {
         if self.chunk_size == 0 {
             return Err("chunk_size is 0".into());
         }
+        if self.kind == ArchiveKind::Incremental {
+            if self.is_v1() {
+                return Err(format!("a {FORMAT_V1:?} archive cannot be incremental"));
+            }
+            if self.base_checkpoint.is_none() {
+                return Err("an incremental manifest has no base_checkpoint".into());
+            }
+            let base = self
+                .base_digest
+                .as_deref()
+                .ok_or("an incremental manifest has no base_digest")?;
+            base.parse::<TreeRoot>()
+                .map_err(|e| format!("base_digest: {e}"))?;
+        }
         Ok(())
+    }
+
+    /// The number of `chunk_size` chunks `stored_bytes` of image data make (the last may be
+    /// short): the number of CRC-32Cs of an archive storing that much.
+    pub fn stored_chunk_count(&self, stored_bytes: u64) -> u64 {
+        stored_bytes.div_ceil(self.chunk_size.max(1))
     }
 
     /// Checks that this is a valid initial manifest: no checksums yet.
@@ -213,9 +249,10 @@ impl Manifest {
         Ok(())
     }
 
-    /// Checks that this is a valid final manifest: a well-formed digest (and SHA-256 where the
-    /// format or `flat_sha256` calls for one) and one CRC per chunk.
-    pub(crate) fn check_final(&self) -> Result<(), String> {
+    /// Checks that this is a valid final manifest of an archive storing `stored_bytes` of image
+    /// data: a well-formed digest (and SHA-256 where the format or `flat_sha256` calls for one)
+    /// and one CRC per chunk of stored data.
+    pub(crate) fn check_final(&self, stored_bytes: u64) -> Result<(), String> {
         self.check_common()?;
         match (&self.digest, self.is_v1()) {
             (None, false) => return Err("digest is missing from the final manifest".into()),
@@ -242,13 +279,13 @@ impl Manifest {
         match &self.chunks_crc32c {
             None => return Err("chunks_crc32c is missing from the final manifest".into()),
             Some(c) => {
-                if c.len() as u64 != self.chunk_count() {
+                let chunks = self.stored_chunk_count(stored_bytes);
+                if c.len() as u64 != chunks {
                     return Err(format!(
-                        "chunks_crc32c has {} entries, but {} bytes in chunks of {} make {}",
+                        "chunks_crc32c has {} entries, but {stored_bytes} stored bytes in chunks \
+                         of {} make {chunks}",
                         c.len(),
-                        self.volume_size,
                         self.chunk_size,
-                        self.chunk_count()
                     ));
                 }
             }
@@ -268,6 +305,21 @@ impl Manifest {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TapeError {
+    /// The stored ranges given to the writer break the rules of a [`Layout`].
+    #[error("invalid layout: {0}")]
+    InvalidLayout(String),
+    /// A sparse `volume.img` member has a malformed header or map, or sizes that do not add up.
+    #[error("sparse volume.img at offset {offset}: {reason}")]
+    BadSparseMember {
+        /// The archive offset of the member's (first) header.
+        offset: u64,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An archive does not apply onto what was restored before it (an incremental without its
+    /// base, or onto another image).
+    #[error("{0}")]
+    WrongBase(String),
     /// The record size is not a positive multiple of 512.
     #[error("record size {0} is not a positive multiple of 512")]
     InvalidRecordSize(usize),
@@ -399,172 +451,6 @@ fn damaged_chunk(damaged: &Option<(u64, u64)>) -> String {
     }
 }
 
-/// The checksums of an image that a final manifest carries.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ImageChecksums {
-    /// The `sha256-tree` digest (`sha256-tree:<hex>`); `None` for a [`FORMAT_V1`] archive.
-    pub digest: Option<String>,
-    /// The flat SHA-256 (lowercase hex), when asked for (always in [`FORMAT_V1`]).
-    pub sha256: Option<String>,
-    /// The CRC-32C of each chunk, the last one possibly short.
-    pub chunks_crc32c: Vec<u32>,
-}
-
-/// Incremental checksums of an image as it streams on one core: its tree digest, its flat
-/// SHA-256 when asked for, and the CRC-32C of each chunk.
-///
-/// Feed the bytes in order with [`ImageDigest::update`], in pieces of any size. The parts are
-/// also usable apart ([`TreeHasher`], [`ImageSha`], [`ChunkCrcs`]), so a backup computes them on
-/// different cores.
-#[derive(Clone, Debug)]
-pub struct ImageDigest {
-    tree: Option<TreeHasher>,
-    sha: Option<ImageSha>,
-    crcs: ChunkCrcs,
-}
-
-impl ImageDigest {
-    /// The tree digest, the flat SHA-256 if `flat_sha256`, and one CRC-32C per `chunk_size`
-    /// bytes ([`CHUNK_SIZE`] for backups).
-    ///
-    /// Fails with [`TapeError::InvalidChunkSize`] if `chunk_size` is 0.
-    pub fn new(chunk_size: u64, flat_sha256: bool) -> Result<Self, TapeError> {
-        Ok(Self {
-            tree: Some(TreeHasher::default()),
-            sha: flat_sha256.then(ImageSha::default),
-            crcs: ChunkCrcs::new(chunk_size)?,
-        })
-    }
-
-    /// The checksums an archive with the initial manifest `m` carries.
-    pub fn for_manifest(m: &Manifest) -> Result<Self, TapeError> {
-        Ok(Self {
-            tree: (!m.is_v1()).then(TreeHasher::default),
-            sha: (m.is_v1() || m.flat_sha256).then(ImageSha::default),
-            crcs: ChunkCrcs::new(m.chunk_size)?,
-        })
-    }
-
-    /// Adds the next bytes of the image.
-    pub fn update(&mut self, data: &[u8]) {
-        if let Some(t) = self.tree.as_mut() {
-            t.update(data);
-        }
-        if let Some(s) = self.sha.as_mut() {
-            s.update(data);
-        }
-        self.crcs.update(data);
-    }
-
-    /// The number of bytes fed so far.
-    pub fn bytes(&self) -> u64 {
-        self.crcs.bytes()
-    }
-
-    /// The checksums.
-    pub fn finish(self) -> ImageChecksums {
-        ImageChecksums {
-            digest: self.tree.map(|t| t.finish().to_string()),
-            sha256: self.sha.map(ImageSha::finish),
-            chunks_crc32c: self.crcs.finish(),
-        }
-    }
-}
-
-/// The SHA-256 of an image, fed in order.
-#[derive(Clone, Default)]
-pub struct ImageSha {
-    sha: Sha256,
-    bytes: u64,
-}
-
-impl ImageSha {
-    /// Adds the next bytes of the image.
-    pub fn update(&mut self, data: &[u8]) {
-        self.sha.update(data);
-        self.bytes += data.len() as u64;
-    }
-
-    /// The number of bytes fed so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// The SHA-256 in lowercase hex.
-    pub fn finish(self) -> String {
-        to_hex(&self.sha.finalize())
-    }
-}
-
-impl std::fmt::Debug for ImageSha {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImageSha")
-            .field("bytes", &self.bytes)
-            .finish_non_exhaustive()
-    }
-}
-
-/// The CRC-32C of each chunk of an image, fed in order in pieces of any size.
-#[derive(Clone, Debug)]
-pub struct ChunkCrcs {
-    chunk_size: u64,
-    /// Bytes of the current (incomplete) chunk seen so far.
-    in_chunk: u64,
-    /// CRC-32C of the current chunk so far.
-    crc: u32,
-    crcs: Vec<u32>,
-    bytes: u64,
-}
-
-impl ChunkCrcs {
-    /// One CRC-32C per `chunk_size` bytes.
-    ///
-    /// Fails with [`TapeError::InvalidChunkSize`] if `chunk_size` is 0.
-    pub fn new(chunk_size: u64) -> Result<Self, TapeError> {
-        if chunk_size == 0 {
-            return Err(TapeError::InvalidChunkSize);
-        }
-        Ok(Self {
-            chunk_size,
-            in_chunk: 0,
-            crc: 0,
-            crcs: Vec::new(),
-            bytes: 0,
-        })
-    }
-
-    /// Adds the next bytes of the image.
-    pub fn update(&mut self, mut data: &[u8]) {
-        self.bytes += data.len() as u64;
-        while !data.is_empty() {
-            let room = self.chunk_size - self.in_chunk;
-            let take = room.min(data.len() as u64) as usize;
-            let (head, rest) = data.split_at(take);
-            self.crc = crc32c::crc32c_append(self.crc, head);
-            self.in_chunk += take as u64;
-            data = rest;
-            if self.in_chunk == self.chunk_size {
-                self.crcs.push(self.crc);
-                self.crc = 0;
-                self.in_chunk = 0;
-            }
-        }
-    }
-
-    /// The number of bytes fed so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    /// The CRC-32C of each chunk, the last one possibly short.
-    pub fn finish(mut self) -> Vec<u32> {
-        if self.in_chunk > 0 {
-            self.crcs.push(self.crc);
-        }
-        self.crcs
-    }
-}
-
 /// An initial manifest for unit tests of the format and the reader.
 #[cfg(test)]
 pub(crate) fn sample_manifest(volume_size: u64, mode: &str) -> Manifest {
@@ -589,50 +475,9 @@ pub(crate) fn sample_manifest(volume_size: u64, mode: &str) -> Manifest {
     }
 }
 
-use crate::digest::to_hex;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn digest_chunks_match_whole_computation() {
-        let data: Vec<u8> = (0..(3 * 1024 * 1024 + 100))
-            .map(|i| (i * 7 + 3) as u8)
-            .collect();
-        for piece in [7usize, 512, 1024, 5000, 1 << 20] {
-            let mut d = ImageDigest::new(1024, true).unwrap();
-            for p in data.chunks(piece) {
-                d.update(p);
-            }
-            assert_eq!(d.bytes(), data.len() as u64);
-            let c = d.finish();
-            let want: Vec<u32> = data.chunks(1024).map(crc32c::crc32c).collect();
-            assert_eq!(c.chunks_crc32c, want, "piece {piece}");
-            assert_eq!(c.sha256, Some(to_hex(&Sha256::digest(&data))));
-            assert_eq!(c.digest, Some(crate::digest::tree_root(&data).to_string()));
-        }
-        let c = ImageDigest::new(CHUNK_SIZE, false).unwrap().finish();
-        assert_eq!(c.sha256, None);
-    }
-
-    #[test]
-    fn digest_rejects_zero_chunk_size() {
-        assert!(matches!(
-            ImageDigest::new(0, false),
-            Err(TapeError::InvalidChunkSize)
-        ));
-    }
-
-    #[test]
-    fn digest_of_nothing() {
-        let c = ImageDigest::new(CHUNK_SIZE, true).unwrap().finish();
-        assert!(c.chunks_crc32c.is_empty());
-        assert_eq!(
-            c.sha256.as_deref(),
-            Some("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-        );
-    }
 
     #[test]
     fn manifests_of_both_formats_check() {
@@ -643,7 +488,7 @@ mod tests {
             sha256: None,
             chunks_crc32c: vec![0],
         });
-        assert_eq!(fin.check_final(), Ok(()));
+        assert_eq!(fin.check_final(4096), Ok(()));
         let json = String::from_utf8(fin.to_json().unwrap()).unwrap();
         assert!(json.contains("\"digest\":\"sha256-tree:"), "{json}");
         assert!(!json.contains("sha256\":"), "{json}");
@@ -651,34 +496,29 @@ mod tests {
         let sha = "0".repeat(64);
         let mut extra = fin.clone();
         extra.sha256 = Some(sha.clone());
-        assert!(extra.check_final().is_err());
+        assert!(extra.check_final(4096).is_err());
         let mut flat = initial.clone();
         flat.flat_sha256 = true;
         assert_eq!(flat.check_initial(), Ok(()));
         let mut missing = fin.clone();
         missing.flat_sha256 = true;
-        assert!(missing.check_final().is_err());
+        assert!(missing.check_final(4096).is_err());
         missing.sha256 = Some(sha.clone());
-        assert_eq!(missing.check_final(), Ok(()));
+        assert_eq!(missing.check_final(4096), Ok(()));
         // No digest, or a malformed one, is refused in this format.
         let mut none = fin.clone();
         none.digest = None;
-        assert!(none.check_final().is_err());
+        assert!(none.check_final(4096).is_err());
         let mut bad = fin.clone();
         bad.digest = Some(tree.replace("sha256-tree", "sha256"));
-        assert!(bad.check_final().is_err());
+        assert!(bad.check_final(4096).is_err());
         // The first format: a flat SHA-256 and no digest.
         let mut v1 = fin.clone();
         v1.format = FORMAT_V1.into();
-        assert!(v1.check_final().is_err());
+        assert!(v1.check_final(4096).is_err());
         v1.digest = None;
-        assert!(v1.check_final().is_err());
+        assert!(v1.check_final(4096).is_err());
         v1.sha256 = Some(sha);
-        assert_eq!(v1.check_final(), Ok(()));
-    }
-
-    #[test]
-    fn hex() {
-        assert_eq!(to_hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(v1.check_final(4096), Ok(()));
     }
 }

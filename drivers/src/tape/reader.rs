@@ -1,34 +1,20 @@
-//! Restoring and verifying a backup archive as it streams from a file or a tape.
+//! Reading an archive's structure as it streams from a file or a tape: its headers, manifests
+//! and the sparse map of its image; and, on a file, its manifests alone ([`read_manifests`]).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
 
-use super::format::{
-    check_record_size, pad512, parse_header, parse_pax, PaxOverrides, BLOCK, TYPE_PAX, TYPE_REGULAR,
-};
-use super::{ImageDigest, Manifest, TapeError, BLOCK_SIZE, MANIFEST_NAME, VOLUME_NAME};
+use super::format::{check_record_size, pad512, parse_header, BLOCK, TYPE_PAX, TYPE_REGULAR};
+use super::pax::{parse_pax, PaxOverrides};
+use super::sparse::{map_count, map_lines, max_map_entries, max_map_len, parse_map, Layout};
+use super::{Manifest, TapeError, BLOCK_SIZE, MANIFEST_NAME, VOLUME_NAME};
 
 /// The largest initial manifest accepted (it has no checksum list: a few hundred bytes).
 const MAX_INITIAL_MANIFEST: u64 = 1 << 20;
 /// The largest pax extended header accepted (its padding comment is at most a record long).
 const MAX_PAX_HEADER: u64 = 256 << 20;
 
-/// What [`restore`] restored and verified.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RestoreReport {
-    /// The final manifest of the archive.
-    pub manifest: Manifest,
-    /// The number of bytes of the image written out.
-    pub bytes: u64,
-    /// The image's `sha256-tree` digest, equal to the manifest's (`None` for an archive of the
-    /// first format, which has none).
-    pub digest: Option<String>,
-    /// The flat SHA-256 of the image (lowercase hex), equal to the manifest's, when the archive
-    /// has one.
-    pub sha256: Option<String>,
-}
-
 /// Reads an archive in `record_size` reads and hands it out as a byte stream.
-struct RecordStream<R> {
+pub(crate) struct RecordStream<R> {
     input: R,
     buf: Vec<u8>,
     /// The unconsumed bytes are `buf[start..end]`.
@@ -39,7 +25,7 @@ struct RecordStream<R> {
 }
 
 impl<R: Read> RecordStream<R> {
-    fn new(input: R, record_size: usize) -> Self {
+    pub(crate) fn new(input: R, record_size: usize) -> Self {
         Self {
             input,
             buf: vec![0; record_size],
@@ -75,7 +61,7 @@ impl<R: Read> RecordStream<R> {
     }
 
     /// Passes the next `n` bytes to `f`, in pieces, straight from the record buffer.
-    fn for_each(
+    pub(crate) fn for_each(
         &mut self,
         mut n: u64,
         what: &str,
@@ -98,7 +84,7 @@ impl<R: Read> RecordStream<R> {
     }
 
     /// Skips `n` bytes.
-    fn skip(&mut self, n: u64, what: &str) -> Result<(), TapeError> {
+    pub(crate) fn skip(&mut self, n: u64, what: &str) -> Result<(), TapeError> {
         self.for_each(n, what, |_| Ok(()))
     }
 
@@ -126,16 +112,43 @@ impl<R: Read> RecordStream<R> {
     }
 }
 
+impl<R: Read + Seek> RecordStream<R> {
+    /// Skips `n` bytes, seeking past what is not buffered (a file: the image is not read).
+    fn seek_forward(&mut self, n: u64) -> Result<(), TapeError> {
+        let buffered = (self.end - self.start) as u64;
+        if n <= buffered {
+            self.start += n as usize;
+        } else {
+            let rest = i64::try_from(n - buffered).map_err(|_| TapeError::Truncated {
+                what: "a member's data".into(),
+                offset: self.offset,
+            })?;
+            self.input
+                .seek(SeekFrom::Current(rest))
+                .map_err(|source| TapeError::Io {
+                    context: format!("seeking in the archive at offset {}", self.offset),
+                    source,
+                })?;
+            self.start = self.end;
+        }
+        self.offset += n;
+        Ok(())
+    }
+}
+
 /// A member of the archive, its pax overrides applied; its data follows in the stream.
-struct Entry {
-    name: String,
-    size: u64,
+pub(crate) struct Entry {
+    pub name: String,
+    /// The size of its data in the archive.
+    pub size: u64,
     /// The archive offset of its (first) header.
-    offset: u64,
+    pub offset: u64,
+    /// The real size of a GNU.sparse 1.0 member, whose data starts with its sparse map.
+    pub sparse_realsize: Option<u64>,
 }
 
 /// The next thing in the archive.
-enum Next {
+pub(crate) enum Next {
     Entry(Entry),
     /// The end-of-archive marker, at this offset.
     End(u64),
@@ -143,7 +156,7 @@ enum Next {
 
 /// Reads the next member's headers (a pax extended header, if any, then its ustar header), or
 /// the end-of-archive marker.
-fn next_entry<R: Read>(s: &mut RecordStream<R>) -> Result<Next, TapeError> {
+pub(crate) fn next_entry<R: Read>(s: &mut RecordStream<R>) -> Result<Next, TapeError> {
     let first = s.offset;
     let mut pax = PaxOverrides::default();
     let mut had_pax = false;
@@ -181,11 +194,7 @@ fn next_entry<R: Read>(s: &mut RecordStream<R>) -> Result<Next, TapeError> {
                 had_pax = true;
             }
             TYPE_REGULAR | 0 => {
-                return Ok(Next::Entry(Entry {
-                    name: pax.path.unwrap_or(header.name),
-                    size: pax.size.unwrap_or(header.size),
-                    offset: first,
-                }))
+                return entry(pax, header.name, header.size, first).map(Next::Entry)
             }
             other => {
                 return Err(TapeError::MalformedHeader {
@@ -201,8 +210,43 @@ fn next_entry<R: Read>(s: &mut RecordStream<R>) -> Result<Next, TapeError> {
     }
 }
 
+/// The member a ustar header of `name` and `size` at `offset` and the pax records before it
+/// describe: a GNU.sparse 1.0 member has its real name and size in its records.
+fn entry(pax: PaxOverrides, name: String, size: u64, offset: u64) -> Result<Entry, TapeError> {
+    let size = pax.size.unwrap_or(size);
+    if pax.sparse_version == (None, None) {
+        return Ok(Entry {
+            name: pax.path.unwrap_or(name),
+            size,
+            offset,
+            sparse_realsize: None,
+        });
+    }
+    let bad = |reason: String| TapeError::BadSparseMember { offset, reason };
+    if pax.sparse_version != (Some(1), Some(0)) {
+        let v = |n: Option<u64>| n.map_or("?".into(), |n| n.to_string());
+        return Err(bad(format!(
+            "GNU.sparse format {}.{}: only 1.0 is read",
+            v(pax.sparse_version.0),
+            v(pax.sparse_version.1)
+        )));
+    }
+    let name = pax
+        .sparse_name
+        .ok_or_else(|| bad("no GNU.sparse.name record".into()))?;
+    let realsize = pax
+        .sparse_realsize
+        .ok_or_else(|| bad("no GNU.sparse.realsize record".into()))?;
+    Ok(Entry {
+        name,
+        size,
+        offset,
+        sparse_realsize: Some(realsize),
+    })
+}
+
 /// Reads the next member, which must be `name` (described as `what` in errors).
-fn expect_entry<R: Read>(
+pub(crate) fn expect_entry<R: Read>(
     s: &mut RecordStream<R>,
     name: &str,
     what: &str,
@@ -220,7 +264,7 @@ fn expect_entry<R: Read>(
 }
 
 /// Reads a manifest member's data and parses it.
-fn read_manifest<R: Read>(
+pub(crate) fn read_manifest<R: Read>(
     s: &mut RecordStream<R>,
     e: &Entry,
     which: &'static str,
@@ -244,7 +288,7 @@ fn read_manifest<R: Read>(
 }
 
 /// The fields on which two manifests differ.
-fn differing_fields(a: &Manifest, b: &Manifest) -> String {
+pub(crate) fn differing_fields(a: &Manifest, b: &Manifest) -> String {
     let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
         (serde_json::to_value(a), serde_json::to_value(b))
     else {
@@ -259,27 +303,18 @@ fn differing_fields(a: &Manifest, b: &Manifest) -> String {
     fields.join(", ")
 }
 
-/// Reads an archive stream (a file or a tape device, read in `record_size` reads), writes
-/// `volume.img`'s bytes to `out`, verifies the `sha256-tree` digest, every chunk's CRC-32C and
-/// the flat SHA-256 (when the archive has one) against the final manifest, and checks that the
-/// initial and final manifests agree on everything but the checksums. Archives of the first
-/// format, which have a flat SHA-256 and no digest, are verified against that.
-///
-/// The image streams through: only the computed per-chunk CRCs are kept, and the comparison
-/// happens once the final manifest (which follows the image) has been read. The archive is parsed
-/// as a byte stream, so `record_size` (a positive multiple of 512) need not be the one it was
-/// written with. Any mismatch, truncation, missing member or malformed header is an error naming
-/// what failed. `out` may have received the image (or part of it) even when this fails.
-pub fn restore(
-    input: impl Read,
-    mut out: impl Write,
-    record_size: usize,
-) -> Result<RestoreReport, TapeError> {
-    check_record_size(record_size)?;
-    let mut s = RecordStream::new(input, record_size);
+/// The start of an archive, up to the image data: the initial manifest and the layout of the
+/// data of `volume.img` (after its sparse map, if it is sparse).
+pub(crate) struct Head {
+    pub initial: Manifest,
+    pub layout: Layout,
+}
 
-    let e = expect_entry(&mut s, MANIFEST_NAME, "the initial manifest")?;
-    let initial = read_manifest(&mut s, &e, "initial", MAX_INITIAL_MANIFEST)?;
+/// Reads the initial manifest and the headers (and sparse map) of `volume.img`; the stream is
+/// left at the image data.
+pub(crate) fn read_head<R: Read>(s: &mut RecordStream<R>) -> Result<Head, TapeError> {
+    let e = expect_entry(s, MANIFEST_NAME, "the initial manifest")?;
+    let initial = read_manifest(s, &e, "initial", MAX_INITIAL_MANIFEST)?;
     initial
         .check_initial()
         .map_err(|reason| TapeError::BadManifest {
@@ -287,217 +322,129 @@ pub fn restore(
             offset: e.offset,
             reason,
         })?;
-
-    let volume = expect_entry(&mut s, VOLUME_NAME, "the volume image")?;
-    let volume_size = volume.size;
-    if volume_size != initial.volume_size {
+    let volume = expect_entry(s, VOLUME_NAME, "the volume image")?;
+    let image_size = volume.sparse_realsize.unwrap_or(volume.size);
+    if image_size != initial.volume_size {
         return Err(TapeError::VolumeSizeMismatch {
             expected: initial.volume_size,
-            found: volume_size,
+            found: image_size,
         });
     }
-    let mut digest = ImageDigest::for_manifest(&initial)?;
-    s.for_each(volume_size, "the data of volume.img", |data| {
-        out.write_all(data).map_err(|source| TapeError::Io {
-            context: format!("writing the restored image at offset {}", digest.bytes()),
-            source,
-        })?;
-        digest.update(data);
-        Ok(())
-    })?;
-    s.skip(
-        pad512(volume_size) - volume_size,
-        "the padding of volume.img",
-    )?;
+    let layout = match volume.sparse_realsize {
+        None => Layout::whole(volume.size),
+        Some(realsize) => read_map(s, &volume, realsize)?,
+    };
+    Ok(Head { initial, layout })
+}
 
-    let e = expect_entry(&mut s, MANIFEST_NAME, "the final manifest")?;
+/// Reads the sparse map at the start of the data of the sparse member `e` (of `realsize`
+/// bytes) and checks that the map and the data it announces make the member's size.
+fn read_map<R: Read>(
+    s: &mut RecordStream<R>,
+    e: &Entry,
+    realsize: u64,
+) -> Result<Layout, TapeError> {
+    let bad = |reason: String| TapeError::BadSparseMember {
+        offset: e.offset,
+        reason,
+    };
+    let mut text = Vec::new();
+    let mut count = None;
+    loop {
+        if text.len() as u64 >= e.size {
+            return Err(bad(format!(
+                "the sparse map runs past the member's {} bytes",
+                e.size
+            )));
+        }
+        text.extend_from_slice(&s.read_block("the sparse map")?);
+        if count.is_none() {
+            match map_count(&text) {
+                Some(Ok(n)) if n <= max_map_entries(realsize) => count = Some(n),
+                Some(Ok(n)) => {
+                    return Err(bad(format!(
+                        "the map has {n} entries: more than one per chunk of {realsize} bytes"
+                    )))
+                }
+                Some(Err(reason)) => return Err(bad(format!("sparse map: {reason}"))),
+                None => return Err(bad("the sparse map has no entry count".into())),
+            }
+        }
+        let n = count.unwrap_or(0);
+        if map_lines(&text) > 2 * n {
+            break;
+        }
+        if text.len() as u64 >= max_map_len(n) {
+            return Err(bad(format!(
+                "the sparse map is longer than {n} entries can be"
+            )));
+        }
+    }
+    let layout = parse_map(&text, realsize).map_err(|r| bad(format!("sparse map: {r}")))?;
+    let map_len = text.len() as u64;
+    if map_len + layout.stored_bytes() != e.size {
+        return Err(bad(format!(
+            "the map ({map_len} bytes) and the {} bytes it stores do not make the member's {} \
+             bytes",
+            layout.stored_bytes(),
+            e.size
+        )));
+    }
+    Ok(layout)
+}
+
+/// Reads the final manifest (the stream is past the image data and its padding) and checks it
+/// against the initial one and the data `layout` stores.
+pub(crate) fn read_tail<R: Read>(
+    s: &mut RecordStream<R>,
+    initial: &Manifest,
+    layout: &Layout,
+) -> Result<Manifest, TapeError> {
+    let e = expect_entry(s, MANIFEST_NAME, "the final manifest")?;
     // Room for one CRC per chunk at up to 32 bytes each (however the JSON is laid out).
     let max = MAX_INITIAL_MANIFEST.saturating_add(initial.chunk_count().saturating_mul(32));
-    let manifest = read_manifest(&mut s, &e, "final", max)?;
+    let manifest = read_manifest(s, &e, "final", max)?;
     manifest
-        .check_final()
+        .check_final(layout.stored_bytes())
         .map_err(|reason| TapeError::BadManifest {
             which: "final",
             offset: e.offset,
             reason,
         })?;
-    if manifest.without_checksums() != initial {
+    if manifest.without_checksums() != *initial {
         return Err(TapeError::ManifestMismatch {
-            fields: differing_fields(&initial, &manifest.without_checksums()),
+            fields: differing_fields(initial, &manifest.without_checksums()),
         });
     }
+    Ok(manifest)
+}
 
-    let computed = digest.finish();
-    let crcs = &computed.chunks_crc32c;
-    let expected_crcs = manifest.chunks_crc32c.as_deref().unwrap_or_default();
-    let crc_mismatch = expected_crcs
-        .iter()
-        .zip(crcs)
-        .enumerate()
-        .find(|(_, (e, a))| e != a)
-        .map(|(index, (&expected, &actual))| (index as u64, expected, actual));
-    // The digest is the image's proof; the CRCs then tell where a damaged image is damaged.
-    if manifest.digest != computed.digest {
-        return Err(TapeError::DigestMismatch {
-            expected: manifest.digest.clone().unwrap_or_default(),
-            actual: computed.digest.unwrap_or_default(),
-            damaged: crc_mismatch.map(|(i, _, _)| (i, i * manifest.chunk_size)),
-        });
-    }
-    if let Some((index, expected, actual)) = crc_mismatch {
-        return Err(TapeError::ChunkCrcMismatch {
-            index,
-            offset: index * manifest.chunk_size,
-            expected,
-            actual,
-        });
-    }
-    if expected_crcs.len() != crcs.len() {
-        // Not reachable after the checks above (sizes agree); kept as a guard.
-        return Err(TapeError::BadManifest {
-            which: "final",
-            offset: e.offset,
-            reason: format!(
-                "{} chunk CRCs for {} chunks of data",
-                expected_crcs.len(),
-                crcs.len()
-            ),
-        });
-    }
-    if manifest.sha256 != computed.sha256 {
-        return Err(TapeError::Sha256Mismatch {
-            expected: manifest.sha256.clone().unwrap_or_default(),
-            actual: computed.sha256.unwrap_or_default(),
-        });
-    }
+/// An archive's manifests and the layout of its image, read without reading the image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchiveManifests {
+    /// The final manifest (checked against the initial one).
+    pub manifest: Manifest,
+    /// The ranges of the image the archive stores.
+    pub layout: Layout,
+}
 
-    match next_entry(&mut s)? {
-        Next::End(_) => {}
-        Next::Entry(e) => {
-            return Err(TapeError::UnexpectedMember {
-                expected: "the end-of-archive marker".into(),
-                found: e.name,
-                offset: e.offset,
-            })
-        }
-    }
-    out.flush().map_err(|source| TapeError::Io {
-        context: "flushing the restored image".into(),
-        source,
-    })?;
-    Ok(RestoreReport {
+/// Reads an archive's manifests from a file, seeking past the image data: what a restore of a
+/// chain checks before it writes anything. Only the headers, the sparse map and the manifests
+/// are read (and checked as [`super::restore`] checks them); the data is not verified.
+pub fn read_manifests(input: impl Read + Seek) -> Result<ArchiveManifests, TapeError> {
+    let mut s = RecordStream::new(input, 64 * BLOCK_SIZE);
+    let head = read_head(&mut s)?;
+    let stored = head.layout.stored_bytes();
+    s.seek_forward(pad512(stored))?;
+    let manifest = read_tail(&mut s, &head.initial, &head.layout)?;
+    Ok(ArchiveManifests {
         manifest,
-        bytes: volume_size,
-        digest: computed.digest,
-        sha256: computed.sha256,
+        layout: head.layout,
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::super::{epilogue, prologue, CHUNK_SIZE};
-    use super::*;
-
-    fn manifest(volume_size: u64) -> Manifest {
-        super::super::sample_manifest(volume_size, "merge")
-    }
-
-    fn archive(volume: &[u8], record_size: usize) -> Vec<u8> {
-        let initial = manifest(volume.len() as u64);
-        let mut d = ImageDigest::new(CHUNK_SIZE, false).unwrap();
-        d.update(volume);
-        let mut a = prologue(&initial, record_size, 5).unwrap();
-        a.extend_from_slice(volume);
-        a.extend(epilogue(&initial.finalized(d.finish()), record_size, 5).unwrap());
-        a
-    }
-
-    /// A reader that gives at most `max` bytes per read and fails with EINTR now and then.
-    struct Dribble<'a> {
-        data: &'a [u8],
-        max: usize,
-        calls: u32,
-    }
-
-    impl Read for Dribble<'_> {
-        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-            self.calls += 1;
-            if self.calls.is_multiple_of(3) {
-                return Err(ErrorKind::Interrupted.into());
-            }
-            let n = buf.len().min(self.max).min(self.data.len());
-            buf[..n].copy_from_slice(&self.data[..n]);
-            self.data = &self.data[n..];
-            Ok(n)
-        }
-    }
-
-    #[test]
-    fn short_and_interrupted_reads() {
-        let volume: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
-        let a = archive(&volume, 10240);
-        let mut out = Vec::new();
-        let input = Dribble {
-            data: &a,
-            max: 777,
-            calls: 0,
-        };
-        let report = restore(input, &mut out, 10240).unwrap();
-        assert_eq!(out, volume);
-        assert_eq!(report.bytes, 70_000);
-    }
-
-    #[test]
-    fn volume_size_mismatch_between_manifest_and_member() {
-        let volume = vec![1u8; 4096];
-        let mut a = archive(&volume, 512);
-        // Rewrite the initial manifest to claim another size: same length of JSON.
-        let text = String::from_utf8_lossy(&a[512..1024]).into_owned();
-        let at = text.find("\"volume_size\":4096").unwrap() + 512;
-        a[at..at + 18].copy_from_slice(b"\"volume_size\":4095");
-        // The member header checksum does not cover the data: this parses.
-        let err = restore(&a[..], std::io::sink(), 512).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                TapeError::VolumeSizeMismatch {
-                    expected: 4095,
-                    found: 4096
-                }
-            ),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn write_errors_are_reported() {
-        struct Full;
-        impl Write for Full {
-            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
-                Err(std::io::Error::other("disk full"))
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let a = archive(&[3u8; 2048], 512);
-        let err = restore(&a[..], Full, 512).unwrap_err();
-        assert!(
-            err.to_string().contains("writing the restored image"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn trailing_member_is_rejected() {
-        let volume = vec![9u8; 1024];
-        let a = archive(&volume, 512);
-        // Replace the end marker with another member.
-        let end = a.len() - 1024;
-        let mut b = a[..end].to_vec();
-        b.extend_from_slice(&a[..1024]);
-        b.extend_from_slice(&[0; 1024]);
-        let err = restore(&b[..], std::io::sink(), 512).unwrap_err();
-        assert!(matches!(err, TapeError::UnexpectedMember { .. }), "{err}");
-    }
+/// Checks `record_size` for a reader.
+pub(crate) fn stream<R: Read>(input: R, record_size: usize) -> Result<RecordStream<R>, TapeError> {
+    check_record_size(record_size)?;
+    Ok(RecordStream::new(input, record_size))
 }
