@@ -29,12 +29,52 @@ const TRACK: u64 = 256 << 10;
 const TRACKS: u64 = 24;
 const SIZE: u64 = TRACKS * TRACK;
 
+/// Where a checkpoint's image is: a file holding it, or a chain of tape archives (a full one,
+/// then incrementals) that restores to it.
+#[derive(Clone)]
+enum Kept {
+    File(PathBuf),
+    Tapes(Vec<PathBuf>),
+}
+
+impl Kept {
+    fn remove(self) {
+        let files = match self {
+            Kept::File(f) => vec![f],
+            Kept::Tapes(t) => t,
+        };
+        for f in files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
 /// What the model knows: the bytes of P, of the image while split, and the checkpoints with
-/// the file holding each one's image.
+/// where each one's image is.
 struct Model {
     p: Vec<u8>,
     image: Vec<u8>,
-    checkpoints: Vec<(String, PathBuf)>,
+    checkpoints: Vec<(String, Kept)>,
+}
+
+/// Restores a chain of archives with `quicksplit restore` and returns the image.
+fn restore_chain(chain: &[PathBuf], dir: &Path) -> Vec<u8> {
+    let out = dir.join(format!("restored-{}.img", rand::random::<u32>()));
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_quicksplit"))
+        .arg("restore")
+        .args(chain)
+        .arg("--to")
+        .arg(&out)
+        .output()
+        .expect("quicksplit restore");
+    assert!(
+        run.status.success(),
+        "restore {chain:?}: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let image = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_file(&out);
+    image
 }
 
 fn write(engine: &Engine, name: &str, view: View, rng: &mut StdRng, bytes: &mut [u8]) {
@@ -70,10 +110,7 @@ fn write(engine: &Engine, name: &str, view: View, rng: &mut StdRng, bytes: &mut 
     }
 }
 
-fn backup(engine: &Engine, name: &str, mode: Mode, path: &Path, opts: Options) -> BackupInfo {
-    let target = Target::File {
-        path: path.to_path_buf(),
-    };
+fn backup(engine: &Engine, name: &str, mode: Mode, target: Target, opts: Options) -> BackupInfo {
     let id = engine
         .backup_start_with(name, mode, target, opts)
         .expect("backup_start");
@@ -112,10 +149,26 @@ fn backup_step(
     let path = dir.join(format!("{name}-{}.img", rand::random::<u32>()));
     let base = (!model.checkpoints.is_empty() && rng.gen_bool(0.6))
         .then(|| model.checkpoints[rng.gen_range(0..model.checkpoints.len())].clone());
-    let base_image = base.as_ref().map(|(_, file)| {
-        std::fs::copy(file, &path).unwrap();
-        std::fs::read(file).unwrap()
+    // A full backup goes to a file or a tape; an incremental to where its base is.
+    let tape = match &base {
+        Some((_, kept)) => matches!(kept, Kept::Tapes(_)),
+        None => rng.gen_bool(0.5),
+    };
+    let base_image = base.as_ref().map(|(_, kept)| match kept {
+        Kept::File(file) => {
+            std::fs::copy(file, &path).unwrap();
+            std::fs::read(file).unwrap()
+        }
+        Kept::Tapes(chain) => restore_chain(chain, &dir),
     });
+    let target = if tape {
+        Target::Tape {
+            path: path.clone(),
+            record_size: drivers::tape::DEFAULT_RECORD_SIZE,
+        }
+    } else {
+        Target::File { path: path.clone() }
+    };
     let checkpoint = (model.checkpoints.len() < 8 && rng.gen_bool(0.8))
         .then(|| format!("c{}", rand::random::<u32>()));
     let opts = Options {
@@ -124,15 +177,28 @@ fn backup_step(
         since: base.as_ref().map(|(n, _)| n.clone()),
         ..Options::default()
     };
-    trace(seed, &format!("{step}: {mode:?} since {:?}", opts.since));
-    let info = backup(engine, name, mode, &path, opts);
+    trace(
+        seed,
+        &format!("{step}: {mode:?} since {:?}, tape {tape}", opts.since),
+    );
+    let info = backup(engine, name, mode, target, opts);
     assert_eq!(
         info.state,
         BackupState::Done,
         "seed {seed} {step}: {:?}",
         info.error
     );
-    let got = std::fs::read(&path).unwrap();
+    let kept = match &base {
+        _ if !tape => Kept::File(path.clone()),
+        Some((_, Kept::Tapes(chain))) => {
+            Kept::Tapes(chain.iter().cloned().chain([path.clone()]).collect())
+        }
+        _ => Kept::Tapes(vec![path.clone()]),
+    };
+    let got = match &kept {
+        Kept::File(file) => std::fs::read(file).unwrap(),
+        Kept::Tapes(chain) => restore_chain(chain, &dir),
+    };
     if got != model.image {
         let at = got.iter().zip(&model.image).position(|(a, b)| a != b);
         let show = |v: &[u8]| at.map(|a| v[a..a + 16].to_vec());
@@ -159,7 +225,7 @@ fn backup_step(
         info.bytes_stored
     );
     match checkpoint {
-        Some(c) => model.checkpoints.push((c, path)),
+        Some(c) => model.checkpoints.push((c, kept)),
         None => {
             let _ = std::fs::remove_file(&path);
         }
@@ -238,11 +304,10 @@ fn schedule(engine: &Engine, seed: u64) {
                 wait_state(&pair, PairState::Pair);
             }
             80..=86 if !model.checkpoints.is_empty() => {
-                let (gone, file) = model
+                let (gone, _) = model
                     .checkpoints
                     .remove(rng.gen_range(0..model.checkpoints.len()));
                 engine.checkpoint_delete(&name, &gone).unwrap();
-                let _ = std::fs::remove_file(file);
             }
             87..=93 => {
                 engine.persist_pair_for_stop(&pair);
@@ -264,8 +329,8 @@ fn schedule(engine: &Engine, seed: u64) {
         check_views(engine, &name, &pair, &model, seed, &step_name);
     }
     cut_pair::remove(engine, &name);
-    for (_, file) in model.checkpoints {
-        let _ = std::fs::remove_file(file);
+    for (_, kept) in model.checkpoints {
+        kept.remove();
     }
 }
 
@@ -305,7 +370,16 @@ fn bad_since_requests_get_clear_errors_and_change_nothing() {
         since: since.map(str::to_string),
         ..Options::default()
     };
-    let info = backup(&engine, "b", Mode::Merge, &full, opts(Some("cb"), None));
+    let file = |path: &Path| Target::File {
+        path: path.to_path_buf(),
+    };
+    let info = backup(
+        &engine,
+        "b",
+        Mode::Merge,
+        file(&full),
+        opts(Some("cb"), None),
+    );
     assert_eq!(info.state, BackupState::Done, "{:?}", info.error);
     let start = |pair: &str, path: &Path, o: Options| {
         let target = Target::File {
@@ -339,7 +413,13 @@ fn bad_since_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(std::fs::read(&short).unwrap(), b"short");
     assert!(!missing.exists());
     assert_eq!(pair.state(), PairState::Psus);
-    let info = backup(&engine, "b", Mode::Merge, &target, opts(None, Some("cb")));
+    let info = backup(
+        &engine,
+        "b",
+        Mode::Merge,
+        file(&target),
+        opts(None, Some("cb")),
+    );
     assert_eq!(info.state, BackupState::Done, "{:?}", info.error);
     assert_eq!(info.bytes_stored, 0, "nothing changed since 'cb'");
 }

@@ -38,7 +38,7 @@ enum Holes {
 
 fn holes_of(target: &Target, connection: Option<&Connection>) -> Holes {
     match (target, connection) {
-        (Target::Tape { .. }, _) => Holes::Store,
+        (Target::Tape { .. }, _) => Holes::Leave,
         (Target::File { path }, _) => {
             if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device()) {
                 Holes::WriteZeroes
