@@ -373,6 +373,8 @@ fn verify(
 mod tests {
     use std::io::ErrorKind;
 
+    use sha2::Digest;
+
     use super::super::{epilogue, prologue, ImageChecksums, ImageDigest, CHUNK_SIZE};
     use super::*;
     use crate::digest::tree_root;
@@ -397,7 +399,18 @@ mod tests {
     /// An archive of `image` storing the ranges `stored`: a full one, or an incremental onto
     /// `base` (an image) when given.
     fn sparse_archive(image: &[u8], stored: &[Range<u64>], base: Option<&[u8]>) -> Vec<u8> {
+        sparse_archive_with(image, stored, base, false)
+    }
+
+    /// [`sparse_archive`], with the flat SHA-256 of the image when `flat`.
+    fn sparse_archive_with(
+        image: &[u8],
+        stored: &[Range<u64>],
+        base: Option<&[u8]>,
+        flat: bool,
+    ) -> Vec<u8> {
         let mut initial = manifest(image.len() as u64);
+        initial.flat_sha256 = flat;
         if let Some(base) = base {
             initial.kind = ArchiveKind::Incremental;
             initial.base_checkpoint = Some("c1".into());
@@ -413,11 +426,41 @@ mod tests {
         }
         let fin = initial.finalized(ImageChecksums {
             digest: Some(tree_root(image).to_string()),
-            sha256: None,
+            sha256: flat.then(|| crate::digest::to_hex(&sha2::Sha256::digest(image))),
             chunks_crc32c: crcs.finish(),
         });
         a.extend(epilogue(&fin, &layout, 512, 5).unwrap());
         a
+    }
+
+    #[test]
+    fn the_flat_sha256_of_a_sparse_full_image_counts_its_holes() {
+        let size = 3 * MIB;
+        let image = image_with_holes(size, 4, &[0, 2]);
+        let a = sparse_archive_with(&image, &[MIB..2 * MIB], None, true);
+        let report = restore(&a[..], std::io::sink(), 512).unwrap();
+        let want = crate::digest::to_hex(&sha2::Sha256::digest(&image));
+        assert_eq!(report.sha256, Some(want));
+        // A wrong one fails.
+        let mut other = image.clone();
+        other[5] = 1;
+        let mut b = sparse_archive_with(&other, &[0..2 * MIB], None, true);
+        let key = b"\"sha256\":\"";
+        let at = b.windows(key.len()).rposition(|w| w == key).unwrap() + key.len();
+        b[at] = if b[at] == b'0' { b'1' } else { b'0' };
+        let err = restore(&b[..], std::io::sink(), 512).unwrap_err();
+        assert!(matches!(err, TapeError::Sha256Mismatch { .. }), "{err}");
+        // An incremental's cannot be checked without its base's data: none is reported.
+        let inc = sparse_archive_with(&other, &[0..MIB], Some(&image), true);
+        let mut m = Memory {
+            image: vec![0; size as usize],
+            calls: 0,
+        };
+        let mut chain = ImageChain::new();
+        restore_into(&a[..], &mut m, 512, &mut chain).unwrap();
+        let report = restore_into(&inc[..], &mut m, 512, &mut chain).unwrap();
+        assert_eq!(report.sha256, None);
+        assert!(m.image == other);
     }
 
     /// An image in memory, counting the calls it gets.
