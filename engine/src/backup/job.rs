@@ -738,7 +738,9 @@ impl BackupJob {
                     Err(e) => self.fail_checkpoint(e),
                 },
                 Some(Err(e)) => self.fail(format!("closing the backup: {e}")),
-                None => {}
+                // A file's rename runs on a thread that cannot wake a parked reactor: look
+                // again in a millisecond rather than at the reactor's next timer.
+                None => cx.wake_at(Instant::now() + Duration::from_millis(1)),
             },
             Phase::Checkpointing => match self
                 .checkpoint_reply
