@@ -77,81 +77,146 @@ fn read_export(uri: &str, file: &Path) -> Vec<u8> {
     std::fs::read(file).unwrap()
 }
 
+/// A source quicksplit with pair "pr" on RAM disks (P exported over NBD as "p"), and the
+/// targets: a file path, nbdkit's memory plugin and another quicksplit's NVMe/TCP namespace
+/// (exported over NBD too, to read it back).
+struct Rig {
+    dir: TempDir,
+    rpc: RpcConn,
+    p: NbdClient,
+    kit_uri: String,
+    nvmf: Value,
+    d_uri: String,
+    _kit: Nbdkit,
+    _servers: (quicksplit_tests::Server, quicksplit_tests::Server),
+    src_sock: std::path::PathBuf,
+}
+
+impl Rig {
+    fn new(tag: &str) -> Self {
+        let dir = TempDir::new(tag);
+        let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
+        std::fs::create_dir_all(&src_dir).unwrap();
+        std::fs::create_dir_all(&dst_dir).unwrap();
+        let (src, src_sock) = start_empty(&src_dir);
+        let (dst_server, dst_sock) = start_empty(&dst_dir);
+        let mut rpc = RpcConn::connect(&src_sock);
+        let mut dst = RpcConn::connect(&dst_sock);
+        let nbd = src_dir.join("nbd.sock");
+        rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
+        rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
+        rpc.ok(
+            "pair_create",
+            json!({"name": "pr", "primary": "p", "secondary": "s"}),
+        );
+        rpc.ok(
+            "nbd_export_start",
+            json!({"name": "p", "bdev": "p", "socket": nbd}),
+        );
+        let p = NbdClient::connect(&nbd, "p").expect("NBD connect");
+        let kit_sock = dir.path().join("kit.sock");
+        let kit = nbdkit_memory(&kit_sock);
+        let port = free_port();
+        let nqn = format!("nqn.2026-12.io.quicksplit:{tag}");
+        let dst_nbd = dst_dir.join("nbd.sock");
+        dst.ok("bdev_malloc_create", json!({"name": "d", "size": SIZE}));
+        dst.ok(
+            "nvmf_export_start",
+            json!({"nqn": nqn, "bdev": "d", "listen": format!("127.0.0.1:{port}")}),
+        );
+        dst.ok(
+            "nbd_export_start",
+            json!({"name": "d", "bdev": "d", "socket": dst_nbd}),
+        );
+        Self {
+            rpc,
+            p,
+            kit_uri: format!("nbd+unix:///?socket={}", kit_sock.display()),
+            nvmf: json!({"type": "nvmf", "traddr": "127.0.0.1", "trsvcid": port, "subnqn": nqn}),
+            d_uri: nbd_unix_uri(&dst_nbd, "d"),
+            _kit: kit,
+            _servers: (src, dst_server),
+            src_sock,
+            dir,
+        }
+    }
+
+    /// Copies the file `from` onto the NBD and NVMe/TCP targets.
+    fn fill_targets(&self, from: &Path) {
+        for uri in [&self.kit_uri, &self.d_uri] {
+            run_ok(Command::new("nbdcopy").args([from.to_str().unwrap(), uri]));
+        }
+    }
+
+    /// Backs up (since `since`) to nbdkit and to the NVMe/TCP namespace: each must give
+    /// `digest`, store `stored` bytes when given, and read back as `image`.
+    fn backup_to_network(
+        &mut self,
+        since: Option<&str>,
+        image: &[u8],
+        digest: &Value,
+        stored: Option<u64>,
+    ) {
+        let targets = [
+            (
+                json!({"type": "nbd", "uri": self.kit_uri}),
+                self.kit_uri.clone(),
+                "nbdkit",
+            ),
+            (self.nvmf.clone(), self.d_uri.clone(), "NVMe/TCP"),
+        ];
+        for (target, uri, what) in targets {
+            let b = backup(&mut self.rpc, target, None, since);
+            assert_eq!(&b["digest"], digest, "{what}");
+            if let Some(n) = stored {
+                assert_eq!(b["bytes_stored"].as_u64(), Some(n), "{what}: {b}");
+            }
+            let back = read_export(&uri, &self.dir.path().join("back.img"));
+            assert!(back == image, "{what} holds something else");
+        }
+    }
+
+    /// Waits for PAIR and splits.
+    fn split(&mut self) {
+        let rpc = &mut self.rpc;
+        wait_for(Duration::from_secs(30), || {
+            rpc.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
+        });
+        rpc.ok("pair_split", json!({"name": "pr"}));
+    }
+}
+
 #[test]
 fn incrementals_onto_a_file_nbdkit_and_an_nvmf_namespace_equal_the_image() {
-    let dir = TempDir::new("incremental");
-    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
-    std::fs::create_dir_all(&src_dir).unwrap();
-    std::fs::create_dir_all(&dst_dir).unwrap();
-    let (_src, src_sock) = start_empty(&src_dir);
-    let (_dst, dst_sock) = start_empty(&dst_dir);
-    let mut rpc = RpcConn::connect(&src_sock);
-    let mut dst = RpcConn::connect(&dst_sock);
-
-    let nbd = src_dir.join("nbd.sock");
-    rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
-    rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
-    rpc.ok(
-        "pair_create",
-        json!({"name": "pr", "primary": "p", "secondary": "s"}),
-    );
-    rpc.ok(
-        "nbd_export_start",
-        json!({"name": "p", "bdev": "p", "socket": nbd}),
-    );
+    let mut rig = Rig::new("incremental");
     let mut image = vec![0u8; SIZE as usize];
     rand::rngs::StdRng::seed_from_u64(20).fill_bytes(&mut image);
-    let mut p = NbdClient::connect(&nbd, "p").expect("NBD connect");
     for (i, chunk) in image.chunks(MIB as usize).enumerate() {
-        p.write(i as u64 * MIB, chunk).expect("NBD write");
+        rig.p.write(i as u64 * MIB, chunk).expect("NBD write");
     }
-    wait_for(Duration::from_secs(30), || {
-        rpc.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
-    });
-    rpc.ok("pair_split", json!({"name": "pr"}));
+    rig.split();
 
     // The full backup, checkpoint c0, to a file; the other targets get the same image.
-    let base = dir.path().join("base.img");
+    let base = rig.dir.path().join("base.img");
     let full = backup(
-        &mut rpc,
+        &mut rig.rpc,
         json!({"type": "file", "path": base}),
         Some("c0"),
         None,
     );
     assert_eq!(std::fs::read(&base).unwrap(), image);
-    let kit_sock = dir.path().join("kit.sock");
-    let _kit = nbdkit_memory(&kit_sock);
-    let kit_uri = format!("nbd+unix:///?socket={}", kit_sock.display());
-    run_ok(Command::new("nbdcopy").args([base.to_str().unwrap(), &kit_uri]));
-    let port = free_port();
-    let nqn = "nqn.2026-12.io.quicksplit:incremental";
-    let dst_nbd = dst_dir.join("nbd.sock");
-    dst.ok("bdev_malloc_create", json!({"name": "d", "size": SIZE}));
-    dst.ok(
-        "nvmf_export_start",
-        json!({"nqn": nqn, "bdev": "d", "listen": format!("127.0.0.1:{port}")}),
-    );
-    dst.ok(
-        "nbd_export_start",
-        json!({"name": "d", "bdev": "d", "socket": dst_nbd}),
-    );
-    let d_uri = nbd_unix_uri(&dst_nbd, "d");
-    run_ok(Command::new("nbdcopy").args([base.to_str().unwrap(), &d_uri]));
+    rig.fill_targets(&base);
 
     // P changes in three places; resync, split again: the image moves on.
     for (at, byte) in [(3 * MIB + 4096, 0x11u8), (17 * MIB, 0x22), (31 * MIB, 0x33)] {
         let data = vec![byte; 8192];
-        p.write(at, &data).expect("NBD write");
+        rig.p.write(at, &data).expect("NBD write");
         image[at as usize..at as usize + 8192].copy_from_slice(&data);
     }
-    rpc.ok("pair_resync", json!({"name": "pr"}));
-    wait_for(Duration::from_secs(30), || {
-        rpc.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
-    });
-    rpc.ok("pair_split", json!({"name": "pr"}));
-
+    rig.rpc.ok("pair_resync", json!({"name": "pr"}));
+    rig.split();
     let inc = backup(
-        &mut rpc,
+        &mut rig.rpc,
         json!({"type": "file", "path": base}),
         Some("c1"),
         Some("c0"),
@@ -167,27 +232,8 @@ fn incrementals_onto_a_file_nbdkit_and_an_nvmf_namespace_equal_the_image() {
     assert_eq!(inc["digest"].as_str(), Some(tree_digest_of(&base).as_str()));
     assert_ne!(inc["digest"], full["digest"]);
 
-    let kit = backup(
-        &mut rpc,
-        json!({"type": "nbd", "uri": kit_uri}),
-        None,
-        Some("c0"),
-    );
-    assert_eq!(kit["digest"], inc["digest"]);
-    assert_eq!(
-        read_export(&kit_uri, &dir.path().join("kit.img")),
-        image,
-        "nbdkit"
-    );
-
-    let nvmf = json!({"type": "nvmf", "traddr": "127.0.0.1", "trsvcid": port, "subnqn": nqn});
-    let n = backup(&mut rpc, nvmf, None, Some("c0"));
-    assert_eq!(n["digest"], inc["digest"]);
-    assert_eq!(
-        read_export(&d_uri, &dir.path().join("d.img")),
-        image,
-        "NVMe/TCP"
-    );
+    rig.backup_to_network(Some("c0"), &image, &inc["digest"], None);
+    let (rpc, src_sock) = (&mut rig.rpc, &rig.src_sock);
 
     // The CLI: nothing changed since c1, so nothing is stored and the file stays the image.
     let cli = binary("quicksplit");
@@ -226,7 +272,7 @@ fn incrementals_onto_a_file_nbdkit_and_an_nvmf_namespace_equal_the_image() {
     }
     let (_, msg) = rpc.err(
         "backup_start",
-        json!({"pair": "pr", "target": {"type": "file", "path": dir.path().join("none.img")},
+        json!({"pair": "pr", "target": {"type": "file", "path": rig.dir.path().join("none.img")},
                "since": "c0"}),
     );
     assert!(msg.contains("none.img"), "{msg}");
@@ -239,65 +285,29 @@ fn incrementals_onto_a_file_nbdkit_and_an_nvmf_namespace_equal_the_image() {
 #[test]
 fn a_mostly_empty_volume_backs_up_sparse_to_a_file_nbdkit_and_nvmf() {
     use std::os::unix::fs::MetadataExt;
-    let dir = TempDir::new("sparse-full");
-    let (src_dir, dst_dir) = (dir.path().join("src"), dir.path().join("dst"));
-    std::fs::create_dir_all(&src_dir).unwrap();
-    std::fs::create_dir_all(&dst_dir).unwrap();
-    let (_src, src_sock) = start_empty(&src_dir);
-    let (_dst, dst_sock) = start_empty(&dst_dir);
-    let mut rpc = RpcConn::connect(&src_sock);
-    let mut dst = RpcConn::connect(&dst_sock);
-    let nbd = src_dir.join("nbd.sock");
-    rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
-    rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
-    rpc.ok(
-        "pair_create",
-        json!({"name": "pr", "primary": "p", "secondary": "s"}),
-    );
-    rpc.ok(
-        "nbd_export_start",
-        json!({"name": "p", "bdev": "p", "socket": nbd}),
-    );
+    let mut rig = Rig::new("sparse-full");
     // 3 MiB of 32 written, in three places.
     let mut image = vec![0u8; SIZE as usize];
-    let mut p = NbdClient::connect(&nbd, "p").expect("NBD connect");
     let mut rng = rand::rngs::StdRng::seed_from_u64(21);
     for at in [0, 13 * MIB, 29 * MIB] {
         let r = &mut image[at as usize..(at + MIB) as usize];
         rng.fill_bytes(r);
-        p.write(at, r).expect("NBD write");
+        rig.p.write(at, r).expect("NBD write");
     }
-    wait_for(Duration::from_secs(30), || {
-        rpc.ok("pair_get", json!({"name": "pr"}))[0]["state"] == "PAIR"
-    });
-    rpc.ok("pair_split", json!({"name": "pr"}));
-
+    rig.split();
     // Targets that held something else: what the image does not hold must read as zeroes.
-    let garbage = dir.path().join("garbage.img");
+    let garbage = rig.dir.path().join("garbage.img");
     let mut junk = vec![0u8; SIZE as usize];
     rng.fill_bytes(&mut junk);
     std::fs::write(&garbage, &junk).unwrap();
-    let kit_sock = dir.path().join("kit.sock");
-    let _kit = nbdkit_memory(&kit_sock);
-    let kit_uri = format!("nbd+unix:///?socket={}", kit_sock.display());
-    run_ok(Command::new("nbdcopy").args([garbage.to_str().unwrap(), &kit_uri]));
-    let port = free_port();
-    let nqn = "nqn.2026-12.io.quicksplit:sparse";
-    let dst_nbd = dst_dir.join("nbd.sock");
-    dst.ok("bdev_malloc_create", json!({"name": "d", "size": SIZE}));
-    dst.ok(
-        "nvmf_export_start",
-        json!({"nqn": nqn, "bdev": "d", "listen": format!("127.0.0.1:{port}")}),
+    rig.fill_targets(&garbage);
+    let file = rig.dir.path().join("full.img");
+    let f = backup(
+        &mut rig.rpc,
+        json!({"type": "file", "path": file}),
+        None,
+        None,
     );
-    dst.ok(
-        "nbd_export_start",
-        json!({"name": "d", "bdev": "d", "socket": dst_nbd}),
-    );
-    let d_uri = nbd_unix_uri(&dst_nbd, "d");
-    run_ok(Command::new("nbdcopy").args([garbage.to_str().unwrap(), &d_uri]));
-
-    let file = dir.path().join("full.img");
-    let f = backup(&mut rpc, json!({"type": "file", "path": file}), None, None);
     assert_eq!(std::fs::read(&file).unwrap(), image, "the file");
     assert_eq!(f["bytes_stored"].as_u64(), Some(3 * MIB), "{f}");
     let allocated = std::fs::metadata(&file).unwrap().blocks() * 512;
@@ -307,22 +317,5 @@ fn a_mostly_empty_volume_backs_up_sparse_to_a_file_nbdkit_and_nvmf() {
     );
     assert_eq!(f["digest"].as_str(), Some(tree_digest_of(&file).as_str()));
 
-    let k = backup(&mut rpc, json!({"type": "nbd", "uri": kit_uri}), None, None);
-    assert_eq!(k["bytes_stored"].as_u64(), Some(3 * MIB), "{k}");
-    assert_eq!(k["digest"], f["digest"]);
-    assert_eq!(
-        read_export(&kit_uri, &dir.path().join("kit.img")),
-        image,
-        "nbdkit"
-    );
-
-    let nvmf = json!({"type": "nvmf", "traddr": "127.0.0.1", "trsvcid": port, "subnqn": nqn});
-    let n = backup(&mut rpc, nvmf, None, None);
-    assert_eq!(n["bytes_stored"].as_u64(), Some(3 * MIB), "{n}");
-    assert_eq!(n["digest"], f["digest"]);
-    assert_eq!(
-        read_export(&d_uri, &dir.path().join("d.img")),
-        image,
-        "NVMe/TCP"
-    );
+    rig.backup_to_network(None, &image, &f["digest"], Some(3 * MIB));
 }
