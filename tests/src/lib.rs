@@ -323,3 +323,25 @@ pub fn start_empty(dir: &Path) -> (Server, PathBuf) {
     let sock = dir.join("rpc.sock");
     (start_on(&dir.join("state"), &sock, Some(&cfg)), sock)
 }
+
+/// Makes pair "pr" of two RAM disks "p" and "s" of `size` bytes (with `copy_rate` when given)
+/// and exports P over NBD as "p" on the socket `nbd`.
+pub fn ram_pair(rpc: &mut RpcConn, size: u64, copy_rate: Option<u64>, nbd: &Path) {
+    rpc.ok(
+        "bdev_malloc_create",
+        serde_json::json!({"name": "p", "size": size}),
+    );
+    rpc.ok(
+        "bdev_malloc_create",
+        serde_json::json!({"name": "s", "size": size}),
+    );
+    let mut pair = serde_json::json!({"name": "pr", "primary": "p", "secondary": "s"});
+    if let Some(rate) = copy_rate {
+        pair["copy_rate"] = serde_json::json!(rate);
+    }
+    rpc.ok("pair_create", pair);
+    rpc.ok(
+        "nbd_export_start",
+        serde_json::json!({"name": "p", "bdev": "p", "socket": nbd}),
+    );
+}

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use quicksplit_tests::{
-    binary, sha256_of, start_empty, tree_digest_of, wait_for, RpcConn, TempDir,
+    binary, ram_pair, sha256_of, start_empty, tree_digest_of, wait_for, RpcConn, TempDir,
 };
 use serde_json::{json, Value};
 
@@ -70,16 +70,7 @@ fn wait_backup(rpc: &mut RpcConn, id: u64) -> Value {
 /// image file (P as it was at the split) and the NBD socket of the engine's exports.
 fn prepared(dir: &Path, rpc: &mut RpcConn) -> (PathBuf, PathBuf) {
     let nbd = dir.join("qs-nbd.sock");
-    rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
-    rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
-    rpc.ok(
-        "pair_create",
-        json!({"name": "pr", "primary": "p", "secondary": "s", "copy_rate": 1}),
-    );
-    rpc.ok(
-        "nbd_export_start",
-        json!({"name": "p", "bdev": "p", "socket": nbd}),
-    );
+    ram_pair(rpc, SIZE, Some(1), &nbd);
     let src = dir.join("random.img");
     run(Command::new("dd").args([
         "if=/dev/urandom",
@@ -312,16 +303,7 @@ fn a_restored_image_keeps_the_holes_of_a_mostly_empty_volume() {
     let (_server, sock) = start_empty(dir.path());
     let mut rpc = RpcConn::connect(&sock);
     let nbd = dir.path().join("qs-nbd.sock");
-    rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
-    rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
-    rpc.ok(
-        "pair_create",
-        json!({"name": "pr", "primary": "p", "secondary": "s"}),
-    );
-    rpc.ok(
-        "nbd_export_start",
-        json!({"name": "p", "bdev": "p", "socket": nbd}),
-    );
+    ram_pair(&mut rpc, SIZE, None, &nbd);
     // 1 MiB of data in 16 MiB, the rest never written (zeroes).
     let p_uri = format!("nbd+unix:///p?socket={}", nbd.display());
     run(Command::new("qemu-io").args([

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use quicksplit_tests::nbd::NbdClient;
 use quicksplit_tests::{
-    binary, nbd_unix_uri, run_ok, start_empty, tree_digest_of, wait_backup, wait_for, RpcConn,
-    TempDir,
+    binary, nbd_unix_uri, ram_pair, run_ok, start_empty, tree_digest_of, wait_backup, wait_for,
+    RpcConn, TempDir,
 };
 use rand::{RngCore, SeedableRng};
 use serde_json::{json, Value};
@@ -103,16 +103,7 @@ impl Rig {
         let mut rpc = RpcConn::connect(&src_sock);
         let mut dst = RpcConn::connect(&dst_sock);
         let nbd = src_dir.join("nbd.sock");
-        rpc.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
-        rpc.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
-        rpc.ok(
-            "pair_create",
-            json!({"name": "pr", "primary": "p", "secondary": "s"}),
-        );
-        rpc.ok(
-            "nbd_export_start",
-            json!({"name": "p", "bdev": "p", "socket": nbd}),
-        );
+        ram_pair(&mut rpc, SIZE, None, &nbd);
         let p = NbdClient::connect(&nbd, "p").expect("NBD connect");
         let kit_sock = dir.path().join("kit.sock");
         let kit = nbdkit_memory(&kit_sock);

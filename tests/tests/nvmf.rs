@@ -66,16 +66,7 @@ fn backups_to_another_quicksplit_over_nvmf_are_exact_in_every_mode() {
 
     // The source: a pair whose P holds random data, written through NBD.
     let nbd = src_dir.join("nbd.sock");
-    src.ok("bdev_malloc_create", json!({"name": "p", "size": SIZE}));
-    src.ok("bdev_malloc_create", json!({"name": "s", "size": SIZE}));
-    src.ok(
-        "pair_create",
-        json!({"name": "pr", "primary": "p", "secondary": "s", "copy_rate": 1}),
-    );
-    src.ok(
-        "nbd_export_start",
-        json!({"name": "p", "bdev": "p", "socket": nbd}),
-    );
+    quicksplit_tests::ram_pair(&mut src, SIZE, Some(1), &nbd);
     let mut image = vec![0u8; SIZE as usize];
     rand::rngs::StdRng::seed_from_u64(8).fill_bytes(&mut image);
     let mut p = NbdClient::connect(&nbd, "p").expect("NBD connect");
