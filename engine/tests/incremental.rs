@@ -79,16 +79,22 @@ fn restore_chain(chain: &[PathBuf], dir: &Path) -> Vec<u8> {
 
 fn write(engine: &Engine, name: &str, view: View, rng: &mut StdRng, bytes: &mut [u8]) {
     let bdev = engine.pair_view(name, view).unwrap();
-    // Writes cluster in a few tracks, so some chunks stay empty and some change.
+    // Writes cluster in a few tracks, so some chunks stay empty and some change. The writes of
+    // a batch run at once: each goes to a block of its own, or which one lands last is open.
     let hot = rng.gen_range(0..TRACKS);
-    let ops: Vec<Op> = (0..rng.gen_range(1..5))
+    let blocks: std::collections::BTreeSet<u64> = (0..rng.gen_range(1..5))
         .map(|_| {
             let track = if rng.gen_bool(0.7) {
                 hot
             } else {
                 rng.gen_range(0..TRACKS)
             };
-            let block = track * (TRACK / BS) + rng.gen_range(0..TRACK / BS);
+            track * (TRACK / BS) + rng.gen_range(0..TRACK / BS)
+        })
+        .collect();
+    let ops: Vec<Op> = blocks
+        .into_iter()
+        .map(|block| {
             let data: Vec<u8> = (0..BS).map(|_| rng.gen()).collect();
             let at = (block * BS) as usize;
             bytes[at..at + BS as usize].copy_from_slice(&data);
