@@ -428,6 +428,43 @@ fn bad_since_requests_get_clear_errors_and_change_nothing() {
     );
     assert_eq!(info.state, BackupState::Done, "{:?}", info.error);
     assert_eq!(info.bytes_stored, 0, "nothing changed since 'cb'");
+    // A file holding another image of the pair (its mark says so) is not the base.
+    let image = engine.pair_view("b", View::Image).unwrap();
+    let op = Op::WriteFua(0, vec![0x5a; BS as usize]);
+    for r in common::run(&engine, 0, image, vec![op]) {
+        r.expect("image write");
+    }
+    let other = dir.join("b-other.img");
+    let info = backup(
+        &engine,
+        "b",
+        Mode::Merge,
+        file(&other),
+        opts(Some("cb2"), None),
+    );
+    assert_eq!(info.state, BackupState::Done, "{:?}", info.error);
+    match drivers::sink::image_mark::read(&other).unwrap() {
+        Some(mark) => {
+            assert_eq!(mark.checkpoint.as_deref(), Some("cb2"));
+            assert_eq!(Some(mark.digest), info.digest);
+            let n = engine.backup_get(None).unwrap().len();
+            let e = start("b", &other, opts(None, Some("cb")));
+            assert!(e.contains("holds checkpoint 'cb2' of pair 'b'"), "{e}");
+            assert_eq!(engine.backup_get(None).unwrap().len(), n);
+            // Onto its own base it goes, and the file's mark follows the new image.
+            let info = backup(
+                &engine,
+                "b",
+                Mode::Merge,
+                file(&other),
+                opts(None, Some("cb2")),
+            );
+            assert_eq!(info.state, BackupState::Done, "{:?}", info.error);
+            let mark = drivers::sink::image_mark::read(&other).unwrap().unwrap();
+            assert_eq!((Some(mark.digest), mark.checkpoint), (info.digest, None));
+        }
+        None => eprintln!("no user extended attributes here: the base check is not tested"),
+    }
 }
 
 /// A restore's bits stay on disk until the cleaner's next pass; a split and a power cut before

@@ -9,6 +9,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
+use super::image_mark::ImageMark;
 use super::partial::PartialFile;
 use super::{Sink, SinkDone, SinkFull};
 use crate::bdev::{Bdev, ChannelContext, IoChannel, IoCompletion, IoError, IoOp, IoRequest};
@@ -21,6 +22,8 @@ const FLUSH_TAG: u64 = u64::MAX;
 /// A raw-image target.
 pub struct FileSink {
     path: PathBuf,
+    /// Where the bytes go, when it is a regular file: it gets the image's mark at the end.
+    marked: Option<PathBuf>,
     partial: Option<PartialFile>,
     channel: Box<dyn IoChannel>,
     scratch: Vec<IoCompletion>,
@@ -61,6 +64,11 @@ impl FileSink {
             .then(|| PartialFile::new(path))
             .transpose()?;
         let target = partial.as_ref().map_or(path, |p| p.partial());
+        if in_place && !is_block {
+            // Written in place: until it is complete, it holds no image to trust.
+            super::image_mark::clear(path)?;
+        }
+        let marked = (!is_block).then(|| target.to_path_buf());
         let bdev = UringBdev::open_with(
             "backup-file",
             target,
@@ -80,6 +88,7 @@ impl FileSink {
         let channel = bdev.open_channel(ctx).map_err(|e| e.to_string())?;
         Ok(Self {
             path: path.to_path_buf(),
+            marked,
             partial,
             channel,
             scratch: Vec::new(),
@@ -137,11 +146,20 @@ impl Sink for FileSink {
         self.channel.in_flight() + usize::from(renaming)
     }
 
-    fn finish(&mut self, _manifest: &Manifest) -> Result<(), IoError> {
+    fn finish(&mut self, manifest: &Manifest) -> Result<(), IoError> {
         if self.finishing {
             return Ok(());
         }
         self.finishing = true;
+        // The flush below makes the mark durable with the data.
+        if let (Some(path), Some(digest)) = (&self.marked, &manifest.digest) {
+            let mark = ImageMark {
+                pair: manifest.pair.clone(),
+                digest: digest.clone(),
+                checkpoint: manifest.checkpoint.clone(),
+            };
+            super::image_mark::set(path, &mark).map_err(IoError::Refused)?;
+        }
         self.channel
             .submit(IoRequest::without_data(IoOp::Flush, 0, 0, FLUSH_TAG))
             .map_err(|e| match e.error {

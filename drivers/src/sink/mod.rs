@@ -11,6 +11,7 @@
 //! - [`nvmf::NvmfSink`]: a namespace of an NVMe/TCP subsystem.
 
 pub mod file;
+pub mod image_mark;
 pub mod nbd;
 pub mod nvmf;
 pub mod partial;

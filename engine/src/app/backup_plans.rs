@@ -52,6 +52,32 @@ fn holes_of(target: &Target, connection: Option<&Connection>) -> Holes {
     }
 }
 
+/// Refuses a file target whose mark says it holds another image than checkpoint `since`'s
+/// (`digest`) of pair `pair`. A file without a mark is taken on trust.
+fn check_mark(
+    path: &std::path::Path,
+    pair: &str,
+    since: &str,
+    digest: &str,
+) -> Result<(), EngineError> {
+    let Some(mark) = drivers::sink::image_mark::read(path).map_err(invalid)? else {
+        return Ok(());
+    };
+    if mark.pair != pair || mark.digest != digest {
+        let of = match &mark.checkpoint {
+            Some(c) => format!("checkpoint '{c}' of pair '{}'", mark.pair),
+            None => format!("an image of pair '{}'", mark.pair),
+        };
+        return Err(invalid(format!(
+            "{} holds {of} ({}), not checkpoint '{since}' of pair '{pair}' ({digest}): an \
+             incremental backup applies onto its base only",
+            path.display(),
+            mark.digest
+        )));
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Checks `opts.since` for a backup of `p` to `target`: a checkpoint of this pair whose
     /// backup's chunk digests are kept, a target that can hold its image. `None` for a full
@@ -118,6 +144,9 @@ impl Engine {
                     cp.backup_id
                 ))
             })?;
+        if let Target::File { path } = target {
+            check_mark(path, p.name(), since, &digest)?;
+        }
         let chunks = self.backup_chunk_digests(cp.backup_id).map_err(|e| {
             EngineError::NotFound(format!(
                 "checkpoint '{since}': {e}; an incremental needs them, take a full backup"
