@@ -4,7 +4,7 @@
 //! an incremental one stores only the tracks changed since its base checkpoint (the rest is the
 //! base's, already on the target).
 //!
-//! Ranges are aligned on [`Plan::granule`]: whole tracks (a staging buffer never mixes two
+//! Ranges are aligned on [`granule`]: whole tracks (a staging buffer never mixes two
 //! tracks' sources) and whole chunks of the tree digest and of the CRCs (each chunk is hashed
 //! whole, or not at all).
 
