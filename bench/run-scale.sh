@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# What each pair costs, measured as a user would: the release build on 2 reactors
+# (`--idle adaptive`), N pairs of uring bdevs on sparse 16 MiB files (in a directory on the
+# state directory's file system), created over one RPC connection (3 requests a pair, sent one
+# after the other). Prints, for each N: the creation time, the engine's RSS and open fds, the
+# reactors' busy share while everything is idle (5 s), the round trip of a group split of all
+# the pairs (median and max of 10, each followed by a resync), and of one pair's split (median
+# of 10), and host 4 KiB randwrite IOPS through one pair's NBD export (fio, QD32, 5 s).
+# Usage: bench/run-scale.sh [N...] (default: 10 1000)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/common.sh
+counts=("$@"); [ ${#counts[@]} -gt 0 ] || counts=(10 1000)
+cargo build --release --locked -p engine --bin quicksplit >/dev/null 2>&1
+qs=${QS:-${CARGO_TARGET_DIR:-$PWD/target}/release/quicksplit}
+work=$(mktemp -d /var/tmp/qs-scale.XXXXXX)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+# A JSON-RPC client over one connection: runs the phase named $1 with $2 pairs, prints results.
+drive() {
+  $py - "$work/rpc.sock" "$1" "$2" "$work/files" <<'PY'
+import json, socket, statistics, sys, time
+sock, phase, n, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+s = socket.socket(socket.AF_UNIX); s.connect(sock); f = s.makefile("rwb")
+seq = 0
+def call(method, params=None):
+    global seq
+    seq += 1
+    f.write(json.dumps({"jsonrpc": "2.0", "id": seq, "method": method, "params": params or {}}).encode() + b"\n")
+    f.flush()
+    r = json.loads(f.readline())
+    if "error" in r:
+        sys.exit(f"{method}: {r['error']}")
+    return r["result"]
+names = [f"pr{i}" for i in range(n)]
+def wait_pair(which):
+    while True:
+        st = {p["name"]: (p["state"], p["pending_tracks"]) for p in call("pair_get")}
+        if all(st[w] == ("PAIR", 0) for w in which):
+            return
+        time.sleep(0.05)
+if phase == "create":
+    t = time.monotonic()
+    for i, name in enumerate(names):
+        for side in "ps":
+            call("bdev_uring_create", {"name": f"{side}{i}", "filename": f"{files}/{side}{i}.img", "size": 16 << 20})
+        call("pair_create", {"name": name, "primary": f"p{i}", "secondary": f"s{i}"})
+    print(f"{time.monotonic() - t:.2f}")
+elif phase == "splits":
+    wait_pair(names)
+    group, single = [], []
+    for _ in range(10):
+        t = time.monotonic(); call("pair_split", {"names": names}); group.append(time.monotonic() - t)
+        for name in names:
+            call("pair_resync", {"name": name})
+        wait_pair(names)
+    for _ in range(10):
+        t = time.monotonic(); call("pair_split", {"name": names[0]}); single.append(time.monotonic() - t)
+        call("pair_resync", {"name": names[0]}); wait_pair(names[:1])
+    ms = lambda v: v * 1e3
+    print(f"{ms(statistics.median(group)):.1f} {ms(max(group)):.1f} {ms(statistics.median(single)):.2f}")
+elif phase == "busy":
+    def busy():
+        r = call("framework_get_reactors")
+        return sum(x["busy_ns"] for x in r), sum(x["busy_ns"] + x["idle_ns"] for x in r)
+    b0, t0 = busy(); time.sleep(5); b1, t1 = busy()
+    print(f"{(b1 - b0) / max(t1 - t0, 1):.3f}")
+PY
+}
+
+echo "load before: $(uptime)"
+printf '%8s %10s %10s %8s %10s %16s %16s %14s\n' pairs create_s rss_mib fds idle_busy "group split ms" "(max)" "one split ms"
+for n in "${counts[@]}"; do
+  rm -rf "$work/state" "$work/files" "$work/rpc.sock"; mkdir -p "$work/files"
+  echo '{"config": []}' > "$work/empty.json"
+  serve_two_cores "$work/empty.json"
+  pid=${pids[-1]}
+  create=$(drive create "$n")
+  rss=$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$pid/status")
+  fds=$(ls "/proc/$pid/fd" | wc -l)
+  busy=$(drive busy "$n")
+  read -r gmed gmax one < <(drive splits "$n")
+  printf '%8d %10s %10s %8s %10s %16s %16s %14s\n' "$n" "$create" "$rss" "$fds" "$busy" "$gmed" "$gmax" "$one"
+  rpc nbd_export_start '{"name": "p0", "bdev": "p0", "socket": "'"$work"'/nbd.sock"}' >/dev/null
+  iops=$(URI="nbd+unix:///p0?socket=$work/nbd.sock" RUNTIME=5 NUMJOBS=1 fio --output-format=json \
+    bench/fio/nbd-randwrite.fio 2>/dev/null | grep -v '^fio:' \
+    | $py -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['write']['iops']))")
+  echo "         host 4 KiB randwrite IOPS through pair 0 with $n pairs: $iops"
+  kill "$pid"; wait "$pid" 2>/dev/null || true; pids=()
+done
+echo "load after: $(uptime)"
