@@ -199,9 +199,19 @@ fn ctrl_c_during_wait_leaves_the_backup_running_and_cancel_stops_it() {
     c.ok("pair_split", json!({"names": ["ab"]}));
     let img = dir.path().join("slow.img");
     let to = format!("file:{}", img.display());
+    // The volume holds no data, so only with the flat SHA-256 (every byte read) does the backup
+    // run long enough at 2 MB/s to be interrupted.
     let child = Command::new(binary("quicksplit"))
         .args([
-            "backup", "ab", "--to", &to, "--rate", "2M", "--wait", "--socket",
+            "backup",
+            "ab",
+            "--to",
+            &to,
+            "--rate",
+            "2M",
+            "--flat-sha256",
+            "--wait",
+            "--socket",
         ])
         .arg(&sock)
         .stdout(Stdio::piped())
