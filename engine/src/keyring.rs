@@ -8,7 +8,7 @@
 //! appears in a log line, an error message or an RPC result: errors name the key and its path.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -100,7 +100,13 @@ fn read_key_file(name: &str, path: &Path) -> Result<Secret, KeyringError> {
         return Err(bad("the path must be absolute".into()));
     }
     // Opened first and checked through the descriptor: the file checked is the file read.
-    let file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    // Non-blocking, so a FIFO named by mistake is refused as not a regular file instead of
+    // holding the caller until something writes to it.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(e.to_string()))?;
     let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
@@ -144,11 +150,15 @@ impl Keyring {
     /// read (the secret read is dropped at once).
     pub fn add(&self, name: &str, path: &Path) -> Result<(), KeyringError> {
         check_name(name)?;
+        if self.keys().contains_key(name) {
+            return Err(KeyringError::Exists(name.to_string()));
+        }
+        // Read without the lock held; the name is checked again before it is taken.
+        drop(read_key_file(name, path)?);
         let mut keys = self.keys();
         if keys.contains_key(name) {
             return Err(KeyringError::Exists(name.to_string()));
         }
-        drop(read_key_file(name, path)?);
         keys.insert(name.to_string(), path.to_path_buf());
         tracing::info!(key = name, path = %path.display(), "key added to the keyring");
         Ok(())
@@ -251,6 +261,13 @@ mod tests {
         assert!(e.contains("absolute"), "{e}");
         let e = ring.add("dir", &dir).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            std::fs::set_permissions(&fifo, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let e = ring.add("fifo", &fifo).unwrap_err().to_string();
+            assert!(e.contains("not a regular file"), "{e}");
+        }
         assert!(matches!(
             ring.add("a/b", &good),
             Err(KeyringError::BadName(_))
