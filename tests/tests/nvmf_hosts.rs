@@ -407,14 +407,30 @@ fn an_export_serves_its_hosts_refuses_others_and_shows_itself_only_to_them() {
     );
     let (code, msg) = i.err("bdev_nvme_attach_controller", attach("nb", "host-b"));
     assert_eq!(code, PARAMS, "{msg}");
+    // Key names: an unknown one is unknown, a known one refused as not supported yet (the
+    // driver refuses one that reaches it too).
     let mut keyed = attach("nk", HOST_A);
     keyed["dhchap_key"] = json!("k");
+    let (code, msg) = i.err("bdev_nvme_attach_controller", keyed.clone());
+    assert_eq!(code, NOT_FOUND, "{msg}");
+    let key = key_file(&init_dir, "k.key", 0o600);
+    i.ok("keyring_file_add_key", json!({"name": "k", "path": key}));
     let (code, msg) = i.err("bdev_nvme_attach_controller", keyed);
-    assert_eq!(code, PARAMS, "{msg}");
-    assert!(msg.contains("not supported yet"), "{msg}");
+    assert_eq!(code, UNAVAILABLE, "{msg}");
+    assert!(
+        msg.contains("dhchap_key") && msg.contains("not supported yet"),
+        "{msg}"
+    );
     // The saved configuration attaches again with the same host NQN.
     let saved = i.ok("save_config", json!({}));
-    assert_eq!(saved["config"][0]["params"]["hostnqn"], HOST_A, "{saved}");
+    let attached = saved["config"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["method"] == "bdev_nvme_attach_controller")
+        .cloned()
+        .unwrap();
+    assert_eq!(attached["params"]["hostnqn"], HOST_A, "{saved}");
     // The nvmf backup target: B refused with the reason; key names refused (an unknown
     // one as unknown).
     i.ok("bdev_malloc_create", json!({"name": "p", "size": 4 * MIB}));
@@ -436,10 +452,15 @@ fn an_export_serves_its_hosts_refuses_others_and_shows_itself_only_to_them() {
         "{msg}"
     );
     let mut keyed = target(HOST_A);
-    keyed["dhchap_key"] = json!("k");
+    keyed["dhchap_ctrlr_key"] = json!("nokey");
     let (code, msg) = i.err("backup_start", json!({"pair": "pr", "target": keyed}));
     assert_eq!(code, NOT_FOUND, "an unknown key name: {msg}");
-    assert!(msg.contains("no key named 'k'"), "{msg}");
+    assert!(msg.contains("no key named 'nokey'"), "{msg}");
+    let mut keyed = target(HOST_A);
+    keyed["dhchap_key"] = json!("k");
+    let (code, msg) = i.err("backup_start", json!({"pair": "pr", "target": keyed}));
+    assert_eq!(code, UNAVAILABLE, "{msg}");
+    assert!(msg.contains("not supported yet"), "{msg}");
     assert_eq!(i.ok("backup_get", json!({})), json!([]));
 
     // Removing A closes its connections (the attached controller's and ours) and refuses it.
@@ -478,6 +499,10 @@ fn an_export_serves_its_hosts_refuses_others_and_shows_itself_only_to_them() {
     assert_eq!(code, NOT_FOUND);
     // The engine still serves B on the open export.
     write_read(&b_open, &pool, 3 * MIB, 0xb4);
+    assert!(
+        !initiator.text().contains(SECRET_BODY),
+        "the secret is in the log"
+    );
 }
 
 /// The machine's address toward the outside, if it has one; 0.0.0.0 (every interface, not

@@ -364,6 +364,7 @@ fn bdev_uring_create(engine: &Engine, p: Value) -> Result<Value, RpcError> {
 
 /// Its parameters are the driver's (`drivers::nvme::rpc::AttachParams`).
 fn bdev_nvme_attach_controller(engine: &Engine, p: Value) -> Result<Value, RpcError> {
+    nvmf::check_initiator_keys(engine, &p)?;
     Ok(json!(engine.nvme_attach(p)?))
 }
 

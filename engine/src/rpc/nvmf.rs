@@ -110,6 +110,16 @@ pub(super) fn nvmf_export_remove_host(
     Ok(json!(true))
 }
 
+/// The key names an initiator's parameters give (`bdev_nvme_attach_controller`): each must be
+/// in the keyring, and is then refused until DH-HMAC-CHAP is there.
+pub(super) fn check_initiator_keys(engine: &Engine, params: &Value) -> Result<(), RpcError> {
+    let keys: Vec<(&'static str, &str)> = ["dhchap_key", "dhchap_ctrlr_key"]
+        .into_iter()
+        .filter_map(|k| Some((k, params.get(k)?.as_str()?)))
+        .collect();
+    Ok(engine.check_dhchap_keys(keys)?)
+}
+
 /// A backup target from `backup_start`'s `target`: an `nvmf` target's `dhchap_key` and
 /// `dhchap_ctrlr_key` name keyring keys, refused until DH-HMAC-CHAP is there.
 pub(super) fn backup_target(engine: &Engine, mut target: Value) -> Result<Target, RpcError> {
