@@ -89,6 +89,11 @@ impl NvmfConn {
                 }
             }
         };
+        // Read before the check: a change after it is seen by the next poll.
+        let access_seen = export
+            .as_deref()
+            .and_then(crate::nvmf::access_of)
+            .map(|a| a.revision());
         if let Some(e) = export
             .as_ref()
             .filter(|e| !crate::nvmf::allows(e, &d.hostnqn))
@@ -161,10 +166,7 @@ impl NvmfConn {
         let cntlid = ctrl.cntlid;
         let detail = format!("controller {cntlid} queue {} host {}", c.qid, ctrl.hostnqn);
         self.pump.attach(&ctrl.subnqn, export.clone(), detail);
-        self.host.access_seen = export
-            .as_deref()
-            .and_then(crate::nvmf::access_of)
-            .map(|a| a.revision());
+        self.host.access_seen = access_seen;
         self.export = export;
         self.last_keep_alive = Instant::now();
         self.name = format!("nvmf:{}:{}q{}", ctrl.subnqn, cntlid, c.qid);
