@@ -6,11 +6,12 @@
 //! [`verify`] jobs comparing P and S; the
 //! [`export`] layer with its two protocols, [`nbd`] and [`nvmf`] (NVMe/TCP); the control plane
 //! ([`app`]: the engine's state, one file per subsystem) and its JSON-RPC server ([`rpc`]); the
-//! [`logging`] set-up, the Prometheus [`metrics`] endpoint; and the `quicksplit` binary.
+//! [`keyring`] of secrets in files, the [`logging`] set-up, the Prometheus [`metrics`] endpoint; and the `quicksplit` binary.
 
 pub mod app;
 pub mod backup;
 pub mod export;
+pub mod keyring;
 pub mod logging;
 pub mod metrics;
 pub mod nbd;

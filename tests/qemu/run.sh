@@ -62,7 +62,7 @@ build=(cargo build --locked --target "$target" --no-default-features
 echo "qemu guest: building static binaries ($profile)"
 # Optimized even in the debug profile: TCG runs unoptimized code very slowly.
 (cd "$root" && CARGO_PROFILE_DEV_OPT_LEVEL=2 RUSTFLAGS="-C target-feature=+crt-static" "${build[@]}")
-bin=$root/target/$target/$profile
+bin=${CARGO_TARGET_DIR:-$root/target}/$target/$profile
 
 # 3. The initramfs.
 rootfs=$cache/rootfs

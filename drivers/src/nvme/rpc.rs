@@ -34,6 +34,15 @@ pub struct AttachParams {
     /// Milliseconds an I/O command may take before it is aborted (default 30000).
     #[serde(default)]
     pub io_timeout_ms: Option<u64>,
+    /// NVMe/TCP: the host NQN sent in Connect (default: this host's, derived from its name).
+    #[serde(default)]
+    pub hostnqn: Option<String>,
+    /// NVMe/TCP: the keyring key to authenticate with (DH-HMAC-CHAP, not supported yet).
+    #[serde(default)]
+    pub dhchap_key: Option<String>,
+    /// NVMe/TCP: the keyring key the controller authenticates with (not supported yet).
+    #[serde(default)]
+    pub dhchap_ctrlr_key: Option<String>,
 }
 
 /// Where a controller is.
@@ -66,8 +75,12 @@ impl AttachParams {
             .as_deref()
         {
             None | Some("pcie") => {
-                if self.traddr.is_some() || self.trsvcid.is_some() || self.subnqn.is_some() {
-                    return bad("traddr, trsvcid and subnqn go with trtype \"tcp\"");
+                if self.traddr.is_some()
+                    || self.trsvcid.is_some()
+                    || self.subnqn.is_some()
+                    || self.hostnqn.is_some()
+                {
+                    return bad("traddr, trsvcid, subnqn and hostnqn go with trtype \"tcp\"");
                 }
                 match &self.pci_addr {
                     Some(a) => Ok(Transport::Pcie {
@@ -153,6 +166,23 @@ fn attach_tcp(
     let mut params = serde_json::json!({
         "name": p.name, "trtype": "tcp", "traddr": traddr, "trsvcid": trsvcid, "subnqn": subnqn,
     });
+    for (param, key) in [
+        ("dhchap_key", &p.dhchap_key),
+        ("dhchap_ctrlr_key", &p.dhchap_ctrlr_key),
+    ] {
+        if key.is_some() {
+            // Never connect without the authentication a key asks for.
+            return Err(CreateError::Params(format!(
+                "parameter '{param}': DH-HMAC-CHAP authentication is not supported yet"
+            )));
+        }
+    }
+    if let Some(h) = &p.hostnqn {
+        crate::nvmf::fabrics::check_host_nqn(h)
+            .map_err(|e| CreateError::Params(format!("parameter 'hostnqn': {e}")))?;
+        opts.hostnqn = h.clone();
+        params["hostnqn"] = serde_json::json!(h);
+    }
     if let Some(ms) = p.io_timeout_ms {
         if ms == 0 {
             return Err(CreateError::Params(

@@ -216,6 +216,18 @@ pub struct ConnectData {
     pub hostnqn: String,
 }
 
+/// Checks a host NQN to send in Connect or to allow on an export: it starts with `nqn.` and
+/// has at most 223 bytes, none a control character.
+pub fn check_host_nqn(nqn: &str) -> Result<(), String> {
+    if !nqn.starts_with("nqn.") || nqn.len() > 223 || nqn.chars().any(char::is_control) {
+        return Err(format!(
+            "'{}' is not an NQN (it starts with 'nqn.' and has at most 223 bytes)",
+            nqn.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 /// An NQN field: UTF-8 up to a NUL within its 256 bytes; `None` when not terminated or not
 /// UTF-8. It may be empty: SPDK's initiator sends an empty host NQN unless given one, and the
 /// Linux and SPDK targets take it.

@@ -36,15 +36,12 @@ impl Engine {
         std::fs::File::open(&self.state_dir)?.sync_all()
     }
 
-    /// The running configuration: the calls that rebuild every bdev and pair, in order.
+    /// The running configuration: the calls that rebuild every key of the keyring (names and
+    /// paths: before anything that names a key), bdev, pair and export, in order.
     pub fn save_config(&self) -> serde_json::Value {
+        let mut calls = self.keyring.config();
         let st = self.state();
-        let mut calls: Vec<serde_json::Value> = st
-            .bdevs
-            .config()
-            .into_iter()
-            .filter(|c| !c.is_null())
-            .collect();
+        calls.extend(st.bdevs.config().into_iter().filter(|c| !c.is_null()));
         for p in st.pairs.values() {
             calls.push(serde_json::json!({
                 "method": "pair_create",

@@ -7,6 +7,7 @@ use super::{Engine, EngineError, State};
 use crate::export::contexts::DirtyBitmaps;
 use crate::export::{Address, Export, ExportError, ExportSet, Source};
 use crate::nbd::NbdServer;
+use crate::nvmf::hosts::{self, AllowedHost, HostAccess};
 use crate::nvmf::{check_nqn, NvmfServer, DEFAULT_LISTEN};
 use crate::pair::channel::{PairView, View};
 use crate::pair::{Pair, PairError};
@@ -153,27 +154,94 @@ impl Engine {
     ) -> Result<(), EngineError> {
         let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
         self.start_export(bdev, pair, writable, |source, shown, writable, dirty| {
+            let no_options = Arc::new(());
             self.nbd
-                .start(name, source, shown, writable, address, dirty)
+                .start(name, source, shown, writable, address, dirty, no_options)
         })
     }
 
     /// `nvmf_export_start`: exports a bdev (through its pair when it is a pair's primary) or a
     /// pair's image as namespace 1 of subsystem `nqn`. `writable` defaults to true for a bdev
-    /// and false for an image.
+    /// and false for an image. The hosts allowed: `hosts`, or any when `allow_any_host`, which
+    /// defaults to true only with no `hosts` on a loopback listen; any other listen needs one
+    /// of them.
     pub fn nvmf_export_start(
         &self,
         nqn: &str,
-        bdev: Option<&str>,
-        pair: Option<&str>,
+        (bdev, pair): (Option<&str>, Option<&str>),
         writable: Option<bool>,
         listen: Option<&str>,
+        (hosts, allow_any_host): (Vec<AllowedHost>, Option<bool>),
     ) -> Result<(), EngineError> {
         check_nqn(nqn)?;
-        let address = Address::Tcp(listen.unwrap_or(DEFAULT_LISTEN).to_string());
+        let listen = listen.unwrap_or(DEFAULT_LISTEN);
+        let loopback = hosts::is_loopback_listen(listen);
+        if !loopback && hosts.is_empty() && allow_any_host.is_none() {
+            return Err(ExportError::Invalid(format!(
+                "listen address {listen} is not loopback: give the host NQNs allowed ('hosts') \
+                 or allow_any_host: true"
+            ))
+            .into());
+        }
+        for (i, h) in hosts.iter().enumerate() {
+            if hosts[..i].iter().any(|o| o.nqn == h.nqn) {
+                return Err(ExportError::Invalid(format!(
+                    "parameter 'hosts': host '{}' is given twice",
+                    h.nqn
+                ))
+                .into());
+            }
+        }
+        self.check_dhchap_keys(hosts.iter().flat_map(AllowedHost::keys))?;
+        let allow_any_host = allow_any_host.unwrap_or(loopback && hosts.is_empty());
+        let access = Arc::new(HostAccess::new(allow_any_host, hosts));
+        let address = Address::Tcp(listen.to_string());
         self.start_export(bdev, pair, writable, |source, shown, writable, _dirty| {
-            self.nvmf.start(nqn, source, shown, writable, address, None)
+            self.nvmf
+                .start(nqn, source, shown, writable, address, None, access)
         })
+    }
+
+    /// The running NVMe/TCP export `nqn`.
+    fn nvmf_export(&self, nqn: &str) -> Result<Arc<Export>, EngineError> {
+        let e = self.nvmf.get(nqn).ok_or_else(|| ExportError::NotFound {
+            what: <crate::nvmf::NvmeTcp as crate::export::Protocol>::EXPORT,
+            name: nqn.to_string(),
+        })?;
+        Ok(e)
+    }
+
+    /// `nvmf_export_add_host`: allows one more host on a running export.
+    pub fn nvmf_export_add_host(&self, nqn: &str, host: AllowedHost) -> Result<(), EngineError> {
+        hosts::check_host_nqn(&host.nqn)?;
+        let e = self.nvmf_export(nqn)?;
+        self.check_dhchap_keys(host.keys())?;
+        let access = crate::nvmf::access_of(&e)
+            .ok_or_else(|| ExportError::Invalid(format!("export '{nqn}' has no host list")))?;
+        let added = host.nqn.clone();
+        access.add(host)?;
+        self.nvmf.changed();
+        tracing::info!(nqn, host = %added, "NVMe/TCP export allows one more host");
+        Ok(())
+    }
+
+    /// `nvmf_export_remove_host`: the host may no longer connect, and its connections to the
+    /// export close.
+    pub fn nvmf_export_remove_host(&self, nqn: &str, host: &str) -> Result<(), EngineError> {
+        let e = self.nvmf_export(nqn)?;
+        let removed = crate::nvmf::access_of(&e).and_then(|a| a.remove(host));
+        if removed.is_none() {
+            return Err(EngineError::NotFound(format!(
+                "host '{host}' is not in the hosts of NVMe/TCP export '{nqn}'"
+            )));
+        }
+        self.nvmf.changed();
+        // Parked reactors wake so the host's connections see it.
+        for r in self.reactors.handles() {
+            r.wake_if_parked();
+        }
+        tracing::info!(nqn, host, "NVMe/TCP export no longer allows a host");
+        Ok(())
     }
 
     /// The export, of any protocol, that shows bdev `name` itself, if one does. (Stopped

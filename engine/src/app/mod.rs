@@ -1,7 +1,7 @@
 //! The running engine: its reactors and the control-plane state (bdevs, pairs, backups,
 //! exports) behind one lock that the data path never takes. Each file of this module is one
 //! subsystem's operations on the [`Engine`]: `bdevs`, `pairs`, `backups`, `verifies`,
-//! `exports`, `config` and the embedded `default`.
+//! `exports`, `keys` (the keyring), `config` and the embedded `default`.
 
 mod backup_plans;
 mod backups;
@@ -9,6 +9,7 @@ mod bdevs;
 mod config;
 mod default;
 mod exports;
+mod keys;
 mod pairs;
 mod state_lock;
 mod verifies;
@@ -21,6 +22,7 @@ use drivers::{BdevError, BdevTable, DriverRegistry};
 
 use crate::backup::{Backups, Journal};
 use crate::export::ExportError;
+use crate::keyring::{Keyring, KeyringError};
 use crate::nbd::{Nbd, NbdServer};
 use crate::nvmf::{NvmeTcp, NvmfServer};
 use crate::pair::control::{ControlPoller, ControlQueue};
@@ -78,6 +80,8 @@ pub struct Engine {
     control: Arc<ControlQueue>,
     nbd: Arc<NbdServer>,
     nvmf: Arc<NvmfServer>,
+    /// Secrets by name, for everything that authenticates.
+    keyring: Keyring,
     backups: Backups,
     verifies: Verifies,
     /// Held while the configuration file is written: two RPCs finishing at once must not
@@ -117,6 +121,9 @@ pub enum EngineError {
     /// The object is in use.
     #[error("{0}")]
     InUse(String),
+    /// A keyring operation failed, or a key is unusable.
+    #[error(transparent)]
+    Keyring(#[from] KeyringError),
 }
 
 impl Engine {
@@ -159,6 +166,7 @@ impl Engine {
             verifies: Verifies::default(),
             nbd,
             nvmf,
+            keyring: Keyring::default(),
             reactors,
             state: Mutex::new(State {
                 bdevs: BdevTable::new(),

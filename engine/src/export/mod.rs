@@ -80,6 +80,24 @@ pub enum Source {
     Pair(String),
 }
 
+/// A protocol's own settings of one export (NVMe/TCP: the hosts it allows): reported by the
+/// listing and saved in the configuration beside the export's common parameters.
+pub trait ExportOptions: std::fmt::Debug + Send + Sync + 'static {
+    /// Adds its parameters, as the protocol's start method takes them.
+    fn params(&self, m: &mut serde_json::Map<String, serde_json::Value>);
+    /// The settings as their own type, for the protocol that made them.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// No settings of its own.
+impl ExportOptions for () {
+    fn params(&self, _: &mut serde_json::Map<String, serde_json::Value>) {}
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// One export of some protocol.
 pub struct Export {
     /// The name clients ask for (an NBD export name, an NVMe subsystem NQN).
@@ -98,6 +116,8 @@ pub struct Export {
     pub contexts: Vec<Arc<dyn MetaContext>>,
     /// An image export's checkpoints, offered as dirty bitmaps after `contexts`.
     pub dirty_bitmaps: Option<Arc<dyn contexts::DirtyBitmaps>>,
+    /// The protocol's own settings.
+    pub options: Arc<dyn ExportOptions>,
     closed: AtomicBool,
     /// Open connections.
     pub connections: AtomicUsize,
@@ -167,6 +187,8 @@ pub struct ExportInfo {
     pub connections: usize,
     /// What its connections read and wrote.
     pub io: IoStat,
+    /// The protocol's own settings.
+    pub options: Arc<dyn ExportOptions>,
 }
 
 impl ExportInfo {
@@ -183,6 +205,7 @@ impl ExportInfo {
             Address::Unix(p) => m.insert("socket".into(), p.display().to_string().into()),
             Address::Tcp(a) => m.insert("listen".into(), a.clone().into()),
         };
+        self.options.params(&mut m);
         m
     }
 }

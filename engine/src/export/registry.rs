@@ -12,7 +12,7 @@ use hugepages::BufferPool;
 
 use super::contexts::DirtyBitmaps;
 use super::listener::{AcceptThread, Listener};
-use super::{Address, Export, ExportError, ExportInfo, Protocol, Source};
+use super::{Address, Export, ExportError, ExportInfo, ExportOptions, Protocol, Source};
 use crate::reactor::{Poller, ReactorHandle};
 
 /// The exports and listeners of protocol `P`.
@@ -97,6 +97,11 @@ impl<P: Protocol> Registry<P> {
             .cloned()
     }
 
+    /// The export `name`, wherever it is served.
+    pub fn get(&self, name: &str) -> Option<Arc<Export>> {
+        self.exports().get(name).cloned()
+    }
+
     /// Exports served at `address`, by name.
     pub fn exports_at(&self, address: &Address) -> Vec<Arc<Export>> {
         self.exports()
@@ -111,7 +116,15 @@ impl<P: Protocol> Registry<P> {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// Starts an export (and its address's listener if it is the first export there).
+    /// Marks a change of what the exports show (the NVMe discovery log's generation), besides
+    /// starts and stops: a host allowed or removed.
+    pub fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Starts an export (and its address's listener if it is the first export there), with
+    /// the protocol's own `options`.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         self: &Arc<Self>,
         name: &str,
@@ -120,6 +133,7 @@ impl<P: Protocol> Registry<P> {
         writable: bool,
         address: Address,
         dirty_bitmaps: Option<Arc<dyn DirtyBitmaps>>,
+        options: Arc<dyn ExportOptions>,
     ) -> Result<(), ExportError> {
         self.protocol.check(name, bdev.as_ref(), &address)?;
         self.pool()?;
@@ -162,6 +176,7 @@ impl<P: Protocol> Registry<P> {
                 address,
                 contexts,
                 dirty_bitmaps,
+                options,
                 closed: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
             }),
@@ -216,6 +231,7 @@ impl<P: Protocol> Registry<P> {
                 address: e.address.clone(),
                 connections: e.connections.load(Ordering::SeqCst),
                 io: e.stats.snapshot(),
+                options: Arc::clone(&e.options),
             })
             .collect()
     }

@@ -10,6 +10,7 @@
 //! whichever reactor took its connection.
 
 pub mod conn;
+pub mod hosts;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, Ordering};
@@ -19,6 +20,7 @@ use drivers::nvmf::fabrics::{self, DiscoveryEntry};
 use drivers::Bdev;
 
 use crate::export::{Address, Export, ExportError, Protocol, Registry, Stream};
+use hosts::HostAccess;
 
 /// Default address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4420";
@@ -152,8 +154,11 @@ impl Protocol for NvmeTcp {
         if s.set_nonblocking(true).is_err() || s.set_nodelay(true).is_err() {
             return;
         }
+        let peer = s
+            .peer_addr()
+            .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
         let (server, address) = (Arc::clone(registry), address.clone());
-        registry.place(move |pool| Box::new(conn::NvmfConn::new(s, server, address, pool)));
+        registry.place(move |pool| Box::new(conn::NvmfConn::new(s, server, address, peer, pool)));
     }
 }
 
@@ -202,8 +207,20 @@ impl NvmeTcp {
     }
 }
 
-/// The discovery log of `listen`: every export served there.
-pub fn discovery_log(server: &NvmfServer, listen: &Address) -> Vec<u8> {
+/// The hosts an NVMe/TCP export allows (every export has them; `None` only for an export
+/// made without).
+pub fn access_of(export: &Export) -> Option<&HostAccess> {
+    export.options.as_any().downcast_ref::<HostAccess>()
+}
+
+/// True when host `hostnqn` may connect to `export`.
+pub fn allows(export: &Export, hostnqn: &str) -> bool {
+    access_of(export).is_none_or(|a| a.allows(hostnqn))
+}
+
+/// The discovery log of `listen` for host `hostnqn`: every export served there that the host
+/// may connect to.
+pub fn discovery_log(server: &NvmfServer, listen: &Address, hostnqn: &str) -> Vec<u8> {
     let default_port = drivers::nvmf::DEFAULT_PORT.to_string();
     let at = match listen {
         Address::Tcp(a) => a.as_str(),
@@ -213,6 +230,7 @@ pub fn discovery_log(server: &NvmfServer, listen: &Address) -> Vec<u8> {
     let entries: Vec<DiscoveryEntry> = server
         .exports_at(listen)
         .iter()
+        .filter(|e| allows(e, hostnqn))
         .map(|e| DiscoveryEntry {
             subnqn: e.name.clone(),
             traddr: traddr.trim_matches(['[', ']']).to_string(),

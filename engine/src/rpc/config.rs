@@ -29,6 +29,7 @@ struct ConfigCall {
 
 /// The methods a configuration may hold: every one has an inverse.
 const UNDOABLE: &[&str] = &[
+    "keyring_file_add_key",
     "bdev_malloc_create",
     "bdev_uring_create",
     "bdev_nvme_attach_controller",
@@ -65,6 +66,10 @@ fn file_len(path: &std::path::Path) -> Option<u64> {
 fn undo_for(engine: &Engine, method: &str, params: &Value) -> Vec<Undo> {
     let name = || params.get("name").cloned().unwrap_or(Value::Null);
     match method {
+        "keyring_file_add_key" => vec![Undo::Call(
+            "keyring_file_remove_key",
+            json!({ "name": name() }),
+        )],
         "bdev_malloc_create" => vec![Undo::Call("bdev_delete", json!({ "name": name() }))],
         "bdev_uring_create" => {
             let mut undo = Vec::new();

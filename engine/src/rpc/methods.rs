@@ -6,10 +6,11 @@ use serde_json::{json, Value};
 
 use super::audit::Audit;
 use super::config::LoadConfigParams;
-use super::{codes, RpcError};
+use super::{codes, keyring, nvmf, RpcError};
 use crate::app::{Engine, EngineError};
-use crate::backup::{Mode, Target};
+use crate::backup::Mode;
 use crate::export::{Address, ExportError};
+use crate::keyring::KeyringError;
 use crate::logging::{self, LogError};
 use crate::pair::{PairConfig, PairError, DEFAULT_TRACK_SIZE};
 use drivers::{BdevError, CreateError};
@@ -89,9 +90,30 @@ pub static METHODS: &[Method] = &[
     method!("nbd_export_start", nbd_export_start, changes_config),
     method!("nbd_export_stop", nbd_export_stop, changes_config),
     method!("nbd_get_exports", nbd_get_exports),
-    method!("nvmf_export_start", nvmf_export_start, changes_config),
-    method!("nvmf_export_stop", nvmf_export_stop, changes_config),
-    method!("nvmf_get_exports", nvmf_get_exports),
+    method!("nvmf_export_start", nvmf::nvmf_export_start, changes_config),
+    method!("nvmf_export_stop", nvmf::nvmf_export_stop, changes_config),
+    method!("nvmf_get_exports", nvmf::nvmf_get_exports),
+    method!(
+        "nvmf_export_add_host",
+        nvmf::nvmf_export_add_host,
+        changes_config
+    ),
+    method!(
+        "nvmf_export_remove_host",
+        nvmf::nvmf_export_remove_host,
+        changes_config
+    ),
+    method!(
+        "keyring_file_add_key",
+        keyring::keyring_file_add_key,
+        changes_config
+    ),
+    method!(
+        "keyring_file_remove_key",
+        keyring::keyring_file_remove_key,
+        changes_config
+    ),
+    method!("keyring_get_keys", keyring::keyring_get_keys),
     method!("framework_get_reactors", framework_get_reactors),
     method!("save_config", save_config),
     method!("load_config", load_config, changes_config),
@@ -143,6 +165,16 @@ impl From<EngineError> for RpcError {
             EngineError::NotFound(m) => RpcError::new(codes::NOT_FOUND, m),
             EngineError::Unavailable(m) => RpcError::new(codes::UNAVAILABLE, m),
             e @ EngineError::Target(_) => RpcError::new(codes::IO_ERROR, e.to_string()),
+            EngineError::Keyring(k) => {
+                let code = match &k {
+                    KeyringError::BadName(_) | KeyringError::BadFile { .. } => {
+                        codes::INVALID_PARAMS
+                    }
+                    KeyringError::Exists(_) | KeyringError::InUse { .. } => codes::CONFLICT,
+                    KeyringError::NotFound(_) => codes::NOT_FOUND,
+                };
+                RpcError::new(code, k.to_string())
+            }
             EngineError::Export(x) => {
                 let code = match &x {
                     ExportError::Exists { .. } => codes::CONFLICT,
@@ -332,6 +364,7 @@ fn bdev_uring_create(engine: &Engine, p: Value) -> Result<Value, RpcError> {
 
 /// Its parameters are the driver's (`drivers::nvme::rpc::AttachParams`).
 fn bdev_nvme_attach_controller(engine: &Engine, p: Value) -> Result<Value, RpcError> {
+    nvmf::check_initiator_keys(engine, &p)?;
     Ok(json!(engine.nvme_attach(p)?))
 }
 
@@ -419,7 +452,8 @@ fn backup_start(engine: &Engine, p: BackupStartParams) -> Result<Value, RpcError
         checkpoint: p.checkpoint,
         since: p.since,
     };
-    let id = engine.backup_start_with(&p.pair, p.mode, p.target, opts)?;
+    let target = nvmf::backup_target(engine, p.target)?;
+    let id = engine.backup_start_with(&p.pair, p.mode, target, opts)?;
     Ok(json!({ "id": id }))
 }
 
@@ -491,32 +525,6 @@ fn nbd_get_exports(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcErro
     Ok(json!(engine.nbd().list()))
 }
 
-fn nvmf_export_start(engine: &Engine, p: NvmfExportParams) -> Result<Value, RpcError> {
-    let listen = p
-        .listen
-        .as_ref()
-        .map(crate::nvmf::listen_address)
-        .transpose()
-        .map_err(EngineError::from)?;
-    engine.nvmf_export_start(
-        &p.nqn,
-        p.bdev.as_deref(),
-        p.pair.as_deref(),
-        p.writable,
-        listen.as_deref(),
-    )?;
-    Ok(json!(p.nqn))
-}
-
-fn nvmf_export_stop(engine: &Engine, p: NqnParam) -> Result<Value, RpcError> {
-    engine.nvmf().stop(&p.nqn).map_err(EngineError::from)?;
-    Ok(json!(true))
-}
-
-fn nvmf_get_exports(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
-    Ok(json!(engine.nvmf().list()))
-}
-
 fn framework_get_reactors(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
     let list: Vec<Value> = engine
         .reactors()
@@ -579,7 +587,8 @@ struct BackupStartParams {
     pair: String,
     #[serde(default = "merge")]
     mode: Mode,
-    target: Target,
+    /// A [`crate::backup::Target`], once an `nvmf` target's key names are checked.
+    target: Value,
     #[serde(default)]
     rate: u64,
     #[serde(default = "default_host_rate")]
@@ -659,25 +668,4 @@ struct NbdExportParams {
     socket: Option<std::path::PathBuf>,
     #[serde(default)]
     listen: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NvmfExportParams {
-    nqn: String,
-    #[serde(default)]
-    bdev: Option<String>,
-    #[serde(default)]
-    pair: Option<String>,
-    #[serde(default)]
-    writable: Option<bool>,
-    /// `"host:port"` or SPDK's listen address object (see [`crate::nvmf::listen_address`]).
-    #[serde(default)]
-    listen: Option<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NqnParam {
-    nqn: String,
 }

@@ -10,7 +10,9 @@
 pub mod audit;
 pub mod client;
 pub mod config;
+mod keyring;
 pub mod methods;
+mod nvmf;
 
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;

@@ -48,6 +48,16 @@ pub enum NvmfError {
         /// Its status.
         status: Status,
     },
+    /// The target refused Connect with Connect Invalid Host: the host NQN is not allowed.
+    #[error("the target does not allow host NQN '{hostnqn}' to connect to '{subnqn}' ({status})")]
+    HostNotAllowed {
+        /// The host NQN sent.
+        hostnqn: String,
+        /// The subsystem.
+        subnqn: String,
+        /// The status (Connect Invalid Host).
+        status: Status,
+    },
     /// The controller cannot be used as asked.
     #[error("{0}")]
     Unusable(String),

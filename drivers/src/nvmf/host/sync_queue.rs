@@ -100,7 +100,17 @@ impl SyncQueue {
         }
         .encode();
         let c = fabrics::connect_with(qid, sqsize, kato_ms, cattr);
-        let (cqe, _) = q.command("Connect", c, &data, 0)?;
+        let invalid_host = fabrics::status::CONNECT_INVALID_HOST.0 & 0x7ff;
+        let (cqe, _) = q.command("Connect", c, &data, 0).map_err(|e| match e {
+            NvmfError::Status { status, .. } if status.0 & 0x7ff == invalid_host => {
+                NvmfError::HostNotAllowed {
+                    hostnqn: opts.hostnqn.clone(),
+                    subnqn: opts.subnqn.clone(),
+                    status,
+                }
+            }
+            e => e,
+        })?;
         Ok((q, cqe.result as u16))
     }
 

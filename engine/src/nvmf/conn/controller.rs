@@ -4,7 +4,54 @@
 
 use super::*;
 
+/// The host of a connection: its address and what was checked of it.
+pub(super) struct HostCheck {
+    /// The host's address, for the log.
+    peer: String,
+    /// A refused Connect was logged (once per connection).
+    refused_logged: bool,
+    /// The revision of the export's allowed hosts last checked.
+    access_seen: Option<u64>,
+}
+
+impl HostCheck {
+    pub(super) fn new(peer: String) -> Self {
+        Self {
+            peer,
+            refused_logged: false,
+            access_seen: None,
+        }
+    }
+}
+
 impl NvmfConn {
+    /// Closes the queue when its host was removed from the export's allowed hosts.
+    pub(super) fn check_host_still_allowed(&mut self) {
+        let (Some(e), Some(seen), Some(c)) = (&self.export, self.host.access_seen, &self.ctrl)
+        else {
+            return;
+        };
+        let Some(access) = crate::nvmf::access_of(e) else {
+            return;
+        };
+        let now = access.revision();
+        if now == seen {
+            return;
+        }
+        self.host.access_seen = Some(now);
+        if !access.allows(&c.hostnqn) {
+            tracing::warn!(
+                nqn = %e.name,
+                host = %c.hostnqn.escape_debug(),
+                peer = %self.host.peer,
+                "NVMe/TCP queue closed: its host was removed from the export's hosts"
+            );
+            self.pump
+                .closing_because(CloseReason::Error("host no longer allowed".into()));
+            self.closing = true;
+        }
+    }
+
     pub(super) fn connect(&mut self, cmd: Command, payload: Payload) {
         let cid = cmd.cid();
         let c = ConnectCmd::parse(&cmd);
@@ -42,6 +89,28 @@ impl NvmfConn {
                 }
             }
         };
+        // Read before the check: a change after it is seen by the next poll.
+        let access_seen = export
+            .as_deref()
+            .and_then(crate::nvmf::access_of)
+            .map(|a| a.revision());
+        if let Some(e) = export
+            .as_ref()
+            .filter(|e| !crate::nvmf::allows(e, &d.hostnqn))
+        {
+            if !self.host.refused_logged {
+                self.host.refused_logged = true;
+                tracing::warn!(
+                    nqn = %e.name,
+                    host = %d.hostnqn.escape_debug(),
+                    peer = %self.host.peer,
+                    qid = c.qid,
+                    "NVMe/TCP Connect refused: the host is not allowed"
+                );
+            }
+            self.respond(cid, status::CONNECT_INVALID_HOST, 0);
+            return;
+        }
         let ctrl = if c.qid == 0 {
             match self.server.protocol().new_ctrl(
                 export.clone(),
@@ -97,6 +166,7 @@ impl NvmfConn {
         let cntlid = ctrl.cntlid;
         let detail = format!("controller {cntlid} queue {} host {}", c.qid, ctrl.hostnqn);
         self.pump.attach(&ctrl.subnqn, export.clone(), detail);
+        self.host.access_seen = access_seen;
         self.export = export;
         self.last_keep_alive = Instant::now();
         self.name = format!("nvmf:{}:{}q{}", ctrl.subnqn, cntlid, c.qid);
@@ -185,7 +255,7 @@ impl NvmfConn {
                     self.respond(cid, status::INVALID_FIELD, 0);
                     return;
                 }
-                let log = crate::nvmf::discovery_log(&self.server, &self.listen);
+                let log = crate::nvmf::discovery_log(&self.server, &self.listen, &ctrl.hostnqn);
                 let len = (numd * 4).min(want);
                 let mut out = vec![0u8; len];
                 if (offset as usize) < log.len() {

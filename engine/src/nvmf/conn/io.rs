@@ -302,3 +302,11 @@ impl NvmfConn {
         }
     }
 }
+
+/// True for commands whose data goes from host to controller.
+pub(super) fn host_to_controller(cmd: &Command) -> bool {
+    if cmd.opcode() == fabrics::OPC_FABRICS {
+        return fabrics::fabrics_type(cmd) & 3 == 1;
+    }
+    cmd.opcode() & 3 == 1
+}

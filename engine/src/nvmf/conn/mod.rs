@@ -38,7 +38,7 @@ use crate::reactor::{PollStatus, Poller, ReactorContext};
 mod controller;
 mod io;
 
-use io::{Payload, Pending, Stage};
+use io::{host_to_controller, Payload, Pending, Stage};
 
 /// Most in-capsule data a command may carry.
 pub const IN_CAPSULE: usize = 8192;
@@ -157,6 +157,8 @@ pub struct NvmfConn {
     pump: SocketPump<TcpStream, Out>,
     server: Arc<NvmfServer>,
     listen: Address,
+    /// The host's address and what was checked of it.
+    host: controller::HostCheck,
     phase: Phase,
     digests: Digests,
     opened: Instant,
@@ -189,20 +191,13 @@ fn cqe(cid: u16, status: Status, result: u32, sqhd: u16, qid: u16) -> Completion
     }
 }
 
-/// True for commands whose data goes from host to controller.
-fn host_to_controller(cmd: &Command) -> bool {
-    if cmd.opcode() == fabrics::OPC_FABRICS {
-        return fabrics::fabrics_type(cmd) & 3 == 1;
-    }
-    cmd.opcode() & 3 == 1
-}
-
 impl NvmfConn {
-    /// A poller for an accepted connection on `listen`.
+    /// A poller for an accepted connection on `listen` from `peer`.
     pub fn new(
         sock: TcpStream,
         server: Arc<NvmfServer>,
         listen: Address,
+        peer: String,
         pool: BufferPool,
     ) -> Self {
         let now = Instant::now();
@@ -211,6 +206,7 @@ impl NvmfConn {
             pump: SocketPump::new("NVMe/TCP", sock, pool, RX_BUF),
             server,
             listen,
+            host: controller::HostCheck::new(peer),
             phase: Phase::AwaitIcReq,
             digests: Digests::default(),
             opened: now,
@@ -606,6 +602,7 @@ impl Poller for NvmfConn {
                 self.pump.closing_because(CloseReason::Stop);
                 self.closing = true;
             }
+            self.check_host_still_allowed();
             if let Some(c) = &self.ctrl {
                 if self.qid != Some(0) && c.dead.load(Ordering::SeqCst) {
                     self.pump.closing_because(CloseReason::Error(
