@@ -416,9 +416,10 @@ fn run_schedule(engine: &Engine, seed: u64) {
                 fail(
                     &history,
                     format!(
-                        "backup {id} did not end after the cut: {:?}; {}",
+                        "backup {id} did not end after the cut: {:?}; {}; pair {:?}",
                         info(),
-                        p.persistence_report()
+                        p.persistence_report(),
+                        p.info()
                     ),
                 );
             }
