@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{Engine, EngineError, State};
 use crate::export::contexts::DirtyBitmaps;
 use crate::export::{Address, Export, ExportError, ExportSet, Source};
-use crate::nbd::NbdServer;
+use crate::nbd::{NbdOptions, NbdServer};
 use crate::nvmf::hosts::{self, AllowedHost, HostAccess};
 use crate::nvmf::{check_nqn, NvmfServer, DEFAULT_LISTEN};
 use crate::pair::channel::{PairView, View};
@@ -150,13 +150,23 @@ impl Engine {
         bdev: Option<&str>,
         pair: Option<&str>,
         writable: Option<bool>,
-        address: Option<Address>,
+        (address, insecure): (Option<Address>, bool),
     ) -> Result<(), EngineError> {
         let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
+        if let Address::Tcp(listen) = &address {
+            if !insecure && !hosts::is_loopback_listen(listen) {
+                return Err(ExportError::Invalid(format!(
+                    "listen address {listen} is not loopback: NBD over TLS is not supported yet, \
+                     so exports beyond this machine travel in clear; give insecure: true to \
+                     serve it so"
+                ))
+                .into());
+            }
+        }
         self.start_export(bdev, pair, writable, |source, shown, writable, dirty| {
-            let no_options = Arc::new(());
+            let options = Arc::new(NbdOptions { insecure });
             self.nbd
-                .start(name, source, shown, writable, address, dirty, no_options)
+                .start(name, source, shown, writable, address, dirty, options)
         })
     }
 

@@ -25,6 +25,26 @@ use admission::{Deadlined, Handshakes, Peer, Ticket};
 /// The NBD server's exports.
 pub type NbdServer = Registry<Nbd>;
 
+/// An NBD export's own settings: `insecure`, served in clear on a listen address that is not
+/// loopback (NBD over TLS is not there yet, so such a listen needs it said).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NbdOptions {
+    /// Served in clear beyond this machine, as asked.
+    pub insecure: bool,
+}
+
+impl crate::export::ExportOptions for NbdOptions {
+    fn params(&self, m: &mut serde_json::Map<String, serde_json::Value>) {
+        if self.insecure {
+            m.insert("insecure".into(), true.into());
+        }
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
 /// The NBD protocol's own state: the handshakes running.
 #[derive(Default)]
 pub struct Nbd {

@@ -511,7 +511,7 @@ fn nbd_export_start(engine: &Engine, p: NbdExportParams) -> Result<Value, RpcErr
         p.bdev.as_deref(),
         p.pair.as_deref(),
         p.writable,
-        address,
+        (address, p.insecure),
     )?;
     Ok(json!(p.name))
 }
@@ -668,4 +668,7 @@ struct NbdExportParams {
     socket: Option<std::path::PathBuf>,
     #[serde(default)]
     listen: Option<String>,
+    /// Serve a listen address that is not loopback in clear.
+    #[serde(default)]
+    insecure: bool,
 }
