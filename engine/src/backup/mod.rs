@@ -276,23 +276,69 @@ impl Backup {
         }
     }
 
+    /// Ends the backup in `state`. A backup with a journal is reported done only once its
+    /// record says so durably (written by a thread: the caller may be a reactor), so a restart
+    /// never turns a backup reported done into an interrupted one.
     pub(crate) fn end(
-        &self,
+        self: &Arc<Self>,
         state: BackupState,
         checksums: Option<Checksums>,
         error: Option<String>,
         elapsed_ns: u64,
     ) {
-        let mut st = self.status();
-        st.state = state;
-        st.digest = checksums.as_ref().map(|c| c.digest.clone());
-        st.sha256 = checksums.and_then(|c| c.sha256);
-        st.error = error;
-        st.elapsed_ns = elapsed_ns;
-        drop(st);
-        if let Some(j) = &self.journal {
-            // Off the reactor: the end is recorded by a thread of its own.
+        let digest = checksums.as_ref().map(|c| c.digest.clone());
+        let sha256 = checksums.and_then(|c| c.sha256);
+        let finish = move |st: &mut Status, state| {
+            st.state = state;
+            st.digest = digest;
+            st.sha256 = sha256;
+            st.error = error;
+            st.elapsed_ns = elapsed_ns;
+        };
+        let Some(j) = self.journal.clone() else {
+            finish(&mut self.status(), state);
+            return;
+        };
+        if state != BackupState::Done {
+            finish(&mut self.status(), state);
             j.record_in_background(self.info());
+            return;
+        }
+        let mut done = Status {
+            state: BackupState::Running,
+            digest: None,
+            sha256: None,
+            error: None,
+            elapsed_ns: 0,
+        };
+        finish(&mut done, BackupState::Done);
+        let mut info = self.info();
+        info.state = done.state;
+        info.digest = done.digest.clone();
+        info.sha256 = done.sha256.clone();
+        info.error = done.error.clone();
+        info.elapsed_ns = done.elapsed_ns;
+        let backup = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("backup-journal".into())
+            .spawn(move || {
+                let recorded = j.record(info);
+                let mut st = backup.status();
+                *st = done;
+                if let Err(e) = recorded {
+                    tracing::error!(backup = backup.id, %e, "recording a backup done failed");
+                    st.state = BackupState::Failed;
+                    st.digest = None;
+                    st.sha256 = None;
+                    st.error = Some(format!(
+                        "the backup was written, but its record cannot be made durable: {e}"
+                    ));
+                }
+            });
+        if let Err(e) = spawned {
+            let mut st = self.status();
+            st.state = BackupState::Failed;
+            st.error = Some(format!("no thread to record the backup done: {e}"));
         }
     }
 }
