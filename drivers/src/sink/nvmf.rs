@@ -48,6 +48,11 @@ pub struct NvmfConnection {
 }
 
 impl NvmfConnection {
+    /// True when the controller takes Write Zeroes (ONCS bit 3).
+    pub fn writes_zeroes(&self) -> bool {
+        self.ctrl.identify().supports_write_zeroes()
+    }
+
     /// Connects the controller and an I/O queue to the namespace (blocking, with timeouts).
     pub fn connect(target: &NvmfTarget) -> Result<Self, String> {
         let mut opts = HostOptions::new(&target.traddr, target.trsvcid, &target.subnqn);

@@ -30,9 +30,9 @@ enum Holes {
     /// Leaves it unwritten: a tape archive's sparse member, a new file's holes.
     Leave,
     /// Writes zeroes over it: the target keeps what it held (a block device, an NBD export
-    /// that takes NBD_CMD_WRITE_ZEROES, an NVMe namespace: Write Zeroes).
+    /// that takes NBD_CMD_WRITE_ZEROES, an NVMe namespace whose controller takes Write Zeroes).
     WriteZeroes,
-    /// Writes every byte (an NBD server without write zeroes).
+    /// Writes every byte (an NBD server or NVMe controller without write zeroes).
     Store,
 }
 
@@ -47,7 +47,8 @@ fn holes_of(target: &Target, connection: Option<&Connection>) -> Holes {
             }
         }
         (Target::Nbd { .. }, Some(Connection::Nbd(c))) if c.writes_zeroes() => Holes::WriteZeroes,
-        (Target::Nvmf { .. }, _) => Holes::WriteZeroes,
+        (Target::Nvmf { .. }, Some(Connection::Nvmf(c))) if c.writes_zeroes() => Holes::WriteZeroes,
+        (Target::Nvmf { .. }, _) => Holes::Store,
         (Target::Nbd { .. }, _) => Holes::Store,
     }
 }
