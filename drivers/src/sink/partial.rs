@@ -118,7 +118,7 @@ impl PartialFile {
 }
 
 /// Renames `from` to `to` and makes the rename durable (fsync of the directory).
-fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::rename(from, to)?;
     let dir = to
         .parent()

@@ -6,7 +6,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::{Path, PathBuf};
 
 use drivers::file_lock::{self, Access};
-use drivers::sink::partial::partial_path;
+use drivers::sink::partial::{partial_path, rename_durably};
 use drivers::tape::ImageTarget;
 use rustix::fs::FallocateFlags;
 
@@ -114,16 +114,6 @@ impl Destination {
             Destination::Device => Ok(()),
         }
     }
-}
-
-/// Renames `from` to `to` and syncs the directory, so the rename survives a power cut.
-fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::rename(from, to)?;
-    let dir = to
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    File::open(dir)?.sync_all()
 }
 
 /// The output file or device, written at image offsets. Its next write fails once Ctrl-C was
