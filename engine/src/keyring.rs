@@ -40,6 +40,16 @@ pub enum KeyringError {
         /// What names it.
         user: String,
     },
+    /// The key's secret is not what the parameter naming it needs.
+    #[error("parameter '{param}': key '{name}' is unusable: {why}")]
+    Unusable {
+        /// The parameter.
+        param: &'static str,
+        /// The key.
+        name: String,
+        /// Why (never the secret).
+        why: String,
+    },
     /// The file cannot hold a secret.
     #[error("key '{name}': {path}: {why}")]
     BadFile {

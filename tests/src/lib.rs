@@ -2,6 +2,7 @@
 //! directories, a running `quicksplit serve` that is stopped when dropped, an RPC connection and
 //! a small NBD client.
 
+pub mod logged;
 pub mod nbd;
 
 use std::path::{Path, PathBuf};

@@ -4,13 +4,11 @@
 //! or log line; an export with `hosts` serving its host and refusing another with Connect
 //! Invalid Host (logged with the host and its address) while it keeps serving the first; the
 //! discovery log showing a subsystem only to the hosts it allows; a host removed live losing
-//! its connections; the default rule for a non-loopback listen; and DH-HMAC-CHAP keys refused
-//! as not supported yet wherever they can be given.
+//! its connections; the default rule for a non-loopback listen; and DH-HMAC-CHAP key names
+//! checked wherever they can be given (the exchange itself is tested in `nvmf_auth.rs`).
 
-use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use drivers::nvme::spec::{self, Command as NvmeCmd};
@@ -18,16 +16,17 @@ use drivers::nvmf::fabrics::{self, status};
 use drivers::nvmf::host::{HostController, HostOptions, NvmfError, SyncQueue};
 use drivers::{IoBufs, IoOp};
 use hugepages::BufferPool;
-use quicksplit_tests::{binary, wait_for, RpcConn, TempDir};
+use quicksplit_tests::logged::Logged;
+use quicksplit_tests::{wait_for, RpcConn, TempDir};
 use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 const PARAMS: i64 = -32602;
 const NOT_FOUND: i64 = -32001;
 const CONFLICT: i64 = -32002;
-const UNAVAILABLE: i64 = -32004;
-/// The secret's distinctive part: it must never show up anywhere the engine writes.
-const SECRET_BODY: &str = "cXVpY2tzcGxpdC10ZXN0LXNlY3JldC1kby1ub3QtbG9nLXRoaXM=";
+/// The secret's distinctive part (a DHHC-1 secret's base64): it must never show up anywhere
+/// the engine writes.
+const SECRET_BODY: &str = "cXVpY2tzcGxpdC10ZXN0LXNlY3JldC1uZXZlci1sb2fVIFV0";
 const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-00000000000a";
 const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-00000000000b";
 const HOST_C: &str = "nqn.2014-08.org.nvmexpress:uuid:cccccccc-0000-0000-0000-00000000000c";
@@ -35,70 +34,6 @@ const HOST_C: &str = "nqn.2014-08.org.nvmexpress:uuid:cccccccc-0000-0000-0000-00
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
-}
-
-/// `quicksplit serve` logging at debug to a file, on a state directory that outlives it.
-struct Logged {
-    child: Child,
-    log: PathBuf,
-    sock: PathBuf,
-}
-
-impl Logged {
-    /// Starts on `dir/state`, from `config` or (none) what the state directory holds; the
-    /// log goes to `dir/<tag>.log`.
-    fn start(dir: &Path, tag: &str, config: Option<&Path>) -> Self {
-        let log = dir.join(format!("{tag}.log"));
-        let sock = dir.join("rpc.sock");
-        let mut cmd = Command::new(binary("quicksplit"));
-        cmd.arg("serve")
-            .arg("--rpc-socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--cores", "0-1", "--idle", "adaptive"]);
-        if let Some(c) = config {
-            cmd.arg("--config").arg(c);
-        }
-        let child = cmd
-            .env("QUICKSPLIT_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&log).expect("log file")))
-            .spawn()
-            .expect("start quicksplit serve");
-        assert!(
-            wait_for(Duration::from_secs(20), || sock.exists()),
-            "no RPC socket"
-        );
-        Logged { child, log, sock }
-    }
-
-    fn empty(dir: &Path, tag: &str) -> Self {
-        let cfg = dir.join("empty.json");
-        std::fs::write(&cfg, r#"{"config": []}"#).expect("write config");
-        Self::start(dir, tag, Some(&cfg))
-    }
-
-    fn rpc(&self) -> RpcConn {
-        RpcConn::connect(&self.sock)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).expect("read the log")).into_owned()
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.sock);
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// An RPC connection that keeps every reply, to look for the secret in them.
@@ -198,29 +133,52 @@ fn keys_are_added_listed_refused_and_removed_and_never_shown() {
             .len(),
         2
     );
-    // A key named on an export's host is checked against the keyring, then refused: there
-    // is no DH-HMAC-CHAP yet, and a key must never be accepted without it.
+    // A key named on an export's host is read from the keyring; the key cannot be removed
+    // while the host names it.
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
     let port = free_port();
+    let keyed = "nqn.2026-12.io.quicksplit:keyed";
     let export = |host: Value| {
-        json!({"nqn": "nqn.2026-12.io.quicksplit:keyed", "bdev": "m",
-               "listen": format!("127.0.0.1:{port}"), "hosts": [host]})
+        json!({"nqn": keyed, "bdev": "m", "listen": format!("127.0.0.1:{port}"),
+               "hosts": [host]})
     };
-    let (code, msg) = c.err(
+    c.ok(
         "nvmf_export_start",
         export(json!({"nqn": HOST_A, "dhchap_key": "k1"})),
     );
-    assert_eq!(code, UNAVAILABLE, "{msg}");
-    assert!(
-        msg.contains("dhchap_key") && msg.contains("not supported yet"),
-        "{msg}"
-    );
+    let (code, msg) = c.err("keyring_file_remove_key", json!({"name": "k1"}));
+    assert_eq!(code, CONFLICT, "{msg}");
+    c.ok("nvmf_export_stop", json!({"nqn": keyed}));
     let (code, msg) = c.err(
         "nvmf_export_start",
         export(json!({"nqn": HOST_A, "dhchap_ctrlr_key": "nokey"})),
     );
     assert_eq!(code, NOT_FOUND, "{msg}");
     assert!(msg.contains("no key named 'nokey'"), "{msg}");
+    // A controller key alone, and a key file that holds no DHHC-1 secret, are refused.
+    let (code, msg) = c.err(
+        "nvmf_export_start",
+        export(json!({"nqn": HOST_A, "dhchap_ctrlr_key": "k2"})),
+    );
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(msg.contains("needs a dhchap_key too"), "{msg}");
+    let junk = dir.path().join("junk.key");
+    std::fs::write(&junk, "not a secret\n").unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    c.ok(
+        "keyring_file_add_key",
+        json!({"name": "junk", "path": junk}),
+    );
+    let (code, msg) = c.err(
+        "nvmf_export_start",
+        export(json!({"nqn": HOST_A, "dhchap_key": "junk"})),
+    );
+    assert_eq!(code, PARAMS, "{msg}");
+    assert!(
+        msg.contains("'junk' is unusable") && msg.contains("DHHC-1"),
+        "{msg}"
+    );
+    c.ok("keyring_file_remove_key", json!({"name": "junk"}));
     assert_eq!(c.ok("nvmf_get_exports", json!({})), json!([]));
     c.ok("keyring_file_remove_key", json!({"name": "k1"}));
     let (code, _) = c.err("keyring_file_remove_key", json!({"name": "k1"}));
@@ -407,20 +365,18 @@ fn an_export_serves_its_hosts_refuses_others_and_shows_itself_only_to_them() {
     );
     let (code, msg) = i.err("bdev_nvme_attach_controller", attach("nb", "host-b"));
     assert_eq!(code, PARAMS, "{msg}");
-    // Key names: an unknown one is unknown, a known one refused as not supported yet (the
-    // driver refuses one that reaches it too).
+    // Key names: an unknown one is unknown. With a controller key the controller must prove
+    // itself even when it does not ask the host to authenticate: this export has no key for
+    // A, so the attach fails.
     let mut keyed = attach("nk", HOST_A);
     keyed["dhchap_key"] = json!("k");
     let (code, msg) = i.err("bdev_nvme_attach_controller", keyed.clone());
     assert_eq!(code, NOT_FOUND, "{msg}");
     let key = key_file(&init_dir, "k.key", 0o600);
     i.ok("keyring_file_add_key", json!({"name": "k", "path": key}));
-    let (code, msg) = i.err("bdev_nvme_attach_controller", keyed);
-    assert_eq!(code, UNAVAILABLE, "{msg}");
-    assert!(
-        msg.contains("dhchap_key") && msg.contains("not supported yet"),
-        "{msg}"
-    );
+    keyed["dhchap_ctrlr_key"] = json!("k");
+    let (_, msg) = i.err("bdev_nvme_attach_controller", keyed);
+    assert!(msg.contains("DH-HMAC-CHAP authentication"), "{msg}");
     // The saved configuration attaches again with the same host NQN.
     let saved = i.ok("save_config", json!({}));
     let attached = saved["config"]
@@ -458,9 +414,9 @@ fn an_export_serves_its_hosts_refuses_others_and_shows_itself_only_to_them() {
     assert!(msg.contains("no key named 'nokey'"), "{msg}");
     let mut keyed = target(HOST_A);
     keyed["dhchap_key"] = json!("k");
-    let (code, msg) = i.err("backup_start", json!({"pair": "pr", "target": keyed}));
-    assert_eq!(code, UNAVAILABLE, "{msg}");
-    assert!(msg.contains("not supported yet"), "{msg}");
+    keyed["dhchap_ctrlr_key"] = json!("k");
+    let (_, msg) = i.err("backup_start", json!({"pair": "pr", "target": keyed}));
+    assert!(msg.contains("DH-HMAC-CHAP authentication"), "{msg}");
     assert_eq!(i.ok("backup_get", json!({})), json!([]));
 
     // Removing A closes its connections (the attached controller's and ours) and refuses it.

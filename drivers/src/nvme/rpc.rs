@@ -37,12 +37,15 @@ pub struct AttachParams {
     /// NVMe/TCP: the host NQN sent in Connect (default: this host's, derived from its name).
     #[serde(default)]
     pub hostnqn: Option<String>,
-    /// NVMe/TCP: the keyring key to authenticate with (DH-HMAC-CHAP, not supported yet).
+    /// NVMe/TCP: the keyring key to authenticate with (DH-HMAC-CHAP).
     #[serde(default)]
     pub dhchap_key: Option<String>,
-    /// NVMe/TCP: the keyring key the controller authenticates with (not supported yet).
+    /// NVMe/TCP: the keyring key the controller authenticates with (bidirectional).
     #[serde(default)]
     pub dhchap_ctrlr_key: Option<String>,
+    /// The secrets those keys hold, read from the keyring by the caller.
+    #[serde(skip)]
+    pub dhchap: Option<Arc<crate::nvmf::auth::HostKeys>>,
 }
 
 /// Where a controller is.
@@ -166,15 +169,20 @@ fn attach_tcp(
     let mut params = serde_json::json!({
         "name": p.name, "trtype": "tcp", "traddr": traddr, "trsvcid": trsvcid, "subnqn": subnqn,
     });
+    if p.dhchap_key.is_some() != p.dhchap.is_some() {
+        // Never connect without the authentication a key asks for.
+        return Err(CreateError::Params(
+            "parameter 'dhchap_key': its secret was not read from the keyring".into(),
+        ));
+    }
+    opts.dhchap = p.dhchap.clone();
+    // The configuration names the keys, never their secrets.
     for (param, key) in [
         ("dhchap_key", &p.dhchap_key),
         ("dhchap_ctrlr_key", &p.dhchap_ctrlr_key),
     ] {
-        if key.is_some() {
-            // Never connect without the authentication a key asks for.
-            return Err(CreateError::Params(format!(
-                "parameter '{param}': DH-HMAC-CHAP authentication is not supported yet"
-            )));
+        if let Some(k) = key {
+            params[param] = serde_json::json!(k);
         }
     }
     if let Some(h) = &p.hostnqn {

@@ -31,7 +31,14 @@ pub mod fctype {
     pub const CONNECT: u8 = 0x01;
     /// Property Get.
     pub const PROPERTY_GET: u8 = 0x04;
+    /// Authentication Send (host to controller data).
+    pub const AUTH_SEND: u8 = 0x05;
+    /// Authentication Receive (controller to host data).
+    pub const AUTH_RECEIVE: u8 = 0x06;
 }
+
+/// Connect response, dword 0: the host must authenticate this queue (ATR).
+pub const CONNECT_AUTH_REQUIRED: u32 = 1 << 17;
 
 /// The discovery subsystem's NQN.
 pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
@@ -90,6 +97,8 @@ pub mod status {
     pub const CONNECT_INVALID_PARAMS: Status = Status(0x182 | DNR);
     /// Command specific (Fabrics): connect invalid host.
     pub const CONNECT_INVALID_HOST: Status = Status(0x184 | DNR);
+    /// Command specific (Fabrics): the queue must authenticate first.
+    pub const AUTH_REQUIRED: Status = Status(0x191 | DNR);
     /// Generic: unrecoverable error (media/device).
     pub const MEDIA_ERROR: Status = Status(0x281);
 }
@@ -180,6 +189,30 @@ pub fn property_get(offset: u32, eight: bool) -> Command {
     c.dw[10] = eight as u32;
     c.dw[11] = offset;
     c
+}
+
+/// AUTH_Send (DH-HMAC-CHAP) of `len` bytes, which go in the capsule.
+pub fn auth_send(len: u32) -> Command {
+    auth(fctype::AUTH_SEND, len, true)
+}
+
+/// AUTH_Receive (DH-HMAC-CHAP) of at most `len` bytes.
+pub fn auth_receive(len: u32) -> Command {
+    auth(fctype::AUTH_RECEIVE, len, false)
+}
+
+fn auth(fctype: u8, len: u32, in_capsule: bool) -> Command {
+    let mut c = Command::new(OPC_FABRICS);
+    c.dw[1] = fctype as u32;
+    // SECP, SPSP1, SPSP0 (the protocol's 01h 01h), then the transfer or allocation length.
+    c.dw[10] = (crate::nvmf::auth::SECP_DHCHAP as u32) << 24 | 1 << 16 | 1 << 8;
+    c.dw[11] = len;
+    with_sgl(c, len, in_capsule)
+}
+
+/// The security protocol fields of an AUTH_Send or AUTH_Receive are DH-HMAC-CHAP's.
+pub fn is_dhchap(cmd: &Command) -> bool {
+    cmd.dw[10] >> 8 == (crate::nvmf::auth::SECP_DHCHAP as u32) << 16 | 1 << 8 | 1
 }
 
 /// Property Set of the 4-byte property at `offset`.

@@ -6,6 +6,7 @@
 /// The port NVMe/TCP uses unless told otherwise (IANA's for NVMe over Fabrics).
 pub const DEFAULT_PORT: u16 = 4420;
 
+pub mod auth;
 pub mod fabrics;
 pub mod host;
 pub mod pdu;

@@ -29,6 +29,8 @@ pub struct NvmfTarget {
     pub nsid: u32,
     /// Host NQN (default: this host's).
     pub hostnqn: Option<String>,
+    /// DH-HMAC-CHAP keys, when the target asks the host to authenticate.
+    pub dhchap: Option<Arc<crate::nvmf::auth::HostKeys>>,
 }
 
 impl NvmfTarget {
@@ -59,6 +61,7 @@ impl NvmfConnection {
         if let Some(h) = &target.hostnqn {
             opts.hostnqn = h.clone();
         }
+        opts.dhchap = target.dhchap.clone();
         opts.queue_depth = 64;
         opts.io_timeout = Duration::from_secs(30);
         let what = target.describe();

@@ -83,13 +83,18 @@ impl Engine {
 
     /// Attaches an NVMe controller (`bdev_nvme_attach_controller`): every namespace becomes a
     /// bdev, or none does. Gives the bdevs' names.
-    pub fn nvme_attach(&self, params: serde_json::Value) -> Result<Vec<String>, EngineError> {
+    pub fn nvme_attach(
+        &self,
+        params: serde_json::Value,
+        dhchap: Option<Arc<drivers::nvmf::auth::HostKeys>>,
+    ) -> Result<Vec<String>, EngineError> {
         let create_error = |e| match e {
             drivers::CreateError::Bdev(b) => EngineError::Bdev(b),
             drivers::CreateError::Params(m) => EngineError::Bdev(BdevError::Invalid(m)),
         };
-        let p: drivers::nvme::rpc::AttachParams =
+        let mut p: drivers::nvme::rpc::AttachParams =
             drivers::table::parse_params(params).map_err(create_error)?;
+        p.dhchap = dhchap;
         let name = p.name.clone();
         if self.state().nvme_controllers.contains_key(&name) {
             return Err(EngineError::InUse(format!(

@@ -202,9 +202,13 @@ impl Engine {
                 .into());
             }
         }
-        self.check_dhchap_keys(hosts.iter().flat_map(AllowedHost::keys))?;
         let allow_any_host = allow_any_host.unwrap_or(loopback && hosts.is_empty());
-        let access = Arc::new(HostAccess::new(allow_any_host, hosts));
+        let mut with_keys = Vec::with_capacity(hosts.len());
+        for h in hosts {
+            let keys = self.dhchap_keys(h.dhchap_key.as_deref(), h.dhchap_ctrlr_key.as_deref())?;
+            with_keys.push((h, keys));
+        }
+        let access = Arc::new(HostAccess::new(allow_any_host, with_keys));
         let address = Address::Tcp(listen.to_string());
         self.start_export(bdev, pair, writable, |source, shown, writable, _dirty| {
             self.nvmf
@@ -225,11 +229,12 @@ impl Engine {
     pub fn nvmf_export_add_host(&self, nqn: &str, host: AllowedHost) -> Result<(), EngineError> {
         hosts::check_host_nqn(&host.nqn)?;
         let e = self.nvmf_export(nqn)?;
-        self.check_dhchap_keys(host.keys())?;
+        let keys =
+            self.dhchap_keys(host.dhchap_key.as_deref(), host.dhchap_ctrlr_key.as_deref())?;
         let access = crate::nvmf::access_of(&e)
             .ok_or_else(|| ExportError::Invalid(format!("export '{nqn}' has no host list")))?;
         let added = host.nqn.clone();
-        access.add(host)?;
+        access.add(host, keys)?;
         self.nvmf.changed();
         tracing::info!(nqn, host = %added, "NVMe/TCP export allows one more host");
         Ok(())

@@ -2,9 +2,12 @@
 //! names them.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use drivers::nvmf::auth::{DhchapSecret, HostKeys};
 
 use super::{Engine, EngineError};
-use crate::keyring::{KeyInfo, Keyring};
+use crate::keyring::{KeyInfo, Keyring, KeyringError};
 
 impl Engine {
     /// The keyring.
@@ -39,22 +42,43 @@ impl Engine {
         })
     }
 
-    /// Checks the key names a host entry or an initiator gives: each must be in the keyring.
-    /// Then refuses them: DH-HMAC-CHAP is not there yet, and a key must never be accepted
-    /// without the authentication it asks for.
-    pub fn check_dhchap_keys<'a>(
+    /// The DH-HMAC-CHAP keys `dhchap_key` and `dhchap_ctrlr_key` name (a host entry's or an
+    /// initiator's), read from the keyring now and parsed; `None` when neither is given. A
+    /// controller key alone is refused: the controller proves itself only to a host that
+    /// authenticates.
+    pub fn dhchap_keys(
         &self,
-        keys: impl IntoIterator<Item = (&'static str, &'a str)>,
-    ) -> Result<(), EngineError> {
-        let keys: Vec<_> = keys.into_iter().collect();
-        for (_, key) in &keys {
-            self.keyring.check(key)?;
-        }
-        match keys.first() {
-            Some((param, _)) => Err(EngineError::Unavailable(format!(
-                "parameter '{param}': DH-HMAC-CHAP authentication is not supported yet"
-            ))),
-            None => Ok(()),
+        key: Option<&str>,
+        ctrlr_key: Option<&str>,
+    ) -> Result<Option<Arc<HostKeys>>, EngineError> {
+        let read = |param: &'static str, name: &str| -> Result<DhchapSecret, EngineError> {
+            let secret = self.keyring.secret(name)?;
+            DhchapSecret::parse(secret.expose()).map_err(|e| {
+                KeyringError::Unusable {
+                    param,
+                    name: name.to_string(),
+                    why: e.to_string(),
+                }
+                .into()
+            })
+        };
+        match (key, ctrlr_key) {
+            (None, None) => Ok(None),
+            (None, Some(name)) => Err(match self.keyring.check(name) {
+                Err(unknown) => unknown,
+                Ok(()) => KeyringError::Unusable {
+                    param: "dhchap_ctrlr_key",
+                    name: name.to_string(),
+                    why: "it needs a dhchap_key too: the controller authenticates only to a \
+                          host that does"
+                        .into(),
+                },
+            }
+            .into()),
+            (Some(k), c) => Ok(Some(Arc::new(HostKeys {
+                key: read("dhchap_key", k)?,
+                ctrl_key: c.map(|c| read("dhchap_ctrlr_key", c)).transpose()?,
+            }))),
         }
     }
 }

@@ -57,6 +57,15 @@ pub enum Target {
         /// Host NQN.
         #[serde(default)]
         hostnqn: Option<String>,
+        /// The keyring key the host authenticates with (DH-HMAC-CHAP).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dhchap_key: Option<String>,
+        /// The keyring key the controller authenticates with (bidirectional).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        dhchap_ctrlr_key: Option<String>,
+        /// The secrets of those keys, read from the keyring when the backup was asked for.
+        #[serde(skip)]
+        dhchap: Option<std::sync::Arc<drivers::nvmf::auth::HostKeys>>,
     },
 }
 
@@ -205,6 +214,8 @@ pub fn connect(target: &Target, pair: &Pair) -> Result<Option<Connection>, Strin
             subnqn,
             nsid,
             hostnqn,
+            dhchap,
+            ..
         } => {
             let t = drivers::sink::nvmf::NvmfTarget {
                 traddr: traddr.clone(),
@@ -212,6 +223,7 @@ pub fn connect(target: &Target, pair: &Pair) -> Result<Option<Connection>, Strin
                 subnqn: subnqn.clone(),
                 nsid: nsid.unwrap_or(1),
                 hostnqn: hostnqn.clone(),
+                dhchap: dhchap.clone(),
             };
             let conn = NvmfConnection::connect(&t)?;
             conn.check(g.size(), g.block_size)?;

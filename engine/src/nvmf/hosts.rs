@@ -1,5 +1,6 @@
 //! Which hosts may connect to an NVMe/TCP export: its `hosts` (by host NQN, each with the names
-//! of its DH-HMAC-CHAP keys) and `allow_any_host`, as SPDK's subsystems keep them.
+//! of its DH-HMAC-CHAP keys, whose secrets are read when the host is allowed) and
+//! `allow_any_host`, as SPDK's subsystems keep them.
 //!
 //! The list is checked at every Connect (admin and I/O queues) and filters the discovery log.
 //! It may change while the export runs (`nvmf_export_add_host`, `nvmf_export_remove_host`):
@@ -8,7 +9,9 @@
 
 use std::net::{IpAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use drivers::nvmf::auth::HostKeys;
 
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
@@ -103,26 +106,39 @@ pub fn is_loopback_listen(listen: &str) -> bool {
     }
 }
 
+/// An allowed host with its DH-HMAC-CHAP keys, read from the keyring when it was allowed.
+#[derive(Debug)]
+struct Entry {
+    host: AllowedHost,
+    keys: Option<Arc<HostKeys>>,
+}
+
 /// The hosts an NVMe/TCP export allows.
 #[derive(Debug)]
 pub struct HostAccess {
     allow_any_host: bool,
-    hosts: Mutex<Vec<AllowedHost>>,
+    hosts: Mutex<Vec<Entry>>,
     /// Bumped by every change of `hosts`.
     revision: AtomicU64,
 }
 
 impl HostAccess {
-    /// Access with `hosts` (checked by the caller: NQNs, no duplicates, keys known).
-    pub fn new(allow_any_host: bool, hosts: Vec<AllowedHost>) -> Self {
+    /// Access with `hosts` and their keys (checked by the caller: NQNs, no duplicates, keys
+    /// read).
+    pub fn new(allow_any_host: bool, hosts: Vec<(AllowedHost, Option<Arc<HostKeys>>)>) -> Self {
         Self {
             allow_any_host,
-            hosts: Mutex::new(hosts),
+            hosts: Mutex::new(
+                hosts
+                    .into_iter()
+                    .map(|(host, keys)| Entry { host, keys })
+                    .collect(),
+            ),
             revision: AtomicU64::new(0),
         }
     }
 
-    fn hosts(&self) -> MutexGuard<'_, Vec<AllowedHost>> {
+    fn hosts(&self) -> MutexGuard<'_, Vec<Entry>> {
         self.hosts.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -133,12 +149,20 @@ impl HostAccess {
 
     /// True when host `nqn` may connect.
     pub fn allows(&self, nqn: &str) -> bool {
-        self.allow_any_host || self.hosts().iter().any(|h| h.nqn == nqn)
+        self.allow_any_host || self.hosts().iter().any(|h| h.host.nqn == nqn)
+    }
+
+    /// The DH-HMAC-CHAP keys host `nqn` must authenticate with, if its entry names any.
+    pub fn keys_of(&self, nqn: &str) -> Option<Arc<HostKeys>> {
+        self.hosts()
+            .iter()
+            .find(|h| h.host.nqn == nqn)
+            .and_then(|h| h.keys.clone())
     }
 
     /// The allowed hosts.
     pub fn list(&self) -> Vec<AllowedHost> {
-        self.hosts().clone()
+        self.hosts().iter().map(|h| h.host.clone()).collect()
     }
 
     /// Changes whenever a host is added or removed.
@@ -146,16 +170,16 @@ impl HostAccess {
         self.revision.load(Ordering::SeqCst)
     }
 
-    /// Allows one more host.
-    pub fn add(&self, host: AllowedHost) -> Result<(), ExportError> {
+    /// Allows one more host, with its keys.
+    pub fn add(&self, host: AllowedHost, keys: Option<Arc<HostKeys>>) -> Result<(), ExportError> {
         let mut hosts = self.hosts();
-        if hosts.iter().any(|h| h.nqn == host.nqn) {
+        if hosts.iter().any(|h| h.host.nqn == host.nqn) {
             return Err(ExportError::Invalid(format!(
                 "host '{}' is already allowed",
                 host.nqn
             )));
         }
-        hosts.push(host);
+        hosts.push(Entry { host, keys });
         self.revision.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -163,8 +187,8 @@ impl HostAccess {
     /// No longer allows host `nqn`.
     pub fn remove(&self, nqn: &str) -> Option<AllowedHost> {
         let mut hosts = self.hosts();
-        let at = hosts.iter().position(|h| h.nqn == nqn)?;
-        let removed = hosts.remove(at);
+        let at = hosts.iter().position(|h| h.host.nqn == nqn)?;
+        let removed = hosts.remove(at).host;
         self.revision.fetch_add(1, Ordering::SeqCst);
         Some(removed)
     }
@@ -173,14 +197,14 @@ impl HostAccess {
     pub fn key_user(&self, key: &str) -> Option<String> {
         self.hosts()
             .iter()
-            .find(|h| h.keys().any(|(_, k)| k == key))
-            .map(|h| h.nqn.clone())
+            .find(|h| h.host.keys().any(|(_, k)| k == key))
+            .map(|h| h.host.nqn.clone())
     }
 }
 
 impl ExportOptions for HostAccess {
     fn params(&self, m: &mut Map<String, Value>) {
-        let hosts: Vec<Value> = self.hosts().iter().map(AllowedHost::to_json).collect();
+        let hosts: Vec<Value> = self.hosts().iter().map(|h| h.host.to_json()).collect();
         m.insert("allow_any_host".into(), self.allow_any_host.into());
         m.insert("hosts".into(), json!(hosts));
     }
@@ -208,13 +232,13 @@ mod tests {
 
     #[test]
     fn hosts_are_allowed_added_removed_and_their_keys_found() {
-        let a = HostAccess::new(false, vec![AllowedHost::new("nqn.a")]);
+        let a = HostAccess::new(false, vec![(AllowedHost::new("nqn.a"), None)]);
         assert!(a.allows("nqn.a") && !a.allows("nqn.b"));
         let r = a.revision();
         let mut b = AllowedHost::new("nqn.b");
         b.dhchap_key = Some("kb".into());
-        a.add(b.clone()).unwrap();
-        assert!(a.add(b).is_err(), "a duplicate");
+        a.add(b.clone(), None).unwrap();
+        assert!(a.add(b, None).is_err(), "a duplicate");
         assert!(a.allows("nqn.b") && a.revision() != r);
         assert_eq!(a.key_user("kb").as_deref(), Some("nqn.b"));
         assert_eq!(a.key_user("other"), None);

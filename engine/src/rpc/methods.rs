@@ -167,9 +167,9 @@ impl From<EngineError> for RpcError {
             e @ EngineError::Target(_) => RpcError::new(codes::IO_ERROR, e.to_string()),
             EngineError::Keyring(k) => {
                 let code = match &k {
-                    KeyringError::BadName(_) | KeyringError::BadFile { .. } => {
-                        codes::INVALID_PARAMS
-                    }
+                    KeyringError::BadName(_)
+                    | KeyringError::BadFile { .. }
+                    | KeyringError::Unusable { .. } => codes::INVALID_PARAMS,
                     KeyringError::Exists(_) | KeyringError::InUse { .. } => codes::CONFLICT,
                     KeyringError::NotFound(_) => codes::NOT_FOUND,
                 };
@@ -364,8 +364,8 @@ fn bdev_uring_create(engine: &Engine, p: Value) -> Result<Value, RpcError> {
 
 /// Its parameters are the driver's (`drivers::nvme::rpc::AttachParams`).
 fn bdev_nvme_attach_controller(engine: &Engine, p: Value) -> Result<Value, RpcError> {
-    nvmf::check_initiator_keys(engine, &p)?;
-    Ok(json!(engine.nvme_attach(p)?))
+    let keys = nvmf::initiator_keys(engine, &p)?;
+    Ok(json!(engine.nvme_attach(p, keys)?))
 }
 
 fn bdev_nvme_detach_controller(engine: &Engine, p: NameParam) -> Result<Value, RpcError> {

@@ -2,6 +2,9 @@
 //! `nvmf_export_add_host`, `nvmf_export_remove_host`) and the DH-HMAC-CHAP key names an
 //! initiator (the `nvmf` backup target) is given: parameters and glue.
 
+use std::sync::Arc;
+
+use drivers::nvmf::auth::HostKeys;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -110,35 +113,39 @@ pub(super) fn nvmf_export_remove_host(
     Ok(json!(true))
 }
 
-/// The key names an initiator's parameters give (`bdev_nvme_attach_controller`): each must be
-/// in the keyring, and is then refused until DH-HMAC-CHAP is there.
-pub(super) fn check_initiator_keys(engine: &Engine, params: &Value) -> Result<(), RpcError> {
-    let keys: Vec<(&'static str, &str)> = ["dhchap_key", "dhchap_ctrlr_key"]
-        .into_iter()
-        .filter_map(|k| Some((k, params.get(k)?.as_str()?)))
-        .collect();
-    Ok(engine.check_dhchap_keys(keys)?)
+/// The DH-HMAC-CHAP keys an initiator's parameters name (`bdev_nvme_attach_controller`),
+/// read from the keyring.
+pub(super) fn initiator_keys(
+    engine: &Engine,
+    params: &Value,
+) -> Result<Option<Arc<HostKeys>>, RpcError> {
+    let mut names = [None, None];
+    for (slot, param) in names.iter_mut().zip(["dhchap_key", "dhchap_ctrlr_key"]) {
+        *slot = match params.get(param) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(k)) => Some(k.as_str()),
+            Some(other) => {
+                return Err(RpcError::new(
+                    codes::INVALID_PARAMS,
+                    format!("parameter '{param}': a key name, not {other}"),
+                ))
+            }
+        };
+    }
+    Ok(engine.dhchap_keys(names[0], names[1])?)
 }
 
 /// A backup target from `backup_start`'s `target`: an `nvmf` target's `dhchap_key` and
-/// `dhchap_ctrlr_key` name keyring keys, refused until DH-HMAC-CHAP is there.
-pub(super) fn backup_target(engine: &Engine, mut target: Value) -> Result<Target, RpcError> {
-    if target.get("type").and_then(Value::as_str) == Some("nvmf") {
-        let mut keys = Vec::new();
-        for param in ["dhchap_key", "dhchap_ctrlr_key"] {
-            match target.as_object_mut().and_then(|t| t.remove(param)) {
-                None | Some(Value::Null) => {}
-                Some(Value::String(k)) => keys.push((param, k)),
-                Some(other) => {
-                    return Err(RpcError::new(
-                        codes::INVALID_PARAMS,
-                        format!("parameter 'target.{param}': a key name, not {other}"),
-                    ))
-                }
-            }
-        }
-        engine.check_dhchap_keys(keys.iter().map(|(p, k)| (*p, k.as_str())))?;
+/// `dhchap_ctrlr_key` name keyring keys, read now.
+pub(super) fn backup_target(engine: &Engine, target: Value) -> Result<Target, RpcError> {
+    let keys = match target.get("type").and_then(Value::as_str) {
+        Some("nvmf") => initiator_keys(engine, &target)?,
+        _ => None,
+    };
+    let mut target: Target = serde_json::from_value(target)
+        .map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("parameter 'target': {e}")))?;
+    if let Target::Nvmf { dhchap, .. } = &mut target {
+        *dhchap = keys;
     }
-    serde_json::from_value(target)
-        .map_err(|e| RpcError::new(codes::INVALID_PARAMS, format!("parameter 'target': {e}")))
+    Ok(target)
 }

@@ -58,6 +58,18 @@ pub enum NvmfError {
         /// The status (Connect Invalid Host).
         status: Status,
     },
+    /// DH-HMAC-CHAP authentication of a queue failed.
+    #[error("DH-HMAC-CHAP authentication of host '{hostnqn}' to '{subnqn}' (queue {qid}) failed: {source}")]
+    AuthFailed {
+        /// The host NQN.
+        hostnqn: String,
+        /// The subsystem.
+        subnqn: String,
+        /// The queue.
+        qid: u16,
+        /// What went wrong.
+        source: super::auth::AuthError,
+    },
     /// The controller cannot be used as asked.
     #[error("{0}")]
     Unusable(String),
@@ -87,6 +99,8 @@ pub struct HostOptions {
     pub io_timeout: Duration,
     /// Entries of each I/O queue.
     pub queue_depth: u16,
+    /// DH-HMAC-CHAP keys, used when the controller asks for authentication.
+    pub dhchap: Option<std::sync::Arc<super::auth::HostKeys>>,
 }
 
 impl HostOptions {
@@ -100,6 +114,7 @@ impl HostOptions {
             digests: Digests::default(),
             io_timeout: Duration::from_secs(30),
             queue_depth: 128,
+            dhchap: None,
         }
     }
 

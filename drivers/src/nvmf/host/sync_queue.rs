@@ -1,7 +1,8 @@
 //! The synchronous queue: an NVMe/TCP connection driven with blocking I/O, one command at a
 //! time. It owns connection setup (ICReq/ICResp, then Connect) for the admin queue and for every
 //! I/O queue; the admin queue stays one for good (Property Get/Set, Identify, Set Features, Keep
-//! Alive), an I/O queue is handed over to [`super::IoQueue`] once connected.
+//! Alive), an I/O queue is handed over to [`super::IoQueue`] once connected. A Connect whose
+//! response asks for it is followed by DH-HMAC-CHAP on the queue, before anything else.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -9,6 +10,7 @@ use std::time::Duration;
 
 use super::{io, HostOptions, NvmfError};
 use crate::nvme::spec::{Command, Completion, Status};
+use crate::nvmf::auth;
 use crate::nvmf::fabrics::{self, ConnectData};
 use crate::nvmf::pdu::{self, CapsuleCmd, Digests, Frame, Header, IcReq, Side};
 
@@ -111,6 +113,27 @@ impl SyncQueue {
             }
             e => e,
         })?;
+        // Authenticate when the controller asks, and also when the controller must prove
+        // itself (a controller key): a controller that does not ask is not let off.
+        let asked = cqe.result & fabrics::CONNECT_AUTH_REQUIRED != 0;
+        let bidirectional = opts.dhchap.as_ref().is_some_and(|k| k.ctrl_key.is_some());
+        if asked || bidirectional {
+            let Some(keys) = &opts.dhchap else {
+                return Err(NvmfError::Unusable(format!(
+                    "'{}' requires DH-HMAC-CHAP authentication of host '{}', and no dhchap_key \
+                     is set",
+                    opts.subnqn, opts.hostnqn
+                )));
+            };
+            auth::authenticate(&mut q, keys, &opts.hostnqn, &opts.subnqn, qid).map_err(|e| {
+                NvmfError::AuthFailed {
+                    hostnqn: opts.hostnqn.clone(),
+                    subnqn: opts.subnqn.clone(),
+                    qid,
+                    source: e,
+                }
+            })?;
+        }
         Ok((q, cqe.result as u16))
     }
 
@@ -227,6 +250,26 @@ impl SyncQueue {
             digests: self.digests,
             maxh2cdata: self.maxh2cdata,
         })
+    }
+}
+
+/// DH-HMAC-CHAP messages travel as AUTH_Send and AUTH_Receive commands on the queue.
+impl auth::AuthTransport for SyncQueue {
+    fn auth_send(&mut self, data: &[u8]) -> Result<(), auth::AuthError> {
+        self.command("AUTH_Send", fabrics::auth_send(data.len() as u32), data, 0)
+            .map(drop)
+            .map_err(|e| auth::AuthError::Transport(e.to_string()))
+    }
+
+    fn auth_receive(&mut self, len: u32) -> Result<Vec<u8>, auth::AuthError> {
+        self.command(
+            "AUTH_Receive",
+            fabrics::auth_receive(len),
+            &[],
+            len as usize,
+        )
+        .map(|(_, data)| data)
+        .map_err(|e| auth::AuthError::Transport(e.to_string()))
     }
 }
 

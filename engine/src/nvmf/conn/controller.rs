@@ -7,7 +7,7 @@ use super::*;
 /// The host of a connection: its address and what was checked of it.
 pub(super) struct HostCheck {
     /// The host's address, for the log.
-    peer: String,
+    pub(super) peer: String,
     /// A refused Connect was logged (once per connection).
     refused_logged: bool,
     /// The revision of the export's allowed hosts last checked.
@@ -164,6 +164,16 @@ impl NvmfConn {
             1
         };
         let cntlid = ctrl.cntlid;
+        // A host whose entry names a key authenticates every queue before anything else.
+        let keys = export
+            .as_deref()
+            .and_then(crate::nvmf::access_of)
+            .and_then(|a| a.keys_of(&d.hostnqn));
+        let mut result = cntlid as u32;
+        if let Some(keys) = keys {
+            self.auth = Some(auth::QueueAuth::new(keys, &d.hostnqn, &d.subnqn));
+            result |= fabrics::CONNECT_AUTH_REQUIRED;
+        }
         let detail = format!("controller {cntlid} queue {} host {}", c.qid, ctrl.hostnqn);
         self.pump.attach(&ctrl.subnqn, export.clone(), detail);
         self.host.access_seen = access_seen;
@@ -171,7 +181,7 @@ impl NvmfConn {
         self.last_keep_alive = Instant::now();
         self.name = format!("nvmf:{}:{}q{}", ctrl.subnqn, cntlid, c.qid);
         self.ctrl = Some(ctrl);
-        self.respond(cid, Status::SUCCESS, cntlid as u32);
+        self.respond(cid, Status::SUCCESS, result);
     }
 
     pub(super) fn admin(&mut self, cmd: Command, payload: Payload) {

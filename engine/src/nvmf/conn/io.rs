@@ -82,9 +82,11 @@ impl NvmfConn {
         self.respond(cid, st, 0);
     }
 
-    /// True when the export's channel is memory the CPU reaches (a RAM disk).
+    /// True when the export's channel is memory the CPU reaches (a RAM disk). Not before the
+    /// queue has authenticated: writes in place skip [`NvmfConn::execute`], which checks that.
     pub(super) fn in_place(&self) -> bool {
-        self.channel.as_ref().is_some_and(|c| c.in_place())
+        self.auth.as_ref().is_none_or(|a| a.done())
+            && self.channel.as_ref().is_some_and(|c| c.in_place())
     }
 
     pub(super) fn read_in_place(
@@ -127,6 +129,13 @@ impl NvmfConn {
 
     pub(super) fn execute(&mut self, cmd: Command, payload: Payload) {
         let cid = cmd.cid();
+        let payload = match self.qid {
+            Some(_) => match self.auth_gate(&cmd, payload) {
+                Some(p) => p,
+                None => return,
+            },
+            None => payload,
+        };
         if self.qid.is_none_or(|q| q == 0) {
             self.admin(cmd, payload);
             return;

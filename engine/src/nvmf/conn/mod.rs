@@ -35,6 +35,7 @@ use super::{Ctrl, NvmeTcp, NvmfServer};
 use crate::export::{Address, CloseReason, Export, Flow, Outgoing, Protocol, SocketPump, TurnEnd};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
+mod auth;
 mod controller;
 mod io;
 
@@ -178,6 +179,8 @@ pub struct NvmfConn {
     reqs: Vec<(IoOp, u64, u64, IoBufs)>,
     closing: bool,
     last_keep_alive: Instant,
+    /// DH-HMAC-CHAP, when the host must authenticate the queue.
+    auth: Option<Box<auth::QueueAuth>>,
 }
 
 fn cqe(cid: u16, status: Status, result: u32, sqhd: u16, qid: u16) -> Completion {
@@ -223,6 +226,7 @@ impl NvmfConn {
             reqs: Vec::new(),
             closing: false,
             last_keep_alive: now,
+            auth: None,
         }
     }
 
