@@ -50,6 +50,41 @@ impl SyncQueue {
         kato_ms: u32,
         cattr: u8,
     ) -> Result<(Self, u16), NvmfError> {
+        let (mut q, cqe) = Self::connect_raw(opts, qid, sqsize, cntlid, kato_ms, cattr)?;
+        // Authenticate when the controller asks, and also when the controller must prove
+        // itself (a controller key): a controller that does not ask is not let off.
+        let asked = cqe.result & fabrics::CONNECT_AUTH_REQUIRED != 0;
+        let bidirectional = opts.dhchap.as_ref().is_some_and(|k| k.ctrl_key.is_some());
+        if asked || bidirectional {
+            let Some(keys) = &opts.dhchap else {
+                return Err(NvmfError::Unusable(format!(
+                    "'{}' requires DH-HMAC-CHAP authentication of host '{}', and no dhchap_key \
+                     is set",
+                    opts.subnqn, opts.hostnqn
+                )));
+            };
+            auth::authenticate(&mut q, keys, &opts.hostnqn, &opts.subnqn, qid).map_err(|e| {
+                NvmfError::AuthFailed {
+                    hostnqn: opts.hostnqn.clone(),
+                    subnqn: opts.subnqn.clone(),
+                    qid,
+                    source: e,
+                }
+            })?;
+        }
+        Ok((q, cqe.result as u16))
+    }
+
+    /// ICReq and Connect alone, nothing after: the Connect's completion comes back as it is
+    /// (its result holds the controller id and whether the queue must authenticate).
+    pub fn connect_raw(
+        opts: &HostOptions,
+        qid: u16,
+        sqsize: u16,
+        cntlid: u16,
+        kato_ms: u32,
+        cattr: u8,
+    ) -> Result<(Self, Completion), NvmfError> {
         let addr = opts.addr();
         let sa = addr
             .to_socket_addrs()
@@ -113,28 +148,7 @@ impl SyncQueue {
             }
             e => e,
         })?;
-        // Authenticate when the controller asks, and also when the controller must prove
-        // itself (a controller key): a controller that does not ask is not let off.
-        let asked = cqe.result & fabrics::CONNECT_AUTH_REQUIRED != 0;
-        let bidirectional = opts.dhchap.as_ref().is_some_and(|k| k.ctrl_key.is_some());
-        if asked || bidirectional {
-            let Some(keys) = &opts.dhchap else {
-                return Err(NvmfError::Unusable(format!(
-                    "'{}' requires DH-HMAC-CHAP authentication of host '{}', and no dhchap_key \
-                     is set",
-                    opts.subnqn, opts.hostnqn
-                )));
-            };
-            auth::authenticate(&mut q, keys, &opts.hostnqn, &opts.subnqn, qid).map_err(|e| {
-                NvmfError::AuthFailed {
-                    hostnqn: opts.hostnqn.clone(),
-                    subnqn: opts.subnqn.clone(),
-                    qid,
-                    source: e,
-                }
-            })?;
-        }
-        Ok((q, cqe.result as u16))
+        Ok((q, cqe))
     }
 
     fn consume(&mut self, n: usize) {
