@@ -4,7 +4,8 @@
 set -euo pipefail
 what=${1:-test}
 build_pkgs=(pkg-config libhwloc-dev libudev-dev gcc)
-test_pkgs=(fio libnbd-bin nbdkit qemu-utils tar coreutils busybox-static curl prometheus tmux)
+test_pkgs=(fio libnbd-bin nbdkit qemu-utils tar coreutils busybox-static curl prometheus tmux
+  xz-utils binutils)
 pkgs=("${build_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }

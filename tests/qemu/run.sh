@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the NVMe driver's guest tests: builds a small guest (Debian's kernel with its vfio
-# modules, a busybox-static initramfs, the project's static binaries), boots it under
+# Runs the NVMe driver's guest tests: builds a small guest (Debian's 6.12 kernel with the
+# modules it needs, a busybox-static initramfs, the project's static binaries), boots it under
 # qemu-system-x86_64 (TCG) with two emulated NVMe controllers and an emulated IOMMU, and exits
 # with the guest's result. The kernel and the build are cached under target/, so reruns are
 # fast.
@@ -20,37 +20,61 @@ if [ "${1:-}" = --bench ]; then
 fi
 mkdir -p "$cache"
 
-for tool in qemu-system-x86_64 busybox dpkg-deb apt-get; do
+for tool in qemu-system-x86_64 busybox dpkg-deb apt-get xz strings; do
   command -v "$tool" >/dev/null || { echo "qemu guest: $tool is missing (scripts/deps.sh test installs it)" >&2; exit 1; }
 done
 
-# 1. The guest kernel and its vfio modules, from Debian's package.
-modules=(virt/lib/irqbypass.ko drivers/vfio/vfio.ko drivers/vfio/vfio_iommu_type1.ko
-  drivers/vfio/vfio_virqfd.ko drivers/vfio/pci/vfio-pci-core.ko drivers/vfio/pci/vfio-pci.ko)
-# NVMe/TCP host and target (nvme-tcp, nvmet-tcp) with their dependencies.
-modules+=(crypto/crct10dif_common.ko crypto/crct10dif_generic.ko lib/crc-t10dif.ko lib/crc64.ko
-  crypto/crc64_rocksoft_generic.ko lib/crc64-rocksoft.ko block/t10-pi.ko fs/configfs/configfs.ko
-  crypto/crc32c_generic.ko drivers/nvme/host/nvme-core.ko drivers/nvme/host/nvme-fabrics.ko
-  drivers/nvme/host/nvme-tcp.ko drivers/nvme/target/nvmet.ko drivers/nvme/target/nvmet-tcp.ko)
+# 1. The guest kernel and the modules the tests load (with everything they depend on), from
+# Debian's package: the newest 6.12 kernel of bookworm (its nvme and nvmet have DH-HMAC-CHAP,
+# 6.1's do not), else the default one. Modules are stored uncompressed, in the order to load
+# them (lib/modules/order in the guest).
+wanted=(vfio-pci vfio_iommu_type1 nvme-tcp nvmet-tcp)
+pkg_name() {
+  apt-cache search --names-only '^linux-image-6\.12\.[0-9.]*\+deb12-amd64-unsigned$' 2>/dev/null |
+    awk '{print $1}' | sort -V | tail -1
+}
+pkg=$(pkg_name)
+if [ -z "$pkg" ]; then apt-get update -qq; pkg=$(pkg_name); fi
+[ -n "$pkg" ] || { echo "qemu guest: no linux-image 6.12 package found" >&2; exit 1; }
 kernel=$cache/kernel
-if [ ! -f "$kernel/vmlinuz" ] || [ ! -f "$kernel/modules/nvmet-tcp.ko" ]; then
-  pkg_name() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ {print $2; exit}'; }
-  pkg=$(pkg_name)
-  if [ -z "$pkg" ]; then apt-get update -qq; pkg=$(pkg_name); fi
-  [ -n "$pkg" ] || { echo "qemu guest: no linux-image package found" >&2; exit 1; }
+if [ "$(cat "$kernel/package" 2>/dev/null)" != "$pkg" ]; then
   echo "qemu guest: fetching $pkg"
   work=$cache/kernel.tmp
   rm -rf "$work" && mkdir -p "$work/modules"
   (cd "$work" && apt-get download -q "$pkg" >/dev/null)
   dpkg-deb -x "$work"/*.deb "$work/root"
   cp "$work"/root/boot/vmlinuz-* "$work/vmlinuz"
-  for m in "${modules[@]}"; do
-    # A module built into this kernel has no file: the guest's insmod skips it.
-    cp "$work"/root/lib/modules/*/kernel/"$m" "$work/modules/" 2>/dev/null ||
-      echo "qemu guest: $m not in the package (built in?)"
+  tree=$(echo "$work"/root/lib/modules/*/kernel)
+  # Each module's file by its name ('-' and '_' are the same in module names).
+  declare -A file_of=()
+  while IFS= read -r f; do
+    n=$(basename "$f"); n=${n%%.ko*}
+    file_of[${n//-/_}]=$f
+  done < <(find "$tree" -name '*.ko*')
+  declare -A placed=()
+  order=()
+  place() { # a module after what it depends on
+    local key=${1//-/_} f deps d
+    [ -n "${placed[$key]:-}" ] && return
+    placed[$key]=1
+    f=${file_of[$key]:-}
+    [ -n "$f" ] || return 0 # built into the kernel
+    case "$f" in
+      *.xz) xz -dc "$f" >"$work/modules/$1.ko" ;;
+      *) cp "$f" "$work/modules/$1.ko" ;;
+    esac
+    deps=$(strings "$work/modules/$1.ko" | sed -n 's/^depends=//p' | head -1)
+    for d in ${deps//,/ }; do place "$d"; done
+    order+=("$1")
+  }
+  for m in "${wanted[@]}"; do
+    [ -n "${file_of[${m//-/_}]:-}" ] || { echo "qemu guest: module $m not in $pkg" >&2; exit 1; }
+    place "$m"
   done
+  printf '%s\n' "${order[@]}" >"$work/modules/order"
   rm -rf "$kernel" && mkdir -p "$kernel"
   mv "$work/vmlinuz" "$work/modules" "$kernel/"
+  echo "$pkg" >"$kernel/package"
   rm -rf "$work"
 fi
 
@@ -73,7 +97,7 @@ for applet in $("$rootfs/bin/busybox" --list); do
   # A link named busybox to itself would make every exec fail (ELOOP).
   [ "$applet" = busybox ] || ln -sf busybox "$rootfs/bin/$applet"
 done
-cp "$kernel"/modules/*.ko "$rootfs/lib/modules/"
+cp "$kernel"/modules/*.ko "$kernel/modules/order" "$rootfs/lib/modules/"
 cp "$bin/quicksplit" "$bin/nvme-guest" "$bin/qsbench" "$rootfs/bin/"
 install -m 0755 "$here/init" "$rootfs/init"
 install -m 0755 "$here/nvmf-guest.sh" "$rootfs/bin/nvmf-guest"
