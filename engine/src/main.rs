@@ -436,17 +436,16 @@ fn serve(
     let embedded = config.is_none();
     // A state directory that holds a configuration brings it back (the embedded default's
     // included); `--config` replaces it.
-    let kept = engine.config_path();
     let (config, origin) = match config {
         Some(c) => (Some(c), "--config"),
-        None if kept.exists() => match read_config(&kept) {
-            Ok(c) => (Some(c), "the state directory's configuration"),
+        None => match engine::app::config_store::read_kept(&state_dir) {
+            Ok(Some(c)) => (Some(c), "the state directory's configuration"),
+            Ok(None) => (None, "the embedded default"),
             Err(e) => {
-                eprintln!("quicksplit: {e}");
+                eprintln!("quicksplit: the state directory's configuration: {e}");
                 return 1;
             }
         },
-        None => (None, "the embedded default"),
     };
     match config {
         Some(c) => {

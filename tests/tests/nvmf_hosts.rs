@@ -586,8 +586,10 @@ fn keys_and_hosts_are_saved_and_replayed_without_the_secret() {
         json!([{"nqn": HOST_A}, {"nqn": HOST_C}])
     );
     assert_eq!(export["params"]["allow_any_host"], false);
-    let on_disk = std::fs::read_to_string(dir.path().join("state/config.json")).unwrap();
-    assert!(!on_disk.contains(SECRET_BODY));
+    for file in ["config.json", "config.journal"] {
+        let on_disk = std::fs::read_to_string(dir.path().join("state").join(file)).unwrap();
+        assert!(!on_disk.contains(SECRET_BODY), "{file}");
+    }
     let before = c.ok("nvmf_get_exports", json!({}));
     let replies = c.replies.clone();
     let first_log = server.text();

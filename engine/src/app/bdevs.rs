@@ -68,6 +68,8 @@ impl Engine {
         let own = [
             CONFIG_FILE,
             &format!("{CONFIG_FILE}.new"),
+            super::config_store::JOURNAL_FILE,
+            &format!("{}.new", super::config_store::JOURNAL_FILE),
             "backups.json",
             "backups.json.new",
             super::LOCK_FILE,

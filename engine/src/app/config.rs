@@ -1,5 +1,5 @@
 //! The running configuration: what `save_config` returns (the calls that rebuild every bdev,
-//! pair and export) and its copy in the state directory, rewritten atomically after each change.
+//! pair and export) and its copy in the state directory, brought up to date after each change.
 
 use std::path::PathBuf;
 use std::sync::PoisonError;
@@ -16,24 +16,22 @@ impl Engine {
         self.state_dir.join(CONFIG_FILE)
     }
 
-    /// Writes the running configuration to the state directory, atomically (a new file, made
-    /// durable, renamed over the old one, directory synced), so a restart finds it whole.
+    /// Writes the running configuration to the state directory: the changes since it was
+    /// last written, appended to its journal and made durable (see [`super::config_store`]),
+    /// so a restart finds it whole and a change costs the same with 10 objects or 10,000.
     pub fn persist_config(&self) -> std::io::Result<()> {
-        let _writing = self
+        let mut store = self
             .config_file
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let text = serde_json::to_vec_pretty(&self.save_config()).map_err(std::io::Error::other)?;
-        let path = self.config_path();
-        let tmp = self.state_dir.join(format!("{CONFIG_FILE}.new"));
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.state_dir)?.sync_all()
+        let calls = match self.save_config() {
+            serde_json::Value::Object(mut m) => match m.remove("config") {
+                Some(serde_json::Value::Array(calls)) => calls,
+                _ => Vec::new(),
+            },
+            _ => Vec::new(),
+        };
+        store.persist(&self.state_dir, calls)
     }
 
     /// The running configuration: the calls that rebuild every key of the keyring (names and

@@ -7,6 +7,7 @@ mod backup_plans;
 mod backups;
 mod bdevs;
 mod config;
+pub mod config_store;
 mod default;
 mod exports;
 mod keys;
@@ -84,9 +85,9 @@ pub struct Engine {
     keyring: Keyring,
     backups: Backups,
     verifies: Verifies,
-    /// Held while the configuration file is written: two RPCs finishing at once must not
-    /// interleave their writes, nor rename an older snapshot over a newer one.
-    config_file: Mutex<()>,
+    /// The configuration as written to the state directory, held while it is written: two
+    /// RPCs finishing at once must not interleave their writes.
+    config_file: Mutex<config_store::ConfigStore>,
     /// Held while a backup or a verification starts, so two starts cannot both find a target
     /// free, and a pair is not deleted while one starts.
     backup_starts: Mutex<()>,
@@ -176,7 +177,7 @@ impl Engine {
             }),
             state_dir: state_dir.to_path_buf(),
             control,
-            config_file: Mutex::new(()),
+            config_file: Mutex::new(config_store::ConfigStore::default()),
             backup_starts: Mutex::new(()),
             _state_lock: state_lock,
         }))

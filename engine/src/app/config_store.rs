@@ -1,0 +1,299 @@
+//! The running configuration in the state directory, kept at a cost per change that does not
+//! grow with the configuration: a base (`config.json`, rewritten atomically only now and then)
+//! and a journal (`config.journal`) of the changes since, one JSON line each, appended and made
+//! durable with each change.
+//!
+//! A change is the difference between the calls saved and the calls now: `{"put": call}` (a
+//! call added, or one whose parameters changed, by its method and name) or `{"remove": [method,
+//! name]}`. The journal's first line names the base it follows (`{"base": generation}`); once it
+//! holds as many changes as the base has calls (and at least [`COMPACT_AFTER`]), the base is
+//! rewritten with the next generation and a new journal started, so the work stays amortized
+//! O(1) per change. Crash safety: the base is replaced by rename; the journal is replaced by
+//! rename after it, so a crash between the two leaves a journal naming the older base, which is
+//! ignored (the new base holds everything); a journal's last line cut short by a crash was
+//! never acknowledged and is ignored.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use super::config::CONFIG_FILE;
+
+/// The journal's file in the state directory.
+pub const JOURNAL_FILE: &str = "config.journal";
+/// Fewest changes the journal holds before the base is rewritten.
+pub const COMPACT_AFTER: usize = 256;
+
+/// A call's identity: its method and the name it creates.
+fn identity(call: &Value) -> Option<(&str, &str)> {
+    let method = call.get("method")?.as_str()?;
+    let params = call.get("params")?;
+    let name = params.get("name").or_else(|| params.get("nqn"))?.as_str()?;
+    Some((method, name))
+}
+
+/// The order calls must replay in: keys before the bdevs that may name them, bdevs before
+/// pairs, pairs before exports.
+fn rank(call: &Value) -> u8 {
+    match call.get("method").and_then(Value::as_str).unwrap_or("") {
+        m if m.starts_with("keyring_") => 0,
+        m if m.starts_with("bdev_") => 1,
+        "pair_create" => 2,
+        m if m.starts_with("nbd_") => 3,
+        _ => 4,
+    }
+}
+
+/// The changes that turn `old` into `new`.
+pub fn diff(old: &[Value], new: &[Value]) -> Vec<Value> {
+    use std::collections::HashMap;
+    let before: HashMap<_, _> = old.iter().filter_map(|c| Some((identity(c)?, c))).collect();
+    let after: HashMap<_, _> = new.iter().filter_map(|c| Some((identity(c)?, c))).collect();
+    let mut ops = Vec::new();
+    for c in old {
+        if let Some(id) = identity(c) {
+            if !after.contains_key(&id) {
+                ops.push(json!({"remove": [id.0, id.1]}));
+            }
+        }
+    }
+    for c in new {
+        match identity(c) {
+            Some(id) if before.get(&id) == Some(&c) => {}
+            _ => ops.push(json!({ "put": c })),
+        }
+    }
+    ops
+}
+
+/// Applies one change to `calls`.
+fn apply(calls: &mut Vec<Value>, op: &Value) -> Result<(), String> {
+    if let Some(c) = op.get("put") {
+        let id = identity(c).ok_or("a put without a method and a name")?;
+        match calls.iter().position(|x| identity(x) == Some(id)) {
+            Some(at) => calls[at] = c.clone(),
+            None => calls.push(c.clone()),
+        }
+        return Ok(());
+    }
+    let gone = op
+        .get("remove")
+        .and_then(Value::as_array)
+        .and_then(|r| Some((r.first()?.as_str()?, r.get(1)?.as_str()?)))
+        .ok_or("neither a put nor a remove")?;
+    let (method, name) = (gone.0.to_string(), gone.1.to_string());
+    calls.retain(|x| identity(x) != Some((&method, &name)));
+    Ok(())
+}
+
+/// The configuration the state directory holds (`{"config": [...]}`), the journal applied to
+/// its base; `None` when it holds none.
+pub fn read_kept(state_dir: &Path) -> Result<Option<Value>, String> {
+    let base_path = state_dir.join(CONFIG_FILE);
+    let text = match std::fs::read_to_string(&base_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("{}: {e}", base_path.display())),
+    };
+    let base: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not JSON: {e}", base_path.display()))?;
+    let generation = base.get("generation").and_then(Value::as_u64).unwrap_or(0);
+    let mut calls = match base.get("config") {
+        Some(Value::Array(c)) => c.clone(),
+        _ => return Ok(Some(base)),
+    };
+    let journal_path = state_dir.join(JOURNAL_FILE);
+    let journal = match std::fs::read_to_string(&journal_path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(format!("{}: {e}", journal_path.display())),
+    };
+    let complete = journal.ends_with('\n');
+    let lines: Vec<&str> = journal.lines().collect();
+    let damaged = |n: usize, why: String| format!("{} line {}: {why}", journal_path.display(), n);
+    for (i, line) in lines.iter().enumerate() {
+        let last = i + 1 == lines.len();
+        let v: Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            // Cut short by a crash while it was written: never acknowledged.
+            Err(_) if last && !complete => break,
+            Err(e) => return Err(damaged(i + 1, e.to_string())),
+        };
+        if i == 0 {
+            if v.get("base").and_then(Value::as_u64) != Some(generation) {
+                // Left by a crash between a new base and its journal: the base has it all.
+                break;
+            }
+            continue;
+        }
+        apply(&mut calls, &v).map_err(|e| damaged(i + 1, e))?;
+    }
+    calls.sort_by_key(rank);
+    Ok(Some(json!({ "config": calls })))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Writes `path` whole by way of `path.new`, made durable and renamed over it.
+fn replace(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!("{name}.new"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    sync_dir(dir)
+}
+
+/// What is on disk, as this engine last wrote it.
+#[derive(Default)]
+pub struct ConfigStore {
+    /// The calls saved (base and journal), once this engine wrote them.
+    saved: Option<Vec<Value>>,
+    generation: u64,
+    journal: Option<File>,
+    changes: usize,
+}
+
+impl ConfigStore {
+    /// Makes `calls` the configuration on disk: a journal line per change, or a new base.
+    pub fn persist(&mut self, dir: &Path, calls: Vec<Value>) -> std::io::Result<()> {
+        let (Some(saved), Some(journal)) = (&self.saved, &mut self.journal) else {
+            return self.compact(dir, calls);
+        };
+        let ops = diff(saved, &calls);
+        if ops.is_empty() {
+            return Ok(());
+        }
+        if self.changes + ops.len() >= COMPACT_AFTER.max(calls.len()) {
+            return self.compact(dir, calls);
+        }
+        let mut text = Vec::new();
+        for op in &ops {
+            serde_json::to_writer(&mut text, op).map_err(std::io::Error::other)?;
+            text.push(b'\n');
+        }
+        let written = journal.write_all(&text).and_then(|()| journal.sync_data());
+        if let Err(e) = written {
+            // What is on disk is unknown now: the next change starts over with a new base.
+            self.journal = None;
+            return Err(e);
+        }
+        self.changes += ops.len();
+        self.saved = Some(calls);
+        Ok(())
+    }
+
+    /// A new base with the next generation, then an empty journal that follows it.
+    fn compact(&mut self, dir: &Path, calls: Vec<Value>) -> std::io::Result<()> {
+        self.journal = None;
+        let generation = self.generation.max(current_generation(dir)) + 1;
+        let base = json!({ "generation": generation, "config": calls });
+        let text = serde_json::to_vec_pretty(&base).map_err(std::io::Error::other)?;
+        replace(dir, CONFIG_FILE, &text)?;
+        replace(
+            dir,
+            JOURNAL_FILE,
+            format!("{}\n", json!({ "base": generation })).as_bytes(),
+        )?;
+        let journal = std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(JOURNAL_FILE))?;
+        self.generation = generation;
+        self.journal = Some(journal);
+        self.changes = 0;
+        self.saved = Some(calls);
+        Ok(())
+    }
+}
+
+/// The generation of the base on disk (0 when there is none or it has none).
+fn current_generation(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join(CONFIG_FILE))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("generation").and_then(Value::as_u64))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(method: &str, name: &str, extra: u64) -> Value {
+        json!({"method": method, "params": {"name": name, "size": extra}})
+    }
+
+    /// What the directory holds equals `want` (in replay order).
+    fn holds(dir: &Path, want: &[Value]) -> bool {
+        let mut want = want.to_vec();
+        want.sort_by_key(rank);
+        read_kept(dir).unwrap().unwrap()["config"].as_array() == Some(&want)
+    }
+
+    #[test]
+    fn changes_are_journaled_replayed_in_order_and_compacted() {
+        let dir = std::env::temp_dir().join(format!("qs-config-store-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(read_kept(&dir).unwrap().is_none());
+        let mut s = ConfigStore::default();
+        let mut calls = vec![call("bdev_malloc_create", "a", 1)];
+        s.persist(&dir, calls.clone()).unwrap();
+        assert!(holds(&dir, &calls));
+        // An export, a key (which must replay first), a changed bdev, a removed one.
+        calls.push(call("bdev_malloc_create", "b", 2));
+        calls.push(json!({"method": "nvmf_export_start", "params": {"nqn": "n", "bdev": "a"}}));
+        s.persist(&dir, calls.clone()).unwrap();
+        calls.insert(0, call("keyring_file_add_key", "k", 0));
+        s.persist(&dir, calls.clone()).unwrap();
+        calls[1] = call("bdev_malloc_create", "a", 9);
+        calls.remove(2);
+        s.persist(&dir, calls.clone()).unwrap();
+        let kept = read_kept(&dir).unwrap().unwrap();
+        assert_eq!(
+            kept["config"][0]["method"], "keyring_file_add_key",
+            "keys first"
+        );
+        assert!(holds(&dir, &calls), "base and journal give the calls");
+        let journal = std::fs::read_to_string(dir.join(JOURNAL_FILE)).unwrap();
+        assert_eq!(journal.lines().count(), 1 + 5, "{journal}");
+        // A torn last line (a crash while it was written) is ignored; a bad line elsewhere is
+        // damage.
+        std::fs::write(
+            dir.join(JOURNAL_FILE),
+            format!("{journal}{{\"put\": {{\"meth"),
+        )
+        .unwrap();
+        assert!(holds(&dir, &calls));
+        std::fs::write(dir.join(JOURNAL_FILE), format!("{journal}nonsense\n")).unwrap();
+        assert!(read_kept(&dir).is_err());
+        // A journal naming another base (a crash between the base and its journal) is ignored.
+        let mut s = ConfigStore::default();
+        s.persist(&dir, calls.clone()).unwrap();
+        std::fs::write(
+            dir.join(JOURNAL_FILE),
+            "{\"base\": 1}\n{\"remove\": [\"bdev_malloc_create\", \"a\"]}\n",
+        )
+        .unwrap();
+        assert!(holds(&dir, &calls));
+        // Many changes: the base is rewritten now and then, the journal stays short.
+        let mut s = ConfigStore::default();
+        for i in 0..2 * COMPACT_AFTER {
+            calls.push(call("bdev_malloc_create", &format!("m{i}"), i as u64));
+            s.persist(&dir, calls.clone()).unwrap();
+        }
+        assert!(holds(&dir, &calls));
+        let lines = std::fs::read_to_string(dir.join(JOURNAL_FILE))
+            .unwrap()
+            .lines()
+            .count();
+        assert!(lines <= COMPACT_AFTER.max(calls.len()) + 1, "{lines}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
