@@ -19,6 +19,32 @@ fail=0
 ok() { echo "ok - $*"; }
 bad() { echo "not ok - $*"; fail=1; }
 qs() { /bin/quicksplit rpc --socket /tmp/qs.sock "$@"; }
+# An nvmet subsystem $1 with namespace 1 on /tmp/nvmet.img, open only to the hosts linked to it.
+nvmet_subsystem() {
+  mkdir $n/subsystems/$1 &&
+    echo 0 >$n/subsystems/$1/attr_allow_any_host &&
+    mkdir $n/subsystems/$1/namespaces/1 &&
+    echo /tmp/nvmet.img >$n/subsystems/$1/namespaces/1/device_path &&
+    echo 1 >$n/subsystems/$1/namespaces/1/buffered_io &&
+    echo 1 >$n/subsystems/$1/namespaces/1/enable
+}
+# Starts a backup with backup_start's parameters $1 and waits for it to end: its state in
+# $state, its last backup_get in $info, backup_start's reply in $out.
+backup_wait() {
+  out=$(qs backup_start "$1")
+  id=$(echo "$out" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p')
+  state=none
+  info=""
+  [ -n "$id" ] || return 0
+  state=running
+  i=0
+  while [ "$state" = running ] && [ $i -lt 600 ]; do
+    sleep 0.2
+    info=$(qs backup_get "{\"id\":$id}" | tr -d ' \n')
+    state=$(echo "$info" | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p')
+    i=$((i + 1))
+  done
+}
 MIB=1048576
 SIZE=$((8 * MIB))
 QNQN=nqn.2026-11.io.quicksplit:guest-p
@@ -93,12 +119,8 @@ qs pair_split '{"name":"pr"}' >/dev/null && ok "pair split" || bad "pair split"
 want=$(sha256sum /tmp/model.img | cut -d' ' -f1)
 n=/sys/kernel/config/nvmet
 truncate -s $SIZE /tmp/nvmet.img
-mkdir $n/subsystems/$LNQN &&
+nvmet_subsystem $LNQN &&
   echo 1 >$n/subsystems/$LNQN/attr_allow_any_host &&
-  mkdir $n/subsystems/$LNQN/namespaces/1 &&
-  echo /tmp/nvmet.img >$n/subsystems/$LNQN/namespaces/1/device_path &&
-  echo 1 >$n/subsystems/$LNQN/namespaces/1/buffered_io &&
-  echo 1 >$n/subsystems/$LNQN/namespaces/1/enable &&
   mkdir $n/ports/1 &&
   echo 127.0.0.1 >$n/ports/1/addr_traddr && echo tcp >$n/ports/1/addr_trtype &&
   echo 4420 >$n/ports/1/addr_trsvcid && echo ipv4 >$n/ports/1/addr_adrfam &&
@@ -106,17 +128,8 @@ mkdir $n/subsystems/$LNQN &&
   ok "nvmet target on 127.0.0.1:4420" || bad "nvmet configfs setup"
 for mode in merge reflect wait; do
   dd if=/dev/zero of=/tmp/nvmet.img bs=$MIB count=8 conv=notrunc 2>/dev/null
-  out=$(qs backup_start "{\"pair\":\"pr\",\"mode\":\"$mode\",\"flat_sha256\":true,\"target\":{\"type\":\"nvmf\",\"traddr\":\"127.0.0.1\",\"subnqn\":\"$LNQN\"}}")
-  id=$(echo "$out" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p')
-  if [ -z "$id" ]; then bad "$mode: backup_start: $out"; continue; fi
-  state=running
-  i=0
-  while [ "$state" = running ] && [ $i -lt 600 ]; do
-    sleep 0.2
-    info=$(qs backup_get "{\"id\":$id}" | tr -d ' \n')
-    state=$(echo "$info" | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p')
-    i=$((i + 1))
-  done
+  backup_wait "{\"pair\":\"pr\",\"mode\":\"$mode\",\"flat_sha256\":true,\"target\":{\"type\":\"nvmf\",\"traddr\":\"127.0.0.1\",\"subnqn\":\"$LNQN\"}}"
+  if [ "$state" = none ]; then bad "$mode: backup_start: $out"; continue; fi
   sha=$(echo "$info" | sed -n 's/.*"sha256":"\([0-9a-f]*\)".*/\1/p')
   [ "$state" = done ] && ok "$mode: backup to nvmet done" || bad "$mode: backup ended $state: $info"
   [ "$sha" = "$want" ] && ok "$mode: manifest SHA-256 is the image's" || bad "$mode: sha256 $sha, image $want"
@@ -126,12 +139,7 @@ for mode in merge reflect wait; do
 done
 # Our initiator's host NQN against nvmet: a subsystem that allows one host.
 RNQN=nqn.2026-12.io.linux:restricted
-mkdir $n/subsystems/$RNQN &&
-  echo 0 >$n/subsystems/$RNQN/attr_allow_any_host &&
-  mkdir $n/subsystems/$RNQN/namespaces/1 &&
-  echo /tmp/nvmet.img >$n/subsystems/$RNQN/namespaces/1/device_path &&
-  echo 1 >$n/subsystems/$RNQN/namespaces/1/buffered_io &&
-  echo 1 >$n/subsystems/$RNQN/namespaces/1/enable &&
+nvmet_subsystem $RNQN &&
   mkdir $n/hosts/$ALLOWED &&
   ln -s $n/hosts/$ALLOWED $n/subsystems/$RNQN/allowed_hosts/$ALLOWED &&
   ln -s $n/subsystems/$RNQN $n/ports/1/subsystems/$RNQN &&
@@ -221,12 +229,7 @@ kconnect "nqn=$BNQN,hostnqn=$AHOST,dhchap_secret=$HKEY,dhchap_ctrl_secret=$WKEY"
 
 # Our initiator against nvmet with host keys in configfs (ffdhe2048).
 KNQN=nqn.2026-12.io.linux:auth
-mkdir $n/subsystems/$KNQN &&
-  echo 0 >$n/subsystems/$KNQN/attr_allow_any_host &&
-  mkdir $n/subsystems/$KNQN/namespaces/1 &&
-  echo /tmp/nvmet.img >$n/subsystems/$KNQN/namespaces/1/device_path &&
-  echo 1 >$n/subsystems/$KNQN/namespaces/1/buffered_io &&
-  echo 1 >$n/subsystems/$KNQN/namespaces/1/enable &&
+nvmet_subsystem $KNQN &&
   mkdir $n/hosts/$AHOST &&
   echo "$HKEY" >$n/hosts/$AHOST/dhchap_key &&
   echo "hmac(sha256)" >$n/hosts/$AHOST/dhchap_hash &&
@@ -235,19 +238,7 @@ mkdir $n/subsystems/$KNQN &&
   ln -s $n/subsystems/$KNQN $n/ports/1/subsystems/$KNQN &&
   ok "nvmet subsystem with a DH-HMAC-CHAP host key" || bad "nvmet auth subsystem setup"
 dd if=/dev/zero of=/tmp/nvmet.img bs=$MIB count=8 conv=notrunc 2>/dev/null
-out=$(qs backup_start "{\"pair\":\"pr\",\"mode\":\"merge\",\"flat_sha256\":true,\"target\":{\"type\":\"nvmf\",\"traddr\":\"127.0.0.1\",\"subnqn\":\"$KNQN\",\"hostnqn\":\"$AHOST\",\"dhchap_key\":\"hk\"}}")
-id=$(echo "$out" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p')
-state=none
-if [ -n "$id" ]; then
-  state=running
-  i=0
-  while [ "$state" = running ] && [ $i -lt 600 ]; do
-    sleep 0.2
-    info=$(qs backup_get "{\"id\":$id}" | tr -d ' \n')
-    state=$(echo "$info" | sed -n 's/.*"state":"\([a-z]*\)".*/\1/p')
-    i=$((i + 1))
-  done
-fi
+backup_wait "{\"pair\":\"pr\",\"mode\":\"merge\",\"flat_sha256\":true,\"target\":{\"type\":\"nvmf\",\"traddr\":\"127.0.0.1\",\"subnqn\":\"$KNQN\",\"hostnqn\":\"$AHOST\",\"dhchap_key\":\"hk\"}}"
 [ "$state" = done ] && ok "backup to nvmet as an authenticated host done" || bad "authenticated backup: $out ${info:-}"
 sync
 cmp -s /tmp/model.img /tmp/nvmet.img && ok "nvmet's namespace equals the image (authenticated backup)" ||

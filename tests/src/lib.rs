@@ -4,6 +4,7 @@
 
 pub mod logged;
 pub mod nbd;
+pub mod nvmf;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

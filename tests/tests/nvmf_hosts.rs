@@ -14,9 +14,9 @@ use std::time::Duration;
 use drivers::nvme::spec::{self, Command as NvmeCmd};
 use drivers::nvmf::fabrics::{self, status};
 use drivers::nvmf::host::{HostController, HostOptions, NvmfError, SyncQueue};
-use drivers::{IoBufs, IoOp};
 use hugepages::BufferPool;
 use quicksplit_tests::logged::Logged;
+use quicksplit_tests::nvmf::write_read;
 use quicksplit_tests::{wait_for, RpcConn, TempDir};
 use serde_json::{json, Value};
 
@@ -215,34 +215,6 @@ fn discovery(port: u16, hostnqn: &str) -> Vec<String> {
             String::from_utf8_lossy(&f[..end]).into_owned()
         })
         .collect()
-}
-
-/// Writes `fill` at `offset` and reads it back through an I/O queue of `ctrl`.
-fn write_read(ctrl: &std::sync::Arc<HostController>, pool: &BufferPool, offset: u64, fill: u8) {
-    let mut q = ctrl.open_io_queue(1).expect("I/O queue");
-    for op in [IoOp::Write { fua: false }, IoOp::Read] {
-        let mut b = pool.get().expect("buffer");
-        let read = matches!(op, IoOp::Read);
-        b.as_mut_slice().fill(if read { 0 } else { fill });
-        let mut bufs = IoBufs::new();
-        bufs.push(b);
-        q.submit(op, offset, pool.buf_size() as u64, bufs, 1)
-            .map_err(|_| "submit refused")
-            .unwrap();
-        let mut out = Vec::new();
-        assert!(
-            wait_for(Duration::from_secs(10), || {
-                q.poll(&mut out);
-                !out.is_empty()
-            }),
-            "I/O did not complete"
-        );
-        let d = out.pop().unwrap();
-        d.result.expect("I/O failed");
-        if read {
-            assert!(d.bufs[0].as_slice().iter().all(|&b| b == fill));
-        }
-    }
 }
 
 fn connect_as(
