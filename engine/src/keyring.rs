@@ -225,6 +225,15 @@ impl Keyring {
     }
 
     /// The calls that register every key again (for `save_config`): names and paths only.
+    /// The call that registers key `name` again, if it is registered.
+    pub fn config_of(&self, name: &str) -> Option<serde_json::Value> {
+        let path = self.keys().get(name).cloned()?;
+        Some(serde_json::json!({
+            "method": "keyring_file_add_key",
+            "params": {"name": name, "path": path},
+        }))
+    }
+
     pub fn config(&self) -> Vec<serde_json::Value> {
         self.list()
             .into_iter()

@@ -111,6 +111,91 @@ fn a_restart_after_sigkill_brings_the_configuration_back() {
     restart_keeps_the_configuration(libc::SIGKILL);
 }
 
+/// Hundreds of changes (past the point where the journal is folded into a new base), then a
+/// SIGKILL: the restart brings back exactly what ran, including objects changed and removed
+/// after the last base; and a journal with damage before its last line stops the start.
+#[test]
+fn many_changes_survive_a_sigkill_and_a_damaged_journal_stops_the_start() {
+    use quicksplit_tests::RpcConn;
+    use serde_json::json;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("serve-journal");
+    let state = dir.path().join("state");
+    let s = state.to_str().unwrap();
+    let args = ["--state-dir", s, "--cores", "0-1", "--idle", "adaptive"];
+    let mut server = Server::start(&args);
+    let sock = state.join("rpc.sock");
+    let mut rpc = RpcConn::connect(&sock);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "x").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    for i in 0..400 {
+        let name = format!("key{i}");
+        rpc.ok(
+            "keyring_file_add_key",
+            json!({"name": name, "path": secret}),
+        );
+        if i % 7 == 3 {
+            rpc.ok("keyring_file_remove_key", json!({"name": name}));
+        }
+    }
+    for i in 0..20 {
+        let name = format!("m{i}");
+        rpc.ok("bdev_malloc_create", json!({"name": name, "size": 1 << 20}));
+        rpc.ok("nbd_export_start", json!({"name": name, "bdev": name}));
+    }
+    rpc.ok("nbd_export_stop", json!({"name": "m5"}));
+    rpc.ok("bdev_delete", json!({"name": "m5"}));
+    rpc.ok("nbd_export_stop", json!({"name": "m1"}));
+    rpc.ok("nbd_export_stop", json!({"name": "m2"}));
+    rpc.ok(
+        "pair_create",
+        json!({"name": "pm", "primary": "m1", "secondary": "m2"}),
+    );
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": "pm-image", "pair": "pm"}),
+    );
+    let before = rpc.ok("save_config", json!({}));
+    drop(rpc);
+    server.signal(libc::SIGKILL);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    let journal = std::fs::read_to_string(state.join("config.journal")).unwrap();
+    assert!(
+        journal.lines().count() > 1,
+        "changes since the base are in the journal"
+    );
+    let mut server = Server::start(&args);
+    let mut rpc = RpcConn::connect(&sock);
+    assert!(wait_for(Duration::from_secs(10), || {
+        rpc.ok("nbd_get_exports", json!({}))
+            .as_array()
+            .is_some_and(|a| a.len() >= 18)
+    }));
+    assert_eq!(rpc.ok("save_config", json!({})), before);
+    drop(rpc);
+    server.signal(libc::SIGKILL);
+    assert!(server.wait_exit(Duration::from_secs(10)).is_some());
+    // Damage in the middle of the journal (not a torn last line): the start stops.
+    let journal = std::fs::read_to_string(state.join("config.journal")).unwrap();
+    let mut lines: Vec<&str> = journal.lines().collect();
+    if lines.len() < 3 {
+        lines.push(
+            r#"{"put": {"method": "keyring_file_add_key", "params": {"name": "z", "path": "/z"}}}"#,
+        );
+        lines.push(
+            r#"{"put": {"method": "keyring_file_add_key", "params": {"name": "y", "path": "/y"}}}"#,
+        );
+    }
+    lines[1] = "{not json";
+    std::fs::write(state.join("config.journal"), lines.join("\n") + "\n").unwrap();
+    let mut server = Server::start(&args);
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit");
+    assert_eq!(status.code(), Some(1));
+}
+
 #[test]
 fn a_damaged_configuration_in_the_state_dir_stops_the_start() {
     let dir = TempDir::new("serve-damaged");

@@ -13,6 +13,7 @@
 //! ignored (the new base holds everything); a journal's last line cut short by a crash was
 //! never acknowledged and is ignored.
 
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -26,12 +27,24 @@ pub const JOURNAL_FILE: &str = "config.journal";
 /// Fewest changes the journal holds before the base is rewritten.
 pub const COMPACT_AFTER: usize = 256;
 
-/// A call's identity: its method and the name it creates.
-fn identity(call: &Value) -> Option<(&str, &str)> {
+/// What kind of object a create method makes: calls of one kind share their names.
+pub fn kind(method: &str) -> &'static str {
+    match method {
+        m if m.starts_with("keyring_") => "key",
+        "bdev_nvme_attach_controller" => "nvme",
+        m if m.starts_with("bdev_") => "bdev",
+        "pair_create" => "pair",
+        m if m.starts_with("nbd_") => "nbd",
+        _ => "nvmf",
+    }
+}
+
+/// A call's identity: the kind of object and the name it creates.
+fn identity(call: &Value) -> Option<(&'static str, &str)> {
     let method = call.get("method")?.as_str()?;
     let params = call.get("params")?;
     let name = params.get("name").or_else(|| params.get("nqn"))?.as_str()?;
-    Some((method, name))
+    Some((kind(method), name))
 }
 
 /// The order calls must replay in: keys before the bdevs that may name them, bdevs before
@@ -46,25 +59,45 @@ fn rank(call: &Value) -> u8 {
     }
 }
 
-/// The changes that turn `old` into `new`.
-pub fn diff(old: &[Value], new: &[Value]) -> Vec<Value> {
-    use std::collections::HashMap;
-    let before: HashMap<_, _> = old.iter().filter_map(|c| Some((identity(c)?, c))).collect();
-    let after: HashMap<_, _> = new.iter().filter_map(|c| Some((identity(c)?, c))).collect();
-    let mut ops = Vec::new();
-    for c in old {
-        if let Some(id) = identity(c) {
-            if !after.contains_key(&id) {
-                ops.push(json!({"remove": [id.0, id.1]}));
-            }
+/// The calls saved, by identity.
+type Saved = HashMap<(&'static str, String), Value>;
+
+fn index(calls: Vec<Value>) -> Saved {
+    calls
+        .into_iter()
+        .filter_map(|c| {
+            let (k, n) = identity(&c)?;
+            let key = (k, n.to_string());
+            Some((key, c))
+        })
+        .collect()
+}
+
+/// The change that makes the object `(kind, name)` what `now` is (`None`: gone), if any.
+fn change(saved: &Saved, kind: &'static str, name: &str, now: Option<&Value>) -> Option<Value> {
+    let before = saved.get(&(kind, name.to_string()));
+    match (before, now) {
+        (b, Some(c)) if b != Some(c) => Some(json!({ "put": c })),
+        (Some(b), None) => {
+            let method = b.get("method").and_then(Value::as_str).unwrap_or_default();
+            Some(json!({"remove": [method, name]}))
         }
+        _ => None,
     }
-    for c in new {
-        match identity(c) {
-            Some(id) if before.get(&id) == Some(&c) => {}
-            _ => ops.push(json!({ "put": c })),
-        }
-    }
+}
+
+/// The changes that turn `saved` into `new`.
+fn diff(saved: &Saved, new: &[Value]) -> Vec<Value> {
+    let after: HashSet<(&'static str, &str)> = new.iter().filter_map(identity).collect();
+    let mut ops: Vec<Value> = saved
+        .iter()
+        .filter(|((k, n), _)| !after.contains(&(*k, n.as_str())))
+        .filter_map(|((k, n), _)| change(saved, k, n, None))
+        .collect();
+    ops.extend(new.iter().filter_map(|c| {
+        let (k, n) = identity(c)?;
+        change(saved, k, n, Some(c))
+    }));
     ops
 }
 
@@ -83,8 +116,8 @@ fn apply(calls: &mut Vec<Value>, op: &Value) -> Result<(), String> {
         .and_then(Value::as_array)
         .and_then(|r| Some((r.first()?.as_str()?, r.get(1)?.as_str()?)))
         .ok_or("neither a put nor a remove")?;
-    let (method, name) = (gone.0.to_string(), gone.1.to_string());
-    calls.retain(|x| identity(x) != Some((&method, &name)));
+    let (k, name) = (kind(gone.0), gone.1.to_string());
+    calls.retain(|x| identity(x) != Some((k, &name)));
     Ok(())
 }
 
@@ -154,44 +187,88 @@ fn replace(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
 #[derive(Default)]
 pub struct ConfigStore {
     /// The calls saved (base and journal), once this engine wrote them.
-    saved: Option<Vec<Value>>,
+    saved: Option<Saved>,
     generation: u64,
     journal: Option<File>,
     changes: usize,
 }
 
 impl ConfigStore {
-    /// Makes `calls` the configuration on disk: a journal line per change, or a new base.
+    /// True when a change can go to the journal now: a base was written by this engine and
+    /// the journal is not due to be folded into a new one.
+    pub fn takes_one_change(&self) -> bool {
+        match (&self.saved, &self.journal) {
+            (Some(saved), Some(_)) => self.changes + 1 < COMPACT_AFTER.max(saved.len()),
+            _ => false,
+        }
+    }
+
+    /// Records that the object `(kind, name)` is now `now` (`None`: gone). Only when
+    /// [`ConfigStore::takes_one_change`] says so; the cost does not depend on how many objects
+    /// there are.
+    pub fn persist_one(
+        &mut self,
+        kind: &'static str,
+        name: &str,
+        now: Option<Value>,
+    ) -> std::io::Result<()> {
+        let Some(saved) = &self.saved else {
+            return Err(std::io::Error::other("no base written yet"));
+        };
+        let Some(op) = change(saved, kind, name, now.as_ref()) else {
+            return Ok(());
+        };
+        self.append(&[op])?;
+        if let Some(saved) = &mut self.saved {
+            match now {
+                Some(c) => saved.insert((kind, name.to_string()), c),
+                None => saved.remove(&(kind, name.to_string())),
+            };
+        }
+        Ok(())
+    }
+
+    /// Makes `calls` (the whole configuration) what is on disk: a journal line per change, or
+    /// a new base.
     pub fn persist(&mut self, dir: &Path, calls: Vec<Value>) -> std::io::Result<()> {
-        let (Some(saved), Some(journal)) = (&self.saved, &mut self.journal) else {
+        let Some(saved) = &self.saved else {
             return self.compact(dir, calls);
         };
         let ops = diff(saved, &calls);
         if ops.is_empty() {
             return Ok(());
         }
-        if self.changes + ops.len() >= COMPACT_AFTER.max(calls.len()) {
+        if self.journal.is_none() || self.changes + ops.len() >= COMPACT_AFTER.max(calls.len()) {
             return self.compact(dir, calls);
         }
+        self.append(&ops)?;
+        self.saved = Some(index(calls));
+        Ok(())
+    }
+
+    fn append(&mut self, ops: &[Value]) -> std::io::Result<()> {
+        let Some(journal) = &mut self.journal else {
+            return Err(std::io::Error::other("no journal open"));
+        };
         let mut text = Vec::new();
-        for op in &ops {
+        for op in ops {
             serde_json::to_writer(&mut text, op).map_err(std::io::Error::other)?;
             text.push(b'\n');
         }
-        let written = journal.write_all(&text).and_then(|()| journal.sync_data());
-        if let Err(e) = written {
+        if let Err(e) = journal.write_all(&text).and_then(|()| journal.sync_data()) {
             // What is on disk is unknown now: the next change starts over with a new base.
             self.journal = None;
+            self.saved = None;
             return Err(e);
         }
         self.changes += ops.len();
-        self.saved = Some(calls);
         Ok(())
     }
 
     /// A new base with the next generation, then an empty journal that follows it.
     fn compact(&mut self, dir: &Path, calls: Vec<Value>) -> std::io::Result<()> {
         self.journal = None;
+        self.saved = None;
         let generation = self.generation.max(current_generation(dir)) + 1;
         let base = json!({ "generation": generation, "config": calls });
         let text = serde_json::to_vec_pretty(&base).map_err(std::io::Error::other)?;
@@ -207,7 +284,12 @@ impl ConfigStore {
         self.generation = generation;
         self.journal = Some(journal);
         self.changes = 0;
-        self.saved = Some(calls);
+        let Value::Object(mut base) = base else {
+            return Ok(());
+        };
+        if let Some(Value::Array(calls)) = base.remove("config") {
+            self.saved = Some(index(calls));
+        }
         Ok(())
     }
 }
@@ -281,6 +363,16 @@ mod tests {
             "{\"base\": 1}\n{\"remove\": [\"bdev_malloc_create\", \"a\"]}\n",
         )
         .unwrap();
+        assert!(holds(&dir, &calls));
+        // One object's change, without the whole configuration: a put and a remove.
+        let mut s = ConfigStore::default();
+        s.persist(&dir, calls.clone()).unwrap();
+        assert!(s.takes_one_change());
+        let x = call("bdev_malloc_create", "x", 5);
+        s.persist_one("bdev", "x", Some(x.clone())).unwrap();
+        s.persist_one("key", "k", None).unwrap();
+        calls.push(x);
+        calls.remove(0);
         assert!(holds(&dir, &calls));
         // Many changes: the base is rewritten now and then, the journal stays short.
         let mut s = ConfigStore::default();

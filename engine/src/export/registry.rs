@@ -221,19 +221,7 @@ impl<P: Protocol> Registry<P> {
 
     /// `nbd_get_exports`, `nvmf_get_exports`.
     pub fn list(&self) -> Vec<ExportInfo> {
-        self.exports()
-            .values()
-            .map(|e| ExportInfo {
-                name_key: P::NAME_KEY,
-                name: e.name.clone(),
-                source: e.source.clone(),
-                writable: e.writable,
-                address: e.address.clone(),
-                connections: e.connections.load(Ordering::SeqCst),
-                io: e.stats.snapshot(),
-                options: Arc::clone(&e.options),
-            })
-            .collect()
+        self.exports().values().map(|e| info::<P>(e)).collect()
     }
 
     fn listen(self: &Arc<Self>, address: &Address) -> Result<AcceptThread, ExportError> {
@@ -250,6 +238,20 @@ impl<P: Protocol> Registry<P> {
     }
 }
 
+/// What the listing shows of export `e`.
+fn info<P: Protocol>(e: &Export) -> ExportInfo {
+    ExportInfo {
+        name_key: P::NAME_KEY,
+        name: e.name.clone(),
+        source: e.source.clone(),
+        writable: e.writable,
+        address: e.address.clone(),
+        connections: e.connections.load(Ordering::SeqCst),
+        io: e.stats.snapshot(),
+        options: Arc::clone(&e.options),
+    }
+}
+
 /// What the engine asks of every protocol's registry alike: the checks that span protocols,
 /// the configuration, the stop.
 pub trait ExportSet: Send + Sync {
@@ -260,6 +262,8 @@ pub trait ExportSet: Send + Sync {
     fn uses(&self, pred: &dyn Fn(&Export) -> bool) -> Option<String>;
     /// The start calls that rebuild every export.
     fn config(&self) -> Vec<serde_json::Value>;
+    /// The start call that rebuilds export `name`, if it runs.
+    fn config_of(&self, name: &str) -> Option<serde_json::Value>;
     /// Stops every export.
     fn stop_all(&self);
 }
@@ -286,6 +290,12 @@ impl<P: Protocol> ExportSet for Registry<P> {
             .iter()
             .map(|e| serde_json::json!({"method": P::START_METHOD, "params": e.params()}))
             .collect()
+    }
+
+    fn config_of(&self, name: &str) -> Option<serde_json::Value> {
+        let e = self.get(name)?;
+        let params = info::<P>(&e).params();
+        Some(serde_json::json!({"method": P::START_METHOD, "params": params}))
     }
 
     fn stop_all(&self) {

@@ -281,20 +281,44 @@ pub fn call(engine: &Engine, method: &str, p: Value) -> Result<Value, RpcError> 
         return dispatch(engine, method, p);
     };
     let audit = Audit::new(m.name, m.changes_state, m.redact, &p);
-    let result = persisted(engine, m, dispatch(engine, method, p));
+    let touched = touched_by(m.name, &p);
+    let result = persisted(engine, m, touched, dispatch(engine, method, p));
     audit.record(&result);
     result
+}
+
+/// The one object a call of `method` changes in the configuration, by kind and name; `None`
+/// when it may change more (or its name is not given), and the whole configuration is compared.
+fn touched_by(method: &str, p: &Value) -> Option<(&'static str, String)> {
+    let kind = match method {
+        "bdev_malloc_create" | "bdev_uring_create" => "bdev",
+        "bdev_nvme_attach_controller" | "bdev_nvme_detach_controller" => "nvme",
+        "pair_create" | "pair_delete" => "pair",
+        "nbd_export_start" | "nbd_export_stop" => "nbd",
+        "nvmf_export_start"
+        | "nvmf_export_stop"
+        | "nvmf_export_add_host"
+        | "nvmf_export_remove_host" => "nvmf",
+        "keyring_file_add_key" | "keyring_file_remove_key" => "key",
+        // bdev_delete may take an NVMe namespace (its controller's call), load_config anything.
+        _ => return None,
+    };
+    let name = p
+        .get(if kind == "nvmf" { "nqn" } else { "name" })?
+        .as_str()?;
+    Some((kind, name.to_string()))
 }
 
 /// A call's result once the configuration is saved after a method that changes it.
 fn persisted(
     engine: &Engine,
     m: &Method,
+    touched: Option<(&'static str, String)>,
     result: Result<Value, RpcError>,
 ) -> Result<Value, RpcError> {
     // Saved after a failure too: the file must say what runs, whatever the failure left.
     if m.changes_config {
-        if let Err(e) = engine.persist_config() {
+        if let Err(e) = engine.persist_change(touched) {
             tracing::error!(%e, "the configuration could not be saved in the state directory");
             if result.is_ok() {
                 return Err(RpcError::new(
