@@ -188,6 +188,11 @@ fn content(what: &'static str, path: &Path) -> impl Fn(openssl::error::ErrorStac
     }
 }
 
+/// Where a server's pre-shared keys come from: read again for each handshake, so they are in
+/// memory only while one runs (and a file rotated in place is picked up). Its error says why
+/// they cannot be read, never a key.
+pub type PskSource = Arc<dyn Fn() -> Result<PskFile, String> + Send + Sync>;
+
 /// A server's TLS: a certificate and its key (clients verified against `ca_file` when given),
 /// or pre-shared keys.
 pub enum ServerTls<'a> {
@@ -201,7 +206,7 @@ pub enum ServerTls<'a> {
         ca_file: Option<&'a Path>,
     },
     /// PSK.
-    Psk(PskFile),
+    Psk(PskSource),
 }
 
 /// The TLS context of a server.
@@ -218,22 +223,32 @@ pub fn server_context(tls: ServerTls<'_>) -> Result<Arc<SslAcceptor>, TlsError> 
             readable("key_file", key_file)?;
             b.set_certificate_chain_file(cert_file)
                 .map_err(content("cert_file", cert_file))?;
-            b.set_private_key_file(key_file, SslFiletype::PEM)
-                .map_err(content("key_file", key_file))?;
-            b.check_private_key().map_err(|e| TlsError::Content {
+            let unusable = |e: openssl::error::ErrorStack| TlsError::Content {
                 what: "key_file",
                 path: key_file.to_path_buf(),
-                detail: format!("does not match cert_file: {e}"),
-            })?;
+                detail: format!(
+                    "cannot be used with cert_file (not a PEM private key, or not its key): {e}"
+                ),
+            };
+            b.set_private_key_file(key_file, SslFiletype::PEM)
+                .map_err(unusable)?;
+            b.check_private_key().map_err(unusable)?;
             if let Some(ca) = ca_file {
                 readable("ca_file", ca)?;
                 b.set_ca_file(ca).map_err(content("ca_file", ca))?;
                 b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
             }
         }
-        ServerTls::Psk(keys) => {
+        ServerTls::Psk(source) => {
             b.set_cipher_list(PSK_CIPHERS)?;
             b.set_psk_server_callback(move |_ssl, identity, psk| {
+                let keys = match source() {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::warn!(%e, "TLS handshake refused: the PSK file cannot be read");
+                        return Ok(0);
+                    }
+                };
                 let key = identity.and_then(|u| keys.key(u)).unwrap_or_default();
                 // An unknown user (or a key longer than OpenSSL takes) fails the handshake.
                 if key.len() > psk.len() {

@@ -2,18 +2,19 @@
 //! key_file, ca_file?}` for x509, `{psk_key}` for a keyring key holding `username:hexkey`
 //! lines), checked and loaded when the export starts, and the TLS context its connections'
 //! handshakes use. The listing and the saved configuration show the parameters (paths and a
-//! key's name), never a secret.
+//! key's name), never a secret. A PSK key is read from its file at each handshake, as the
+//! keyring wants secrets read when they are needed.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use drivers::nbd::tls::{self as dtls, PskFile, ServerTls, TlsStream};
+use drivers::nbd::tls::{self as dtls, PskFile, PskSource, ServerTls, TlsStream};
 use openssl::ssl::SslAcceptor;
 use serde::{Deserialize, Serialize};
 
 use crate::export::{ExportError, Stream};
-use crate::keyring::Keyring;
+use crate::keyring::{read_key_file, Keyring};
 
 /// `tls` of `nbd_export_start`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +51,26 @@ fn invalid(msg: impl std::fmt::Display) -> ExportError {
     ExportError::Invalid(format!("parameter 'tls': {msg}"))
 }
 
+/// The PSKs of keyring key `key`: read and checked now, for a clear error, then read again
+/// from the key's file at each handshake (the keyring keeps no secret in memory).
+fn psk_source(key: &str, keyring: &Keyring) -> Result<PskSource, ExportError> {
+    let secret = keyring
+        .secret(key)
+        .map_err(|e| invalid(format_args!("psk_key: {e}")))?;
+    PskFile::parse(secret.expose()).map_err(|e| invalid(format_args!("psk_key '{key}': {e}")))?;
+    let path = keyring
+        .list()
+        .into_iter()
+        .find(|k| k.name == key)
+        .map(|k| k.path)
+        .ok_or_else(|| invalid(format_args!("psk_key: no key named '{key}'")))?;
+    let name = key.to_string();
+    Ok(Arc::new(move || {
+        let secret = read_key_file(&name, &path).map_err(|e| e.to_string())?;
+        PskFile::parse(secret.expose()).map_err(|e| format!("key '{name}': {e}"))
+    }))
+}
+
 impl ExportTls {
     /// Checks `params` and loads the certificates or the keys (a PSK key from `keyring`).
     pub fn load(params: TlsParams, keyring: &Keyring) -> Result<Self, ExportError> {
@@ -59,14 +80,7 @@ impl ExportTls {
                 (Some(_), true) => return Err(invalid(
                     "give either x509 files (cert_file, key_file, ca_file) or psk_key, not both",
                 )),
-                (Some(key), false) => {
-                    let secret = keyring
-                        .secret(key)
-                        .map_err(|e| invalid(format_args!("psk_key: {e}")))?;
-                    let keys = PskFile::parse(secret.expose())
-                        .map_err(|e| invalid(format_args!("psk_key '{key}': {e}")))?;
-                    ServerTls::Psk(keys)
-                }
+                (Some(key), false) => ServerTls::Psk(psk_source(key, keyring)?),
                 (None, _) => match (&params.cert_file, &params.key_file) {
                     (Some(cert_file), Some(key_file)) => ServerTls::X509 {
                         cert_file,
