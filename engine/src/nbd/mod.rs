@@ -125,7 +125,8 @@ pub fn description(export: &Export) -> String {
 }
 
 /// Negotiates on `stream` within `ticket`'s deadline (starting TLS when the address requires
-/// it), then gives the connection to a reactor (and its place in the table back).
+/// it), then gives the connection to a reactor (and its place in the table back). A client
+/// refused for TLS is logged at warn with why, at most once a second as other refusals are.
 fn handshake_then_serve(
     registry: &NbdServer,
     mut stream: Stream,
@@ -152,7 +153,10 @@ fn handshake_then_serve(
         Ok(n) => n,
         Err(e) => {
             if tls.is_some() {
-                tracing::warn!(%e, %peer, "NBD client refused: TLS is required at this address and it did not start it");
+                registry.protocol().handshakes.warn(format_args!(
+                    "NBD client {peer} refused: TLS is required at this address and it did not \
+                     start it ({e})"
+                ));
             } else {
                 tracing::debug!(%e, %peer, "NBD handshake ended before an export");
             }
@@ -179,7 +183,9 @@ fn handshake_then_serve(
             let mut session = match tls.accept(stream, ticket.deadline()) {
                 Ok(s) => s,
                 Err(reason) => {
-                    tracing::warn!(%peer, reason, "NBD client refused: TLS handshake failed");
+                    registry.protocol().handshakes.warn(format_args!(
+                        "NBD client {peer} refused: TLS handshake failed: {reason}"
+                    ));
                     return;
                 }
             };
