@@ -205,7 +205,7 @@ fn handshake_then_serve(
                     return;
                 }
             };
-            tracing::debug!(%peer, export = %agreed.export.name, "NBD client negotiated over TLS");
+            tracing::debug!(%peer, export = %agreed.export.name, tls = session.describe(), "NBD client negotiated over TLS");
             if session.end_deadline().is_err() {
                 return;
             }
