@@ -3,8 +3,8 @@
 # Usage: scripts/deps.sh [build|test]
 set -euo pipefail
 what=${1:-test}
-build_pkgs=(pkg-config libhwloc-dev libudev-dev gcc)
-test_pkgs=(fio libnbd-bin nbdkit qemu-utils tar coreutils busybox-static curl prometheus tmux
+build_pkgs=(pkg-config libhwloc-dev libudev-dev libssl-dev gcc)
+test_pkgs=(fio libnbd-bin nbdkit qemu-utils openssl tar coreutils busybox-static curl prometheus tmux
   xz-utils binutils)
 pkgs=("${build_pkgs[@]}")
 [ "$what" = test ] && pkgs+=("${test_pkgs[@]}")

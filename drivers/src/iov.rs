@@ -178,7 +178,44 @@ impl<'a, const N: usize> IoVecs<'a, N> {
         }
         let bytes = n as usize;
         // The slot the socket stopped inside, if it is a RAM disk read.
-        let mut cut = None;
+        let cut = self.cut_at(bytes, &held);
+        Ok(Written { bytes, cut })
+    }
+
+    /// Copies the filled slots, at most `max` bytes, to the end of `out` instead of writing them
+    /// to a socket (what a TLS session sends goes through its own buffer), holding the blocks
+    /// of the RAM disk reads among them as [`IoVecs::writev`] does; the same [`Written`].
+    pub fn copy_out(&self, out: &mut Vec<u8>, max: usize) -> Written {
+        let held = self.hold_in_place();
+        let mut bytes = 0;
+        for iov in &self.iov[..self.filled] {
+            let n = iov.iov_len.min(max - bytes);
+            if n == 0 {
+                break;
+            }
+            out.reserve(n);
+            // SAFETY: the slot was made by `gather` from a piece borrowed for 'a (a byte slice,
+            // or a RAM disk read whose region `Arc` keeps the mapping, its blocks held above so
+            // that no write changes them during the copy); `out` has room for `n` more bytes,
+            // and the two cannot overlap (`out` is this call's own vector).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    iov.iov_base.cast::<u8>().cast_const(),
+                    out.as_mut_ptr().add(out.len()),
+                    n,
+                );
+                out.set_len(out.len() + n);
+            }
+            bytes += n;
+        }
+        Written {
+            bytes,
+            cut: self.cut_at(bytes, &held),
+        }
+    }
+
+    /// After `bytes` were sent: a hold on the RAM disk read the sending stopped inside, if any.
+    fn cut_at(&self, bytes: usize, held: &[(usize, StripeGuard<'a>)]) -> Option<SharedHold> {
         let mut begin = 0;
         for slot in 0..self.filled {
             if held.is_empty() {
@@ -188,14 +225,14 @@ impl<'a, const N: usize> IoVecs<'a, N> {
             if bytes < begin + len {
                 if bytes > begin {
                     if let Some((_, guard)) = held.iter().find(|(s, _)| *s == slot) {
-                        cut = self.in_place[slot].map(|read| read.hold_again(guard));
+                        return self.in_place[slot].map(|read| read.hold_again(guard));
                     }
                 }
                 break;
             }
             begin += len;
         }
-        Ok(Written { bytes, cut })
+        None
     }
 
     #[cfg(test)]
@@ -286,6 +323,39 @@ mod tests {
         assert_eq!(&got, b"ad:region");
         // Nothing stays held: a writer gets the blocks.
         drop(locks.write(0, 4096));
+    }
+
+    /// What goes through a TLS session is copied out: the same bytes a writev sends, up to
+    /// the room given, with a hold on a RAM disk read cut by that limit.
+    #[test]
+    fn copy_out_takes_the_gathered_bytes_up_to_the_room_given() {
+        let region = Arc::new(DmaRegion::allocate(4096).expect("region"));
+        let locks = Arc::new(StripeLocks::new(4096));
+        region.write_at(100, b"region").expect("write");
+        let read = ram_read(&region, &locks, 100, 6);
+        let head: &[u8] = b"head:";
+        let parts = [super::SendPart::from(head), super::SendPart::from(&read)];
+        let mut iov = IoVecs::<4>::new();
+        assert_eq!(iov.gather(parts, 2), 2);
+        let mut out = b"old".to_vec();
+        let whole = iov.copy_out(&mut out, 100);
+        assert_eq!((whole.bytes, whole.cut.is_none()), (9, true));
+        assert_eq!(out, b"oldad:region");
+        drop(locks.write(0, 4096));
+
+        let mut out = Vec::new();
+        let part = iov.copy_out(&mut out, 5);
+        assert_eq!(out, b"ad:re");
+        assert_eq!(part.bytes, 5);
+        let hold = part.cut.expect("cut inside the RAM disk read");
+        let writer = {
+            let locks = Arc::clone(&locks);
+            std::thread::spawn(move || drop(locks.write(0, 4096)))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!writer.is_finished(), "a writer waits for the rest");
+        drop(hold);
+        writer.join().expect("writer");
     }
 
     /// A socket that takes part of a RAM disk read hands back a hold on its blocks, which

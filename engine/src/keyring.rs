@@ -100,7 +100,7 @@ fn check_name(name: &str) -> Result<(), KeyringError> {
 }
 
 /// Checks the key file and reads it (at most [`MAX_SECRET`] bytes).
-fn read_key_file(name: &str, path: &Path) -> Result<Secret, KeyringError> {
+pub(crate) fn read_key_file(name: &str, path: &Path) -> Result<Secret, KeyringError> {
     let bad = |why: String| KeyringError::BadFile {
         name: name.to_string(),
         path: path.to_path_buf(),

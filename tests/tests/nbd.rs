@@ -342,8 +342,8 @@ fn tcp_export_and_stopping_an_export() {
     rpc.ok("bdev_delete", json!({"name": "t"}));
 }
 
-/// NBD over TLS is not there yet: a listen address beyond loopback is refused unless the export
-/// is asked for `insecure`, which it then keeps in the listing and the saved configuration.
+/// A listen address beyond loopback without `tls` is refused unless the export is asked for
+/// `insecure`, which it then keeps in the listing and the saved configuration.
 #[test]
 fn a_non_loopback_listen_needs_insecure() {
     let dir = TempDir::new("nbd-insecure");

@@ -14,6 +14,7 @@ use hugepages::DmaBuf;
 use super::{Sink, SinkDone, SinkFull};
 use crate::nbd::proto::{self, cmd, opt, rep, Request};
 use crate::nbd::stream::Stream;
+use crate::nbd::tls::{ClientTls, TlsStream};
 use crate::tape::Manifest;
 use crate::{IoBufs, IoError};
 
@@ -24,12 +25,14 @@ const MAX_INFLIGHT: usize = 64;
 /// A parsed NBD URI.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NbdUri {
-    /// `nbd://host[:port]/export`.
+    /// `nbd://host[:port]/export`, or `nbds://...` (TLS).
     Tcp {
         /// host:port.
         addr: String,
         /// Export name.
         export: String,
+        /// `nbds://`: TLS is required.
+        tls: bool,
     },
     /// `nbd+unix:///export?socket=PATH`.
     Unix {
@@ -41,7 +44,7 @@ pub enum NbdUri {
 }
 
 impl NbdUri {
-    /// Parses the two URI forms NBD tools use.
+    /// Parses the URI forms NBD tools use.
     pub fn parse(uri: &str) -> Result<Self, String> {
         if let Some(rest) = uri.strip_prefix("nbd+unix://") {
             let (path, query) = rest
@@ -55,55 +58,104 @@ impl NbdUri {
                 .to_string();
             return Ok(NbdUri::Unix { socket, export });
         }
-        if let Some(rest) = uri.strip_prefix("nbd://") {
-            let (host, export) = rest.split_once('/').unwrap_or((rest, ""));
-            if host.is_empty() {
-                return Err(format!("{uri}: no host"));
+        let (rest, tls) = match (uri.strip_prefix("nbd://"), uri.strip_prefix("nbds://")) {
+            (Some(rest), _) => (rest, false),
+            (None, Some(rest)) => (rest, true),
+            (None, None) => {
+                return Err(format!(
+                    "{uri}: expected nbd://host[:port]/export, nbds://host[:port]/export or \
+                     nbd+unix:///export?socket=PATH"
+                ))
             }
-            let addr = if host.contains(':') && !host.ends_with(']') {
-                host.to_string()
-            } else {
-                format!("{host}:10809")
-            };
-            return Ok(NbdUri::Tcp {
-                addr,
-                export: export.to_string(),
-            });
+        };
+        let (host, export) = rest.split_once('/').unwrap_or((rest, ""));
+        if host.is_empty() {
+            return Err(format!("{uri}: no host"));
         }
-        Err(format!(
-            "{uri}: expected nbd://host[:port]/export or nbd+unix:///export?socket=PATH"
-        ))
+        let addr = if host.contains(':') && !host.ends_with(']') {
+            host.to_string()
+        } else {
+            format!("{host}:10809")
+        };
+        Ok(NbdUri::Tcp {
+            addr,
+            export: export.to_string(),
+            tls,
+        })
+    }
+}
+
+/// The host part of `host:port` (an IPv6 address without its brackets).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The socket of a connection: plain, or a TLS session over it.
+enum Conn {
+    Plain(Stream),
+    Tls(TlsStream),
+}
+
+impl Conn {
+    fn socket(&self) -> &Stream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(t) => t.socket(),
+        }
     }
 }
 
 /// A connection in the transmission phase, made on a control thread.
 pub struct NbdConnection {
-    stream: Stream,
+    conn: Conn,
     size: u64,
     flags: u16,
     uri: String,
 }
 
 impl NbdConnection {
-    /// Connects and selects the export with NBD_OPT_GO (blocking, with a timeout).
-    pub fn connect(uri: &str) -> Result<Self, String> {
+    /// Connects and selects the export with NBD_OPT_GO (blocking, with a timeout); an
+    /// `nbds://` URI starts TLS first (NBD_OPT_STARTTLS) with `tls`, or with x509 and the
+    /// system's CAs when `tls` is `None`. `tls` with another URI is refused.
+    pub fn connect(uri: &str, tls: Option<ClientTls<'_>>) -> Result<Self, String> {
         let parsed = NbdUri::parse(uri)?;
-        let (mut stream, export) = match parsed {
-            NbdUri::Tcp { addr, export } => (
-                Stream::Tcp(TcpStream::connect(&addr).map_err(|e| format!("{uri}: {e}"))?),
-                export,
-            ),
+        let e = |e: std::io::Error| format!("{uri}: {e}");
+        let (stream, export, host) = match parsed {
+            NbdUri::Tcp { addr, export, tls } => {
+                let s = Stream::Tcp(TcpStream::connect(&addr).map_err(e)?);
+                (s, export, tls.then(|| host_of(&addr).to_string()))
+            }
             NbdUri::Unix { socket, export } => (
-                Stream::Unix(UnixStream::connect(&socket).map_err(|e| format!("{uri}: {e}"))?),
+                Stream::Unix(UnixStream::connect(&socket).map_err(e)?),
                 export,
+                None,
             ),
         };
-        stream
-            .set_mode(Some(TIMEOUT))
-            .map_err(|e| format!("{uri}: {e}"))?;
-        let (size, flags) = handshake(&mut stream, &export).map_err(|e| format!("{uri}: {e}"))?;
+        let mut stream = stream;
+        stream.set_mode(Some(TIMEOUT)).map_err(e)?;
+        let ctx = |m: String| format!("{uri}: {m}");
+        greet(&mut stream).map_err(ctx)?;
+        let mut conn = match (host, tls) {
+            (Some(host), tls) => {
+                starttls(&mut stream).map_err(ctx)?;
+                let tls = tls.unwrap_or(ClientTls::X509 {
+                    ca_file: None,
+                    cert_file: None,
+                    key_file: None,
+                });
+                Conn::Tls(crate::nbd::tls::connect(tls, &host, stream).map_err(ctx)?)
+            }
+            (None, Some(_)) => return Err(ctx("TLS settings need an nbds:// URI".into())),
+            (None, None) => Conn::Plain(stream),
+        };
+        let (size, flags) = match &mut conn {
+            Conn::Plain(s) => go(s, &export),
+            Conn::Tls(t) => go(t, &export),
+        }
+        .map_err(ctx)?;
         Ok(Self {
-            stream,
+            conn,
             size,
             flags,
             uri: uri.to_string(),
@@ -140,7 +192,8 @@ impl NbdConnection {
     }
 }
 
-fn handshake(s: &mut Stream, export: &str) -> Result<(u64, u16), String> {
+/// Reads the server's greeting and answers with the client's flags.
+fn greet(s: &mut Stream) -> Result<(), String> {
     let io = |e: std::io::Error| e.to_string();
     let mut hello = [0u8; 18];
     s.read_exact(&mut hello).map_err(io)?;
@@ -157,27 +210,55 @@ fn handshake(s: &mut Stream, export: &str) -> Result<(u64, u16), String> {
     if server_flags & proto::FLAG_NO_ZEROES != 0 {
         cflags |= proto::FLAG_C_NO_ZEROES;
     }
-    s.write_all(&cflags.to_be_bytes()).map_err(io)?;
+    s.write_all(&cflags.to_be_bytes()).map_err(io)
+}
+
+/// Sends an option.
+fn send_option(s: &mut impl Write, option: u32, data: &[u8]) -> Result<(), String> {
+    let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
+    o.extend_from_slice(&option.to_be_bytes());
+    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    o.extend_from_slice(data);
+    s.write_all(&o).map_err(|e| e.to_string())
+}
+
+/// Reads one option reply: its type and payload.
+fn option_reply(s: &mut impl Read) -> Result<(u32, Vec<u8>), String> {
+    let io = |e: std::io::Error| e.to_string();
+    let mut h = [0u8; 20];
+    s.read_exact(&mut h).map_err(io)?;
+    let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
+    if len > 1 << 20 {
+        return Err(format!("option reply of {len} bytes"));
+    }
+    let mut payload = vec![0u8; len as usize];
+    s.read_exact(&mut payload).map_err(io)?;
+    Ok((kind, payload))
+}
+
+/// Asks for TLS with NBD_OPT_STARTTLS; the TLS handshake follows.
+fn starttls(s: &mut Stream) -> Result<(), String> {
+    send_option(s, opt::STARTTLS, &[])?;
+    match option_reply(s)? {
+        (rep::ACK, _) => Ok(()),
+        (kind, payload) => Err(format!(
+            "the server refused TLS (reply {kind:#x}): {}",
+            String::from_utf8_lossy(&payload)
+        )),
+    }
+}
+
+/// Selects `export` with NBD_OPT_GO: its size and transmission flags.
+fn go<S: Read + Write>(s: &mut S, export: &str) -> Result<(u64, u16), String> {
     let mut data = Vec::new();
     data.extend_from_slice(&(export.len() as u32).to_be_bytes());
     data.extend_from_slice(export.as_bytes());
     data.extend_from_slice(&0u16.to_be_bytes());
-    let mut o = proto::IHAVEOPT.to_be_bytes().to_vec();
-    o.extend_from_slice(&opt::GO.to_be_bytes());
-    o.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    o.extend_from_slice(&data);
-    s.write_all(&o).map_err(io)?;
+    send_option(s, opt::GO, &data)?;
     let (mut size, mut flags) = (None, 0);
     loop {
-        let mut h = [0u8; 20];
-        s.read_exact(&mut h).map_err(io)?;
-        let kind = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-        let len = u32::from_be_bytes([h[16], h[17], h[18], h[19]]);
-        if len > 1 << 20 {
-            return Err(format!("option reply of {len} bytes"));
-        }
-        let mut payload = vec![0u8; len as usize];
-        s.read_exact(&mut payload).map_err(io)?;
+        let (kind, payload) = option_reply(s)?;
         match kind {
             rep::ACK => break,
             rep::INFO if payload.len() >= 12 && payload[..2] == [0, 0] => {
@@ -208,7 +289,7 @@ struct Out {
 
 /// The NBD backup target.
 pub struct NbdSink {
-    stream: Stream,
+    conn: Conn,
     uri: String,
     tx: VecDeque<Out>,
     tx_sent: usize,
@@ -224,9 +305,14 @@ impl NbdSink {
     /// Takes a connection for an image of `size` bytes.
     pub fn new(conn: NbdConnection, size: u64) -> Result<Self, String> {
         conn.check(size)?;
-        conn.stream.set_mode(None).map_err(|e| e.to_string())?;
+        let mut sock = conn.conn;
+        match &mut sock {
+            Conn::Plain(s) => s.set_mode(None),
+            Conn::Tls(t) => t.end_deadline(),
+        }
+        .map_err(|e| e.to_string())?;
         Ok(Self {
-            stream: conn.stream,
+            conn: sock,
             uri: conn.uri,
             tx: VecDeque::new(),
             tx_sent: 0,
@@ -258,7 +344,25 @@ impl NbdSink {
         });
     }
 
+    /// The error of a failed send or receive: a TLS failure with its reason.
+    fn io_failed(&self, e: rustix::io::Errno) -> IoError {
+        match &self.conn {
+            Conn::Tls(t) => match t.failure() {
+                Some(why) => IoError::Aborted(why.to_string()),
+                None => IoError::Device(e.raw_os_error()),
+            },
+            Conn::Plain(_) => IoError::Device(e.raw_os_error()),
+        }
+    }
+
     fn transmit(&mut self) {
+        if let Conn::Tls(t) = &mut self.conn {
+            // Records of earlier writes the socket did not take yet.
+            if let Err(e) = t.flush_out() {
+                let failed = self.io_failed(e);
+                self.failed.get_or_insert(failed);
+            }
+        }
         while !self.tx.is_empty() && self.failed.is_none() {
             let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(64);
             let mut skip = self.tx_sent;
@@ -277,7 +381,24 @@ impl NbdSink {
                     }
                 }
             }
-            match rustix::io::writev(&self.stream, &iov) {
+            let sent = match &mut self.conn {
+                Conn::Plain(s) => rustix::io::writev(&*s, &iov),
+                Conn::Tls(t) => t.flush_out().and_then(|()| match t.room() {
+                    0 => Err(rustix::io::Errno::AGAIN),
+                    room => {
+                        let mut n = 0;
+                        t.take(|out| {
+                            for part in &iov {
+                                let k = part.len().min(room - n);
+                                out.extend_from_slice(&part[..k]);
+                                n += k;
+                            }
+                        })?;
+                        Ok(n)
+                    }
+                }),
+            };
+            match sent {
                 Ok(n) => {
                     drop(iov);
                     self.tx_sent += n;
@@ -297,7 +418,7 @@ impl NbdSink {
                 }
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(e) => {
-                    self.failed = Some(IoError::Device(e.raw_os_error()));
+                    self.failed = Some(self.io_failed(e));
                 }
             }
         }
@@ -305,7 +426,11 @@ impl NbdSink {
 
     fn receive(&mut self, out: &mut Vec<SinkDone>) {
         loop {
-            match rustix::io::read(&self.stream, &mut self.rx[self.rx_len..]) {
+            let got = match &mut self.conn {
+                Conn::Plain(s) => rustix::io::read(&*s, &mut self.rx[self.rx_len..]),
+                Conn::Tls(t) => t.recv(&mut self.rx[self.rx_len..]),
+            };
+            match got {
                 Ok(0) => {
                     self.failed.get_or_insert(IoError::Aborted(
                         "the NBD server closed the connection".into(),
@@ -315,7 +440,7 @@ impl NbdSink {
                 Ok(n) => self.rx_len += n,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
                 Err(e) => {
-                    self.failed = Some(IoError::Device(e.raw_os_error()));
+                    self.failed = Some(self.io_failed(e));
                     break;
                 }
             }
@@ -368,9 +493,15 @@ impl NbdSink {
             length: 0,
         }
         .encode();
-        rustix::io::write(&self.stream, &head)
-            .map(|_| ())
-            .map_err(Into::into)
+        match &mut self.conn {
+            Conn::Plain(s) => rustix::io::write(&*s, &head).map(|_| ()),
+            Conn::Tls(t) => {
+                t.take(|out| out.extend_from_slice(&head))?;
+                t.shutdown();
+                Ok(())
+            }
+        }
+        .map_err(Into::into)
     }
 }
 
@@ -445,7 +576,7 @@ impl Sink for NbdSink {
 
     fn socket(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        Some(self.stream.as_fd())
+        Some(self.conn.socket().as_fd())
     }
 
     fn finish(&mut self, _manifest: &Manifest) -> Result<(), IoError> {

@@ -91,7 +91,8 @@ impl Engine {
         })?;
         let base = self.incremental_base(&p, &target, &opts)?;
         // A network target is connected here, on the control thread: its handshake blocks.
-        let connection = target::connect(&target, &p).map_err(EngineError::Target)?;
+        let connection =
+            target::connect(&target, &p, &self.keyring).map_err(EngineError::Target)?;
         // And the staging buffers are mapped here, not on the reactor that serves hosts too.
         let pool = BackupJob::staging_pool(&p).map_err(|e| {
             EngineError::Unavailable(format!("no memory for the backup's staging buffers: {e}"))

@@ -38,7 +38,7 @@ impl Engine {
             ("p0", Some("p0"), None),
             ("pair0-image", None, Some("pair0")),
         ] {
-            self.nbd_export_start(export, bdev, pair, None, (None, false))
+            self.nbd_export_start(export, (bdev, pair), None, (None, false), None)
                 .map_err(|e| AppError::Default(e.to_string()))?;
         }
         Ok(())

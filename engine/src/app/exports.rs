@@ -6,6 +6,7 @@ use std::sync::Arc;
 use super::{Engine, EngineError, State};
 use crate::export::contexts::DirtyBitmaps;
 use crate::export::{Address, Export, ExportError, ExportSet, Source};
+use crate::nbd::tls::{ExportTls, TlsParams};
 use crate::nbd::{NbdOptions, NbdServer};
 use crate::nvmf::hosts::{self, AllowedHost, HostAccess};
 use crate::nvmf::{check_nqn, NvmfServer, DEFAULT_LISTEN};
@@ -143,28 +144,55 @@ impl Engine {
 
     /// Starts an NBD export of a bdev (through its pair when it is a pair's primary) or of a
     /// pair's image. `writable` defaults to true for a bdev and false for an image; the address
-    /// defaults to `<state-dir>/nbd.sock`.
+    /// defaults to `<state-dir>/nbd.sock`. With `tls`, every client at the address must start
+    /// TLS (exports sharing an address share its TLS); a listen address that is not loopback
+    /// needs `tls` or `insecure`.
     pub fn nbd_export_start(
         &self,
         name: &str,
-        bdev: Option<&str>,
-        pair: Option<&str>,
+        (bdev, pair): (Option<&str>, Option<&str>),
         writable: Option<bool>,
         (address, insecure): (Option<Address>, bool),
+        tls: Option<TlsParams>,
     ) -> Result<(), EngineError> {
         let address = address.unwrap_or_else(|| Address::Unix(self.state_dir.join("nbd.sock")));
         if let Address::Tcp(listen) = &address {
-            if !insecure && !hosts::is_loopback_listen(listen) {
+            if tls.is_none() && !insecure && !hosts::is_loopback_listen(listen) {
                 return Err(ExportError::Invalid(format!(
-                    "listen address {listen} is not loopback: NBD over TLS is not supported yet, \
-                     so exports beyond this machine travel in clear; give insecure: true to \
-                     serve it so"
+                    "listen address {listen} is not loopback: give tls, or insecure: true to \
+                     serve it in clear"
+                ))
+                .into());
+            }
+        }
+        let tls = match tls {
+            Some(_) if matches!(address, Address::Unix(_)) => {
+                return Err(ExportError::Invalid(
+                    "parameter 'tls': TLS is for TCP listen addresses, not Unix sockets".into(),
+                )
+                .into())
+            }
+            Some(p) => Some(ExportTls::load(p, &self.keyring)?),
+            None => None,
+        };
+        let wanted = tls.as_ref().map(ExportTls::tls_params);
+        for other in self.nbd.exports_at(&address) {
+            let theirs = other
+                .options
+                .as_any()
+                .downcast_ref::<NbdOptions>()
+                .and_then(|o| o.tls.as_ref().map(ExportTls::tls_params));
+            if theirs != wanted {
+                return Err(ExportError::Invalid(format!(
+                    "export '{}' at {address} has other TLS settings: exports sharing an \
+                     address share its TLS",
+                    other.name
                 ))
                 .into());
             }
         }
         self.start_export(bdev, pair, writable, |source, shown, writable, dirty| {
-            let options = Arc::new(NbdOptions { insecure });
+            let options = Arc::new(NbdOptions { insecure, tls });
             self.nbd
                 .start(name, source, shown, writable, address, dirty, options)
         })

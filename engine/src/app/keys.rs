@@ -30,8 +30,19 @@ impl Engine {
         self.keyring.list()
     }
 
-    /// What names key `key`, if anything does: an NVMe/TCP export's host.
+    /// What names key `key`, if anything does: an NBD export's TLS or an NVMe/TCP export's host.
     fn key_user(&self, key: &str) -> Option<String> {
+        let nbd = self.nbd.list().into_iter().find_map(|e| {
+            let o = e
+                .options
+                .as_any()
+                .downcast_ref::<crate::nbd::NbdOptions>()?;
+            let psk = o.tls.as_ref()?.tls_params().psk_key.as_deref()?;
+            (psk == key).then(|| format!("NBD export '{}' (tls)", e.name))
+        });
+        if nbd.is_some() {
+            return nbd;
+        }
         self.nvmf.list().iter().find_map(|e| {
             let access = e
                 .options

@@ -14,7 +14,9 @@ use drivers::tape::Manifest;
 use drivers::ChannelContext;
 use serde::{Deserialize, Serialize};
 
+use crate::keyring::Keyring;
 use crate::pair::Pair;
+use drivers::nbd::tls::{ClientTls, PskFile};
 
 fn default_record_size() -> usize {
     drivers::tape::DEFAULT_RECORD_SIZE
@@ -39,8 +41,12 @@ pub enum Target {
     },
     /// An NBD server's export.
     Nbd {
-        /// `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
+        /// `nbd://host[:port]/export`, `nbds://host[:port]/export` (TLS) or
+        /// `nbd+unix:///export?socket=PATH`.
         uri: String,
+        /// TLS settings of an `nbds://` URI (x509 with the system's CAs when none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tls: Option<NbdTls>,
     },
     /// An NVMe/TCP namespace.
     Nvmf {
@@ -69,6 +75,50 @@ pub enum Target {
     },
 }
 
+/// `tls` of an NBD target: `{ca_file?, cert_file?, key_file?}` (x509) or `{psk_key,
+/// username?}` (a keyring key holding `username:hexkey` lines; the username is the file's
+/// first when not given).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdTls {
+    /// The CA the server's certificate must be signed by (the system's CAs when none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// The client's certificate (PEM), with `key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// The client's private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// The keyring key holding the PSKs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub psk_key: Option<String>,
+    /// The PSK username.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+}
+
+impl NbdTls {
+    /// Checks the combination of settings.
+    fn check(&self) -> Result<(), String> {
+        let x509 = self.ca_file.is_some() || self.cert_file.is_some() || self.key_file.is_some();
+        match (&self.psk_key, x509) {
+            (Some(_), true) => Err(
+                "parameter 'tls': give either x509 files (ca_file, cert_file, key_file) or \
+                 psk_key, not both"
+                    .into(),
+            ),
+            (None, _) if self.username.is_some() => {
+                Err("parameter 'tls': username goes with psk_key".into())
+            }
+            (None, _) if self.cert_file.is_some() != self.key_file.is_some() => {
+                Err("parameter 'tls': give both cert_file and key_file, or neither".into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 impl Target {
     /// Where the bytes land, for telling two targets that are the same place: a file by its
     /// directory's real path and its name, an NBD server by its URI, an NVMe/TCP namespace by
@@ -87,7 +137,7 @@ impl Target {
         };
         match self {
             Target::File { path } | Target::Tape { path, .. } => file(path),
-            Target::Nbd { uri } => format!("nbd:{uri}"),
+            Target::Nbd { uri, .. } => format!("nbd:{uri}"),
             Target::Nvmf {
                 traddr,
                 trsvcid,
@@ -135,6 +185,15 @@ pub fn check_params(target: &Target) -> Result<(), TargetError> {
         }
         Target::File { path } => check_path(path, false),
         Target::Tape { path, .. } => check_path(path, true),
+        Target::Nbd { uri, tls: Some(t) } => {
+            t.check().map_err(TargetError::Invalid)?;
+            if !uri.starts_with("nbds://") {
+                return Err(TargetError::Invalid(format!(
+                    "parameter 'tls' needs an nbds:// URI, not {uri}"
+                )));
+            }
+            Ok(())
+        }
         _ => Ok(()),
     }
 }
@@ -199,12 +258,39 @@ fn check_path(path: &Path, tape: bool) -> Result<(), TargetError> {
 
 /// Connects a network target for a backup of `pair` and checks it against the image (blocking:
 /// the handshake, Connect and Identify run on the control thread); `None` for a file or tape.
-pub fn connect(target: &Target, pair: &Pair) -> Result<Option<Connection>, String> {
+pub fn connect(
+    target: &Target,
+    pair: &Pair,
+    keyring: &Keyring,
+) -> Result<Option<Connection>, String> {
     let g = pair.geometry();
     match target {
         Target::File { .. } | Target::Tape { .. } => Ok(None),
-        Target::Nbd { uri } => {
-            let conn = NbdConnection::connect(uri)?;
+        Target::Nbd { uri, tls } => {
+            let psk = match tls.as_ref().and_then(|t| t.psk_key.as_deref()) {
+                Some(key) => {
+                    let secret = keyring
+                        .secret(key)
+                        .map_err(|e| format!("parameter 'tls': psk_key: {e}"))?;
+                    Some(
+                        PskFile::parse(secret.expose())
+                            .map_err(|e| format!("parameter 'tls': psk_key '{key}': {e}"))?,
+                    )
+                }
+                None => None,
+            };
+            let client = tls.as_ref().map(|t| match psk {
+                Some(keys) => ClientTls::Psk {
+                    keys,
+                    username: t.username.as_deref(),
+                },
+                None => ClientTls::X509 {
+                    ca_file: t.ca_file.as_deref(),
+                    cert_file: t.cert_file.as_deref(),
+                    key_file: t.key_file.as_deref(),
+                },
+            });
+            let conn = NbdConnection::connect(uri, client)?;
             conn.check(g.size())?;
             Ok(Some(Connection::Nbd(conn)))
         }
@@ -258,7 +344,7 @@ pub fn open_sink(
         (Target::Nvmf { .. }, Some(Connection::Nvmf(conn))) => {
             Box::new(NvmfSink::new(*conn, size, block_size)?)
         }
-        (Target::Nbd { uri }, _) => return Err(format!("{uri}: not connected")),
+        (Target::Nbd { uri, .. }, _) => return Err(format!("{uri}: not connected")),
         (Target::Nvmf { subnqn, .. }, _) => return Err(format!("{subnqn}: not connected")),
     })
 }

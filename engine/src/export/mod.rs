@@ -25,6 +25,7 @@ use serde::Serialize;
 
 pub use contexts::MetaContext;
 pub use drivers::nbd::stream::Stream;
+pub use pump::Transport;
 pub(crate) use pump::{CloseReason, Flow, Outgoing, SocketPump, TurnEnd};
 pub use registry::{ExportSet, Registry};
 

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drivers::in_place::SharedHold;
-use drivers::iov::{IoVecs, SendPart};
+use drivers::iov::{IoVecs, SendPart, Written};
+use drivers::nbd::stream::Stream;
+use drivers::nbd::tls::TlsStream;
 use drivers::IoBufs;
 use hugepages::{BufferCache, BufferPool};
 
@@ -26,6 +28,102 @@ use crate::reactor::{PollStatus, ReactorContext};
 const CLOSE_GIVE_UP: Duration = Duration::from_secs(5);
 /// Freed staging buffers a connection keeps for its next requests (a queue's depth of them).
 const CACHED_BUFS: usize = 32;
+
+/// What a connection's bytes go through: the socket itself, or a TLS session over it. The
+/// plain socket's methods are the system calls the pump always made, inlined; a TLS session
+/// copies what it sends into its own buffer and may hold input or output the socket does not
+/// show, which the pump asks about only through the `holds_*` methods (always false for a plain
+/// socket, so they cost it nothing).
+pub trait Transport: AsFd {
+    /// Reads what is there into `buf`: `Ok(0)` at the end of the stream, `AGAIN` for nothing.
+    fn recv(&mut self, buf: &mut [u8]) -> rustix::io::Result<usize>;
+    /// Sends the gathered pieces, or part of them.
+    fn send<const IOV: usize>(&mut self, iov: &IoVecs<'_, IOV>) -> rustix::io::Result<Written>;
+    /// Sends output held back from earlier sends.
+    fn flush_held(&mut self) -> rustix::io::Result<()> {
+        Ok(())
+    }
+    /// Output taken but not on the socket yet.
+    fn holds_output(&self) -> bool {
+        false
+    }
+    /// Input received but not yet read by [`Transport::recv`] (the socket will not wake the
+    /// reactor for it).
+    fn holds_input(&self) -> bool {
+        false
+    }
+    /// Why the transport failed, when it was more than the socket's error.
+    fn failure(&self) -> Option<&str> {
+        None
+    }
+    /// Closes the transport's own session before the socket is shut down.
+    fn close(&mut self) {}
+}
+
+impl Transport for Stream {
+    #[inline]
+    fn recv(&mut self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        rustix::io::read(&*self, buf)
+    }
+
+    #[inline]
+    fn send<const IOV: usize>(&mut self, iov: &IoVecs<'_, IOV>) -> rustix::io::Result<Written> {
+        iov.writev(&*self)
+    }
+}
+
+impl Transport for std::net::TcpStream {
+    #[inline]
+    fn recv(&mut self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        rustix::io::read(&*self, buf)
+    }
+
+    #[inline]
+    fn send<const IOV: usize>(&mut self, iov: &IoVecs<'_, IOV>) -> rustix::io::Result<Written> {
+        iov.writev(&*self)
+    }
+}
+
+impl Transport for TlsStream {
+    fn recv(&mut self, buf: &mut [u8]) -> rustix::io::Result<usize> {
+        TlsStream::recv(self, buf)
+    }
+
+    fn send<const IOV: usize>(&mut self, iov: &IoVecs<'_, IOV>) -> rustix::io::Result<Written> {
+        self.flush_out()?;
+        let room = self.room();
+        if room == 0 {
+            return Err(rustix::io::Errno::AGAIN);
+        }
+        let mut written = None;
+        self.take(|out| written = Some(iov.copy_out(out, room)))?;
+        // `take` always runs its closure.
+        Ok(written.unwrap_or(Written {
+            bytes: 0,
+            cut: None,
+        }))
+    }
+
+    fn flush_held(&mut self) -> rustix::io::Result<()> {
+        self.flush_out()
+    }
+
+    fn holds_output(&self) -> bool {
+        self.output_pending()
+    }
+
+    fn holds_input(&self) -> bool {
+        self.input_pending()
+    }
+
+    fn failure(&self) -> Option<&str> {
+        TlsStream::failure(self)
+    }
+
+    fn close(&mut self) {
+        self.shutdown();
+    }
+}
 
 /// What a protocol queues to send: a reply or a PDU made of byte pieces.
 pub(crate) trait Outgoing {
@@ -122,7 +220,7 @@ pub(crate) struct SocketPump<S, O> {
     close_reason: Option<CloseReason>,
 }
 
-impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
+impl<S: Transport, O: Outgoing> SocketPump<S, O> {
     /// A pump over the non-blocking `sock` of a `protocol` connection, receiving up to
     /// `rx_size` bytes at once, with staging buffers from `pool`.
     pub(crate) fn new(protocol: &'static str, sock: S, pool: BufferPool, rx_size: usize) -> Self {
@@ -228,7 +326,7 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
         if self.rx_end == cap {
             return Flow::Nothing;
         }
-        match rustix::io::read(&self.sock, &mut self.rx[self.rx_end..]) {
+        match self.sock.recv(&mut self.rx[self.rx_end..]) {
             Ok(0) => {
                 self.input_closed = true;
                 self.closing_because(CloseReason::ClientClosed);
@@ -241,7 +339,11 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
             Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => Flow::Nothing,
             Err(e) => {
                 self.input_closed = true;
-                self.closing_because(CloseReason::Error(format!("receive: {e}")));
+                let why = self
+                    .sock
+                    .failure()
+                    .map_or_else(|| e.to_string(), str::to_string);
+                self.closing_because(CloseReason::Error(format!("receive: {why}")));
                 Flow::Closed
             }
         }
@@ -286,19 +388,20 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
     /// Sends what is queued, `IOV` pieces per vectored write, until the socket takes no more.
     pub(crate) fn transmit<const IOV: usize>(&mut self) -> Flow {
         let mut flow = Flow::Nothing;
+        if self.sock.holds_output() {
+            if let Err(e) = self.sock.flush_held() {
+                if !matches!(e, rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) {
+                    return self.send_failed(e);
+                }
+            }
+        }
         while !self.tx.is_empty() {
             let mut iov = IoVecs::<IOV>::new();
             iov.gather(self.tx.iter().flat_map(Outgoing::parts), self.tx_sent);
-            let written = match iov.writev(&self.sock) {
+            let written = match self.sock.send(&iov) {
                 Ok(w) => w,
                 Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => break,
-                Err(e) => {
-                    // The peer is gone: nothing more can be sent.
-                    self.tx.clear();
-                    self.input_closed = true;
-                    self.closing_because(CloseReason::Error(format!("send: {e}")));
-                    return Flow::Closed;
-                }
+                Err(e) => return self.send_failed(e),
             };
             flow = Flow::Moved;
             self.tx_sent += written.bytes;
@@ -322,6 +425,18 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
         flow
     }
 
+    /// The peer is gone: nothing more can be sent.
+    fn send_failed(&mut self, e: rustix::io::Errno) -> Flow {
+        self.tx.clear();
+        self.input_closed = true;
+        let why = self
+            .sock
+            .failure()
+            .map_or_else(|| e.to_string(), str::to_string);
+        self.closing_because(CloseReason::Error(format!("send: {why}")));
+        Flow::Closed
+    }
+
     /// The end of a poll turn: what is still queued stops pointing into device memory; a
     /// closing connection closes once its I/O is done and its replies are sent (or its peer
     /// has not read them for a while); an idle one gives its cached staging buffers back to
@@ -331,8 +446,9 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
         if turn.closing {
             let since = *self.closing_since.get_or_insert_with(Instant::now);
             let gave_up = since.elapsed() > CLOSE_GIVE_UP;
-            if !turn.io_in_flight && (self.tx.is_empty() || gave_up) {
-                if !self.tx.is_empty() {
+            let unsent = !self.tx.is_empty() || self.sock.holds_output();
+            if !turn.io_in_flight && (!unsent || gave_up) {
+                if unsent {
                     self.closing_because(CloseReason::Error(
                         "the client did not read its last replies".into(),
                     ));
@@ -341,6 +457,7 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
                     cx.unwatch_fd(self.sock.as_fd());
                     self.watched = false;
                 }
+                self.sock.close();
                 let _ = rustix::net::shutdown(&self.sock, rustix::net::Shutdown::Both);
                 return PollStatus::Done;
             }
@@ -354,7 +471,8 @@ impl<S: AsFd, O: Outgoing> SocketPump<S, O> {
         }
         // Replies a peer does not read (its socket full) are retried on later turns without
         // keeping the reactor from parking: a stalled peer costs nothing.
-        if turn.busy {
+        // Input a TLS session holds does not wake the reactor: the next turn reads it.
+        if turn.busy || (!turn.closing && self.sock.holds_input()) {
             PollStatus::Busy
         } else {
             PollStatus::Idle

@@ -213,8 +213,9 @@ impl Handshakes {
         }
     }
 
-    /// A warning, at most one per [`WARN_EVERY`]; the ones held back are counted in the next.
-    fn warn(&self, what: std::fmt::Arguments<'_>) {
+    /// A warning, at most one per [`WARN_EVERY`]; the ones held back are counted in the next
+    /// (and logged at debug).
+    pub fn warn(&self, what: std::fmt::Arguments<'_>) {
         let mut warned = self.warned.lock().unwrap_or_else(PoisonError::into_inner);
         if warned.is_some_and(|at| at.elapsed() < WARN_EVERY) {
             self.unwarned.fetch_add(1, Ordering::Relaxed);

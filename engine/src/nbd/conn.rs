@@ -16,7 +16,7 @@ use slab::Slab;
 use super::block_status;
 use super::meta::Selected;
 use crate::export::{
-    submit_or_complete, CloseReason, Export, Flow, Outgoing, SocketPump, Stream, TurnEnd,
+    submit_or_complete, CloseReason, Export, Flow, Outgoing, SocketPump, Stream, Transport, TurnEnd,
 };
 use crate::reactor::{PollStatus, Poller, ReactorContext};
 
@@ -91,10 +91,11 @@ struct Inflight {
     req: Request,
 }
 
-/// One connection's poller.
-pub struct NbdConn {
+/// One connection's poller, over a plain socket or (`T` = [`drivers::nbd::tls::TlsStream`]) a
+/// TLS session.
+pub struct NbdConn<T = Stream> {
     name: String,
-    pump: SocketPump<Stream, Out>,
+    pump: SocketPump<T, Out>,
     export: Arc<Export>,
     structured: bool,
     /// Metadata contexts selected in the handshake, for block status.
@@ -107,10 +108,10 @@ pub struct NbdConn {
     closing: bool,
 }
 
-impl NbdConn {
+impl<T: Transport> NbdConn<T> {
     /// A poller for a connection that finished its handshake.
     pub fn new(
-        sock: Stream,
+        sock: T,
         export: Arc<Export>,
         structured: bool,
         meta: Selected,
@@ -425,7 +426,7 @@ impl NbdConn {
     }
 }
 
-impl Poller for NbdConn {
+impl<T: Transport + Send + 'static> Poller for NbdConn<T> {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
         if self.channel.is_none() {
             match self

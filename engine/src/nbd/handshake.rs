@@ -37,6 +37,9 @@ pub enum HandshakeError {
     /// The client aborted or asked for an unknown export with NBD_OPT_EXPORT_NAME.
     #[error("client ended the negotiation: {0}")]
     Ended(String),
+    /// The client did not start the TLS the address requires.
+    #[error("TLS is required: {0}")]
+    TlsRequired(String),
 }
 
 fn read_u32(s: &mut impl Read) -> std::io::Result<u32> {
@@ -72,7 +75,7 @@ pub fn transmission_flags(e: &Export) -> u16 {
 const REFUSED_OPTIONS: usize = 8;
 
 /// Sends the greeting and reads the client's flags: whether it asked for no zeroes.
-fn greet<S: Read + Write>(s: &mut S) -> Result<bool, HandshakeError> {
+pub fn greet<S: Read + Write>(s: &mut S) -> Result<bool, HandshakeError> {
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -119,14 +122,41 @@ pub fn refuse<S: Read + Write>(s: &mut S, reason: &str) -> Result<(), HandshakeE
     Err(HandshakeError::Ended(format!("refused: {reason}")))
 }
 
-/// Runs the handshake on `s` for the exports of `server` served at `address`.
-pub fn negotiate<S: Read + Write>(
+/// Where a negotiation stands with TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    /// Not offered at this address (NBD_OPT_STARTTLS is unsupported).
+    Off,
+    /// Required and not started: every option but NBD_OPT_STARTTLS and NBD_OPT_ABORT is
+    /// refused with NBD_REP_ERR_TLS_REQD, and NBD_OPT_EXPORT_NAME closes the connection.
+    Required,
+    /// The options now arrive over TLS.
+    Active,
+}
+
+/// How the option haggling ended.
+pub enum Negotiated {
+    /// An export was selected.
+    Agreed(Agreed),
+    /// The client asked for TLS and was told yes: the TLS handshake comes next, then the
+    /// options again over it.
+    StartTls,
+}
+
+/// Options answered with NBD_REP_ERR_TLS_REQD before the connection is closed.
+const TLS_REQD_OPTIONS: usize = 16;
+
+/// Reads and answers the client's options after the greeting (`no_zeroes`: its flag), as
+/// `tls` says, until an export is selected or TLS is to start.
+pub fn options<S: Read + Write>(
     s: &mut S,
     server: &NbdServer,
     address: &Address,
-) -> Result<Agreed, HandshakeError> {
-    let no_zeroes = greet(s)?;
+    no_zeroes: bool,
+    tls: Tls,
+) -> Result<Negotiated, HandshakeError> {
     let mut structured = false;
+    let mut tls_refused = 0;
     let mut selection: Option<Selection> = None;
     loop {
         if read_u64(s)? != proto::IHAVEOPT {
@@ -151,6 +181,25 @@ pub fn negotiate<S: Read + Write>(
         let reply = |s: &mut S, kind: u32, payload: &[u8]| -> std::io::Result<()> {
             s.write_all(&proto::option_reply(option, kind, payload))
         };
+        if tls == Tls::Required && !matches!(option, opt::STARTTLS | opt::ABORT) {
+            if option == opt::EXPORT_NAME {
+                return Err(HandshakeError::TlsRequired(
+                    "NBD_OPT_EXPORT_NAME before TLS: disconnected".into(),
+                ));
+            }
+            reply(
+                s,
+                rep::ERR_TLS_REQD,
+                b"TLS is required: send NBD_OPT_STARTTLS",
+            )?;
+            tls_refused += 1;
+            if tls_refused == TLS_REQD_OPTIONS {
+                return Err(HandshakeError::TlsRequired(format!(
+                    "{tls_refused} options without NBD_OPT_STARTTLS"
+                )));
+            }
+            continue;
+        }
         match option {
             opt::EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
@@ -165,14 +214,19 @@ pub fn negotiate<S: Read + Write>(
                 }
                 s.write_all(&out)?;
                 let meta = meta::selected_for(selection, &export);
-                return Ok(Agreed {
+                return Ok(Negotiated::Agreed(Agreed {
                     export,
                     structured,
                     meta,
-                });
+                }));
             }
             opt::ABORT => {
                 let _ = reply(s, rep::ACK, &[]);
+                if tls == Tls::Required {
+                    return Err(HandshakeError::TlsRequired(
+                        "the client aborted instead of starting TLS".into(),
+                    ));
+                }
                 return Err(HandshakeError::Ended("NBD_OPT_ABORT".into()));
             }
             opt::LIST => {
@@ -247,15 +301,26 @@ pub fn negotiate<S: Read + Write>(
                     reply(s, rep::ACK, &[])?;
                     if option == opt::GO {
                         let meta = meta::selected_for(selection, &export);
-                        return Ok(Agreed {
+                        return Ok(Negotiated::Agreed(Agreed {
                             export,
                             structured,
                             meta,
-                        });
+                        }));
                     }
                 }
             },
-            opt::STARTTLS => reply(s, rep::ERR_UNSUP, b"TLS is not supported")?,
+            opt::STARTTLS => match tls {
+                Tls::Off => reply(s, rep::ERR_UNSUP, b"TLS is not offered at this address")?,
+                Tls::Active => reply(s, rep::ERR_INVALID, b"TLS is already on")?,
+                Tls::Required if !data.is_empty() => {
+                    reply(s, rep::ERR_INVALID, b"NBD_OPT_STARTTLS takes no data")?
+                }
+                Tls::Required => {
+                    reply(s, rep::ACK, &[])?;
+                    s.flush()?;
+                    return Ok(Negotiated::StartTls);
+                }
+            },
             other => reply(
                 s,
                 rep::ERR_UNSUP,

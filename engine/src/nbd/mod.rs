@@ -6,6 +6,11 @@
 //! reactor as a poller over the non-blocking socket ([`conn::NbdConn`]), round robin over the
 //! reactors. Several exports may share one address.
 //!
+//! TLS ([`tls`]): exports started with `tls` require it of every client at their address; the
+//! handshake answers NBD_OPT_STARTTLS, runs the TLS handshake and the rest of the negotiation
+//! over it, and the connection's poller then runs over the TLS session ([`conn::NbdConn`] over
+//! a `TlsStream`), while plain connections keep their own path.
+//!
 //! Block status: the handshake negotiates metadata contexts ([`meta`]) among those the export
 //! offers, and `NBD_CMD_BLOCK_STATUS` reports them (`block_status.rs`).
 
@@ -14,6 +19,7 @@ mod block_status;
 pub mod conn;
 pub mod handshake;
 pub mod meta;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -26,11 +32,13 @@ use admission::{Deadlined, Handshakes, Peer, Ticket};
 pub type NbdServer = Registry<Nbd>;
 
 /// An NBD export's own settings: `insecure`, served in clear on a listen address that is not
-/// loopback (NBD over TLS is not there yet, so such a listen needs it said).
-#[derive(Debug, Default, Clone, Copy)]
+/// loopback, as asked; `tls`, served over TLS only.
+#[derive(Debug, Default, Clone)]
 pub struct NbdOptions {
     /// Served in clear beyond this machine, as asked.
     pub insecure: bool,
+    /// TLS, required of every client at the export's address.
+    pub tls: Option<tls::ExportTls>,
 }
 
 impl crate::export::ExportOptions for NbdOptions {
@@ -38,11 +46,22 @@ impl crate::export::ExportOptions for NbdOptions {
         if self.insecure {
             m.insert("insecure".into(), true.into());
         }
+        if let Some(t) = &self.tls {
+            m.insert("tls".into(), t.params());
+        }
     }
 
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
+}
+
+/// The TLS that the exports at `address` require, if any (they all have the same).
+fn tls_at(server: &NbdServer, address: &Address) -> Option<tls::ExportTls> {
+    server.exports_at(address).iter().find_map(|e| {
+        let o = e.options.as_any().downcast_ref::<NbdOptions>()?;
+        o.tls.clone()
+    })
 }
 
 /// The NBD protocol's own state: the handshakes running.
@@ -105,8 +124,9 @@ pub fn description(export: &Export) -> String {
     }
 }
 
-/// Negotiates on `stream` within `ticket`'s deadline, then gives the connection to a reactor
-/// (and its place in the table back).
+/// Negotiates on `stream` within `ticket`'s deadline (starting TLS when the address requires
+/// it), then gives the connection to a reactor (and its place in the table back). A client
+/// refused for TLS is logged at warn with why, at most once a second as other refusals are.
 fn handshake_then_serve(
     registry: &NbdServer,
     mut stream: Stream,
@@ -114,28 +134,92 @@ fn handshake_then_serve(
     ticket: Ticket,
     peer: &Peer,
 ) {
+    let tls = tls_at(registry, address);
     let negotiated = {
         let mut s = Deadlined::new(&mut stream, ticket.deadline());
-        handshake::negotiate(&mut s, registry, address)
+        let required = if tls.is_some() {
+            handshake::Tls::Required
+        } else {
+            handshake::Tls::Off
+        };
+        handshake::greet(&mut s).and_then(|nz| {
+            Ok((
+                nz,
+                handshake::options(&mut s, registry, address, nz, required)?,
+            ))
+        })
     };
-    drop(ticket);
-    let agreed = match negotiated {
-        Ok(a) => a,
+    let (no_zeroes, negotiated) = match negotiated {
+        Ok(n) => n,
         Err(e) => {
-            tracing::debug!(%e, %peer, "NBD handshake ended before an export");
+            if tls.is_some() {
+                registry.protocol().handshakes.warn(format_args!(
+                    "NBD client {peer} refused: TLS is required at this address and it did not \
+                     start it ({e})"
+                ));
+            } else {
+                tracing::debug!(%e, %peer, "NBD handshake ended before an export");
+            }
             return;
         }
     };
-    if stream.set_mode(None).is_err() {
-        return;
+    match (negotiated, tls) {
+        (handshake::Negotiated::Agreed(agreed), _) => {
+            drop(ticket);
+            if stream.set_mode(None).is_err() {
+                return;
+            }
+            registry.place(move |pool| {
+                Box::new(conn::NbdConn::new(
+                    stream,
+                    agreed.export,
+                    agreed.structured,
+                    agreed.meta,
+                    pool,
+                ))
+            });
+        }
+        (handshake::Negotiated::StartTls, Some(tls)) => {
+            let mut session = match tls.accept(stream, ticket.deadline()) {
+                Ok(s) => s,
+                Err(reason) => {
+                    registry.protocol().handshakes.warn(format_args!(
+                        "NBD client {peer} refused: TLS handshake failed: {reason}"
+                    ));
+                    return;
+                }
+            };
+            let agreed = handshake::options(
+                &mut session,
+                registry,
+                address,
+                no_zeroes,
+                handshake::Tls::Active,
+            );
+            drop(ticket);
+            let agreed = match agreed {
+                Ok(handshake::Negotiated::Agreed(a)) => a,
+                Ok(handshake::Negotiated::StartTls) => return,
+                Err(e) => {
+                    tracing::debug!(%e, %peer, "NBD handshake over TLS ended before an export");
+                    return;
+                }
+            };
+            tracing::debug!(%peer, export = %agreed.export.name, tls = session.describe(), "NBD client negotiated over TLS");
+            if session.end_deadline().is_err() {
+                return;
+            }
+            registry.place(move |pool| {
+                Box::new(conn::NbdConn::new(
+                    session,
+                    agreed.export,
+                    agreed.structured,
+                    agreed.meta,
+                    pool,
+                ))
+            });
+        }
+        // TLS is only started where it is required.
+        (handshake::Negotiated::StartTls, None) => {}
     }
-    registry.place(move |pool| {
-        Box::new(conn::NbdConn::new(
-            stream,
-            agreed.export,
-            agreed.structured,
-            agreed.meta,
-            pool,
-        ))
-    });
 }

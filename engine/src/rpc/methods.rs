@@ -532,10 +532,10 @@ fn nbd_export_start(engine: &Engine, p: NbdExportParams) -> Result<Value, RpcErr
     };
     engine.nbd_export_start(
         &p.name,
-        p.bdev.as_deref(),
-        p.pair.as_deref(),
+        (p.bdev.as_deref(), p.pair.as_deref()),
         p.writable,
         (address, p.insecure),
+        p.tls,
     )?;
     Ok(json!(p.name))
 }
@@ -695,4 +695,7 @@ struct NbdExportParams {
     /// Serve a listen address that is not loopback in clear.
     #[serde(default)]
     insecure: bool,
+    /// Serve over TLS only.
+    #[serde(default)]
+    tls: Option<crate::nbd::tls::TlsParams>,
 }
