@@ -11,7 +11,10 @@
 #   (client certificate verified) and with PSK, ROUNDS times each, interleaved.
 # Certificates and the PSK are made for the run with openssl. quicksplit's reactors on cores
 # 0-1 (REACTOR_CORES), fio, nbdcopy and nbdkit anywhere.
-# Usage: bench/run-nbd-tls.sh [DIR (default /var/tmp/qs-bench)] [SECONDS (default 6)]
+# QS_BEFORE=BINARY: also a build without TLS (or any other), run beside this one (both engines
+# on the same cores, only one measured at a time) with the same plain export and pair, its
+# plain rows interleaved with this build's: whether plain connections kept their speed.
+# Usage: [FIO_ROUNDS=3] bench/run-nbd-tls.sh [DIR (default /var/tmp/qs-bench)] [SECONDS (default 6)]
 #        [SIZE_GIB of the backup (default 1)] [ROUNDS of backups (default 3)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,23 +74,49 @@ QUICKSPLIT_LOG=warn $qs serve --config "$work/c.json" --rpc-socket "$work/rpc.so
   --state-dir "$work/state" --cores "$cores" --idle adaptive >/dev/null 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -S "$work/rpc.sock" ] && break; sleep 0.1; done
+plain=(plain)
+if [ -n "${QS_BEFORE:-}" ]; then
+  plain+=(before)
+  p_before=$(free_port)
+  fill_files "$gib" "$P.before" "$S.before"
+  cat > "$work/before.json" <<JSON
+{"config": [
+ {"method": "bdev_malloc_create", "params": {"name": "ram", "size": 1073741824}},
+ {"method": "nbd_export_start", "params": {"name": "ram", "bdev": "ram", "listen": "127.0.0.1:$p_before"}},
+ {"method": "bdev_uring_create", "params": {"name": "p", "filename": "$P.before"}},
+ {"method": "bdev_uring_create", "params": {"name": "s", "filename": "$S.before"}},
+ {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}}
+]}
+JSON
+  QUICKSPLIT_LOG=warn $QS_BEFORE serve --config "$work/before.json" \
+    --rpc-socket "$work/before.sock" --state-dir "$work/state-before" --cores "$cores" \
+    --idle adaptive >/dev/null 2>&1 &
+  pids+=($!)
+  for _ in $(seq 100); do [ -S "$work/before.sock" ] && break; sleep 0.1; done
+fi
 
 declare -A U R C
 U[plain]="nbd://127.0.0.1:$p_plain/ram"
+U[before]="nbd://127.0.0.1:${p_before:-0}/ram"
 U[x509]="nbds://127.0.0.1:$p_x509/ram-x509?tls-verify-peer=false"
 measure() { # fio job file -> "IOPS CPU%"; URI, NUMJOBS from the environment
   URI=$URI RUNTIME=$secs NUMJOBS=$NUMJOBS fio --output-format=json "$1" 2>/dev/null \
     | grep -v '^fio:' | $py -c \
     "import json,sys; j=json.load(sys.stdin)['jobs'][0]; print(round(j['read']['iops']+j['write']['iops']), round(j['usr_cpu']+j['sys_cpu']))"
 }
-for nj in 1 2; do for w in randread randwrite; do for t in plain x509; do
+# Each fio cell FIO_ROUNDS times (default 3), the rounds interleaved; the medians reported.
+med() { $py -c "import statistics,sys; print(round(statistics.median(map(int, sys.argv[1:]))))" "$@"; }
+for _ in $(seq "${FIO_ROUNDS:-3}"); do
+for nj in 1 2; do for w in randread randwrite; do for t in "${plain[@]}" x509; do
   set -- $(URI=${U[$t]} NUMJOBS=$nj measure bench/fio/nbd-$w.fio)
   [ "$1" -gt 0 ] || { echo "fio through $t did nothing" >&2; exit 1; }
-  R[$t,$nj,$w]=$1; R[cpu,$t,$nj,$w]=$2
+  R[$t,$nj,$w]="${R[$t,$nj,$w]:-} $1"; R[cpu,$t,$nj,$w]="${R[cpu,$t,$nj,$w]:-} $2"
 done; done; done
+done
+for k in "${!R[@]}"; do R[$k]=$(med ${R[$k]}); done
 U[x509]="nbds://127.0.0.1:$p_x509/ram-x509?tls-certificates=$work/client"
 U[psk]="nbds://bench@127.0.0.1:$p_psk/ram-psk?tls-psk-file=$psk"
-for t in plain x509 psk; do
+for t in "${plain[@]}" x509 psk; do
   t0=$(date +%s.%N); nbdcopy "${U[$t]}" null:; t1=$(date +%s.%N)
   C[$t]=$($py -c "print(round(1024/($t1-$t0)))")
 done
@@ -107,12 +136,18 @@ declare -A T
 T[plain]="{\"type\": \"nbd\", \"uri\": \"nbd://127.0.0.1:$k_plain/\"}"
 T[x509]="{\"type\": \"nbd\", \"uri\": \"nbds://127.0.0.1:$k_x509/\", \"tls\": {\"ca_file\": \"$pki/ca-cert.pem\", \"cert_file\": \"$pki/client-cert.pem\", \"key_file\": \"$pki/client-key.pem\"}}"
 T[psk]="{\"type\": \"nbd\", \"uri\": \"nbds://127.0.0.1:$k_psk/\", \"tls\": {\"psk_key\": \"psk\", \"username\": \"bench\"}}"
-wait_pair
-rpc pair_split '{"name": "pr"}' >/dev/null
+T[before]=${T[plain]}
+declare -A SOCK=([plain]=$work/rpc.sock [x509]=$work/rpc.sock [psk]=$work/rpc.sock [before]=$work/before.sock)
+for t in "${plain[@]}"; do
+  while [ "$($qs rpc --socket "${SOCK[$t]}" pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])")" != "PAIR 0" ]; do
+    sleep 0.2
+  done
+  $qs rpc --socket "${SOCK[$t]}" pair_split '{"name": "pr"}' >/dev/null
+done
 declare -A B
-for r in $(seq "$rounds"); do for t in plain x509 psk; do
-  id=$(rpc backup_start "{\"pair\": \"pr\", \"mode\": \"merge\", \"target\": ${T[$t]}}" | $py -c "import json,sys; print(json.load(sys.stdin)['id'])")
-  set -- $(backup_result "$work/rpc.sock" "$id" 0.2)
+for r in $(seq "$rounds"); do for t in "${plain[@]}" x509 psk; do
+  id=$($qs rpc --socket "${SOCK[$t]}" backup_start "{\"pair\": \"pr\", \"mode\": \"merge\", \"target\": ${T[$t]}}" | $py -c "import json,sys; print(json.load(sys.stdin)['id'])")
+  set -- $(backup_result "${SOCK[$t]}" "$id" 0.2)
   [ "$1" = done ] || { echo "backup $id to $t ended $1" >&2; exit 1; }
   B[$t]="${B[$t]:-}$2 "
 done; done
@@ -121,11 +156,21 @@ printf '%-9s %-7s %9s %9s %7s %14s\n' workload numjobs plain x509 x509/pl "fio c
 for nj in 1 2; do for w in randread randwrite; do
   $py -c "p,x=${R[plain,$nj,$w]},${R[x509,$nj,$w]}; print('%-9s %-7d %9d %9d %7.2f %14s' % ('$w',$nj,p,x,x/p,'${R[cpu,plain,$nj,$w]}/${R[cpu,x509,$nj,$w]}'))"
 done; done
+if [ -n "${QS_BEFORE:-}" ]; then
+  echo "plain, this build against QS_BEFORE (IOPS):"
+  for nj in 1 2; do for w in randread randwrite; do
+    $py -c "p,b=${R[plain,$nj,$w]},${R[before,$nj,$w]}; print('%-9s %-7d %9d %9d %7.2f' % ('$w',$nj,p,b,p/b))"
+  done; done
+  echo "nbdcopy plain before: ${C[before]} MiB/s"
+fi
 echo "nbdcopy of the 1 GiB export to null:, MiB/s: plain ${C[plain]}, x509 ${C[x509]}, psk ${C[psk]}"
 echo "backup of ${gib} GiB to nbdkit memory, MiB/s per round:"
-for t in plain x509 psk; do echo "  $t: ${B[$t]}"; done
+for t in "${plain[@]}" x509 psk; do echo "  $t: ${B[$t]:-}"; done
 $py -c "
 import statistics as s
 b={k: [int(x) for x in v.split()] for k, v in (('plain','${B[plain]}'),('x509','${B[x509]}'),('psk','${B[psk]}'))}
 m={k: s.median(v) for k, v in b.items()}
-print('  medians: plain %d, x509 %d (%.2f), psk %d (%.2f)' % (m['plain'], m['x509'], m['x509']/m['plain'], m['psk'], m['psk']/m['plain']))"
+print('  medians: plain %d, x509 %d (%.2f), psk %d (%.2f)' % (m['plain'], m['x509'], m['x509']/m['plain'], m['psk'], m['psk']/m['plain']))
+if '${B[before]:-}':
+    before = s.median(int(x) for x in '${B[before]:-}'.split())
+    print('  plain before: %d (this build %.2f of it)' % (before, m['plain']/before))"
