@@ -6,10 +6,10 @@ use serde_json::{json, Value};
 
 use super::audit::Audit;
 use super::config::LoadConfigParams;
-use super::{codes, keyring, nvmf, RpcError};
+use super::{codes, keyring, nbd, nvmf, RpcError};
 use crate::app::{Engine, EngineError};
 use crate::backup::Mode;
-use crate::export::{Address, ExportError};
+use crate::export::ExportError;
 use crate::keyring::KeyringError;
 use crate::logging::{self, LogError};
 use crate::pair::{PairConfig, PairError, DEFAULT_TRACK_SIZE};
@@ -87,9 +87,9 @@ pub static METHODS: &[Method] = &[
     method!("pair_verify", pair_verify, changes_state),
     method!("verify_get", verify_get),
     method!("verify_cancel", verify_cancel, changes_state),
-    method!("nbd_export_start", nbd_export_start, changes_config),
-    method!("nbd_export_stop", nbd_export_stop, changes_config),
-    method!("nbd_get_exports", nbd_get_exports),
+    method!("nbd_export_start", nbd::nbd_export_start, changes_config),
+    method!("nbd_export_stop", nbd::nbd_export_stop, changes_config),
+    method!("nbd_get_exports", nbd::nbd_get_exports),
     method!("nvmf_export_start", nvmf::nvmf_export_start, changes_config),
     method!("nvmf_export_stop", nvmf::nvmf_export_stop, changes_config),
     method!("nvmf_get_exports", nvmf::nvmf_get_exports),
@@ -518,37 +518,6 @@ fn verify_cancel(engine: &Engine, p: IdParam) -> Result<Value, RpcError> {
     Ok(json!(true))
 }
 
-fn nbd_export_start(engine: &Engine, p: NbdExportParams) -> Result<Value, RpcError> {
-    let address = match (p.socket, p.listen) {
-        (Some(s), None) => Some(Address::Unix(s)),
-        (None, Some(l)) => Some(Address::Tcp(l)),
-        (None, None) => None,
-        (Some(_), Some(_)) => {
-            return Err(RpcError::new(
-                codes::INVALID_PARAMS,
-                "give at most one of 'socket' and 'listen'",
-            ))
-        }
-    };
-    engine.nbd_export_start(
-        &p.name,
-        (p.bdev.as_deref(), p.pair.as_deref()),
-        p.writable,
-        (address, p.insecure),
-        p.tls,
-    )?;
-    Ok(json!(p.name))
-}
-
-fn nbd_export_stop(engine: &Engine, p: NameParam) -> Result<Value, RpcError> {
-    engine.nbd().stop(&p.name).map_err(EngineError::from)?;
-    Ok(json!(true))
-}
-
-fn nbd_get_exports(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
-    Ok(json!(engine.nbd().list()))
-}
-
 fn framework_get_reactors(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {
     let list: Vec<Value> = engine
         .reactors()
@@ -676,26 +645,4 @@ struct OptionalId {
 #[serde(deny_unknown_fields)]
 struct IdParam {
     id: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NbdExportParams {
-    name: String,
-    #[serde(default)]
-    bdev: Option<String>,
-    #[serde(default)]
-    pair: Option<String>,
-    #[serde(default)]
-    writable: Option<bool>,
-    #[serde(default)]
-    socket: Option<std::path::PathBuf>,
-    #[serde(default)]
-    listen: Option<String>,
-    /// Serve a listen address that is not loopback in clear.
-    #[serde(default)]
-    insecure: bool,
-    /// Serve over TLS only.
-    #[serde(default)]
-    tls: Option<crate::nbd::tls::TlsParams>,
 }

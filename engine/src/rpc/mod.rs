@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 mod keyring;
 pub mod methods;
+mod nbd;
 mod nvmf;
 
 use std::io::{ErrorKind, Read, Write};
