@@ -154,6 +154,7 @@ impl Engine {
         reactors.get(0).send_blocking(Box::new(move |cx| {
             cx.add_poller(Box::new(ControlPoller::new(poller_queue)))
         }))?;
+        control.set_journal(pairs::open_split_journal(state_dir)?);
         let nbd = NbdServer::new(Nbd::default(), reactors.handles().to_vec());
         let nvmf = NvmfServer::new(NvmeTcp::default(), reactors.handles().to_vec());
         let journal =

@@ -13,7 +13,8 @@ use crate::pair::channel::{PairView, View};
 use crate::pair::control::{Action, ControlRequest, Outcome};
 use crate::pair::copier::Copier;
 use crate::pair::metadata::writer::MetaWriter;
-use crate::pair::metadata::{HeaderRecord, Layout, Loaded, MetaError, Metadata};
+use crate::pair::metadata::{HeaderRecord, Layout, Loaded, MetaError, Metadata, PersistedState};
+use crate::pair::split_journal::{self, SplitJournal};
 use crate::pair::{Pair, PairConfig, PairError, PairInfo};
 
 /// Opens a pair's metadata file as a uring bdev. Buffered, not O_DIRECT: the writer makes
@@ -30,6 +31,18 @@ fn metadata_bdev(
         "pair metadata opened through the page cache, by design: each batch ends with a flush"
     );
     Ok(bdev)
+}
+
+/// Opens the split journal of the state directory (`splits.journal`, made sparse when missing).
+pub(super) fn open_split_journal(state_dir: &Path) -> Result<Arc<SplitJournal>, super::AppError> {
+    let path = state_dir.join("splits.journal");
+    let fail = |e: String| super::AppError::StateDir {
+        path: path.clone(),
+        source: std::io::Error::other(e),
+    };
+    let size = (!path.exists()).then_some(split_journal::DEFAULT_SIZE);
+    let bdev = metadata_bdev("splits.journal", &path, size).map_err(|e| fail(e.to_string()))?;
+    SplitJournal::open(Arc::new(bdev)).map_err(|e| fail(e.to_string()))
 }
 
 /// Where a pair's metadata lives when it is not a file of the state directory.
@@ -62,11 +75,27 @@ fn initialize_metadata(
         reverse: false,
         split_at_ns: 0,
         error: None,
+        instance: new_instance(),
         checkpoints: Vec::new(),
     };
     Metadata::initialize(bdev, &rec)
         .map(Arc::new)
         .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))
+}
+
+/// A number for a new pair's metadata that no earlier pair of this state directory had: the
+/// time, made unique within the process.
+fn new_instance() -> u64 {
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = crate::pair::now_ns().max(1);
+    let prev = LAST
+        .fetch_update(
+            std::sync::atomic::Ordering::SeqCst,
+            std::sync::atomic::Ordering::SeqCst,
+            |last| Some(now.max(last + 1)),
+        )
+        .unwrap_or(0);
+    now.max(prev + 1)
 }
 
 /// What loading a pair's metadata gave.
@@ -156,6 +185,10 @@ impl Engine {
                 None,
             ),
         };
+        let loaded = match (&meta, loaded) {
+            (Some(m), Some(Ok(l))) => Some(self.recover_group_split(m, l)),
+            (_, l) => l,
+        };
         let pair = Pair::with_metadata(
             cfg,
             p,
@@ -208,6 +241,47 @@ impl Engine {
         st.pairs.insert(cfg.name.clone(), Arc::clone(&pair));
         tracing::info!(pair = %cfg.name, primary, secondary, tracks = pair.tracks(), "pair created: COPY");
         Ok(pair)
+    }
+
+    /// Uses `bdev` as the split journal from now on (scanned first): for tests that cut the
+    /// power of the journal's device too.
+    pub fn use_split_journal(&self, bdev: Arc<dyn drivers::Bdev>) -> Result<(), EngineError> {
+        let journal = SplitJournal::open(bdev)
+            .map_err(|e| EngineError::Bdev(BdevError::Invalid(e.to_string())))?;
+        self.control.set_journal(journal);
+        Ok(())
+    }
+
+    /// A pair's loaded metadata, with the split of its group applied when the split journal
+    /// holds one newer than its header (the header is written now, before the pair serves).
+    fn recover_group_split(&self, meta: &Metadata, mut loaded: Loaded) -> LoadOutcome {
+        let h = &loaded.header;
+        let Some(split) = self
+            .control
+            .journal()
+            .and_then(|j| j.recovered_split(&h.name, h.instance, h.seq))
+        else {
+            return Ok(loaded);
+        };
+        let from_mirror = [
+            PersistedState::Known(crate::pair::PairState::Copy),
+            PersistedState::Known(crate::pair::PairState::Pair),
+        ];
+        if !from_mirror.contains(&h.state) || h.reverse {
+            tracing::warn!(pair = %h.name, state = ?h.state, "split journal record not applied: the pair was not mirroring");
+            return Ok(loaded);
+        }
+        let rec = HeaderRecord {
+            seq: split.seq,
+            state: crate::pair::PairState::Psus.into(),
+            split_at_ns: split.split_at_ns,
+            error: None,
+            ..h.clone()
+        };
+        meta.adopt_header(&rec)?;
+        tracing::info!(pair = %rec.name, split_at_ns = rec.split_at_ns, "split with its group, from the split journal");
+        loaded.header = rec;
+        Ok(loaded)
     }
 
     /// Where a pair's metadata lives.

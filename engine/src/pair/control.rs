@@ -11,6 +11,7 @@ use crossbeam_queue::ArrayQueue;
 use std::sync::atomic::Ordering;
 
 use super::metadata::CheckpointRecord;
+use super::split_journal::SplitJournal;
 use super::{now_ns, Pair, PairError};
 use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
@@ -74,6 +75,8 @@ pub struct ControlRequest {
 pub struct ControlQueue {
     ring: ArrayQueue<ControlRequest>,
     reactor: ReactorHandle,
+    /// Where splits of several pairs are made durable at once.
+    journal: std::sync::Mutex<Option<Arc<SplitJournal>>>,
 }
 
 impl ControlQueue {
@@ -82,7 +85,25 @@ impl ControlQueue {
         Arc::new(Self {
             ring: ArrayQueue::new(256),
             reactor,
+            journal: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Makes `journal` the split journal (see `pair::split_journal`); without one, every pair
+    /// of a split writes its own header.
+    pub fn set_journal(&self, journal: Arc<SplitJournal>) {
+        *self
+            .journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(journal);
+    }
+
+    /// The split journal.
+    pub fn journal(&self) -> Option<Arc<SplitJournal>> {
+        self.journal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Hands a request over; gives it back when the ring is full.
@@ -126,6 +147,9 @@ enum Stage {
     SlotDrain,
 }
 
+/// A split journal record being written: its number, and each pair with its held header.
+type GroupRecord = (u64, Vec<(Arc<Pair>, u64)>);
+
 struct Running {
     req: ControlRequest,
     started: Instant,
@@ -133,6 +157,8 @@ struct Running {
     outcome: Result<u64, PairError>,
     /// The checkpoint slot being filled or merged into.
     slot: Option<usize>,
+    /// A split of several pairs: the record that makes it durable.
+    group: Option<GroupRecord>,
 }
 
 /// The control poller.
@@ -179,17 +205,44 @@ impl ControlPoller {
         Ok(())
     }
 
-    /// Applies the transition (gates closed, writes drained where needed).
-    fn apply(req: &ControlRequest) -> Result<u64, PairError> {
-        Self::check(req)?;
-        Ok(match req.action {
-            Action::Split => {
-                let at = now_ns();
-                for p in &req.pairs {
-                    p.apply_split(at);
-                }
-                at
+    /// Splits the pairs at one instant. Two or more with metadata are made durable by one
+    /// split journal record, their headers held back until it is (see `pair::split_journal`);
+    /// otherwise each pair's header is written.
+    fn split(
+        req: &ControlRequest,
+        journal: Option<Arc<SplitJournal>>,
+    ) -> (u64, Option<GroupRecord>) {
+        let at = now_ns();
+        let with_metadata = req.pairs.iter().filter(|p| p.metadata().is_some()).count();
+        let Some(journal) = journal.filter(|_| with_metadata > 1) else {
+            for p in &req.pairs {
+                p.apply_split(at);
             }
+            return (at, None);
+        };
+        let held: Vec<(Arc<Pair>, u64)> = req
+            .pairs
+            .iter()
+            .filter_map(|p| p.apply_group_split(at).map(|seq| (Arc::clone(p), seq)))
+            .collect();
+        match journal.submit(at, held.clone()) {
+            Ok(number) => (at, Some((number, held))),
+            Err(e) => {
+                tracing::warn!(%e, "split of several pairs made durable pair by pair");
+                release(&held, false);
+                (at, None)
+            }
+        }
+    }
+
+    /// Applies the transition (gates closed, writes drained where needed).
+    fn apply(
+        req: &ControlRequest,
+        journal: Option<Arc<SplitJournal>>,
+    ) -> Result<(u64, Option<GroupRecord>), PairError> {
+        Self::check(req)?;
+        let at = match req.action {
+            Action::Split => return Ok(Self::split(req, journal)),
             Action::Resync { reverse, full } => {
                 for p in &req.pairs {
                     p.apply_resync(reverse, full);
@@ -204,7 +257,8 @@ impl ControlPoller {
             }
             // Applied in steps by `step_checkpoint`.
             Action::Checkpoint { .. } | Action::DeleteCheckpoint { .. } => 0,
-        })
+        };
+        Ok((at, None))
     }
 
     /// Moves a checkpoint being made or deleted on (one pair, see `pair::checkpoints`); true
@@ -358,13 +412,30 @@ impl ControlPoller {
             if action != Action::Split && !run.req.pairs.iter().all(|p| p.drained()) {
                 return false;
             }
-            run.outcome = Self::apply(&run.req);
+            let applied = Self::apply(&run.req, self.queue.journal());
+            run.outcome = applied.map(|(at, group)| {
+                run.group = group;
+                at
+            });
             if run.outcome.is_err() || !matches!(action, Action::Resync { .. }) {
                 for p in &run.req.pairs {
                     p.open_gate();
                 }
             }
             run.stage = Stage::Header;
+        }
+        if let Some((number, held)) = &run.group {
+            let status = self.queue.journal().map(|j| j.status(*number));
+            match status {
+                Some(None) => return false,
+                Some(Some(Ok(()))) => release(held, true),
+                Some(Some(Err(e))) => {
+                    tracing::warn!(%e, "split of several pairs made durable pair by pair");
+                    release(held, false);
+                }
+                None => release(held, false),
+            }
+            run.group = None;
         }
         if run.outcome.is_ok() && run.stage == Stage::Header {
             // The transition is acknowledged only once it is durable.
@@ -375,6 +446,17 @@ impl ControlPoller {
                 .all(|p| p.state_durable() || p.metadata_failed())
             {
                 return false;
+            }
+            // A split is acknowledged only durable: a pair whose metadata cannot be written
+            // would come back from a restart not split.
+            if action == Action::Split {
+                if let Some(p) = run.req.pairs.iter().find(|p| !p.state_durable()) {
+                    run.outcome = Err(PairError::Invalid(format!(
+                        "pair '{}' metadata cannot be written: {}",
+                        p.name(),
+                        p.metadata().and_then(|m| m.failure()).unwrap_or_default()
+                    )));
+                }
             }
             if let Action::Resync { .. } = action {
                 for p in &run.req.pairs {
@@ -419,6 +501,16 @@ impl ControlPoller {
     }
 }
 
+/// Lets the held headers of a group split be written: the split is durable as the journal's
+/// record (`journaled`), or their own headers must make it so.
+fn release(held: &[(Arc<Pair>, u64)], journaled: bool) {
+    for (p, seq) in held {
+        if let Some(m) = p.metadata() {
+            m.release_header(journaled.then_some(*seq));
+        }
+    }
+}
+
 impl Poller for ControlPoller {
     fn poll(&mut self, _cx: &mut ReactorContext) -> PollStatus {
         if self.running.is_none() {
@@ -439,6 +531,7 @@ impl Poller for ControlPoller {
                 stage: Stage::Draining,
                 outcome: Ok(0),
                 slot: None,
+                group: None,
             });
         }
         self.step();

@@ -28,6 +28,7 @@ pub mod control;
 pub mod copier;
 pub mod metadata;
 mod persistence;
+pub mod split_journal;
 mod state;
 mod stats;
 mod transitions;

@@ -63,6 +63,7 @@ impl Pair {
             reverse: self.reversing(),
             split_at_ns: self.split_at_ns(),
             error: self.error(),
+            instance: self.meta.as_ref().map_or(0, |m| m.instance()),
             checkpoints: self.checkpoints.records(),
         }
     }
@@ -71,7 +72,7 @@ impl Pair {
     pub fn state_durable(&self) -> bool {
         self.meta
             .as_ref()
-            .is_none_or(|m| m.header_durable() >= self.state_seq.load(Ordering::SeqCst))
+            .is_none_or(|m| m.state_durable_seq() >= self.state_seq.load(Ordering::SeqCst))
     }
 
     /// A line describing the persistence state, for diagnostics: header numbers and, per
@@ -424,6 +425,7 @@ mod tests {
             reverse: false,
             split_at_ns: 7,
             error: None,
+            instance: 0,
             checkpoints: Vec::new(),
         };
         let m = bdev("m");

@@ -16,18 +16,20 @@ impl Pair {
     /// (`flush_data`: P and S flushed first). The writer reads the state after the number it
     /// writes, so the newest header holds the newest state as long as states change in the
     /// order of their numbers, which the lock keeps.
+    /// Returns the header number the transition took (`None`: it did not apply, or the pair has
+    /// no metadata).
     pub(super) fn transition(
         &self,
         flush_data: bool,
         applies: impl FnOnce() -> bool,
         change: impl FnOnce(),
-    ) {
+    ) -> Option<u64> {
         let _ordered = self
             .transitions
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if !applies() {
-            return;
+            return None;
         }
         let seq = self.meta.as_ref().map(|m| {
             let seq = m.next_seq();
@@ -41,6 +43,7 @@ impl Pair {
             m.request_header(seq, flush_data);
             self.wake_copier();
         }
+        seq
     }
 
     /// Enters the gate for a host write: false if a transition holds it closed (retry later).
@@ -126,7 +129,7 @@ impl Pair {
     }
 
     /// Applies the split (gate closed, writes drained): S now stands for P as it is.
-    pub(crate) fn apply_split(&self, at_ns: u64) {
+    pub(crate) fn apply_split(&self, at_ns: u64) -> Option<u64> {
         // The changed sets are empty outside PSUS/PSUE (a resync empties them), so nothing is
         // cleared here: the split touches no bitmap. Persisting it is one header write.
         debug_assert_eq!(self.changed_p.count() + self.changed_s.count(), 0);
@@ -137,7 +140,24 @@ impl Pair {
                 self.split_at_ns.store(at_ns, Ordering::SeqCst);
                 self.set_state(PairState::Psus);
             },
-        );
+        )
+    }
+
+    /// Applies a split made durable by a record of the split journal, with the other pairs of
+    /// its group: the pair's header writes are held back until the record is durable (see
+    /// [`Metadata::release_header`](super::metadata::Metadata::release_header)). Returns the
+    /// header number the split took; `None` when the pair has no metadata (nothing to hold).
+    pub(crate) fn apply_group_split(&self, at_ns: u64) -> Option<u64> {
+        let Some(meta) = &self.meta else {
+            self.apply_split(at_ns);
+            return None;
+        };
+        meta.hold_header();
+        let seq = self.apply_split(at_ns);
+        if seq.is_none() {
+            meta.release_header(None);
+        }
+        seq
     }
 
     /// Checks that a resync applies now. A full resync forward also applies to a pair in PAIR
@@ -323,6 +343,7 @@ mod tests {
             reverse: false,
             split_at_ns: 0,
             error: None,
+            instance: 0,
             checkpoints: Vec::new(),
         };
         let meta = Arc::new(Metadata::initialize(bdev("m"), &rec).unwrap());

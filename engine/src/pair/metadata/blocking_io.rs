@@ -4,7 +4,7 @@ use super::*;
 
 /// Synchronous I/O on a bdev from a control thread, through a channel of its own: used to
 /// initialise and load metadata before the pair serves.
-pub(super) struct BlockingIo {
+pub(crate) struct BlockingIo {
     ch: Box<dyn IoChannel>,
     pool: BufferPool,
     done: Vec<IoCompletion>,
@@ -15,7 +15,7 @@ const PAGES_PER_IO: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl BlockingIo {
-    pub(super) fn open(bdev: &Arc<dyn Bdev>) -> Result<Self, MetaError> {
+    pub(crate) fn open(bdev: &Arc<dyn Bdev>) -> Result<Self, MetaError> {
         let ch = bdev
             .open_channel(&ChannelContext {
                 wake_fd: None,
@@ -32,7 +32,7 @@ impl BlockingIo {
         })
     }
 
-    pub(super) fn run(&mut self, req: IoRequest) -> Result<IoBufs, MetaError> {
+    pub(crate) fn run(&mut self, req: IoRequest) -> Result<IoBufs, MetaError> {
         if let Err(e) = self.ch.submit(req) {
             return Err(MetaError::Io(format!("refused: {:?}", e.error)));
         }
@@ -52,7 +52,7 @@ impl BlockingIo {
         }
     }
 
-    pub(super) fn bufs(&self, n: usize) -> Result<IoBufs, MetaError> {
+    pub(crate) fn bufs(&self, n: usize) -> Result<IoBufs, MetaError> {
         (0..n)
             .map(|_| {
                 self.pool
@@ -62,7 +62,7 @@ impl BlockingIo {
             .collect()
     }
 
-    pub(super) fn write(&mut self, offset: u64, blocks: &[&[u8]]) -> Result<(), MetaError> {
+    pub(crate) fn write(&mut self, offset: u64, blocks: &[&[u8]]) -> Result<(), MetaError> {
         let mut bufs = self.bufs(blocks.len())?;
         for (b, data) in bufs.iter_mut().zip(blocks) {
             b.as_mut_slice()[..data.len()].copy_from_slice(data);
@@ -70,18 +70,18 @@ impl BlockingIo {
         self.run(IoRequest::write(offset, bufs, 0)).map(|_| ())
     }
 
-    pub(super) fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MetaError> {
+    pub(crate) fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MetaError> {
         let bufs = self.bufs(len.div_ceil(BLOCK as usize))?;
         let bufs = self.run(IoRequest::read(offset, bufs, 0))?;
         Ok(bufs.iter().flat_map(|b| b.as_slice().to_vec()).collect())
     }
 
-    pub(super) fn flush(&mut self) -> Result<(), MetaError> {
+    pub(crate) fn flush(&mut self) -> Result<(), MetaError> {
         self.run(IoRequest::without_data(IoOp::Flush, 0, 0, 0))
             .map(|_| ())
     }
 
-    pub(super) fn write_map(
+    pub(crate) fn write_map(
         &mut self,
         layout: &Layout,
         map: MapKind,
@@ -104,7 +104,7 @@ impl BlockingIo {
         Ok(())
     }
 
-    pub(super) fn read_map(
+    pub(crate) fn read_map(
         &mut self,
         layout: &Layout,
         map: MapKind,

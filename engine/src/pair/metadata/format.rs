@@ -26,9 +26,18 @@ pub struct HeaderRecord {
     pub split_at_ns: u64,
     /// Why the pair is suspended.
     pub error: Option<String>,
+    /// The pair's instance: a number chosen when its metadata was made (0 in metadata made
+    /// before instances), so a split journal record of an earlier pair of the same name is
+    /// never taken for this one's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub instance: u64,
     /// The pair's checkpoints, oldest first (format 2).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checkpoints: Vec<CheckpointRecord>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A checkpoint as the header records it.

@@ -31,7 +31,7 @@
 //! the end of a copy, a suspension) takes a number, and host writes wait until the header of
 //! that number is durable, so no write relies on a state the disk does not hold yet.
 
-mod blocking_io;
+pub(crate) mod blocking_io;
 mod format;
 pub mod writer;
 
@@ -317,6 +317,15 @@ pub struct Metadata {
     next_seq: AtomicU64,
     header_wanted: AtomicU64,
     header_durable: AtomicU64,
+    /// Headers are not written while set: the pair was split with others and its split is
+    /// durable only as a record of the split journal (see `pair::split_journal`), so no header
+    /// may show the split on disk before that record does.
+    header_held: AtomicBool,
+    /// The newest header number a durable split journal record stands for.
+    journaled: AtomicU64,
+    /// The pair's instance: set when its metadata is made, kept in every header, so a split
+    /// journal record of an earlier pair of the same name never applies to a later one.
+    instance: AtomicU64,
     /// The next header write must flush P and S first (a copy finished: PAIR must not be
     /// durable before the copied data is).
     header_flush_data: AtomicBool,
@@ -350,6 +359,9 @@ impl Metadata {
             next_seq: AtomicU64::new(seq),
             header_wanted: AtomicU64::new(seq),
             header_durable: AtomicU64::new(seq),
+            header_held: AtomicBool::new(false),
+            journaled: AtomicU64::new(0),
+            instance: AtomicU64::new(0),
             header_flush_data: AtomicBool::new(false),
             sync_wanted: AtomicU64::new(0),
             sync_done: AtomicU64::new(0),
@@ -367,6 +379,7 @@ impl Metadata {
     pub fn initialize(bdev: Arc<dyn Bdev>, rec: &HeaderRecord) -> Result<Self, MetaError> {
         let layout = Layout::new(rec.tracks);
         let meta = Self::with_layout(bdev, layout, rec.seq)?;
+        meta.instance.store(rec.instance, Ordering::SeqCst);
         let mut pending = vec![0u64; layout.words() as usize];
         for t in 0..layout.tracks {
             pending[(t / 64) as usize] |= 1 << (t % 64);
@@ -432,6 +445,7 @@ impl Metadata {
         }
         let layout = Layout::with_format(tracks, format);
         let meta = Self::with_layout(bdev, layout, header.seq)?;
+        meta.instance.store(header.instance, Ordering::SeqCst);
         let mut maps = Vec::new();
         for map in layout.map_kinds() {
             let words = io.read_map(&layout, map)?;
@@ -552,6 +566,53 @@ impl Metadata {
         self.header_wanted.fetch_max(seq, Ordering::SeqCst);
     }
 
+    /// The pair's instance (see [`HeaderRecord::instance`]).
+    pub fn instance(&self) -> u64 {
+        self.instance.load(Ordering::SeqCst)
+    }
+
+    /// Holds header writes back: the next transition is a split made durable by a split
+    /// journal record. Set before the transition takes its number, so a writer that sees the
+    /// number sees the hold.
+    pub fn hold_header(&self) {
+        self.header_held.store(true, Ordering::SeqCst);
+    }
+
+    /// True while header writes are held back.
+    pub fn header_held(&self) -> bool {
+        self.header_held.load(Ordering::SeqCst)
+    }
+
+    /// Header `seq` is durable as a split journal record (`Some`), or will never be (`None`:
+    /// the header itself must be written): header writes resume.
+    pub fn release_header(&self, journaled: Option<u64>) {
+        if let Some(seq) = journaled {
+            self.journaled.fetch_max(seq, Ordering::SeqCst);
+        }
+        self.header_held.store(false, Ordering::SeqCst);
+    }
+
+    /// The newest header number whose state is durable, as a header or as a split journal
+    /// record.
+    pub fn state_durable_seq(&self) -> u64 {
+        self.header_durable()
+            .max(self.journaled.load(Ordering::SeqCst))
+    }
+
+    /// Puts a header recovered from the split journal on disk (in its slot, flushed) before
+    /// the pair serves, so the journal record is no longer needed; numbers go on from it.
+    pub fn adopt_header(&self, rec: &HeaderRecord) -> Result<(), MetaError> {
+        let mut io = BlockingIo::open(&self.bdev)?;
+        let mut block = vec![0u8; BLOCK as usize];
+        encode_header(rec, self.layout.format, &mut block)?;
+        io.write((rec.seq % HEADER_SLOTS) * BLOCK, &[block.as_slice()])?;
+        io.flush()?;
+        self.next_seq.fetch_max(rec.seq, Ordering::SeqCst);
+        self.header_wanted.fetch_max(rec.seq, Ordering::SeqCst);
+        self.header_durable.fetch_max(rec.seq, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// The newest header number asked for.
     pub fn header_wanted(&self) -> u64 {
         self.header_wanted.load(Ordering::SeqCst)
@@ -598,74 +659,4 @@ impl Metadata {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn header(seq: u64) -> HeaderRecord {
-        HeaderRecord {
-            seq,
-            name: "p".into(),
-            primary: "a".into(),
-            secondary: "b".into(),
-            track_size: 65536,
-            tracks: 100_000,
-            state: PairState::Psus.into(),
-            reverse: false,
-            split_at_ns: 42,
-            error: None,
-            checkpoints: Vec::new(),
-        }
-    }
-
-    #[test]
-    fn headers_encode_as_earlier_builds_wrote_them() {
-        let json = r#"{"seq":7,"name":"p","primary":"a","secondary":"b","track_size":65536,"tracks":100000,"state":"PSUS","reverse":false,"split_at_ns":42,"error":null}"#;
-        assert_eq!(serde_json::to_string(&header(7)).unwrap(), json);
-        assert_eq!(
-            serde_json::from_str::<HeaderRecord>(json).unwrap(),
-            header(7)
-        );
-        for state in [
-            PairState::Copy,
-            PairState::Pair,
-            PairState::Psus,
-            PairState::Psue,
-        ] {
-            let rec = HeaderRecord {
-                state: state.into(),
-                ..header(7)
-            };
-            let text = serde_json::to_string(&rec).unwrap();
-            assert_eq!(text, json.replace("PSUS", state.as_str()));
-            assert_eq!(serde_json::from_str::<HeaderRecord>(&text).unwrap(), rec);
-        }
-        // A name no state has still decodes, and encodes back as it was.
-        let other = json.replace("PSUS", "SPLIT");
-        let rec: HeaderRecord = serde_json::from_str(&other).unwrap();
-        assert_eq!(rec.state, PersistedState::Unknown("SPLIT".into()));
-        assert_eq!(serde_json::to_string(&rec).unwrap(), other);
-    }
-
-    #[test]
-    fn header_and_page_round_trip_and_any_flipped_bit_is_caught() {
-        let mut b = vec![0u8; BLOCK as usize];
-        encode_header(&header(7), FORMAT, &mut b).unwrap();
-        assert_eq!(decode_header(&b).unwrap(), (header(7), FORMAT));
-        for i in [0usize, 20, 300, 4095] {
-            let mut c = b.clone();
-            c[i] ^= 0x10;
-            assert!(decode_header(&c).is_err(), "flip at {i} not caught");
-        }
-        let words: Vec<u64> = (0..WORDS_PER_PAGE).map(|i| i * 0x9e37_79b9).collect();
-        encode_page(MapKind::ChangedS, 3, &words, &mut b);
-        let mut back = vec![0u64; WORDS_PER_PAGE as usize];
-        decode_page(MapKind::ChangedS, 3, &b, &mut back).unwrap();
-        assert_eq!(back, words);
-        assert!(decode_page(MapKind::ChangedP, 3, &b, &mut back).is_err());
-        assert!(decode_page(MapKind::ChangedS, 4, &b, &mut back).is_err());
-        b[100] ^= 1;
-        assert!(decode_page(MapKind::ChangedS, 3, &b, &mut back).is_err());
-        // A page never written (zeroes) is not a valid empty page.
-        assert!(decode_page(MapKind::ChangedS, 3, &[0u8; 4096], &mut back).is_err());
-    }
-}
+mod tests;

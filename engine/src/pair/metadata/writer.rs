@@ -262,7 +262,8 @@ impl MetaWriter {
         let mut clears = fill_batch(&meta, &mut batch);
         let mut flush_p = self.p_flush_due && clears;
         let wanted = meta.header_wanted.load(Ordering::SeqCst);
-        if wanted > meta.header_durable() {
+        // The hold is read after the number: it was set before a held number was taken.
+        if wanted > meta.header_durable() && !meta.header_held() {
             if meta.header_flush_data.swap(false, Ordering::SeqCst) {
                 clears = true;
                 flush_p = true;

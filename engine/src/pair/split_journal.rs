@@ -1,0 +1,409 @@
+//! The split journal: a split of several pairs in one call is made durable by one record (one
+//! write and one flush, whatever the number of pairs) naming each pair and the header number
+//! its split took, instead of a header write and a flush per pair.
+//!
+//! The pairs' own headers are held back until the record is durable (so no header shows the
+//! split before the record does) and written lazily after it. Host writes that rely on the
+//! split wait for the record, as they wait for a header. A restart that finds a pair's newest
+//! header older than a record naming it (same name and instance) applies the split from the
+//! record and writes that header before the pair serves. So after a crash or a power cut either
+//! the record is durable and every pair of the group comes back split at the common instant, or
+//! it is not, no header shows the split and no acknowledged write relied on it: none is split.
+//!
+//! On disk, records follow each other from offset 0, each starting on a 4 KiB boundary: a
+//! 32-byte head (magic, format, payload length, record number, CRC-32C of number and payload)
+//! then a JSON payload. A scan reads records while each is whole and numbered above the one
+//! before, so the stale tail of an earlier run of the log ends it. Appending starts over at 0
+//! once every record is retired: each of its pairs has a newer header of its own on disk, or
+//! is gone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use drivers::Bdev;
+use serde::{Deserialize, Serialize};
+
+use super::metadata::blocking_io::BlockingIo;
+use super::metadata::{MetaError, BLOCK};
+use super::Pair;
+
+const MAGIC: [u8; 8] = *b"QSSPLITJ";
+const FORMAT: u32 = 1;
+const HEAD: usize = 32;
+/// Blocks written per request.
+const BLOCKS_PER_IO: usize = 64;
+/// How long an append waits for older records to retire when the log is full.
+const FULL_WAIT: Duration = Duration::from_secs(10);
+/// The size of the journal file in the state directory (sparse).
+pub const DEFAULT_SIZE: u64 = 64 << 20;
+
+/// A record's payload.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct Record {
+    /// The split instant, ns since the epoch.
+    split_at_ns: u64,
+    pairs: Vec<RecordPair>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct RecordPair {
+    name: String,
+    instance: u64,
+    /// The header number the split took.
+    seq: u64,
+}
+
+/// A split a restart found in the journal for a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveredSplit {
+    /// The header number the split took.
+    pub seq: u64,
+    /// The split instant.
+    pub split_at_ns: u64,
+}
+
+struct Job {
+    number: u64,
+    bytes: Vec<u8>,
+    pairs: Vec<(Arc<Pair>, u64)>,
+}
+
+/// The journal: appends records from a thread of its own, which the control poller polls for.
+pub struct SplitJournal {
+    jobs: Mutex<Option<Sender<Job>>>,
+    next: AtomicU64,
+    /// The newest record number the writer is done with (durable or failed).
+    done: AtomicU64,
+    failed: Mutex<HashMap<u64, String>>,
+    /// What the scan at open found, by pair name, until the pair is loaded.
+    recovered: Arc<Mutex<HashMap<String, (u64, RecoveredSplit)>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl SplitJournal {
+    /// Opens the journal on `bdev`: scans its records, then appends after them.
+    pub fn open(bdev: Arc<dyn Bdev>) -> Result<Arc<Self>, MetaError> {
+        let capacity = bdev.geometry().size() / BLOCK * BLOCK;
+        let mut io = BlockingIo::open(&bdev)?;
+        let (end, last, records) = scan(&mut io, capacity)?;
+        let mut recovered = HashMap::new();
+        for r in &records {
+            for p in &r.pairs {
+                let split = RecoveredSplit {
+                    seq: p.seq,
+                    split_at_ns: r.split_at_ns,
+                };
+                recovered.insert(p.name.clone(), (p.instance, split));
+            }
+        }
+        if !records.is_empty() {
+            tracing::info!(
+                records = records.len(),
+                pairs = recovered.len(),
+                "split journal read"
+            );
+        }
+        let recovered = Arc::new(Mutex::new(recovered));
+        let (tx, rx) = channel();
+        let journal = Arc::new(Self {
+            jobs: Mutex::new(Some(tx)),
+            next: AtomicU64::new(last + 1),
+            done: AtomicU64::new(last),
+            failed: Mutex::new(HashMap::new()),
+            recovered: Arc::clone(&recovered),
+            writer: Mutex::new(None),
+        });
+        drop(io);
+        let weak = Arc::downgrade(&journal);
+        let handle = std::thread::Builder::new()
+            .name("split-journal".into())
+            .spawn(move || {
+                let mut writer = Writer {
+                    bdev,
+                    io: None,
+                    capacity,
+                    end,
+                    outstanding: Vec::new(),
+                    recovered,
+                };
+                writer.run(rx, weak)
+            })
+            .map_err(|e| MetaError::Io(format!("split journal writer: {e}")))?;
+        *journal
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        Ok(journal)
+    }
+
+    /// Hands a record over: `pairs` split at `split_at_ns`, each with the header number its
+    /// split took. Returns the record's number, for [`SplitJournal::status`].
+    pub fn submit(&self, split_at_ns: u64, pairs: Vec<(Arc<Pair>, u64)>) -> Result<u64, String> {
+        let record = Record {
+            split_at_ns,
+            pairs: pairs
+                .iter()
+                .map(|(p, seq)| RecordPair {
+                    name: p.name().to_string(),
+                    instance: p.metadata().map_or(0, |m| m.instance()),
+                    seq: *seq,
+                })
+                .collect(),
+        };
+        let number = self.next.fetch_add(1, Ordering::SeqCst);
+        let bytes = encode(number, &record).map_err(|e| e.to_string())?;
+        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = jobs.as_ref().map(|tx| {
+            tx.send(Job {
+                number,
+                bytes,
+                pairs,
+            })
+        });
+        match sent {
+            Some(Ok(())) => Ok(number),
+            _ => Err("the split journal writer has stopped".into()),
+        }
+    }
+
+    /// `None` while record `number` is being written; then whether it is durable.
+    pub fn status(&self, number: u64) -> Option<Result<(), String>> {
+        if self.done.load(Ordering::SeqCst) < number {
+            return None;
+        }
+        let failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+        Some(failed.get(&number).map_or(Ok(()), |e| Err(e.clone())))
+    }
+
+    /// The split the journal holds for pair `name` of instance `instance` whose newest header
+    /// is number `header_seq`, if one is newer than that header. Taken once: the pair writes
+    /// the header before it serves.
+    pub fn recovered_split(
+        &self,
+        name: &str,
+        instance: u64,
+        header_seq: u64,
+    ) -> Option<RecoveredSplit> {
+        let mut recovered = self
+            .recovered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (inst, split) = recovered.remove(name)?;
+        (inst == instance && split.seq > header_seq).then_some(split)
+    }
+}
+
+impl Drop for SplitJournal {
+    fn drop(&mut self) {
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(h) = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            // The writer may hold the last reference while it finishes a job.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    bdev: Arc<dyn Bdev>,
+    /// Its own channel, opened on its thread.
+    io: Option<BlockingIo>,
+    capacity: u64,
+    /// Where the next record goes.
+    end: u64,
+    /// The pairs of each record written since the log last started over, with their numbers.
+    outstanding: Vec<Vec<(Arc<Pair>, u64)>>,
+    recovered: Arc<Mutex<HashMap<String, (u64, RecoveredSplit)>>>,
+}
+
+impl Writer {
+    fn run(&mut self, rx: Receiver<Job>, journal: std::sync::Weak<SplitJournal>) {
+        while let Ok(job) = rx.recv() {
+            let result = self.append(&job);
+            let Some(journal) = journal.upgrade() else {
+                return;
+            };
+            match result {
+                Ok(()) => self.outstanding.push(job.pairs),
+                Err(e) => {
+                    tracing::error!(record = job.number, %e, "split journal record not written");
+                    journal
+                        .failed
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(job.number, e);
+                }
+            }
+            journal.done.store(job.number, Ordering::SeqCst);
+        }
+    }
+
+    /// Drops the records whose pairs all have a newer header of their own on disk (or are
+    /// gone); true when none is left and no pair still has to load one.
+    fn retire(&mut self) -> bool {
+        self.outstanding.retain(|pairs| {
+            pairs.iter().any(|(p, seq)| {
+                !p.is_deleted()
+                    && p.metadata()
+                        .is_some_and(|m| m.header_durable() < *seq && m.failure().is_none())
+            })
+        });
+        self.outstanding.is_empty()
+            && self
+                .recovered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+    }
+
+    fn append(&mut self, job: &Job) -> Result<(), String> {
+        let len = job.bytes.len() as u64;
+        if len > self.capacity {
+            return Err(format!(
+                "a record of {len} bytes does not fit the split journal ({} bytes)",
+                self.capacity
+            ));
+        }
+        if self.retire() {
+            self.end = 0;
+        }
+        let waited = Instant::now();
+        while self.end + len > self.capacity {
+            if self.retire() {
+                self.end = 0;
+                break;
+            }
+            if waited.elapsed() > FULL_WAIT {
+                let mut recovered = self
+                    .recovered
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if !self.outstanding.is_empty() {
+                    return Err("the split journal is full".into());
+                }
+                // Only splits of pairs this run never loaded hold it: they go.
+                tracing::warn!(
+                    pairs = recovered.len(),
+                    "split journal full: dropping the splits of pairs not loaded since the \
+                     restart"
+                );
+                recovered.clear();
+                self.end = 0;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if self.io.is_none() {
+            self.io = Some(BlockingIo::open(&self.bdev).map_err(|e| e.to_string())?);
+        }
+        let Some(io) = self.io.as_mut() else {
+            return Err("the split journal is not open".into());
+        };
+        let blocks: Vec<&[u8]> = job.bytes.chunks(BLOCK as usize).collect();
+        for (i, chunk) in blocks.chunks(BLOCKS_PER_IO).enumerate() {
+            let offset = self.end + (i * BLOCKS_PER_IO) as u64 * BLOCK;
+            io.write(offset, chunk).map_err(|e| e.to_string())?;
+        }
+        io.flush().map_err(|e| e.to_string())?;
+        self.end += len;
+        Ok(())
+    }
+}
+
+/// A record as written: head and payload, padded to whole blocks.
+fn encode(number: u64, record: &Record) -> Result<Vec<u8>, serde_json::Error> {
+    let payload = serde_json::to_vec(record)?;
+    let total = (HEAD + payload.len()).div_ceil(BLOCK as usize) * BLOCK as usize;
+    let mut out = vec![0u8; total];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+    out[12..16].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    out[16..24].copy_from_slice(&number.to_le_bytes());
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&number.to_le_bytes()), &payload);
+    out[24..28].copy_from_slice(&crc.to_le_bytes());
+    out[HEAD..HEAD + payload.len()].copy_from_slice(&payload);
+    Ok(out)
+}
+
+/// The record starting with `head` (the first block), given the rest of its blocks from
+/// `more`: its number and payload, or `None` where the log ends.
+fn decode(
+    head: &[u8],
+    more: impl FnOnce(usize) -> Result<Vec<u8>, MetaError>,
+) -> Result<Option<(u64, Record, u64)>, MetaError> {
+    if head.len() < HEAD || head[..8] != MAGIC {
+        return Ok(None);
+    }
+    let u32_at = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    if u32_at(8) != FORMAT {
+        return Ok(None);
+    }
+    let len = u32_at(12) as usize;
+    let mut number = [0u8; 8];
+    number.copy_from_slice(&head[16..24]);
+    let number = u64::from_le_bytes(number);
+    let total = (HEAD + len).div_ceil(BLOCK as usize);
+    let mut bytes = head.to_vec();
+    if total > 1 {
+        bytes.extend(more(total - 1)?);
+    }
+    let Some(payload) = bytes.get(HEAD..HEAD + len) else {
+        return Ok(None);
+    };
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&number.to_le_bytes()), payload);
+    if crc != u32_at(24) {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<Record>(payload) {
+        Ok(r) => Ok(Some((number, r, (total as u64) * BLOCK))),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Reads the log: where it ends, the newest record number, and the records.
+fn scan(io: &mut BlockingIo, capacity: u64) -> Result<(u64, u64, Vec<Record>), MetaError> {
+    let (mut end, mut last, mut records) = (0u64, 0u64, Vec::new());
+    while end + BLOCK <= capacity {
+        let head = io.read(end, BLOCK as usize)?;
+        let at = end;
+        let found = decode(&head, |blocks| {
+            let len = blocks as u64 * BLOCK;
+            if at + BLOCK + len > capacity {
+                return Ok(Vec::new());
+            }
+            let mut out = Vec::with_capacity(len as usize);
+            let mut offset = at + BLOCK;
+            while offset < at + BLOCK + len {
+                let n = (at + BLOCK + len - offset).min(BLOCKS_PER_IO as u64 * BLOCK);
+                out.extend(io.read(offset, n as usize)?);
+                offset += n;
+            }
+            Ok(out)
+        })?;
+        match found {
+            Some((number, record, len)) if number > last => {
+                last = number;
+                records.push(record);
+                end += len;
+            }
+            _ => break,
+        }
+    }
+    Ok((end, last, records))
+}
+
+#[cfg(test)]
+mod tests;
