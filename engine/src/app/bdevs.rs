@@ -1,6 +1,7 @@
 //! Bdevs: adding and deleting them, NVMe controllers attached and detached, and the check that
 //! no file is opened as two bdevs or as a bdev and one of the engine's own files.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,6 +22,51 @@ fn file_id(path: &Path) -> Option<(u64, u64)> {
     }
 }
 
+/// Who holds a file of the [`FileIndex`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum FileOwner {
+    /// The bdev of this name.
+    Bdev(String),
+    /// The metadata of the pair of this name.
+    Metadata(String),
+}
+
+/// The files the bdevs and the pairs' metadata are, by identity, taken when each is added:
+/// what checking a new bdev's file looks up, so that check costs the same with 10 bdevs or
+/// 10,000 (no file of them is examined again).
+#[derive(Default)]
+pub struct FileIndex {
+    by_id: HashMap<(u64, u64), String>,
+    by_owner: HashMap<FileOwner, (u64, u64)>,
+}
+
+impl FileIndex {
+    /// `owner` holds the file at `path` (nothing when it cannot be examined).
+    pub(crate) fn insert(&mut self, owner: FileOwner, path: &Path) {
+        self.remove(&owner);
+        let Some(id) = file_id(path) else {
+            return;
+        };
+        let what = match &owner {
+            FileOwner::Bdev(n) => format!("the file of bdev '{n}'"),
+            FileOwner::Metadata(p) => format!("the metadata of pair '{p}'"),
+        };
+        self.by_id.insert(id, what);
+        self.by_owner.insert(owner, id);
+    }
+
+    /// `owner` holds its file no more.
+    pub(crate) fn remove(&mut self, owner: &FileOwner) {
+        if let Some(id) = self.by_owner.remove(owner) {
+            self.by_id.remove(&id);
+        }
+    }
+
+    fn holder(&self, id: (u64, u64)) -> Option<&String> {
+        self.by_id.get(&id)
+    }
+}
+
 impl Engine {
     /// Adds a bdev to the table.
     pub fn bdev_add(&self, bdev: Arc<dyn drivers::Bdev>) -> Result<(), EngineError> {
@@ -28,7 +74,14 @@ impl Engine {
         if let Some(f) = bdev.backing_file() {
             self.check_unused_file(&st, f)?;
         }
+        let (name, file) = (
+            bdev.name().to_string(),
+            bdev.backing_file().map(Path::to_path_buf),
+        );
         st.bdevs.add(bdev)?;
+        if let Some(f) = file {
+            st.files.insert(FileOwner::Bdev(name), &f);
+        }
         Ok(())
     }
 
@@ -53,17 +106,8 @@ impl Engine {
     /// so another name for the same file (a link, `..`) is caught too.
     pub(super) fn engine_file(&self, st: &State, path: &Path) -> Option<String> {
         let id = file_id(path)?;
-        if let Some(b) = st
-            .bdevs
-            .all()
-            .find(|b| b.backing_file().and_then(file_id) == Some(id))
-        {
-            return Some(format!("the file of bdev '{}'", b.name()));
-        }
-        for pair in st.pairs.keys() {
-            if file_id(&self.metadata_path(pair)) == Some(id) {
-                return Some(format!("the metadata of pair '{pair}'"));
-            }
+        if let Some(what) = st.files.holder(id) {
+            return Some(what.clone());
         }
         let own = [
             CONFIG_FILE,
@@ -73,6 +117,7 @@ impl Engine {
             "backups.json",
             "backups.json.new",
             super::LOCK_FILE,
+            crate::pair::split_journal::FILE,
         ];
         if own
             .iter()
@@ -174,6 +219,7 @@ impl Engine {
         }
         for n in &names {
             st.bdevs.delete(n)?;
+            st.files.remove(&FileOwner::Bdev(n.clone()));
         }
         st.nvme_controllers.remove(name);
         tracing::info!(
@@ -199,6 +245,7 @@ impl Engine {
         }
         self.check_not_exported(name)?;
         st.bdevs.delete(name)?;
+        st.files.remove(&FileOwner::Bdev(name.to_string()));
         Ok(())
     }
 }

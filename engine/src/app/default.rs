@@ -19,6 +19,8 @@ impl Engine {
             let bdev =
                 drivers::uring::UringBdev::open(name, &path, 4096, Some(DEFAULT_VOLUME_SIZE))?;
             st.bdevs.add(Arc::new(bdev))?;
+            st.files
+                .insert(super::bdevs::FileOwner::Bdev(name.to_string()), &path);
         }
         drop(st);
         self.pair_create(

@@ -71,6 +71,8 @@ pub struct State {
     pub pairs: BTreeMap<String, Arc<Pair>>,
     /// Attached NVMe controllers and the bdevs of their namespaces.
     pub nvme_controllers: BTreeMap<String, Vec<String>>,
+    /// The files of the bdevs and of the pairs' metadata, by identity.
+    pub files: bdevs::FileIndex,
 }
 
 /// The engine: reactors plus control-plane state.
@@ -175,6 +177,7 @@ impl Engine {
                 drivers,
                 pairs: BTreeMap::new(),
                 nvme_controllers: BTreeMap::new(),
+                files: bdevs::FileIndex::default(),
             }),
             state_dir: state_dir.to_path_buf(),
             control,

@@ -35,7 +35,7 @@ fn metadata_bdev(
 
 /// Opens the split journal of the state directory (`splits.journal`, made sparse when missing).
 pub(super) fn open_split_journal(state_dir: &Path) -> Result<Arc<SplitJournal>, super::AppError> {
-    let path = state_dir.join("splits.journal");
+    let path = state_dir.join(split_journal::FILE);
     let fail = |e: String| super::AppError::StateDir {
         path: path.clone(),
         source: std::io::Error::other(e),
@@ -166,6 +166,7 @@ impl Engine {
         }
         let tracks = Pair::check_geometry(cfg, p.as_ref(), s.as_ref())?;
         let copier_reactor = self.reactors.get(st.pairs.len() + 1).clone();
+        let state_dir_metadata = device.is_none();
         let (meta, loaded): (Option<Arc<Metadata>>, _) = match device {
             None => {
                 let (m, l) = self.open_metadata(cfg, primary, secondary, tracks)?;
@@ -239,6 +240,11 @@ impl Engine {
             return Err(e.into());
         }
         st.pairs.insert(cfg.name.clone(), Arc::clone(&pair));
+        if state_dir_metadata {
+            let path = self.metadata_path(&cfg.name);
+            st.files
+                .insert(super::bdevs::FileOwner::Metadata(cfg.name.clone()), &path);
+        }
         tracing::info!(pair = %cfg.name, primary, secondary, tracks = pair.tracks(), "pair created: COPY");
         Ok(pair)
     }
@@ -500,6 +506,8 @@ impl Engine {
             .remove(name)
             .ok_or_else(|| PairError::NotFound(name.to_string()))?;
         pair.mark_deleted();
+        st.files
+            .remove(&super::bdevs::FileOwner::Metadata(name.to_string()));
         if remove_metadata {
             let _ = std::fs::remove_file(self.metadata_path(name));
         }

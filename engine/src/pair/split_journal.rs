@@ -37,6 +37,8 @@ const HEAD: usize = 32;
 const BLOCKS_PER_IO: usize = 64;
 /// How long an append waits for older records to retire when the log is full.
 const FULL_WAIT: Duration = Duration::from_secs(10);
+/// The journal's file in the state directory.
+pub const FILE: &str = "splits.journal";
 /// The size of the journal file in the state directory (sparse).
 pub const DEFAULT_SIZE: u64 = 64 << 20;
 
