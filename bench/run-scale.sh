@@ -6,12 +6,12 @@
 # reactors' busy share while everything is idle (5 s), the round trip of a group split of all
 # the pairs (median and max of 10, each followed by a resync), and of one pair's split (median
 # of 10), and host 4 KiB randwrite IOPS through one pair's NBD export (fio, QD32, 5 s).
-# Usage: bench/run-scale.sh [N...] (default: 10 1000)
+# Usage: bench/run-scale.sh [N...] (default: 10 1000)   (QS=path picks the binary)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
 counts=("$@"); [ ${#counts[@]} -gt 0 ] || counts=(10 1000)
-cargo build --release --locked -p engine --bin quicksplit >/dev/null 2>&1
+[ -n "${QS:-}" ] || cargo build --release --locked -p engine --bin quicksplit >/dev/null 2>&1
 qs=${QS:-${CARGO_TARGET_DIR:-$PWD/target}/release/quicksplit}
 work=$(mktemp -d /var/tmp/qs-scale.XXXXXX)
 pids=()
