@@ -33,9 +33,9 @@ const REP_ACK: u32 = 1;
 const REP_ERR_INVALID: u32 = (1 << 31) | 3;
 const REP_ERR_TLS_REQD: u32 = (1 << 31) | 5;
 
-/// True when `tool` is on the PATH; a test that needs it says it skips otherwise (CI installs
-/// them all with scripts/deps.sh).
-fn have(tools: &[&str]) -> bool {
+/// Fails the test when a tool it needs is not on the PATH (scripts/deps.sh installs them all):
+/// a missing tool must not pass for a tested interoperation.
+fn require(tools: &[&str]) {
     let missing: Vec<&str> = tools
         .iter()
         .copied()
@@ -47,13 +47,11 @@ fn have(tools: &[&str]) -> bool {
                 .is_ok_and(|s| s.success())
         })
         .collect();
-    if !missing.is_empty() {
-        eprintln!(
-            "skipped: {} not installed (scripts/deps.sh installs them)",
-            missing.join(", ")
-        );
-    }
-    missing.is_empty()
+    assert!(
+        missing.is_empty(),
+        "{} not installed (scripts/deps.sh installs them)",
+        missing.join(", ")
+    );
 }
 
 fn free_port() -> u16 {
@@ -304,9 +302,7 @@ fn nbdinfo_size(uri: &str) -> u64 {
 
 #[test]
 fn an_x509_export_serves_real_clients_and_refuses_others_with_a_reason() {
-    if !have(&["openssl", "nbdinfo", "nbdcopy", "qemu-img"]) {
-        return;
-    }
+    require(&["openssl", "nbdinfo", "nbdcopy", "qemu-img"]);
     let dir = TempDir::new("nbd-tls-x509");
     let pki = Pki::make(dir.path());
     let server = Logged::start(dir.path());
@@ -415,9 +411,7 @@ fn an_x509_export_serves_real_clients_and_refuses_others_with_a_reason() {
 
 #[test]
 fn bad_tls_parameters_are_refused_and_a_wide_listen_takes_tls() {
-    if !have(&["openssl"]) {
-        return;
-    }
+    require(&["openssl"]);
     let dir = TempDir::new("nbd-tls-params");
     let pki = Pki::make(dir.path());
     let server = Logged::start(dir.path());
@@ -509,9 +503,7 @@ fn bad_tls_parameters_are_refused_and_a_wide_listen_takes_tls() {
 
 #[test]
 fn a_psk_export_serves_libnbd_and_refuses_a_wrong_key() {
-    if !have(&["nbdinfo", "nbdcopy"]) {
-        return;
-    }
+    require(&["nbdinfo", "nbdcopy"]);
     let dir = TempDir::new("nbd-tls-psk");
     let server = Logged::start(dir.path());
     let mut c = server.rpc();
@@ -641,9 +633,7 @@ fn nbdkit(args: &[&str], port: u16, size: u64) -> Killed {
 
 #[test]
 fn backups_reach_nbdkit_over_tls_with_certificates_and_with_a_psk() {
-    if !have(&["openssl", "nbdkit", "nbdcopy"]) {
-        return;
-    }
+    require(&["openssl", "nbdkit", "nbdcopy"]);
     let dir = TempDir::new("nbd-tls-backup");
     let pki = Pki::make(dir.path());
     let server = Logged::start(dir.path());
@@ -842,9 +832,7 @@ fn client_hello() -> Vec<u8> {
 
 #[test]
 fn the_haggling_before_tls_follows_the_protocol_and_tls_garbage_ends_only_its_connection() {
-    if !have(&["openssl", "nbdinfo"]) {
-        return;
-    }
+    require(&["openssl", "nbdinfo"]);
     let dir = TempDir::new("nbd-tls-fuzz");
     let pki = Pki::make(dir.path());
     let server = Logged::start(dir.path());

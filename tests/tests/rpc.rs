@@ -833,7 +833,10 @@ fn the_engines_own_files_are_not_reused_or_overwritten() {
     assert_eq!(code, CONFLICT, "{msg}");
     assert!(msg.contains("metadata of pair 'pk'"), "{msg}");
     let journal = state.join("splits.journal");
-    let (code, msg) = c.err("bdev_uring_create", json!({"name": "j", "filename": journal}));
+    let (code, msg) = c.err(
+        "bdev_uring_create",
+        json!({"name": "j", "filename": journal}),
+    );
     assert_eq!(code, CONFLICT, "{msg}");
     assert!(msg.contains("state directory"), "{msg}");
     // Pair names are file names in the state directory.
@@ -849,7 +852,10 @@ fn the_engines_own_files_are_not_reused_or_overwritten() {
     c.ok("bdev_delete", json!({"name": "u"}));
     c.ok("bdev_uring_create", json!({"name": "u2", "filename": link}));
     std::fs::write(&meta, b"").unwrap();
-    c.ok("bdev_uring_create", json!({"name": "m3", "filename": meta, "size": 1 << 20}));
+    c.ok(
+        "bdev_uring_create",
+        json!({"name": "m3", "filename": meta, "size": 1 << 20}),
+    );
 }
 
 /// Two running backups never write one target: their bytes would interleave under one SHA-256.
