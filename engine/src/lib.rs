@@ -20,6 +20,7 @@ pub mod pair;
 pub mod rate;
 pub mod reactor;
 pub mod rpc;
+pub mod staging;
 pub mod topology;
 pub mod units;
 pub mod verify;

@@ -86,7 +86,7 @@ impl Copier {
         let opened = (|| {
             let p = self.pair.primary().open_channel(&ctx)?;
             let s = self.pair.secondary().open_channel(&ctx)?;
-            let pool = BufferPool::new(self.pair.track_size() as usize, URGENT_DEPTH)?;
+            let pool = crate::staging::shared_pool(self.pair.track_size() as usize)?;
             Ok::<_, drivers::BdevError>((p, s, pool))
         })();
         match opened {

@@ -126,7 +126,8 @@ const SUB_ALL: u64 = SUB_MASK;
 const SUB_COW: u64 = SUB_MASK - 1;
 const SUB_NODATA: u64 = SUB_MASK - 2;
 const SUB_BOUNCE: u64 = 1 << 19;
-/// Staging buffers per channel (copy before write, bounce reads).
+/// Staging buffers one bounce read takes at most (one per track piece), from the reactor's
+/// shared pool (see [`crate::staging`]).
 const STAGING_BUFFERS: usize = 16;
 
 /// A host request in progress: what the host asked for, where it stands, and what it holds
@@ -221,7 +222,7 @@ impl PairChannel {
 
     fn staging(&mut self) -> Option<DmaBuf> {
         if self.staging.is_none() {
-            match BufferPool::new(self.pair.track_size() as usize, STAGING_BUFFERS) {
+            match crate::staging::shared_pool(self.pair.track_size() as usize) {
                 Ok(p) => self.staging = Some(p),
                 Err(e) => {
                     tracing::error!(%e, "no staging memory for a pair channel");
