@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use drivers::{IoBufs, IoChannel, IoCompletion, IoOp, IoRequest};
-use hugepages::BufferPool;
+use hugepages::{BufferPool, DmaBuf};
 
 use super::{encode_header, encode_page, MapKind, Metadata, BLOCK, HEADER_SLOTS, WORDS_PER_PAGE};
 use crate::pair::Pair;
@@ -27,6 +27,8 @@ const CLEAN_WORDS_PER_POLL: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Idle,
+    /// Waiting for buffers from the reactor's shared pool to write the batch.
+    Buffers,
     FlushingData,
     Writing,
     FlushingMeta,
@@ -111,7 +113,7 @@ impl MetaWriter {
             let ch = self.meta.bdev().open_channel(&ctx)?;
             let p = self.pair.primary().open_channel(&ctx)?;
             let s = self.pair.secondary().open_channel(&ctx)?;
-            let pool = BufferPool::new(BLOCK as usize, BATCH_PAGES + 1)?;
+            let pool = crate::staging::shared_pool(BLOCK as usize)?;
             Ok::<_, drivers::BdevError>((ch, p, s, pool))
         })();
         match opened {
@@ -138,7 +140,7 @@ impl MetaWriter {
             Stage::FlushingData => Some(&stats.data_flush_ns),
             Stage::Writing => Some(&stats.page_write_ns),
             Stage::FlushingMeta => Some(&stats.meta_flush_ns),
-            Stage::Idle => None,
+            Stage::Idle | Stage::Buffers => None,
         };
         if let Some(c) = counter {
             c.fetch_add(spent, Ordering::Relaxed);
@@ -329,14 +331,27 @@ impl MetaWriter {
     }
 
     fn write_batch(&mut self) {
-        self.enter(Stage::Writing);
         let layout = self.meta.layout;
         let mut reqs = Vec::new();
         let Some(pool) = self.pool.as_ref() else {
             return;
         };
+        // Every buffer of the batch first, from the reactor's shared pool: when it cannot give
+        // them all now, the batch waits for buffers to come back (others' writes complete).
+        let wanted = self.batch.pages.len() + usize::from(self.batch.header.is_some());
+        let mut bufs: Vec<DmaBuf> = Vec::with_capacity(wanted);
+        while bufs.len() < wanted {
+            match pool.get() {
+                Some(b) => bufs.push(b),
+                None => {
+                    self.stage = Stage::Buffers;
+                    return;
+                }
+            }
+        }
+        self.enter(Stage::Writing);
         for pw in &self.batch.pages {
-            let Some(mut buf) = pool.get() else {
+            let Some(mut buf) = bufs.pop() else {
                 self.error
                     .get_or_insert_with(|| "no buffer for a metadata page".into());
                 break;
@@ -351,7 +366,7 @@ impl MetaWriter {
             ));
         }
         if let (Some(seq), Some(block)) = (self.batch.header, &self.batch.header_block) {
-            match pool.get() {
+            match bufs.pop() {
                 Some(mut buf) => {
                     buf.as_mut_slice().copy_from_slice(block);
                     let mut bufs = IoBufs::new();
@@ -426,12 +441,12 @@ impl MetaWriter {
             return;
         }
         match self.stage {
-            Stage::FlushingData => self.write_batch(),
+            Stage::FlushingData | Stage::Buffers => self.write_batch(),
             Stage::Writing => self.flush_meta(),
             Stage::FlushingMeta => self.commit(),
             Stage::Idle => {}
         }
-        if self.outstanding == 0 && self.stage != Stage::Idle {
+        if self.outstanding == 0 && !matches!(self.stage, Stage::Idle | Stage::Buffers) {
             // Nothing could be issued: report it rather than wait forever.
             let e = self
                 .error
