@@ -3,7 +3,7 @@
 # (`--idle adaptive`), N pairs of uring bdevs on sparse 16 MiB files (in a directory on the
 # state directory's file system), created over one RPC connection (3 requests a pair, sent one
 # after the other). Prints, for each N: the creation time, the engine's RSS and open fds, the
-# reactors' busy share while everything is idle (5 s), the round trip of a group split of all
+# reactors' busy share while everything is idle (5 s, once every pair is mirrored), the round trip of a group split of all
 # the pairs (median and max of 10, each followed by a resync), and of one pair's split (median
 # of 10), and host 4 KiB randwrite IOPS through one pair's NBD export (fio, QD32, 5 s).
 # Usage: bench/run-scale.sh [N...] (default: 10 1000)   (QS=path picks the binary)
@@ -62,6 +62,8 @@ elif phase == "splits":
     ms = lambda v: v * 1e3
     print(f"{ms(statistics.median(group)):.1f} {ms(max(group)):.1f} {ms(statistics.median(single)):.2f}")
 elif phase == "busy":
+    # Idle means mirrored: the initial copies are done first.
+    wait_pair(names)
     def busy():
         r = call("framework_get_reactors")
         return sum(x["busy_ns"] for x in r), sum(x["busy_ns"] + x["idle_ns"] for x in r)

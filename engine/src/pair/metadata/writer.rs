@@ -27,11 +27,12 @@ const CLEAN_WORDS_PER_POLL: usize = 16 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
     Idle,
-    /// Waiting for buffers from the reactor's shared pool to write the batch.
-    Buffers,
     FlushingData,
     Writing,
     FlushingMeta,
+    /// Waiting for buffers from the reactor's shared pool to write the batch (last: the
+    /// stage's number is published in the writer's statistics).
+    Buffers,
 }
 
 struct PageWrite {
