@@ -570,11 +570,13 @@ impl Poller for MetaWriter {
             self.clean(true);
             self.sync_target = sync_wanted;
         } else if now >= self.last_pass + self.meta.clean_interval() {
-            self.clean(false);
+            // A pass that changed nothing and is over leaves the turn idle: a thousand idle
+            // writers would otherwise make a thousand busy turns a second.
+            let changed = self.clean(false);
             if self.clean_cursor == 0 {
                 self.last_pass = now;
             }
-            busy = true;
+            busy |= changed || self.clean_cursor != 0;
         }
         if self.gather() {
             return PollStatus::Busy;
