@@ -20,13 +20,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::cut_pair::Devices;
 use common::Op;
 use drivers::testing::powercut::{PowerCutBdev, PowerSupply};
 use drivers::Bdev;
-use engine::app::{Engine, MetadataDevice};
+use engine::app::Engine;
 use engine::pair::channel::View;
-use engine::pair::metadata::Layout;
-use engine::pair::{PairConfig, PairState};
+use engine::pair::PairState;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -52,38 +52,6 @@ fn ids(engine: &Engine, bdev: &Arc<dyn Bdev>) -> Vec<u64> {
                 .unwrap_or_else(|e| panic!("block {b}: {e}"))
         })
         .collect()
-}
-
-struct Member {
-    name: String,
-    p: Arc<PowerCutBdev>,
-    s: Arc<PowerCutBdev>,
-    m: Arc<PowerCutBdev>,
-    cfg: PairConfig,
-}
-
-impl Member {
-    fn names(&self) -> (String, String) {
-        (format!("{}-p", self.name), format!("{}-s", self.name))
-    }
-
-    fn create(&self, engine: &Engine, meta: MetadataDevice) -> Arc<engine::pair::Pair> {
-        let (pn, sn) = self.names();
-        engine
-            .bdev_add(Arc::clone(&self.p) as Arc<dyn Bdev>)
-            .unwrap();
-        engine
-            .bdev_add(Arc::clone(&self.s) as Arc<dyn Bdev>)
-            .unwrap();
-        engine.pair_create_on(&self.cfg, &pn, &sn, meta).unwrap()
-    }
-
-    fn remove(&self, engine: &Engine) {
-        let (pn, sn) = self.names();
-        engine.pair_delete(&self.name).unwrap();
-        engine.bdev_delete(&pn).unwrap();
-        engine.bdev_delete(&sn).unwrap();
-    }
 }
 
 /// Up to `most - 1` writes `(block, id)`, each to a block of its own (writes of one batch run
@@ -114,63 +82,44 @@ fn write_p(engine: &Engine, name: &str, writes: &[(u64, u64)]) -> Vec<bool> {
 fn run_schedule(engine: &Arc<Engine>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let supply = PowerSupply::new();
-    let meta_blocks = Layout::new(BLOCKS * BS / TRACK).size() / BS;
     let journal =
         Arc::new(PowerCutBdev::new("journal", BS as u32, JOURNAL_BLOCKS).on_supply(&supply));
     engine
         .use_split_journal(Arc::clone(&journal) as Arc<dyn Bdev>)
         .unwrap();
     let n = rng.gen_range(2..=5);
-    let members: Vec<Member> = (0..n)
+    let members: Vec<(String, Devices)> = (0..n)
         .map(|i| {
             let name = format!("g{seed}-{i}");
-            let dev = |what: &str, blocks| {
-                Arc::new(
-                    PowerCutBdev::new(&format!("{name}-{what}"), BS as u32, blocks)
-                        .on_supply(&supply),
-                )
-            };
-            Member {
-                p: dev("p", BLOCKS),
-                s: dev("s", BLOCKS),
-                m: dev("m", meta_blocks),
-                cfg: PairConfig {
-                    name: name.clone(),
-                    track_size: TRACK,
-                    copy_rate: 0,
-                },
-                name,
-            }
+            let dev = Devices::with_supply(&name, BLOCKS * BS / TRACK, TRACK, BS, Some(&supply));
+            (name, dev)
         })
         .collect();
-    for m in &members {
-        m.create(
-            engine,
-            MetadataDevice::Fresh(Arc::clone(&m.m) as Arc<dyn Bdev>),
-        );
+    for (name, dev) in &members {
+        dev.create(engine, name, true);
     }
     let fail = |what: String| -> ! { panic!("seed {seed}: {what}") };
 
     // Acknowledged writes to every P before the split: the images must hold them.
     let mut next_id = seed << 20;
     let mut p_model: Vec<Vec<u64>> = vec![vec![0; BLOCKS as usize]; n];
-    for (i, m) in members.iter().enumerate() {
+    for (i, (name, _)) in members.iter().enumerate() {
         let writes = batch(&mut rng, &mut next_id, 8);
-        for (ok, &(b, id)) in write_p(engine, &m.name, &writes).into_iter().zip(&writes) {
+        for (ok, &(b, id)) in write_p(engine, name, &writes).into_iter().zip(&writes) {
             assert!(ok, "seed {seed}: write before the split failed");
             p_model[i][b as usize] = id;
         }
     }
     // Sometimes the mirror is whole at the split, sometimes still copying.
     if rng.gen_bool(0.5) {
-        for m in &members {
-            let pair = engine.pair(&m.name).unwrap();
+        for (name, _) in &members {
+            let pair = engine.pair(name).unwrap();
             common::wait_until("the copy", || pair.state() == PairState::Pair);
         }
     }
 
     // The split of all, then writes to every P, from a thread; the cut from here.
-    let names: Vec<String> = members.iter().map(|m| m.name.clone()).collect();
+    let names: Vec<String> = members.iter().map(|(name, _)| name.clone()).collect();
     let after: Vec<Vec<(u64, u64)>> = (0..n).map(|_| batch(&mut rng, &mut next_id, 5)).collect();
     let worker = {
         let (engine, names, after) = (Arc::clone(engine), names.clone(), after.clone());
@@ -191,8 +140,8 @@ fn run_schedule(engine: &Arc<Engine>, seed: u64) {
     supply.off();
     let mut cut_rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     journal.cut(|_| cut_rng.gen_bool(0.5));
-    for m in &members {
-        for d in [&m.p, &m.s, &m.m] {
+    for (_, dev) in &members {
+        for d in [&dev.p, &dev.s, &dev.m] {
             d.cut(|_| cut_rng.gen_bool(0.5));
         }
     }
@@ -214,22 +163,16 @@ fn run_schedule(engine: &Arc<Engine>, seed: u64) {
     }
 
     // Bring the group back from what survived, in a random order.
-    for m in &members {
-        m.remove(engine);
+    for (name, _) in &members {
+        common::cut_pair::remove(engine, name);
     }
     let journal = Arc::new(journal.durable_copy("journal"));
     engine
         .use_split_journal(Arc::clone(&journal) as Arc<dyn Bdev>)
         .unwrap();
-    let mut back: Vec<Member> = members
+    let back: Vec<(String, Devices)> = members
         .iter()
-        .map(|m| Member {
-            name: m.name.clone(),
-            p: Arc::new(m.p.durable_copy(&m.names().0)),
-            s: Arc::new(m.s.durable_copy(&m.names().1)),
-            m: Arc::new(m.m.durable_copy(&format!("{}-m", m.name))),
-            cfg: m.cfg.clone(),
-        })
+        .map(|(name, dev)| (name.clone(), dev.after_cut(name)))
         .collect();
     let mut order: Vec<usize> = (0..n).collect();
     for i in (1..n).rev() {
@@ -237,8 +180,7 @@ fn run_schedule(engine: &Arc<Engine>, seed: u64) {
     }
     let mut pairs = vec![None; n];
     for &i in &order {
-        let meta = MetadataDevice::Existing(Arc::clone(&back[i].m) as Arc<dyn Bdev>);
-        pairs[i] = Some(back[i].create(engine, meta));
+        pairs[i] = Some(back[i].1.create(engine, &back[i].0, false));
     }
     let pairs: Vec<_> = pairs.into_iter().map(Option::unwrap).collect();
     let states: Vec<(PairState, u64)> =
@@ -265,8 +207,8 @@ fn run_schedule(engine: &Arc<Engine>, seed: u64) {
             "the pairs came back split at different instants: {states:?}"
         ));
     }
-    for (i, m) in back.iter_mut().enumerate() {
-        let p_raw: Arc<dyn Bdev> = m.p.clone();
+    for (i, (name, dev)) in back.iter().enumerate() {
+        let p_raw: Arc<dyn Bdev> = dev.p.clone();
         let p_ids = ids(engine, &p_raw);
         for b in 0..BLOCKS as usize {
             if !p_allowed[i][b].contains(&p_ids[b]) {
@@ -277,7 +219,7 @@ fn run_schedule(engine: &Arc<Engine>, seed: u64) {
             }
         }
         if split_back == n {
-            let iv = engine.pair_view(&m.name, View::Image).unwrap();
+            let iv = engine.pair_view(name, View::Image).unwrap();
             let image = ids(engine, &iv);
             if image != p_model[i] {
                 fail(format!(
@@ -285,19 +227,19 @@ fn run_schedule(engine: &Arc<Engine>, seed: u64) {
                     p_model[i]
                 ));
             }
-            engine.pair_resync(&m.name, false).unwrap();
+            engine.pair_resync(name, false).unwrap();
         }
         let pair = &pairs[i];
         common::wait_until("the copy after the restart", || {
             pair.state() == PairState::Pair && pair.info().pending_tracks == 0
         });
-        let s_raw: Arc<dyn Bdev> = m.s.clone();
+        let s_raw: Arc<dyn Bdev> = dev.s.clone();
         if ids(engine, &p_raw) != ids(engine, &s_raw) {
             fail(format!("pair {i}: S differs from P once mirrored"));
         }
     }
-    for m in &back {
-        m.remove(engine);
+    for (name, _) in &back {
+        common::cut_pair::remove(engine, name);
     }
 }
 

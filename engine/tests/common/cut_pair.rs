@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use drivers::testing::powercut::PowerCutBdev;
+use drivers::testing::powercut::{PowerCutBdev, PowerSupply};
 use drivers::Bdev;
 use engine::app::{Engine, MetadataDevice};
 use engine::pair::metadata::Layout;
@@ -20,14 +20,26 @@ pub struct Devices {
 impl Devices {
     /// Zeroed devices for `tracks` tracks of `track_size` bytes, in blocks of `block_size`.
     pub fn new(name: &str, tracks: u64, track_size: u64, block_size: u64) -> Self {
+        Self::with_supply(name, tracks, track_size, block_size, None)
+    }
+
+    /// The same, on `supply` when given: switching it off stops them with every other device
+    /// on it, at one instant.
+    pub fn with_supply(
+        name: &str,
+        tracks: u64,
+        track_size: u64,
+        block_size: u64,
+        supply: Option<&PowerSupply>,
+    ) -> Self {
         let blocks = tracks * track_size / block_size;
         let meta_blocks = Layout::new(tracks).size().div_ceil(block_size);
         let dev = |suffix: &str, n| {
-            Arc::new(PowerCutBdev::new(
-                &format!("{name}-{suffix}"),
-                block_size as u32,
-                n,
-            ))
+            let d = PowerCutBdev::new(&format!("{name}-{suffix}"), block_size as u32, n);
+            Arc::new(match supply {
+                Some(supply) => d.on_supply(supply),
+                None => d,
+            })
         };
         Self {
             p: dev("p", blocks),
