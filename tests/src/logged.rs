@@ -58,6 +58,13 @@ impl Logged {
         String::from_utf8_lossy(&std::fs::read(&self.log).expect("read the log")).into_owned()
     }
 
+    /// Waits (up to 10 s) for the log to hold `needle` `count` times or more.
+    pub fn wait_logged(&self, needle: &str, count: usize) -> bool {
+        crate::wait_for(Duration::from_secs(10), || {
+            self.text().matches(needle).count() >= count
+        })
+    }
+
     pub fn stop(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -7,7 +7,6 @@
 //! each; bad `tls` parameters refused by `nbd_export_start`; the option haggling before TLS as
 //! the NBD protocol says; and a generated set of TLS garbage that ends only its own connection.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
@@ -15,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use quicksplit_tests::{binary, run_ok, wait_backup, wait_for, RpcConn, TempDir};
+use quicksplit_tests::logged::Logged;
+use quicksplit_tests::{run_ok, wait_backup, wait_for, RpcConn, TempDir};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
 
@@ -57,62 +57,6 @@ fn require(tools: &[&str]) {
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
-}
-
-/// `quicksplit serve` logging at debug to a file.
-struct Logged {
-    child: Child,
-    log: PathBuf,
-    sock: PathBuf,
-}
-
-impl Logged {
-    fn start(dir: &Path) -> Self {
-        let log = dir.join("serve.log");
-        let sock = dir.join("rpc.sock");
-        let cfg = dir.join("empty.json");
-        std::fs::write(&cfg, r#"{"config": []}"#).expect("write config");
-        let child = Command::new(binary("quicksplit"))
-            .arg("serve")
-            .arg("--rpc-socket")
-            .arg(&sock)
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .args(["--cores", "0-1", "--idle", "adaptive", "--config"])
-            .arg(&cfg)
-            .env("QUICKSPLIT_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(File::create(&log).expect("log file")))
-            .spawn()
-            .expect("start quicksplit serve");
-        assert!(
-            wait_for(Duration::from_secs(20), || sock.exists()),
-            "no RPC socket"
-        );
-        Logged { child, log, sock }
-    }
-
-    fn rpc(&self) -> RpcConn {
-        RpcConn::connect(&self.sock)
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).expect("read the log")).into_owned()
-    }
-
-    /// Waits for the log to hold `needle` `count` times or more.
-    fn wait_logged(&self, needle: &str, count: usize) -> bool {
-        wait_for(Duration::from_secs(10), || {
-            self.text().matches(needle).count() >= count
-        })
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A child process killed when dropped (an nbdkit).
@@ -305,7 +249,7 @@ fn an_x509_export_serves_real_clients_and_refuses_others_with_a_reason() {
     require(&["openssl", "nbdinfo", "nbdcopy", "qemu-img"]);
     let dir = TempDir::new("nbd-tls-x509");
     let pki = Pki::make(dir.path());
-    let server = Logged::start(dir.path());
+    let server = Logged::empty(dir.path(), "serve");
     let mut c = server.rpc();
     let size = 8 * MIB;
     c.ok("bdev_malloc_create", json!({"name": "m", "size": size}));
@@ -414,7 +358,7 @@ fn bad_tls_parameters_are_refused_and_a_wide_listen_takes_tls() {
     require(&["openssl"]);
     let dir = TempDir::new("nbd-tls-params");
     let pki = Pki::make(dir.path());
-    let server = Logged::start(dir.path());
+    let server = Logged::empty(dir.path(), "serve");
     let mut c = server.rpc();
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
     let keys = dir.path().join("psk.keys");
@@ -505,7 +449,7 @@ fn bad_tls_parameters_are_refused_and_a_wide_listen_takes_tls() {
 fn a_psk_export_serves_libnbd_and_refuses_a_wrong_key() {
     require(&["nbdinfo", "nbdcopy"]);
     let dir = TempDir::new("nbd-tls-psk");
-    let server = Logged::start(dir.path());
+    let server = Logged::empty(dir.path(), "serve");
     let mut c = server.rpc();
     let size = 8 * MIB;
     c.ok("bdev_malloc_create", json!({"name": "m", "size": size}));
@@ -636,7 +580,7 @@ fn backups_reach_nbdkit_over_tls_with_certificates_and_with_a_psk() {
     require(&["openssl", "nbdkit", "nbdcopy"]);
     let dir = TempDir::new("nbd-tls-backup");
     let pki = Pki::make(dir.path());
-    let server = Logged::start(dir.path());
+    let server = Logged::empty(dir.path(), "serve");
     let mut c = server.rpc();
     let size = 16 * MIB;
     let mut data = vec![0u8; size as usize];
@@ -835,7 +779,7 @@ fn the_haggling_before_tls_follows_the_protocol_and_tls_garbage_ends_only_its_co
     require(&["openssl", "nbdinfo"]);
     let dir = TempDir::new("nbd-tls-fuzz");
     let pki = Pki::make(dir.path());
-    let server = Logged::start(dir.path());
+    let server = Logged::empty(dir.path(), "serve");
     let mut c = server.rpc();
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
     let port = free_port();
