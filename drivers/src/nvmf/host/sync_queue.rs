@@ -163,9 +163,11 @@ impl SyncQueue {
                 Ok(None) => {}
                 Err(e) => return Err(NvmfError::Protocol(e.to_string())),
             }
-            let n = (&self.stream)
-                .read(&mut self.rx[self.rx_len..])
-                .map_err(io("NVMe/TCP receive"))?;
+            // A signal to this thread interrupts the read without it having read anything.
+            let n = match (&self.stream).read(&mut self.rx[self.rx_len..]) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.map_err(io("NVMe/TCP receive"))?,
+            };
             if n == 0 {
                 return Err(NvmfError::Protocol(
                     "the controller closed the connection".into(),
