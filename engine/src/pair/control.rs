@@ -147,8 +147,9 @@ enum Stage {
     SlotDrain,
 }
 
-/// A split journal record being written: its number, and each pair with its held header.
-type GroupRecord = (u64, Vec<(Arc<Pair>, u64)>);
+/// A split journal record being written: the journal, the record's number, and each pair with
+/// its held header.
+type GroupRecord = (Arc<SplitJournal>, u64, Vec<(Arc<Pair>, u64)>);
 
 struct Running {
     req: ControlRequest,
@@ -226,7 +227,7 @@ impl ControlPoller {
             .filter_map(|p| p.apply_group_split(at).map(|seq| (Arc::clone(p), seq)))
             .collect();
         match journal.submit(at, held.clone()) {
-            Ok(number) => (at, Some((number, held))),
+            Ok(number) => (at, Some((journal, number, held))),
             Err(e) => {
                 tracing::warn!(%e, "split of several pairs made durable pair by pair");
                 release(&held, false);
@@ -424,16 +425,14 @@ impl ControlPoller {
             }
             run.stage = Stage::Header;
         }
-        if let Some((number, held)) = &run.group {
-            let status = self.queue.journal().map(|j| j.status(*number));
-            match status {
-                Some(None) => return false,
-                Some(Some(Ok(()))) => release(held, true),
-                Some(Some(Err(e))) => {
+        if let Some((journal, number, held)) = &run.group {
+            match journal.status(*number) {
+                None => return false,
+                Some(Ok(())) => release(held, true),
+                Some(Err(e)) => {
                     tracing::warn!(%e, "split of several pairs made durable pair by pair");
                     release(held, false);
                 }
-                None => release(held, false),
             }
             run.group = None;
         }
