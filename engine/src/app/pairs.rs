@@ -41,7 +41,7 @@ pub(super) fn open_split_journal(state_dir: &Path) -> Result<Arc<SplitJournal>, 
         source: std::io::Error::other(e),
     };
     let size = (!path.exists()).then_some(split_journal::DEFAULT_SIZE);
-    let bdev = metadata_bdev("splits.journal", &path, size).map_err(|e| fail(e.to_string()))?;
+    let bdev = metadata_bdev(split_journal::FILE, &path, size).map_err(|e| fail(e.to_string()))?;
     SplitJournal::open(Arc::new(bdev)).map_err(|e| fail(e.to_string()))
 }
 

@@ -33,8 +33,6 @@ use super::Pair;
 const MAGIC: [u8; 8] = *b"QSSPLITJ";
 const FORMAT: u32 = 1;
 const HEAD: usize = 32;
-/// Blocks written per request.
-const BLOCKS_PER_IO: usize = 64;
 /// How long an append waits for older records to retire when the log is full.
 const FULL_WAIT: Duration = Duration::from_secs(10);
 /// The journal's file in the state directory.
@@ -315,10 +313,7 @@ impl Writer {
             return Err("the split journal is not open".into());
         };
         let blocks: Vec<&[u8]> = job.bytes.chunks(BLOCK as usize).collect();
-        for (i, chunk) in blocks.chunks(BLOCKS_PER_IO).enumerate() {
-            let offset = self.end + (i * BLOCKS_PER_IO) as u64 * BLOCK;
-            io.write(offset, chunk).map_err(|e| e.to_string())?;
-        }
+        io.write(self.end, &blocks).map_err(|e| e.to_string())?;
         io.flush().map_err(|e| e.to_string())?;
         self.end += len;
         Ok(())
@@ -386,14 +381,7 @@ fn scan(io: &mut BlockingIo, capacity: u64) -> Result<(u64, u64, Vec<Record>), M
             if at + BLOCK + len > capacity {
                 return Ok(Vec::new());
             }
-            let mut out = Vec::with_capacity(len as usize);
-            let mut offset = at + BLOCK;
-            while offset < at + BLOCK + len {
-                let n = (at + BLOCK + len - offset).min(BLOCKS_PER_IO as u64 * BLOCK);
-                out.extend(io.read(offset, n as usize)?);
-                offset += n;
-            }
-            Ok(out)
+            io.read(at + BLOCK, len as usize)
         })?;
         match found {
             Some((number, record, len)) if number > last => {

@@ -11,7 +11,7 @@ pub(crate) struct BlockingIo {
 }
 
 /// Pages moved per request when reading or writing whole maps.
-const PAGES_PER_IO: usize = 64;
+pub(crate) const PAGES_PER_IO: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl BlockingIo {
@@ -62,18 +62,34 @@ impl BlockingIo {
             .collect()
     }
 
+    /// Writes `blocks` (of [`BLOCK`] bytes at most each) from `offset`, [`PAGES_PER_IO`] to a
+    /// request.
     pub(crate) fn write(&mut self, offset: u64, blocks: &[&[u8]]) -> Result<(), MetaError> {
-        let mut bufs = self.bufs(blocks.len())?;
-        for (b, data) in bufs.iter_mut().zip(blocks) {
-            b.as_mut_slice()[..data.len()].copy_from_slice(data);
+        for (i, chunk) in blocks.chunks(PAGES_PER_IO).enumerate() {
+            let mut bufs = self.bufs(chunk.len())?;
+            for (b, data) in bufs.iter_mut().zip(chunk) {
+                b.as_mut_slice()[..data.len()].copy_from_slice(data);
+            }
+            let at = offset + (i * PAGES_PER_IO) as u64 * BLOCK;
+            self.run(IoRequest::write(at, bufs, 0))?;
         }
-        self.run(IoRequest::write(offset, bufs, 0)).map(|_| ())
+        Ok(())
     }
 
+    /// Reads `len` bytes (whole blocks) from `offset`, [`PAGES_PER_IO`] blocks to a request.
     pub(crate) fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, MetaError> {
-        let bufs = self.bufs(len.div_ceil(BLOCK as usize))?;
-        let bufs = self.run(IoRequest::read(offset, bufs, 0))?;
-        Ok(bufs.iter().flat_map(|b| b.as_slice().to_vec()).collect())
+        let mut out = Vec::with_capacity(len);
+        let blocks = len.div_ceil(BLOCK as usize);
+        let mut done = 0;
+        while done < blocks {
+            let n = (blocks - done).min(PAGES_PER_IO);
+            let bufs = self.bufs(n)?;
+            let at = offset + done as u64 * BLOCK;
+            let bufs = self.run(IoRequest::read(at, bufs, 0))?;
+            out.extend(bufs.iter().flat_map(|b| b.as_slice().to_vec()));
+            done += n;
+        }
+        Ok(out)
     }
 
     pub(crate) fn flush(&mut self) -> Result<(), MetaError> {

@@ -5,6 +5,7 @@ use drivers::malloc::MallocBdev;
 use drivers::Bdev;
 
 use super::*;
+use crate::pair::metadata::blocking_io::PAGES_PER_IO;
 use crate::pair::metadata::{HeaderRecord, Metadata};
 use crate::pair::{PairConfig, PairState};
 
@@ -187,12 +188,11 @@ fn a_record_of_thousands_of_pairs_spans_many_blocks_and_reads_back() {
             .collect(),
     };
     let bytes = encode(7, &record).unwrap();
-    assert!(bytes.len() > BLOCKS_PER_IO * BLOCK as usize);
+    // More than one request's worth, written and read back.
+    assert!(bytes.len() > PAGES_PER_IO * BLOCK as usize);
     let mut io = BlockingIo::open(&dev).unwrap();
     let blocks: Vec<&[u8]> = bytes.chunks(BLOCK as usize).collect();
-    for (i, chunk) in blocks.chunks(BLOCKS_PER_IO).enumerate() {
-        io.write((i * BLOCKS_PER_IO) as u64 * BLOCK, chunk).unwrap();
-    }
+    io.write(0, &blocks).unwrap();
     let (end, last, records) = scan(&mut io, 4 << 20).unwrap();
     assert_eq!((end, last), (bytes.len() as u64, 7));
     assert_eq!(records, vec![record]);
