@@ -4,7 +4,7 @@
 //! to the process, so they last as long as the [`File`] holding them (and its clones), and
 //! closing another descriptor of the same file in the same process does not drop them. Two
 //! opens of one file in one process conflict like two processes do. A file given to io_uring
-//! is locked through a [`FileLock`], an open of its own.
+//! is a [`LockedFile`], which unlocks as it is dropped.
 //!
 //! Two sets of bytes are locked:
 //!
@@ -18,11 +18,12 @@
 //!   write nor resize, so `qemu-img` refuses to write the file ("Failed to get "write" lock")
 //!   and, without `-U`, to open it at all.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 /// quicksplit's own lock byte, past the two ranges QEMU uses.
 pub const OWN_BYTE: u64 = 300;
@@ -95,39 +96,61 @@ impl LockError {
     }
 }
 
-/// A lock on a file held through an open of its own, never handed to io_uring.
+/// An open file locked for writing or reading, unlocked as it is dropped.
 ///
-/// A file registered with an io_uring ring stays referenced by the ring until the kernel's
-/// deferred teardown has run, which may be after the process has exited and been reaped; an
-/// OFD lock on that open would outlive a killed engine for a moment and refuse its restart.
-/// The lock's own open is closed as the process exits, so the lock goes with the process.
+/// The lock is dropped explicitly rather than with the last reference to the open file: an
+/// io_uring ring that had the file in its fixed-file table lets go of it only once the kernel's
+/// deferred clean-up has run, and the file must be free for its next user (qemu-img, a
+/// restore) as soon as quicksplit is done with it.
 #[derive(Debug)]
-pub struct FileLock {
-    _file: File,
+pub struct LockedFile {
+    file: File,
 }
 
-impl FileLock {
-    /// Locks the file `opened` (just opened from `path`) for `access`, through a second open
-    /// of `path` that is checked to be the same file.
-    pub fn acquire(opened: &File, path: &Path, access: Access) -> Result<Self, LockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(access == Access::Write)
-            .open(path)
-            .map_err(|e| LockError::os(path, e))?;
-        let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino(), m.rdev()));
-        let same = id(opened)
-            .and_then(|a| id(&file).map(|b| a == b))
-            .map_err(|e| LockError::os(path, e))?;
-        if !same {
-            return Err(LockError::os(
-                path,
-                io::Error::other("the file was replaced while it was being opened"),
-            ));
+impl LockedFile {
+    /// Locks `file` (just opened from `path`) for `access`, waiting up to the current lock
+    /// patience ([`set_lock_patience`]) for another holder to let go.
+    pub fn lock(file: File, path: &Path, access: Access) -> Result<Self, LockError> {
+        let deadline = Instant::now() + lock_patience();
+        loop {
+            match lock(&file, path, access) {
+                Err(LockError::InUse { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(Self { file }),
+            }
         }
-        lock(&file, path, access)?;
-        Ok(Self { _file: file })
     }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+}
+
+impl Drop for LockedFile {
+    fn drop(&mut self) {
+        if let Err(err) = unlock(&self.file) {
+            tracing::warn!(%err, "unlocking a file failed: it stays locked until the kernel closes it");
+        }
+    }
+}
+
+/// How long a lock held by someone else is waited for, in milliseconds.
+static LOCK_PATIENCE_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Sets how long [`LockedFile::lock`] waits for a lock held elsewhere before it answers
+/// [`LockError::InUse`]. Zero (the default) answers at once. A restarting engine waits while it
+/// opens its saved configuration's files: after a kill, the kernel tears down the old
+/// process's io_uring rings, and the files they held, a moment after the process is gone.
+pub fn set_lock_patience(patience: Duration) {
+    let ms = u64::try_from(patience.as_millis()).unwrap_or(u64::MAX);
+    LOCK_PATIENCE_MS.store(ms, Ordering::Relaxed);
+}
+
+fn lock_patience() -> Duration {
+    Duration::from_millis(LOCK_PATIENCE_MS.load(Ordering::Relaxed))
 }
 
 /// Locks `file` (opened from `path`, readable for [`Access::Read`], writable for
@@ -327,17 +350,34 @@ mod tests {
     }
 
     #[test]
-    fn a_file_lock_holds_through_its_own_open_until_dropped() {
+    fn a_locked_file_unlocks_when_dropped_while_its_open_file_lives_on() {
         let p = temp_file("own");
-        let data = open_rw(&p);
-        let held = FileLock::acquire(&data, &p, Access::Write).expect("acquire");
+        let held = LockedFile::lock(open_rw(&p), &p, Access::Write).expect("lock");
+        // Another reference to the same open file, as an io_uring ring's fixed-file table
+        // keeps one for a moment after the file is closed.
+        let ring_ref = held.file().try_clone().expect("dup");
         let other = open_rw(&p);
         assert!(lock(&other, &p, Access::Read).is_err());
-        assert!(FileLock::acquire(&other, &p, Access::Write).is_err());
+        assert!(LockedFile::lock(open_rw(&p), &p, Access::Write).is_err());
         drop(held);
-        // The data file itself holds nothing.
-        check_unlocked(&p).expect("free once the lock is dropped");
-        drop(data);
+        check_unlocked(&p).expect("free once the locked file is dropped");
+        drop((ring_ref, other));
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn with_patience_a_lock_released_meanwhile_is_taken() {
+        let p = temp_file("patience");
+        let held = LockedFile::lock(open_rw(&p), &p, Access::Write).expect("lock");
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            drop(held);
+        });
+        set_lock_patience(Duration::from_secs(5));
+        let taken = LockedFile::lock(open_rw(&p), &p, Access::Write);
+        set_lock_patience(Duration::ZERO);
+        releaser.join().expect("releaser");
+        taken.expect("taken once the holder let go");
         let _ = std::fs::remove_file(&p);
     }
 

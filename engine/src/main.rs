@@ -421,6 +421,12 @@ fn serve(
         idle,
         inbox_size: 1024,
     };
+    raise_open_file_limit();
+    // A killed predecessor's files (its split journal, bdevs, pair metadata) stay locked until
+    // the kernel has torn down its io_uring rings, a moment after it is gone: opening them
+    // waits for that while the engine starts (and a file really in use elsewhere is refused
+    // that much later).
+    drivers::file_lock::set_lock_patience(RESTART_LOCK_PATIENCE);
     let engine = match Engine::start(&opts, &state_dir) {
         Ok(e) => e,
         Err(e) => {
@@ -447,27 +453,10 @@ fn serve(
             }
         },
     };
-    match config {
-        Some(c) => {
-            if let Err(e) = engine::rpc::methods::apply_config(&engine, c) {
-                eprintln!("quicksplit: {origin}: {}", e.message);
-                return 1;
-            }
-            tracing::info!("configuration restored from {origin}");
-            if origin == "--config" {
-                warn_about_unnamed_pairs(&engine);
-            }
-        }
-        None => {
-            if let Err(e) = engine.create_default() {
-                eprintln!("quicksplit: embedded default: {e}");
-                return 1;
-            }
-            if let Err(e) = engine.persist_config() {
-                eprintln!("quicksplit: saving the configuration: {e}");
-                return 1;
-            }
-        }
+    let restored = restore_configuration(&engine, config, origin);
+    drivers::file_lock::set_lock_patience(Duration::ZERO);
+    if let Err(code) = restored {
+        return code;
     }
     let server = match engine::rpc::RpcServer::start(Arc::clone(&engine), &socket) {
         Ok(s) => s,
@@ -515,4 +504,53 @@ fn serve(
         Err(_) => tracing::warn!("engine still referenced at exit"),
     }
     0
+}
+
+/// How long a restart waits for a file of its configuration that is still locked.
+const RESTART_LOCK_PATIENCE: Duration = Duration::from_secs(3);
+
+/// Applies the configuration the engine starts from (or the embedded default); the exit code
+/// when that fails.
+fn restore_configuration(
+    engine: &Arc<Engine>,
+    config: Option<serde_json::Value>,
+    origin: &str,
+) -> Result<(), i32> {
+    match config {
+        Some(c) => {
+            if let Err(e) = engine::rpc::methods::apply_config(engine, c) {
+                eprintln!("quicksplit: {origin}: {}", e.message);
+                return Err(1);
+            }
+            tracing::info!("configuration restored from {origin}");
+            if origin == "--config" {
+                warn_about_unnamed_pairs(engine);
+            }
+        }
+        None => {
+            if let Err(e) = engine.create_default() {
+                eprintln!("quicksplit: embedded default: {e}");
+                return Err(1);
+            }
+            if let Err(e) = engine.persist_config() {
+                eprintln!("quicksplit: saving the configuration: {e}");
+                return Err(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Lifts the soft limit on open files to the hard one: every bdev and pair metadata file is an
+/// open file, and an appliance serves thousands of volumes.
+fn raise_open_file_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    limit.current = limit.maximum;
+    if let Err(err) = setrlimit(Resource::Nofile, limit) {
+        tracing::warn!(%err, "could not raise the open file limit");
+    }
 }

@@ -4,6 +4,7 @@
 //! quicksplit maps DMA memory into IOMMUs with IOVA equal to the process's virtual address (as
 //! SPDK does with VFIO), so translation is the identity on addresses inside registered regions.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::region::DmaRegion;
@@ -33,6 +34,16 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     regions: Vec::new(),
     mappers: Vec::new(),
 });
+
+/// Bumped whenever a region comes or goes, so a driver that registers regions up front (an
+/// io_uring ring) knows when to look at the list again without taking the lock.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// The current generation of the region list: it changes whenever a region is made or
+/// unmapped.
+pub fn regions_generation() -> u64 {
+    GENERATION.load(Ordering::Acquire)
+}
 
 fn with_registry<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
     let mut guard = REGISTRY.lock().unwrap_or_else(PoisonError::into_inner);
@@ -68,6 +79,7 @@ pub(crate) fn register_region(region: &DmaRegion) {
             }
         }
         r.regions.push(entry);
+        GENERATION.fetch_add(1, Ordering::Release);
     });
 }
 
@@ -76,6 +88,7 @@ pub(crate) fn unregister_region(id: u64) {
     with_registry(|r| {
         if let Some(pos) = r.regions.iter().position(|e| e.id == id) {
             let e = r.regions.swap_remove(pos);
+            GENERATION.fetch_add(1, Ordering::Release);
             for m in &r.mappers {
                 m.unmap(iova_of(e.addr), e.len);
             }

@@ -11,7 +11,8 @@ mod pool;
 mod region;
 
 pub use iova::{
-    iova_of, live_regions, register_mapper, translate, unregister_mapper, DmaMapper, RegionInfo,
+    iova_of, live_regions, regions_generation, register_mapper, translate, unregister_mapper,
+    DmaMapper, RegionInfo,
 };
 pub use pool::{BufferCache, BufferPool, DmaBuf, CACHE_IDLE_RELEASE};
 pub use region::{DmaRegion, RegionSlice, HUGEPAGE_SIZE};

@@ -1,10 +1,12 @@
-//! The uring bdev: a file or block device driven through io_uring, one ring per reactor.
+//! The uring bdev: a file or block device driven through io_uring, one ring per reactor shared
+//! by all its uring bdevs.
 //!
-//! Files are opened with O_DIRECT where the file system allows it (tmpfs does not), DMA regions
-//! are registered as fixed buffers so single-buffer requests skip the kernel's page pinning, and
-//! the ring signals the reactor's eventfd so an idle reactor can park. Every file is locked for
-//! writing as soon as it is open, before it is emptied or extended ([`FileLock`]), and stays
-//! locked as long as the bdev or one of its channels lives.
+//! Files are opened with O_DIRECT where the file system allows it (tmpfs does not), once per
+//! bdev: the reactors' rings hold them in their fixed-file tables. DMA regions are registered as
+//! fixed buffers so single-buffer requests skip the kernel's page pinning, and the ring signals
+//! the reactor's eventfd so an idle reactor can park. Every file is locked for writing as soon as
+//! it is open, before it is emptied or extended ([`LockedFile`]), and stays locked as long as
+//! the bdev or one of its channels lives.
 //!
 //! Write-zeroes is `fallocate(ZERO_RANGE)` (a punched hole where that is not supported) and
 //! unmap a punched hole, so a sparse file stays sparse; allocation queries report its holes
@@ -16,24 +18,25 @@ mod sys;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 use crate::bdev::{
     invalid, Bdev, BdevError, ChannelContext, Extent, Geometry, IoChannel, IoCompletion, IoError,
     IoRequest, SubmitResult,
 };
-use crate::file_lock::{Access, FileLock};
+use crate::file_lock::{Access, LockedFile};
 
 /// A bdev over a file or block device.
 #[derive(Debug)]
 pub struct UringBdev {
     name: String,
     path: PathBuf,
-    file: Arc<File>,
-    /// Held by the bdev and each of its channels.
-    lock: Arc<FileLock>,
+    /// Held by the bdev and each of its channels; unlocked when the last of them goes.
+    file: Arc<LockedFile>,
     geometry: Geometry,
     direct: bool,
 }
@@ -61,20 +64,22 @@ impl UringBdev {
         truncate: bool,
     ) -> Result<Self, BdevError> {
         let (file, direct) = open_file(path, try_direct)?;
-        let lock = Arc::new(FileLock::acquire(&file, path, Access::Write)?);
+        let file = LockedFile::lock(file, path, Access::Write)?;
+        let file_ref = file.file();
         if truncate
-            && file
+            && file_ref
                 .metadata()
                 .map(|m| m.file_type().is_file())
                 .unwrap_or(false)
         {
-            file.set_len(0)
+            file_ref
+                .set_len(0)
                 .map_err(|e| BdevError::io(format!("truncate {}", path.display()), e))?;
         }
-        let meta = file
+        let meta = file_ref
             .metadata()
             .map_err(|e| BdevError::io(format!("stat {}", path.display()), e))?;
-        let mut len = device_len(&file, path)?;
+        let mut len = device_len(file_ref, path)?;
         if let Some(size) = size {
             if size > len {
                 if meta.file_type().is_block_device() {
@@ -83,7 +88,8 @@ impl UringBdev {
                         path.display()
                     )));
                 }
-                file.set_len(size)
+                file_ref
+                    .set_len(size)
                     .map_err(|e| BdevError::io(format!("extend {}", path.display()), e))?;
                 len = size;
             }
@@ -104,7 +110,6 @@ impl UringBdev {
             name: name.to_string(),
             path: path.to_path_buf(),
             file: Arc::new(file),
-            lock,
             geometry,
             direct,
         })
@@ -157,12 +162,15 @@ impl Bdev for UringBdev {
     }
 
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
-        let ring = sys::Ring::new(Arc::clone(&self.file), ctx)
+        let ring = sys::SharedRing::for_thread(ctx.wake_fd)
             .map_err(|e| BdevError::io(format!("io_uring for {}", self.name), e))?;
+        let depth = ctx.queue_depth.clamp(32, 4096) as usize;
+        let key = ring.open_channel(&self.file, self.file.file().as_raw_fd(), depth);
         Ok(Box::new(UringChannel {
             geometry: self.geometry,
             ring,
-            _lock: Arc::clone(&self.lock),
+            key,
+            _file: Arc::clone(&self.file),
         }))
     }
 
@@ -173,7 +181,7 @@ impl Bdev for UringBdev {
     /// The file's holes read as zeroes: `lseek` finds them (a block device is all data).
     fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
         let block = self.geometry.block_size as u64;
-        allocation::file_extents(&self.file, offset, len, block, out);
+        allocation::file_extents(self.file.file(), offset, len, block, out);
         Ok(())
     }
 
@@ -192,8 +200,16 @@ impl Bdev for UringBdev {
 
 struct UringChannel {
     geometry: Geometry,
-    ring: sys::Ring,
-    _lock: Arc<FileLock>,
+    ring: Rc<sys::SharedRing>,
+    key: sys::ChannelKey,
+    /// Keeps the file open (and locked) while the channel lives.
+    _file: Arc<LockedFile>,
+}
+
+impl Drop for UringChannel {
+    fn drop(&mut self) {
+        self.ring.close_channel(self.key);
+    }
 }
 
 impl IoChannel for UringChannel {
@@ -201,15 +217,15 @@ impl IoChannel for UringChannel {
         if let Err(e) = self.geometry.validate(&req) {
             return invalid(req, e);
         }
-        self.ring.push(req)
+        self.ring.push(self.key, req)
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        self.ring.reap(out)
+        self.ring.reap(self.key, out)
     }
 
     fn in_flight(&self) -> usize {
-        self.ring.in_flight()
+        self.ring.in_flight(self.key)
     }
 }
 

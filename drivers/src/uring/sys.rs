@@ -1,29 +1,66 @@
-//! The io_uring calls of the uring driver: ring setup, buffer registration, submission and
-//! reaping. The unsafe contract of io_uring (buffers outlive their operation) is kept here:
-//! every buffer and iovec array of a submitted request stays in the in-flight slab until its
-//! completion is reaped, and dropping the ring waits for all of them.
+//! The io_uring calls of the uring driver: the ring a thread's uring channels share, its
+//! fixed-file and fixed-buffer tables, submission and reaping. The unsafe contract of io_uring
+//! (buffers outlive their operation) is kept here: every buffer and iovec array of a submitted
+//! request stays in the in-flight slab until its completion is reaped, and a channel closes only
+//! once none of its requests is in flight.
+//!
+//! One ring serves every uring channel a thread opens with the same wake-up eventfd (in the
+//! engine: every uring bdev on a reactor), as SPDK's uring bdev shares one ring per poll group:
+//! a thousand bdevs cost a thousand open files, not a ring each per reactor. Files sit in the
+//! ring's fixed-file table (one slot per file, whatever the number of its channels), which grows
+//! as bdevs come; a file the table cannot take is used through its descriptor. Completions are
+//! sorted into their channels' queues by whichever channel polls first.
 
-use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring};
 use slab::Slab;
 
 use super::errno_error;
-use crate::bdev::{
-    queue_full, ChannelContext, IoBufs, IoCompletion, IoError, IoOp, IoRequest, SubmitResult,
-};
+use crate::bdev::{queue_full, IoBufs, IoCompletion, IoError, IoOp, IoRequest, SubmitResult};
 
-const FIXED_FILE: types::Fixed = types::Fixed(0);
+/// Submission queue entries of a shared ring.
+const SQ_ENTRIES: u32 = 1024;
+/// Completion queue entries: requests in flight on one ring, all channels together.
+const CQ_ENTRIES: u32 = 4096;
+/// The fixed-file table's first size; it doubles when full.
+const FIRST_FILE_SLOTS: u32 = 64;
+/// Fixed-buffer slots: one per DMA region.
+const BUFFER_SLOTS: u32 = 1024;
 
-/// A registered DMA region: its id, fixed-buffer index and address range.
-struct FixedRegion {
-    id: u64,
-    index: u16,
+/// How a request names its file: a slot of the fixed-file table or a descriptor.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Fixed(u32),
+    Fd(RawFd),
 }
 
+/// Builds an opcode against `target` (the opcode constructors are generic over the two kinds).
+macro_rules! on_target {
+    ($target:expr, |$t:ident| $build:expr) => {
+        match $target {
+            Target::Fixed(slot) => {
+                let $t = types::Fixed(slot);
+                $build
+            }
+            Target::Fd(fd) => {
+                let $t = types::Fd(fd);
+                $build
+            }
+        }
+    };
+}
+
+/// A channel's place on the shared ring.
+pub(super) type ChannelKey = usize;
+
 struct Inflight {
+    channel: ChannelKey,
+    target: Target,
     tag: u64,
     op: IoOp,
     offset: u64,
@@ -35,18 +72,77 @@ struct Inflight {
     punched: bool,
 }
 
-pub(super) struct Ring {
+/// What the ring keeps for one channel.
+struct ChannelQueue {
+    target: Target,
+    file_key: usize,
+    /// Completions reaped for this channel, not yet handed to it.
+    done: Vec<IoCompletion>,
+    in_flight: usize,
+    depth: usize,
+}
+
+/// One slot of the fixed-file table.
+struct FileSlot {
+    /// The file's descriptor, to register again when the table grows.
+    fd: RawFd,
+    slot: Option<u32>,
+    users: usize,
+}
+
+/// DMA regions registered as fixed buffers.
+struct BufferTable {
+    /// Region id to fixed-buffer index.
+    index: HashMap<u64, u16>,
+    free: Vec<u16>,
+    /// The region list's generation this table last matched.
+    generation: Option<u64>,
+    usable: bool,
+}
+
+struct Inner {
     ring: IoUring,
-    _file: Arc<File>,
-    fixed: Vec<FixedRegion>,
     inflight: Slab<Inflight>,
+    channels: Slab<ChannelQueue>,
+    /// Files by the address of their shared `File`.
+    files: HashMap<usize, FileSlot>,
+    file_slots: u32,
+    free_file_slots: Vec<u32>,
+    buffers: BufferTable,
+    /// Requests in flight the completion queue has room for.
     capacity: usize,
     unsubmitted: bool,
 }
 
-impl Ring {
-    pub(super) fn new(file: Arc<File>, ctx: &ChannelContext) -> std::io::Result<Self> {
-        let entries = ctx.queue_depth.clamp(32, 4096).next_power_of_two();
+/// The ring a thread's uring channels with one wake-up eventfd share.
+pub(super) struct SharedRing {
+    inner: RefCell<Inner>,
+}
+
+thread_local! {
+    static RINGS: RefCell<Vec<(Option<RawFd>, Weak<SharedRing>)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl SharedRing {
+    /// This thread's ring for channels woken through `wake_fd`, made on first use.
+    pub(super) fn for_thread(wake_fd: Option<RawFd>) -> std::io::Result<Rc<SharedRing>> {
+        RINGS.with(|rings| {
+            let mut rings = rings.borrow_mut();
+            rings.retain(|(_, r)| r.strong_count() > 0);
+            if let Some(ring) = rings
+                .iter()
+                .find(|(fd, _)| *fd == wake_fd)
+                .and_then(|(_, r)| r.upgrade())
+            {
+                return Ok(ring);
+            }
+            let ring = Rc::new(SharedRing::new(wake_fd)?);
+            rings.push((wake_fd, Rc::downgrade(&ring)));
+            Ok(ring)
+        })
+    }
+
+    fn new(wake_fd: Option<RawFd>) -> std::io::Result<Self> {
         // Cooperative task run: a completion does not interrupt the reactor with an IPI to
         // post it; the kernel flags the ring instead (`taskrun`), and `reap` enters the kernel
         // to run the work when the flag is up.
@@ -54,65 +150,109 @@ impl Ring {
             .setup_single_issuer()
             .setup_coop_taskrun()
             .setup_taskrun_flag()
-            .build(entries)
-            .or_else(|_| IoUring::builder().setup_single_issuer().build(entries))
-            .or_else(|_| IoUring::new(entries))?;
-        ring.submitter().register_files(&[file.as_raw_fd()])?;
-        if let Some(fd) = ctx.wake_fd {
+            .setup_cqsize(CQ_ENTRIES)
+            .build(SQ_ENTRIES)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(CQ_ENTRIES)
+                    .build(SQ_ENTRIES)
+            })?;
+        if let Some(fd) = wake_fd {
             ring.submitter().register_eventfd(fd)?;
         }
-        let regions = hugepages::live_regions();
-        let iov: Vec<libc::iovec> = regions
-            .iter()
-            .map(|r| libc::iovec {
-                iov_base: r.addr as *mut libc::c_void,
-                iov_len: r.len,
-            })
-            .collect();
-        let mut fixed = Vec::new();
-        if !iov.is_empty() && iov.len() <= u16::MAX as usize {
-            // SAFETY: each iovec describes a live DMA region; regions are unmapped only after
-            // they are unregistered, and a registration is dropped with the ring. The kernel pins
-            // the pages, so the memory stays valid for fixed operations.
-            let res = unsafe { ring.submitter().register_buffers(&iov) };
-            match res {
-                Ok(()) => {
-                    fixed = regions
-                        .iter()
-                        .enumerate()
-                        .map(|(i, r)| FixedRegion {
-                            id: r.id,
-                            index: i as u16,
-                        })
-                        .collect()
-                }
-                Err(err) => tracing::debug!(%err, "io_uring fixed buffers unavailable"),
+        let usable = match ring.submitter().register_buffers_sparse(BUFFER_SLOTS) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::debug!(%err, "io_uring fixed buffers unavailable");
+                false
             }
-        }
-        let capacity = entries as usize;
+        };
+        let capacity = ring.params().cq_entries() as usize;
         Ok(Self {
-            ring,
-            _file: file,
-            fixed,
-            inflight: Slab::with_capacity(capacity),
-            capacity,
-            unsubmitted: false,
+            inner: RefCell::new(Inner {
+                ring,
+                inflight: Slab::with_capacity(capacity),
+                channels: Slab::new(),
+                files: HashMap::new(),
+                file_slots: 0,
+                free_file_slots: Vec::new(),
+                buffers: BufferTable {
+                    index: HashMap::new(),
+                    free: (0..BUFFER_SLOTS as u16).rev().collect(),
+                    generation: None,
+                    usable,
+                },
+                capacity,
+                unsubmitted: false,
+            }),
         })
     }
 
-    pub(super) fn in_flight(&self) -> usize {
-        self.inflight.len()
+    /// Adds a channel doing I/O on `file` with at most `depth` requests in flight.
+    /// `file` identifies the open file (its address: every channel of a bdev shares it), `fd`
+    /// is its descriptor; the caller keeps both alive until the channel is closed.
+    pub(super) fn open_channel<T>(&self, file: &Arc<T>, fd: RawFd, depth: usize) -> ChannelKey {
+        let mut inner = self.inner.borrow_mut();
+        inner.sync_buffers();
+        let file_key = Arc::as_ptr(file) as usize;
+        let target = inner.attach_file(file_key, fd);
+        inner.channels.insert(ChannelQueue {
+            target,
+            file_key,
+            done: Vec::new(),
+            in_flight: 0,
+            depth,
+        })
     }
 
-    fn fixed_index(&self, region_id: u64) -> Option<u16> {
-        self.fixed
-            .iter()
-            .find(|f| f.id == region_id)
-            .map(|f| f.index)
+    /// Waits for the channel's requests in flight, then forgets it (and its file, if it was the
+    /// file's last channel on this ring).
+    pub(super) fn close_channel(&self, key: ChannelKey) {
+        let mut inner = self.inner.borrow_mut();
+        while inner.channels.get(key).is_some_and(|c| c.in_flight > 0) {
+            if let Err(err) = inner.ring.submit_and_wait(1) {
+                if err.raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                // The kernel may still write into these buffers: never give them back.
+                tracing::error!(%err, "io_uring wait failed while closing a channel");
+                let lost: Vec<usize> = inner
+                    .inflight
+                    .iter()
+                    .filter(|(_, e)| e.channel == key)
+                    .map(|(k, _)| k)
+                    .collect();
+                for k in lost {
+                    std::mem::forget(inner.inflight.remove(k));
+                }
+                break;
+            }
+            inner.unsubmitted = false;
+            inner.reap_all();
+        }
+        if let Some(channel) = inner.channels.try_remove(key) {
+            inner.detach_file(channel.file_key);
+        }
     }
 
-    pub(super) fn push(&mut self, req: IoRequest) -> SubmitResult {
-        if self.inflight.len() >= self.capacity {
+    /// Requests of the channel submitted and not yet handed back.
+    pub(super) fn in_flight(&self, key: ChannelKey) -> usize {
+        let inner = self.inner.borrow();
+        inner
+            .channels
+            .get(key)
+            .map_or(0, |c| c.in_flight + c.done.len())
+    }
+
+    pub(super) fn push(&self, key: ChannelKey, req: IoRequest) -> SubmitResult {
+        let mut inner = self.inner.borrow_mut();
+        let Some(channel) = inner.channels.get(key) else {
+            return queue_full(req);
+        };
+        let target = channel.target;
+        if channel.in_flight + channel.done.len() >= channel.depth
+            || inner.inflight.len() >= inner.capacity
+        {
             return queue_full(req);
         }
         let IoRequest {
@@ -123,6 +263,8 @@ impl Ring {
             tag,
         } = req;
         let mut entry = Inflight {
+            channel: key,
+            target,
             tag,
             op,
             offset,
@@ -131,11 +273,10 @@ impl Ring {
             _iov: None,
             punched: false,
         };
-        let sqe = self.build(&mut entry);
-        let key = self.inflight.insert(entry);
-        let sqe = sqe.user_data(key as u64);
-        if self.push_sqe(&sqe).is_err() {
-            let e = self.inflight.remove(key);
+        let sqe = inner.build(&mut entry);
+        let slot = inner.inflight.insert(entry);
+        if inner.push_sqe(&sqe.user_data(slot as u64)).is_err() {
+            let e = inner.inflight.remove(slot);
             return queue_full(IoRequest {
                 op: e.op,
                 offset: e.offset,
@@ -144,14 +285,206 @@ impl Ring {
                 tag: e.tag,
             });
         }
+        if let Some(channel) = inner.channels.get_mut(key) {
+            channel.in_flight += 1;
+        }
         Ok(())
+    }
+
+    /// Submits what is queued, sorts finished requests to their channels and moves this
+    /// channel's into `out`.
+    pub(super) fn reap(&self, key: ChannelKey, out: &mut Vec<IoCompletion>) -> usize {
+        let mut inner = self.inner.borrow_mut();
+        // An idle channel touches none of the ring's memory: with thousands of channels on a
+        // reactor, looking at the completion queue for each of them is what the turn costs.
+        let Some(channel) = inner.channels.get(key) else {
+            return 0;
+        };
+        if channel.in_flight > 0 {
+            inner.reap_all();
+        }
+        let Some(channel) = inner.channels.get_mut(key) else {
+            return 0;
+        };
+        let n = channel.done.len();
+        out.append(&mut channel.done);
+        n
+    }
+}
+
+impl Inner {
+    /// The file's slot in the fixed-file table (taking one, growing the table if it is full),
+    /// or its descriptor when the table cannot take it.
+    fn attach_file(&mut self, file_key: usize, fd: RawFd) -> Target {
+        if let Some(f) = self.files.get_mut(&file_key) {
+            f.users += 1;
+            return f.slot.map_or(Target::Fd(f.fd), Target::Fixed);
+        }
+        if self.free_file_slots.is_empty() {
+            self.grow_file_table();
+        }
+        let slot = self.free_file_slots.pop().and_then(|slot| {
+            match self.ring.submitter().register_files_update(slot, &[fd]) {
+                Ok(_) => Some(slot),
+                Err(err) => {
+                    tracing::debug!(%err, "io_uring fixed file slot refused; using the descriptor");
+                    self.free_file_slots.push(slot);
+                    None
+                }
+            }
+        });
+        self.files.insert(file_key, FileSlot { fd, slot, users: 1 });
+        slot.map_or(Target::Fd(fd), Target::Fixed)
+    }
+
+    fn detach_file(&mut self, file_key: usize) {
+        let Some(f) = self.files.get_mut(&file_key) else {
+            return;
+        };
+        f.users -= 1;
+        if f.users > 0 {
+            return;
+        }
+        let slot = f.slot;
+        self.files.remove(&file_key);
+        if let Some(slot) = slot {
+            // The kernel drops its reference once no request uses the slot; the file's lock is
+            // released by its owner, not by this.
+            match self.ring.submitter().register_files_update(slot, &[-1]) {
+                Ok(_) => self.free_file_slots.push(slot),
+                Err(err) => tracing::warn!(%err, slot, "io_uring fixed file slot not cleared"),
+            }
+        }
+    }
+
+    /// Doubles the fixed-file table (registering it anew, which needs the ring idle: requests
+    /// in flight are waited for and their completions kept for their channels).
+    fn grow_file_table(&mut self) {
+        let slots = if self.file_slots == 0 {
+            FIRST_FILE_SLOTS
+        } else {
+            self.file_slots.saturating_mul(2)
+        };
+        while !self.inflight.is_empty() {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => self.unsubmitted = false,
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(err) => {
+                    tracing::debug!(%err, "io_uring busy: its fixed-file table stays as it is");
+                    return;
+                }
+            }
+            self.reap_all();
+        }
+        let mut fds = vec![-1; slots as usize];
+        for f in self.files.values() {
+            if let Some(slot) = f.slot {
+                fds[slot as usize] = f.fd;
+            }
+        }
+        let submitter = self.ring.submitter();
+        if self.file_slots > 0 {
+            if let Err(err) = submitter.unregister_files() {
+                tracing::debug!(%err, "io_uring fixed-file table kept at its size");
+                return;
+            }
+        }
+        if let Err(err) = submitter.register_files(&fds) {
+            // Too many for the process's descriptor limit: keep the table it had.
+            tracing::debug!(%err, slots, "io_uring fixed-file table not grown");
+            let mut old = fds;
+            old.truncate(self.file_slots as usize);
+            if self.file_slots > 0 && submitter.register_files(&old).is_err() {
+                // Without a table, every file goes through its descriptor.
+                for f in self.files.values_mut() {
+                    f.slot = None;
+                }
+                self.free_file_slots.clear();
+                self.file_slots = 0;
+                for c in self.channels.iter_mut().map(|(_, c)| c) {
+                    if let Some(f) = self.files.get(&c.file_key) {
+                        c.target = Target::Fd(f.fd);
+                    }
+                }
+            }
+            return;
+        }
+        self.free_file_slots.extend((self.file_slots..slots).rev());
+        self.file_slots = slots;
+    }
+
+    /// Registers the DMA regions made since last time as fixed buffers, and frees the slots of
+    /// regions gone.
+    fn sync_buffers(&mut self) {
+        let generation = hugepages::regions_generation();
+        if !self.buffers.usable || self.buffers.generation == Some(generation) {
+            return;
+        }
+        self.buffers.generation = Some(generation);
+        let live = hugepages::live_regions();
+        let gone: Vec<u64> = self
+            .buffers
+            .index
+            .keys()
+            .filter(|id| !live.iter().any(|r| r.id == **id))
+            .copied()
+            .collect();
+        let submitter = self.ring.submitter();
+        for id in gone {
+            let Some(index) = self.buffers.index.remove(&id) else {
+                continue;
+            };
+            let empty = libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            };
+            // SAFETY: an empty iovec registers nothing; the slot's old buffer is released by
+            // the kernel once no request uses it.
+            match unsafe { submitter.register_buffers_update(index as u32, &[empty], None) } {
+                Ok(()) => self.buffers.free.push(index),
+                Err(err) => tracing::debug!(%err, "io_uring fixed buffer slot not cleared"),
+            }
+        }
+        for region in live {
+            if self.buffers.index.contains_key(&region.id) {
+                continue;
+            }
+            let Some(index) = self.buffers.free.pop() else {
+                break;
+            };
+            let iov = libc::iovec {
+                iov_base: region.addr as *mut libc::c_void,
+                iov_len: region.len,
+            };
+            // SAFETY: the iovec describes a live DMA region. The kernel pins its pages, so they
+            // stay valid for fixed operations even after the region is unmapped; fixed
+            // operations are built only for buffers of regions found in `index`, which holds
+            // live regions only (a region's id is never reused).
+            match unsafe { submitter.register_buffers_update(index as u32, &[iov], None) } {
+                Ok(()) => {
+                    self.buffers.index.insert(region.id, index);
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "io_uring fixed buffer not registered");
+                    self.buffers.free.push(index);
+                }
+            }
+        }
+    }
+
+    fn fixed_index(&mut self, region_id: u64) -> Option<u16> {
+        if let Some(&i) = self.buffers.index.get(&region_id) {
+            return Some(i);
+        }
+        self.sync_buffers();
+        self.buffers.index.get(&region_id).copied()
     }
 
     fn push_sqe(&mut self, sqe: &io_uring::squeue::Entry) -> Result<(), ()> {
         for _ in 0..2 {
             // SAFETY: the buffers and iovecs the entry points to live in the in-flight slab
-            // until its completion is reaped (slab entries never move: the slab is
-            // preallocated to `capacity` and never grows past it).
+            // until its completion is reaped (the iovec array is boxed, so moving the entry
+            // does not move it; buffers are DMA memory owned by the entry).
             let pushed = unsafe { self.ring.submission().push(sqe) };
             if pushed.is_ok() {
                 self.unsubmitted = true;
@@ -161,28 +494,33 @@ impl Ring {
             if self.ring.submit().is_err() {
                 break;
             }
+            self.unsubmitted = false;
         }
         Err(())
     }
 
-    fn build(&self, e: &mut Inflight) -> io_uring::squeue::Entry {
+    fn build(&mut self, e: &mut Inflight) -> io_uring::squeue::Entry {
         match e.op {
             IoOp::Read | IoOp::Write { .. } => self.build_rw(e),
-            IoOp::Flush => opcode::Fsync::new(FIXED_FILE)
+            IoOp::Flush => on_target!(e.target, |t| opcode::Fsync::new(t)
                 .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            IoOp::WriteZeroes if !e.punched => opcode::Fallocate::new(FIXED_FILE, e.len)
-                .offset(e.offset)
-                .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
-            IoOp::WriteZeroes | IoOp::Unmap => opcode::Fallocate::new(FIXED_FILE, e.len)
-                .offset(e.offset)
-                .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
-                .build(),
+                .build()),
+            IoOp::WriteZeroes if !e.punched => {
+                on_target!(e.target, |t| opcode::Fallocate::new(t, e.len)
+                    .offset(e.offset)
+                    .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build())
+            }
+            IoOp::WriteZeroes | IoOp::Unmap => {
+                on_target!(e.target, |t| opcode::Fallocate::new(t, e.len)
+                    .offset(e.offset)
+                    .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
+                    .build())
+            }
         }
     }
 
-    fn build_rw(&self, e: &mut Inflight) -> io_uring::squeue::Entry {
+    fn build_rw(&mut self, e: &mut Inflight) -> io_uring::squeue::Entry {
         let rw_flags = match e.op {
             IoOp::Write { fua: true } => libc::RWF_DSYNC,
             _ => 0,
@@ -190,21 +528,24 @@ impl Ring {
         let is_read = e.op == IoOp::Read;
         if let [buf] = e.bufs.as_slice() {
             let (ptr, len) = (buf.as_ptr(), buf.len() as u32);
-            return match (self.fixed_index(buf.region_id()), is_read) {
-                (Some(i), true) => opcode::ReadFixed::new(FIXED_FILE, ptr, len, i)
+            let fixed = self.fixed_index(buf.region_id());
+            return match (fixed, is_read) {
+                (Some(i), true) => on_target!(e.target, |t| opcode::ReadFixed::new(t, ptr, len, i)
                     .offset(e.offset)
-                    .build(),
-                (Some(i), false) => opcode::WriteFixed::new(FIXED_FILE, ptr, len, i)
+                    .build()),
+                (Some(i), false) => {
+                    on_target!(e.target, |t| opcode::WriteFixed::new(t, ptr, len, i)
+                        .offset(e.offset)
+                        .rw_flags(rw_flags)
+                        .build())
+                }
+                (None, true) => on_target!(e.target, |t| opcode::Read::new(t, ptr, len)
+                    .offset(e.offset)
+                    .build()),
+                (None, false) => on_target!(e.target, |t| opcode::Write::new(t, ptr, len)
                     .offset(e.offset)
                     .rw_flags(rw_flags)
-                    .build(),
-                (None, true) => opcode::Read::new(FIXED_FILE, ptr, len)
-                    .offset(e.offset)
-                    .build(),
-                (None, false) => opcode::Write::new(FIXED_FILE, ptr, len)
-                    .offset(e.offset)
-                    .rw_flags(rw_flags)
-                    .build(),
+                    .build()),
             };
         }
         let iov: Box<[libc::iovec]> = e
@@ -218,39 +559,35 @@ impl Ring {
         let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
         e._iov = Some(iov);
         if is_read {
-            opcode::Readv::new(FIXED_FILE, ptr, n)
+            on_target!(e.target, |t| opcode::Readv::new(t, ptr, n)
                 .offset(e.offset)
-                .build()
+                .build())
         } else {
-            opcode::Writev::new(FIXED_FILE, ptr, n)
+            on_target!(e.target, |t| opcode::Writev::new(t, ptr, n)
                 .offset(e.offset)
                 .rw_flags(rw_flags)
-                .build()
+                .build())
         }
     }
 
-    /// Submits what is queued and moves finished requests into `out`.
-    pub(super) fn reap(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        // An idle channel touches none of its ring's memory: with thousands of channels on a
-        // reactor, reading every ring's completion queue each turn is what the turn costs.
-        if self.inflight.is_empty() && !self.unsubmitted {
-            return 0;
-        }
+    /// Submits what is queued and sorts every finished request into its channel's queue.
+    fn reap_all(&mut self) {
         if self.unsubmitted || (!self.inflight.is_empty() && self.ring.submission().taskrun()) {
             match self.ring.submit() {
                 Ok(_) => self.unsubmitted = false,
                 Err(err) => tracing::debug!(%err, "io_uring submit deferred"),
             }
         }
-        let mut done = 0;
         let mut retry = Vec::new();
+        let mut finished = Vec::new();
         for cqe in self.ring.completion() {
-            let key = cqe.user_data() as usize;
+            finished.push((cqe.user_data() as usize, cqe.result()));
+        }
+        for (key, res) in finished {
             let Some(mut e) = self.inflight.try_remove(key) else {
                 tracing::error!(key, "io_uring completion for an unknown request");
                 continue;
             };
-            let res = cqe.result();
             let result = match e.op {
                 _ if res == -libc::EOPNOTSUPP && e.op == IoOp::WriteZeroes && !e.punched => {
                     e.punched = true;
@@ -266,44 +603,50 @@ impl Ring {
                 }
                 _ => Ok(()),
             };
-            out.push(IoCompletion {
-                tag: e.tag,
-                result,
-                bufs: e.bufs,
-            });
-            done += 1;
+            self.finish(
+                e.channel,
+                IoCompletion {
+                    tag: e.tag,
+                    result,
+                    bufs: e.bufs,
+                },
+            );
         }
         for mut e in retry {
             let sqe = self.build(&mut e);
-            let (tag, bufs) = (e.tag, std::mem::take(&mut e.bufs));
+            let (channel, tag) = (e.channel, e.tag);
             let key = self.inflight.insert(e);
             if self.push_sqe(&sqe.user_data(key as u64)).is_err() {
-                self.inflight.remove(key);
-                out.push(IoCompletion {
-                    tag,
-                    result: Err(IoError::Device(libc::EAGAIN)),
-                    bufs,
-                });
-                done += 1;
+                let e = self.inflight.remove(key);
+                self.finish(
+                    channel,
+                    IoCompletion {
+                        tag,
+                        result: Err(IoError::Device(libc::EAGAIN)),
+                        bufs: e.bufs,
+                    },
+                );
             }
         }
-        done
+    }
+
+    fn finish(&mut self, channel: ChannelKey, completion: IoCompletion) {
+        match self.channels.get_mut(channel) {
+            Some(c) => {
+                c.in_flight -= 1;
+                c.done.push(completion);
+            }
+            None => tracing::error!("io_uring completion for a closed channel"),
+        }
     }
 }
 
-impl Drop for Ring {
+impl Drop for Inner {
     fn drop(&mut self) {
-        // The kernel may still write into buffers of requests in flight: wait for them before
-        // the buffers go back to their pool.
-        let mut out = Vec::new();
-        while !self.inflight.is_empty() {
-            if self.ring.submit_and_wait(1).is_err() {
-                tracing::error!("io_uring wait failed while closing a channel");
-                std::mem::forget(std::mem::take(&mut self.inflight));
-                return;
-            }
-            out.clear();
-            self.reap(&mut out);
+        // Every channel waited for its requests before it closed; anything still here is
+        // memory the kernel may write: never give it back.
+        if !self.inflight.is_empty() {
+            std::mem::forget(std::mem::take(&mut self.inflight));
         }
     }
 }
