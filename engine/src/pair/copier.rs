@@ -11,7 +11,7 @@ use slab::Slab;
 
 use super::{HostWatch, Pair, PairState};
 use crate::rate::TokenBucket;
-use crate::reactor::{PollStatus, Poller, ReactorContext};
+use crate::reactor::{PollStatus, Poller, PollerWaker, ReactorContext};
 
 /// Copies in flight at once in the background (a gentle load next to hosts' I/O).
 const COPY_DEPTH: usize = 4;
@@ -182,6 +182,15 @@ impl Copier {
         None
     }
 
+    /// Nothing copying, nothing asked for, nothing pending or to restore.
+    fn has_nothing_to_copy(&self) -> bool {
+        self.copies.is_empty()
+            && self.urgent_later.is_empty()
+            && self.pair.urgent.is_empty()
+            && self.pair.pending.count() == 0
+            && self.pair.restore.count() == 0
+    }
+
     /// After a split, a track with a pre-split write still in flight is copied once that write
     /// is done (copying it earlier would only be undone).
     fn mirrored_write_on(&self, t: u64) -> bool {
@@ -327,6 +336,9 @@ impl Poller for Copier {
         if state == PairState::Psue || self.pair.is_deleted() {
             return if busy {
                 PollStatus::Busy
+            } else if self.copies.is_empty() {
+                // Suspended: a resync (a state change) wakes it.
+                PollStatus::Rest(None)
             } else {
                 PollStatus::Idle
             };
@@ -361,6 +373,9 @@ impl Poller for Copier {
         }
         if busy {
             PollStatus::Busy
+        } else if self.has_nothing_to_copy() {
+            // New pending tracks, a backup's request and state changes wake it.
+            PollStatus::Rest(None)
         } else {
             PollStatus::Idle
         }
@@ -368,5 +383,9 @@ impl Poller for Copier {
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn attach_waker(&mut self, waker: PollerWaker) {
+        self.pair.set_copier_waker(waker);
     }
 }

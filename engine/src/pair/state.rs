@@ -6,7 +6,7 @@
 //! [`super::persistence`]; what it reports, in [`super::stats`].
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use crossbeam_queue::ArrayQueue;
 use drivers::{Bdev, Geometry};
@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::bitmap::{PendingMap, TrackLocks, TrackSet};
 use super::metadata::Metadata;
 use super::stats::PairStats;
-use crate::reactor::ReactorHandle;
+use crate::reactor::{PollerWaker, ReactorHandle};
 
 /// Hash slots counting mirrored writes in flight.
 pub(super) const MIRRORED_SLOTS: u64 = 4096;
@@ -161,6 +161,8 @@ pub struct Pair {
     pub(super) reactors: Vec<ReactorHandle>,
     /// Reactor of the copier, woken when new tracks become pending.
     pub(super) copier_reactor: Option<ReactorHandle>,
+    /// Wakes the copier from its rest (set once it runs).
+    copier_waker: OnceLock<PollerWaker>,
     /// Persisted metadata (none: the pair lives in memory only).
     pub(super) meta: Option<Arc<Metadata>>,
     /// Header number of the last transition: host writes wait until it is durable.
@@ -266,6 +268,7 @@ impl Pair {
             backup_frontier: AtomicU64::new(u64::MAX),
             reactors,
             copier_reactor,
+            copier_waker: OnceLock::new(),
             meta,
             state_seq: AtomicU64::new(seq),
             transitions: Mutex::new(()),
@@ -314,6 +317,7 @@ impl Pair {
     pub(super) fn set_state(&self, s: PairState) {
         self.state.store(s as u8, Ordering::SeqCst);
         tracing::trace!(pair = %self.name, state = s.as_str(), "pair state");
+        self.wake_copier();
     }
 
     /// True when the last resync ran S to P (a restore), whether or not it is still copying.
@@ -371,6 +375,10 @@ impl Pair {
     pub(crate) fn mark_deleted(&self) {
         self.deleted.store(true, Ordering::SeqCst);
         self.wake_all();
+        self.wake_copier();
+        if let Some(m) = &self.meta {
+            m.wake_writer();
+        }
     }
 
     /// Bitmap words visited by scans and bulk operations of any of the pair's bitmaps (the
@@ -396,9 +404,19 @@ impl Pair {
 
     /// Wakes the copier's reactor (new pending tracks).
     pub(crate) fn wake_copier(&self) {
-        if let Some(r) = &self.copier_reactor {
-            r.wake_if_parked();
+        match self.copier_waker.get() {
+            Some(w) => w.wake(),
+            None => {
+                if let Some(r) = &self.copier_reactor {
+                    r.wake_if_parked();
+                }
+            }
         }
+    }
+
+    /// Gives the copier's waker: from now on, [`Pair::wake_copier`] wakes it from its rest.
+    pub(crate) fn set_copier_waker(&self, waker: PollerWaker) {
+        let _ = self.copier_waker.set(waker);
     }
 
     /// Releases a track lock and lets waiting requests retry.

@@ -5,7 +5,12 @@
 //! With `--idle adaptive` a reactor that has found nothing to do for a while parks on an epoll
 //! set holding its eventfd (written by message senders and by io_uring completions) and any
 //! sockets its pollers and I/O channels watch (the set is the [`drivers::FdWatch`] channels get
-//! in their [`drivers::ChannelContext`]); with `--idle spin` it never sleeps.
+//! in their [`drivers::ChannelContext`]); with `--idle spin` it never sleeps. Idle pollers rest
+//! off the loop turn until woken ([`pollers`]).
+
+mod pollers;
+
+pub use pollers::{PollerWaker, REST_LIMIT};
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -13,7 +18,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_queue::ArrayQueue;
+use crossbeam_queue::{ArrayQueue, SegQueue};
 use drivers::FdWatch;
 use rustix::event::{epoll, eventfd, EventfdFlags};
 
@@ -26,6 +31,9 @@ pub enum PollStatus {
     Idle,
     /// It is finished: remove it.
     Done,
+    /// Nothing to do and nothing in flight: poll it again only when its waker is used, or at
+    /// the given instant (at the latest [`REST_LIMIT`] from now).
+    Rest(Option<Instant>),
 }
 
 /// A unit of work a reactor runs on every turn of its loop.
@@ -34,6 +42,9 @@ pub trait Poller {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus;
     /// Name for `framework_get_reactors`.
     fn name(&self) -> &str;
+    /// Receives, as it joins its reactor, what wakes it from [`PollStatus::Rest`]: a poller
+    /// that rests hands it to whoever gives it work.
+    fn attach_waker(&mut self, _waker: PollerWaker) {}
 }
 
 /// A message: a closure run once on the reactor.
@@ -110,6 +121,8 @@ struct Shared {
     core: usize,
     numa_node: usize,
     inbox: ArrayQueue<Message>,
+    /// Keys of resting pollers woken (see [`PollerWaker`]).
+    woken: SegQueue<usize>,
     wake: OwnedFd,
     parked: AtomicBool,
     stop: AtomicBool,
@@ -325,6 +338,7 @@ impl Reactors {
                 core,
                 numa_node: topo.numa_node_of(core),
                 inbox: ArrayQueue::new(opts.inbox_size.max(16)),
+                woken: SegQueue::new(),
                 wake,
                 parked: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
@@ -408,7 +422,7 @@ fn run(mut cx: ReactorContext) {
         );
     }
     tracing::debug!(index = shared.index, core = shared.core, "reactor started");
-    let mut pollers: Vec<Box<dyn Poller>> = Vec::new();
+    let mut pollers = pollers::Pollers::default();
     let mut idle_since: Option<Instant> = None;
     cx.turn_started = Instant::now();
     while !shared.stop.load(Ordering::Acquire) {
@@ -444,8 +458,8 @@ fn run(mut cx: ReactorContext) {
     tracing::debug!(index = shared.index, "reactor stopped");
 }
 
-/// One turn: messages, then every poller. True if anything did work.
-fn turn(cx: &mut ReactorContext, pollers: &mut Vec<Box<dyn Poller>>) -> bool {
+/// One turn: messages, then every active poller. True if anything did work.
+fn turn(cx: &mut ReactorContext, pollers: &mut pollers::Pollers) -> bool {
     let mut busy = false;
     for _ in 0..MESSAGES_PER_TURN {
         match cx.handle.shared.inbox.pop() {
@@ -456,54 +470,47 @@ fn turn(cx: &mut ReactorContext, pollers: &mut Vec<Box<dyn Poller>>) -> bool {
             None => break,
         }
     }
-    if !cx.new_pollers.is_empty() {
-        pollers.append(&mut cx.new_pollers);
-        publish_pollers(cx, pollers);
+    let mut changed = false;
+    for poller in std::mem::take(&mut cx.new_pollers) {
+        pollers.add(poller, &cx.handle);
+        changed = true;
     }
-    let mut removed = false;
-    let mut i = 0;
-    while i < pollers.len() {
-        match pollers[i].poll(cx) {
-            PollStatus::Busy => busy = true,
-            PollStatus::Idle => {}
-            PollStatus::Done => {
-                pollers.swap_remove(i);
-                removed = true;
-                busy = true;
-                continue;
-            }
-        }
-        i += 1;
-    }
+    let handle = cx.handle.clone();
+    busy |= pollers.wake_due(&handle, cx.turn_started);
+    let (worked, removed) = pollers.poll_active(cx);
+    busy |= worked;
     if !cx.new_pollers.is_empty() {
         busy = true;
     }
-    if removed {
+    if changed || removed {
         publish_pollers(cx, pollers);
     }
     busy
 }
 
-fn publish_pollers(cx: &ReactorContext, pollers: &[Box<dyn Poller>]) {
+fn publish_pollers(cx: &ReactorContext, pollers: &pollers::Pollers) {
     let shared = &cx.handle.shared;
     shared.stats.pollers.store(pollers.len(), Ordering::Relaxed);
     if let Ok(mut names) = shared.poller_names.lock() {
-        *names = pollers.iter().map(|p| p.name().to_string()).collect();
+        *names = pollers.names();
     }
 }
 
-fn park(cx: &mut ReactorContext, pollers: &mut Vec<Box<dyn Poller>>) {
+fn park(cx: &mut ReactorContext, pollers: &mut pollers::Pollers) {
     let shared = Arc::clone(&cx.handle.shared);
     shared.parked.store(true, Ordering::SeqCst);
     drain_eventfd(shared.wake.as_fd());
     // A completion or message that arrived before the drain would not wake us: look once more.
     cx.wake_at = None;
-    if !shared.inbox.is_empty() || turn(cx, pollers) {
+    if !shared.inbox.is_empty() || !shared.woken.is_empty() || turn(cx, pollers) {
         shared.parked.store(false, Ordering::SeqCst);
         return;
     }
-    let timeout = cx
-        .wake_at
+    let wake_at = match (cx.wake_at, pollers.next_deadline()) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    let timeout = wake_at
         .map(|at| at.saturating_duration_since(Instant::now()))
         .unwrap_or(MAX_PARK)
         .min(MAX_PARK);
@@ -525,3 +532,6 @@ fn drain_eventfd(fd: BorrowedFd<'_>) {
     let mut buf = [0u8; 8];
     let _ = rustix::io::read(fd, &mut buf);
 }
+
+#[cfg(test)]
+mod tests;

@@ -39,7 +39,7 @@ use blocking_io::BlockingIo;
 pub use format::*;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::ArrayQueue;
@@ -48,6 +48,7 @@ use hugepages::BufferPool;
 use serde::{Deserialize, Serialize};
 
 use crate::pair::PairState;
+use crate::reactor::PollerWaker;
 
 /// Bytes of a header slot and of a bitmap page.
 pub const BLOCK: u64 = 4096;
@@ -335,6 +336,8 @@ pub struct Metadata {
     failure: Mutex<Option<String>>,
     /// How long a track stays untouched before the cleaner clears its write-intent bit, ns.
     clean_interval_ns: AtomicU64,
+    /// Wakes the writer from its rest when there is something to write.
+    writer_waker: OnceLock<PollerWaker>,
     /// Counters.
     pub stats: MetaStats,
 }
@@ -368,6 +371,7 @@ impl Metadata {
             failed: AtomicBool::new(false),
             failure: Mutex::new(None),
             clean_interval_ns: AtomicU64::new(DEFAULT_CLEAN_INTERVAL.as_nanos() as u64),
+            writer_waker: OnceLock::new(),
             stats: MetaStats::default(),
             bdev,
             layout,
@@ -467,6 +471,7 @@ impl Metadata {
     pub fn set_clean_interval(&self, d: Duration) {
         self.clean_interval_ns
             .store(d.as_nanos() as u64, Ordering::Relaxed);
+        self.wake_writer();
     }
 
     /// The layout.
@@ -491,6 +496,19 @@ impl Metadata {
             let _ = self
                 .queue
                 .push(map.index() as u64 * self.layout.pages_per_map + page);
+            self.wake_writer();
+        }
+    }
+
+    /// Gives the writer's waker: from now on, new work wakes it.
+    pub(crate) fn set_writer_waker(&self, waker: PollerWaker) {
+        let _ = self.writer_waker.set(waker);
+    }
+
+    /// Has the writer polled soon (it may be resting): called after publishing its work.
+    pub(crate) fn wake_writer(&self) {
+        if let Some(w) = self.writer_waker.get() {
+            w.wake();
         }
     }
 
@@ -564,6 +582,7 @@ impl Metadata {
             self.header_flush_data.store(true, Ordering::SeqCst);
         }
         self.header_wanted.fetch_max(seq, Ordering::SeqCst);
+        self.wake_writer();
     }
 
     /// The pair's instance (see [`HeaderRecord::instance`]).
@@ -590,6 +609,7 @@ impl Metadata {
             self.journaled.fetch_max(seq, Ordering::SeqCst);
         }
         self.header_held.store(false, Ordering::SeqCst);
+        self.wake_writer();
     }
 
     /// The newest header number whose state is durable, as a header or as a split journal
@@ -626,7 +646,9 @@ impl Metadata {
     /// Asks the writer to clean every bit it can and write everything out (a clean stop);
     /// returns the number to wait for with [`Metadata::synced`].
     pub fn request_sync(&self) -> u64 {
-        self.sync_wanted.fetch_add(1, Ordering::SeqCst) + 1
+        let n = self.sync_wanted.fetch_add(1, Ordering::SeqCst) + 1;
+        self.wake_writer();
+        n
     }
 
     /// True once sync request `n` is done.
@@ -644,6 +666,8 @@ impl Metadata {
         let mut f = self.failure.lock().unwrap_or_else(PoisonError::into_inner);
         f.get_or_insert(error);
         self.failed.store(true, Ordering::SeqCst);
+        drop(f);
+        self.wake_writer();
     }
 
     /// Why the metadata cannot be written, if it cannot.

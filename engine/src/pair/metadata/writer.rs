@@ -17,7 +17,7 @@ use hugepages::{BufferPool, DmaBuf};
 
 use super::{encode_header, encode_page, MapKind, Metadata, BLOCK, HEADER_SLOTS, WORDS_PER_PAGE};
 use crate::pair::Pair;
-use crate::reactor::{PollStatus, Poller, ReactorContext};
+use crate::reactor::{PollStatus, Poller, PollerWaker, ReactorContext};
 
 /// Pages written per batch at most.
 const BATCH_PAGES: usize = 64;
@@ -586,16 +586,25 @@ impl Poller for MetaWriter {
                 .sync_done
                 .store(self.sync_target, Ordering::SeqCst);
         }
-        cx.wake_at(self.last_pass + self.meta.clean_interval());
+        let next_pass = self.last_pass + self.meta.clean_interval();
         if busy {
             PollStatus::Busy
+        } else if self.outstanding == 0 && self.clean_cursor == 0 {
+            // Queued pages, header requests, syncs and failures wake it; the cleaner's timer
+            // ends the rest.
+            PollStatus::Rest(Some(next_pass))
         } else {
+            cx.wake_at(next_pass);
             PollStatus::Idle
         }
     }
 
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn attach_waker(&mut self, waker: PollerWaker) {
+        self.meta.set_writer_waker(waker);
     }
 }
 
