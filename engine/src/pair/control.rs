@@ -11,7 +11,7 @@ use crossbeam_queue::ArrayQueue;
 use std::sync::atomic::Ordering;
 
 use super::metadata::CheckpointRecord;
-use super::split_journal::SplitJournal;
+use super::split_journal::{JournalWriter, SplitJournal};
 use super::{now_ns, Pair, PairError};
 use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
 
@@ -166,6 +166,8 @@ struct Running {
 pub struct ControlPoller {
     queue: Arc<ControlQueue>,
     running: Option<Running>,
+    /// Writes the split journal's records, on this reactor.
+    journal_writer: JournalWriter,
 }
 
 impl ControlPoller {
@@ -174,12 +176,14 @@ impl ControlPoller {
         Self {
             queue,
             running: None,
+            journal_writer: JournalWriter::default(),
         }
     }
 
     fn check(req: &ControlRequest) -> Result<(), PairError> {
-        for (i, p) in req.pairs.iter().enumerate() {
-            if req.pairs[..i].iter().any(|q| q.name() == p.name()) {
+        let mut named = std::collections::HashSet::with_capacity(req.pairs.len());
+        for p in &req.pairs {
+            if !named.insert(p.name()) {
                 return Err(PairError::Invalid(format!(
                     "pair '{}' named twice",
                     p.name()
@@ -511,10 +515,18 @@ fn release(held: &[(Arc<Pair>, u64)], journaled: bool) {
 }
 
 impl Poller for ControlPoller {
-    fn poll(&mut self, _cx: &mut ReactorContext) -> PollStatus {
+    fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
+        let wrote = self
+            .queue
+            .journal()
+            .is_some_and(|journal| self.journal_writer.pump(&journal, &cx.channel_context(4)));
         if self.running.is_none() {
             let Some(req) = self.queue.ring.pop() else {
-                return PollStatus::Idle;
+                return if wrote {
+                    PollStatus::Busy
+                } else {
+                    PollStatus::Idle
+                };
             };
             let started = Instant::now();
             if let Err(e) = Self::check(&req) {

@@ -17,9 +17,8 @@
 //! once every record is retired: each of its pairs has a newer header of its own on disk, or
 //! is gone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -71,16 +70,39 @@ struct Job {
     pairs: Vec<(Arc<Pair>, u64)>,
 }
 
-/// The journal: appends records from a thread of its own, which the control poller polls for.
+/// A record placed in the log, for its writer to write and flush.
+pub(crate) struct Placed {
+    number: u64,
+    offset: u64,
+    bytes: Vec<u8>,
+    pairs: Vec<(Arc<Pair>, u64)>,
+}
+
+/// Where records go: the control poller's writer ([`JournalWriter`]) takes them in order.
+struct Log {
+    capacity: u64,
+    /// Where the next record goes.
+    end: u64,
+    /// The pairs of each record written since the log last started over.
+    outstanding: Vec<Vec<(Arc<Pair>, u64)>>,
+    /// Records handed over, not yet taken by the writer.
+    queue: VecDeque<Job>,
+    /// Since when the record at the head of the queue has found the log full.
+    full_since: Option<Instant>,
+}
+
+/// The journal. Records are written, without blocking, by a [`JournalWriter`] the control
+/// poller drives on its reactor: a thread of its own would wait for a core the reactors are
+/// spinning on.
 pub struct SplitJournal {
-    jobs: Mutex<Option<Sender<Job>>>,
+    bdev: Arc<dyn Bdev>,
+    log: Mutex<Log>,
     next: AtomicU64,
     /// The newest record number the writer is done with (durable or failed).
     done: AtomicU64,
     failed: Mutex<HashMap<u64, String>>,
     /// What the scan at open found, by pair name, until the pair is loaded.
-    recovered: Arc<Mutex<HashMap<String, (u64, RecoveredSplit)>>>,
-    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    recovered: Mutex<HashMap<String, (u64, RecoveredSplit)>>,
 }
 
 impl SplitJournal {
@@ -89,6 +111,7 @@ impl SplitJournal {
         let capacity = bdev.geometry().size() / BLOCK * BLOCK;
         let mut io = BlockingIo::open(&bdev)?;
         let (end, last, records) = scan(&mut io, capacity)?;
+        drop(io);
         let mut recovered = HashMap::new();
         for r in &records {
             for p in &r.pairs {
@@ -106,37 +129,20 @@ impl SplitJournal {
                 "split journal read"
             );
         }
-        let recovered = Arc::new(Mutex::new(recovered));
-        let (tx, rx) = channel();
-        let journal = Arc::new(Self {
-            jobs: Mutex::new(Some(tx)),
+        Ok(Arc::new(Self {
+            bdev,
+            log: Mutex::new(Log {
+                capacity,
+                end,
+                outstanding: Vec::new(),
+                queue: VecDeque::new(),
+                full_since: None,
+            }),
             next: AtomicU64::new(last + 1),
             done: AtomicU64::new(last),
             failed: Mutex::new(HashMap::new()),
-            recovered: Arc::clone(&recovered),
-            writer: Mutex::new(None),
-        });
-        drop(io);
-        let weak = Arc::downgrade(&journal);
-        let handle = std::thread::Builder::new()
-            .name("split-journal".into())
-            .spawn(move || {
-                let mut writer = Writer {
-                    bdev,
-                    io: None,
-                    capacity,
-                    end,
-                    outstanding: Vec::new(),
-                    recovered,
-                };
-                writer.run(rx, weak)
-            })
-            .map_err(|e| MetaError::Io(format!("split journal writer: {e}")))?;
-        *journal
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(handle);
-        Ok(journal)
+            recovered: Mutex::new(recovered),
+        }))
     }
 
     /// Hands a record over: `pairs` split at `split_at_ns`, each with the header number its
@@ -153,20 +159,16 @@ impl SplitJournal {
                 })
                 .collect(),
         };
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        // Numbered under the lock: records are queued in the order of their numbers.
         let number = self.next.fetch_add(1, Ordering::SeqCst);
         let bytes = encode(number, &record).map_err(|e| e.to_string())?;
-        let jobs = self.jobs.lock().unwrap_or_else(PoisonError::into_inner);
-        let sent = jobs.as_ref().map(|tx| {
-            tx.send(Job {
-                number,
-                bytes,
-                pairs,
-            })
+        log.queue.push_back(Job {
+            number,
+            bytes,
+            pairs,
         });
-        match sent {
-            Some(Ok(())) => Ok(number),
-            _ => Err("the split journal writer has stopped".into()),
-        }
+        Ok(number)
     }
 
     /// `None` while record `number` is being written; then whether it is durable.
@@ -194,129 +196,102 @@ impl SplitJournal {
         let (inst, split) = recovered.remove(name)?;
         (inst == instance && split.seq > header_seq).then_some(split)
     }
-}
 
-impl Drop for SplitJournal {
-    fn drop(&mut self) {
-        self.jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(h) = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            // The writer may hold the last reference while it finishes a job.
-            if h.thread().id() != std::thread::current().id() {
-                let _ = h.join();
-            }
+    /// The next record to write, placed in the log; `None` when none is queued or the log is
+    /// full (until older records retire, for up to [`FULL_WAIT`]).
+    fn take(&self) -> Option<Placed> {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        let len = log.queue.front()?.bytes.len() as u64;
+        if len > log.capacity {
+            let capacity = log.capacity;
+            let job = log.queue.pop_front()?;
+            drop(log);
+            self.finish(
+                job.number,
+                Err(format!(
+                    "a record of {len} bytes does not fit the split journal ({capacity} bytes)"
+                )),
+            );
+            return None;
         }
+        if self.retire(&mut log) {
+            log.end = 0;
+        }
+        if log.end + len > log.capacity {
+            let since = *log.full_since.get_or_insert_with(Instant::now);
+            if since.elapsed() <= FULL_WAIT {
+                return None;
+            }
+            log.full_since = None;
+            let mut recovered = self
+                .recovered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if !log.outstanding.is_empty() {
+                let job = log.queue.pop_front()?;
+                drop((recovered, log));
+                self.finish(job.number, Err("the split journal is full".into()));
+                return None;
+            }
+            // Only splits of pairs this run never loaded hold it: they go.
+            tracing::warn!(
+                pairs = recovered.len(),
+                "split journal full: dropping the splits of pairs not loaded since the restart"
+            );
+            recovered.clear();
+            log.end = 0;
+        }
+        log.full_since = None;
+        let job = log.queue.pop_front()?;
+        let offset = log.end;
+        log.end += len;
+        Some(Placed {
+            number: job.number,
+            offset,
+            bytes: job.bytes,
+            pairs: job.pairs,
+        })
     }
-}
 
-/// The writer thread's state.
-struct Writer {
-    bdev: Arc<dyn Bdev>,
-    /// Its own channel, opened on its thread.
-    io: Option<BlockingIo>,
-    capacity: u64,
-    /// Where the next record goes.
-    end: u64,
-    /// The pairs of each record written since the log last started over, with their numbers.
-    outstanding: Vec<Vec<(Arc<Pair>, u64)>>,
-    recovered: Arc<Mutex<HashMap<String, (u64, RecoveredSplit)>>>,
-}
-
-impl Writer {
-    fn run(&mut self, rx: Receiver<Job>, journal: std::sync::Weak<SplitJournal>) {
-        while let Ok(job) = rx.recv() {
-            let result = self.append(&job);
-            let Some(journal) = journal.upgrade() else {
-                return;
-            };
-            match result {
-                Ok(()) => self.outstanding.push(job.pairs),
-                Err(e) => {
-                    tracing::error!(record = job.number, %e, "split journal record not written");
-                    journal
-                        .failed
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .insert(job.number, e);
-                }
-            }
-            journal.done.store(job.number, Ordering::SeqCst);
+    /// Record `placed` is durable, or failed: then the next record takes its place, so no
+    /// torn record ends the log before a good one.
+    fn written(&self, placed: Placed, result: Result<(), String>) {
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        match result {
+            Ok(()) => log.outstanding.push(placed.pairs),
+            Err(_) => log.end = placed.offset,
         }
+        drop(log);
+        self.finish(placed.number, result);
+    }
+
+    fn finish(&self, number: u64, result: Result<(), String>) {
+        if let Err(e) = result {
+            tracing::error!(record = number, %e, "split journal record not written");
+            self.failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(number, e);
+        }
+        self.done.store(number, Ordering::SeqCst);
     }
 
     /// Drops the records whose pairs all have a newer header of their own on disk (or are
     /// gone); true when none is left and no pair still has to load one.
-    fn retire(&mut self) -> bool {
-        self.outstanding.retain(|pairs| {
+    fn retire(&self, log: &mut Log) -> bool {
+        log.outstanding.retain(|pairs| {
             pairs.iter().any(|(p, seq)| {
                 !p.is_deleted()
                     && p.metadata()
                         .is_some_and(|m| m.header_durable() < *seq && m.failure().is_none())
             })
         });
-        self.outstanding.is_empty()
+        log.outstanding.is_empty()
             && self
                 .recovered
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .is_empty()
-    }
-
-    fn append(&mut self, job: &Job) -> Result<(), String> {
-        let len = job.bytes.len() as u64;
-        if len > self.capacity {
-            return Err(format!(
-                "a record of {len} bytes does not fit the split journal ({} bytes)",
-                self.capacity
-            ));
-        }
-        if self.retire() {
-            self.end = 0;
-        }
-        let waited = Instant::now();
-        while self.end + len > self.capacity {
-            if self.retire() {
-                self.end = 0;
-                break;
-            }
-            if waited.elapsed() > FULL_WAIT {
-                let mut recovered = self
-                    .recovered
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner);
-                if !self.outstanding.is_empty() {
-                    return Err("the split journal is full".into());
-                }
-                // Only splits of pairs this run never loaded hold it: they go.
-                tracing::warn!(
-                    pairs = recovered.len(),
-                    "split journal full: dropping the splits of pairs not loaded since the \
-                     restart"
-                );
-                recovered.clear();
-                self.end = 0;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        if self.io.is_none() {
-            self.io = Some(BlockingIo::open(&self.bdev).map_err(|e| e.to_string())?);
-        }
-        let Some(io) = self.io.as_mut() else {
-            return Err("the split journal is not open".into());
-        };
-        let blocks: Vec<&[u8]> = job.bytes.chunks(BLOCK as usize).collect();
-        io.write(self.end, &blocks).map_err(|e| e.to_string())?;
-        io.flush().map_err(|e| e.to_string())?;
-        self.end += len;
-        Ok(())
     }
 }
 
@@ -394,6 +369,10 @@ fn scan(io: &mut BlockingIo, capacity: u64) -> Result<(u64, u64, Vec<Record>), M
     }
     Ok((end, last, records))
 }
+
+mod writer;
+
+pub use writer::JournalWriter;
 
 #[cfg(test)]
 mod tests;

@@ -46,9 +46,13 @@ fn pair(name: &str, instance: u64) -> Arc<Pair> {
     .unwrap()
 }
 
+/// Writes the journal's queued records (as the control poller does) until record `number` is
+/// done.
 fn wait(journal: &SplitJournal, number: u64) -> Result<(), String> {
     let t = Instant::now();
+    let mut writer = JournalWriter::default();
     loop {
+        writer.pump(journal, &drivers::ChannelContext::default());
         if let Some(r) = journal.status(number) {
             return r;
         }
@@ -56,7 +60,7 @@ fn wait(journal: &SplitJournal, number: u64) -> Result<(), String> {
             t.elapsed() < Duration::from_secs(10),
             "record {number} never done"
         );
-        std::thread::sleep(Duration::from_millis(1));
+        std::thread::sleep(Duration::from_micros(100));
     }
 }
 
@@ -196,4 +200,73 @@ fn a_record_of_thousands_of_pairs_spans_many_blocks_and_reads_back() {
     let (end, last, records) = scan(&mut io, 4 << 20).unwrap();
     assert_eq!((end, last), (bytes.len() as u64, 7));
     assert_eq!(records, vec![record]);
+}
+
+#[test]
+fn a_record_of_thousands_of_pairs_goes_through_the_writer_in_several_requests() {
+    // Pairs in memory only, all on the same two devices: the record is what matters.
+    let (p_dev, s_dev) = (bdev("p", 4096), bdev("s", 4096));
+    let cfg = |name: String| PairConfig {
+        name,
+        track_size: 4096,
+        copy_rate: 0,
+    };
+    let pairs: Vec<(Arc<Pair>, u64)> = (0..6000u64)
+        .map(|i| {
+            let p = Pair::with_metadata(
+                &cfg(format!("volume-{i:05}")),
+                Arc::clone(&p_dev),
+                Arc::clone(&s_dev),
+                Vec::new(),
+                None,
+                None,
+            )
+            .unwrap();
+            (p, i + 2)
+        })
+        .collect();
+    let dev = bdev("j", 4 << 20);
+    let j = SplitJournal::open(Arc::clone(&dev)).unwrap();
+    let n = j.submit(42, pairs).unwrap();
+    wait(&j, n).unwrap();
+    drop(j);
+    let mut io = BlockingIo::open(&dev).unwrap();
+    let (end, last, records) = scan(&mut io, 4 << 20).unwrap();
+    assert!(
+        end > (PAGES_PER_IO * BLOCK as usize) as u64,
+        "more than one request: {end}"
+    );
+    assert_eq!((last, records.len()), (n, 1));
+    assert_eq!(records[0].pairs.len(), 6000);
+    assert_eq!(records[0].pairs[5999].name, "volume-05999");
+}
+
+#[test]
+fn a_record_that_fails_to_write_leaves_its_place_to_the_next() {
+    use drivers::testing::fault::{FaultBdev, FaultConfig};
+    use std::sync::atomic::Ordering;
+    let inner = bdev("j", 1 << 20);
+    let config = Arc::new(FaultConfig::default());
+    let dev: Arc<dyn Bdev> = Arc::new(FaultBdev::new(
+        "jf",
+        Arc::clone(&inner),
+        Arc::clone(&config),
+    ));
+    let a = pair("a", 1);
+    let j = SplitJournal::open(Arc::clone(&dev)).unwrap();
+    wait(&j, j.submit(100, vec![(a.clone(), 5)]).unwrap()).unwrap();
+    config.fail_writes.store(true, Ordering::SeqCst);
+    let failed = j.submit(200, vec![(a.clone(), 6)]).unwrap();
+    assert!(
+        wait(&j, failed).is_err(),
+        "the failed record reports its error"
+    );
+    config.fail_writes.store(false, Ordering::SeqCst);
+    let n = j.submit(300, vec![(a.clone(), 7)]).unwrap();
+    wait(&j, n).unwrap();
+    // Written where the failed record would have been, right after the first.
+    assert_eq!(number_at(&inner, BLOCK), Some(n));
+    drop(j);
+    let j = SplitJournal::open(inner).unwrap();
+    assert_eq!(j.recovered_split("a", 1, 1).map(|s| s.seq), Some(7));
 }
