@@ -75,6 +75,8 @@ pub struct MetaWriter {
     /// Per word, the tracks touched in the previous cleaning pass: a bit is cleared only for
     /// a track untouched for two whole passes.
     touched_prev: Vec<u64>,
+    /// A cleaning pass or a sync ran: a header the split journal already holds is written now.
+    header_due: bool,
     scratch: Vec<IoCompletion>,
 }
 
@@ -101,6 +103,7 @@ impl MetaWriter {
             sync_target: 0,
             p_flush_due: false,
             touched_prev: vec![0; words],
+            header_due: false,
             scratch: Vec::new(),
         }
     }
@@ -265,8 +268,14 @@ impl MetaWriter {
         let mut clears = fill_batch(&meta, &mut batch);
         let mut flush_p = self.p_flush_due && clears;
         let wanted = meta.header_wanted.load(Ordering::SeqCst);
+        // A header whose state the split journal already holds is written with the next
+        // pages, cleaning pass or sync, not at once: after a split of a thousand pairs, a
+        // thousand header writes and flushes would compete with everything else.
+        let due = std::mem::take(&mut self.header_due)
+            || !batch.pages.is_empty()
+            || wanted > meta.state_durable_seq();
         // The hold is read after the number: it was set before a held number was taken.
-        if wanted > meta.header_durable() && !meta.header_held() {
+        if wanted > meta.header_durable() && !meta.header_held() && due {
             if meta.header_flush_data.swap(false, Ordering::SeqCst) {
                 clears = true;
                 flush_p = true;
@@ -569,10 +578,12 @@ impl Poller for MetaWriter {
         if sync_wanted > self.sync_target {
             self.clean(true);
             self.sync_target = sync_wanted;
+            self.header_due = true;
         } else if now >= self.last_pass + self.meta.clean_interval() {
             // A pass that changed nothing and is over leaves the turn idle: a thousand idle
             // writers would otherwise make a thousand busy turns a second.
             let changed = self.clean(false);
+            self.header_due = true;
             if self.clean_cursor == 0 {
                 self.last_pass = now;
             }
