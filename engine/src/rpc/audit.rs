@@ -21,7 +21,9 @@ pub(super) struct Audit {
     method: &'static str,
     changes_state: bool,
     redact: &'static [&'static str],
-    params: String,
+    /// `None` when the line would not be logged at the current level: a split of a thousand
+    /// pairs does not serialize its parameters and result for nothing.
+    params: Option<String>,
 }
 
 impl Audit {
@@ -33,17 +35,25 @@ impl Audit {
         redact: &'static [&'static str],
         params: &Value,
     ) -> Self {
+        let logged = if changes_state {
+            tracing::enabled!(tracing::Level::INFO)
+        } else {
+            tracing::enabled!(tracing::Level::DEBUG)
+        };
         Self {
             method,
             changes_state,
             redact,
-            params: short(&redacted(params, redact)),
+            params: logged.then(|| short(&redacted(params, redact))),
         }
     }
 
     /// Logs the call's outcome: at info for a method that changes state, else at debug.
     pub(super) fn record(self, result: &Result<Value, RpcError>) {
-        let (method, params) = (self.method, self.params.as_str());
+        let Some(params) = self.params.as_deref() else {
+            return;
+        };
+        let method = self.method;
         match (self.changes_state, result) {
             (true, Ok(r)) => {
                 let result = short(&redacted(r, self.redact));
