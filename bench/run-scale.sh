@@ -6,11 +6,17 @@
 # reactors' busy share while everything is idle (5 s, once every pair is mirrored), the round trip of a group split of all
 # the pairs (median and max of 10, each followed by a resync), and of one pair's split (median
 # of 10), and host 4 KiB randwrite IOPS through one pair's NBD export (fio, QD32, 5 s).
-# Usage: bench/run-scale.sh [N...] (default: 10 1000)   (QS=path picks the binary)
+# Usage: bench/run-scale.sh [N...] (default: 10 1000)   (QS=path picks the binary;
+# SIZE_MIB=n sets the volume size, default 16: the initial copy allocates every secondary, so
+# 10,000 pairs of 16 MiB need 160 GiB of disk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
 counts=("$@"); [ ${#counts[@]} -gt 0 ] || counts=(10 1000)
+size_mib=${SIZE_MIB:-16}
+# Three open files a pair (P, S, its metadata): 10,000 pairs need more than the usual limit.
+ulimit -Hn 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)"
 [ -n "${QS:-}" ] || cargo build --release --locked -p engine --bin quicksplit >/dev/null 2>&1
 qs=${QS:-${CARGO_TARGET_DIR:-$PWD/target}/release/quicksplit}
 work=$(mktemp -d /var/tmp/qs-scale.XXXXXX)
@@ -20,9 +26,9 @@ trap cleanup EXIT
 
 # A JSON-RPC client over one connection: runs the phase named $1 with $2 pairs, prints results.
 drive() {
-  $py - "$work/rpc.sock" "$1" "$2" "$work/files" <<'PY'
+  $py - "$work/rpc.sock" "$1" "$2" "$work/files" "$size_mib" <<'PY'
 import json, socket, statistics, sys, time
-sock, phase, n, files = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+sock, phase, n, files, size_mib = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 s = socket.socket(socket.AF_UNIX); s.connect(sock); f = s.makefile("rwb")
 seq = 0
 def call(method, params=None):
@@ -45,7 +51,7 @@ if phase == "create":
     t = time.monotonic()
     for i, name in enumerate(names):
         for side in "ps":
-            call("bdev_uring_create", {"name": f"{side}{i}", "filename": f"{files}/{side}{i}.img", "size": 16 << 20})
+            call("bdev_uring_create", {"name": f"{side}{i}", "filename": f"{files}/{side}{i}.img", "size": size_mib << 20})
         call("pair_create", {"name": name, "primary": f"p{i}", "secondary": f"s{i}"})
     print(f"{time.monotonic() - t:.2f}")
 elif phase == "splits":
