@@ -109,8 +109,7 @@ impl BlockingIo {
             let mut blocks = Vec::with_capacity(n as usize);
             for p in page..page + n {
                 let mut b = vec![0u8; BLOCK as usize];
-                let lo = (p * WORDS_PER_PAGE) as usize;
-                encode_page(map, p, &words[lo..lo + WORDS_PER_PAGE as usize], &mut b);
+                encode_page(map, p, &words[layout.page_words(p)], &mut b);
                 blocks.push(b);
             }
             let refs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
@@ -131,12 +130,11 @@ impl BlockingIo {
             let n = (layout.pages_per_map - page).min(PAGES_PER_IO as u64);
             let bytes = self.read(layout.page_offset(map, page), (n * BLOCK) as usize)?;
             for (i, p) in (page..page + n).enumerate() {
-                let lo = (p * WORDS_PER_PAGE) as usize;
                 decode_page(
                     map,
                     p,
                     &bytes[i * BLOCK as usize..(i + 1) * BLOCK as usize],
-                    &mut words[lo..lo + WORDS_PER_PAGE as usize],
+                    &mut words[layout.page_words(p)],
                 )
                 .map_err(MetaError::Corrupt)?;
             }

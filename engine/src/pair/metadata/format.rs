@@ -156,9 +156,18 @@ impl Layout {
         (HEADER_SLOTS + map.index() as u64 * self.pages_per_map + page) * BLOCK
     }
 
-    /// Words a map holds (whole pages).
+    /// Words a map holds in memory: one bit a track. On disk each map takes whole pages; the
+    /// words of its last page past the last track are zero there and not kept in memory (a
+    /// small volume's maps would otherwise cost a page each).
     pub(super) fn words(&self) -> u64 {
-        self.pages_per_map * WORDS_PER_PAGE
+        self.tracks.div_ceil(64).max(1)
+    }
+
+    /// The words of page `page`: from its first to the map's last or the page's end.
+    pub(super) fn page_words(&self, page: u64) -> std::ops::Range<usize> {
+        let lo = (page * WORDS_PER_PAGE).min(self.words());
+        let hi = ((page + 1) * WORDS_PER_PAGE).min(self.words());
+        lo as usize..hi as usize
     }
 }
 
@@ -207,11 +216,14 @@ pub(super) fn decode_header(buf: &[u8]) -> Result<(HeaderRecord, u32), String> {
     Ok((rec, format))
 }
 
+/// Writes page `page` of `map` into `out` (`BLOCK` bytes): `words` (at most `WORDS_PER_PAGE`;
+/// the rest of the page is zero), its place and a checksum.
 pub(super) fn encode_page(map: MapKind, page: u64, words: &[u64], out: &mut [u8]) {
     for (i, w) in words.iter().enumerate() {
         out[i * 8..i * 8 + 8].copy_from_slice(&w.to_le_bytes());
     }
     let t = WORDS_PER_PAGE as usize * 8;
+    out[words.len() * 8..t].fill(0);
     out[t..t + 4].copy_from_slice(&(map.index() as u32).to_le_bytes());
     out[t + 4..t + 8].copy_from_slice(&(page as u32).to_le_bytes());
     out[t + 8..t + 12].copy_from_slice(&MAGIC[..4]);

@@ -68,3 +68,33 @@ fn header_and_page_round_trip_and_any_flipped_bit_is_caught() {
     // A page never written (zeroes) is not a valid empty page.
     assert!(decode_page(MapKind::ChangedS, 3, &[0u8; 4096], &mut back).is_err());
 }
+
+#[test]
+fn maps_keep_one_bit_a_track_in_memory_and_whole_pages_on_disk() {
+    use drivers::malloc::MallocBdev;
+    // Two pages a map, the second partly used.
+    let tracks = TRACKS_PER_PAGE + 100;
+    let layout = Layout::new(tracks);
+    assert_eq!(layout.pages_per_map, 2);
+    assert_eq!(layout.words(), tracks.div_ceil(64));
+    assert_eq!(layout.page_words(1), WORDS_PER_PAGE as usize..layout.words() as usize);
+    let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::create("m", layout.size(), 4096).unwrap());
+    let mut io = BlockingIo::open(&bdev).unwrap();
+    let mut words = vec![0u64; layout.words() as usize];
+    for t in [0, 63, TRACKS_PER_PAGE - 1, TRACKS_PER_PAGE, tracks - 1] {
+        words[(t / 64) as usize] |= 1 << (t % 64);
+    }
+    // The page buffer held other data before: the unused words are written as zeroes.
+    let mut stale = vec![0xffu8; BLOCK as usize];
+    encode_page(MapKind::Pending, 1, &words[layout.page_words(1)], &mut stale);
+    let mut full = vec![0u64; WORDS_PER_PAGE as usize];
+    decode_page(MapKind::Pending, 1, &stale, &mut full).unwrap();
+    let used = layout.page_words(1).len();
+    assert_eq!(&full[..used], &words[layout.page_words(1)]);
+    assert!(full[used..].iter().all(|&w| w == 0));
+    io.write_map(&layout, MapKind::Pending, &words).unwrap();
+    assert_eq!(io.read_map(&layout, MapKind::Pending).unwrap(), words);
+    // A small volume's maps take a few words, not a page each.
+    assert_eq!(Layout::new(256).words(), 4);
+    assert_eq!(PersistedSet::new(&Layout::new(256)).want.len(), 4);
+}

@@ -514,8 +514,8 @@ fn take_page(meta: &Metadata, map: MapKind, page: u64) -> Option<(PageWrite, boo
     // In flight before the copy: whoever changes a bit after the copy sees it and waits for
     // the next write instead of trusting the disk's old content.
     let gen = set.begin_flight(page as usize);
-    let lo = (page * WORDS_PER_PAGE) as usize;
-    let hi = lo + WORDS_PER_PAGE as usize;
+    let range = meta.layout.page_words(page);
+    let (lo, hi) = (range.start, range.end);
     set.lock_page(page as usize);
     let words: Vec<u64> = (lo..hi).map(|w| set.want_word(w)).collect();
     set.unlock_page(page as usize);
