@@ -17,8 +17,10 @@ use super::metadata::Metadata;
 use super::stats::PairStats;
 use crate::reactor::{PollerWaker, ReactorHandle};
 
-/// Hash slots counting mirrored writes in flight.
-pub(super) const MIRRORED_SLOTS: u64 = 4096;
+/// Hash slots counting mirrored writes in flight, at most (a small volume has one a track).
+const MIRRORED_SLOTS: u64 = 4096;
+/// Tracks a backup may ask the copier for at once, at most (a small volume: its tracks).
+const URGENT_SLOTS: u64 = 1024;
 
 /// Most tracks a pair may have (its bitmaps take about 9 bits per track in memory).
 pub const MAX_TRACKS: u64 = 1 << 28;
@@ -257,12 +259,14 @@ impl Pair {
             locks: TrackLocks::new(tracks),
             gate: AtomicBool::new(false),
             inflight: AtomicU64::new(0),
-            mirrored: (0..MIRRORED_SLOTS).map(|_| AtomicU32::new(0)).collect(),
+            mirrored: (0..MIRRORED_SLOTS.min(tracks.next_power_of_two()))
+                .map(|_| AtomicU32::new(0))
+                .collect(),
             split_at_ns: AtomicU64::new(0),
             error: Mutex::new(None),
             copy_rate: AtomicU64::new(cfg.copy_rate),
             deleted: AtomicBool::new(false),
-            urgent: ArrayQueue::new(1024),
+            urgent: ArrayQueue::new(URGENT_SLOTS.min(tracks).max(16) as usize),
             full_speed: AtomicBool::new(false),
             stats: PairStats::default(),
             backup_frontier: AtomicU64::new(u64::MAX),

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::PoisonError;
 
-use super::state::{DIR_FORWARD, DIR_REVERSE, MIRRORED_SLOTS};
+use super::state::{DIR_FORWARD, DIR_REVERSE};
 use super::{Pair, PairError, PairState};
 
 impl Pair {
@@ -93,23 +93,25 @@ impl Pair {
 
     /// A mirrored write is about to touch `tracks`.
     pub(crate) fn begin_mirrored_write(&self, tracks: std::ops::Range<u64>) {
-        for t in tracks.take(MIRRORED_SLOTS as usize) {
-            self.mirrored[(t % MIRRORED_SLOTS) as usize].fetch_add(1, Ordering::SeqCst);
+        let slots = self.mirrored.len() as u64;
+        for t in tracks.take(slots as usize) {
+            self.mirrored[(t % slots) as usize].fetch_add(1, Ordering::SeqCst);
         }
     }
 
     /// A mirrored write on `tracks` finished (its tracks are marked pending).
     pub(crate) fn end_mirrored_write(&self, tracks: std::ops::Range<u64>) {
-        for t in tracks.take(MIRRORED_SLOTS as usize) {
-            self.mirrored[(t % MIRRORED_SLOTS) as usize].fetch_sub(1, Ordering::SeqCst);
+        let slots = self.mirrored.len() as u64;
+        for t in tracks.take(slots as usize) {
+            self.mirrored[(t % slots) as usize].fetch_sub(1, Ordering::SeqCst);
         }
     }
 
     /// True while a write mirrored before the split may still be in flight on `tracks`.
     pub(crate) fn mirrored_writes_in_flight(&self, tracks: std::ops::Range<u64>) -> bool {
-        tracks
-            .take(MIRRORED_SLOTS as usize)
-            .any(|t| self.mirrored[(t % MIRRORED_SLOTS) as usize].load(Ordering::SeqCst) != 0)
+        tracks.take(self.mirrored.len()).any(|t| {
+            self.mirrored[(t % self.mirrored.len() as u64) as usize].load(Ordering::SeqCst) != 0
+        })
     }
 
     fn wrong_state(&self, what: &str) -> PairError {
