@@ -97,6 +97,8 @@ struct BufferTable {
     free: Vec<u16>,
     /// The region list's generation this table last matched.
     generation: Option<u64>,
+    /// Regions that could not be registered (no slot free, or refused) in this generation.
+    refused: std::collections::HashSet<u64>,
     usable: bool,
 }
 
@@ -180,6 +182,7 @@ impl SharedRing {
                     index: HashMap::new(),
                     free: (0..BUFFER_SLOTS as u16).rev().collect(),
                     generation: None,
+                    refused: std::collections::HashSet::new(),
                     usable,
                 },
                 capacity,
@@ -193,7 +196,7 @@ impl SharedRing {
     /// is its descriptor; the caller keeps both alive until the channel is closed.
     pub(super) fn open_channel<T>(&self, file: &Arc<T>, fd: RawFd, depth: usize) -> ChannelKey {
         let mut inner = self.inner.borrow_mut();
-        inner.sync_buffers();
+        inner.sync_buffers(None);
         let file_key = Arc::as_ptr(file) as usize;
         let target = inner.attach_file(file_key, fd);
         inner.channels.insert(ChannelQueue {
@@ -413,61 +416,76 @@ impl Inner {
         self.file_slots = slots;
     }
 
-    /// Registers the DMA regions made since last time as fixed buffers, and frees the slots of
-    /// regions gone.
-    fn sync_buffers(&mut self) {
-        let generation = hugepages::regions_generation();
-        if !self.buffers.usable || self.buffers.generation == Some(generation) {
+    /// Frees the fixed-buffer slots of regions gone since last time, and registers region
+    /// `wanted` (one a request uses) if it is live and a slot is free. Only the regions a ring's
+    /// requests use are registered: a ring made for a moment's blocking I/O does not pin every
+    /// pool of the process.
+    fn sync_buffers(&mut self, wanted: Option<u64>) {
+        if !self.buffers.usable {
             return;
         }
-        self.buffers.generation = Some(generation);
+        let generation = hugepages::regions_generation();
+        let changed = self.buffers.generation != Some(generation);
+        if !changed && wanted.is_none_or(|id| self.buffers.refused.contains(&id)) {
+            return;
+        }
         let live = hugepages::live_regions();
-        let gone: Vec<u64> = self
-            .buffers
-            .index
-            .keys()
-            .filter(|id| !live.iter().any(|r| r.id == **id))
-            .copied()
-            .collect();
         let submitter = self.ring.submitter();
-        for id in gone {
-            let Some(index) = self.buffers.index.remove(&id) else {
-                continue;
-            };
-            let empty = libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            };
-            // SAFETY: an empty iovec registers nothing; the slot's old buffer is released by
-            // the kernel once no request uses it.
-            match unsafe { submitter.register_buffers_update(index as u32, &[empty], None) } {
-                Ok(()) => self.buffers.free.push(index),
-                Err(err) => tracing::debug!(%err, "io_uring fixed buffer slot not cleared"),
+        if changed {
+            self.buffers.generation = Some(generation);
+            self.buffers.refused.clear();
+            let gone: Vec<u64> = self
+                .buffers
+                .index
+                .keys()
+                .filter(|id| !live.iter().any(|r| r.id == **id))
+                .copied()
+                .collect();
+            for id in gone {
+                let Some(index) = self.buffers.index.remove(&id) else {
+                    continue;
+                };
+                let empty = libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                };
+                // SAFETY: an empty iovec registers nothing; the slot's old buffer is released
+                // by the kernel once no request uses it.
+                match unsafe { submitter.register_buffers_update(index as u32, &[empty], None) } {
+                    Ok(()) => self.buffers.free.push(index),
+                    Err(err) => tracing::debug!(%err, "io_uring fixed buffer slot not cleared"),
+                }
             }
         }
-        for region in live {
-            if self.buffers.index.contains_key(&region.id) {
-                continue;
+        let Some(id) = wanted else {
+            return;
+        };
+        if self.buffers.index.contains_key(&id) {
+            return;
+        }
+        let (Some(region), Some(index)) = (
+            live.iter().find(|r| r.id == id),
+            self.buffers.free.pop(),
+        ) else {
+            self.buffers.refused.insert(id);
+            return;
+        };
+        let iov = libc::iovec {
+            iov_base: region.addr as *mut libc::c_void,
+            iov_len: region.len,
+        };
+        // SAFETY: the iovec describes a live DMA region. The kernel pins its pages, so they stay
+        // valid for fixed operations even after the region is unmapped; fixed operations are
+        // built only for buffers of regions found in `index`, which holds live regions only (a
+        // region's id is never reused, and gone ones are dropped when the generation moves).
+        match unsafe { submitter.register_buffers_update(index as u32, &[iov], None) } {
+            Ok(()) => {
+                self.buffers.index.insert(id, index);
             }
-            let Some(index) = self.buffers.free.pop() else {
-                break;
-            };
-            let iov = libc::iovec {
-                iov_base: region.addr as *mut libc::c_void,
-                iov_len: region.len,
-            };
-            // SAFETY: the iovec describes a live DMA region. The kernel pins its pages, so they
-            // stay valid for fixed operations even after the region is unmapped; fixed
-            // operations are built only for buffers of regions found in `index`, which holds
-            // live regions only (a region's id is never reused).
-            match unsafe { submitter.register_buffers_update(index as u32, &[iov], None) } {
-                Ok(()) => {
-                    self.buffers.index.insert(region.id, index);
-                }
-                Err(err) => {
-                    tracing::debug!(%err, "io_uring fixed buffer not registered");
-                    self.buffers.free.push(index);
-                }
+            Err(err) => {
+                tracing::debug!(%err, "io_uring fixed buffer not registered");
+                self.buffers.free.push(index);
+                self.buffers.refused.insert(id);
             }
         }
     }
@@ -476,7 +494,7 @@ impl Inner {
         if let Some(&i) = self.buffers.index.get(&region_id) {
             return Some(i);
         }
-        self.sync_buffers();
+        self.sync_buffers(Some(region_id));
         self.buffers.index.get(&region_id).copied()
     }
 
