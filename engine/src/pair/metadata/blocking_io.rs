@@ -97,28 +97,6 @@ impl BlockingIo {
             .map(|_| ())
     }
 
-    pub(crate) fn write_map(
-        &mut self,
-        layout: &Layout,
-        map: MapKind,
-        words: &[u64],
-    ) -> Result<(), MetaError> {
-        let mut page = 0;
-        while page < layout.pages_per_map {
-            let n = (layout.pages_per_map - page).min(PAGES_PER_IO as u64);
-            let mut blocks = Vec::with_capacity(n as usize);
-            for p in page..page + n {
-                let mut b = vec![0u8; BLOCK as usize];
-                encode_page(map, p, &words[layout.page_words(p)], &mut b);
-                blocks.push(b);
-            }
-            let refs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
-            self.write(layout.page_offset(map, page), &refs)?;
-            page += n;
-        }
-        Ok(())
-    }
-
     pub(crate) fn read_map(
         &mut self,
         layout: &Layout,

@@ -390,15 +390,18 @@ impl Metadata {
         }
         let empty = vec![0u64; layout.words() as usize];
         let mut io = BlockingIo::open(&meta.bdev)?;
-        let mut block = vec![0u8; BLOCK as usize];
+        // The whole image at once: both header slots, then every map's pages in on-disk order
+        // (contiguous), so a new pair costs a few large writes and one flush.
+        let mut image: Vec<Vec<u8>> = Vec::with_capacity(layout.size().div_ceil(BLOCK) as usize);
         for slot in 0..HEADER_SLOTS {
             // Both slots: the older one is never left from a previous pair of that name.
             let mut r = rec.clone();
             if rec.seq % 2 != slot {
                 r.seq = rec.seq.saturating_sub(1);
             }
+            let mut block = vec![0u8; BLOCK as usize];
             encode_header(&r, layout.format, &mut block)?;
-            io.write(slot * BLOCK, &[block.as_slice()])?;
+            image.push(block);
         }
         for map in layout.map_kinds() {
             let words = if map == MapKind::Pending {
@@ -406,8 +409,15 @@ impl Metadata {
             } else {
                 &empty
             };
-            io.write_map(&layout, map, words)?;
+            for page in 0..layout.pages_per_map {
+                debug_assert_eq!(layout.page_offset(map, page), image.len() as u64 * BLOCK);
+                let mut block = vec![0u8; BLOCK as usize];
+                encode_page(map, page, &words[layout.page_words(page)], &mut block);
+                image.push(block);
+            }
         }
+        let blocks: Vec<&[u8]> = image.iter().map(Vec::as_slice).collect();
+        io.write(0, &blocks)?;
         io.flush()?;
         for (w, v) in pending.iter().enumerate() {
             meta.maps[0].want[w].store(*v, Ordering::SeqCst);

@@ -77,23 +77,51 @@ fn maps_keep_one_bit_a_track_in_memory_and_whole_pages_on_disk() {
     let layout = Layout::new(tracks);
     assert_eq!(layout.pages_per_map, 2);
     assert_eq!(layout.words(), tracks.div_ceil(64));
-    assert_eq!(layout.page_words(1), WORDS_PER_PAGE as usize..layout.words() as usize);
-    let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::create("m", layout.size(), 4096).unwrap());
-    let mut io = BlockingIo::open(&bdev).unwrap();
+    assert_eq!(
+        layout.page_words(1),
+        WORDS_PER_PAGE as usize..layout.words() as usize
+    );
     let mut words = vec![0u64; layout.words() as usize];
     for t in [0, 63, TRACKS_PER_PAGE - 1, TRACKS_PER_PAGE, tracks - 1] {
         words[(t / 64) as usize] |= 1 << (t % 64);
     }
     // The page buffer held other data before: the unused words are written as zeroes.
     let mut stale = vec![0xffu8; BLOCK as usize];
-    encode_page(MapKind::Pending, 1, &words[layout.page_words(1)], &mut stale);
+    encode_page(
+        MapKind::Pending,
+        1,
+        &words[layout.page_words(1)],
+        &mut stale,
+    );
     let mut full = vec![0u64; WORDS_PER_PAGE as usize];
     decode_page(MapKind::Pending, 1, &stale, &mut full).unwrap();
     let used = layout.page_words(1).len();
     assert_eq!(&full[..used], &words[layout.page_words(1)]);
     assert!(full[used..].iter().all(|&w| w == 0));
-    io.write_map(&layout, MapKind::Pending, &words).unwrap();
-    assert_eq!(io.read_map(&layout, MapKind::Pending).unwrap(), words);
+    // A new pair's metadata, written as one image: every track pending, the other maps empty,
+    // each page where the layout puts it.
+    let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::create("m", layout.size(), 4096).unwrap());
+    let rec = HeaderRecord {
+        tracks,
+        ..header(1)
+    };
+    let meta = Metadata::initialize(Arc::clone(&bdev), &rec).unwrap();
+    drop(meta);
+    let mut io = BlockingIo::open(&bdev).unwrap();
+    let mut all = vec![u64::MAX; layout.words() as usize];
+    if !tracks.is_multiple_of(64) {
+        *all.last_mut().unwrap() = (1u64 << (tracks % 64)) - 1;
+    }
+    assert_eq!(io.read_map(&layout, MapKind::Pending).unwrap(), all);
+    for map in layout.map_kinds().skip(1) {
+        assert!(
+            io.read_map(&layout, map).unwrap().iter().all(|&w| w == 0),
+            "{map:?}"
+        );
+    }
+    drop(io);
+    let (_, loaded) = Metadata::load(bdev, tracks).unwrap();
+    assert_eq!(loaded.header.seq, 1);
     // A small volume's maps take a few words, not a page each.
     assert_eq!(Layout::new(256).words(), 4);
     assert_eq!(PersistedSet::new(&Layout::new(256)).want.len(), 4);
