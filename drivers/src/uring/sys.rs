@@ -463,10 +463,12 @@ impl Inner {
         if self.buffers.index.contains_key(&id) {
             return;
         }
-        let (Some(region), Some(index)) = (
-            live.iter().find(|r| r.id == id),
-            self.buffers.free.pop(),
-        ) else {
+        // The region first: a slot is taken only for a region that is there.
+        let Some(region) = live.iter().find(|r| r.id == id) else {
+            self.buffers.refused.insert(id);
+            return;
+        };
+        let Some(index) = self.buffers.free.pop() else {
             self.buffers.refused.insert(id);
             return;
         };
