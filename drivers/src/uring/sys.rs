@@ -57,6 +57,9 @@ macro_rules! on_target {
 
 /// A channel's place on the shared ring.
 pub(super) type ChannelKey = usize;
+/// The channel of requests whose channel closed without waiting for them (see
+/// `SharedRing::close_channel`).
+const ORPHANED: ChannelKey = usize::MAX;
 
 struct Inflight {
     channel: ChannelKey,
@@ -111,8 +114,6 @@ struct Inner {
     file_slots: u32,
     free_file_slots: Vec<u32>,
     buffers: BufferTable,
-    /// Requests in flight the completion queue has room for.
-    capacity: usize,
     unsubmitted: bool,
 }
 
@@ -170,6 +171,9 @@ impl SharedRing {
             }
         };
         let capacity = ring.params().cq_entries() as usize;
+        if !ring.params().is_feature_nodrop() {
+            tracing::warn!("this kernel's io_uring may drop completions when its queue is full");
+        }
         Ok(Self {
             inner: RefCell::new(Inner {
                 ring,
@@ -185,7 +189,6 @@ impl SharedRing {
                     refused: std::collections::HashSet::new(),
                     usable,
                 },
-                capacity,
                 unsubmitted: false,
             }),
         })
@@ -217,16 +220,13 @@ impl SharedRing {
                 if err.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
-                // The kernel may still write into these buffers: never give them back.
+                // The kernel may still use these buffers: the requests stay in the slab (their
+                // keys are not reused) as orphans, dropped only when they complete.
                 tracing::error!(%err, "io_uring wait failed while closing a channel");
-                let lost: Vec<usize> = inner
-                    .inflight
-                    .iter()
-                    .filter(|(_, e)| e.channel == key)
-                    .map(|(k, _)| k)
-                    .collect();
-                for k in lost {
-                    std::mem::forget(inner.inflight.remove(k));
+                for (_, e) in inner.inflight.iter_mut() {
+                    if e.channel == key {
+                        e.channel = ORPHANED;
+                    }
                 }
                 break;
             }
@@ -253,9 +253,10 @@ impl SharedRing {
             return queue_full(req);
         };
         let target = channel.target;
-        if channel.in_flight + channel.done.len() >= channel.depth
-            || inner.inflight.len() >= inner.capacity
-        {
+        // Only the channel's own depth limits it, as when each channel had a ring: callers
+        // size their work by that depth. Completions beyond the completion queue's size wait
+        // in the kernel (no drop) until `reap_all` makes room.
+        if channel.in_flight + channel.done.len() >= channel.depth {
             return queue_full(req);
         }
         let IoRequest {
@@ -592,17 +593,28 @@ impl Inner {
 
     /// Submits what is queued and sorts every finished request into its channel's queue.
     fn reap_all(&mut self) {
-        if self.unsubmitted || (!self.inflight.is_empty() && self.ring.submission().taskrun()) {
-            match self.ring.submit() {
-                Ok(_) => self.unsubmitted = false,
-                Err(err) => tracing::debug!(%err, "io_uring submit deferred"),
+        let mut finished = Vec::new();
+        loop {
+            let sq = self.ring.submission();
+            // Entering the kernel also moves completions that overflowed the queue into it.
+            let enter = self.unsubmitted
+                || (!self.inflight.is_empty() && (sq.taskrun() || sq.cq_overflow()));
+            drop(sq);
+            if enter {
+                match self.ring.submit() {
+                    Ok(_) => self.unsubmitted = false,
+                    Err(err) => tracing::debug!(%err, "io_uring submit deferred"),
+                }
+            }
+            let before = finished.len();
+            for cqe in self.ring.completion() {
+                finished.push((cqe.user_data() as usize, cqe.result()));
+            }
+            if finished.len() == before || !self.ring.submission().cq_overflow() {
+                break;
             }
         }
         let mut retry = Vec::new();
-        let mut finished = Vec::new();
-        for cqe in self.ring.completion() {
-            finished.push((cqe.user_data() as usize, cqe.result()));
-        }
         for (key, res) in finished {
             let Some(mut e) = self.inflight.try_remove(key) else {
                 tracing::error!(key, "io_uring completion for an unknown request");
@@ -656,6 +668,8 @@ impl Inner {
                 c.in_flight -= 1;
                 c.done.push(completion);
             }
+            // Done at last: its buffers can go back.
+            None if channel == ORPHANED => {}
             None => tracing::error!("io_uring completion for a closed channel"),
         }
     }
