@@ -271,11 +271,15 @@ impl MetaWriter {
         // A header whose state the split journal already holds is written with the next
         // pages, cleaning pass or sync, not at once: after a split of a thousand pairs, a
         // thousand header writes and flushes would compete with everything else.
-        let due = std::mem::take(&mut self.header_due)
-            || !batch.pages.is_empty()
-            || wanted > meta.state_durable_seq();
+        let due = self.header_due || !batch.pages.is_empty() || wanted > meta.state_durable_seq();
         // The hold is read after the number: it was set before a held number was taken.
-        if wanted > meta.header_durable() && !meta.header_held() && due {
+        let held = meta.header_held();
+        if !held && wanted <= meta.header_durable() {
+            // Nothing to write; a header held back keeps the pass or sync that asked for it.
+            self.header_due = false;
+        }
+        if wanted > meta.header_durable() && !held && due {
+            self.header_due = false;
             if meta.header_flush_data.swap(false, Ordering::SeqCst) {
                 clears = true;
                 flush_p = true;
