@@ -131,3 +131,54 @@ impl BlockingIo {
         Ok(words)
     }
 }
+
+/// Blocks written in order from offset 0, a request's worth at a time (a new pair's
+/// metadata, without holding all of it in memory).
+pub(crate) struct Image<'a> {
+    io: &'a mut BlockingIo,
+    blocks: Vec<Vec<u8>>,
+    /// Blocks written so far.
+    written: u64,
+}
+
+impl<'a> Image<'a> {
+    pub(crate) fn new(io: &'a mut BlockingIo) -> Self {
+        Self {
+            io,
+            blocks: Vec::with_capacity(PAGES_PER_IO),
+            written: 0,
+        }
+    }
+
+    /// The byte offset of the next block.
+    pub(crate) fn offset(&self) -> u64 {
+        (self.written + self.blocks.len() as u64) * BLOCK
+    }
+
+    /// The next block, zeroed, for the caller to fill; the blocks before it go out once a
+    /// request's worth is ready.
+    pub(crate) fn next_block(&mut self) -> Result<&mut [u8], MetaError> {
+        if self.blocks.len() == PAGES_PER_IO {
+            self.write_out()?;
+        }
+        self.blocks.push(vec![0u8; BLOCK as usize]);
+        let last = self.blocks.len() - 1;
+        Ok(self.blocks[last].as_mut_slice())
+    }
+
+    /// Writes what is left.
+    pub(crate) fn finish(mut self) -> Result<(), MetaError> {
+        self.write_out()
+    }
+
+    fn write_out(&mut self) -> Result<(), MetaError> {
+        if self.blocks.is_empty() {
+            return Ok(());
+        }
+        let refs: Vec<&[u8]> = self.blocks.iter().map(Vec::as_slice).collect();
+        self.io.write(self.written * BLOCK, &refs)?;
+        self.written += self.blocks.len() as u64;
+        self.blocks.clear();
+        Ok(())
+    }
+}

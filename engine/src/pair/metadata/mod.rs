@@ -35,7 +35,7 @@ pub(crate) mod blocking_io;
 mod format;
 pub mod writer;
 
-use blocking_io::BlockingIo;
+use blocking_io::{BlockingIo, Image};
 pub use format::*;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -390,18 +390,17 @@ impl Metadata {
         }
         let empty = vec![0u64; layout.words() as usize];
         let mut io = BlockingIo::open(&meta.bdev)?;
-        // The whole image at once: both header slots, then every map's pages in on-disk order
-        // (contiguous), so a new pair costs a few large writes and one flush.
-        let mut image: Vec<Vec<u8>> = Vec::with_capacity(layout.size().div_ceil(BLOCK) as usize);
+        // The whole image in order: both header slots, then every map's pages in on-disk order
+        // (contiguous), written in large requests, so a new pair costs a few writes and one
+        // flush.
+        let mut image = Image::new(&mut io);
         for slot in 0..HEADER_SLOTS {
             // Both slots: the older one is never left from a previous pair of that name.
             let mut r = rec.clone();
             if rec.seq % 2 != slot {
                 r.seq = rec.seq.saturating_sub(1);
             }
-            let mut block = vec![0u8; BLOCK as usize];
-            encode_header(&r, layout.format, &mut block)?;
-            image.push(block);
+            encode_header(&r, layout.format, image.next_block()?)?;
         }
         for map in layout.map_kinds() {
             let words = if map == MapKind::Pending {
@@ -410,14 +409,12 @@ impl Metadata {
                 &empty
             };
             for page in 0..layout.pages_per_map {
-                debug_assert_eq!(layout.page_offset(map, page), image.len() as u64 * BLOCK);
-                let mut block = vec![0u8; BLOCK as usize];
-                encode_page(map, page, &words[layout.page_words(page)], &mut block);
-                image.push(block);
+                debug_assert_eq!(layout.page_offset(map, page), image.offset());
+                let block = image.next_block()?;
+                encode_page(map, page, &words[layout.page_words(page)], block);
             }
         }
-        let blocks: Vec<&[u8]> = image.iter().map(Vec::as_slice).collect();
-        io.write(0, &blocks)?;
+        image.finish()?;
         io.flush()?;
         for (w, v) in pending.iter().enumerate() {
             meta.maps[0].want[w].store(*v, Ordering::SeqCst);

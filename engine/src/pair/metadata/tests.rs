@@ -72,32 +72,26 @@ fn header_and_page_round_trip_and_any_flipped_bit_is_caught() {
 #[test]
 fn maps_keep_one_bit_a_track_in_memory_and_whole_pages_on_disk() {
     use drivers::malloc::MallocBdev;
-    // Two pages a map, the second partly used.
-    let tracks = TRACKS_PER_PAGE + 100;
+    // Six pages a map, the last partly used: the image (2 + 12 * 6 blocks) takes more than
+    // one request.
+    let tracks = 5 * TRACKS_PER_PAGE + 100;
     let layout = Layout::new(tracks);
-    assert_eq!(layout.pages_per_map, 2);
+    assert_eq!(layout.pages_per_map, 6);
+    assert!(layout.size() / BLOCK > blocking_io::PAGES_PER_IO as u64);
     assert_eq!(layout.words(), tracks.div_ceil(64));
-    assert_eq!(
-        layout.page_words(1),
-        WORDS_PER_PAGE as usize..layout.words() as usize
-    );
+    let last = layout.page_words(5);
+    assert_eq!(last, 5 * WORDS_PER_PAGE as usize..layout.words() as usize);
     let mut words = vec![0u64; layout.words() as usize];
-    for t in [0, 63, TRACKS_PER_PAGE - 1, TRACKS_PER_PAGE, tracks - 1] {
+    for t in [0, 63, TRACKS_PER_PAGE, 5 * TRACKS_PER_PAGE, tracks - 1] {
         words[(t / 64) as usize] |= 1 << (t % 64);
     }
     // The page buffer held other data before: the unused words are written as zeroes.
     let mut stale = vec![0xffu8; BLOCK as usize];
-    encode_page(
-        MapKind::Pending,
-        1,
-        &words[layout.page_words(1)],
-        &mut stale,
-    );
+    encode_page(MapKind::Pending, 5, &words[last.clone()], &mut stale);
     let mut full = vec![0u64; WORDS_PER_PAGE as usize];
-    decode_page(MapKind::Pending, 1, &stale, &mut full).unwrap();
-    let used = layout.page_words(1).len();
-    assert_eq!(&full[..used], &words[layout.page_words(1)]);
-    assert!(full[used..].iter().all(|&w| w == 0));
+    decode_page(MapKind::Pending, 5, &stale, &mut full).unwrap();
+    assert_eq!(&full[..last.len()], &words[last.clone()]);
+    assert!(full[last.len()..].iter().all(|&w| w == 0));
     // A new pair's metadata, written as one image: every track pending, the other maps empty,
     // each page where the layout puts it.
     let bdev: Arc<dyn Bdev> = Arc::new(MallocBdev::create("m", layout.size(), 4096).unwrap());
@@ -105,8 +99,7 @@ fn maps_keep_one_bit_a_track_in_memory_and_whole_pages_on_disk() {
         tracks,
         ..header(1)
     };
-    let meta = Metadata::initialize(Arc::clone(&bdev), &rec).unwrap();
-    drop(meta);
+    drop(Metadata::initialize(Arc::clone(&bdev), &rec).unwrap());
     let mut io = BlockingIo::open(&bdev).unwrap();
     let mut all = vec![u64::MAX; layout.words() as usize];
     if !tracks.is_multiple_of(64) {
