@@ -48,7 +48,7 @@ fn pair(name: &str, instance: u64) -> Arc<Pair> {
 
 /// Writes the journal's queued records (as the control poller does) until record `number` is
 /// done.
-fn wait(journal: &SplitJournal, number: u64) -> Result<(), String> {
+fn wait(journal: &Arc<SplitJournal>, number: u64) -> Result<(), String> {
     let t = Instant::now();
     let mut writer = JournalWriter::default();
     loop {

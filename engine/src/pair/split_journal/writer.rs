@@ -25,6 +25,9 @@ struct Current {
 /// Moves a journal's records to its device, a step at a time (see [`JournalWriter::pump`]).
 #[derive(Default)]
 pub struct JournalWriter {
+    /// The journal the record being written belongs to (it is finished there even if the
+    /// engine switched journals meanwhile).
+    journal: Option<Arc<SplitJournal>>,
     /// The journal's device the channel writes to.
     bdev: Option<Arc<dyn Bdev>>,
     ch: Option<Box<dyn IoChannel>>,
@@ -36,7 +39,12 @@ pub struct JournalWriter {
 impl JournalWriter {
     /// Does what can be done now for `journal`'s records (opening a channel with `ctx` on
     /// first use); true when it did anything.
-    pub fn pump(&mut self, journal: &SplitJournal, ctx: &ChannelContext) -> bool {
+    pub fn pump(&mut self, journal: &Arc<SplitJournal>, ctx: &ChannelContext) -> bool {
+        let journal_arc = match (&self.current, &self.journal) {
+            (Some(_), Some(own)) => Arc::clone(own),
+            _ => Arc::clone(journal),
+        };
+        let journal = journal_arc.as_ref();
         if self.current.is_none() && !self.open_for(journal, ctx) {
             return false;
         }
@@ -57,6 +65,7 @@ impl JournalWriter {
             let Some(placed) = journal.take() else {
                 return busy;
             };
+            self.journal = Some(Arc::clone(&journal_arc));
             self.current = Some(Current {
                 placed,
                 sent: 0,
