@@ -216,10 +216,7 @@ impl SharedRing {
     pub(super) fn close_channel(&self, key: ChannelKey) {
         let mut inner = self.inner.borrow_mut();
         while inner.channels.get(key).is_some_and(|c| c.in_flight > 0) {
-            if let Err(err) = inner.ring.submit_and_wait(1) {
-                if err.raw_os_error() == Some(libc::EINTR) {
-                    continue;
-                }
+            if let Err(err) = inner.wait_and_reap() {
                 // The kernel may still use these buffers: the requests stay in the slab (their
                 // keys are not reused) as orphans, dropped only when they complete.
                 tracing::error!(%err, "io_uring wait failed while closing a channel");
@@ -230,8 +227,6 @@ impl SharedRing {
                 }
                 break;
             }
-            inner.unsubmitted = false;
-            inner.reap_all();
         }
         if let Some(channel) = inner.channels.try_remove(key) {
             inner.detach_file(channel.file_key);
@@ -361,6 +356,21 @@ impl Inner {
         }
     }
 
+    /// Submits what is queued, waits for at least one completion and sorts what finished into
+    /// the channels' queues.
+    fn wait_and_reap(&mut self) -> std::io::Result<()> {
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => break,
+                Err(err) if err.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        self.unsubmitted = false;
+        self.reap_all();
+        Ok(())
+    }
+
     /// Doubles the fixed-file table (registering it anew, which needs the ring idle: requests
     /// in flight are waited for and their completions kept for their channels).
     fn grow_file_table(&mut self) {
@@ -370,15 +380,10 @@ impl Inner {
             self.file_slots.saturating_mul(2)
         };
         while !self.inflight.is_empty() {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => self.unsubmitted = false,
-                Err(err) if err.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(err) => {
-                    tracing::debug!(%err, "io_uring busy: its fixed-file table stays as it is");
-                    return;
-                }
+            if let Err(err) = self.wait_and_reap() {
+                tracing::debug!(%err, "io_uring busy: its fixed-file table stays as it is");
+                return;
             }
-            self.reap_all();
         }
         let mut fds = vec![-1; slots as usize];
         for f in self.files.values() {
