@@ -171,6 +171,11 @@ impl SplitJournal {
         Ok(number)
     }
 
+    /// True while a record handed over is not done with (durable or failed).
+    fn has_unwritten(&self) -> bool {
+        self.done.load(Ordering::SeqCst) + 1 < self.next.load(Ordering::SeqCst)
+    }
+
     /// `None` while record `number` is being written; then whether it is durable.
     pub fn status(&self, number: u64) -> Option<Result<(), String>> {
         if self.done.load(Ordering::SeqCst) < number {

@@ -475,8 +475,7 @@ fn turn(cx: &mut ReactorContext, pollers: &mut pollers::Pollers) -> bool {
         pollers.add(poller, &cx.handle);
         changed = true;
     }
-    let handle = cx.handle.clone();
-    busy |= pollers.wake_due(&handle, cx.turn_started);
+    busy |= pollers.wake_due(&cx.handle, cx.turn_started);
     let (worked, removed) = pollers.poll_active(cx);
     busy |= worked;
     if !cx.new_pollers.is_empty() {

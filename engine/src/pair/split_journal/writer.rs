@@ -40,6 +40,10 @@ impl JournalWriter {
     /// Does what can be done now for `journal`'s records (opening a channel with `ctx` on
     /// first use); true when it did anything.
     pub fn pump(&mut self, journal: &Arc<SplitJournal>, ctx: &ChannelContext) -> bool {
+        // The usual case, on every turn of the control poller's reactor: nothing to write.
+        if self.current.is_none() && !journal.has_unwritten() {
+            return false;
+        }
         let journal_arc = match (&self.current, &self.journal) {
             (Some(_), Some(own)) => Arc::clone(own),
             _ => Arc::clone(journal),
@@ -77,7 +81,7 @@ impl JournalWriter {
         busy | self.step(journal)
     }
 
-    /// Keeps a channel to `journal`'s device; false when there is nothing to do or no channel.
+    /// Keeps a channel to `journal`'s device; false when there is none.
     fn open_for(&mut self, journal: &SplitJournal, ctx: &ChannelContext) -> bool {
         let same = self
             .bdev
@@ -85,9 +89,6 @@ impl JournalWriter {
             .is_some_and(|b| Arc::ptr_eq(b, &journal.bdev));
         if same && self.ch.is_some() {
             return true;
-        }
-        if journal.log.lock().map_or(true, |l| l.queue.is_empty()) {
-            return false;
         }
         let ch = journal.bdev.open_channel(&ChannelContext {
             queue_depth: 4,
