@@ -93,25 +93,34 @@ impl Pair {
 
     /// A mirrored write is about to touch `tracks`.
     pub(crate) fn begin_mirrored_write(&self, tracks: std::ops::Range<u64>) {
-        let slots = self.mirrored.len() as u64;
-        for t in tracks.take(slots as usize) {
-            self.mirrored[(t % slots) as usize].fetch_add(1, Ordering::SeqCst);
+        for slot in self.mirrored_slots(tracks) {
+            slot.fetch_add(1, Ordering::SeqCst);
         }
     }
 
     /// A mirrored write on `tracks` finished (its tracks are marked pending).
     pub(crate) fn end_mirrored_write(&self, tracks: std::ops::Range<u64>) {
-        let slots = self.mirrored.len() as u64;
-        for t in tracks.take(slots as usize) {
-            self.mirrored[(t % slots) as usize].fetch_sub(1, Ordering::SeqCst);
+        for slot in self.mirrored_slots(tracks) {
+            slot.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
     /// True while a write mirrored before the split may still be in flight on `tracks`.
     pub(crate) fn mirrored_writes_in_flight(&self, tracks: std::ops::Range<u64>) -> bool {
-        tracks.take(self.mirrored.len()).any(|t| {
-            self.mirrored[(t % self.mirrored.len() as u64) as usize].load(Ordering::SeqCst) != 0
-        })
+        self.mirrored_slots(tracks)
+            .any(|slot| slot.load(Ordering::SeqCst) != 0)
+    }
+
+    /// The counters of `tracks` (each slot once at most: a range longer than the slots
+    /// covers them all).
+    fn mirrored_slots(
+        &self,
+        tracks: std::ops::Range<u64>,
+    ) -> impl Iterator<Item = &std::sync::atomic::AtomicU32> {
+        let slots = self.mirrored.len() as u64;
+        tracks
+            .take(slots as usize)
+            .map(move |t| &self.mirrored[(t % slots) as usize])
     }
 
     fn wrong_state(&self, what: &str) -> PairError {
