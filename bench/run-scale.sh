@@ -2,7 +2,8 @@
 # What each pair costs, measured as a user would: the release build on 2 reactors
 # (`--idle adaptive`), N pairs of uring bdevs on sparse 16 MiB files (in a directory on the
 # state directory's file system), created over one RPC connection (3 requests a pair, sent one
-# after the other). Prints, for each N: the creation time, the engine's RSS and open fds, the
+# after the other). Prints, for each N: the creation time, the engine's RSS, its descriptors
+# and the files it holds without one (in io_uring holding rings, Linux 6.8+), the
 # reactors' busy share while everything is idle (5 s, once every pair is mirrored), the round
 # trip of a group split of the first 1,000 pairs (all of them when fewer; median and max of 10,
 # each followed by a resync), and of one pair's split (median of 10), and host 4 KiB randwrite IOPS through one pair's NBD export (fio, QD32, 5 s).
@@ -14,8 +15,9 @@ cd "$(dirname "$0")/.."
 . bench/common.sh
 counts=("$@"); [ ${#counts[@]} -gt 0 ] || counts=(10 1000)
 size_mib=${SIZE_MIB:-16}
-# Three open files a pair (P, S, its metadata): 10,000 pairs need a hard limit above 30,000
-# (raising it needs CAP_SYS_RESOURCE).
+# Three open files a pair (P, S, its metadata). Held files need no descriptor; where the kernel
+# cannot hold them, 10,000 pairs need a hard limit above 30,000 (raising it needs
+# CAP_SYS_RESOURCE).
 ulimit -Hn 65536 2>/dev/null || echo "open file limit: $(ulimit -Hn) (could not raise it)"
 ulimit -n "$(ulimit -Hn)"
 [ -n "${QS:-}" ] || cargo build --release --locked -p engine --bin quicksplit >/dev/null 2>&1
@@ -80,8 +82,34 @@ elif phase == "busy":
 PY
 }
 
+# Files held by the holding rings (short submission queues) of process $1.
+held_files() {
+  $py - "$1" <<'PY'
+import os, sys
+base = f"/proc/{sys.argv[1]}"
+held = 0
+for fd in os.listdir(f"{base}/fd"):
+    try:
+        if "io_uring" not in os.readlink(f"{base}/fd/{fd}"):
+            continue
+        lines = open(f"{base}/fdinfo/{fd}").read().splitlines()
+    except OSError:
+        continue
+    if not any(l.startswith("SqMask:") and l.split()[-1] == "0x3" for l in lines):
+        continue
+    start = next((i for i, l in enumerate(lines) if l.startswith("UserFiles")), None)
+    if start is None:
+        continue
+    for l in lines[start + 1:]:
+        if not l[:1].isspace():
+            break
+        held += 1
+print(held)
+PY
+}
+
 echo "load before: $(uptime)"
-printf '%8s %10s %10s %8s %10s %16s %16s %14s\n' pairs create_s rss_mib fds idle_busy "group split ms" "(max)" "one split ms"
+printf '%8s %10s %10s %8s %8s %10s %16s %16s %14s\n' pairs create_s rss_mib fds held idle_busy "group split ms" "(max)" "one split ms"
 # (the group: the first 1,000 pairs, or all when fewer)
 for n in "${counts[@]}"; do
   rm -rf "$work/state" "$work/files" "$work/rpc.sock"; mkdir -p "$work/files"
@@ -91,9 +119,10 @@ for n in "${counts[@]}"; do
   create=$(drive create "$n")
   rss=$(awk '/VmRSS/ {print int($2/1024)}' "/proc/$pid/status")
   fds=$(ls "/proc/$pid/fd" | wc -l)
+  held=$(held_files "$pid")
   busy=$(drive busy "$n")
   read -r gmed gmax one < <(drive splits "$n")
-  printf '%8d %10s %10s %8s %10s %16s %16s %14s\n' "$n" "$create" "$rss" "$fds" "$busy" "$gmed" "$gmax" "$one"
+  printf '%8d %10s %10s %8s %8s %10s %16s %16s %14s\n' "$n" "$create" "$rss" "$fds" "$held" "$busy" "$gmed" "$gmax" "$one"
   rpc nbd_export_start '{"name": "p0", "bdev": "p0", "socket": "'"$work"'/nbd.sock"}' >/dev/null
   iops=$(URI="nbd+unix:///p0?socket=$work/nbd.sock" RUNTIME=5 NUMJOBS=1 fio --output-format=json \
     bench/fio/nbd-randwrite.fio 2>/dev/null | grep -v '^fio:' \

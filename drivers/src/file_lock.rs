@@ -105,6 +105,8 @@ impl LockError {
 #[derive(Debug)]
 pub struct LockedFile {
     file: File,
+    /// Closed without unlocking: another reference to the open file keeps the lock.
+    keep_lock: bool,
 }
 
 impl LockedFile {
@@ -118,7 +120,12 @@ impl LockedFile {
                     std::thread::sleep(Duration::from_millis(10))
                 }
                 Err(e) => return Err(e),
-                Ok(()) => return Ok(Self { file }),
+                Ok(()) => {
+                    return Ok(Self {
+                        file,
+                        keep_lock: false,
+                    })
+                }
             }
         }
     }
@@ -127,10 +134,19 @@ impl LockedFile {
     pub fn file(&self) -> &File {
         &self.file
     }
+
+    /// Closes this descriptor but leaves the lock on the open file, for a holder that keeps
+    /// another reference to it (and unlocks it when done).
+    pub fn close_keeping_lock(mut self) {
+        self.keep_lock = true;
+    }
 }
 
 impl Drop for LockedFile {
     fn drop(&mut self) {
+        if self.keep_lock {
+            return;
+        }
         if let Err(err) = unlock(&self.file) {
             tracing::warn!(%err, "unlocking a file failed: it stays locked until the kernel closes it");
         }

@@ -1,8 +1,9 @@
-//! The uring bdevs of one thread share one io_uring ring: each file is one descriptor, held in
-//! the ring's fixed-file table (which grows past its first size), completions reach the channel
-//! that submitted them, a channel closing with requests in flight leaves the others' completions
-//! alone, DMA regions made after the ring are registered as fixed buffers, and a dropped bdev's
-//! file is unlocked at once. One test function: it counts the process's descriptors.
+//! The uring bdevs of one thread share one io_uring ring: each file is in the ring's fixed-file
+//! table once, completions reach the channel that submitted them, a channel closing with
+//! requests in flight leaves the others' completions alone, DMA regions made after the ring are
+//! registered as fixed buffers, and a dropped bdev's file is unlocked at once. Files are held
+//! without descriptors (in a holding ring) or, with holding off, one descriptor each. One test
+//! function: it counts the process's descriptors.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -84,7 +85,15 @@ fn drain(channels: &mut [Box<dyn IoChannel>]) -> HashMap<usize, Vec<IoCompletion
 
 #[test]
 fn uring_bdevs_of_a_thread_share_one_ring() {
-    let dir = std::env::temp_dir().join(format!("qs-uring-shared-{}", std::process::id()));
+    // Descriptors first: the holding ring, once made, stays for the process.
+    drivers::uring::set_file_holding(false);
+    shared_ring_scenario(false);
+    drivers::uring::set_file_holding(true);
+    shared_ring_scenario(true);
+}
+
+fn shared_ring_scenario(held: bool) {
+    let dir = std::env::temp_dir().join(format!("qs-uring-shared-{}-{held}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let fds_before = descriptors().len();
     let rings_before = rings().len();
@@ -112,31 +121,58 @@ fn uring_bdevs_of_a_thread_share_one_ring() {
         })
         .collect();
     let fds = descriptors();
-    assert_eq!(
-        fds.len() - fds_before,
-        BDEVS + 1,
-        "one descriptor per file and one ring: {fds:?}"
-    );
-    let ring_info = rings();
-    assert_eq!(ring_info.len(), rings_before + 1, "one ring for the thread");
-    let ring = ring_info
-        .iter()
-        .find(|r| {
-            fdinfo_section(r, "UserFiles")
-                .iter()
-                .any(|l| l.contains("qs-uring-shared"))
-        })
-        .expect("the shared ring")
-        .clone();
-    let files = fdinfo_section(&ring, "UserFiles");
-    for p in &paths {
-        let name = p.display().to_string();
+    let dir_name = dir.display().to_string();
+    if held {
+        // The thread's ring and one holding ring; no file has a descriptor.
+        assert_eq!(fds.len() - fds_before, 2, "two rings: {fds:?}");
+        assert!(
+            !fds.iter().any(|f| f.contains(&dir_name)),
+            "a held file has a descriptor: {fds:?}"
+        );
+    } else {
         assert_eq!(
-            files.iter().filter(|l| l.ends_with(&name)).count(),
-            1,
-            "{name} in the fixed-file table once: {files:?}"
+            fds.len() - fds_before,
+            BDEVS + 1,
+            "one descriptor per file and one ring: {fds:?}"
         );
     }
+    let ring_info = rings();
+    assert_eq!(
+        ring_info.len(),
+        rings_before + 1 + usize::from(held),
+        "one ring for the thread (and one holding ring)"
+    );
+    let tables: Vec<(PathBuf, Vec<String>)> = ring_info
+        .iter()
+        .map(|r| (r.clone(), fdinfo_section(r, "UserFiles")))
+        .filter(|(_, files)| files.iter().any(|l| l.contains(&dir_name)))
+        .collect();
+    assert_eq!(
+        tables.len(),
+        1 + usize::from(held),
+        "the files are in the thread's ring (and the holding ring)"
+    );
+    for (_, files) in &tables {
+        for p in &paths {
+            let name = p.display().to_string();
+            assert_eq!(
+                files.iter().filter(|l| l.ends_with(&name)).count(),
+                1,
+                "{name} in a fixed-file table once: {files:?}"
+            );
+        }
+    }
+    // The thread's ring is the one with a long submission queue (a holding ring's is short).
+    let ring = tables
+        .iter()
+        .map(|(r, _)| r.clone())
+        .find(|r| {
+            std::fs::read_to_string(r)
+                .expect("fdinfo")
+                .lines()
+                .any(|l| l.starts_with("SqMask:") && l.trim_end().ends_with("0x3ff"))
+        })
+        .expect("the thread's ring");
 
     // A pool made now: its region is registered as a fixed buffer on first use.
     let pool =
@@ -255,9 +291,16 @@ fn uring_bdevs_of_a_thread_share_one_ring() {
     }
     assert_eq!(
         rings().len(),
-        rings_before,
-        "the ring goes with its last channel"
+        rings_before + usize::from(held),
+        "the ring goes with its last channel (the holding ring stays)"
     );
-    assert_eq!(descriptors().len(), fds_before);
+    for r in rings() {
+        let files = fdinfo_section(&r, "UserFiles");
+        assert!(
+            !files.iter().any(|l| l.contains(&dir_name)),
+            "a dropped bdev's file is still held: {files:?}"
+        );
+    }
+    assert_eq!(descriptors().len(), fds_before + usize::from(held));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -2,7 +2,9 @@
 //! by all its uring bdevs.
 //!
 //! Files are opened with O_DIRECT where the file system allows it (tmpfs does not), once per
-//! bdev: the reactors' rings hold them in their fixed-file tables. DMA regions are registered as
+//! bdev: the reactors' rings hold them in their fixed-file tables, and where the kernel can make
+//! a descriptor from a fixed file again the bdev holds its file without one ([`held`]), so the
+//! number of volumes is not bounded by the open file limit. DMA regions are registered as
 //! fixed buffers so single-buffer requests skip the kernel's page pinning, and the ring signals
 //! the reactor's eventfd so an idle reactor can park. Every file is locked for writing as soon as
 //! it is open, before it is emptied or extended ([`LockedFile`]), and stays locked as long as
@@ -13,12 +15,14 @@
 //! with `lseek(SEEK_DATA/SEEK_HOLE)`.
 
 mod allocation;
+mod held;
 pub mod rpc;
 mod sys;
 
+pub use held::set_file_holding;
+
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -29,6 +33,7 @@ use crate::bdev::{
     IoRequest, SubmitResult,
 };
 use crate::file_lock::{Access, LockedFile};
+use held::BdevFile;
 
 /// A bdev over a file or block device.
 #[derive(Debug)]
@@ -36,7 +41,7 @@ pub struct UringBdev {
     name: String,
     path: PathBuf,
     /// Held by the bdev and each of its channels; unlocked when the last of them goes.
-    file: Arc<LockedFile>,
+    file: Arc<BdevFile>,
     geometry: Geometry,
     direct: bool,
 }
@@ -109,7 +114,7 @@ impl UringBdev {
         Ok(Self {
             name: name.to_string(),
             path: path.to_path_buf(),
-            file: Arc::new(file),
+            file: Arc::new(BdevFile::new(file)),
             geometry,
             direct,
         })
@@ -165,7 +170,9 @@ impl Bdev for UringBdev {
         let ring = sys::SharedRing::for_thread(ctx.wake_fd)
             .map_err(|e| BdevError::io(format!("io_uring for {}", self.name), e))?;
         let depth = ctx.queue_depth.clamp(32, 4096) as usize;
-        let key = ring.open_channel(&self.file, self.file.file().as_raw_fd(), depth);
+        let key = ring
+            .open_channel(&self.file, depth)
+            .map_err(|e| BdevError::io(format!("opening {} on io_uring", self.name), e))?;
         Ok(Box::new(UringChannel {
             geometry: self.geometry,
             ring,
@@ -181,8 +188,9 @@ impl Bdev for UringBdev {
     /// The file's holes read as zeroes: `lseek` finds them (a block device is all data).
     fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
         let block = self.geometry.block_size as u64;
-        allocation::file_extents(self.file.file(), offset, len, block, out);
-        Ok(())
+        self.file
+            .with_file(|file| allocation::file_extents(file, offset, len, block, out))
+            .map_err(|e| IoError::Device(e.raw_os_error().unwrap_or(libc::EIO)))
     }
 
     fn config(&self) -> serde_json::Value {
@@ -203,7 +211,7 @@ struct UringChannel {
     ring: Rc<sys::SharedRing>,
     key: sys::ChannelKey,
     /// Keeps the file open (and locked) while the channel lives.
-    _file: Arc<LockedFile>,
+    _file: Arc<BdevFile>,
 }
 
 impl Drop for UringChannel {

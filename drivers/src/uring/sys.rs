@@ -7,13 +7,14 @@
 //! One ring serves every uring channel a thread opens with the same wake-up eventfd (in the
 //! engine: every uring bdev on a reactor), as SPDK's uring bdev shares one ring per poll group:
 //! a thousand bdevs cost a thousand open files, not a ring each per reactor. Files sit in the
-//! ring's fixed-file table (one slot per file, whatever the number of its channels), which grows
-//! as bdevs come; a file the table cannot take is used through its descriptor. Completions are
-//! sorted into their channels' queues by whichever channel polls first.
+//! ring's fixed-file table (one slot per file, whatever the number of its channels), made at its
+//! full size (the open file limit); a file the table cannot take is used through a descriptor.
+//! Completions are sorted into their channels' queues by whichever channel polls first.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::RawFd;
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
@@ -21,14 +22,17 @@ use io_uring::{opcode, types, IoUring};
 use slab::Slab;
 
 use super::errno_error;
+use super::held::{open_file_limit, BdevFile};
 use crate::bdev::{queue_full, IoBufs, IoCompletion, IoError, IoOp, IoRequest, SubmitResult};
 
 /// Submission queue entries of a shared ring.
 const SQ_ENTRIES: u32 = 1024;
 /// Completion queue entries: requests in flight on one ring, all channels together.
 const CQ_ENTRIES: u32 = 4096;
-/// The fixed-file table's first size; it doubles when full.
-const FIRST_FILE_SLOTS: u32 = 64;
+/// The most slots a fixed-file table has (fewer when the open file limit is lower). The table
+/// is made at its full size: files held without a descriptor could not be registered again in a
+/// larger one.
+const MAX_FILE_SLOTS: u32 = 1 << 15;
 /// Fixed-buffer slots: one per DMA region.
 const BUFFER_SLOTS: u32 = 1024;
 
@@ -85,11 +89,12 @@ struct ChannelQueue {
     depth: usize,
 }
 
-/// One slot of the fixed-file table.
+/// A file of the ring's channels: its slot in the fixed-file table, or the descriptor its
+/// requests use when the table could not take it.
 struct FileSlot {
-    /// The file's descriptor, to register again when the table grows.
-    fd: RawFd,
-    slot: Option<u32>,
+    target: Target,
+    /// A descriptor made for this ring from a held file, kept while requests use it.
+    _descriptor: Option<File>,
     users: usize,
 }
 
@@ -111,7 +116,6 @@ struct Inner {
     channels: Slab<ChannelQueue>,
     /// Files by the address of their shared `File`.
     files: HashMap<usize, FileSlot>,
-    file_slots: u32,
     free_file_slots: Vec<u32>,
     buffers: BufferTable,
     unsubmitted: bool,
@@ -163,6 +167,14 @@ impl SharedRing {
         if let Some(fd) = wake_fd {
             ring.submitter().register_eventfd(fd)?;
         }
+        let file_slots = open_file_limit().min(MAX_FILE_SLOTS);
+        let file_slots = match ring.submitter().register_files_sparse(file_slots) {
+            Ok(()) => file_slots,
+            Err(err) => {
+                tracing::debug!(%err, "io_uring fixed files unavailable: requests name descriptors");
+                0
+            }
+        };
         let usable = match ring.submitter().register_buffers_sparse(BUFFER_SLOTS) {
             Ok(()) => true,
             Err(err) => {
@@ -180,8 +192,7 @@ impl SharedRing {
                 inflight: Slab::with_capacity(capacity),
                 channels: Slab::new(),
                 files: HashMap::new(),
-                file_slots: 0,
-                free_file_slots: Vec::new(),
+                free_file_slots: (0..file_slots).rev().collect(),
                 buffers: BufferTable {
                     index: HashMap::new(),
                     free: (0..BUFFER_SLOTS as u16).rev().collect(),
@@ -194,21 +205,25 @@ impl SharedRing {
         })
     }
 
-    /// Adds a channel doing I/O on `file` with at most `depth` requests in flight.
-    /// `file` identifies the open file (its address: every channel of a bdev shares it), `fd`
-    /// is its descriptor; the caller keeps both alive until the channel is closed.
-    pub(super) fn open_channel<T>(&self, file: &Arc<T>, fd: RawFd, depth: usize) -> ChannelKey {
+    /// Adds a channel doing I/O on `file` with at most `depth` requests in flight. Every
+    /// channel of a bdev shares its file (one slot); the caller keeps `file` alive until the
+    /// channel is closed.
+    pub(super) fn open_channel(
+        &self,
+        file: &Arc<BdevFile>,
+        depth: usize,
+    ) -> std::io::Result<ChannelKey> {
         let mut inner = self.inner.borrow_mut();
         inner.sync_buffers(None);
         let file_key = Arc::as_ptr(file) as usize;
-        let target = inner.attach_file(file_key, fd);
-        inner.channels.insert(ChannelQueue {
+        let target = inner.attach_file(file_key, file)?;
+        Ok(inner.channels.insert(ChannelQueue {
             target,
             file_key,
             done: Vec::new(),
             in_flight: 0,
             depth,
-        })
+        }))
     }
 
     /// Waits for the channel's requests in flight, then forgets it (and its file, if it was the
@@ -312,16 +327,21 @@ impl SharedRing {
 }
 
 impl Inner {
-    /// The file's slot in the fixed-file table (taking one, growing the table if it is full),
-    /// or its descriptor when the table cannot take it.
-    fn attach_file(&mut self, file_key: usize, fd: RawFd) -> Target {
+    /// The file's slot in the fixed-file table, or a descriptor when the table is full.
+    fn attach_file(&mut self, file_key: usize, file: &BdevFile) -> std::io::Result<Target> {
         if let Some(f) = self.files.get_mut(&file_key) {
             f.users += 1;
-            return f.slot.map_or(Target::Fd(f.fd), Target::Fixed);
+            return Ok(f.target);
         }
-        if self.free_file_slots.is_empty() {
-            self.grow_file_table();
-        }
+        // A held file has no descriptor: one is made to register it, and closed once the
+        // table holds it.
+        let (fd, made) = match file {
+            BdevFile::Descriptor(locked) => (locked.file().as_raw_fd(), None),
+            BdevFile::Held(held) => {
+                let made = held.descriptor()?;
+                (made.as_raw_fd(), Some(made))
+            }
+        };
         let slot = self.free_file_slots.pop().and_then(|slot| {
             match self.ring.submitter().register_files_update(slot, &[fd]) {
                 Ok(_) => Some(slot),
@@ -332,8 +352,19 @@ impl Inner {
                 }
             }
         });
-        self.files.insert(file_key, FileSlot { fd, slot, users: 1 });
-        slot.map_or(Target::Fd(fd), Target::Fixed)
+        let target = match slot {
+            Some(slot) => Target::Fixed(slot),
+            None => Target::Fd(fd),
+        };
+        self.files.insert(
+            file_key,
+            FileSlot {
+                target,
+                _descriptor: if slot.is_some() { None } else { made },
+                users: 1,
+            },
+        );
+        Ok(target)
     }
 
     fn detach_file(&mut self, file_key: usize) {
@@ -344,9 +375,10 @@ impl Inner {
         if f.users > 0 {
             return;
         }
-        let slot = f.slot;
-        self.files.remove(&file_key);
-        if let Some(slot) = slot {
+        let Some(f) = self.files.remove(&file_key) else {
+            return;
+        };
+        if let Target::Fixed(slot) = f.target {
             // The kernel drops its reference once no request uses the slot; the file's lock is
             // released by its owner, not by this.
             match self.ring.submitter().register_files_update(slot, &[-1]) {
@@ -369,57 +401,6 @@ impl Inner {
         self.unsubmitted = false;
         self.reap_all();
         Ok(())
-    }
-
-    /// Doubles the fixed-file table (registering it anew, which needs the ring idle: requests
-    /// in flight are waited for and their completions kept for their channels).
-    fn grow_file_table(&mut self) {
-        let slots = if self.file_slots == 0 {
-            FIRST_FILE_SLOTS
-        } else {
-            self.file_slots.saturating_mul(2)
-        };
-        while !self.inflight.is_empty() {
-            if let Err(err) = self.wait_and_reap() {
-                tracing::debug!(%err, "io_uring busy: its fixed-file table stays as it is");
-                return;
-            }
-        }
-        let mut fds = vec![-1; slots as usize];
-        for f in self.files.values() {
-            if let Some(slot) = f.slot {
-                fds[slot as usize] = f.fd;
-            }
-        }
-        let submitter = self.ring.submitter();
-        if self.file_slots > 0 {
-            if let Err(err) = submitter.unregister_files() {
-                tracing::debug!(%err, "io_uring fixed-file table kept at its size");
-                return;
-            }
-        }
-        if let Err(err) = submitter.register_files(&fds) {
-            // Too many for the process's descriptor limit: keep the table it had.
-            tracing::debug!(%err, slots, "io_uring fixed-file table not grown");
-            let mut old = fds;
-            old.truncate(self.file_slots as usize);
-            if self.file_slots > 0 && submitter.register_files(&old).is_err() {
-                // Without a table, every file goes through its descriptor.
-                for f in self.files.values_mut() {
-                    f.slot = None;
-                }
-                self.free_file_slots.clear();
-                self.file_slots = 0;
-                for c in self.channels.iter_mut().map(|(_, c)| c) {
-                    if let Some(f) = self.files.get(&c.file_key) {
-                        c.target = Target::Fd(f.fd);
-                    }
-                }
-            }
-            return;
-        }
-        self.free_file_slots.extend((self.file_slots..slots).rev());
-        self.file_slots = slots;
     }
 
     /// Frees the fixed-buffer slots of regions gone since last time, and registers region
