@@ -127,7 +127,8 @@ struct Shared {
     parked: AtomicBool,
     stop: AtomicBool,
     stats: ReactorStats,
-    poller_names: std::sync::Mutex<Vec<String>>,
+    /// Its pollers' names by key.
+    poller_names: std::sync::Mutex<std::collections::BTreeMap<usize, String>>,
 }
 
 /// A handle to a reactor, usable from any thread.
@@ -172,7 +173,7 @@ impl ReactorHandle {
         self.shared
             .poller_names
             .lock()
-            .map(|g| g.clone())
+            .map(|g| g.values().cloned().collect())
             .unwrap_or_default()
     }
 
@@ -343,7 +344,7 @@ impl Reactors {
                 parked: AtomicBool::new(false),
                 stop: AtomicBool::new(false),
                 stats: ReactorStats::default(),
-                poller_names: std::sync::Mutex::new(Vec::new()),
+                poller_names: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             });
             let handle = ReactorHandle { shared };
             let (h, idle) = (handle.clone(), opts.idle);
@@ -470,10 +471,10 @@ fn turn(cx: &mut ReactorContext, pollers: &mut pollers::Pollers) -> bool {
             None => break,
         }
     }
-    let mut changed = false;
+    let mut added = Vec::new();
     for poller in std::mem::take(&mut cx.new_pollers) {
-        pollers.add(poller, &cx.handle);
-        changed = true;
+        let name = poller.name().to_string();
+        added.push((pollers.add(poller, &cx.handle), name));
     }
     busy |= pollers.wake_due(&cx.handle, cx.turn_started);
     let (worked, removed) = pollers.poll_active(cx);
@@ -481,17 +482,28 @@ fn turn(cx: &mut ReactorContext, pollers: &mut pollers::Pollers) -> bool {
     if !cx.new_pollers.is_empty() {
         busy = true;
     }
-    if changed || removed {
-        publish_pollers(cx, pollers);
+    if !added.is_empty() || !removed.is_empty() {
+        publish_pollers(cx, pollers.len(), added, &removed);
     }
     busy
 }
 
-fn publish_pollers(cx: &ReactorContext, pollers: &pollers::Pollers) {
+/// Updates the published poller list by what changed (a reactor may run tens of thousands of
+/// pollers: adding one must not rebuild the list).
+fn publish_pollers(
+    cx: &ReactorContext,
+    count: usize,
+    added: Vec<(usize, String)>,
+    removed: &[usize],
+) {
     let shared = &cx.handle.shared;
-    shared.stats.pollers.store(pollers.len(), Ordering::Relaxed);
+    shared.stats.pollers.store(count, Ordering::Relaxed);
     if let Ok(mut names) = shared.poller_names.lock() {
-        *names = pollers.names();
+        // In a turn's order: pollers are added before any is polled (and found done).
+        names.extend(added);
+        for key in removed {
+            names.remove(key);
+        }
     }
 }
 

@@ -68,15 +68,8 @@ impl Pollers {
         self.entries.len()
     }
 
-    pub(super) fn names(&self) -> Vec<String> {
-        self.entries
-            .iter()
-            .map(|(_, e)| e.poller.name().to_string())
-            .collect()
-    }
-
-    /// Adds a poller, active, and hands it its waker.
-    pub(super) fn add(&mut self, mut poller: Box<dyn Poller>, reactor: &ReactorHandle) {
+    /// Adds a poller, active, and hands it its waker; its key.
+    pub(super) fn add(&mut self, mut poller: Box<dyn Poller>, reactor: &ReactorHandle) -> usize {
         let queued = Arc::new(AtomicBool::new(false));
         let key = self.entries.vacant_key();
         poller.attach_waker(PollerWaker {
@@ -91,6 +84,7 @@ impl Pollers {
             rests: 0,
         });
         self.active.push(key);
+        key
     }
 
     /// Brings back the resting pollers that were woken or whose deadline passed; true if any.
@@ -128,9 +122,9 @@ impl Pollers {
         self.deadlines.peek().map(|Reverse((at, _, _))| *at)
     }
 
-    /// Polls every active poller once: (did work, pollers were removed).
-    pub(super) fn poll_active(&mut self, cx: &mut ReactorContext) -> (bool, bool) {
-        let (mut busy, mut removed) = (false, false);
+    /// Polls every active poller once: (did work, the keys of pollers that were done).
+    pub(super) fn poll_active(&mut self, cx: &mut ReactorContext) -> (bool, Vec<usize>) {
+        let (mut busy, mut removed) = (false, Vec::new());
         let mut i = 0;
         while i < self.active.len() {
             let key = self.active[i];
@@ -153,7 +147,7 @@ impl Pollers {
                 PollStatus::Done => {
                     self.entries.remove(key);
                     self.active.swap_remove(i);
-                    removed = true;
+                    removed.push(key);
                     busy = true;
                     continue;
                 }

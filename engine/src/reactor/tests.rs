@@ -153,3 +153,68 @@ fn a_wake_up_during_the_poll_that_rests_is_not_lost() {
     });
     reactors.shutdown();
 }
+
+/// Busy, and done after `polls` polls (at once with 1).
+struct Finishing {
+    name: &'static str,
+    polls: u32,
+}
+
+impl Poller for Finishing {
+    fn poll(&mut self, _cx: &mut ReactorContext) -> PollStatus {
+        self.polls = self.polls.saturating_sub(1);
+        if self.polls == 0 {
+            PollStatus::Done
+        } else {
+            PollStatus::Busy
+        }
+    }
+    fn name(&self) -> &str {
+        self.name
+    }
+}
+
+#[test]
+fn the_published_poller_names_follow_adds_and_removals() {
+    let reactors = one_reactor();
+    let r = reactors.get(0);
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    r.call(|cx| {
+        cx.add_poller(Box::new(Finishing {
+            name: "stays",
+            polls: u32::MAX,
+        }));
+        // Done in the turn it was added in: it never shows.
+        cx.add_poller(Box::new(Finishing {
+            name: "gone-at-once",
+            polls: 1,
+        }));
+        cx.add_poller(Box::new(Finishing {
+            name: "gone-soon",
+            polls: 50,
+        }));
+    })
+    .unwrap();
+    wait_for("the short-lived pollers to finish", || {
+        r.stats().pollers.load(Ordering::Relaxed) == 1
+    });
+    assert_eq!(sorted(r.poller_names()), vec!["stays".to_string()]);
+    // A key freed by a finished poller is reused by the next one: its name replaces the old.
+    r.call(|cx| {
+        cx.add_poller(Box::new(Finishing {
+            name: "later",
+            polls: u32::MAX,
+        }))
+    })
+    .unwrap();
+    wait_for("the new poller", || {
+        r.stats().pollers.load(Ordering::Relaxed) == 2
+    });
+    assert_eq!(
+        sorted(r.poller_names()),
+        vec!["later".to_string(), "stays".to_string()]
+    );
+}
