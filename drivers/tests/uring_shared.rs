@@ -6,6 +6,7 @@
 //! function: it counts the process's descriptors.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use drivers::bdev::{Bdev, ChannelContext, IoBufs, IoChannel, IoCompletion, IoRequest};
@@ -90,11 +91,42 @@ fn uring_bdevs_of_a_thread_share_one_ring() {
     shared_ring_scenario(false);
     drivers::uring::set_file_holding(true);
     shared_ring_scenario(true);
+    blocking_ring_is_kept_between_uses();
+}
+
+/// A thread's ring for channels without a wake-up eventfd (blocking I/O from a control thread)
+/// outlives its channels and serves the next ones.
+fn blocking_ring_is_kept_between_uses() {
+    let path = std::env::temp_dir().join(format!("qs-uring-blocking-{}.img", std::process::id()));
+    let bdev = UringBdev::open("blocking", &path, BS as u32, Some(BLOCKS * BS)).expect("open");
+    let rings_before = rings().len();
+    let ctx = ChannelContext::default();
+    let pool = BufferPool::new(BS as usize, 4).expect("pool");
+    for round in 0..3u8 {
+        let mut ch = bdev.open_channel(&ctx).expect("channel");
+        ch.submit(IoRequest::write(0, one_buf(&pool, round), 0))
+            .expect("submit");
+        let mut out = Vec::new();
+        while ch.in_flight() > 0 {
+            ch.poll(&mut out);
+        }
+        out[0].result.as_ref().expect("write");
+        drop(ch);
+        assert_eq!(
+            rings().len(),
+            rings_before + 1,
+            "round {round}: one ring, kept after its channel closed"
+        );
+    }
+    drop(bdev);
+    let _ = std::fs::remove_file(path);
 }
 
 fn shared_ring_scenario(held: bool) {
     let dir = std::env::temp_dir().join(format!("qs-uring-shared-{}-{held}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
+    // Channels woken through an eventfd, as a reactor's are.
+    let wake = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd");
     let fds_before = descriptors().len();
     let rings_before = rings().len();
 
@@ -108,6 +140,7 @@ fn shared_ring_scenario(held: bool) {
         .collect();
     let ctx = ChannelContext {
         queue_depth: 32,
+        wake_fd: Some(wake.as_raw_fd()),
         ..ChannelContext::default()
     };
     // Two channels per bdev: they share the bdev's slot in the ring.

@@ -128,6 +128,10 @@ pub(super) struct SharedRing {
 
 thread_local! {
     static RINGS: RefCell<Vec<(Option<RawFd>, Weak<SharedRing>)>> = const { RefCell::new(Vec::new()) };
+    /// The thread's ring without a wake-up eventfd, kept between uses: a thread doing blocking
+    /// I/O now and then (an RPC connection creating pairs) would otherwise make and tear down
+    /// a ring each time. It goes with the thread.
+    static BLOCKING_RING: RefCell<Option<Rc<SharedRing>>> = const { RefCell::new(None) };
 }
 
 impl SharedRing {
@@ -145,6 +149,9 @@ impl SharedRing {
             }
             let ring = Rc::new(SharedRing::new(wake_fd)?);
             rings.push((wake_fd, Rc::downgrade(&ring)));
+            if wake_fd.is_none() {
+                BLOCKING_RING.with(|kept| *kept.borrow_mut() = Some(Rc::clone(&ring)));
+            }
             Ok(ring)
         })
     }

@@ -1,13 +1,26 @@
 //! Synchronous metadata I/O from a control thread, before the pair serves.
 
+use std::sync::OnceLock;
+
 use super::*;
 
 /// Synchronous I/O on a bdev from a control thread, through a channel of its own: used to
 /// initialise and load metadata before the pair serves.
 pub(crate) struct BlockingIo {
     ch: Box<dyn IoChannel>,
-    pool: BufferPool,
+    /// Made only when the shared buffers run short.
+    own_pool: Option<BufferPool>,
     done: Vec<IoCompletion>,
+}
+
+/// Buffers kept for blocking metadata I/O (pair creation and loading, the split journal's
+/// scan): making a DMA region for each use (map, lock, zero, unmap) cost more than the I/O.
+const SHARED_BUFFERS: usize = 512;
+
+fn shared_pool() -> Option<&'static BufferPool> {
+    static POOL: OnceLock<Option<BufferPool>> = OnceLock::new();
+    POOL.get_or_init(|| BufferPool::new(BLOCK as usize, SHARED_BUFFERS).ok())
+        .as_ref()
 }
 
 /// Pages moved per request when reading or writing whole maps.
@@ -23,11 +36,9 @@ impl BlockingIo {
                 queue_depth: 8,
             })
             .map_err(|e| MetaError::Io(e.to_string()))?;
-        let pool = BufferPool::new(BLOCK as usize, PAGES_PER_IO)
-            .map_err(|e| MetaError::Io(e.to_string()))?;
         Ok(Self {
             ch,
-            pool,
+            own_pool: None,
             done: Vec::new(),
         })
     }
@@ -52,11 +63,24 @@ impl BlockingIo {
         }
     }
 
-    pub(crate) fn bufs(&self, n: usize) -> Result<IoBufs, MetaError> {
+    pub(crate) fn bufs(&mut self, n: usize) -> Result<IoBufs, MetaError> {
+        if let Some(shared) = shared_pool() {
+            let bufs: IoBufs = (0..n).map_while(|_| shared.get()).collect();
+            if bufs.len() == n {
+                return Ok(bufs);
+            }
+        }
+        // Many at once: this one makes its own.
+        let pool = match &mut self.own_pool {
+            Some(pool) => pool,
+            None => self.own_pool.insert(
+                BufferPool::new(BLOCK as usize, PAGES_PER_IO)
+                    .map_err(|e| MetaError::Io(e.to_string()))?,
+            ),
+        };
         (0..n)
             .map(|_| {
-                self.pool
-                    .get()
+                pool.get()
                     .ok_or_else(|| MetaError::Io("no buffer for metadata I/O".into()))
             })
             .collect()
