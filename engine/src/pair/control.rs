@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use super::metadata::CheckpointRecord;
 use super::split_journal::{JournalWriter, SplitJournal};
 use super::{now_ns, Pair, PairError};
-use crate::reactor::{PollStatus, Poller, ReactorContext, ReactorHandle};
+use crate::reactor::{PollStatus, Poller, PollerWaker, ReactorContext, ReactorHandle};
 
 /// A transition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +77,8 @@ pub struct ControlQueue {
     reactor: ReactorHandle,
     /// Where splits of several pairs are made durable at once.
     journal: std::sync::Mutex<Option<Arc<SplitJournal>>>,
+    /// Wakes the poller serving the queue when it rests.
+    waker: std::sync::Mutex<Option<PollerWaker>>,
 }
 
 impl ControlQueue {
@@ -86,6 +88,7 @@ impl ControlQueue {
             ring: ArrayQueue::new(256),
             reactor,
             journal: std::sync::Mutex::new(None),
+            waker: std::sync::Mutex::new(None),
         })
     }
 
@@ -109,7 +112,14 @@ impl ControlQueue {
     /// Hands a request over; gives it back when the ring is full.
     pub fn push(&self, req: ControlRequest) -> Result<(), ControlRequest> {
         self.ring.push(req)?;
-        self.reactor.wake_if_parked();
+        match &*self
+            .waker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            Some(waker) => waker.wake(),
+            None => self.reactor.wake_if_parked(),
+        }
         Ok(())
     }
 
@@ -516,14 +526,22 @@ fn release(held: &[(Arc<Pair>, u64)], journaled: bool) {
 
 impl Poller for ControlPoller {
     fn poll(&mut self, cx: &mut ReactorContext) -> PollStatus {
-        let wrote = self
-            .queue
-            .journal()
-            .is_some_and(|journal| self.journal_writer.pump(&journal, &cx.channel_context(4)));
+        let journal = self.queue.journal();
+        let wrote = journal
+            .as_ref()
+            .is_some_and(|journal| self.journal_writer.pump(journal, &cx.channel_context(4)));
         if self.running.is_none() {
             let Some(req) = self.queue.ring.pop() else {
-                return if wrote {
-                    PollStatus::Busy
+                if wrote {
+                    return PollStatus::Busy;
+                }
+                // Nothing to serve and no record on its way: rest until a request comes
+                // (`ControlQueue::push` wakes it). Records are only queued by this poller's
+                // own transitions.
+                let journal_idle = self.journal_writer.is_idle()
+                    && journal.as_ref().is_none_or(|j| !j.has_unwritten());
+                return if journal_idle {
+                    PollStatus::Rest(None)
                 } else {
                     PollStatus::Idle
                 };
@@ -551,5 +569,13 @@ impl Poller for ControlPoller {
 
     fn name(&self) -> &str {
         "pair_control"
+    }
+
+    fn attach_waker(&mut self, waker: PollerWaker) {
+        *self
+            .queue
+            .waker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(waker);
     }
 }

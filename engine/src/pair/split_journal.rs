@@ -172,7 +172,8 @@ impl SplitJournal {
     }
 
     /// True while a record handed over is not done with (durable or failed).
-    fn has_unwritten(&self) -> bool {
+    /// True while a record waits to be written (or is being written).
+    pub(crate) fn has_unwritten(&self) -> bool {
         self.done.load(Ordering::SeqCst) + 1 < self.next.load(Ordering::SeqCst)
     }
 

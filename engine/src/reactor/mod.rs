@@ -72,7 +72,7 @@ impl std::str::FromStr for IdlePolicy {
     }
 }
 
-/// How long a reactor must have been idle before adaptive parking.
+/// How long a reactor with an active poller must have been idle before adaptive parking.
 const SPIN_BEFORE_PARK: Duration = Duration::from_micros(1000);
 /// Longest park: pollers with timers ask for earlier wake-ups.
 const MAX_PARK: Duration = Duration::from_millis(100);
@@ -441,7 +441,9 @@ fn run(mut cx: ReactorContext) {
             continue;
         }
         let since = *idle_since.get_or_insert(now);
-        if now.duration_since(since) >= SPIN_BEFORE_PARK {
+        // Spinning helps only a poller that polls for work (a completion, a socket): with
+        // every poller resting, the reactor parks at once and leaves the core to the rest.
+        if pollers.all_resting() || now.duration_since(since) >= SPIN_BEFORE_PARK {
             park(&mut cx, &mut pollers);
             idle_since = None;
             let after = Instant::now();

@@ -68,6 +68,12 @@ impl Pollers {
         self.entries.len()
     }
 
+    /// True when every poller rests (or there is none): nothing can have work without a
+    /// wake-up, a message or a deadline.
+    pub(super) fn all_resting(&self) -> bool {
+        self.active.is_empty()
+    }
+
     /// Adds a poller, active, and hands it its waker; its key.
     pub(super) fn add(&mut self, mut poller: Box<dyn Poller>, reactor: &ReactorHandle) -> usize {
         let queued = Arc::new(AtomicBool::new(false));

@@ -81,6 +81,11 @@ impl JournalWriter {
         busy | self.step(journal)
     }
 
+    /// True when no record is being written.
+    pub fn is_idle(&self) -> bool {
+        self.current.is_none()
+    }
+
     /// Keeps a channel to `journal`'s device; false when there is none.
     fn open_for(&mut self, journal: &SplitJournal, ctx: &ChannelContext) -> bool {
         let same = self
