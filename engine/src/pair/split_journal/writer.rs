@@ -156,7 +156,14 @@ impl JournalWriter {
                 bufs.push(buf);
             }
             let at = cur.placed.offset + cur.sent as u64;
-            (IoRequest::write(at, bufs, 0), chunk.len())
+            let mut write = IoRequest::write(at, bufs, 0);
+            // A record in one request is made durable by it (FUA): one round trip to the
+            // device instead of a write and then a flush. A longer one ends with a flush.
+            if cur.sent == 0 && chunk.len() == cur.placed.bytes.len() {
+                write.op = IoOp::Write { fua: true };
+                cur.flushing = true;
+            }
+            (write, chunk.len())
         } else {
             (IoRequest::without_data(IoOp::Flush, 0, 0, 0), 0)
         };
