@@ -38,6 +38,11 @@ pub fn set_file_holding(enabled: bool) {
     HOLDING.store(enabled, Ordering::Relaxed);
 }
 
+/// True when this kernel can hold files without descriptors (Linux 6.8 and later).
+pub fn file_holding_supported() -> bool {
+    HOLDER.lock().unwrap_or_else(|e| e.into_inner()).supported()
+}
+
 struct HoldingRing {
     ring: IoUring,
     free: Vec<u32>,

@@ -19,7 +19,7 @@ mod held;
 pub mod rpc;
 mod sys;
 
-pub use held::set_file_holding;
+pub use held::{file_holding_supported, set_file_holding};
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
