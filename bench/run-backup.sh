@@ -11,7 +11,7 @@
 # ram_device_start; needs root), another device than the source; TARGET may be a block device
 # (overwritten) or a directory (the backup writes a new file there; DIR itself puts the target on
 # the source's disk).
-# Usage: bench/run-backup.sh [DIR (default /var/tmp/qs-bench)] [SIZE_GIB (default 1)] [TARGET]
+# Usage: [QS=BINARY] bench/run-backup.sh [DIR (default /var/tmp/qs-bench)] [SIZE_GIB (default 1)] [TARGET]
 #        [ROUNDS (default 3)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +21,9 @@ gib=${2:-1}
 target=${3:-}
 rounds=${4:-3}
 mkdir -p "$dir"
-cargo build --release --locked --bin quicksplit >/dev/null 2>&1
-qs=$PWD/target/release/quicksplit
+# QS=path runs another build (to compare two builds in the same session).
+[ -n "${QS:-}" ] || cargo build --release --locked --bin quicksplit >/dev/null 2>&1
+qs=${QS:-$PWD/target/release/quicksplit}
 work=$(mktemp -d /tmp/qs-backup-bench.XXXXXX)
 pids=()
 T=

@@ -74,6 +74,8 @@ impl std::str::FromStr for IdlePolicy {
 
 /// How long a reactor with an active poller must have been idle before adaptive parking.
 const SPIN_BEFORE_PARK: Duration = Duration::from_micros(1000);
+/// How long a reactor whose pollers all rest spins before parking.
+const SPIN_WHEN_RESTING: Duration = Duration::from_micros(200);
 /// Longest park: pollers with timers ask for earlier wake-ups.
 const MAX_PARK: Duration = Duration::from_millis(100);
 /// Messages run per loop turn at most, so pollers keep running under a message flood.
@@ -441,9 +443,15 @@ fn run(mut cx: ReactorContext) {
             continue;
         }
         let since = *idle_since.get_or_insert(now);
-        // Spinning helps only a poller that polls for work (a completion, a socket): with
-        // every poller resting, the reactor parks at once and leaves the core to the rest.
-        if pollers.all_resting() || now.duration_since(since) >= SPIN_BEFORE_PARK {
+        // With every poller resting only a wake-up brings work: a short spin still catches
+        // one that follows closely (a backup asking a copier for its next track), and the
+        // core goes back to the rest (the RPC thread, the other reactor) sooner.
+        let spin = if pollers.all_resting() {
+            SPIN_WHEN_RESTING
+        } else {
+            SPIN_BEFORE_PARK
+        };
+        if now.duration_since(since) >= spin {
             park(&mut cx, &mut pollers);
             idle_since = None;
             let after = Instant::now();
