@@ -5,13 +5,14 @@
 #  2. 4 KiB QD32 randread/randwrite IOPS of a host through quicksplit's nvmf export (qsbench
 #     with quicksplit's initiator, `--bdev nvmf:...`) against its NBD export of the same bdev
 #     (fio's nbd engine).
-# Usage: bench/run-nvmf.sh [SECONDS (default 5)]
+# Usage: [QS=BINARY] bench/run-nvmf.sh [SECONDS (default 5)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh
 secs=${1:-5}
 cargo build --release --locked --bin quicksplit --bin qsbench >/dev/null 2>&1
-qs=$PWD/target/release/quicksplit
+# QS=path runs another quicksplit build against this tree's qsbench (to compare builds).
+qs=${QS:-$PWD/target/release/quicksplit}
 qsbench=$PWD/target/release/qsbench
 work=$(mktemp -d /tmp/qs-nvmf-bench.XXXXXX)
 pids=()
