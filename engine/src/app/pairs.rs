@@ -390,10 +390,19 @@ impl Engine {
         if names.is_empty() {
             return Err(PairError::Invalid("no pair named".into()).into());
         }
-        let pairs = names
-            .iter()
-            .map(|n| self.pair(n))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Under one lock: a group split names a thousand pairs.
+        let pairs = {
+            let st = self.state();
+            names
+                .iter()
+                .map(|n| {
+                    st.pairs
+                        .get(n)
+                        .cloned()
+                        .ok_or_else(|| PairError::NotFound(n.clone()))
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        };
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let mut req = ControlRequest {
             pairs,

@@ -530,6 +530,7 @@ impl Poller for ControlPoller {
         let wrote = journal
             .as_ref()
             .is_some_and(|journal| self.journal_writer.pump(journal, &cx.channel_context(4)));
+        let mut moved = wrote;
         if self.running.is_none() {
             let Some(req) = self.queue.ring.pop() else {
                 if wrote {
@@ -562,9 +563,18 @@ impl Poller for ControlPoller {
                 slot: None,
                 group: None,
             });
+            moved = true;
         }
-        self.step();
-        PollStatus::Busy
+        let before = self.running.as_ref().map(|r| (r.stage, r.group.is_some()));
+        let replied = self.step();
+        let after = self.running.as_ref().map(|r| (r.stage, r.group.is_some()));
+        // Waiting on writes in flight or a record on its way is idle time: the reactor may
+        // give its core to the threads doing that I/O.
+        if moved || replied || before != after {
+            PollStatus::Busy
+        } else {
+            PollStatus::Idle
+        }
     }
 
     fn name(&self) -> &str {

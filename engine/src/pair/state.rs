@@ -321,7 +321,12 @@ impl Pair {
     pub(super) fn set_state(&self, s: PairState) {
         self.state.store(s as u8, Ordering::SeqCst);
         tracing::trace!(pair = %self.name, state = s.as_str(), "pair state");
-        self.wake_copier();
+        // A split gives a resting copier nothing to copy (it rests only with no track
+        // pending or to restore, and a split adds none): a split of a thousand pairs does not
+        // wake a thousand copiers.
+        if s != PairState::Psus {
+            self.wake_copier();
+        }
     }
 
     /// True when the last resync ran S to P (a restore), whether or not it is still copying.

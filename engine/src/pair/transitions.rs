@@ -41,7 +41,9 @@ impl Pair {
         change();
         if let (Some(m), Some(seq)) = (&self.meta, seq) {
             m.request_header(seq, flush_data);
-            self.wake_copier();
+            if self.state() != PairState::Psus {
+                self.wake_copier();
+            }
         }
         seq
     }

@@ -2,7 +2,7 @@
 //! engine and back.
 
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use super::audit::Audit;
 use super::config::LoadConfigParams;
@@ -441,17 +441,24 @@ fn pair_split(engine: &Engine, p: SplitParams) -> Result<Value, RpcError> {
         }
     };
     let out = engine.pair_split(&names)?;
+    let total: u64 = out.pending_tracks.iter().sum();
+    // Built by moving values in: `json!` would serialize a group's thousand entries again.
     let per_pair: Vec<Value> = names
-        .iter()
-        .zip(&out.pending_tracks)
-        .map(|(n, t)| json!({"name": n, "pending_tracks": t}))
+        .into_iter()
+        .zip(out.pending_tracks)
+        .map(|(name, tracks)| {
+            let mut entry = Map::new();
+            entry.insert("name".into(), Value::String(name));
+            entry.insert("pending_tracks".into(), tracks.into());
+            Value::Object(entry)
+        })
         .collect();
-    Ok(json!({
-        "split_at_ns": out.split_at_ns,
-        "pending_tracks": out.pending_tracks.iter().sum::<u64>(),
-        "pairs": per_pair,
-        "engine_ns": out.engine_ns,
-    }))
+    let mut reply = Map::new();
+    reply.insert("split_at_ns".into(), out.split_at_ns.into());
+    reply.insert("pending_tracks".into(), total.into());
+    reply.insert("pairs".into(), Value::Array(per_pair));
+    reply.insert("engine_ns".into(), out.engine_ns.into());
+    Ok(Value::Object(reply))
 }
 
 fn pair_resync(engine: &Engine, p: ResyncParams) -> Result<Value, RpcError> {
@@ -534,7 +541,7 @@ fn framework_get_reactors(engine: &Engine, _: OptionalNothing) -> Result<Value, 
             })
         })
         .collect();
-    Ok(json!(list))
+    Ok(Value::Array(list))
 }
 
 fn save_config(engine: &Engine, _: OptionalNothing) -> Result<Value, RpcError> {

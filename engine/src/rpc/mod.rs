@@ -345,9 +345,18 @@ fn handle_request(engine: &Engine, v: Value) -> Option<Value> {
     // A request without an id is a notification: run it, owe no reply.
     id.as_ref()?;
     Some(match result {
-        Ok(r) => json!({"jsonrpc": "2.0", "id": reply_id, "result": r}),
+        Ok(r) => success_reply(reply_id, r),
         Err(e) => error_reply(reply_id, &e),
     })
+}
+
+/// The reply carrying `result`, moved in (`json!` would serialize a large result again).
+fn success_reply(id: Value, result: Value) -> Value {
+    let mut reply = serde_json::Map::new();
+    reply.insert("jsonrpc".into(), "2.0".into());
+    reply.insert("id".into(), id);
+    reply.insert("result".into(), result);
+    Value::Object(reply)
 }
 
 fn error_reply(id: Value, e: &RpcError) -> Value {

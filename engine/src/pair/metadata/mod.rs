@@ -33,6 +33,7 @@
 
 pub(crate) mod blocking_io;
 mod format;
+mod headers;
 pub mod writer;
 
 use blocking_io::{BlockingIo, Image};
@@ -322,6 +323,10 @@ pub struct Metadata {
     /// durable only as a record of the split journal (see `pair::split_journal`), so no header
     /// may show the split on disk before that record does.
     header_held: AtomicBool,
+    /// Set by a writer that has a header due while headers are held: the release wakes it.
+    /// (A journaled release wakes no writer otherwise: its header is written lazily, and a
+    /// group split of a thousand pairs would wake a thousand writers for nothing.)
+    header_due_on_release: AtomicBool,
     /// The newest header number a durable split journal record stands for.
     journaled: AtomicU64,
     /// The pair's instance: set when its metadata is made, kept in every header, so a split
@@ -363,6 +368,7 @@ impl Metadata {
             header_wanted: AtomicU64::new(seq),
             header_durable: AtomicU64::new(seq),
             header_held: AtomicBool::new(false),
+            header_due_on_release: AtomicBool::new(false),
             journaled: AtomicU64::new(0),
             instance: AtomicU64::new(0),
             header_flush_data: AtomicBool::new(false),
@@ -575,79 +581,6 @@ impl Metadata {
         if self.touched[w].load(Ordering::Relaxed) & m == 0 {
             self.touched[w].fetch_or(m, Ordering::SeqCst);
         }
-    }
-
-    /// Takes the next header number (a transition is about to change the state).
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq.fetch_add(1, Ordering::SeqCst) + 1
-    }
-
-    /// Asks for header `seq` (or newer) to be written; `flush_data` makes P and S durable
-    /// first.
-    pub fn request_header(&self, seq: u64, flush_data: bool) {
-        if flush_data {
-            self.header_flush_data.store(true, Ordering::SeqCst);
-        }
-        self.header_wanted.fetch_max(seq, Ordering::SeqCst);
-        self.wake_writer();
-    }
-
-    /// The pair's instance (see [`HeaderRecord::instance`]).
-    pub fn instance(&self) -> u64 {
-        self.instance.load(Ordering::SeqCst)
-    }
-
-    /// Holds header writes back: the next transition is a split made durable by a split
-    /// journal record. Set before the transition takes its number, so a writer that sees the
-    /// number sees the hold.
-    pub fn hold_header(&self) {
-        self.header_held.store(true, Ordering::SeqCst);
-    }
-
-    /// True while header writes are held back.
-    pub fn header_held(&self) -> bool {
-        self.header_held.load(Ordering::SeqCst)
-    }
-
-    /// Header `seq` is durable as a split journal record (`Some`), or will never be (`None`:
-    /// the header itself must be written): header writes resume.
-    pub fn release_header(&self, journaled: Option<u64>) {
-        if let Some(seq) = journaled {
-            self.journaled.fetch_max(seq, Ordering::SeqCst);
-        }
-        self.header_held.store(false, Ordering::SeqCst);
-        self.wake_writer();
-    }
-
-    /// The newest header number whose state is durable, as a header or as a split journal
-    /// record.
-    pub fn state_durable_seq(&self) -> u64 {
-        self.header_durable()
-            .max(self.journaled.load(Ordering::SeqCst))
-    }
-
-    /// Puts a header recovered from the split journal on disk (in its slot, flushed) before
-    /// the pair serves, so the journal record is no longer needed; numbers go on from it.
-    pub fn adopt_header(&self, rec: &HeaderRecord) -> Result<(), MetaError> {
-        let mut io = BlockingIo::open(&self.bdev)?;
-        let mut block = vec![0u8; BLOCK as usize];
-        encode_header(rec, self.layout.format, &mut block)?;
-        io.write((rec.seq % HEADER_SLOTS) * BLOCK, &[block.as_slice()])?;
-        io.flush()?;
-        self.next_seq.fetch_max(rec.seq, Ordering::SeqCst);
-        self.header_wanted.fetch_max(rec.seq, Ordering::SeqCst);
-        self.header_durable.fetch_max(rec.seq, Ordering::SeqCst);
-        Ok(())
-    }
-
-    /// The newest header number asked for.
-    pub fn header_wanted(&self) -> u64 {
-        self.header_wanted.load(Ordering::SeqCst)
-    }
-
-    /// The newest header number known durable.
-    pub fn header_durable(&self) -> u64 {
-        self.header_durable.load(Ordering::SeqCst)
     }
 
     /// Asks the writer to clean every bit it can and write everything out (a clean stop);

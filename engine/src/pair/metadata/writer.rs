@@ -272,6 +272,9 @@ impl MetaWriter {
         // pages, cleaning pass or sync, not at once: after a split of a thousand pairs, a
         // thousand header writes and flushes would compete with everything else.
         let due = self.header_due || !batch.pages.is_empty() || wanted > meta.state_durable_seq();
+        // A pass or sync asked for the header: noted before the hold is read, so a release of
+        // the hold wakes this writer (see `Metadata::release_header`).
+        meta.note_header_due(self.header_due && wanted > meta.header_durable());
         // The hold is read after the number: it was set before a held number was taken.
         let held = meta.header_held();
         if !held && wanted <= meta.header_durable() {
