@@ -2,7 +2,8 @@
 //! headers are made durable by one split journal record and written later, lazily; the
 //! metadata writers are not woken for them, so a split of a thousand pairs does not make both
 //! reactors poll a thousand writers while the reply is on its way. Their headers still reach
-//! the disk (the journal can only start over once they have), and host writes go on.
+//! the disk (the journal can only start over once they have), and host writes go on. And an
+//! idle pair's writer rests until a write wakes it, not a cleaning pass a second.
 
 mod common;
 
@@ -90,4 +91,45 @@ fn a_group_split_wakes_no_metadata_writer_and_its_headers_are_written_later() {
             done[0]
         );
     }
+}
+
+#[test]
+fn an_idle_pairs_metadata_writer_rests_until_a_write_wakes_it() {
+    let engine = common::engine("idle-writer");
+    for side in ["p", "s"] {
+        let b: Arc<dyn Bdev> = Arc::new(MallocBdev::create(side, SIZE, BS as u32).unwrap());
+        engine.bdev_add(b).unwrap();
+    }
+    let config = PairConfig {
+        name: "idle".into(),
+        track_size: 64 << 10,
+        copy_rate: 0,
+    };
+    let pair = engine.pair_create(&config, "p", "s").unwrap();
+    common::wait_until("the pair mirrored and its metadata written", || {
+        pair.state() == PairState::Pair && pair.metadata().is_some_and(|m| m.idle())
+    });
+    // The write-intent bits of the first copy go two cleaning passes (a second each) later;
+    // a pass after that sees nothing left to clear.
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let before = writer_polls(&pair);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let idle_polls = writer_polls(&pair) - before;
+    // Making a pass a second, it would have polled at least twice.
+    assert!(
+        idle_polls <= 1,
+        "an idle writer polled {idle_polls} times in 2.5 s"
+    );
+
+    // A host write sets a write-intent bit: the writer wakes, writes it, and later clears it.
+    let pv = engine.pair_view("idle", View::Primary).unwrap();
+    let done = common::run(&engine, 0, pv, vec![Op::Write(0, vec![7u8; BS as usize])]);
+    assert!(done[0].is_ok(), "{:?}", done[0]);
+    let meta = Arc::clone(pair.metadata().unwrap());
+    assert!(writer_polls(&pair) > before + idle_polls);
+    common::wait_until("the write-intent bit cleared again", || {
+        !meta
+            .map(engine::pair::metadata::MapKind::Pending)
+            .on_disk(0)
+    });
 }

@@ -77,6 +77,12 @@ pub struct MetaWriter {
     touched_prev: Vec<u64>,
     /// A cleaning pass or a sync ran: a header the split journal already holds is written now.
     header_due: bool,
+    /// The cleaning pass under way has seen a bit it may have to clear one day.
+    pass_saw_bits: bool,
+    /// The last whole pass saw no bit to clear and no page was written since: the writer
+    /// rests until something wakes it, not until its next pass (ten thousand idle pairs'
+    /// writers would otherwise each make a pass a second).
+    nothing_to_clean: bool,
     scratch: Vec<IoCompletion>,
 }
 
@@ -104,6 +110,8 @@ impl MetaWriter {
             p_flush_due: false,
             touched_prev: vec![0; words],
             header_due: false,
+            pass_saw_bits: false,
+            nothing_to_clean: false,
             scratch: Vec::new(),
         }
     }
@@ -200,6 +208,9 @@ impl MetaWriter {
             let page = w / WORDS_PER_PAGE as usize;
             // Pending map: a bit may go when S holds the track.
             let d = meta.map(MapKind::Pending);
+            if d.want_word(w) | meta.map(MapKind::Restore).want_word(w) != 0 {
+                self.pass_saw_bits = true;
+            }
             let cand = d.want_word(w) & !pair.pending.bits64(w) & !touched;
             if cand != 0 {
                 d.lock_page(page);
@@ -257,6 +268,9 @@ impl MetaWriter {
         }
         if !all {
             self.clean_cursor = if end >= words { 0 } else { end };
+            if self.clean_cursor == 0 {
+                self.nothing_to_clean = !std::mem::take(&mut self.pass_saw_bits);
+            }
         }
         changed
     }
@@ -304,6 +318,10 @@ impl MetaWriter {
         if meta.queue.is_empty() {
             // Every page the cleaner queued is in this batch or an earlier one.
             self.p_flush_due = false;
+        }
+        if !batch.pages.is_empty() {
+            // Bits were set or cleared: the cleaner looks again.
+            self.nothing_to_clean = false;
         }
         if batch.pages.is_empty() && batch.header.is_none() {
             return false;
@@ -609,8 +627,13 @@ impl Poller for MetaWriter {
             PollStatus::Busy
         } else if self.outstanding == 0 && self.clean_cursor == 0 {
             // Queued pages, header requests, syncs and failures wake it; the cleaner's timer
-            // ends the rest.
-            PollStatus::Rest(Some(next_pass))
+            // ends the rest while there may be bits to clear or a header to write lazily.
+            let lazy_header = self.meta.header_wanted() > self.meta.header_durable();
+            if self.nothing_to_clean && !lazy_header {
+                PollStatus::Rest(None)
+            } else {
+                PollStatus::Rest(Some(next_pass))
+            }
         } else {
             cx.wake_at(next_pass);
             PollStatus::Idle
