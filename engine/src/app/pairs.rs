@@ -346,31 +346,64 @@ impl Engine {
 
     /// For a clean stop: closes every pair's gate, waits for host writes in flight, and has
     /// each pair's metadata cleaned and written out, so the restart copies nothing it need
-    /// not. (After a crash the metadata is still right, only less tidy.)
+    /// not. (After a crash the metadata is still right, only less tidy.) All pairs at once:
+    /// one after the other, 10,000 pairs' syncs took most of a minute.
     pub fn persist_pairs_for_stop(&self) {
         let pairs: Vec<Arc<Pair>> = self.state().pairs.values().cloned().collect();
-        for p in pairs {
-            self.persist_pair_for_stop(&p);
+        for p in &pairs {
+            p.close_gate();
         }
+        let syncs: Vec<(&Arc<Pair>, u64)> = pairs
+            .iter()
+            .filter(|p| {
+                let drained = p.quiesce(Duration::from_secs(5));
+                if !drained {
+                    tracing::error!(pair = p.name(), "host writes did not drain before the stop");
+                }
+                drained
+            })
+            .filter_map(|p| Some((p, Self::request_stop_sync(p)?)))
+            .collect();
+        self.wait_stop_syncs(syncs);
     }
 
     /// [`Engine::persist_pairs_for_stop`] for one pair (its host writes stay refused).
-    pub fn persist_pair_for_stop(&self, p: &Pair) {
+    pub fn persist_pair_for_stop(&self, p: &Arc<Pair>) {
         if !p.quiesce(Duration::from_secs(5)) {
             tracing::error!(pair = p.name(), "host writes did not drain before the stop");
             return;
         }
-        let Some(meta) = p.metadata() else { return };
+        if let Some(n) = Self::request_stop_sync(p) {
+            self.wait_stop_syncs(vec![(p, n)]);
+        }
+    }
+
+    /// Asks a drained pair's metadata to be cleaned and written out; the sync to wait for.
+    fn request_stop_sync(p: &Pair) -> Option<u64> {
+        let meta = p.metadata()?;
         p.exact_changed_for_stop();
-        let n = meta.request_sync();
+        Some(meta.request_sync())
+    }
+
+    /// Waits for the syncs asked for, giving up on them once none has ended for 10 s.
+    fn wait_stop_syncs(&self, mut syncs: Vec<(&Arc<Pair>, u64)>) {
         for r in self.reactors.handles() {
             r.wake_if_parked();
         }
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while !meta.synced(n) && meta.failure().is_none() {
-            if std::time::Instant::now() > end {
-                tracing::error!(pair = p.name(), "pair metadata not written out in 10 s");
-                break;
+        let mut last_progress = std::time::Instant::now();
+        while !syncs.is_empty() {
+            let before = syncs.len();
+            syncs.retain(|(p, n)| {
+                p.metadata()
+                    .is_some_and(|m| !m.synced(*n) && m.failure().is_none())
+            });
+            if syncs.len() < before {
+                last_progress = std::time::Instant::now();
+            } else if last_progress.elapsed() > Duration::from_secs(10) {
+                for (p, _) in &syncs {
+                    tracing::error!(pair = p.name(), "pair metadata not written out in 10 s");
+                }
+                return;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
