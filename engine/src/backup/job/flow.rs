@@ -15,15 +15,21 @@ impl BackupJob {
     /// True when the piece of `len` bytes at `offset` can be read from S now (reflect asks the
     /// copier for the tracks still pending, looking ahead over the window). Each track is asked
     /// for once: the copier keeps what it is asked for until the track is copied, and a track
-    /// the ring had no room for is asked for on the next call.
+    /// the ring had no room for is asked for on the next call. The copier is woken as soon as
+    /// it is asked for something, not once the backup reaches a track still pending: a copier
+    /// that had caught up rests, and its reactor may have parked.
     pub(super) fn reflected(&mut self, offset: u64, len: u64) -> bool {
         let ts = self.pair.track_size();
         let horizon = (offset + WINDOW).min(self.size);
         self.asked = self.asked.max(offset);
+        let mut asked_any = false;
         while self.asked < horizon {
             let t = self.asked / ts;
-            if self.pair.pending.is_pending(t) && self.pair.urgent.push(t).is_err() {
-                break;
+            if self.pair.pending.is_pending(t) {
+                if self.pair.urgent.push(t).is_err() {
+                    break;
+                }
+                asked_any = true;
             }
             self.asked = (t + 1) * ts;
         }
@@ -31,7 +37,7 @@ impl BackupJob {
             .pair
             .tracks_of(offset, len)
             .all(|t| !self.pair.pending.is_pending(t));
-        if !ready {
+        if asked_any || !ready {
             self.pair.wake_copier();
         }
         ready
