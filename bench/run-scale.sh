@@ -6,7 +6,9 @@
 # and the files it holds without one (in io_uring holding rings, Linux 6.8+), the
 # reactors' busy share while everything is idle (5 s, once every pair is mirrored), the round
 # trip of a group split of the first 1,000 pairs (all of them when fewer; median and max of 10,
-# each followed by a resync), and of one pair's split (median of 10), and host 4 KiB randwrite IOPS through one pair's NBD export (fio, QD32, 5 s).
+# each followed by a resync), and of one pair's split (median of 10), host 4 KiB randwrite IOPS
+# through one pair's NBD export (fio, QD32, 5 s), the time a clean stop takes (SIGTERM to exit)
+# and a start on the state directory it left (until the last pair answers).
 # Usage: bench/run-scale.sh [N...] (default: 10 1000)   (QS=path picks the binary;
 # SIZE_MIB=n sets the volume size, default 16: the initial copy allocates every secondary, so
 # 10,000 pairs of 16 MiB need 160 GiB of disk)
@@ -133,6 +135,20 @@ for n in "${counts[@]}"; do
     | $py -c "import json,sys; print(round(json.load(sys.stdin)['jobs'][0]['write']['iops']))")
   echo "         group split: median ${ginside} ms of it inside the engine (engine_ns)"
   echo "         host 4 KiB randwrite IOPS through pair 0 with $n pairs: $iops"
+  # A clean stop writes every pair's metadata out; a start on the state directory brings the
+  # configuration and every pair back (until the RPC socket answers with the last pair).
+  t=$(date +%s.%N); kill "$pid"; wait "$pid" 2>/dev/null || true; pids=()
+  stop=$($py -c "import sys,time; print(f'{time.time() - float(sys.argv[1]):.2f}')" "$t")
+  rm -f "$work/rpc.sock"; t=$(date +%s.%N)
+  QUICKSPLIT_LOG=warn $qs serve --rpc-socket "$work/rpc.sock" --state-dir "$work/state" \
+    --cores 0-1 --idle adaptive >/dev/null 2>&1 &
+  pid=$!; pids+=("$pid")
+  until [ -S "$work/rpc.sock" ] && rpc pair_get "{\"name\": \"pr$((n - 1))\"}" >/dev/null 2>&1; do
+    kill -0 "$pid" 2>/dev/null || { echo "the restart on the state directory failed" >&2; exit 1; }
+    sleep 0.05
+  done
+  start=$($py -c "import sys,time; print(f'{time.time() - float(sys.argv[1]):.2f}')" "$t")
+  echo "         clean stop (SIGTERM to exit): $stop s; start on the saved state: $start s"
   kill "$pid"; wait "$pid" 2>/dev/null || true; pids=()
 done
 echo "load after: $(uptime)"
