@@ -1114,3 +1114,156 @@ fn trsvcid_as_a_number_or_a_string() {
     let done = quicksplit_tests::wait_backup(&mut b, id, Duration::from_secs(60));
     assert_eq!(done["state"], "done", "{done}");
 }
+
+/// Connections of the export `nqn` (its admin and I/O queues), as the target counts them.
+fn connections_of(rpc: &mut RpcConn, nqn: &str) -> u64 {
+    rpc.ok("nvmf_get_exports", json!({}))
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["nqn"] == nqn)
+        .map(|x| x["connections"].as_u64().unwrap())
+        .sum()
+}
+
+/// Runs `reqs` (channel index, request) through `chans` and polls every channel until each has
+/// its completion; gives each channel's completions in order.
+fn run_on(
+    chans: &mut [Box<dyn IoChannel>],
+    reqs: Vec<(usize, IoRequest)>,
+) -> Vec<Vec<drivers::IoCompletion>> {
+    let n = reqs.len();
+    for (i, r) in reqs {
+        if chans[i].submit(r).is_err() {
+            panic!("request refused on channel {i}");
+        }
+    }
+    let mut got: Vec<Vec<drivers::IoCompletion>> = chans.iter().map(|_| Vec::new()).collect();
+    let end = Instant::now() + Duration::from_secs(10);
+    while got.iter().map(Vec::len).sum::<usize>() < n {
+        for (ch, out) in chans.iter_mut().zip(got.iter_mut()) {
+            ch.poll(out);
+        }
+        assert!(Instant::now() < end, "requests did not complete");
+    }
+    got
+}
+
+/// Every channel a thread opens on one controller shares one I/O queue (one TCP connection),
+/// whatever the number of channels; another thread or another controller has its own; and
+/// each channel gets back exactly its own requests, under the tags it gave them, with its own
+/// data.
+#[test]
+fn channels_on_one_thread_share_the_controllers_io_queue() {
+    let dir = TempDir::new("nvmf-shared-queue");
+    let (_server, mut rpc, port, nqn) = target(dir.path());
+    let ro_nqn = "nqn.2026-11.io.quicksplit:ro";
+    let bdev = drivers::nvmf::attach("a", HostOptions::new("127.0.0.1", port, nqn), Value::Null)
+        .expect("attach")
+        .remove(0);
+    let ro = drivers::nvmf::attach(
+        "r",
+        HostOptions::new("127.0.0.1", port, ro_nqn),
+        Value::Null,
+    )
+    .expect("attach")
+    .remove(0);
+    // The admin queues only.
+    assert!(wait_for(Duration::from_secs(5), || connections_of(
+        &mut rpc, nqn
+    ) == 1));
+    let ctx = drivers::ChannelContext {
+        queue_depth: 32,
+        ..Default::default()
+    };
+    let mut chans: Vec<Box<dyn IoChannel>> = (0..3)
+        .map(|_| bdev.open_channel(&ctx).expect("open channel"))
+        .collect();
+    let mut ro_ch = vec![ro.open_channel(&ctx).expect("open channel")];
+    assert!(wait_for(Duration::from_secs(5), || {
+        connections_of(&mut rpc, nqn) == 2 && connections_of(&mut rpc, ro_nqn) == 2
+    }));
+
+    let pool = BufferPool::new(64 << 10, 16).expect("pool");
+    let filled = |fill: u8| {
+        let mut b = pool.get().expect("buffer");
+        b.as_mut_slice().fill(fill);
+        let mut bufs = IoBufs::new();
+        bufs.push(b);
+        bufs
+    };
+    // The same tag on every channel: a completion that went to another channel shows.
+    let writes = (0..3)
+        .map(|i| {
+            (
+                i,
+                IoRequest::write(i as u64 * (64 << 10), filled(0x10 + i as u8), 7),
+            )
+        })
+        .collect();
+    let got = run_on(&mut chans, writes);
+    for (i, done) in got.iter().enumerate() {
+        assert_eq!(done.len(), 1, "channel {i}");
+        assert_eq!(done[0].tag, 7);
+        assert!(done[0].result.is_ok(), "channel {i}: {:?}", done[0].result);
+        assert!(done[0].bufs[0]
+            .as_slice()
+            .iter()
+            .all(|&b| b == 0x10 + i as u8));
+        assert_eq!(chans[i].in_flight(), 0);
+    }
+    // Each block read back through the next channel, tagged by the block it reads.
+    let reads = (0..3)
+        .map(|i| {
+            (
+                (i + 1) % 3,
+                IoRequest::read(i as u64 * (64 << 10), filled(0), i as u64),
+            )
+        })
+        .collect();
+    let got = run_on(&mut chans, reads);
+    for (c, done) in got.iter().enumerate() {
+        assert_eq!(done.len(), 1, "channel {c}");
+        let block = done[0].tag as usize;
+        assert_eq!((block + 1) % 3, c, "channel {c} got block {block}'s read");
+        assert!(done[0].result.is_ok());
+        assert!(done[0].bufs[0]
+            .as_slice()
+            .iter()
+            .all(|&b| b == 0x10 + block as u8));
+    }
+    // The other controller's namespace, through its own queue.
+    let got = run_on(&mut ro_ch, vec![(0, IoRequest::read(0, filled(1), 1))]);
+    assert!(got[0][0].result.is_ok(), "{:?}", got[0][0].result);
+    assert!(got[0][0].bufs[0].as_slice().iter().all(|&b| b == 0));
+
+    // Another thread's channel is another queue, closed with it.
+    let bdev = Arc::new(bdev);
+    let b = Arc::clone(&bdev);
+    let ctx2 = ctx.clone();
+    let (opened, wait_open) = std::sync::mpsc::channel();
+    let (close, wait_close) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let ch = b.open_channel(&ctx2).expect("open channel");
+        opened.send(()).unwrap();
+        let _ = wait_close.recv();
+        drop(ch);
+    });
+    wait_open.recv().unwrap();
+    assert!(wait_for(Duration::from_secs(5), || connections_of(
+        &mut rpc, nqn
+    ) == 3));
+    close.send(()).unwrap();
+    t.join().unwrap();
+    assert!(wait_for(Duration::from_secs(5), || connections_of(
+        &mut rpc, nqn
+    ) == 2));
+    // The queue lives while a channel does.
+    chans.truncate(1);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(connections_of(&mut rpc, nqn), 2);
+    chans.clear();
+    assert!(wait_for(Duration::from_secs(5), || connections_of(
+        &mut rpc, nqn
+    ) == 1));
+}

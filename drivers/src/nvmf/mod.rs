@@ -7,6 +7,7 @@
 pub const DEFAULT_PORT: u16 = 4420;
 
 pub mod auth;
+mod channel;
 pub mod fabrics;
 pub mod host;
 pub mod pdu;
@@ -14,11 +15,8 @@ pub mod port;
 
 use std::sync::Arc;
 
-use crate::bdev::{
-    invalid, queue_full, Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion,
-    IoRequest, SubmitResult,
-};
-use host::{Done, HostController, HostOptions, IoQueue, NvmfError, Refused};
+use crate::bdev::{Bdev, BdevError, ChannelContext, Geometry, IoChannel};
+use host::{HostController, HostOptions, NvmfError};
 
 impl From<NvmfError> for BdevError {
     fn from(e: NvmfError) -> Self {
@@ -29,8 +27,9 @@ impl From<NvmfError> for BdevError {
     }
 }
 
-/// A namespace of a remote NVMe/TCP controller as a bdev. Each reactor's channel is an I/O
-/// queue of its own (a TCP connection), connected when the channel opens.
+/// A namespace of a remote NVMe/TCP controller as a bdev. Its channels on a reactor share that
+/// reactor's I/O queue on the controller (a TCP connection, connected when the first opens)
+/// with every other channel there on the same controller (`channel.rs`).
 pub struct NvmfBdev {
     name: String,
     ctrl: Arc<HostController>,
@@ -99,78 +98,11 @@ impl Bdev for NvmfBdev {
     }
 
     fn open_channel(&self, ctx: &ChannelContext) -> Result<Box<dyn IoChannel>, BdevError> {
-        let mut q = self.ctrl.open_io_queue(self.nsid)?;
-        if let Some(watch) = &ctx.fd_watch {
-            if let Err(e) = q.wake_on_input(watch) {
-                // The queue works without it; a parked reactor then sees its completions only
-                // when something else wakes it.
-                tracing::warn!(bdev = %self.name, error = %e, "NVMe/TCP queue socket not watched");
-            }
-        }
-        Ok(Box::new(NvmfChannel {
-            q,
-            geometry: self.geometry,
-            done: Vec::new(),
-        }))
+        let ch = channel::NvmfChannel::open(&self.ctrl, self.nsid, self.geometry, ctx)?;
+        Ok(Box::new(ch))
     }
 
     fn config(&self) -> serde_json::Value {
         self.config.clone()
-    }
-}
-
-struct NvmfChannel {
-    q: IoQueue,
-    geometry: Geometry,
-    done: Vec<Done>,
-}
-
-impl IoChannel for NvmfChannel {
-    fn submit(&mut self, req: IoRequest) -> SubmitResult {
-        if let Err(e) = self.geometry.validate(&req) {
-            return invalid(req, e);
-        }
-        let IoRequest {
-            op,
-            offset,
-            len,
-            bufs,
-            tag,
-        } = req;
-        match self.q.submit(op, offset, len, bufs, tag) {
-            Ok(()) => Ok(()),
-            Err(Refused::Full(bufs)) => queue_full(IoRequest {
-                op,
-                offset,
-                len,
-                bufs,
-                tag,
-            }),
-            Err(Refused::Failed(e, bufs)) => invalid(
-                IoRequest {
-                    op,
-                    offset,
-                    len,
-                    bufs,
-                    tag,
-                },
-                e,
-            ),
-        }
-    }
-
-    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
-        self.q.poll(&mut self.done);
-        let n = self.done.len();
-        out.extend(self.done.drain(..).map(|d| IoCompletion {
-            tag: d.tag,
-            result: d.result,
-            bufs: d.bufs,
-        }));
-        n
-    }
-
-    fn in_flight(&self) -> usize {
-        self.q.in_flight()
     }
 }

@@ -31,6 +31,8 @@ const MAX_IOV: usize = 256;
 /// One request of the queue's user, made of one or more commands.
 struct Parent {
     tag: u64,
+    /// Its namespace's size in bytes (for an out-of-range answer).
+    ns_size: u64,
     bufs: IoBufs,
     left: u32,
     result: Result<(), IoError>,
@@ -89,7 +91,6 @@ pub struct IoQueue {
     digests: Digests,
     maxh2cdata: usize,
     in_capsule: usize,
-    max_cmd_bytes: usize,
     ns: Namespace,
     depth: usize,
     parents: Slab<Parent>,
@@ -104,6 +105,14 @@ pub struct IoQueue {
     tick: u64,
     /// The reactor's epoll set the socket is watched in, if any.
     watch: Option<FdWatch>,
+}
+
+/// Most data bytes one read or write command of namespace `ns` carries: the controller's
+/// limit, at most 65,536 blocks, whole blocks.
+fn max_cmd_bytes(ctrl_limit: usize, ns: &Namespace) -> usize {
+    let bs = ns.block_size as usize;
+    let n = ctrl_limit.min(bs * 65536).max(bs);
+    n - n % bs
 }
 
 /// Slices of `bufs` covering `len` bytes from `start`.
@@ -163,17 +172,12 @@ impl IoQueue {
             .set_nonblocking(true)
             .map_err(io("set non-blocking"))?;
         rx.resize(ctrl.max_cmd_bytes + 4096, 0);
-        let max_cmd_bytes = ctrl
-            .max_cmd_bytes
-            .min(ns.block_size as usize * 65536)
-            .max(ns.block_size as usize);
         Ok(IoQueue {
             qid,
             stream,
             digests,
             maxh2cdata: maxh2cdata as usize,
             in_capsule: ctrl.in_capsule,
-            max_cmd_bytes: max_cmd_bytes - max_cmd_bytes % ns.block_size as usize,
             ns,
             depth: depth as usize,
             parents: Slab::new(),
@@ -223,10 +227,26 @@ impl IoQueue {
         }
     }
 
-    /// Starts `op` over `len` bytes at byte `offset` with `bufs` (reads and writes). Its PDUs
-    /// are queued and go out on the next [`IoQueue::poll`], batched with the others.
+    /// Starts `op` over `len` bytes at byte `offset` with `bufs` (reads and writes) on the
+    /// queue's namespace. Its PDUs are queued and go out on the next [`IoQueue::poll`], batched
+    /// with the others.
     pub fn submit(
         &mut self,
+        op: IoOp,
+        offset: u64,
+        len: u64,
+        bufs: IoBufs,
+        tag: u64,
+    ) -> Result<(), Refused> {
+        let ns = self.ns;
+        self.submit_to(&ns, op, offset, len, bufs, tag)
+    }
+
+    /// [`IoQueue::submit`] on namespace `ns` of the same controller: an I/O queue is the
+    /// controller's, and each command names its namespace.
+    pub fn submit_to(
+        &mut self,
+        ns: &Namespace,
         op: IoOp,
         offset: u64,
         len: u64,
@@ -236,30 +256,30 @@ impl IoQueue {
         if let Some(e) = &self.failed {
             return Err(Refused::Failed(e.clone(), bufs));
         }
-        let bs = self.ns.block_size as u64;
+        let bs = ns.block_size as u64;
         if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
             return Err(Refused::Failed(
                 IoError::Unaligned {
                     offset,
                     len,
-                    block_size: self.ns.block_size,
+                    block_size: ns.block_size,
                 },
                 bufs,
             ));
         }
-        let size = self.ns.blocks * bs;
+        let size = ns.blocks * bs;
         if offset.checked_add(len).is_none_or(|e| e > size) {
             return Err(Refused::Failed(
                 IoError::OutOfRange { offset, len, size },
                 bufs,
             ));
         }
-        if op.is_write() && self.ns.read_only {
+        if op.is_write() && ns.read_only {
             return Err(Refused::Failed(IoError::ReadOnly, bufs));
         }
         // Commands this request needs.
         let step = match op {
-            IoOp::Read | IoOp::Write { .. } => self.max_cmd_bytes as u64,
+            IoOp::Read | IoOp::Write { .. } => max_cmd_bytes(self.ctrl.max_cmd_bytes, ns) as u64,
             IoOp::WriteZeroes => bs * 65536,
             IoOp::Unmap => bs * u32::MAX as u64,
             IoOp::Flush => u64::MAX,
@@ -274,11 +294,12 @@ impl IoQueue {
         }
         let parent = self.parents.insert(Parent {
             tag,
+            ns_size: size,
             bufs,
             left: count as u32,
             result: Ok(()),
         });
-        let nsid = self.ns.nsid;
+        let nsid = ns.nsid;
         let mut at = 0u64;
         for _ in 0..count {
             let n = (len - at).min(step);

@@ -24,7 +24,7 @@ impl IoQueue {
                 s if s == Status::LBA_OUT_OF_RANGE => IoError::OutOfRange {
                     offset: 0,
                     len: 0,
-                    size: self.ns.blocks * self.ns.block_size as u64,
+                    size: p.ns_size,
                 },
                 s if s.0 & 0x7ff == fabrics::status::WRITE_PROTECTED.0 & 0x7ff => IoError::ReadOnly,
                 s => IoError::Device(s.errno()),

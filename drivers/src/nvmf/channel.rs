@@ -1,0 +1,245 @@
+//! Channels of NVMe/TCP bdevs. An I/O queue is the controller's, not a namespace's (each
+//! command names its namespace), so every channel a thread opens on one controller shares one
+//! I/O queue, as SPDK's bdev_nvme shares a queue pair per poll group: one TCP connection per
+//! reactor and controller however many namespaces and users it serves, and the controller's
+//! queues (64 at most) are not used up by the number of volumes. Requests carry the queue's own
+//! tags; completions go back to the channel that submitted them.
+
+use std::cell::RefCell;
+use std::os::fd::RawFd;
+use std::rc::{Rc, Weak};
+use std::sync::Arc;
+
+use slab::Slab;
+
+use super::host::{Done, HostController, IoQueue, Namespace, Refused};
+use crate::bdev::{
+    invalid, queue_full, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoRequest,
+    SubmitResult,
+};
+
+/// A thread's shared queue on one controller (by address) for one reactor wake-up eventfd (a
+/// thread doing blocking I/O has none).
+struct Registered {
+    ctrl: usize,
+    wake_fd: Option<RawFd>,
+    queue: Weak<SharedQueue>,
+}
+
+thread_local! {
+    /// This thread's shared queues.
+    static QUEUES: RefCell<Vec<Registered>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A channel's place in its shared queue.
+struct Member {
+    /// Told apart from an earlier member in the same slot.
+    generation: u64,
+    in_flight: usize,
+    done: Vec<Done>,
+}
+
+struct Inner {
+    q: IoQueue,
+    members: Slab<Member>,
+    generations: u64,
+    /// The submitter of each request in flight: member slot, its generation, its tag.
+    requests: Slab<(usize, u64, u64)>,
+    scratch: Vec<Done>,
+}
+
+/// One I/O queue shared by a thread's channels on one controller.
+pub(super) struct SharedQueue {
+    inner: RefCell<Inner>,
+}
+
+impl SharedQueue {
+    /// This thread's queue on `ctrl`, connected on first use (or again after it failed), for
+    /// channels opened with `ctx`.
+    fn for_thread(
+        ctrl: &Arc<HostController>,
+        nsid: u32,
+        ctx: &ChannelContext,
+    ) -> Result<Rc<SharedQueue>, BdevError> {
+        let key = Arc::as_ptr(ctrl) as usize;
+        let found = QUEUES.with(|qs| {
+            let mut qs = qs.borrow_mut();
+            qs.retain(|r| r.queue.strong_count() > 0);
+            qs.iter()
+                .filter(|r| r.ctrl == key && r.wake_fd == ctx.wake_fd)
+                .filter_map(|r| r.queue.upgrade())
+                .find(|q| q.inner.borrow().q.failure().is_none())
+        });
+        if let Some(q) = found {
+            return Ok(q);
+        }
+        let mut q = ctrl.open_io_queue(nsid)?;
+        if let Some(watch) = &ctx.fd_watch {
+            if let Err(e) = q.wake_on_input(watch) {
+                // The queue works without it; a parked reactor then sees its completions only
+                // when something else wakes it.
+                tracing::warn!(subnqn = %ctrl.options().subnqn, error = %e, "NVMe/TCP queue socket not watched");
+            }
+        }
+        let shared = Rc::new(SharedQueue {
+            inner: RefCell::new(Inner {
+                q,
+                members: Slab::new(),
+                generations: 0,
+                requests: Slab::new(),
+                scratch: Vec::new(),
+            }),
+        });
+        QUEUES.with(|qs| {
+            qs.borrow_mut().push(Registered {
+                ctrl: key,
+                wake_fd: ctx.wake_fd,
+                queue: Rc::downgrade(&shared),
+            })
+        });
+        Ok(shared)
+    }
+
+    fn join(&self) -> (usize, u64) {
+        let mut inner = self.inner.borrow_mut();
+        inner.generations += 1;
+        let generation = inner.generations;
+        let slot = inner.members.insert(Member {
+            generation,
+            in_flight: 0,
+            done: Vec::new(),
+        });
+        (slot, generation)
+    }
+
+    fn leave(&self, slot: usize) {
+        // Requests still in flight complete into nothing: their buffers are dropped then.
+        self.inner.borrow_mut().members.try_remove(slot);
+    }
+}
+
+impl Inner {
+    /// Polls the queue and hands each finished request to its member.
+    fn poll(&mut self) {
+        self.q.poll(&mut self.scratch);
+        for d in self.scratch.drain(..) {
+            let Some((slot, generation, tag)) = self.requests.try_remove(d.tag as usize) else {
+                continue;
+            };
+            if let Some(m) = self.members.get_mut(slot) {
+                if m.generation == generation {
+                    m.in_flight -= 1;
+                    m.done.push(Done { tag, ..d });
+                }
+            }
+        }
+    }
+}
+
+/// A channel of an NVMe/TCP namespace: its share of the thread's queue on the controller.
+pub(super) struct NvmfChannel {
+    q: Rc<SharedQueue>,
+    slot: usize,
+    generation: u64,
+    ns: Namespace,
+    geometry: Geometry,
+}
+
+impl NvmfChannel {
+    pub(super) fn open(
+        ctrl: &Arc<HostController>,
+        nsid: u32,
+        geometry: Geometry,
+        ctx: &ChannelContext,
+    ) -> Result<Self, BdevError> {
+        let ns = *ctrl
+            .namespaces()
+            .iter()
+            .find(|n| n.nsid == nsid)
+            .ok_or_else(|| BdevError::Invalid(format!("no namespace {nsid}")))?;
+        let q = SharedQueue::for_thread(ctrl, nsid, ctx)?;
+        let (slot, generation) = q.join();
+        Ok(NvmfChannel {
+            q,
+            slot,
+            generation,
+            ns,
+            geometry,
+        })
+    }
+}
+
+impl Drop for NvmfChannel {
+    fn drop(&mut self) {
+        self.q.leave(self.slot);
+    }
+}
+
+impl IoChannel for NvmfChannel {
+    fn submit(&mut self, req: IoRequest) -> SubmitResult {
+        if let Err(e) = self.geometry.validate(&req) {
+            return invalid(req, e);
+        }
+        let IoRequest {
+            op,
+            offset,
+            len,
+            bufs,
+            tag,
+        } = req;
+        let mut inner = self.q.inner.borrow_mut();
+        let inner = &mut *inner;
+        let entry = inner.requests.vacant_entry();
+        let qtag = entry.key() as u64;
+        match inner.q.submit_to(&self.ns, op, offset, len, bufs, qtag) {
+            Ok(()) => {
+                entry.insert((self.slot, self.generation, tag));
+                if let Some(m) = inner.members.get_mut(self.slot) {
+                    m.in_flight += 1;
+                }
+                Ok(())
+            }
+            Err(Refused::Full(bufs)) => queue_full(IoRequest {
+                op,
+                offset,
+                len,
+                bufs,
+                tag,
+            }),
+            Err(Refused::Failed(e, bufs)) => invalid(
+                IoRequest {
+                    op,
+                    offset,
+                    len,
+                    bufs,
+                    tag,
+                },
+                e,
+            ),
+        }
+    }
+
+    fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
+        let mut inner = self.q.inner.borrow_mut();
+        inner.poll();
+        let Some(m) = inner.members.get_mut(self.slot) else {
+            return 0;
+        };
+        let n = m.done.len();
+        out.extend(m.done.drain(..).map(|d| IoCompletion {
+            tag: d.tag,
+            result: d.result,
+            bufs: d.bufs,
+        }));
+        n
+    }
+
+    fn in_flight(&self) -> usize {
+        self.q
+            .inner
+            .borrow()
+            .members
+            .get(self.slot)
+            .map_or(0, |m| m.in_flight)
+    }
+}
