@@ -286,6 +286,23 @@ impl FdWatch {
         Ok(())
     }
 
+    /// Has a watched `fd` also wake the reactor while it can be written (`out`), or no longer:
+    /// a socket with output waiting for room asks for it, so the reactor that parked wakes as
+    /// soon as the peer has read, and a peer that reads nothing still costs nothing.
+    pub fn watch_output(&self, fd: BorrowedFd<'_>, out: bool) -> std::io::Result<()> {
+        let mut flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
+        if out {
+            flags |= epoll::EventFlags::OUT;
+        }
+        epoll::modify(
+            &*self.epoll,
+            fd,
+            epoll::EventData::new_u64(fd.as_raw_fd() as u64),
+            flags,
+        )?;
+        Ok(())
+    }
+
     /// Stops watching `fd` (nothing if it was not watched). Call it before `fd` is closed: its
     /// number may be reused by another descriptor watched on the same reactor.
     pub fn unwatch(&self, fd: BorrowedFd<'_>) {

@@ -460,3 +460,74 @@ fn a_stopped_export_with_a_connection_closing_keeps_its_bdev_out_of_pairs() {
     );
     drop(client);
 }
+
+/// The descriptors process `pid` watches in its epoll sets, with their event masks.
+fn epoll_masks(pid: u32) -> Vec<(i32, u32)> {
+    let mut out = Vec::new();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return out;
+    };
+    for fd in fds.flatten() {
+        let is_epoll =
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("eventpoll"));
+        let name = fd.file_name();
+        let Some(info) = is_epoll
+            .then(|| {
+                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", name.to_string_lossy()))
+                    .ok()
+            })
+            .flatten()
+        else {
+            continue;
+        };
+        for l in info.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if f.len() >= 4 && f[0] == "tfd:" && f[2] == "events:" {
+                if let (Ok(tfd), Ok(mask)) = (f[1].parse(), u32::from_str_radix(f[3], 16)) {
+                    out.push((tfd, mask));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Replies waiting for room in the socket have the reactor woken once the client reads: the
+/// connection's socket is watched for output (EPOLLOUT) while they wait, and no longer once
+/// they are sent. (A parked reactor woken only by input sent the rest of 1 MiB replies at its
+/// next timer: fio read 1 MiB blocks at 80 MiB/s.) The replies are whole and in order.
+#[test]
+fn replies_waiting_for_room_have_the_socket_watched_for_output() {
+    const EPOLLOUT: u32 = 0x4;
+    let s = setup("nbd-output-watch");
+    let pid = s._server.pid();
+    let mut c = NbdClient::connect(&s.nbd_sock, "m").unwrap();
+    let data: Vec<Vec<u8>> = (0..16u8).map(|i| vec![i + 1; MIB as usize]).collect();
+    for (i, d) in data.iter().enumerate() {
+        c.write(i as u64 * MIB, d).unwrap();
+    }
+    assert!(epoll_masks(pid).iter().all(|&(_, m)| m & EPOLLOUT == 0));
+    // 16 MiB of reads, their replies left unread: far more than the socket holds.
+    let cookies: Vec<u64> = (0..16u64)
+        .map(|i| c.send(nbd::READ, 0, i * MIB, MIB as u32, &[]))
+        .collect();
+    assert!(
+        wait_for(Duration::from_secs(10), || epoll_masks(pid)
+            .iter()
+            .any(|&(_, m)| m & EPOLLOUT != 0)),
+        "{:?}",
+        epoll_masks(pid)
+    );
+    for (i, want) in cookies.iter().enumerate() {
+        let (cookie, err, got) = c.recv(MIB as usize).unwrap();
+        assert_eq!((cookie, err), (*want, 0));
+        assert!(got == data[i], "reply {i} holds other data");
+    }
+    assert!(
+        wait_for(Duration::from_secs(10), || epoll_masks(pid)
+            .iter()
+            .all(|&(_, m)| m & EPOLLOUT == 0)),
+        "{:?}",
+        epoll_masks(pid)
+    );
+}

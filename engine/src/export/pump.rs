@@ -210,6 +210,8 @@ pub(crate) struct SocketPump<S, O> {
     tx: VecDeque<O>,
     tx_sent: usize,
     watched: bool,
+    /// The socket also wakes the reactor when it can be written (replies wait for room).
+    watching_output: bool,
     closing_since: Option<Instant>,
     /// The protocol's name ("NBD", "NVMe/TCP").
     protocol: &'static str,
@@ -240,6 +242,7 @@ impl<S: Transport, O: Outgoing> SocketPump<S, O> {
             tx: VecDeque::new(),
             tx_sent: 0,
             watched: false,
+            watching_output: false,
             closing_since: None,
         }
     }
@@ -469,8 +472,17 @@ impl<S: Transport, O: Outgoing> SocketPump<S, O> {
         {
             cx.wake_at(at);
         }
-        // Replies a peer does not read (its socket full) are retried on later turns without
-        // keeping the reactor from parking: a stalled peer costs nothing.
+        // Replies waiting for room in the socket go out on later turns without keeping the
+        // reactor from parking: while some wait, the socket wakes it once it can be written
+        // (a peer reading large replies is not left to the next timer), and a peer that reads
+        // nothing costs nothing.
+        let unsent = !self.tx.is_empty() || self.sock.holds_output();
+        if self.watched
+            && unsent != self.watching_output
+            && cx.watch_fd_output(self.sock.as_fd(), unsent).is_ok()
+        {
+            self.watching_output = unsent;
+        }
         // Input a TLS session holds does not wake the reactor: the next turn reads it.
         if turn.busy || (!turn.closing && self.sock.holds_input()) {
             PollStatus::Busy

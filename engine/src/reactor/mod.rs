@@ -275,6 +275,17 @@ impl ReactorContext {
         })
     }
 
+    /// Has a watched `fd` also wake the reactor while it can be written (`out`), or no longer
+    /// ([`drivers::FdWatch::watch_output`]).
+    pub fn watch_fd_output(&self, fd: BorrowedFd<'_>, out: bool) -> Result<(), ReactorError> {
+        self.fd_watch
+            .watch_output(fd, out)
+            .map_err(|source| ReactorError::Os {
+                what: "epoll modify",
+                source,
+            })
+    }
+
     /// Stops watching `fd` (before closing it).
     pub fn unwatch_fd(&self, fd: BorrowedFd<'_>) {
         self.fd_watch.unwatch(fd);

@@ -105,6 +105,8 @@ pub struct IoQueue {
     tick: u64,
     /// The reactor's epoll set the socket is watched in, if any.
     watch: Option<FdWatch>,
+    /// The socket also wakes the reactor when it can be written (PDUs wait for room).
+    watching_output: bool,
 }
 
 /// Most data bytes one read or write command of namespace `ns` carries: the controller's
@@ -191,6 +193,7 @@ impl IoQueue {
             last_check: Instant::now(),
             tick: 0,
             watch: None,
+            watching_output: false,
             ctrl,
         })
     }
@@ -461,6 +464,15 @@ impl IoQueue {
                     result: Err(e.clone()),
                     bufs: p.bufs,
                 });
+            }
+        }
+        // PDUs waiting for room in the socket: the reactor, should it park, wakes once the
+        // controller has read (its answers to what it has not received would never come).
+        let unsent = !self.tx.is_empty();
+        if let Some(w) = &self.watch {
+            if unsent != self.watching_output && w.watch_output(self.stream.as_fd(), unsent).is_ok()
+            {
+                self.watching_output = unsent;
             }
         }
         let n = self.done.len();
