@@ -3,9 +3,13 @@
 //! I/O queue, as SPDK's bdev_nvme shares a queue pair per poll group: one TCP connection per
 //! reactor and controller however many namespaces and users it serves, and the controller's
 //! queues (64 at most) are not used up by the number of volumes. Requests carry the queue's own
-//! tags; completions go back to the channel that submitted them.
+//! tags; completions go back to the channel that submitted them. Each channel still takes
+//! requests up to its own depth, as when it had a queue of its own (callers size their work by
+//! it, and a host must not be refused because a copy filled the queue): what the shared queue
+//! has no room for waits, in order, and goes out as commands complete.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use crate::bdev::{
     invalid, queue_full, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoRequest,
     SubmitResult,
 };
+use crate::{IoBufs, IoError, IoOp};
 
 /// A thread's shared queue on one controller (by address) for one reactor wake-up eventfd (a
 /// thread doing blocking I/O has none).
@@ -35,16 +40,30 @@ thread_local! {
 struct Member {
     /// Told apart from an earlier member in the same slot.
     generation: u64,
+    /// Requests taken and not yet given back (sent or waiting).
     in_flight: usize,
+    /// Most requests it takes at once.
+    depth: usize,
     done: Vec<Done>,
+}
+
+/// A request taken while the queue had no room for it, under its queue tag.
+struct Waiting {
+    qtag: u64,
+    ns: Namespace,
+    op: IoOp,
+    offset: u64,
+    len: u64,
+    bufs: IoBufs,
 }
 
 struct Inner {
     q: IoQueue,
     members: Slab<Member>,
     generations: u64,
-    /// The submitter of each request in flight: member slot, its generation, its tag.
+    /// The submitter of each request taken: member slot, its generation, its tag.
     requests: Slab<(usize, u64, u64)>,
+    waiting: VecDeque<Waiting>,
     scratch: Vec<Done>,
 }
 
@@ -87,6 +106,7 @@ impl SharedQueue {
                 members: Slab::new(),
                 generations: 0,
                 requests: Slab::new(),
+                waiting: VecDeque::new(),
                 scratch: Vec::new(),
             }),
         });
@@ -100,13 +120,14 @@ impl SharedQueue {
         Ok(shared)
     }
 
-    fn join(&self) -> (usize, u64) {
+    fn join(&self, depth: usize) -> (usize, u64) {
         let mut inner = self.inner.borrow_mut();
         inner.generations += 1;
         let generation = inner.generations;
         let slot = inner.members.insert(Member {
             generation,
             in_flight: 0,
+            depth: depth.max(1),
             done: Vec::new(),
         });
         (slot, generation)
@@ -119,18 +140,67 @@ impl SharedQueue {
 }
 
 impl Inner {
-    /// Polls the queue and hands each finished request to its member.
+    /// Sends what waits for room, polls the queue and hands each finished request to its
+    /// member; then sends what the finished ones made room for.
     fn poll(&mut self) {
+        self.send_waiting();
         self.q.poll(&mut self.scratch);
-        for d in self.scratch.drain(..) {
-            let Some((slot, generation, tag)) = self.requests.try_remove(d.tag as usize) else {
-                continue;
-            };
-            if let Some(m) = self.members.get_mut(slot) {
-                if m.generation == generation {
-                    m.in_flight -= 1;
-                    m.done.push(Done { tag, ..d });
+        self.send_waiting();
+        let mut done = std::mem::take(&mut self.scratch);
+        for d in done.drain(..) {
+            self.finish(d);
+        }
+        self.scratch = done;
+    }
+
+    /// Gives a finished request back to its member (nothing if the member left).
+    fn finish(&mut self, d: Done) {
+        let Some((slot, generation, tag)) = self.requests.try_remove(d.tag as usize) else {
+            return;
+        };
+        if let Some(m) = self.members.get_mut(slot) {
+            if m.generation == generation {
+                m.in_flight -= 1;
+                m.done.push(Done { tag, ..d });
+            }
+        }
+    }
+
+    /// Submits waiting requests, oldest first, while the queue takes them.
+    fn send_waiting(&mut self) {
+        while let Some(w) = self.waiting.pop_front() {
+            let Waiting {
+                qtag,
+                ns,
+                op,
+                offset,
+                len,
+                bufs,
+            } = w;
+            match self.q.submit_to(&ns, op, offset, len, bufs, qtag) {
+                Ok(()) => {}
+                Err(Refused::Full(bufs)) if self.q.in_flight() > 0 => {
+                    self.waiting.push_front(Waiting {
+                        qtag,
+                        ns,
+                        op,
+                        offset,
+                        len,
+                        bufs,
+                    });
+                    return;
                 }
+                // Full with nothing in flight: more commands than the queue has entries.
+                Err(Refused::Full(bufs)) => self.finish(Done {
+                    tag: qtag,
+                    result: Err(IoError::Device(libc::EINVAL)),
+                    bufs,
+                }),
+                Err(Refused::Failed(e, bufs)) => self.finish(Done {
+                    tag: qtag,
+                    result: Err(e),
+                    bufs,
+                }),
             }
         }
     }
@@ -158,7 +228,7 @@ impl NvmfChannel {
             .find(|n| n.nsid == nsid)
             .ok_or_else(|| BdevError::Invalid(format!("no namespace {nsid}")))?;
         let q = SharedQueue::for_thread(ctrl, nsid, ctx)?;
-        let (slot, generation) = q.join();
+        let (slot, generation) = q.join(ctx.queue_depth as usize);
         Ok(NvmfChannel {
             q,
             slot,
@@ -180,6 +250,14 @@ impl IoChannel for NvmfChannel {
         if let Err(e) = self.geometry.validate(&req) {
             return invalid(req, e);
         }
+        let mut inner = self.q.inner.borrow_mut();
+        let inner = &mut *inner;
+        let Some(m) = inner.members.get_mut(self.slot) else {
+            return queue_full(req);
+        };
+        if m.in_flight >= m.depth {
+            return queue_full(req);
+        }
         let IoRequest {
             op,
             offset,
@@ -187,36 +265,55 @@ impl IoChannel for NvmfChannel {
             bufs,
             tag,
         } = req;
-        let mut inner = self.q.inner.borrow_mut();
-        let inner = &mut *inner;
         let entry = inner.requests.vacant_entry();
         let qtag = entry.key() as u64;
-        match inner.q.submit_to(&self.ns, op, offset, len, bufs, qtag) {
-            Ok(()) => {
-                entry.insert((self.slot, self.generation, tag));
-                if let Some(m) = inner.members.get_mut(self.slot) {
-                    m.in_flight += 1;
-                }
-                Ok(())
-            }
-            Err(Refused::Full(bufs)) => queue_full(IoRequest {
-                op,
-                offset,
-                len,
-                bufs,
-                tag,
-            }),
-            Err(Refused::Failed(e, bufs)) => invalid(
-                IoRequest {
+        // Behind what already waits, to keep the order requests were taken in.
+        let result = if inner.waiting.is_empty() {
+            inner.q.submit_to(&self.ns, op, offset, len, bufs, qtag)
+        } else {
+            Err(Refused::Full(bufs))
+        };
+        match result {
+            Ok(()) => {}
+            Err(Refused::Full(bufs)) if inner.q.in_flight() > 0 || !inner.waiting.is_empty() => {
+                inner.waiting.push_back(Waiting {
+                    qtag,
+                    ns: self.ns,
                     op,
                     offset,
                     len,
                     bufs,
-                    tag,
-                },
-                e,
-            ),
+                });
+            }
+            // More commands than the queue has entries: it can never take it.
+            Err(Refused::Full(bufs)) => {
+                return invalid(
+                    IoRequest {
+                        op,
+                        offset,
+                        len,
+                        bufs,
+                        tag,
+                    },
+                    IoError::Device(libc::EINVAL),
+                )
+            }
+            Err(Refused::Failed(e, bufs)) => {
+                return invalid(
+                    IoRequest {
+                        op,
+                        offset,
+                        len,
+                        bufs,
+                        tag,
+                    },
+                    e,
+                )
+            }
         }
+        entry.insert((self.slot, self.generation, tag));
+        m.in_flight += 1;
+        Ok(())
     }
 
     fn poll(&mut self, out: &mut Vec<IoCompletion>) -> usize {
