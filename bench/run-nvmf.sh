@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # NVMe/TCP figures in one run, over loopback, one core each side:
-#  1. backup throughput (merge mode, a 1 GiB pair on malloc bdevs, nothing pending) to a file
-#     target on /dev/shm against an nvmf target: a second quicksplit's export of a malloc bdev;
+#  1. backup throughput (merge mode, a 1 GiB pair on malloc bdevs filled with data, nothing
+#     pending) to a file target on /dev/shm against an nvmf target: a second quicksplit's
+#     export of a malloc bdev;
 #  2. 4 KiB QD32 randread/randwrite IOPS of a host through quicksplit's nvmf export (qsbench
 #     with quicksplit's initiator, `--bdev nvmf:...`) against its NBD export of the same bdev
 #     (fio's nbd engine).
@@ -25,7 +26,9 @@ start() { # name core config
   QUICKSPLIT_LOG=warn $qs serve --config "$work/$1.json" --rpc-socket "$work/$1.sock" \
     --state-dir "$work/$1" --cores "$2" --idle spin >/dev/null 2>&1 &
   pids+=($!)
-  for _ in $(seq 100); do [ -S "$work/$1.sock" ] && break; sleep 0.1; done
+  # Locking two 1 GiB RAM disks can take a while on a busy machine.
+  for _ in $(seq 300); do [ -S "$work/$1.sock" ] && break; sleep 0.1; done
+  [ -S "$work/$1.sock" ] || { echo "quicksplit ($1) did not start" >&2; exit 1; }
 }
 # The target side: core 1.
 start dst 1 "{\"config\": [
@@ -38,6 +41,11 @@ start src 0 '{"config": [
  {"method": "bdev_malloc_create", "params": {"name": "s", "size": 1073741824}},
  {"method": "pair_create", "params": {"name": "pr", "primary": "p", "secondary": "s"}}]}'
 rpc() { $qs rpc --socket "$work/$1.sock" "${@:2}"; }
+# Data in P, so that the backups copy every byte (a RAM disk never written backs up as holes
+# and Write Zeroes).
+rpc src nbd_export_start "{\"name\": \"p\", \"bdev\": \"p\", \"socket\": \"$work/src-nbd.sock\"}" >/dev/null
+fio --name=fill --ioengine=nbd --uri="nbd+unix:///p?socket=$work/src-nbd.sock" --rw=write --bs=1m \
+    --iodepth=8 --size=1g --refill_buffers >/dev/null 2>&1
 while [ "$(rpc src pair_get '{"name":"pr"}' | $py -c "import json,sys; p=json.load(sys.stdin)[0]; print(p['state'], p['pending_tracks'])" 2>/dev/null)" != "PAIR 0" ]; do sleep 0.2; done
 rpc src pair_split '{"name": "pr"}' >/dev/null
 backup() { # target-json -> "MiB/s cpu_copied"
