@@ -285,30 +285,20 @@ impl IoChannel for NvmfChannel {
                     bufs,
                 });
             }
-            // More commands than the queue has entries: it can never take it.
-            Err(Refused::Full(bufs)) => {
-                return invalid(
-                    IoRequest {
-                        op,
-                        offset,
-                        len,
-                        bufs,
-                        tag,
-                    },
-                    IoError::Device(libc::EINVAL),
-                )
-            }
-            Err(Refused::Failed(e, bufs)) => {
-                return invalid(
-                    IoRequest {
-                        op,
-                        offset,
-                        len,
-                        bufs,
-                        tag,
-                    },
-                    e,
-                )
+            Err(refused) => {
+                let (e, bufs) = match refused {
+                    // More commands than the queue has entries: it can never take it.
+                    Refused::Full(bufs) => (IoError::Device(libc::EINVAL), bufs),
+                    Refused::Failed(e, bufs) => (e, bufs),
+                };
+                let req = IoRequest {
+                    op,
+                    offset,
+                    len,
+                    bufs,
+                    tag,
+                };
+                return invalid(req, e);
             }
         }
         entry.insert((self.slot, self.generation, tag));
