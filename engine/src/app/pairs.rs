@@ -350,43 +350,39 @@ impl Engine {
     /// one after the other, 10,000 pairs' syncs took most of a minute.
     pub fn persist_pairs_for_stop(&self) {
         let pairs: Vec<Arc<Pair>> = self.state().pairs.values().cloned().collect();
+        // Every gate first: no pair takes writes while earlier ones drain.
         for p in &pairs {
             p.close_gate();
         }
-        let syncs: Vec<(&Arc<Pair>, u64)> = pairs
+        let syncs = pairs
             .iter()
-            .filter(|p| {
-                let drained = p.quiesce(Duration::from_secs(5));
-                if !drained {
-                    tracing::error!(pair = p.name(), "host writes did not drain before the stop");
-                }
-                drained
-            })
-            .filter_map(|p| Some((p, Self::request_stop_sync(p)?)))
+            .filter_map(|p| Some((&**p, Self::drain_and_request_sync(p)?)))
             .collect();
         self.wait_stop_syncs(syncs);
     }
 
     /// [`Engine::persist_pairs_for_stop`] for one pair (its host writes stay refused).
-    pub fn persist_pair_for_stop(&self, p: &Arc<Pair>) {
-        if !p.quiesce(Duration::from_secs(5)) {
-            tracing::error!(pair = p.name(), "host writes did not drain before the stop");
-            return;
-        }
-        if let Some(n) = Self::request_stop_sync(p) {
+    pub fn persist_pair_for_stop(&self, p: &Pair) {
+        if let Some(n) = Self::drain_and_request_sync(p) {
             self.wait_stop_syncs(vec![(p, n)]);
         }
     }
 
-    /// Asks a drained pair's metadata to be cleaned and written out; the sync to wait for.
-    fn request_stop_sync(p: &Pair) -> Option<u64> {
+    /// Closes a pair's gate, waits for its host writes in flight and asks its metadata to be
+    /// cleaned and written out: the sync to wait for (none if the writes did not drain or the
+    /// pair keeps no metadata).
+    fn drain_and_request_sync(p: &Pair) -> Option<u64> {
+        if !p.quiesce(Duration::from_secs(5)) {
+            tracing::error!(pair = p.name(), "host writes did not drain before the stop");
+            return None;
+        }
         let meta = p.metadata()?;
         p.exact_changed_for_stop();
         Some(meta.request_sync())
     }
 
     /// Waits for the syncs asked for, giving up on them once none has ended for 10 s.
-    fn wait_stop_syncs(&self, mut syncs: Vec<(&Arc<Pair>, u64)>) {
+    fn wait_stop_syncs(&self, mut syncs: Vec<(&Pair, u64)>) {
         for r in self.reactors.handles() {
             r.wake_if_parked();
         }
