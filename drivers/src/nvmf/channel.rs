@@ -21,7 +21,7 @@ use crate::bdev::{
     invalid, queue_full, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoRequest,
     SubmitResult,
 };
-use crate::{IoBufs, IoError, IoOp};
+use crate::IoError;
 
 /// A thread's shared queue on one controller (by address) for one reactor wake-up eventfd (a
 /// thread doing blocking I/O has none).
@@ -47,14 +47,43 @@ struct Member {
     done: Vec<Done>,
 }
 
-/// A request taken while the queue had no room for it, under its queue tag.
+/// A request taken while the queue had no room for it (its tag is the queue's).
 struct Waiting {
-    qtag: u64,
     ns: Namespace,
-    op: IoOp,
-    offset: u64,
-    len: u64,
-    bufs: IoBufs,
+    req: IoRequest,
+}
+
+/// Submits `req` on namespace `ns` of `q` under the request's tag. A refusal gives the request
+/// back with why: no error when the queue is full, else the error. `None`: taken.
+fn submit_on(
+    q: &mut IoQueue,
+    ns: &Namespace,
+    req: IoRequest,
+) -> Option<(Option<IoError>, IoRequest)> {
+    let IoRequest {
+        op,
+        offset,
+        len,
+        bufs,
+        tag,
+    } = req;
+    let back = |bufs| IoRequest {
+        op,
+        offset,
+        len,
+        bufs,
+        tag,
+    };
+    match q.submit_to(ns, op, offset, len, bufs, tag) {
+        Ok(()) => None,
+        Err(Refused::Full(bufs)) => Some((None, back(bufs))),
+        Err(Refused::Failed(e, bufs)) => Some((Some(e), back(bufs))),
+    }
+}
+
+/// Why a request the queue can never take fails: more commands than it has entries.
+fn too_large() -> IoError {
+    IoError::Device(libc::EINVAL)
 }
 
 struct Inner {
@@ -168,40 +197,21 @@ impl Inner {
 
     /// Submits waiting requests, oldest first, while the queue takes them.
     fn send_waiting(&mut self) {
-        while let Some(w) = self.waiting.pop_front() {
-            let Waiting {
-                qtag,
-                ns,
-                op,
-                offset,
-                len,
-                bufs,
-            } = w;
-            match self.q.submit_to(&ns, op, offset, len, bufs, qtag) {
-                Ok(()) => {}
-                Err(Refused::Full(bufs)) if self.q.in_flight() > 0 => {
-                    self.waiting.push_front(Waiting {
-                        qtag,
-                        ns,
-                        op,
-                        offset,
-                        len,
-                        bufs,
-                    });
+        while let Some(Waiting { ns, req }) = self.waiting.pop_front() {
+            let (e, req) = match submit_on(&mut self.q, &ns, req) {
+                None => continue,
+                Some((None, req)) if self.q.in_flight() > 0 => {
+                    self.waiting.push_front(Waiting { ns, req });
                     return;
                 }
-                // Full with nothing in flight: more commands than the queue has entries.
-                Err(Refused::Full(bufs)) => self.finish(Done {
-                    tag: qtag,
-                    result: Err(IoError::Device(libc::EINVAL)),
-                    bufs,
-                }),
-                Err(Refused::Failed(e, bufs)) => self.finish(Done {
-                    tag: qtag,
-                    result: Err(e),
-                    bufs,
-                }),
-            }
+                // Failed, or full with nothing in flight (it can never be taken).
+                Some((e, req)) => (e.unwrap_or_else(too_large), req),
+            };
+            self.finish(Done {
+                tag: req.tag,
+                result: Err(e),
+                bufs: req.bufs,
+            });
         }
     }
 }
@@ -246,7 +256,7 @@ impl Drop for NvmfChannel {
 }
 
 impl IoChannel for NvmfChannel {
-    fn submit(&mut self, req: IoRequest) -> SubmitResult {
+    fn submit(&mut self, mut req: IoRequest) -> SubmitResult {
         if let Err(e) = self.geometry.validate(&req) {
             return invalid(req, e);
         }
@@ -258,47 +268,24 @@ impl IoChannel for NvmfChannel {
         if m.in_flight >= m.depth {
             return queue_full(req);
         }
-        let IoRequest {
-            op,
-            offset,
-            len,
-            bufs,
-            tag,
-        } = req;
         let entry = inner.requests.vacant_entry();
-        let qtag = entry.key() as u64;
+        // Under the queue's tag while it is the queue's.
+        let tag = std::mem::replace(&mut req.tag, entry.key() as u64);
         // Behind what already waits, to keep the order requests were taken in.
-        let result = if inner.waiting.is_empty() {
-            inner.q.submit_to(&self.ns, op, offset, len, bufs, qtag)
+        let refused = if inner.waiting.is_empty() {
+            submit_on(&mut inner.q, &self.ns, req)
         } else {
-            Err(Refused::Full(bufs))
+            Some((None, req))
         };
-        match result {
-            Ok(()) => {}
-            Err(Refused::Full(bufs)) if inner.q.in_flight() > 0 || !inner.waiting.is_empty() => {
-                inner.waiting.push_back(Waiting {
-                    qtag,
-                    ns: self.ns,
-                    op,
-                    offset,
-                    len,
-                    bufs,
-                });
+        match refused {
+            None => {}
+            Some((None, req)) if inner.q.in_flight() > 0 || !inner.waiting.is_empty() => {
+                inner.waiting.push_back(Waiting { ns: self.ns, req });
             }
-            Err(refused) => {
-                let (e, bufs) = match refused {
-                    // More commands than the queue has entries: it can never take it.
-                    Refused::Full(bufs) => (IoError::Device(libc::EINVAL), bufs),
-                    Refused::Failed(e, bufs) => (e, bufs),
-                };
-                let req = IoRequest {
-                    op,
-                    offset,
-                    len,
-                    bufs,
-                    tag,
-                };
-                return invalid(req, e);
+            // Failed, or full with nothing in flight (it can never be taken).
+            Some((e, mut req)) => {
+                req.tag = tag;
+                return invalid(req, e.unwrap_or_else(too_large));
             }
         }
         entry.insert((self.slot, self.generation, tag));
