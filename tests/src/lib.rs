@@ -121,6 +121,24 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// The descriptors an epoll set watches, as its `/proc/PID/fdinfo/FD` lists them: (fd,
+/// events, data).
+pub fn epoll_fdinfo_watches(fdinfo: &str) -> Vec<(i32, u32, u64)> {
+    fdinfo
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[0] == "tfd:" && f[2] == "events:" && f[4] == "data:").then(|| {
+                (
+                    f[1].parse().expect("tfd"),
+                    u32::from_str_radix(f[3], 16).expect("events"),
+                    u64::from_str_radix(f[5], 16).expect("data"),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Runs a client command that must succeed; its output (the failure shows both its streams).
 pub fn run_ok(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

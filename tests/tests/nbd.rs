@@ -470,24 +470,19 @@ fn epoll_masks(pid: u32) -> Vec<(i32, u32)> {
     for fd in fds.flatten() {
         let is_epoll =
             std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().contains("eventpoll"));
-        let name = fd.file_name();
-        let Some(info) = is_epoll
-            .then(|| {
-                std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", name.to_string_lossy()))
-                    .ok()
-            })
-            .flatten()
-        else {
+        if !is_epoll {
+            continue;
+        }
+        let info = format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy());
+        // A set closed since the listing is simply gone.
+        let Ok(info) = std::fs::read_to_string(info) else {
             continue;
         };
-        for l in info.lines() {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            if f.len() >= 4 && f[0] == "tfd:" && f[2] == "events:" {
-                if let (Ok(tfd), Ok(mask)) = (f[1].parse(), u32::from_str_radix(f[3], 16)) {
-                    out.push((tfd, mask));
-                }
-            }
-        }
+        out.extend(
+            quicksplit_tests::epoll_fdinfo_watches(&info)
+                .into_iter()
+                .map(|(fd, events, _)| (fd, events)),
+        );
     }
     out
 }

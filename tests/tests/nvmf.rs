@@ -20,6 +20,7 @@ use drivers::{Bdev, IoBufs, IoChannel, IoOp, IoRequest};
 use engine::reactor::{IdlePolicy, PollStatus, Poller, ReactorContext, ReactorOptions, Reactors};
 use hugepages::BufferPool;
 use quicksplit_tests::nbd::NbdClient;
+use quicksplit_tests::nvmf::filled_buffer;
 use quicksplit_tests::{start_empty, wait_for, RpcConn, TempDir};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
@@ -174,10 +175,7 @@ fn status_of(r: Result<(spec::Completion, Vec<u8>), NvmfError>) -> u16 {
 
 /// Writes and reads back through an I/O queue, polling until done.
 fn io(q: &mut IoQueue, pool: &BufferPool, op: IoOp, offset: u64, fill: u8) -> Vec<u8> {
-    let mut bufs = IoBufs::new();
-    let mut b = pool.get().expect("buffer");
-    b.as_mut_slice().fill(fill);
-    bufs.push(b);
+    let bufs = filled_buffer(pool, fill);
     let len = pool.buf_size() as u64;
     q.submit(op, offset, len, bufs, 1)
         .map_err(|_| "submit refused")
@@ -870,18 +868,7 @@ fn delaying_proxy(port: u16, conns: usize, delay: Duration) -> u16 {
 /// The descriptors an epoll set of this process watches: (fd, events, data), from /proc.
 fn epoll_watches(epoll: i32) -> Vec<(i32, u32, u64)> {
     let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{epoll}")).expect("fdinfo");
-    info.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 6 && f[0] == "tfd:" && f[2] == "events:" && f[4] == "data:").then(|| {
-                (
-                    f[1].parse().expect("tfd"),
-                    u32::from_str_radix(f[3], 16).expect("events"),
-                    u64::from_str_radix(f[5], 16).expect("data"),
-                )
-            })
-        })
-        .collect()
+    quicksplit_tests::epoll_fdinfo_watches(&info)
 }
 
 /// Reads block 0 through an NVMe/TCP channel on its reactor when asked; closes the channel
@@ -1185,13 +1172,7 @@ fn channels_on_one_thread_share_the_controllers_io_queue() {
     }));
 
     let pool = BufferPool::new(64 << 10, 16).expect("pool");
-    let filled = |fill: u8| {
-        let mut b = pool.get().expect("buffer");
-        b.as_mut_slice().fill(fill);
-        let mut bufs = IoBufs::new();
-        bufs.push(b);
-        bufs
-    };
+    let filled = |fill: u8| filled_buffer(&pool, fill);
     // The same tag on every channel: a completion that went to another channel shows.
     let writes = (0..3)
         .map(|i| {
@@ -1242,13 +1223,7 @@ fn channels_on_one_thread_share_the_controllers_io_queue() {
         .map(|_| bdev.open_channel(&deep).expect("open channel"))
         .collect();
     let small = BufferPool::new(4096, 256).expect("pool");
-    let block = |fill: u8| {
-        let mut b = small.get().expect("buffer");
-        b.as_mut_slice().fill(fill);
-        let mut bufs = IoBufs::new();
-        bufs.push(b);
-        bufs
-    };
+    let block = |fill: u8| filled_buffer(&small, fill);
     let reads: Vec<(usize, IoRequest)> = (0..128u64)
         .map(|i| (0, IoRequest::read((i % 16) * 4096, block(0xee), i)))
         .chain((0..16u64).map(|i| (1, IoRequest::read(i * 4096 + (64 << 10), block(0xee), i))))
