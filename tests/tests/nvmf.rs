@@ -1281,3 +1281,156 @@ fn channels_on_one_thread_share_the_controllers_io_queue() {
         &mut rpc, nqn
     ) == 1));
 }
+
+/// A proxy on 127.0.0.1 in front of `port` for `conns` connections that holds the first
+/// H2CData PDU a host sends (and so everything after it on that connection) until `release` is
+/// set; what the target sends goes straight through. Gives its port.
+fn data_holding_proxy(port: u16, conns: usize, release: Arc<AtomicBool>) -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let proxy = l.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for _ in 0..conns {
+            let (mut host, _) = l.accept().expect("accept");
+            let mut target = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let (mut from_target, mut to_host) =
+                (target.try_clone().unwrap(), host.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_target, &mut to_host);
+                let _ = to_host.shutdown(std::net::Shutdown::Write);
+            });
+            let release = Arc::clone(&release);
+            std::thread::spawn(move || {
+                let mut pdu = Vec::new();
+                loop {
+                    let mut ch = [0u8; 8];
+                    if host.read_exact(&mut ch).is_err() {
+                        break;
+                    }
+                    while ch[0] == pdu::pdu_type::H2C_DATA && !release.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    let plen = u32::from_le_bytes([ch[4], ch[5], ch[6], ch[7]]) as usize;
+                    pdu.resize(plen.max(8), 0);
+                    pdu[..8].copy_from_slice(&ch);
+                    if host.read_exact(&mut pdu[8..]).is_err() || target.write_all(&pdu).is_err() {
+                        break;
+                    }
+                }
+                let _ = target.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    proxy
+}
+
+/// PDUs waiting for room in the socket have the queue's socket watched for output, so a
+/// reactor parked on the epoll set wakes as soon as the controller has read; once everything
+/// is out the watch goes back to input only. A proxy holds the host's data (H2CData) while
+/// 32 MiB of writes are submitted and granted, so the socket cannot take it all; then the
+/// channel is driven only when the epoll set reports an event, as a parked reactor would be:
+/// without the output watch nothing would wake it (the controller answers nothing for a
+/// command before it has its data).
+#[test]
+fn pdus_waiting_for_room_have_the_queue_socket_watched_for_output() {
+    const EPOLLOUT: u32 = 0x4;
+    const BLOCK: u64 = 128 << 10;
+    let dir = TempDir::new("nvmf-output-watch");
+    let (_server, mut rpc, port, _) = target(dir.path());
+    let nqn = "nqn.2026-11.io.quicksplit:big";
+    rpc.ok(
+        "bdev_malloc_create",
+        json!({"name": "big", "size": 32 * MIB}),
+    );
+    rpc.ok(
+        "nvmf_export_start",
+        json!({"nqn": nqn, "bdev": "big", "listen": format!("127.0.0.1:{port}")}),
+    );
+    let release = Arc::new(AtomicBool::new(false));
+    let proxy = data_holding_proxy(port, 2, Arc::clone(&release));
+    let bdev = drivers::nvmf::attach("a", HostOptions::new("127.0.0.1", proxy, nqn), Value::Null)
+        .expect("attach")
+        .remove(0);
+    let watch = drivers::FdWatch::new().expect("epoll");
+    let epoll = watch.as_fd().as_raw_fd();
+    let ctx = drivers::ChannelContext {
+        queue_depth: 256,
+        fd_watch: Some(watch.clone()),
+        ..Default::default()
+    };
+    let mut ch = bdev.open_channel(&ctx).expect("open channel");
+    let watched = epoll_watches(epoll);
+    assert_eq!(watched.len(), 1, "the queue's socket: {watched:?}");
+    assert_eq!(watched[0].1 & EPOLLOUT, 0, "{watched:?}");
+
+    let writes = 32 * MIB / BLOCK;
+    let pool = BufferPool::new(BLOCK as usize, writes as usize).expect("pool");
+    for i in 0..writes {
+        let req = IoRequest::write(i * BLOCK, filled_buffer(&pool, (i % 251) as u8 + 1), i);
+        assert!(ch.submit(req).is_ok(), "write {i} refused");
+    }
+    let mut done = Vec::new();
+    let grants = Instant::now() + Duration::from_secs(10);
+    while epoll_watches(epoll)[0].1 & EPOLLOUT == 0 {
+        ch.poll(&mut done);
+        assert!(
+            Instant::now() < grants,
+            "output held back but the socket is never watched for it"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(
+        done.is_empty(),
+        "{} writes done with their data held",
+        done.len()
+    );
+    release.store(true, Ordering::SeqCst);
+
+    let five_s = rustix::event::Timespec {
+        tv_sec: 5,
+        tv_nsec: 0,
+    };
+    while (done.len() as u64) < writes {
+        let mut events = Vec::with_capacity(4);
+        rustix::event::epoll::wait(
+            watch.as_fd(),
+            rustix::buffer::spare_capacity(&mut events),
+            Some(&five_s),
+        )
+        .expect("epoll_wait");
+        assert!(
+            !events.is_empty(),
+            "parked for 5 s with {} of {writes} writes done: nothing woke the reactor",
+            done.len()
+        );
+        ch.poll(&mut done);
+    }
+    for d in &done {
+        assert!(d.result.is_ok(), "write {}: {:?}", d.tag, d.result);
+    }
+    let watched = epoll_watches(epoll);
+    assert_eq!(
+        watched[0].1 & EPOLLOUT,
+        0,
+        "still watched for output: {watched:?}"
+    );
+
+    drop(done);
+
+    // Every block holds its write.
+    let mut reads = vec![ch];
+    let got = run_on(
+        &mut reads,
+        (0..writes)
+            .step_by(7)
+            .map(|i| (0, IoRequest::read(i * BLOCK, filled_buffer(&pool, 0), i)))
+            .collect(),
+    );
+    for d in &got[0] {
+        let want = (d.tag % 251) as u8 + 1;
+        assert!(
+            d.bufs[0].as_slice().iter().all(|&b| b == want),
+            "block {}",
+            d.tag
+        );
+    }
+}
