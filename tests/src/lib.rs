@@ -121,6 +121,12 @@ pub fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     false
 }
 
+/// A TCP port on 127.0.0.1 free a moment ago (the listener that found it is closed).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
 /// The descriptors an epoll set watches, as its `/proc/PID/fdinfo/FD` lists them: (fd,
 /// events, data).
 pub fn epoll_fdinfo_watches(fdinfo: &str) -> Vec<(i32, u32, u64)> {

@@ -1,13 +1,15 @@
 //! Helpers for the NVMe/TCP tests: I/O through quicksplit's initiator.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use drivers::nvmf::host::HostController;
 use drivers::{IoBufs, IoOp};
 use hugepages::BufferPool;
+use serde_json::json;
 
-use crate::wait_for;
+use crate::{free_port, start_empty, wait_for, RpcConn, Server};
 
 /// One buffer of `pool`, every byte `fill`.
 pub fn filled_buffer(pool: &BufferPool, fill: u8) -> IoBufs {
@@ -41,4 +43,26 @@ pub fn write_read(ctrl: &Arc<HostController>, pool: &BufferPool, offset: u64, fi
             assert!(d.bufs[0].as_slice().iter().all(|&b| b == fill));
         }
     }
+}
+
+/// A quicksplit exporting over NVMe/TCP on a free port of 127.0.0.1: a writable 4 MiB RAM disk
+/// `m` as the subsystem it gives, and a read-only one `ro` as `nqn.2026-11.io.quicksplit:ro`.
+/// Gives the server, an RPC connection to it, the port and the first subsystem's NQN.
+pub fn target(dir: &Path) -> (Server, RpcConn, u16, &'static str) {
+    let (server, sock) = start_empty(dir);
+    let mut rpc = RpcConn::connect(&sock);
+    let port = free_port();
+    let nqn = "nqn.2026-11.io.quicksplit:proto";
+    rpc.ok("bdev_malloc_create", json!({"name": "m", "size": 4 << 20}));
+    rpc.ok("bdev_malloc_create", json!({"name": "ro", "size": 4 << 20}));
+    rpc.ok(
+        "nvmf_export_start",
+        json!({"nqn": nqn, "bdev": "m", "listen": format!("127.0.0.1:{port}")}),
+    );
+    rpc.ok(
+        "nvmf_export_start",
+        json!({"nqn": "nqn.2026-11.io.quicksplit:ro", "bdev": "ro", "writable": false,
+               "listen": format!("127.0.0.1:{port}")}),
+    );
+    (server, rpc, port, nqn)
 }

@@ -47,11 +47,6 @@ fn nbdkit_memory(sock: &Path) -> Nbdkit {
     Nbdkit(child)
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 fn backup(
     rpc: &mut RpcConn,
     target: Value,
@@ -107,7 +102,7 @@ impl Rig {
         let p = NbdClient::connect(&nbd, "p").expect("NBD connect");
         let kit_sock = dir.path().join("kit.sock");
         let kit = nbdkit_memory(&kit_sock);
-        let port = free_port();
+        let port = quicksplit_tests::free_port();
         let nqn = format!("nqn.2026-12.io.quicksplit:{tag}");
         let dst_nbd = dst_dir.join("nbd.sock");
         dst.ok("bdev_malloc_create", json!({"name": "d", "size": SIZE}));

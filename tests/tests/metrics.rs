@@ -13,11 +13,6 @@ use serde_json::json;
 
 const MIB: u64 = 1 << 20;
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// A served RAM disk `m` (exported over NBD) and a pair `pr`, with metrics on `port`.
 struct Setup {
     dir: TempDir,
@@ -40,7 +35,7 @@ fn setup(tag: &str) -> Setup {
     std::fs::write(&cfg, config.to_string()).expect("config");
     let sock = dir.path().join("rpc.sock");
     let state = dir.path().join("state");
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let server = Server::start(&[
         "--config",
         cfg.to_str().unwrap(),

@@ -54,11 +54,6 @@ fn require(tools: &[&str]) {
     );
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// A child process killed when dropped (an nbdkit).
 struct Killed(Child);
 
@@ -253,7 +248,7 @@ fn an_x509_export_serves_real_clients_and_refuses_others_with_a_reason() {
     let mut c = server.rpc();
     let size = 8 * MIB;
     c.ok("bdev_malloc_create", json!({"name": "m", "size": size}));
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let listen = format!("127.0.0.1:{port}");
     c.ok(
         "nbd_export_start",
@@ -373,7 +368,7 @@ fn bad_tls_parameters_are_refused_and_a_wide_listen_takes_tls() {
     );
     let unreadable = dir.path().join("garbage.pem");
     std::fs::write(&unreadable, "not a certificate").unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
+    let listen = format!("127.0.0.1:{}", quicksplit_tests::free_port());
     let cert = pki.file("server-cert.pem");
     let key = pki.file("server-key.pem");
     for (tls, needle) in [
@@ -413,7 +408,7 @@ fn bad_tls_parameters_are_refused_and_a_wide_listen_takes_tls() {
     assert_eq!(code, PARAMS, "{msg}");
     assert!(msg.contains("not Unix sockets"), "{msg}");
     // Every interface, with TLS: no need to say insecure.
-    let wide = format!("0.0.0.0:{}", free_port());
+    let wide = format!("0.0.0.0:{}", quicksplit_tests::free_port());
     c.ok(
         "nbd_export_start",
         json!({"name": "w", "bdev": "m", "listen": wide, "tls": {"psk_key": "psk"}}),
@@ -463,7 +458,7 @@ fn a_psk_export_serves_libnbd_and_refuses_a_wrong_key() {
         "keyring_file_add_key",
         json!({"name": "nbd-psk", "path": keys}),
     );
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     c.ok(
         "nbd_export_start",
         json!({"name": "m", "bdev": "m", "listen": format!("127.0.0.1:{port}"),
@@ -592,7 +587,7 @@ fn backups_reach_nbdkit_over_tls_with_certificates_and_with_a_psk() {
     split_pair_with(&mut c, dir.path(), &data);
 
     // x509: nbdkit verifies our client certificate.
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let server_dir = pki.client_dir("server");
     let _x509 = nbdkit(
         &["--tls-certificates", &server_dir, "--tls-verify-peer"],
@@ -647,7 +642,7 @@ fn backups_reach_nbdkit_over_tls_with_certificates_and_with_a_psk() {
         "keyring_file_add_key",
         json!({"name": "backup-psk", "path": keys}),
     );
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let keys_arg = format!("--tls-psk={}", keys.display());
     let _psk = nbdkit(&[&keys_arg], port, size);
     let target = json!({"type": "nbd", "uri": format!("nbds://127.0.0.1:{port}/"),
@@ -782,7 +777,7 @@ fn the_haggling_before_tls_follows_the_protocol_and_tls_garbage_ends_only_its_co
     let server = Logged::empty(dir.path(), "serve");
     let mut c = server.rpc();
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     c.ok(
         "nbd_export_start",
         json!({"name": "m", "bdev": "m", "listen": format!("127.0.0.1:{port}"),

@@ -31,11 +31,6 @@ const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-00
 const HOST_C: &str = "nqn.2014-08.org.nvmexpress:uuid:cccccccc-0000-0000-0000-0000000000c1";
 const NQN: &str = "nqn.2026-12.io.quicksplit:auth";
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// The secret of `fill` bytes, as `nvme gen-dhchap-key` would print it.
 fn secret(fill: u8, len: usize, transform: Option<HashId>) -> String {
     DhchapSecret::encode(&vec![fill; len], transform).to_string()
@@ -94,7 +89,7 @@ fn rig(tag: &str) -> Rig {
         c.ok("keyring_file_add_key", json!({"name": name, "path": path}));
     }
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     c.ok(
         "nvmf_export_start",
         json!({"nqn": NQN, "bdev": "m", "listen": format!("127.0.0.1:{port}"), "hosts": [

@@ -31,11 +31,6 @@ const HOST_A: &str = "nqn.2014-08.org.nvmexpress:uuid:aaaaaaaa-0000-0000-0000-00
 const HOST_B: &str = "nqn.2014-08.org.nvmexpress:uuid:bbbbbbbb-0000-0000-0000-00000000000b";
 const HOST_C: &str = "nqn.2014-08.org.nvmexpress:uuid:cccccccc-0000-0000-0000-00000000000c";
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// An RPC connection that keeps every reply, to look for the secret in them.
 struct Recorded {
     rpc: RpcConn,
@@ -136,7 +131,7 @@ fn keys_are_added_listed_refused_and_removed_and_never_shown() {
     // A key named on an export's host is read from the keyring; the key cannot be removed
     // while the host names it.
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let keyed = "nqn.2026-12.io.quicksplit:keyed";
     let export = |host: Value| {
         json!({"nqn": keyed, "bdev": "m", "listen": format!("127.0.0.1:{port}"),
@@ -243,7 +238,7 @@ fn an_export_serves_its_hosts_refuses_others_and_shows_itself_only_to_them() {
     std::fs::create_dir_all(&target_dir).unwrap();
     let server = Logged::empty(&target_dir, "target");
     let mut c = server.rpc();
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let nqn = "nqn.2026-12.io.quicksplit:hosts";
     let open = "nqn.2026-12.io.quicksplit:open";
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
@@ -453,7 +448,7 @@ fn a_listen_beyond_loopback_needs_hosts_or_allow_any_host() {
     let mut c = server.rpc();
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
     for host in [non_loopback_address(), "0.0.0.0".to_string()] {
-        let listen = format!("{host}:{}", free_port());
+        let listen = format!("{host}:{}", quicksplit_tests::free_port());
         let nqn = "nqn.2026-12.io.quicksplit:wide";
         let (code, msg) = c.err(
             "nvmf_export_start",
@@ -494,7 +489,7 @@ fn a_listen_beyond_loopback_needs_hosts_or_allow_any_host() {
         c.ok("nvmf_export_stop", json!({"nqn": nqn}));
     }
     // 0.0.0.0 also answers on loopback: the host list holds there too.
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let nqn = "nqn.2026-12.io.quicksplit:any";
     c.ok(
         "nvmf_export_start",
@@ -528,7 +523,7 @@ fn keys_and_hosts_are_saved_and_replayed_without_the_secret() {
     let server = Logged::empty(dir.path(), "first");
     let mut c = Recorded::new(server.rpc());
     let key = key_file(dir.path(), "host.key", 0o600);
-    let port = free_port();
+    let port = quicksplit_tests::free_port();
     let nqn = "nqn.2026-12.io.quicksplit:saved";
     c.ok("keyring_file_add_key", json!({"name": "hk", "path": key}));
     c.ok("bdev_malloc_create", json!({"name": "m", "size": 4 * MIB}));
