@@ -10,8 +10,8 @@
 # through one pair's NBD export (fio, QD32, 5 s), the time a clean stop takes (SIGTERM to exit)
 # and a start on the state directory it left (until the last pair answers).
 # Usage: bench/run-scale.sh [N...] (default: 10 1000)   (QS=path picks the binary;
-# SIZE_MIB=n sets the volume size, default 16: the initial copy allocates every secondary, so
-# 10,000 pairs of 16 MiB need 160 GiB of disk)
+# SIZE_MIB=n sets the volume size, default 16; the volumes are empty and stay thin, the initial
+# copy writes nothing to a secondary where its primary has holes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/common.sh

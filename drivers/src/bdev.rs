@@ -25,8 +25,13 @@ pub enum IoOp {
     },
     /// Make every completed write durable.
     Flush,
-    /// Make `len` bytes at `offset` read back as zeroes.
-    WriteZeroes,
+    /// Make `len` bytes at `offset` read back as zeroes; with `deallocate` the bdev may also
+    /// release their space (a punched hole, NVMe's DEAC), without it they stay allocated where
+    /// they were (NBD's NO_HOLE).
+    WriteZeroes {
+        /// The range may be deallocated.
+        deallocate: bool,
+    },
     /// Discard `len` bytes at `offset`; they read back as unspecified data.
     Unmap,
 }
@@ -39,7 +44,10 @@ impl IoOp {
 
     /// True for operations that change the medium.
     pub fn is_write(self) -> bool {
-        matches!(self, IoOp::Write { .. } | IoOp::WriteZeroes | IoOp::Unmap)
+        matches!(
+            self,
+            IoOp::Write { .. } | IoOp::WriteZeroes { .. } | IoOp::Unmap
+        )
     }
 }
 

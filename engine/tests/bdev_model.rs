@@ -62,18 +62,19 @@ impl Worker {
         if (first..first + count).any(|b| self.busy[b as usize]) {
             return false;
         }
-        let kind = self.rng.gen_range(0..20);
+        let kind = self.rng.gen_range(0..21);
         self.op_no += 1;
         let op = match kind {
             0..=9 => IoOp::Read,
-            10 => IoOp::WriteZeroes,
+            10 => IoOp::WriteZeroes { deallocate: false },
+            20 => IoOp::WriteZeroes { deallocate: true },
             11 => IoOp::Write { fua: true },
             _ => IoOp::Write { fua: false },
         };
         let expect: Vec<u8> = (first..first + count)
             .map(|b| match op {
                 IoOp::Read => *self.model.get(&b).unwrap_or(&0),
-                IoOp::WriteZeroes => 0,
+                IoOp::WriteZeroes { .. } => 0,
                 _ => pattern(self.id, self.op_no, b),
             })
             .collect();
@@ -141,7 +142,7 @@ impl Worker {
                     }
                 }
             }
-            IoOp::Write { .. } | IoOp::WriteZeroes => {
+            IoOp::Write { .. } | IoOp::WriteZeroes { .. } => {
                 for (i, &byte) in f.expect.iter().enumerate() {
                     self.model.insert(f.first + i as u64, byte);
                 }

@@ -39,6 +39,8 @@ fn rd<const N: usize>(s: &mut UnixStream) -> std::io::Result<[u8; N]> {
 
 /// Block status.
 pub const BLOCK_STATUS: u16 = 7;
+/// Command flag: write-zeroes must leave the range allocated (no hole).
+pub const FLAG_NO_HOLE: u16 = 1 << 1;
 /// Request flag: one block status descriptor per context.
 pub const FLAG_REQ_ONE: u16 = 1 << 3;
 

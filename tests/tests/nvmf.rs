@@ -207,7 +207,7 @@ fn the_target_answers_bad_commands_with_the_spec_statuses() {
             "a refused write changed the block"
         );
         assert_eq!(
-            status_of(q.command("zeroes", NvmeCmd::write_zeroes(1, 5, 1), &[], 0)),
+            status_of(q.command("zeroes", NvmeCmd::write_zeroes(1, 5, 1, false), &[], 0)),
             0
         );
         let (_, back) = q.command("read", read(5, 1), &[], 4096).unwrap();

@@ -396,7 +396,7 @@ mod tests {
         );
         run(
             ch.as_mut(),
-            IoRequest::without_data(IoOp::WriteZeroes, 0, 12288, 2),
+            IoRequest::without_data(IoOp::WriteZeroes { deallocate: false }, 0, 12288, 2),
         );
         run(ch.as_mut(), IoRequest::without_data(IoOp::Flush, 0, 0, 3));
         // Refused at submission: not counted, and the request comes back with its tag.

@@ -125,7 +125,7 @@ impl Kind {
             crate::IoOp::Read => Kind::Read,
             crate::IoOp::Write { .. } => Kind::Write,
             crate::IoOp::Unmap => Kind::Unmap,
-            crate::IoOp::WriteZeroes => Kind::WriteZeroes,
+            crate::IoOp::WriteZeroes { .. } => Kind::WriteZeroes,
             crate::IoOp::Flush => Kind::Flush,
         }
     }

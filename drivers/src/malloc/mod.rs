@@ -150,7 +150,7 @@ impl MallocChannel {
         let mut offset = req.offset as usize;
         let _held = match req.op {
             IoOp::Read => Some(self.locks.read(req.offset, req.len)),
-            IoOp::Write { .. } | IoOp::WriteZeroes | IoOp::Unmap => {
+            IoOp::Write { .. } | IoOp::WriteZeroes { .. } | IoOp::Unmap => {
                 Some(self.locks.write(req.offset, req.len))
             }
             IoOp::Flush => None,
@@ -166,13 +166,13 @@ impl MallocChannel {
                 offset += b.len();
                 r
             }),
-            IoOp::WriteZeroes | IoOp::Unmap => self.mem.zero_at(offset, req.len as usize),
+            IoOp::WriteZeroes { .. } | IoOp::Unmap => self.mem.zero_at(offset, req.len as usize),
             IoOp::Flush => Ok(()),
         };
         // Under the stripe locks still held, so overlapping requests mark in their order.
         match req.op {
             IoOp::Write { .. } if res.is_ok() => self.written.mark_written(req.offset, req.len),
-            IoOp::WriteZeroes | IoOp::Unmap if res.is_ok() => {
+            IoOp::WriteZeroes { .. } | IoOp::Unmap if res.is_ok() => {
                 self.written.mark_zeroed(req.offset, req.len)
             }
             _ => {}

@@ -346,13 +346,13 @@ impl NvmeChannel {
                 }
             }
             IoOp::Flush => out.push((Command::flush(nsid), Payload::None)),
-            IoOp::WriteZeroes => {
+            IoOp::WriteZeroes { deallocate } => {
                 if !ident.supports_write_zeroes() {
                     return Err(IoError::NotSupported);
                 }
                 for (start, len) in datapath::pieces(req.len, 0x10000 * bs) {
                     let at = lba(req.offset + start);
-                    let cmd = Command::write_zeroes(nsid, at, (len / bs) as u32);
+                    let cmd = Command::write_zeroes(nsid, at, (len / bs) as u32, deallocate);
                     out.push((cmd, Payload::None));
                 }
             }

@@ -109,6 +109,9 @@ pub mod admin {
 }
 
 /// NVM command set opcodes.
+/// Write Zeroes, command dword 12: the blocks may be deallocated.
+const DEAC: u32 = 1 << 25;
+
 pub mod nvm {
     /// Flush.
     pub const FLUSH: u8 = 0x00;
@@ -288,11 +291,21 @@ impl Command {
         c
     }
 
-    /// Write Zeroes over `blocks` blocks at `lba`.
-    pub fn write_zeroes(nsid: u32, lba: u64, blocks: u32) -> Self {
-        Self::new(nvm::WRITE_ZEROES)
+    /// Write Zeroes over `blocks` blocks at `lba`; with `deallocate` (DEAC) the controller may
+    /// deallocate them.
+    pub fn write_zeroes(nsid: u32, lba: u64, blocks: u32, deallocate: bool) -> Self {
+        let mut c = Self::new(nvm::WRITE_ZEROES)
             .with_nsid(nsid)
-            .with_range(lba, blocks)
+            .with_range(lba, blocks);
+        if deallocate {
+            c.dw[12] |= DEAC;
+        }
+        c
+    }
+
+    /// Whether a Write Zeroes may deallocate its blocks (DEAC).
+    pub fn deallocates(&self) -> bool {
+        self.dw[12] & DEAC != 0
     }
 
     /// Flush the volatile write cache of `nsid`.

@@ -267,7 +267,7 @@ fn write_zeroes_unmap_and_flush() {
         .result,
         Ok(())
     );
-    let z = IoRequest::without_data(IoOp::WriteZeroes, 4096, 4096, 2);
+    let z = IoRequest::without_data(IoOp::WriteZeroes { deallocate: false }, 4096, 4096, 2);
     assert_eq!(run(&mut ch, z).result, Ok(()));
     let u = IoRequest::without_data(IoOp::Unmap, 12288, 4096, 3);
     assert_eq!(run(&mut ch, u).result, Ok(()));

@@ -90,7 +90,7 @@ pub(crate) fn submit_zeroes(
 ) -> Result<(), SinkFull> {
     channel
         .submit(IoRequest::without_data(
-            crate::IoOp::WriteZeroes,
+            crate::IoOp::WriteZeroes { deallocate: true },
             at,
             len,
             tag,

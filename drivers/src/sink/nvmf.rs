@@ -156,11 +156,13 @@ impl Sink for NvmfSink {
         if let Some(e) = &self.failed {
             return Err(SinkFull::Failed(e.clone(), IoBufs::new()));
         }
-        match self
-            .conn
-            .queue
-            .submit(IoOp::WriteZeroes, offset, len, IoBufs::new(), offset)
-        {
+        match self.conn.queue.submit(
+            IoOp::WriteZeroes { deallocate: true },
+            offset,
+            len,
+            IoBufs::new(),
+            offset,
+        ) {
             Ok(()) => {
                 self.lens.insert(offset, 0);
                 Ok(())

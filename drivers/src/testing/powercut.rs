@@ -233,7 +233,7 @@ impl PowerCutChannel {
                 }
                 m.unflushed.push((req.offset, data, fua));
             }
-            IoOp::WriteZeroes | IoOp::Unmap => {
+            IoOp::WriteZeroes { .. } | IoOp::Unmap => {
                 let data = vec![0u8; req.len as usize];
                 m.current[off..off + data.len()].copy_from_slice(&data);
                 m.unflushed.push((req.offset, data, false));

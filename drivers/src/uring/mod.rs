@@ -10,8 +10,9 @@
 //! it is open, before it is emptied or extended ([`LockedFile`]), and stays locked as long as
 //! the bdev or one of its channels lives.
 //!
-//! Write-zeroes is `fallocate(ZERO_RANGE)` (a punched hole where that is not supported) and
-//! unmap a punched hole, so a sparse file stays sparse; allocation queries report its holes
+//! Write-zeroes is a punched hole where it may deallocate and `fallocate(ZERO_RANGE)` where it
+//! may not (each the other where the file system lacks it), and unmap a punched hole, so a
+//! sparse file stays sparse; allocation queries report its holes
 //! with `lseek(SEEK_DATA/SEEK_HOLE)`.
 
 mod allocation;

@@ -75,8 +75,9 @@ struct Inflight {
     bufs: IoBufs,
     /// The iovec array of a vectored request; the kernel reads it until completion.
     _iov: Option<Box<[libc::iovec]>>,
-    /// Write-zeroes falls back to punching a hole where ZERO_RANGE is unsupported.
-    punched: bool,
+    /// A write-zeroes the file system refused in its first form (a punched hole or a zeroed
+    /// range) is tried again in the other.
+    fallback: bool,
 }
 
 /// What the ring keeps for one channel.
@@ -292,7 +293,7 @@ impl SharedRing {
             len,
             bufs,
             _iov: None,
-            punched: false,
+            fallback: false,
         };
         let sqe = inner.build(&mut entry);
         let slot = inner.inflight.insert(entry);
@@ -519,13 +520,15 @@ impl Inner {
             IoOp::Flush => on_target!(e.target, |t| opcode::Fsync::new(t)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build()),
-            IoOp::WriteZeroes if !e.punched => {
+            // Zeroes that may be deallocated are a punched hole, the others a zeroed range;
+            // where the file system lacks the one, the other (`fallback`).
+            IoOp::WriteZeroes { deallocate } if deallocate == e.fallback => {
                 on_target!(e.target, |t| opcode::Fallocate::new(t, e.len)
                     .offset(e.offset)
                     .mode(libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE)
                     .build())
             }
-            IoOp::WriteZeroes | IoOp::Unmap => {
+            IoOp::WriteZeroes { .. } | IoOp::Unmap => {
                 on_target!(e.target, |t| opcode::Fallocate::new(t, e.len)
                     .offset(e.offset)
                     .mode(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE)
@@ -614,8 +617,8 @@ impl Inner {
                 continue;
             };
             let result = match e.op {
-                _ if res == -libc::EOPNOTSUPP && e.op == IoOp::WriteZeroes && !e.punched => {
-                    e.punched = true;
+                IoOp::WriteZeroes { .. } if res == -libc::EOPNOTSUPP && !e.fallback => {
+                    e.fallback = true;
                     retry.push(e);
                     continue;
                 }

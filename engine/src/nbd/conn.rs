@@ -386,7 +386,9 @@ impl<T: Transport> NbdConn<T> {
                     let op = if req.kind == cmd::TRIM {
                         IoOp::Unmap
                     } else {
-                        IoOp::WriteZeroes
+                        IoOp::WriteZeroes {
+                            deallocate: req.flags & cmd::FLAG_NO_HOLE == 0,
+                        }
                     };
                     self.submit(req, op, IoBufs::new());
                 }

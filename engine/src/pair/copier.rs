@@ -1,11 +1,18 @@
 //! The copier: a poller that copies pending tracks P to S (and, during a restore, S to P) in the
 //! background, at most `copy_rate` bytes per second unless a backup waits for it, with tracks a
 //! backup asks for first.
+//!
+//! A track whose source stores nothing but zeroes (its allocation says so: holes of a thin
+//! volume, most of a new one) is not read: the destination gets a write-zeroes, which may
+//! deallocate where the source is holes, so a thin primary leaves a thin secondary. A track
+//! read as all zeroes is written the same way, its space kept.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use drivers::{IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitErrorKind};
+use drivers::{
+    Allocation, Bdev, Extent, IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitErrorKind,
+};
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
@@ -18,6 +25,8 @@ const COPY_DEPTH: usize = 4;
 /// Copies in flight at once while a backup waits for them (`wait` at full speed, `reflect`
 /// asking for tracks).
 const URGENT_DEPTH: usize = 32;
+/// Copies started in one poll at most (holes over holes need no I/O and take a few lookups).
+const TRACKS_PER_POLL: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -37,6 +46,8 @@ struct TrackCopy {
     track: u64,
     dir: Direction,
     stage: Stage,
+    /// The source was read (not known to be zeroes from its allocation).
+    read: bool,
 }
 
 /// The copier poller of one pair.
@@ -53,6 +64,7 @@ pub struct Copier {
     /// Urgent tracks that were locked when asked for: tried again on the next poll.
     urgent_later: Vec<u64>,
     scratch: Vec<IoCompletion>,
+    extents: Vec<Extent>,
     /// Whether hosts use the pair.
     hosts: HostWatch,
 }
@@ -74,6 +86,7 @@ impl Copier {
             bucket: TokenBucket::default(),
             urgent_later: Vec::new(),
             scratch: Vec::new(),
+            extents: Vec::new(),
             hosts,
         }
     }
@@ -204,11 +217,37 @@ impl Copier {
         if dir == Direction::Forward {
             self.pair.pending.begin_copy(track);
         }
+        let (source, destination) = match dir {
+            Direction::Forward => (self.pair.primary(), self.pair.secondary()),
+            Direction::Reverse => (self.pair.secondary(), self.pair.primary()),
+        };
+        // Asked under the track's lock, as the read would be: a write racing either is caught
+        // the same way (the track is pending again).
+        let zeroes = zeroes_without_reading(&**source, off, len, &mut self.extents);
+        // Holes over holes (a new thin secondary): nothing to write.
+        let nothing_to_write = zeroes == Some(true)
+            && zeroes_without_reading(&**destination, off, len, &mut self.extents) == Some(true);
         let key = self.copies.insert(TrackCopy {
             track,
             dir,
             stage: Stage::Reading,
+            read: zeroes.is_none(),
         });
+        if nothing_to_write {
+            self.finish(key);
+            return;
+        }
+        if let Some(deallocate) = zeroes {
+            drop(buf);
+            let op = IoOp::WriteZeroes { deallocate };
+            self.write(
+                key,
+                track,
+                dir,
+                IoRequest::without_data(op, off, len, key as u64),
+            );
+            return;
+        }
         let mut bufs = IoBufs::new();
         bufs.push(buf);
         let req = IoRequest::read(off, bufs, key as u64);
@@ -246,58 +285,99 @@ impl Copier {
         let (off, len) = self.pair.track_range(track);
         match stage {
             Stage::Reading => {
-                copy.stage = Stage::Writing;
-                // A track of zeroes (a hole of a sparse volume, most of a new one) is written as
-                // write-zeroes: no data moves and a sparse target stays sparse.
+                // Zeroes read (allocated ones: a hole would have been seen before the read)
+                // are written as zeroes that keep their space: no data moves.
                 let zero = c.bufs.iter().all(|b| is_zero(b.as_slice()));
                 let req = if zero {
                     drop(c.bufs);
-                    IoRequest::without_data(IoOp::WriteZeroes, off, len, key as u64)
+                    let op = IoOp::WriteZeroes { deallocate: false };
+                    IoRequest::without_data(op, off, len, key as u64)
                 } else {
                     IoRequest::write(off, c.bufs, key as u64)
                 };
-                let ch = match dir {
-                    Direction::Forward => self.s.as_mut(),
-                    Direction::Reverse => self.p.as_mut(),
-                };
-                if let Some(ch) = ch {
-                    if let Err(e) = ch.submit(req) {
-                        self.copies.remove(key);
-                        self.pair.unlock_track(track);
-                        self.pair.fail(format!(
-                            "copy of track {track}: write refused: {:?}",
-                            e.error
-                        ));
-                    }
+                self.write(key, track, dir, req);
+            }
+            Stage::Writing => self.finish(key),
+        }
+    }
+
+    /// Copy `key` is done: its track is copied (or restored) and unlocked.
+    fn finish(&mut self, key: usize) {
+        let Some(copy) = self.copies.try_remove(key) else {
+            return;
+        };
+        let (track, dir, read) = (copy.track, copy.dir, copy.read);
+        let (_, len) = self.pair.track_range(track);
+        // Noted before the track is marked copied: metadata relying on the copy
+        // flushes the device first.
+        self.pair.note_write(dir == Direction::Reverse);
+        let stats = &self.pair.stats;
+        if read {
+            stats.bytes_read.fetch_add(len, Ordering::Relaxed);
+        }
+        stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
+        match dir {
+            Direction::Forward => {
+                let pending = &self.pair.pending;
+                stats.move_to_copied(|| {
+                    let copied = pending.finish_copy(track);
+                    tracing::trace!(pair = %self.pair.name(), track, copied, "track copied");
+                    copied
+                });
+            }
+            Direction::Reverse => {
+                if self.pair.restore.remove(track) {
+                    stats.tracks_restored.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Stage::Writing => {
+        }
+        self.pair.unlock_track(track);
+    }
+
+    /// Submits the write of copy `key` (of `track`) to its destination.
+    fn write(&mut self, key: usize, track: u64, dir: Direction, req: IoRequest) {
+        if let Some(copy) = self.copies.get_mut(key) {
+            copy.stage = Stage::Writing;
+        }
+        let ch = match dir {
+            Direction::Forward => self.s.as_mut(),
+            Direction::Reverse => self.p.as_mut(),
+        };
+        if let Some(ch) = ch {
+            if let Err(e) = ch.submit(req) {
                 self.copies.remove(key);
-                // Noted before the track is marked copied: metadata relying on the copy
-                // flushes the device first.
-                self.pair.note_write(dir == Direction::Reverse);
-                let stats = &self.pair.stats;
-                stats.bytes_read.fetch_add(len, Ordering::Relaxed);
-                stats.bytes_copied.fetch_add(len, Ordering::Relaxed);
-                match dir {
-                    Direction::Forward => {
-                        let pending = &self.pair.pending;
-                        stats.move_to_copied(|| {
-                            let copied = pending.finish_copy(track);
-                            tracing::trace!(pair = %self.pair.name(), track, copied, "track copied");
-                            copied
-                        });
-                    }
-                    Direction::Reverse => {
-                        if self.pair.restore.remove(track) {
-                            stats.tracks_restored.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
                 self.pair.unlock_track(track);
+                self.pair.fail(format!(
+                    "copy of track {track}: write refused: {:?}",
+                    e.error
+                ));
             }
         }
     }
+}
+
+/// Whether `len` bytes at `offset` of `bdev` read as zeroes by its allocation alone:
+/// `Some(true)` when all of it is holes, `Some(false)` when it is zeroes some of which are
+/// stored, `None` when it holds data, or the answer does not cover it all (it must be read).
+fn zeroes_without_reading(
+    bdev: &dyn Bdev,
+    offset: u64,
+    len: u64,
+    extents: &mut Vec<Extent>,
+) -> Option<bool> {
+    extents.clear();
+    bdev.allocation(offset, len, extents).ok()?;
+    let mut covered = 0;
+    let mut holes = true;
+    for e in extents.iter() {
+        match e.allocation {
+            Allocation::Data => return None,
+            Allocation::Zero => holes = false,
+            Allocation::Hole => {}
+        }
+        covered += e.len;
+    }
+    (covered >= len).then_some(holes)
 }
 
 /// True when every byte is zero (compared eight bytes at a time).
@@ -353,7 +433,10 @@ impl Poller for Copier {
         } else {
             COPY_DEPTH
         };
-        while self.copies.len() < depth {
+        // Tracks with nothing to write finish at once: a bound keeps a poll short.
+        let mut started = 0;
+        while self.copies.len() < depth && started < TRACKS_PER_POLL {
+            started += 1;
             let Some(buf) = self.pool.as_ref().and_then(BufferPool::get) else {
                 break;
             };

@@ -207,7 +207,10 @@ impl NvmfConn {
                     self.respond(cid, st, 0);
                     return;
                 }
-                reqs.push((IoOp::WriteZeroes, offset, len, IoBufs::new()));
+                let op = IoOp::WriteZeroes {
+                    deallocate: cmd.deallocates(),
+                };
+                reqs.push((op, offset, len, IoBufs::new()));
             }
             nvm::DATASET_MANAGEMENT => {
                 if cmd.dw[1] != 1 {

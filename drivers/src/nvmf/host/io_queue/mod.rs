@@ -283,7 +283,7 @@ impl IoQueue {
         // Commands this request needs.
         let step = match op {
             IoOp::Read | IoOp::Write { .. } => max_cmd_bytes(self.ctrl.max_cmd_bytes, ns) as u64,
-            IoOp::WriteZeroes => bs * 65536,
+            IoOp::WriteZeroes { .. } => bs * 65536,
             IoOp::Unmap => bs * u32::MAX as u64,
             IoOp::Flush => u64::MAX,
         };
@@ -336,9 +336,11 @@ impl IoQueue {
                         self.push_head(cap, None);
                     }
                 }
-                IoOp::WriteZeroes => {
+                IoOp::WriteZeroes { deallocate } => {
                     self.push_head(
-                        CapsuleCmd::new(Command::write_zeroes(nsid, lba, blocks).with_cid(cid)),
+                        CapsuleCmd::new(
+                            Command::write_zeroes(nsid, lba, blocks, deallocate).with_cid(cid),
+                        ),
                         None,
                     );
                 }
