@@ -2,7 +2,8 @@
 # Pair figures in one run: split acknowledgement latency on 1 GiB and 1 TiB (sparse) uring pairs
 # with every track pending, idle and under a 4 KiB QD32 randwrite load; host 4 KiB QD32
 # randwrite on P without a pair, in PAIR, during the initial copy and right after a split with
-# every track pending (copy before write).
+# every track pending (copy before write), on filled volumes and on thin ones (every track a
+# hole: the copy before write has nothing to read).
 # Usage: bench/run-pair.sh [DIR (default /var/tmp/qs-bench)] [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,3 +36,8 @@ for phase in pair copy split; do
   $q --bdev "uring:$dir/host-p.img" --secondary "uring:$dir/host-s.img" --phase $phase \
      --workload randwrite --qd 32 --time "$secs" --cores 1 --copier-core 0 2>/dev/null | show
 done
+echo "host 4 KiB randwrite QD32, one core: pair phase split, thin 1 GiB volumes (holes)"
+rm -f "$dir"/thin-p.img "$dir"/thin-s.img
+$q --bdev "uring:$dir/thin-p.img:1G" --secondary "uring:$dir/thin-s.img:1G" --phase split \
+   --workload randwrite --qd 32 --time "$secs" --cores 1 --copier-core 0 2>/dev/null | show
+rm -f "$dir"/thin-p.img "$dir"/thin-s.img

@@ -248,3 +248,63 @@ fn nvmf_write_zeroes_punches_a_hole_only_with_deac() {
     };
     assert_space(&file, kept);
 }
+
+/// After a split with tracks still pending, a host write into a hole of P copies nothing before
+/// it (P stores nothing there and S is a hole too), while one into P's data copies the old
+/// track first, as always.
+#[test]
+fn a_copy_before_write_into_a_hole_reads_and_writes_nothing() {
+    let dir = TempDir::new("thin-cow");
+    let (p, s) = (dir.path().join("p.img"), dir.path().join("s.img"));
+    for f in [&p, &s] {
+        File::create(f)
+            .expect("create")
+            .set_len(16 * MIB)
+            .expect("size");
+    }
+    let mut old = vec![0u8; TRACK as usize];
+    rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut old);
+    write_at(&p, 100 * TRACK, &old);
+
+    let (_server, sock) = start_empty(dir.path());
+    let mut rpc = RpcConn::connect(&sock);
+    for (name, path) in [("p", &p), ("s", &s)] {
+        rpc.ok("bdev_uring_create", json!({"name": name, "filename": path}));
+    }
+    // One byte a second: the tracks stay pending.
+    rpc.ok(
+        "pair_create",
+        json!({"name": "pr", "primary": "p", "secondary": "s", "track_size": TRACK,
+               "copy_rate": 1}),
+    );
+    let nbd_sock = dir.path().join("nbd.sock");
+    rpc.ok(
+        "nbd_export_start",
+        json!({"name": "p", "bdev": "p", "socket": nbd_sock}),
+    );
+    rpc.ok("pair_split", json!({"name": "pr"}));
+    let mut c = NbdClient::connect(&nbd_sock, "p").expect("connect");
+    let new = vec![0x5au8; 4096];
+
+    let before = bytes_read(&mut rpc, "p");
+    c.write(150 * TRACK + 4096, &new)
+        .expect("write into a hole");
+    assert_eq!(bytes_read(&mut rpc, "p"), before, "the hole was read");
+    assert!(is_hole(&s, 150 * TRACK, TRACK), "S's track was written");
+
+    c.write(100 * TRACK + 4096, &new).expect("write over data");
+    assert_eq!(bytes_read(&mut rpc, "p"), before + TRACK);
+    let pr = rpc.ok("pair_get", json!({"name": "pr"}))[0].clone();
+    assert_eq!(pr["cow_copies"], 2, "{pr}");
+    assert_eq!(pr["state"], "PSUS", "{pr}");
+
+    // The image keeps the split point's data, P has the new writes.
+    let (s_data, p_data) = (read_all(&s), read_all(&p));
+    let track = |v: &[u8], t: u64| v[(t * TRACK) as usize..((t + 1) * TRACK) as usize].to_vec();
+    assert!(track(&s_data, 100) == old, "the image lost track 100");
+    assert!(track(&s_data, 150).iter().all(|&b| b == 0));
+    let mut want = old.clone();
+    want[4096..8192].copy_from_slice(&new);
+    assert!(track(&p_data, 100) == want);
+    assert!(track(&p_data, 150)[4096..8192] == new[..]);
+}

@@ -2,20 +2,17 @@
 //! background, at most `copy_rate` bytes per second unless a backup waits for it, with tracks a
 //! backup asks for first.
 //!
-//! A track whose source stores nothing but zeroes (its allocation says so: holes of a thin
-//! volume, most of a new one) is not read: the destination gets a write-zeroes, which may
-//! deallocate where the source is holes, so a thin primary leaves a thin secondary. A track
-//! read as all zeroes is written the same way, its space kept.
+//! A track whose source stores nothing but zeroes is not read ([`super::zero_copy`]); one read
+//! as all zeroes is written as zeroes that keep their space.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use drivers::{
-    Allocation, Bdev, Extent, IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitErrorKind,
-};
+use drivers::{Extent, IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitErrorKind};
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
+use super::zero_copy::{zero_copy, ZeroCopy};
 use super::{HostWatch, Pair, PairState};
 use crate::rate::TokenBucket;
 use crate::reactor::{PollStatus, Poller, PollerWaker, ReactorContext};
@@ -221,32 +218,21 @@ impl Copier {
             Direction::Forward => (self.pair.primary(), self.pair.secondary()),
             Direction::Reverse => (self.pair.secondary(), self.pair.primary()),
         };
-        // Asked under the track's lock, as the read would be: a write racing either is caught
-        // the same way (the track is pending again).
-        let zeroes = zeroes_without_reading(&**source, off, len, &mut self.extents);
-        // Holes over holes (a new thin secondary): nothing to write.
-        let nothing_to_write = zeroes == Some(true)
-            && zeroes_without_reading(&**destination, off, len, &mut self.extents) == Some(true);
+        let without_reading = zero_copy(&**source, &**destination, off, len, &mut self.extents);
         let key = self.copies.insert(TrackCopy {
             track,
             dir,
             stage: Stage::Reading,
-            read: zeroes.is_none(),
+            read: without_reading.is_none(),
         });
-        if nothing_to_write {
-            self.finish(key);
-            return;
-        }
-        if let Some(deallocate) = zeroes {
-            drop(buf);
-            let op = IoOp::WriteZeroes { deallocate };
-            self.write(
-                key,
-                track,
-                dir,
-                IoRequest::without_data(op, off, len, key as u64),
-            );
-            return;
+        match without_reading {
+            Some(ZeroCopy::Nothing) => return self.finish(key),
+            Some(ZeroCopy::Write(op)) => {
+                drop(buf);
+                let req = IoRequest::without_data(op, off, len, key as u64);
+                return self.write(key, track, dir, req);
+            }
+            None => {}
         }
         let mut bufs = IoBufs::new();
         bufs.push(buf);
@@ -354,30 +340,6 @@ impl Copier {
             }
         }
     }
-}
-
-/// Whether `len` bytes at `offset` of `bdev` read as zeroes by its allocation alone:
-/// `Some(true)` when all of it is holes, `Some(false)` when it is zeroes some of which are
-/// stored, `None` when it holds data, or the answer does not cover it all (it must be read).
-fn zeroes_without_reading(
-    bdev: &dyn Bdev,
-    offset: u64,
-    len: u64,
-    extents: &mut Vec<Extent>,
-) -> Option<bool> {
-    extents.clear();
-    bdev.allocation(offset, len, extents).ok()?;
-    let mut covered = 0;
-    let mut holes = true;
-    for e in extents.iter() {
-        match e.allocation {
-            Allocation::Data => return None,
-            Allocation::Zero => holes = false,
-            Allocation::Hole => {}
-        }
-        covered += e.len;
-    }
-    (covered >= len).then_some(holes)
 }
 
 /// True when every byte is zero (compared eight bytes at a time).

@@ -187,6 +187,8 @@ pub struct PairChannel {
     retry: VecDeque<(Side, IoRequest)>,
     done: Vec<IoCompletion>,
     scratch: Vec<IoCompletion>,
+    /// Allocation answers of copies before write.
+    extents: Vec<Extent>,
     cpu_copied: u64,
     /// A host's channel (an export's, a benchmark's), not the engine's own (a backup's):
     /// its requests count as host activity.
@@ -215,6 +217,7 @@ impl PairChannel {
             retry: VecDeque::new(),
             done: Vec::new(),
             scratch: Vec::new(),
+            extents: Vec::new(),
             cpu_copied: 0,
             host: false,
         })
