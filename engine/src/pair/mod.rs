@@ -32,7 +32,7 @@ pub mod split_journal;
 mod state;
 mod stats;
 mod transitions;
-mod zero_copy;
+pub(crate) mod zero_copy;
 
 pub(crate) use persistence::{Durability, HostWrite};
 pub use state::{now_ns, Pair, PairConfig, PairError, PairState, DEFAULT_TRACK_SIZE, MAX_TRACKS};

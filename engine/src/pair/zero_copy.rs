@@ -28,8 +28,8 @@ pub(crate) fn zero_copy(
     len: u64,
     scratch: &mut Vec<Extent>,
 ) -> Option<ZeroCopy> {
-    let holes = zeroes(source, offset, len, scratch)?;
-    if zeroes(destination, offset, len, scratch) == Some(holes) {
+    let holes = reads_as_zeroes(source, offset, len, scratch)?;
+    if reads_as_zeroes(destination, offset, len, scratch) == Some(holes) {
         return Some(ZeroCopy::Nothing);
     }
     Some(ZeroCopy::Write(IoOp::WriteZeroes { deallocate: holes }))
@@ -38,7 +38,12 @@ pub(crate) fn zero_copy(
 /// Whether `len` bytes at `offset` of `bdev` read as zeroes by its allocation alone:
 /// `Some(true)` when all of it is holes, `Some(false)` when some of those zeroes are stored,
 /// `None` when it holds data or the answer does not cover all of it.
-fn zeroes(bdev: &dyn Bdev, offset: u64, len: u64, scratch: &mut Vec<Extent>) -> Option<bool> {
+pub(crate) fn reads_as_zeroes(
+    bdev: &dyn Bdev,
+    offset: u64,
+    len: u64,
+    scratch: &mut Vec<Extent>,
+) -> Option<bool> {
     scratch.clear();
     bdev.allocation(offset, len, scratch).ok()?;
     let mut covered = 0;
