@@ -66,3 +66,13 @@ pub fn target(dir: &Path) -> (Server, RpcConn, u16, &'static str) {
     );
     (server, rpc, port, nqn)
 }
+
+/// Exports a new RAM disk `name` of `size` bytes on the target answering on `rpc`, as `nqn` on
+/// `port` of 127.0.0.1.
+pub fn export_ram_disk(rpc: &mut RpcConn, port: u16, nqn: &str, name: &str, size: u64) {
+    rpc.ok("bdev_malloc_create", json!({"name": name, "size": size}));
+    rpc.ok(
+        "nvmf_export_start",
+        json!({"nqn": nqn, "bdev": name, "listen": format!("127.0.0.1:{port}")}),
+    );
+}

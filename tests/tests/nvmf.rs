@@ -17,7 +17,7 @@ use drivers::nvmf::pdu::{self, CapsuleCmd, DataPdu, Digests, IcReq};
 use drivers::{IoBufs, IoOp};
 use hugepages::BufferPool;
 use quicksplit_tests::nbd::NbdClient;
-use quicksplit_tests::nvmf::{filled_buffer, target};
+use quicksplit_tests::nvmf::{export_ram_disk, filled_buffer, target};
 use quicksplit_tests::{start_empty, wait_for, RpcConn, TempDir};
 use rand::{Rng, RngCore, SeedableRng};
 use serde_json::{json, Value};
@@ -676,14 +676,7 @@ fn a_ram_disk_read_waiting_for_the_socket_keeps_the_blocks_as_they_were() {
     let dir = TempDir::new("nvmf-in-place");
     let (_server, mut rpc, port, _) = target(dir.path());
     let nqn = "nqn.2026-11.io.quicksplit:big";
-    rpc.ok(
-        "bdev_malloc_create",
-        json!({"name": "big", "size": 32 * MIB}),
-    );
-    rpc.ok(
-        "nvmf_export_start",
-        json!({"nqn": nqn, "bdev": "big", "listen": format!("127.0.0.1:{port}")}),
-    );
+    export_ram_disk(&mut rpc, port, nqn, "big", 32 * MIB);
     let opts = HostOptions::new("127.0.0.1", port, nqn);
     let ctrl = HostController::connect(opts.clone()).expect("connect");
     let (mut s, _) = raw_io_queue(&opts, ctrl.cntlid(), 1, 0);

@@ -14,7 +14,7 @@ use drivers::nvmf::pdu;
 use drivers::{Bdev, IoBufs, IoChannel, IoRequest};
 use engine::reactor::{IdlePolicy, PollStatus, Poller, ReactorContext, ReactorOptions, Reactors};
 use hugepages::BufferPool;
-use quicksplit_tests::nvmf::{filled_buffer, target};
+use quicksplit_tests::nvmf::{export_ram_disk, filled_buffer, target};
 use quicksplit_tests::{wait_for, RpcConn, TempDir};
 use serde_json::{json, Value};
 
@@ -428,14 +428,7 @@ fn pdus_waiting_for_room_have_the_queue_socket_watched_for_output() {
     let dir = TempDir::new("nvmf-output-watch");
     let (_server, mut rpc, port, _) = target(dir.path());
     let nqn = "nqn.2026-11.io.quicksplit:big";
-    rpc.ok(
-        "bdev_malloc_create",
-        json!({"name": "big", "size": 32 * MIB}),
-    );
-    rpc.ok(
-        "nvmf_export_start",
-        json!({"nqn": nqn, "bdev": "big", "listen": format!("127.0.0.1:{port}")}),
-    );
+    export_ram_disk(&mut rpc, port, nqn, "big", 32 * MIB);
     let release = Arc::new(AtomicBool::new(false));
     let proxy = data_holding_proxy(port, 2, Arc::clone(&release));
     let bdev = drivers::nvmf::attach("a", HostOptions::new("127.0.0.1", proxy, nqn), Value::Null)

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use quicksplit_tests::nbd::{self, NbdClient};
-use quicksplit_tests::{start_empty, wait_for, RpcConn, TempDir};
+use quicksplit_tests::{start_empty, wait_for, RpcConn, Server, TempDir};
 use rand::{RngCore, SeedableRng};
 use serde_json::json;
 
@@ -75,6 +75,30 @@ fn read_all(path: &Path) -> Vec<u8> {
     v
 }
 
+/// Serves the uring files `p` and `s` as a pair "pr" of 64 KiB tracks, copying at `copy_rate`
+/// bytes a second (0: no limit).
+fn serve_pair(dir: &Path, p: &Path, s: &Path, copy_rate: u64) -> (Server, RpcConn) {
+    let (server, sock) = start_empty(dir);
+    let mut rpc = RpcConn::connect(&sock);
+    for (name, path) in [("p", p), ("s", s)] {
+        rpc.ok("bdev_uring_create", json!({"name": name, "filename": path}));
+    }
+    rpc.ok(
+        "pair_create",
+        json!({"name": "pr", "primary": "p", "secondary": "s", "track_size": TRACK,
+               "copy_rate": copy_rate}),
+    );
+    (server, rpc)
+}
+
+/// Waits until `pair` is in PAIR with nothing pending.
+fn wait_mirrored(rpc: &mut RpcConn, pair: &str) {
+    assert!(wait_for(Duration::from_secs(60), || {
+        let pr = rpc.ok("pair_get", json!({ "name": pair }))[0].clone();
+        pr["state"] == "PAIR" && pr["pending_tracks"] == 0
+    }));
+}
+
 fn bytes_read(rpc: &mut RpcConn, bdev: &str) -> u64 {
     let r = rpc.ok("bdev_get_iostat", json!({ "name": bdev }));
     r["bdevs"][0]["bytes_read"].as_u64().expect("bytes_read")
@@ -123,10 +147,7 @@ fn the_initial_copy_of_a_thin_primary_reads_what_it_stores_and_leaves_a_thin_sec
             "pair_create",
             json!({"name": pair, "primary": "p", "secondary": bdev, "track_size": TRACK}),
         );
-        assert!(wait_for(Duration::from_secs(60), || {
-            let pr = rpc.ok("pair_get", json!({"name": pair}))[0].clone();
-            pr["state"] == "PAIR" && pr["pending_tracks"] == 0
-        }));
+        wait_mirrored(&mut rpc, &pair);
 
         // Only the tracks P stores were read (holes are known from its allocation).
         assert_eq!(
@@ -161,6 +182,23 @@ fn the_initial_copy_of_a_thin_primary_reads_what_it_stores_and_leaves_a_thin_sec
     }
 }
 
+/// `file` (4 MiB of 0xcd) after write-zeroes of its first MiB that may deallocate and of its
+/// second that must not: both read as zeroes, the first is a hole, the second keeps its space
+/// (where the file system can zero in place).
+fn zeroed_with_a_hole_then_kept(file: &Path) {
+    let got = read_all(file);
+    assert!(got[..2 * MIB as usize].iter().all(|&b| b == 0));
+    assert!(got[2 * MIB as usize..].iter().all(|&b| b == 0xcd));
+    assert!(is_hole(file, 0, MIB), "the first MiB is not a hole");
+    let dir = file.parent().expect("a directory");
+    let kept = if zero_range_supported(dir) {
+        3 * MIB
+    } else {
+        2 * MIB
+    };
+    assert_space(file, kept);
+}
+
 /// Write-zeroes through NBD: a hole without flags, stored zeroes with NO_HOLE; both read back
 /// as zeroes.
 #[test]
@@ -182,16 +220,7 @@ fn nbd_write_zeroes_punches_a_hole_unless_no_hole_is_asked() {
         let (_, err, _) = c.recv(0).expect("reply");
         assert_eq!(err, 0);
     }
-    let got = read_all(&file);
-    assert!(got[..2 * MIB as usize].iter().all(|&b| b == 0));
-    assert!(got[2 * MIB as usize..].iter().all(|&b| b == 0xcd));
-    assert!(is_hole(&file, 0, MIB), "no hole where NBD asked for none");
-    let kept = if zero_range_supported(dir.path()) {
-        3 * MIB
-    } else {
-        2 * MIB
-    };
-    assert_space(&file, kept);
+    zeroed_with_a_hole_then_kept(&file);
 }
 
 /// Write-zeroes through NVMe/TCP, from quicksplit's initiator to its target: a hole with DEAC
@@ -237,16 +266,7 @@ fn nvmf_write_zeroes_punches_a_hole_only_with_deac() {
     for d in &done {
         assert!(d.result.is_ok(), "{:?}", d.result);
     }
-    let got = read_all(&file);
-    assert!(got[..2 * MIB as usize].iter().all(|&b| b == 0));
-    assert!(got[2 * MIB as usize..].iter().all(|&b| b == 0xcd));
-    assert!(is_hole(&file, 0, MIB), "no hole with DEAC set");
-    let kept = if zero_range_supported(dir.path()) {
-        3 * MIB
-    } else {
-        2 * MIB
-    };
-    assert_space(&file, kept);
+    zeroed_with_a_hole_then_kept(&file);
 }
 
 /// After a split with tracks still pending, a host write into a hole of P copies nothing before
@@ -266,17 +286,8 @@ fn a_copy_before_write_into_a_hole_reads_and_writes_nothing() {
     rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut old);
     write_at(&p, 100 * TRACK, &old);
 
-    let (_server, sock) = start_empty(dir.path());
-    let mut rpc = RpcConn::connect(&sock);
-    for (name, path) in [("p", &p), ("s", &s)] {
-        rpc.ok("bdev_uring_create", json!({"name": name, "filename": path}));
-    }
     // One byte a second: the tracks stay pending.
-    rpc.ok(
-        "pair_create",
-        json!({"name": "pr", "primary": "p", "secondary": "s", "track_size": TRACK,
-               "copy_rate": 1}),
-    );
+    let (_server, mut rpc) = serve_pair(dir.path(), &p, &s, 1);
     let nbd_sock = dir.path().join("nbd.sock");
     rpc.ok(
         "nbd_export_start",
@@ -327,19 +338,8 @@ fn a_verification_of_thin_volumes_reads_only_what_they_store() {
     for track in [3u64, 100] {
         write_at(&p, track * TRACK, &data);
     }
-    let (_server, sock) = start_empty(dir.path());
-    let mut rpc = RpcConn::connect(&sock);
-    for (name, path) in [("p", &p), ("s", &s)] {
-        rpc.ok("bdev_uring_create", json!({"name": name, "filename": path}));
-    }
-    rpc.ok(
-        "pair_create",
-        json!({"name": "pr", "primary": "p", "secondary": "s", "track_size": TRACK}),
-    );
-    assert!(wait_for(Duration::from_secs(60), || {
-        let pr = rpc.ok("pair_get", json!({"name": "pr"}))[0].clone();
-        pr["state"] == "PAIR" && pr["pending_tracks"] == 0
-    }));
+    let (_server, mut rpc) = serve_pair(dir.path(), &p, &s, 0);
+    wait_mirrored(&mut rpc, "pr");
     // Behind the engine's back (the locks are advisory).
     for track in [100u64, 300] {
         write_at(&s, track * TRACK + 4096, &[0xee; 4096]);
