@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::bdev::{
-    Bdev, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoError, IoOp, IoRequest,
-    SubmitErrorKind, SubmitResult,
+    Bdev, BdevError, ChannelContext, Extent, Geometry, IoChannel, IoCompletion, IoError, IoOp,
+    IoRequest, SubmitErrorKind, SubmitResult,
 };
 
 /// What to inject; shared by every channel of the bdev and changeable while it runs.
@@ -91,6 +91,12 @@ impl Bdev for FaultBdev {
 
     fn config(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+
+    /// The inner device's answer, what a read of it now would see (injected errors are for
+    /// the I/O requests).
+    fn allocation(&self, offset: u64, len: u64, out: &mut Vec<Extent>) -> Result<(), IoError> {
+        self.inner.allocation(offset, len, out)
     }
 }
 

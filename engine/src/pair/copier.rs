@@ -12,7 +12,7 @@ use drivers::{Extent, IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitEr
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
-use super::zero_copy::{zero_copy, ZeroCopy};
+use super::zero_copy::{tracks_needing_nothing, zero_copy, ZeroCopy};
 use super::{HostWatch, Pair, PairState};
 use crate::rate::TokenBucket;
 use crate::reactor::{PollStatus, Poller, PollerWaker, ReactorContext};
@@ -22,8 +22,10 @@ const COPY_DEPTH: usize = 4;
 /// Copies in flight at once while a backup waits for them (`wait` at full speed, `reflect`
 /// asking for tracks).
 const URGENT_DEPTH: usize = 32;
-/// Copies started in one poll at most (holes over holes need no I/O and take a few lookups).
-const TRACKS_PER_POLL: usize = 256;
+/// Tracks gone through in one poll at most (holes over holes need no I/O, only lookups).
+const TRACKS_PER_POLL: u64 = 512;
+/// Tracks one allocation lookup answers for at most when they need nothing written.
+const ZERO_RUN: u64 = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
@@ -62,6 +64,7 @@ pub struct Copier {
     urgent_later: Vec<u64>,
     scratch: Vec<IoCompletion>,
     extents: Vec<Extent>,
+    runs: [Vec<Extent>; 2],
     /// Whether hosts use the pair.
     hosts: HostWatch,
 }
@@ -84,6 +87,7 @@ impl Copier {
             urgent_later: Vec::new(),
             scratch: Vec::new(),
             extents: Vec::new(),
+            runs: [Vec::new(), Vec::new()],
             hosts,
         }
     }
@@ -207,12 +211,18 @@ impl Copier {
         self.pair.state() == PairState::Psus && self.pair.mirrored_writes_in_flight(t..t + 1)
     }
 
-    fn start_copy(&mut self, track: u64, dir: Direction, buf: DmaBuf) {
+    /// Starts copying `track` (locked), or copies it and the pending tracks after it that need
+    /// nothing written; how many tracks that was.
+    fn start_copy(&mut self, track: u64, dir: Direction, buf: DmaBuf) -> u64 {
         let (off, len) = self.pair.track_range(track);
         let mut buf = buf;
         let _ = buf.set_len(len as usize);
         if dir == Direction::Forward {
             self.pair.pending.begin_copy(track);
+            let copied = self.copy_run_needing_nothing(track);
+            if copied > 0 {
+                return copied;
+            }
         }
         let (source, destination) = match dir {
             Direction::Forward => (self.pair.primary(), self.pair.secondary()),
@@ -226,11 +236,15 @@ impl Copier {
             read: without_reading.is_none(),
         });
         match without_reading {
-            Some(ZeroCopy::Nothing) => return self.finish(key),
+            Some(ZeroCopy::Nothing) => {
+                self.finish(key);
+                return 1;
+            }
             Some(ZeroCopy::Write(op)) => {
                 drop(buf);
                 let req = IoRequest::without_data(op, off, len, key as u64);
-                return self.write(key, track, dir, req);
+                self.write(key, track, dir, req);
+                return 1;
             }
             None => {}
         }
@@ -251,6 +265,7 @@ impl Copier {
                 }
             }
         }
+        1
     }
 
     fn complete(&mut self, c: IoCompletion, from_p: bool) {
@@ -287,12 +302,57 @@ impl Copier {
         }
     }
 
+    /// Copies with no I/O the tracks from `first` (pending, locked, its copy begun) on that need
+    /// nothing written ([`tracks_needing_nothing`]): the next pending tracks join the run, up to
+    /// [`ZERO_RUN`], and one allocation lookup a side answers for all of them. How many were
+    /// copied; the run's other tracks are unlocked, still pending (`first` stays locked when it
+    /// needs more than nothing).
+    fn copy_run_needing_nothing(&mut self, first: u64) -> u64 {
+        let pair = Arc::clone(&self.pair);
+        let mut last = first;
+        // Without a rate limit only: tracks joining the run take no tokens.
+        if pair.copy_rate() == 0 {
+            while last + 1 < pair.tracks() && last + 1 - first < ZERO_RUN {
+                let t = last + 1;
+                if !pair.pending.is_pending(t) || !pair.locks.try_lock(t) {
+                    break;
+                }
+                if !pair.pending.is_pending(t) || self.mirrored_write_on(t) {
+                    pair.unlock_track(t);
+                    break;
+                }
+                pair.pending.begin_copy(t);
+                last = t;
+            }
+        }
+        let (start, _) = pair.track_range(first);
+        let (last_start, last_len) = pair.track_range(last);
+        let n = tracks_needing_nothing(
+            &**pair.primary(),
+            &**pair.secondary(),
+            start,
+            last_start + last_len - start,
+            pair.track_size(),
+            &mut self.runs,
+        );
+        for t in first..first + n {
+            self.finish_track(t, Direction::Forward, false);
+        }
+        for t in (first + n).max(first + 1)..=last {
+            pair.unlock_track(t);
+        }
+        n
+    }
+
     /// Copy `key` is done: its track is copied (or restored) and unlocked.
     fn finish(&mut self, key: usize) {
-        let Some(copy) = self.copies.try_remove(key) else {
-            return;
-        };
-        let (track, dir, read) = (copy.track, copy.dir, copy.read);
+        if let Some(copy) = self.copies.try_remove(key) {
+            self.finish_track(copy.track, copy.dir, copy.read);
+        }
+    }
+
+    /// `track` is copied (or restored; `read`: its source was read): marked so and unlocked.
+    fn finish_track(&mut self, track: u64, dir: Direction, read: bool) {
         let (_, len) = self.pair.track_range(track);
         // Noted before the track is marked copied: metadata relying on the copy
         // flushes the device first.
@@ -398,13 +458,12 @@ impl Poller for Copier {
         // Tracks with nothing to write finish at once: a bound keeps a poll short.
         let mut started = 0;
         while self.copies.len() < depth && started < TRACKS_PER_POLL {
-            started += 1;
             let Some(buf) = self.pool.as_ref().and_then(BufferPool::get) else {
                 break;
             };
             match self.next_track(cx) {
                 Some((t, dir)) => {
-                    self.start_copy(t, dir, buf);
+                    started += self.start_copy(t, dir, buf);
                     busy = true;
                 }
                 None => break,

@@ -1,11 +1,13 @@
 //! Copying a track whose source holds only zeroes, known from the source's allocation without
 //! reading it: over a destination that reads as zeroes the same way (holes over holes, stored
 //! zeroes over stored zeroes) nothing is written, over anything else a write-zeroes that
-//! deallocates where the source is holes. So a thin primary leaves a thin secondary, and copying its holes
-//! (the initial copy, a copy before write into a region never written) costs a few lookups.
+//! deallocates where the source is holes. So a thin primary leaves a thin secondary, and
+//! copying its holes (the initial copy, a copy before write into a region never written) costs
+//! a few lookups; [`tracks_needing_nothing`] answers for a run of tracks with one lookup a side.
 //!
-//! The caller holds the track's lock, as it would for the read: a write racing the lookup is
-//! caught the same way as one racing a read (the track is pending again).
+//! The caller holds the tracks' locks and has begun their copies, as it would for a read: a
+//! write racing the lookup is caught the same way as one racing a read (the track is pending
+//! again).
 
 use drivers::{Allocation, Bdev, Extent, IoOp};
 
@@ -59,6 +61,108 @@ pub(crate) fn reads_as_zeroes(
     (covered >= len).then_some(holes)
 }
 
+/// How many of the tracks of `track_size` bytes from `offset` to `offset + len`, in order,
+/// need nothing written (the source's and the destination's allocation say they read as
+/// zeroes the same way): one lookup on each side for the whole run.
+pub(crate) fn tracks_needing_nothing(
+    source: &dyn Bdev,
+    destination: &dyn Bdev,
+    offset: u64,
+    len: u64,
+    track_size: u64,
+    scratch: &mut [Vec<Extent>; 2],
+) -> u64 {
+    let range = offset..offset + len;
+    leading_zero_tracks([source, destination], range, track_size, scratch, |s, d| {
+        s == d
+    })
+}
+
+/// How many of the tracks of `track_size` bytes in `range`, in order, read as zeroes on both
+/// bdevs by their allocation (and are so equal): one lookup on each for the whole run.
+pub(crate) fn tracks_of_zeroes_on_both(
+    bdevs: [&dyn Bdev; 2],
+    range: std::ops::Range<u64>,
+    track_size: u64,
+    scratch: &mut [Vec<Extent>; 2],
+) -> u64 {
+    leading_zero_tracks(bdevs, range, track_size, scratch, |_, _| true)
+}
+
+/// How many tracks of `range`, in order, read as zeroes on both bdevs in a way `accept`
+/// takes (it is given, for each side, whether the track is all holes).
+fn leading_zero_tracks(
+    [source, destination]: [&dyn Bdev; 2],
+    range: std::ops::Range<u64>,
+    track_size: u64,
+    scratch: &mut [Vec<Extent>; 2],
+    accept: impl Fn(bool, bool) -> bool,
+) -> u64 {
+    let (offset, len) = (range.start, range.end - range.start);
+    let [src, dst] = scratch;
+    src.clear();
+    dst.clear();
+    if source.allocation(offset, len, src).is_err()
+        || destination.allocation(offset, len, dst).is_err()
+    {
+        return 0;
+    }
+    let (mut src, mut dst) = (Walk::new(src), Walk::new(dst));
+    let mut n = 0;
+    let mut at = 0;
+    while at < len {
+        let end = (at + track_size).min(len);
+        match (src.class(at, end), dst.class(at, end)) {
+            (Some(s), Some(d)) if accept(s, d) => n += 1,
+            _ => break,
+        }
+        at = end;
+    }
+    n
+}
+
+/// Walks a query's extents over ranges in increasing order.
+struct Walk<'a> {
+    extents: &'a [Extent],
+    /// The extent the last range ended in, and where it starts.
+    index: usize,
+    start: u64,
+}
+
+impl<'a> Walk<'a> {
+    fn new(extents: &'a [Extent]) -> Self {
+        Self {
+            extents,
+            index: 0,
+            start: 0,
+        }
+    }
+
+    /// Bytes `from..to` (from the query's offset; after the last range asked): `Some(true)`
+    /// when all holes, `Some(false)` when zeroes some of which are stored, `None` when any is
+    /// data or the answer does not reach `to`.
+    fn class(&mut self, from: u64, to: u64) -> Option<bool> {
+        let mut holes = true;
+        let mut at = from;
+        while at < to {
+            let e = self.extents.get(self.index)?;
+            let end = self.start + e.len;
+            if end <= at {
+                self.index += 1;
+                self.start = end;
+                continue;
+            }
+            match e.allocation {
+                Allocation::Data => return None,
+                Allocation::Zero => holes = false,
+                Allocation::Hole => {}
+            }
+            at = end.min(to);
+        }
+        Some(holes)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -98,10 +202,15 @@ mod tests {
         };
         let (p, s) = (ram("p"), ram("s"));
         let mut scratch = Vec::new();
+        let mut runs = [Vec::new(), Vec::new()];
         let track = 1 << 20;
         assert_eq!(
             zero_copy(&*p, &*s, 0, track, &mut scratch),
             Some(ZeroCopy::Nothing)
+        );
+        assert_eq!(
+            tracks_needing_nothing(&*p, &*s, 0, 4 * track, track, &mut runs),
+            4
         );
         // S holds something there: it gets zeroes, stored as P's are.
         written(&s, 0, 7);
@@ -115,6 +224,17 @@ mod tests {
         assert_eq!(
             zero_copy(&*p, &*s, 2 * track, track, &mut scratch),
             Some(ZeroCopy::Nothing)
+        );
+        // A run stops at the first track that needs something: S's data, then P's.
+        assert_eq!(
+            tracks_needing_nothing(&*p, &*s, 0, 4 * track, track, &mut runs),
+            0
+        );
+        let from_1 = tracks_needing_nothing(&*p, &*s, track / 2, 3 * track, track / 2, &mut runs);
+        assert_eq!(from_1, 1, "the half track before P's data");
+        assert_eq!(
+            tracks_needing_nothing(&*p, &*s, 2 * track, 2 * track, track, &mut runs),
+            2
         );
     }
 }

@@ -13,7 +13,7 @@ use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
 use super::{Verify, VerifyState};
-use crate::pair::zero_copy::reads_as_zeroes;
+use crate::pair::zero_copy::tracks_of_zeroes_on_both;
 use crate::pair::{Durability, HostWatch, Pair, PairState};
 use crate::rate::{effective_rate, TokenBucket};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
@@ -81,7 +81,7 @@ pub struct VerifyJob {
     /// Ending in this state, once the reads in flight are back.
     ending: Option<(VerifyState, Option<String>)>,
     done: Vec<IoCompletion>,
-    extents: Vec<Extent>,
+    runs: [Vec<Extent>; 2],
 }
 
 impl VerifyJob {
@@ -112,7 +112,7 @@ impl VerifyJob {
             yielding: false,
             ending: None,
             done: Vec::new(),
-            extents: Vec::new(),
+            runs: [Vec::new(), Vec::new()],
         }
     }
 
@@ -275,13 +275,23 @@ impl VerifyJob {
             if self.pool.available() < 2 {
                 break;
             }
-            let (offset, len) = self.pair.track_range(t);
-            if let Some(checked) = self.equal_without_reading(t, offset, len) {
-                advance(self);
-                looked += 1;
-                self.verify.note_track(checked);
+            // Consecutive tracks from the cursor join a run; a retried one goes alone.
+            let run = if from_later {
+                1
+            } else {
+                (SCAN_PER_POLL - looked) as u64
+            };
+            let equal = self.equal_run_without_reading(t, run);
+            if equal > 0 {
+                if from_later {
+                    self.later.pop_front();
+                } else {
+                    self.cursor += equal;
+                }
+                looked += equal as usize;
                 continue;
             }
+            let (offset, len) = self.pair.track_range(t);
             if !self.within_rate(cx, len, hosts) {
                 break;
             }
@@ -305,24 +315,45 @@ impl VerifyJob {
         looked > 0
     }
 
-    /// Track `t` without reads: `Some(len)` when P and S both read as zeroes by their
-    /// allocation (equal), `Some(0)` when a write to it came in meanwhile (nothing to compare);
-    /// `None`: read it (or it is locked, being copied).
-    fn equal_without_reading(&mut self, t: u64, offset: u64, len: u64) -> Option<u64> {
-        if !self.pair.locks.try_lock(t) {
-            return None;
-        }
-        let written = |pair: &Pair| {
-            pair.pending.is_pending(t)
-                || pair.mirrored_writes_in_flight(t..t + 1)
-                || !mirroring(pair)
+    /// Compares without reading the tracks from `first` on (at most `max`) that P's and S's
+    /// allocation both say read as zeroes: equal. One lookup a side answers for the run; each
+    /// track is locked and checked before and after it as for a read. How many tracks it went
+    /// through (each noted); 0 when `first` must be read (or is locked, being copied).
+    fn equal_run_without_reading(&mut self, first: u64, max: u64) -> u64 {
+        let pair = Arc::clone(&self.pair);
+        let quiet = |t: u64| {
+            !pair.pending.is_pending(t)
+                && !pair.mirrored_writes_in_flight(t..t + 1)
+                && mirroring(&pair)
         };
-        let zeroes = !written(&self.pair)
-            && reads_as_zeroes(&**self.pair.primary(), offset, len, &mut self.extents).is_some()
-            && reads_as_zeroes(&**self.pair.secondary(), offset, len, &mut self.extents).is_some();
-        let checked = if written(&self.pair) { 0 } else { len };
-        self.pair.unlock_track(t);
-        zeroes.then_some(checked)
+        let mut end = first;
+        while end < pair.tracks() && end - first < max && pair.locks.try_lock(end) {
+            if !quiet(end) {
+                pair.unlock_track(end);
+                break;
+            }
+            end += 1;
+        }
+        if end == first {
+            return 0;
+        }
+        let (start, _) = pair.track_range(first);
+        let (last_start, last_len) = pair.track_range(end - 1);
+        let n = tracks_of_zeroes_on_both(
+            [&**pair.primary(), &**pair.secondary()],
+            start..last_start + last_len,
+            pair.track_size(),
+            &mut self.runs,
+        );
+        for t in first..end {
+            if t < first + n {
+                // A write that came in meanwhile: nothing to compare.
+                let checked = if quiet(t) { pair.track_range(t).1 } else { 0 };
+                self.verify.note_track(checked);
+            }
+            pair.unlock_track(t);
+        }
+        n
     }
 
     fn start_check(&mut self, track: u64, offset: u64, len: u64) {
