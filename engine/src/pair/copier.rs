@@ -12,7 +12,7 @@ use drivers::{Extent, IoBufs, IoChannel, IoCompletion, IoOp, IoRequest, SubmitEr
 use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
-use super::zero_copy::{tracks_needing_nothing, zero_copy, ZeroCopy};
+use super::zero_copy::{tracks_needing_nothing, zero_copy, DataAhead, ZeroCopy};
 use super::{HostWatch, Pair, PairState};
 use crate::rate::TokenBucket;
 use crate::reactor::{PollStatus, Poller, PollerWaker, ReactorContext};
@@ -30,9 +30,9 @@ const ZERO_RUN: u64 = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Direction {
     /// P to S (pending tracks).
-    Forward,
+    Forward = 0,
     /// S to P (restore tracks).
-    Reverse,
+    Reverse = 1,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +65,8 @@ pub struct Copier {
     scratch: Vec<IoCompletion>,
     extents: Vec<Extent>,
     runs: [Vec<Extent>; 2],
+    /// Data seen ahead on P (forward) and on S (restores).
+    data_ahead: [DataAhead; 2],
     /// Whether hosts use the pair.
     hosts: HostWatch,
 }
@@ -88,6 +90,7 @@ impl Copier {
             scratch: Vec::new(),
             extents: Vec::new(),
             runs: [Vec::new(), Vec::new()],
+            data_ahead: Default::default(),
             hosts,
         }
     }
@@ -219,16 +222,21 @@ impl Copier {
         let _ = buf.set_len(len as usize);
         if dir == Direction::Forward {
             self.pair.pending.begin_copy(track);
-            let copied = self.copy_run_needing_nothing(track);
-            if copied > 0 {
-                return copied;
-            }
         }
         let (source, destination) = match dir {
             Direction::Forward => (self.pair.primary(), self.pair.secondary()),
             Direction::Reverse => (self.pair.secondary(), self.pair.primary()),
         };
-        let without_reading = zero_copy(&**source, &**destination, off, len, &mut self.extents);
+        let ahead = &mut self.data_ahead[dir as usize];
+        let without_reading = if ahead.covers(off, len) {
+            None
+        } else {
+            let found = zero_copy(&**source, &**destination, off, len, &mut self.extents);
+            if found.is_none() {
+                ahead.look(&**source, off, &mut self.extents);
+            }
+            found
+        };
         let key = self.copies.insert(TrackCopy {
             track,
             dir,
@@ -238,7 +246,12 @@ impl Copier {
         match without_reading {
             Some(ZeroCopy::Nothing) => {
                 self.finish(key);
-                return 1;
+                // Holes come in runs: the tracks after it, with one lookup a side.
+                let more = match dir {
+                    Direction::Forward => self.copy_run_needing_nothing(track),
+                    Direction::Reverse => 0,
+                };
+                return 1 + more;
             }
             Some(ZeroCopy::Write(op)) => {
                 drop(buf);
@@ -302,29 +315,33 @@ impl Copier {
         }
     }
 
-    /// Copies with no I/O the tracks from `first` (pending, locked, its copy begun) on that need
-    /// nothing written ([`tracks_needing_nothing`]): the next pending tracks join the run, up to
-    /// [`ZERO_RUN`], and one allocation lookup a side answers for all of them. How many were
-    /// copied; the run's other tracks are unlocked, still pending (`first` stays locked when it
-    /// needs more than nothing).
-    fn copy_run_needing_nothing(&mut self, first: u64) -> u64 {
+    /// Copies with no I/O the pending tracks right after `after` (a track that needed nothing)
+    /// that need nothing written either ([`tracks_needing_nothing`]): up to [`ZERO_RUN`] of
+    /// them are locked and their copies begun, and one allocation lookup a side answers for
+    /// all. How many were copied; the run's other tracks are unlocked, still pending.
+    fn copy_run_needing_nothing(&mut self, after: u64) -> u64 {
         let pair = Arc::clone(&self.pair);
-        let mut last = first;
         // Without a rate limit only: tracks joining the run take no tokens.
-        if pair.copy_rate() == 0 {
-            while last + 1 < pair.tracks() && last + 1 - first < ZERO_RUN {
-                let t = last + 1;
-                if !pair.pending.is_pending(t) || !pair.locks.try_lock(t) {
-                    break;
-                }
-                if !pair.pending.is_pending(t) || self.mirrored_write_on(t) {
-                    pair.unlock_track(t);
-                    break;
-                }
-                pair.pending.begin_copy(t);
-                last = t;
-            }
+        if pair.copy_rate() != 0 {
+            return 0;
         }
+        let first = after + 1;
+        let mut end = first;
+        while end < pair.tracks() && end - first < ZERO_RUN && pair.pending.is_pending(end) {
+            if !pair.locks.try_lock(end) {
+                break;
+            }
+            if !pair.pending.is_pending(end) || self.mirrored_write_on(end) {
+                pair.unlock_track(end);
+                break;
+            }
+            pair.pending.begin_copy(end);
+            end += 1;
+        }
+        if end == first {
+            return 0;
+        }
+        let last = end - 1;
         let (start, _) = pair.track_range(first);
         let (last_start, last_len) = pair.track_range(last);
         let n = tracks_needing_nothing(
@@ -338,7 +355,7 @@ impl Copier {
         for t in first..first + n {
             self.finish_track(t, Direction::Forward, false);
         }
-        for t in (first + n).max(first + 1)..=last {
+        for t in first + n..end {
             pair.unlock_track(t);
         }
         n

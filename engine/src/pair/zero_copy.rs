@@ -163,6 +163,37 @@ impl<'a> Walk<'a> {
     }
 }
 
+/// How far data was seen to run on one bdev: tracks inside it are read without looking up
+/// their allocation again, so a volume full of data pays a lookup per stretch of data, not per
+/// track. A hint only: were it stale (the data since trimmed), a track of zeroes is read, which
+/// is always right.
+#[derive(Debug, Default)]
+pub(crate) struct DataAhead {
+    until: u64,
+}
+
+/// Bytes one look ahead covers at most.
+const LOOK_AHEAD: u64 = 1 << 30;
+
+impl DataAhead {
+    /// True when `offset..offset + len` lies inside data seen before.
+    pub(crate) fn covers(&self, offset: u64, len: u64) -> bool {
+        offset + len <= self.until
+    }
+
+    /// Looks up how far data runs on `bdev` from `offset` (a range found to hold data).
+    pub(crate) fn look(&mut self, bdev: &dyn Bdev, offset: u64, scratch: &mut Vec<Extent>) {
+        scratch.clear();
+        let span = LOOK_AHEAD.min(bdev.geometry().size().saturating_sub(offset));
+        if span == 0 || bdev.allocation(offset, span, scratch).is_err() {
+            return;
+        }
+        if let Some(e) = scratch.first().filter(|e| e.allocation == Allocation::Data) {
+            self.until = offset + e.len;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

@@ -13,7 +13,7 @@ use hugepages::{BufferPool, DmaBuf};
 use slab::Slab;
 
 use super::{Verify, VerifyState};
-use crate::pair::zero_copy::tracks_of_zeroes_on_both;
+use crate::pair::zero_copy::{tracks_of_zeroes_on_both, DataAhead};
 use crate::pair::{Durability, HostWatch, Pair, PairState};
 use crate::rate::{effective_rate, TokenBucket};
 use crate::reactor::{PollStatus, Poller, ReactorContext};
@@ -82,6 +82,8 @@ pub struct VerifyJob {
     ending: Option<(VerifyState, Option<String>)>,
     done: Vec<IoCompletion>,
     runs: [Vec<Extent>; 2],
+    /// Data seen ahead on P and on S.
+    data_ahead: [DataAhead; 2],
 }
 
 impl VerifyJob {
@@ -113,6 +115,7 @@ impl VerifyJob {
             ending: None,
             done: Vec::new(),
             runs: [Vec::new(), Vec::new()],
+            data_ahead: Default::default(),
         }
     }
 
@@ -316,10 +319,36 @@ impl VerifyJob {
     }
 
     /// Compares without reading the tracks from `first` on (at most `max`) that P's and S's
-    /// allocation both say read as zeroes: equal. One lookup a side answers for the run; each
-    /// track is locked and checked before and after it as for a read. How many tracks it went
-    /// through (each noted); 0 when `first` must be read (or is locked, being copied).
+    /// allocation both say read as zeroes: equal. `first` is looked up alone; when it reads as
+    /// zeroes, the tracks after it join a run that one lookup a side answers for. Each track is
+    /// locked and checked before and after, as for a read. How many tracks it went through
+    /// (each noted); 0 when `first` must be read (or is locked, being copied).
     fn equal_run_without_reading(&mut self, first: u64, max: u64) -> u64 {
+        let (offset, len) = self.pair.track_range(first);
+        if self.data_ahead.iter().any(|a| a.covers(offset, len)) {
+            return 0;
+        }
+        let n = self.equal_tracks_without_reading(first, 1);
+        if n == 0 {
+            // Data on one side at least: how far it runs, so the next tracks skip the lookup.
+            let pair = Arc::clone(&self.pair);
+            for (ahead, bdev) in self
+                .data_ahead
+                .iter_mut()
+                .zip([pair.primary(), pair.secondary()])
+            {
+                ahead.look(&**bdev, offset, &mut self.runs[0]);
+            }
+        }
+        if n == 0 || max <= 1 {
+            return n;
+        }
+        n + self.equal_tracks_without_reading(first + 1, max - 1)
+    }
+
+    /// Locks up to `max` quiet tracks from `first`, notes the leading ones that read as zeroes
+    /// on both sides by one lookup a side, unlocks them all; how many it noted.
+    fn equal_tracks_without_reading(&mut self, first: u64, max: u64) -> u64 {
         let pair = Arc::clone(&self.pair);
         let quiet = |t: u64| {
             !pair.pending.is_pending(t)
