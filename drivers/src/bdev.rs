@@ -294,21 +294,24 @@ impl FdWatch {
         Ok(())
     }
 
-    /// Has a watched `fd` also wake the reactor while it can be written (`out`), or no longer:
-    /// a socket with output waiting for room asks for it, so the reactor that parked wakes as
-    /// soon as the peer has read, and a peer that reads nothing still costs nothing.
-    pub fn watch_output(&self, fd: BorrowedFd<'_>, out: bool) -> std::io::Result<()> {
+    /// Has a watched `fd` also wake the reactor while it can be written as long as `unsent`
+    /// (output waits for room in its socket), and no longer once it is not: the reactor that
+    /// parked wakes as soon as the peer has read, and a peer that reads nothing still costs
+    /// nothing. `watching` is the caller's record of what the set holds for `fd`, so the set
+    /// changes only when that does; a change that fails is tried again on the next call.
+    pub fn watch_output(&self, fd: BorrowedFd<'_>, unsent: bool, watching: &mut bool) {
+        if unsent == *watching {
+            return;
+        }
         let mut flags = epoll::EventFlags::IN | epoll::EventFlags::RDHUP;
-        if out {
+        if unsent {
             flags |= epoll::EventFlags::OUT;
         }
-        epoll::modify(
-            &*self.epoll,
-            fd,
-            epoll::EventData::new_u64(fd.as_raw_fd() as u64),
-            flags,
-        )?;
-        Ok(())
+        let data = epoll::EventData::new_u64(fd.as_raw_fd() as u64);
+        match epoll::modify(&*self.epoll, fd, data, flags) {
+            Ok(()) => *watching = unsent,
+            Err(e) => tracing::debug!(%e, "epoll modify for output failed"),
+        }
     }
 
     /// Stops watching `fd` (nothing if it was not watched). Call it before `fd` is closed: its

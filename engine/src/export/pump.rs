@@ -477,11 +477,8 @@ impl<S: Transport, O: Outgoing> SocketPump<S, O> {
         // (a peer reading large replies is not left to the next timer), and a peer that reads
         // nothing costs nothing.
         let unsent = !self.tx.is_empty() || self.sock.holds_output();
-        if self.watched
-            && unsent != self.watching_output
-            && cx.watch_fd_output(self.sock.as_fd(), unsent).is_ok()
-        {
-            self.watching_output = unsent;
+        if self.watched {
+            cx.watch_fd_output(self.sock.as_fd(), unsent, &mut self.watching_output);
         }
         // Input a TLS session holds does not wake the reactor: the next turn reads it.
         if turn.busy || (!turn.closing && self.sock.holds_input()) {

@@ -275,15 +275,10 @@ impl ReactorContext {
         })
     }
 
-    /// Has a watched `fd` also wake the reactor while it can be written (`out`), or no longer
+    /// Has a watched `fd` also wake the reactor while it can be written, as long as `unsent`
     /// ([`drivers::FdWatch::watch_output`]).
-    pub fn watch_fd_output(&self, fd: BorrowedFd<'_>, out: bool) -> Result<(), ReactorError> {
-        self.fd_watch
-            .watch_output(fd, out)
-            .map_err(|source| ReactorError::Os {
-                what: "epoll modify",
-                source,
-            })
+    pub fn watch_fd_output(&self, fd: BorrowedFd<'_>, unsent: bool, watching: &mut bool) {
+        self.fd_watch.watch_output(fd, unsent, watching);
     }
 
     /// Stops watching `fd` (before closing it).

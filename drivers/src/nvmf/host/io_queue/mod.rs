@@ -472,10 +472,7 @@ impl IoQueue {
         // controller has read (its answers to what it has not received would never come).
         let unsent = !self.tx.is_empty();
         if let Some(w) = &self.watch {
-            if unsent != self.watching_output && w.watch_output(self.stream.as_fd(), unsent).is_ok()
-            {
-                self.watching_output = unsent;
-            }
+            w.watch_output(self.stream.as_fd(), unsent, &mut self.watching_output);
         }
         let n = self.done.len();
         out.append(&mut self.done);
