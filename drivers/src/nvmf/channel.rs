@@ -21,7 +21,7 @@ use crate::bdev::{
     invalid, queue_full, BdevError, ChannelContext, Geometry, IoChannel, IoCompletion, IoRequest,
     SubmitResult,
 };
-use crate::IoError;
+use crate::{IoBufs, IoError};
 
 /// A thread's shared queue on one controller (by address) for one reactor wake-up eventfd (a
 /// thread doing blocking I/O has none).
@@ -58,27 +58,16 @@ struct Waiting {
 fn submit_on(
     q: &mut IoQueue,
     ns: &Namespace,
-    req: IoRequest,
+    mut req: IoRequest,
 ) -> Option<(Option<IoError>, IoRequest)> {
-    let IoRequest {
-        op,
-        offset,
-        len,
-        bufs,
-        tag,
-    } = req;
-    let back = |bufs| IoRequest {
-        op,
-        offset,
-        len,
-        bufs,
-        tag,
+    let bufs = std::mem::replace(&mut req.bufs, IoBufs::new());
+    let (error, bufs) = match q.submit_to(ns, req.op, req.offset, req.len, bufs, req.tag) {
+        Ok(()) => return None,
+        Err(Refused::Full(bufs)) => (None, bufs),
+        Err(Refused::Failed(e, bufs)) => (Some(e), bufs),
     };
-    match q.submit_to(ns, op, offset, len, bufs, tag) {
-        Ok(()) => None,
-        Err(Refused::Full(bufs)) => Some((None, back(bufs))),
-        Err(Refused::Failed(e, bufs)) => Some((Some(e), back(bufs))),
-    }
+    req.bufs = bufs;
+    Some((error, req))
 }
 
 /// Why a request the queue can never take fails: more commands than it has entries.
