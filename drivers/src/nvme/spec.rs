@@ -109,9 +109,6 @@ pub mod admin {
 }
 
 /// NVM command set opcodes.
-/// Write Zeroes, command dword 12: the blocks may be deallocated.
-const DEAC: u32 = 1 << 25;
-
 pub mod nvm {
     /// Flush.
     pub const FLUSH: u8 = 0x00;
@@ -291,6 +288,9 @@ impl Command {
         c
     }
 
+    /// Write Zeroes, command dword 12: the blocks may be deallocated.
+    const DEAC: u32 = 1 << 25;
+
     /// Write Zeroes over `blocks` blocks at `lba`; with `deallocate` (DEAC) the controller may
     /// deallocate them.
     pub fn write_zeroes(nsid: u32, lba: u64, blocks: u32, deallocate: bool) -> Self {
@@ -298,14 +298,14 @@ impl Command {
             .with_nsid(nsid)
             .with_range(lba, blocks);
         if deallocate {
-            c.dw[12] |= DEAC;
+            c.dw[12] |= Self::DEAC;
         }
         c
     }
 
     /// Whether a Write Zeroes may deallocate its blocks (DEAC).
     pub fn deallocates(&self) -> bool {
-        self.dw[12] & DEAC != 0
+        self.dw[12] & Self::DEAC != 0
     }
 
     /// Flush the volatile write cache of `nsid`.

@@ -12,8 +12,8 @@
 //!
 //! Write-zeroes is a punched hole where it may deallocate and `fallocate(ZERO_RANGE)` where it
 //! may not (each the other where the file system lacks it), and unmap a punched hole, so a
-//! sparse file stays sparse; allocation queries report its holes
-//! with `lseek(SEEK_DATA/SEEK_HOLE)`.
+//! sparse file stays sparse; allocation queries report its holes with
+//! `lseek(SEEK_DATA/SEEK_HOLE)`.
 
 mod allocation;
 mod held;
