@@ -237,29 +237,26 @@ impl Copier {
             }
             found
         };
+        if without_reading == Some(ZeroCopy::Nothing) {
+            self.finish_track(track, dir, false);
+            // Holes come in runs: the tracks after it, with one lookup a side.
+            let more = match dir {
+                Direction::Forward => self.copy_run_needing_nothing(track),
+                Direction::Reverse => 0,
+            };
+            return 1 + more;
+        }
         let key = self.copies.insert(TrackCopy {
             track,
             dir,
             stage: Stage::Reading,
             read: without_reading.is_none(),
         });
-        match without_reading {
-            Some(ZeroCopy::Nothing) => {
-                self.finish(key);
-                // Holes come in runs: the tracks after it, with one lookup a side.
-                let more = match dir {
-                    Direction::Forward => self.copy_run_needing_nothing(track),
-                    Direction::Reverse => 0,
-                };
-                return 1 + more;
-            }
-            Some(ZeroCopy::Write(op)) => {
-                drop(buf);
-                let req = IoRequest::without_data(op, off, len, key as u64);
-                self.write(key, track, dir, req);
-                return 1;
-            }
-            None => {}
+        if let Some(ZeroCopy::Write(op)) = without_reading {
+            drop(buf);
+            let req = IoRequest::without_data(op, off, len, key as u64);
+            self.write(key, track, dir, req);
+            return 1;
         }
         let mut bufs = IoBufs::new();
         bufs.push(buf);
@@ -341,17 +338,7 @@ impl Copier {
         if end == first {
             return 0;
         }
-        let last = end - 1;
-        let (start, _) = pair.track_range(first);
-        let (last_start, last_len) = pair.track_range(last);
-        let n = tracks_needing_nothing(
-            &**pair.primary(),
-            &**pair.secondary(),
-            start,
-            last_start + last_len - start,
-            pair.track_size(),
-            &mut self.runs,
-        );
+        let n = tracks_needing_nothing(&pair, first..end, &mut self.runs);
         for t in first..first + n {
             self.finish_track(t, Direction::Forward, false);
         }

@@ -9,7 +9,11 @@
 //! write racing the lookup is caught the same way as one racing a read (the track is pending
 //! again).
 
+use std::ops::Range;
+
 use drivers::{Allocation, Bdev, Extent, IoOp};
+
+use super::Pair;
 
 /// How a track of zeroes is copied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,57 +52,41 @@ pub(crate) fn reads_as_zeroes(
 ) -> Option<bool> {
     scratch.clear();
     bdev.allocation(offset, len, scratch).ok()?;
-    let mut covered = 0;
-    let mut holes = true;
-    for e in scratch.iter() {
-        match e.allocation {
-            Allocation::Data => return None,
-            Allocation::Zero => holes = false,
-            Allocation::Hole => {}
-        }
-        covered += e.len;
-    }
-    (covered >= len).then_some(holes)
+    Walk::new(scratch).class(0, len)
 }
 
-/// How many of the tracks of `track_size` bytes from `offset` to `offset + len`, in order,
-/// need nothing written (the source's and the destination's allocation say they read as
-/// zeroes the same way): one lookup on each side for the whole run.
+/// How many of `tracks` of `pair`, in order, need nothing copied P to S (P's and S's
+/// allocation say they read as zeroes the same way): one lookup on each side for the run.
 pub(crate) fn tracks_needing_nothing(
-    source: &dyn Bdev,
-    destination: &dyn Bdev,
-    offset: u64,
-    len: u64,
-    track_size: u64,
+    pair: &Pair,
+    tracks: Range<u64>,
     scratch: &mut [Vec<Extent>; 2],
 ) -> u64 {
-    let range = offset..offset + len;
-    leading_zero_tracks([source, destination], range, track_size, scratch, |s, d| {
-        s == d
-    })
+    leading_zero_tracks(pair, tracks, scratch, |p, s| p == s)
 }
 
-/// How many of the tracks of `track_size` bytes in `range`, in order, read as zeroes on both
-/// bdevs by their allocation (and are so equal): one lookup on each for the whole run.
+/// How many of `tracks` of `pair`, in order, read as zeroes on P and on S by their
+/// allocation (and are so equal): one lookup on each side for the run.
 pub(crate) fn tracks_of_zeroes_on_both(
-    bdevs: [&dyn Bdev; 2],
-    range: std::ops::Range<u64>,
-    track_size: u64,
+    pair: &Pair,
+    tracks: Range<u64>,
     scratch: &mut [Vec<Extent>; 2],
 ) -> u64 {
-    leading_zero_tracks(bdevs, range, track_size, scratch, |_, _| true)
+    leading_zero_tracks(pair, tracks, scratch, |_, _| true)
 }
 
-/// How many tracks of `range`, in order, read as zeroes on both bdevs in a way `accept`
+/// How many of `tracks` (not empty), in order, read as zeroes on P and on S in a way `accept`
 /// takes (it is given, for each side, whether the track is all holes).
 fn leading_zero_tracks(
-    [source, destination]: [&dyn Bdev; 2],
-    range: std::ops::Range<u64>,
-    track_size: u64,
+    pair: &Pair,
+    tracks: Range<u64>,
     scratch: &mut [Vec<Extent>; 2],
     accept: impl Fn(bool, bool) -> bool,
 ) -> u64 {
-    let (offset, len) = (range.start, range.end - range.start);
+    let (offset, _) = pair.track_range(tracks.start);
+    let (last, last_len) = pair.track_range(tracks.end - 1);
+    let (len, track_size) = (last + last_len - offset, pair.track_size());
+    let (source, destination) = (pair.primary(), pair.secondary());
     let [src, dst] = scratch;
     src.clear();
     dst.clear();
@@ -203,6 +191,7 @@ mod tests {
     use hugepages::BufferPool;
 
     use super::*;
+    use crate::pair::PairConfig;
 
     const BLOCK: u64 = 4096;
 
@@ -232,6 +221,13 @@ mod tests {
             Arc::new(MallocBdev::create(name, 4 << 20, BLOCK as u32).expect("malloc"))
         };
         let (p, s) = (ram("p"), ram("s"));
+        // Runs are asked of a pair of them in half-MiB tracks.
+        let cfg = PairConfig {
+            name: "z".into(),
+            track_size: 512 << 10,
+            copy_rate: 0,
+        };
+        let pair = Pair::new(&cfg, Arc::clone(&p), Arc::clone(&s), Vec::new(), None).unwrap();
         let mut scratch = Vec::new();
         let mut runs = [Vec::new(), Vec::new()];
         let track = 1 << 20;
@@ -239,10 +235,7 @@ mod tests {
             zero_copy(&*p, &*s, 0, track, &mut scratch),
             Some(ZeroCopy::Nothing)
         );
-        assert_eq!(
-            tracks_needing_nothing(&*p, &*s, 0, 4 * track, track, &mut runs),
-            4
-        );
+        assert_eq!(tracks_needing_nothing(&pair, 0..8, &mut runs), 8);
         // S holds something there: it gets zeroes, stored as P's are.
         written(&s, 0, 7);
         assert_eq!(
@@ -257,15 +250,12 @@ mod tests {
             Some(ZeroCopy::Nothing)
         );
         // A run stops at the first track that needs something: S's data, then P's.
-        assert_eq!(
-            tracks_needing_nothing(&*p, &*s, 0, 4 * track, track, &mut runs),
-            0
-        );
-        let from_1 = tracks_needing_nothing(&*p, &*s, track / 2, 3 * track, track / 2, &mut runs);
+        assert_eq!(tracks_needing_nothing(&pair, 0..8, &mut runs), 0);
+        let from_1 = tracks_needing_nothing(&pair, 1..7, &mut runs);
         assert_eq!(from_1, 1, "the half track before P's data");
-        assert_eq!(
-            tracks_needing_nothing(&*p, &*s, 2 * track, 2 * track, track, &mut runs),
-            2
-        );
+        assert_eq!(tracks_needing_nothing(&pair, 4..8, &mut runs), 4);
+        // Verification: zeroes on both sides, whether stored or holes.
+        assert_eq!(tracks_of_zeroes_on_both(&pair, 4..8, &mut runs), 4);
+        assert_eq!(tracks_of_zeroes_on_both(&pair, 1..8, &mut runs), 1);
     }
 }

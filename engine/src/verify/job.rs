@@ -1,8 +1,8 @@
 //! The verification job: a poller that reads each track of P and S into staging buffers,
 //! under the track's lock, compares them, and with `repair` makes mismatched tracks pending
 //! again. A track both sides' allocation says reads as zeroes (holes of thin volumes) is equal
-//! without reading, and takes none of the rate. It goes at the verification's rate, slower and with fewer reads in flight while hosts
-//! use the pair, and never blocks.
+//! without reading, and takes none of the rate. It goes at the verification's rate, slower and
+//! with fewer reads in flight while hosts use the pair, and never blocks.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -366,14 +366,7 @@ impl VerifyJob {
         if end == first {
             return 0;
         }
-        let (start, _) = pair.track_range(first);
-        let (last_start, last_len) = pair.track_range(end - 1);
-        let n = tracks_of_zeroes_on_both(
-            [&**pair.primary(), &**pair.secondary()],
-            start..last_start + last_len,
-            pair.track_size(),
-            &mut self.runs,
-        );
+        let n = tracks_of_zeroes_on_both(&pair, first..end, &mut self.runs);
         for t in first..end {
             if t < first + n {
                 // A write that came in meanwhile: nothing to compare.
